@@ -1,0 +1,98 @@
+"""Monitoring agent: verified order -> verdict, and hold or release.
+
+Per-registrant state (baselines for every drug family) is one entry of a
+Faust table keyed by purchaser DEA number, encoded with the Avro schema
+``som.state.RegistrantState`` so its changelog topic is readable like every
+other topic. The monitor learns only from orders it releases, so a run of
+suspicious orders can never raise the baseline that judges them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, MutableMapping
+
+from .. import topic_names as t
+from ..avro_codec import AvroCodec, DecodeError, default_codec
+from ..emit import Emitter, utcnow
+from ..monitoring.monitor import Monitor
+
+log = logging.getLogger(__name__)
+STAGE = "monitor"
+STATE_SCHEMA = "som.state.RegistrantState"
+
+
+class MonitorProcessor:
+    def __init__(self, monitor: Monitor, table: MutableMapping[bytes, bytes], emitter: Emitter,
+                 codec: AvroCodec | None = None) -> None:
+        self.monitor = monitor
+        self.table = table
+        self.emitter = emitter
+        self.codec = codec or default_codec()
+        self.counts = {"released": 0, "held": 0, "dead_lettered": 0}
+
+    def load_state(self, dea: str) -> dict[str, Any] | None:
+        raw = self.table.get(dea.encode())
+        if raw is None:
+            return None
+        _, state = self.codec.decode(raw, expect=STATE_SCHEMA)
+        return state
+
+    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+        try:
+            _, order = self.codec.decode(value, expect="csos.orders.VerifiedOrder")
+        except DecodeError as exc:
+            self.counts["dead_lettered"] += 1
+            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value, f"undecodable VerifiedOrder: {exc}")
+            return
+        dea = order["purchaser_dea"]
+        try:
+            state = self.load_state(dea)
+            verdict = self.monitor.score(state, order)
+        except Exception as exc:  # noqa: BLE001 - fail closed: an order we cannot score is held
+            log.exception("monitor failed on order %s", order["order_id"])
+            verdict = self._error_verdict(order, exc)
+            state = None
+        if verdict["verdict"] == "RELEASE":
+            new_state = self.monitor.learn(state, order)
+            self.table[dea.encode()] = self.codec.encode(STATE_SCHEMA, new_state)
+        self._emit(order, verdict)
+
+    def _error_verdict(self, order: dict[str, Any], exc: Exception) -> dict[str, Any]:
+        now = utcnow()
+        return {
+            "order_id": order["order_id"], "order_number": order["order_number"],
+            "purchaser_dea": order["purchaser_dea"], "verdict": "HOLD", "decided_at": now,
+            "received_at": order["received_at"], "signed_at": order["signed_at"],
+            "model_version": self.monitor.model_version,
+            "reasons": [{
+                "detector": "monitor_error", "dimension": "pattern", "drug_family": "*", "value": 0.0,
+                "baseline": 0.0, "threshold": 0.0, "window": "-", "fired": True,
+                "explanation": f"The order could not be scored ({exc.__class__.__name__}); held for review.",
+            }],
+            "lines": order["lines"],
+            "total_dosage_units": sum(ln["dosage_units"] for ln in order["lines"]),
+        }
+
+    def _emit(self, order: dict[str, Any], verdict: dict[str, Any]) -> None:
+        oid = order["order_id"]
+        self.emitter.send(t.VERDICTS, "som.Verdict", oid, verdict)
+        fired = [r for r in verdict["reasons"] if r["fired"]]
+        if verdict["verdict"] == "HOLD":
+            self.emitter.send(t.HOLD, "som.Hold", oid, {
+                "order_id": oid, "order_number": order["order_number"], "purchaser_dea": order["purchaser_dea"],
+                "held_at": verdict["decided_at"], "reasons": fired,
+                "summary": " ".join(r["explanation"] for r in fired),
+            })
+            self.counts["held"] += 1
+            action, outcome = "order.held", "HOLD"
+        else:
+            self.emitter.send(t.RELEASE, "som.Release", oid, {
+                "order_id": oid, "order_number": order["order_number"], "purchaser_dea": order["purchaser_dea"],
+                "supplier_dea": order["supplier_dea"], "released_at": verdict["decided_at"],
+                "released_by": "monitor", "lines": order["lines"],
+            })
+            self.counts["released"] += 1
+            action, outcome = "order.released", "RELEASE"
+        self.emitter.audit(STAGE, action, outcome, order_id=oid, purchaser_dea=order["purchaser_dea"],
+                           detail={"order_number": order["order_number"], "model_version": verdict["model_version"],
+                                   "fired": [f"{r['detector']}:{r['drug_family']}" for r in fired]})

@@ -1,0 +1,69 @@
+"""Settings from the environment (12-factor): nothing secret lives in files.
+
+Every process (worker, CLI, demo, tests) reads the same variables, so one
+``export`` block configures a whole deployment. Defaults are the zero-setup
+local ones: a broker on 127.0.0.1 and the embedded ClickHouse engine.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    data_dir: Path = REPO_ROOT / "var"
+    clickhouse_url: str = ""  # empty = embedded engine under data_dir
+    clickhouse_database: str = "csos"
+    clickhouse_user: str = "default"
+    clickhouse_password: str = field(default="", repr=False)
+    pki_dir: Path = REPO_ROOT / "var" / "pki"
+    products_path: Path = REPO_ROOT / "connectors" / "data" / "product_master.csv"
+    app_id: str = "csos-som"
+    partitions: int = 4
+    web_port: int = 6066
+    batch_size: int = 500
+    batch_seconds: float = 0.05
+    sink_batch_size: int = 5000
+    sink_batch_seconds: float = 0.5
+
+    @property
+    def effective_clickhouse_url(self) -> str:
+        return self.clickhouse_url or f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        return self.effective_clickhouse_url.startswith("chdb:")
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        data_dir = Path(_env("CSOS_DATA_DIR", str(REPO_ROOT / "var"))).resolve()
+        return cls(
+            kafka_bootstrap=_env("KAFKA_BOOTSTRAP", cls.kafka_bootstrap),
+            data_dir=data_dir,
+            clickhouse_url=_env("CLICKHOUSE_URL", ""),
+            clickhouse_database=_env("CLICKHOUSE_DATABASE", cls.clickhouse_database),
+            clickhouse_user=_env("CLICKHOUSE_USER", cls.clickhouse_user),
+            clickhouse_password=_env("CLICKHOUSE_PASSWORD", ""),
+            pki_dir=Path(_env("CSOS_PKI_DIR", str(data_dir / "pki"))).resolve(),
+            products_path=Path(_env("CSOS_PRODUCTS", str(cls.products_path))).resolve(),
+            app_id=_env("CSOS_APP_ID", cls.app_id),
+            partitions=int(_env("CSOS_PARTITIONS", str(cls.partitions))),
+            web_port=int(_env("CSOS_WEB_PORT", str(cls.web_port))),
+            batch_size=int(_env("CSOS_BATCH_SIZE", str(cls.batch_size))),
+            batch_seconds=float(_env("CSOS_BATCH_SECONDS", str(cls.batch_seconds))),
+            sink_batch_size=int(_env("CSOS_SINK_BATCH_SIZE", str(cls.sink_batch_size))),
+            sink_batch_seconds=float(_env("CSOS_SINK_BATCH_SECONDS", str(cls.sink_batch_seconds))),
+        )
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)

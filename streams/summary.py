@@ -1,0 +1,58 @@
+"""The compliance summary: what happened to every order, from ClickHouse."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import Settings
+from .query import run_query
+
+
+@dataclass
+class Summary:
+    verified: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+    released: int = 0
+    held: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    held_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def received(self) -> int:
+        return self.verified + self.rejected + self.dead_lettered
+
+    def render(self) -> str:
+        out = [
+            "CSOS order summary",
+            "==================",
+            f"Orders received:            {self.received:>7}",
+            f"  verified (signature, certificate, CRL, DEA number, schedules): {self.verified}",
+            f"  rejected (may not be filled; purchaser must send a new order): {self.rejected}",
+        ]
+        out += [f"      {code:<28} {n:>6}" for code, n in sorted(self.rejected_by_reason.items())]
+        out.append(f"  unreadable messages set aside (dead-letter topic): {self.dead_lettered}")
+        out.append(f"Verified orders released to ship: {self.released}")
+        out.append(f"Verified orders held for due diligence (not shipped): {self.held}")
+        out += [f"      {why:<28} {n:>6}" for why, n in sorted(self.held_by_reason.items())]
+        if self.held_by_reason:
+            out.append("      (an order held for several reasons counts under each)")
+        return "\n".join(out)
+
+
+def fetch_summary(settings: Settings) -> Summary:
+    s = Summary()
+    _, rows = run_query(settings, "SELECT uniqExact(order_id) FROM order_lines")
+    s.verified = int(rows[0][0])
+    _, rows = run_query(settings, "SELECT reason_code, count() FROM rejections FINAL GROUP BY reason_code")
+    s.rejected_by_reason = {r[0]: int(r[1]) for r in rows}
+    s.rejected = sum(s.rejected_by_reason.values())
+    _, rows = run_query(settings, "SELECT uniqExact(source_topic, source_partition, source_offset) FROM dead_letters "
+                                  "WHERE stage = 'verify'")
+    s.dead_lettered = int(rows[0][0])
+    _, rows = run_query(settings, "SELECT verdict, count() FROM verdicts FINAL GROUP BY verdict")
+    counts = {r[0]: int(r[1]) for r in rows}
+    s.released, s.held = counts.get("RELEASE", 0), counts.get("HOLD", 0)
+    _, rows = run_query(settings, "SELECT concat(dimension, ' (', detector, ')'), uniqExact(order_id) "
+                                  "FROM verdict_reasons FINAL WHERE fired AND verdict = 'HOLD' GROUP BY 1")
+    s.held_by_reason = {r[0]: int(r[1]) for r in rows}
+    return s

@@ -1,0 +1,14 @@
+"""Topic names: the pipeline's public interface to upstream and downstream systems."""
+
+RECEIVED = "csos.orders.received"  # ReceivedOrder, keyed by purchaser DEA number (as claimed by the sender)
+VERIFIED = "csos.orders.verified"  # VerifiedOrder, keyed by purchaser DEA number
+REJECTED = "csos.orders.rejected"  # Rejection, keyed by order id
+VERDICTS = "som.verdicts"  # Verdict, keyed by order id
+HOLD = "som.hold"  # Hold, keyed by order id
+RELEASE = "som.release"  # Release, keyed by order id
+AUDIT = "audit.events"  # AuditEvent, keyed by order id (or event id)
+DLQ = "dlq"  # DeadLetter, keyed by the original key
+CRL = "pki.crl"  # compacted: latest CRL per issuer (issue 3)
+REGISTRANTS = "registrants"  # compacted: registrant master (issue 3)
+
+SINK_TOPICS = (VERIFIED, REJECTED, VERDICTS, AUDIT, DLQ)
