@@ -1,0 +1,283 @@
+"""The pipeline's Kafka topic catalogue and idempotent topic administration.
+
+Why explicit creation: the local broker runs with
+``auto.create.topics.enable=false`` (as production clusters usually do), so a
+misspelt topic name fails loudly instead of silently creating an empty topic
+with default settings. Faust creates only its *internal* topics (table
+changelogs, the assignor leader topic, repartition topics) through the admin
+API; every topic listed here must exist before a worker starts, which is what
+:func:`ensure_topics` is for.
+
+Partition counts matter beyond throughput: Faust tables are co-partitioned
+with the stream that updates them, and Faust creates changelog topics with
+``topic_partitions`` partitions. Keep the Faust app's ``topic_partitions``
+equal to :func:`default_partitions` so source topics and changelogs line up.
+"""
+
+from __future__ import annotations
+
+from streams import topic_names as _names
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+__all__ = [
+    "TopicSpec",
+    "TOPICS",
+    "ORDERS_RECEIVED",
+    "ORDERS_VERIFIED",
+    "ORDERS_REJECTED",
+    "SOM_VERDICTS",
+    "SOM_HOLD",
+    "SOM_RELEASE",
+    "AUDIT_EVENTS",
+    "DLQ",
+    "PKI_CRL",
+    "REGISTRANTS",
+    "DEFAULT_PARTITIONS",
+    "default_partitions",
+    "replication_factor",
+    "topic_config",
+    "ensure_topics",
+    "delete_topics",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARTITIONS = 4
+
+_DAY_MS = 24 * 60 * 60 * 1000
+# Kafka is the transport, ClickHouse the long-term store: 30 days on the topic
+# is enough to replay or re-derive anything the sink has not yet persisted.
+_RETENTION_30D = str(30 * _DAY_MS)
+
+# The names themselves live in streams.topic_names (the agents' interface); aliased here.
+ORDERS_RECEIVED = _names.RECEIVED
+ORDERS_VERIFIED = _names.VERIFIED
+ORDERS_REJECTED = _names.REJECTED
+SOM_VERDICTS = _names.VERDICTS
+SOM_HOLD = _names.HOLD
+SOM_RELEASE = _names.RELEASE
+AUDIT_EVENTS = _names.AUDIT
+DLQ = _names.DLQ
+PKI_CRL = _names.CRL
+REGISTRANTS = _names.REGISTRANTS
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """How one topic should look on the cluster.
+
+    ``partitions`` ``None`` means "the catalogue default" (see
+    :func:`default_partitions`); ``config`` holds topic-level overrides
+    (string values, as Kafka expects them); ``doc`` says what flows through it.
+    """
+
+    name: str
+    partitions: int | None = None
+    config: Mapping[str, str] = field(default_factory=dict)
+    doc: str = ""
+
+
+def _delete(retention_ms: str = _RETENTION_30D) -> dict[str, str]:
+    return {"cleanup.policy": "delete", "retention.ms": retention_ms}
+
+
+def _compact() -> dict[str, str]:
+    # Compacted topics keep the latest value per key forever (until a null
+    # tombstone); every record on them must have a key.
+    return {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1"}
+
+
+TOPICS: list[TopicSpec] = [
+    TopicSpec(
+        ORDERS_RECEIVED,
+        config=_delete(),
+        doc="Signed CSOS orders (electronic DEA Form 222) as received, before any check.",
+    ),
+    TopicSpec(
+        ORDERS_VERIFIED,
+        config=_delete(),
+        doc="Orders whose signature, certificate chain, revocation and registrant checks passed.",
+    ),
+    TopicSpec(
+        ORDERS_REJECTED,
+        config=_delete(),
+        doc="Orders that failed verification, with the reasons.",
+    ),
+    TopicSpec(
+        SOM_VERDICTS,
+        config=_delete(),
+        doc="Suspicious-order-monitoring verdict for every verified order (score, rules hit).",
+    ),
+    TopicSpec(
+        SOM_HOLD,
+        config=_delete(),
+        doc="Orders held as suspicious; they must not ship until reviewed.",
+    ),
+    TopicSpec(
+        SOM_RELEASE,
+        config=_delete(),
+        doc="Orders cleared to ship: not suspicious, or released by a reviewer.",
+    ),
+    TopicSpec(
+        AUDIT_EVENTS,
+        config=_delete(),
+        doc="Append-only audit trail of every decision, sunk to ClickHouse.",
+    ),
+    TopicSpec(
+        DLQ,
+        config=_delete(),
+        doc="Records no stage could process (undecodable, schema errors), for investigation.",
+    ),
+    TopicSpec(
+        PKI_CRL,
+        config=_compact(),
+        doc="Latest certificate revocation list per issuing CA (keyed by issuer), compacted state.",
+    ),
+    TopicSpec(
+        REGISTRANTS,
+        config=_compact(),
+        doc="Latest DEA registrant record per registration number, compacted state.",
+    ),
+]
+
+
+def default_partitions() -> int:
+    """Partitions per topic: ``$KAFKA_TOPIC_PARTITIONS`` or 4.
+
+    The Faust app should use the same number as its ``topic_partitions``.
+    """
+    return int(os.environ.get("KAFKA_TOPIC_PARTITIONS", DEFAULT_PARTITIONS))
+
+
+def replication_factor() -> int:
+    """Replicas per topic: ``$KAFKA_REPLICATION_FACTOR`` or 1 (local single broker)."""
+    rf = int(os.environ.get("KAFKA_REPLICATION_FACTOR", "1"))
+    if rf < 1:
+        raise ValueError(f"KAFKA_REPLICATION_FACTOR must be >= 1, got {rf}")
+    return rf
+
+
+def topic_config(spec: TopicSpec, rf: int) -> dict[str, str]:
+    """The topic-level config to create ``spec`` with at replication ``rf``.
+
+    ``min.insync.replicas`` is only set with more than one replica: on a
+    single broker it could only be 1, the default. With replicas it is
+    ``min(2, rf - 1)`` so that ``acks=all`` writes survive one broker down.
+    """
+    config = {k: str(v) for k, v in spec.config.items()}
+    if rf > 1:
+        config.setdefault("min.insync.replicas", str(min(2, rf - 1)))
+    return config
+
+
+def _admin(bootstrap: str) -> AdminClient:
+    return AdminClient(
+        {"bootstrap.servers": bootstrap},
+        logger=logging.getLogger("connectors.topics.librdkafka"),
+    )
+
+
+def _wait_for_leaders(admin: AdminClient, names: Iterable[str], timeout: float) -> None:
+    """Wait until every partition of ``names`` has a leader.
+
+    CreateTopics returns once the controller has recorded the topic; the
+    broker may need a moment more before it serves the partitions, and a
+    producer started in that window gets UNKNOWN_TOPIC_OR_PARTITION.
+    """
+    pending = set(names)
+    deadline = time.monotonic() + timeout
+    while pending:
+        md = admin.list_topics(timeout=5)
+        for name in list(pending):
+            t = md.topics.get(name)
+            if t is not None and t.error is None and t.partitions and all(
+                p.leader >= 0 for p in t.partitions.values()
+            ):
+                pending.discard(name)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics without partition leaders after {timeout:.0f}s: {sorted(pending)}")
+        time.sleep(0.1)
+
+
+def ensure_topics(
+    bootstrap: str,
+    partitions: int | None = None,
+    specs: Sequence[TopicSpec] = TOPICS,
+    *,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Create every topic in ``specs`` that does not exist yet; return those created.
+
+    Idempotent and safe to race with another process doing the same:
+    TOPIC_ALREADY_EXISTS is not an error. Existing topics are left alone (a
+    partition-count mismatch is logged, never "fixed": shrinking is
+    impossible and growing would reshuffle keys). ``partitions`` overrides the
+    default for specs that do not pin their own count.
+    """
+    admin = _admin(bootstrap)
+    default = partitions if partitions is not None else default_partitions()
+    rf = replication_factor()
+
+    existing = admin.list_topics(timeout=timeout).topics
+    wanted: list[NewTopic] = []
+    for spec in specs:
+        n = spec.partitions if spec.partitions is not None else default
+        if spec.name in existing:
+            have = len(existing[spec.name].partitions)
+            if have != n:
+                log.warning("topic %s exists with %d partitions, catalogue says %d", spec.name, have, n)
+            continue
+        wanted.append(NewTopic(spec.name, num_partitions=n, replication_factor=rf, config=topic_config(spec, rf)))
+
+    if not wanted:
+        return []
+
+    created: list[str] = []
+    futures = admin.create_topics(wanted, operation_timeout=timeout, request_timeout=timeout)
+    for name, fut in futures.items():
+        try:
+            fut.result()
+            created.append(name)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise
+    _wait_for_leaders(admin, created, timeout)
+    if created:
+        log.info("created topics: %s", ", ".join(sorted(created)))
+    return sorted(created)
+
+
+def delete_topics(bootstrap: str, names: Iterable[str], *, timeout: float = 30.0) -> list[str]:
+    """Delete the named topics; return those actually deleted.
+
+    Topics that do not exist are skipped silently, so tests can clean up
+    unconditionally.
+    """
+    names = list(names)
+    if not names:
+        return []
+    admin = _admin(bootstrap)
+    deleted: list[str] = []
+    futures = admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
+    for name, fut in futures.items():
+        try:
+            fut.result()
+            deleted.append(name)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if isinstance(err, KafkaError) and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue
+            raise
+    return sorted(deleted)

@@ -1,0 +1,141 @@
+"""``csos``: one entry point for operators, analysts and the demo.
+
+Every subcommand reads the same environment (see ``streams.config``), so a
+deployment is configured once; ``csos <command> --help`` explains each.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .config import Settings
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug output.")
+def main(verbose: bool) -> None:
+    """Receive signed CSOS orders, verify them, and hold suspicious ones before they ship.
+
+    Configuration comes from environment variables (KAFKA_BOOTSTRAP, CLICKHOUSE_URL,
+    CSOS_DATA_DIR, ...); see the README.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------- broker / topics
+@main.group()
+def broker() -> None:
+    """Run the local Apache Kafka broker (KRaft, fetched from Maven Central) for development."""
+
+
+def _local_broker():
+    from connectors.broker import LocalBroker
+
+    s = _settings()
+    port = int(s.kafka_bootstrap.rsplit(":", 1)[1])
+    return LocalBroker(port=port, data_dir=s.data_dir / "kafka")
+
+
+@broker.command("start")
+def broker_start() -> None:
+    """Fetch (first time), format and start the broker; return when it answers."""
+    b = _local_broker()
+    b.start()
+    click.echo(f"Kafka broker ready at {b.bootstrap}")
+
+
+@broker.command("stop")
+def broker_stop() -> None:
+    """Stop the local broker."""
+    _local_broker().stop()
+    click.echo("Kafka broker stopped")
+
+
+@broker.command("status")
+def broker_status() -> None:
+    """Say whether the local broker is running."""
+    b = _local_broker()
+    click.echo(f"Kafka broker at {b.bootstrap}: {'running' if b.is_running() else 'stopped'}")
+    sys.exit(0 if b.is_running() else 1)
+
+
+@main.command()
+@click.option("--partitions", type=int, default=None, help="Partitions per topic (default CSOS_PARTITIONS).")
+def topics(partitions: int | None) -> None:
+    """Create the pipeline's topics (idempotent), with explicit partitions and configs."""
+    from connectors.topics import ensure_topics
+
+    s = _settings()
+    created = ensure_topics(s.kafka_bootstrap, partitions or s.partitions)
+    click.echo("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
+
+
+# --------------------------------------------------------------------------- worker
+@main.command()
+@click.option("--no-sink", is_flag=True, help="Do not write to ClickHouse from this worker.")
+@click.option("--loglevel", default="warning", show_default=True)
+def worker(no_sink: bool, loglevel: str) -> None:
+    """Run the verification and monitoring agents (and the ClickHouse sink).
+
+    In embedded ClickHouse mode exactly one worker may run the sink: the
+    engine locks its directory. Run more workers with --no-sink, or point
+    CLICKHOUSE_URL at a server.
+    """
+    from faust import Worker
+
+    from .app import create_app
+
+    s = _settings()
+    app = create_app(s, run_sink=not no_sink)
+    sys.argv = sys.argv[:1]
+    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+
+
+# --------------------------------------------------------------------------- analyst
+@main.command()
+@click.argument("query")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "tsv"]), default="table", show_default=True)
+def sql(query: str, fmt: str) -> None:
+    """Run read-only SQL against the verdicts, rejections, order lines and audit events.
+
+    While a worker owns the embedded store the query goes through the worker's
+    /sql endpoint; otherwise the store (or CLICKHOUSE_URL) is opened read-only.
+    Tables use ReplacingMergeTree: add FINAL for exact counts, e.g.
+    csos sql "SELECT verdict, count() FROM verdicts FINAL GROUP BY verdict"
+    """
+    from .query import QueryError, format_table, run_query
+
+    try:
+        columns, rows = run_query(_settings(), query)
+    except QueryError as exc:
+        raise click.ClickException(str(exc)) from None
+    if fmt == "json":
+        click.echo(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
+    elif fmt == "tsv":
+        click.echo("\t".join(columns))
+        for r in rows:
+            click.echo("\t".join("" if v is None else str(v) for v in r))
+    else:
+        click.echo(format_table(columns, rows))
+
+
+@main.command()
+def summary() -> None:
+    """Print what happened to every order: received, verified, rejected by reason, released, held by reason."""
+    from .summary import fetch_summary
+
+    click.echo(fetch_summary(_settings()).render())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
