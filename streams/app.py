@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 import faust
+import faust.web
 
 from connectors.clickhouse_sink import ClickHouseSink, apply_ddl, open_client, to_json_rows
 from connectors.kafka_io import Publisher
@@ -59,13 +60,17 @@ def create_app(settings: Settings, *, run_sink: bool = True) -> faust.App:
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=8192,
+        # Raw bytes everywhere: agents decode Avro themselves so that a bad
+        # message becomes a dead letter instead of a Faust decode crash.
+        key_serializer="raw",
+        value_serializer="raw",
     )
     received = _raw_topic(app, t.RECEIVED)
     verified = _raw_topic(app, t.VERIFIED)
     sink_topics = _raw_topic(app, *t.SINK_TOPICS)
     state_table = app.Table(
         STATE_TABLE, default=None, key_type=bytes, value_type=bytes,
-        key_serializer="raw", value_serializer="raw", partitions=settings.partitions,
+        partitions=settings.partitions,
         # Changelog writes go to the key's partition by murmur2, the same
         # partitioner every producer of csos.orders.verified uses, so state
         # and orders stay co-partitioned even when a batch spans partitions.
@@ -131,18 +136,25 @@ def create_app(settings: Settings, *, run_sink: bool = True) -> faust.App:
                         delay = min(delay * 2, 30.0)
 
         @app.page("/sql")
-        async def sql_page(web: Any, request: Any) -> Any:
+        class SqlView(faust.web.View):
             """Read-only SQL for analysts while this process owns the embedded store."""
-            sql = request.query.get("q") or (await request.text())
-            if not sql.strip():
-                return web.json({"error": "pass the query as ?q= or the request body"}, status=400)
-            proc: SinkProcessor = components()["sink"]
-            loop = asyncio.get_running_loop()
-            try:
-                columns, rows = await loop.run_in_executor(proc.executor, proc.query, sql)
-            except Exception as exc:  # noqa: BLE001
-                return web.json({"error": str(exc).splitlines()[0][:500]}, status=400)
-            return web.text(to_json_rows(columns, rows), content_type="application/json")
+
+            async def get(self, request: Any) -> Any:
+                return await self._run(request.query.get("q", ""))
+
+            async def post(self, request: Any) -> Any:
+                return await self._run(request.query.get("q") or await request.text())
+
+            async def _run(self, sql: str) -> Any:
+                if not sql.strip():
+                    return self.json({"error": "pass the query as ?q= or as the request body"}, status=400)
+                proc: SinkProcessor = components()["sink"]
+                loop = asyncio.get_running_loop()
+                try:
+                    columns, rows = await loop.run_in_executor(proc.executor, proc.query, sql)
+                except Exception as exc:  # noqa: BLE001
+                    return self.json({"error": str(exc).strip().splitlines()[0][:500]}, status=400)
+                return self.bytes(to_json_rows(columns, rows).encode(), content_type="application/json")
 
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:

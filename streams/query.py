@@ -41,7 +41,12 @@ def run_query(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]
             with urllib.request.urlopen(req, timeout=120) as r:
                 payload = json.loads(r.read())
         except urllib.error.HTTPError as exc:
-            raise QueryError(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
+            body = exc.read()
+            try:
+                message = json.loads(body).get("error", str(exc))
+            except ValueError:
+                message = f"{exc}: {body[:200]!r}"
+            raise QueryError(message) from None
         return payload["columns"], payload["rows"]
     client = open_client(settings, readonly=True)
     try:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
@@ -28,17 +26,6 @@ from connectors.topics import (
 pytestmark = pytest.mark.kafka
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    b = LocalBroker(port=free_port(), data_dir=tmp_path_factory.mktemp("kafka"), controller_port=free_port())
-    b.start(timeout=120)
-    try:
-        yield b
-    finally:
-        b.stop()
-        assert not b.is_running()
-
-
 def test_broker_is_running(broker: LocalBroker) -> None:
     assert broker.is_running()
     assert broker.bootstrap == f"127.0.0.1:{broker.port}"
@@ -46,9 +33,7 @@ def test_broker_is_running(broker: LocalBroker) -> None:
 
 
 def test_ensure_topics_creates_catalogue_idempotently(broker: LocalBroker) -> None:
-    created = ensure_topics(broker.bootstrap)
-    assert sorted(created) == sorted(s.name for s in TOPICS)
-    # Second run: nothing left to create, and no error.
+    # The session fixture created the catalogue; a second run creates nothing and raises nothing.
     assert ensure_topics(broker.bootstrap) == []
 
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
@@ -71,7 +56,9 @@ def test_compacted_topic_config(broker: LocalBroker) -> None:
 
 
 def test_idempotent_produce_and_consume(broker: LocalBroker) -> None:
-    ensure_topics(broker.bootstrap)
+    # A scratch topic: the catalogue topics carry the session's pipeline traffic.
+    topic = f"scratch-{uuid.uuid4().hex[:8]}"
+    assert ensure_topics(broker.bootstrap, specs=[TopicSpec(topic, partitions=4)]) == [topic]
     key, value = b"DEA-AB1234563", f"order-{uuid.uuid4()}".encode()
 
     producer = Producer(
@@ -83,7 +70,7 @@ def test_idempotent_produce_and_consume(broker: LocalBroker) -> None:
         assert err is None, err
         delivered.append((msg.partition(), msg.offset()))  # type: ignore[attr-defined]
 
-    producer.produce(ORDERS_RECEIVED, key=key, value=value, on_delivery=on_delivery)
+    producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
     assert producer.flush(30) == 0
     assert len(delivered) == 1
 
@@ -96,7 +83,7 @@ def test_idempotent_produce_and_consume(broker: LocalBroker) -> None:
         }
     )
     try:
-        consumer.subscribe([ORDERS_RECEIVED])
+        consumer.subscribe([topic])
         deadline = time.monotonic() + 60
         got = None
         while got is None and time.monotonic() < deadline:

@@ -1,0 +1,701 @@
+"""Per-registrant, per-drug-family baselines that live in a Faust table.
+
+What a registrant "usually" orders is kept as a handful of exponentially
+weighted (EW) statistics per drug family, plus two short rings of recent
+activity. They are river statistics (``river.stats.EWMean``, ``EWVar``) so the
+arithmetic is river's, but the state that is stored is a plain dict: the Faust
+table's changelog is an Avro topic (``som.state.RegistrantState``), which must
+stay readable by an auditor years later and must not depend on pickles of
+river objects.
+
+river 0.26 implements ``EWMean``/``EWVar`` in Rust and exposes their state only
+as bincode bytes (``__getstate__``). This module reads and writes those bytes
+field by field against the layout of river's ``rust_src`` (``RsEWMean`` =
+``{EWMean{mean, alpha, one_minus_alpha, initialized}, alpha}``). Any change of
+that layout in a river upgrade raises :class:`RiverStateError` instead of
+silently decoding garbage, and ``tests/test_monitoring.py`` checks the round trip.
+
+Why these quantities (21 CFR 1301.74(b): unusual size, frequency, pattern):
+
+* ``log_units`` (EW mean/var of ln dosage units per order): order size is
+  multiplicative (a restock doubles an order), so the spread is judged on a log
+  scale; ``units`` (EW mean of raw units) is the number an analyst recognises.
+* ``count_24h`` / ``count_7d`` / ``units_30d``: the number of orders in the last
+  24 hours / 7 UTC calendar days and the dosage units in the last 30 UTC days,
+  each sampled at every learned order *including that order*. At scoring time
+  the same quantity is computed including the new order, so the comparison is
+  like for like. A sample is only taken once the family's history covers the
+  whole window: a window that is only partly filled would set the baseline too
+  low and hold the registrant's normal orders.
+* ``gap_days``: EW mean of the time between orders, shown to analysts.
+* ``mix``: EW mean of the units of each family per order (zeros included), whose
+  normalised values are the registrant's usual share of units per family.
+
+Two deliberate departures from a plain EW mean: for the first 1/alpha values
+the fading factor is 1/n (:func:`warmup_alpha`), so a registrant's first order
+does not define its "usual" for months; and a learned window count is clipped
+to one order above the usual count (:func:`_clip_count`), so the released head
+of a burst cannot raise the threshold that is meant to stop the burst.
+
+Everything is bounded: per family seven numbers, at most ``recent_max``
+timestamps from the last 24 hours and at most 30 ``(day, orders, units)`` cells.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable, Mapping
+
+from river import stats
+
+#: Version of the state dict / ``som.state.RegistrantState`` layout. Bump it and
+#: add a step to :func:`migrate_state` whenever the layout changes.
+STATE_VERSION = 1
+
+MS_PER_DAY = 86_400_000
+WINDOW_24H_MS = MS_PER_DAY
+WINDOW_7D_DAYS = 7
+WINDOW_30D_DAYS = 30
+LEARNED_IDS_KEPT = 8
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class RiverStateError(RuntimeError):
+    """river's internal state is not laid out as this module expects (river upgrade?)."""
+
+
+class StateVersionError(ValueError):
+    """The stored state has a version this code cannot read or migrate."""
+
+
+# --------------------------------------------------------------------------
+# river statistic <-> plain numbers
+# --------------------------------------------------------------------------
+
+# RsEWMean {ewmean: EWMean{mean: f64, alpha: f64, one_minus_alpha: f64, initialized: bool}, alpha: f64}
+_EWMEAN_BYTES = struct.Struct("<ddd?d")
+# RsEWVar {ewvar: EWVariance{mean: EWMean, sq_mean: EWMean, alpha: f64}, alpha: f64}
+_EWVAR_BYTES = struct.Struct("<ddd?ddd?dd")
+
+
+def _rust_core(stat: Any, attr: str) -> Any:
+    try:
+        core = getattr(stat, attr)
+        core.__getstate__  # noqa: B018 - presence check
+        core.__setstate__  # noqa: B018
+    except AttributeError as exc:
+        raise RiverStateError(
+            f"river.stats.{type(stat).__name__} no longer has the Rust core {attr!r} with "
+            f"__getstate__/__setstate__; update streams/monitoring/baselines.py for this river version"
+        ) from exc
+    return core
+
+
+def _check_alpha(kind: str, stored: tuple[float, ...], alpha: float) -> None:
+    for value in stored:
+        if value != alpha and value != 1.0 - alpha:
+            raise RiverStateError(
+                f"river {kind} state holds {stored!r} where the fading factor {alpha} was expected; "
+                f"the internal layout changed"
+            )
+
+
+def ewmean_export(stat: stats.EWMean) -> tuple[float, bool]:
+    """(mean, initialized) of a river ``EWMean``, read from its Rust state bytes."""
+    raw = _rust_core(stat, "_ewmean").__getstate__()
+    if len(raw) != _EWMEAN_BYTES.size:
+        raise RiverStateError(f"river EWMean state is {len(raw)} bytes, expected {_EWMEAN_BYTES.size}")
+    mean, a, one_minus_a, initialized, a2 = _EWMEAN_BYTES.unpack(raw)
+    _check_alpha("EWMean", (a, one_minus_a, a2), stat.fading_factor)
+    return mean, initialized
+
+
+def ewmean_import(mean: float, initialized: bool, alpha: float) -> stats.EWMean:
+    """A river ``EWMean`` with fading factor ``alpha`` resumed at ``mean``."""
+    stat = stats.EWMean(fading_factor=alpha)
+    if initialized:
+        core = _rust_core(stat, "_ewmean")
+        core.__setstate__(_EWMEAN_BYTES.pack(float(mean), alpha, 1.0 - alpha, True, alpha))
+    return stat
+
+
+def ewvar_export(stat: stats.EWVar) -> tuple[float, float, bool]:
+    """(EW mean of x, EW mean of x**2, initialized) of a river ``EWVar``."""
+    raw = _rust_core(stat, "_ewvar").__getstate__()
+    if len(raw) != _EWVAR_BYTES.size:
+        raise RiverStateError(f"river EWVar state is {len(raw)} bytes, expected {_EWVAR_BYTES.size}")
+    m, a1, b1, init1, sq, a2, b2, init2, a3, a4 = _EWVAR_BYTES.unpack(raw)
+    _check_alpha("EWVar", (a1, b1, a2, b2, a3, a4), stat.fading_factor)
+    if init1 != init2:
+        raise RiverStateError("river EWVar mean and square-mean disagree on initialisation")
+    return m, sq, init1
+
+
+def ewvar_import(mean: float, sq_mean: float, initialized: bool, alpha: float) -> stats.EWVar:
+    """A river ``EWVar`` with fading factor ``alpha`` resumed from its two EW means."""
+    stat = stats.EWVar(fading_factor=alpha)
+    if initialized:
+        core = _rust_core(stat, "_ewvar")
+        b = 1.0 - alpha
+        core.__setstate__(_EWVAR_BYTES.pack(float(mean), alpha, b, True, float(sq_mean), alpha, b, True,
+                                            alpha, alpha))
+    return stat
+
+
+def warmup_alpha(alpha: float, n: int) -> float:
+    """Fading factor for the (n+1)-th value: 1/(n+1) until that falls below ``alpha``.
+
+    river's EW statistics start at the first value and then fade it slowly, so
+    with alpha = 0.1 the first order would still weigh 43% after eight orders
+    and a registrant's first order would define its "usual". Using 1/(n+1)
+    for the first 1/alpha values makes them plain running means (every order
+    counts the same) that hand over smoothly to the EW mean.
+    """
+    return max(alpha, 1.0 / (n + 1))
+
+
+def ew_memory(alpha: float) -> int:
+    """Effective number of observations an EW statistic remembers: (2 - alpha) / alpha."""
+    return max(1, round((2.0 - alpha) / alpha))
+
+
+# --------------------------------------------------------------------------
+# Small baselines, each with to_dict/from_dict
+# --------------------------------------------------------------------------
+
+class EWMeanBaseline:
+    """``river.stats.EWMean`` plus the number of values it has seen (0 = no baseline yet).
+
+    The stored numbers are river's own state (exported after each update); the
+    river object is only built when a value is learned, so scoring, which
+    only reads, costs no river calls.
+    """
+
+    __slots__ = ("alpha", "mean", "n", "_stat")
+
+    def __init__(self, alpha: float, mean: float = 0.0, n: int = 0) -> None:
+        self.alpha = alpha
+        self.mean = float(mean)
+        self.n = int(n)
+        self._stat: stats.EWMean | None = None
+
+    def update(self, x: float) -> None:
+        a = warmup_alpha(self.alpha, self.n)
+        stat = self._stat
+        if stat is None or stat.fading_factor != a:
+            stat = self._stat = ewmean_import(self.mean, self.n > 0, a)
+        stat.update(float(x))
+        self.n += 1
+        self.mean = ewmean_export(stat)[0]
+
+    def get(self) -> float:
+        return self.mean if self.n else 0.0
+
+    def window(self) -> str:
+        """What the baseline covers, for the verdict's ``window`` field."""
+        if self.n < round(1.0 / self.alpha):
+            return f"mean over {self.n} released orders"
+        return f"EW mean over ~{ew_memory(self.alpha)} released orders"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean if self.n else 0.0, "n": self.n}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], alpha: float) -> "EWMeanBaseline":
+        return cls(alpha, d["mean"], d["n"])
+
+
+class EWVarBaseline:
+    """``river.stats.EWVar`` (as its two EW means) plus a count; used for ln(order size)."""
+
+    __slots__ = ("alpha", "mean", "sq_mean", "n", "_stat")
+
+    def __init__(self, alpha: float, mean: float = 0.0, sq_mean: float = 0.0, n: int = 0) -> None:
+        self.alpha = alpha
+        self.mean = float(mean)
+        self.sq_mean = float(sq_mean)
+        self.n = int(n)
+        self._stat: stats.EWVar | None = None
+
+    def update(self, x: float) -> None:
+        a = warmup_alpha(self.alpha, self.n)
+        stat = self._stat
+        if stat is None or stat.fading_factor != a:
+            stat = self._stat = ewvar_import(self.mean, self.sq_mean, self.n > 0, a)
+        stat.update(float(x))
+        self.n += 1
+        self.mean, self.sq_mean, _ = ewvar_export(stat)
+
+    def var(self) -> float:
+        """river's EWVar.get(): E[x^2] - E[x]^2 (the same floating-point operations)."""
+        return self.sq_mean - self.mean * self.mean if self.n else 0.0
+
+    def std(self) -> float:
+        # E[x^2] - E[x]^2 can come out a hair below zero in floating point.
+        return math.sqrt(max(self.var(), 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.n:
+            return {"mean": 0.0, "sq_mean": 0.0, "n": 0}
+        return {"mean": self.mean, "sq_mean": self.sq_mean, "n": self.n}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], alpha: float) -> "EWVarBaseline":
+        return cls(alpha, d["mean"], d["sq_mean"], d["n"])
+
+
+class RecentOrders:
+    """Times (epoch ms) of the learned orders of the last 24 hours, at most ``cap`` of them.
+
+    With the cap reached the oldest are dropped, so a count over 24 hours
+    saturates at ``cap``; the cap is far above any burst threshold.
+    """
+
+    __slots__ = ("times", "cap")
+
+    def __init__(self, times: Iterable[int] = (), cap: int = 16) -> None:
+        self.times = sorted(int(t) for t in times)
+        self.cap = cap
+
+    def count(self, at_ms: int, window_ms: int = WINDOW_24H_MS, exclude: int | None = None) -> int:
+        """Learned orders in (at_ms - window, at_ms]; ``exclude`` drops one order at that time."""
+        n = sum(1 for t in self.times if at_ms - window_ms < t <= at_ms)
+        if exclude is not None and exclude in self.times and at_ms - window_ms < exclude <= at_ms:
+            n -= 1
+        return n
+
+    def add(self, at_ms: int, newest_ms: int) -> None:
+        self.times.append(int(at_ms))
+        self.times.sort()
+        self.times = [t for t in self.times if t > newest_ms - WINDOW_24H_MS][-self.cap:]
+
+    def to_dict(self) -> list[int]:
+        return list(self.times)
+
+
+def day_of(ms: int) -> int:
+    """UTC calendar day number (days since 1970-01-01)."""
+    return ms // MS_PER_DAY
+
+
+class DailyRing:
+    """Orders and dosage units per UTC day for the last 30 days: at most 30 cells."""
+
+    __slots__ = ("cells",)
+
+    def __init__(self, cells: Iterable[Mapping[str, Any]] = ()) -> None:
+        self.cells: dict[int, list[int]] = {int(c["day"]): [int(c["orders"]), int(c["units"])] for c in cells}
+
+    def totals(self, at_ms: int, days: int, exclude_units: int | None = None) -> tuple[int, int]:
+        """(orders, units) learned on the ``days`` UTC days ending with the day of ``at_ms``."""
+        today = day_of(at_ms)
+        orders = units = 0
+        for day, (o, u) in self.cells.items():
+            if today - days < day <= today:
+                orders += o
+                units += u
+        if exclude_units is not None and today in self.cells:
+            orders -= 1
+            units -= exclude_units
+        return max(orders, 0), max(units, 0)
+
+    def add(self, at_ms: int, units: int, newest_ms: int) -> None:
+        cell = self.cells.setdefault(day_of(at_ms), [0, 0])
+        cell[0] += 1
+        cell[1] += int(units)
+        oldest = day_of(newest_ms) - WINDOW_30D_DAYS
+        self.cells = {d: c for d, c in self.cells.items() if d > oldest}
+
+    def to_dict(self) -> list[dict[str, int]]:
+        return [{"day": d, "orders": c[0], "units": c[1]} for d, c in sorted(self.cells.items())]
+
+
+# --------------------------------------------------------------------------
+# Orders as the baselines see them
+# --------------------------------------------------------------------------
+
+def to_ms(value: datetime | int) -> int:
+    """Epoch milliseconds of an Avro timestamp-millis value (aware datetime or int).
+
+    A naive datetime is refused: guessing its zone could shift an order across
+    a 24-hour window boundary.
+    """
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: order times must be timezone-aware (UTC)")
+        return (value - _EPOCH) // timedelta(milliseconds=1)
+    return int(value)
+
+
+def order_key(order_id: str) -> int:
+    """31-bit CRC of an order id: enough to recognise a redelivered order among the last few."""
+    return zlib.crc32(order_id.encode("utf-8")) & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class FamilyFacts:
+    """One drug family's share of an order (all its lines summed)."""
+
+    family: str
+    units: int
+    mme: float
+    base_weight_g: float
+    schedules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OrderFacts:
+    """What the monitor reads from a verified order.
+
+    Time is the distributor's ``received_at``, not the purchaser's
+    ``signed_at``: the purchaser chooses the signing date (an order stays valid
+    60 days), the distributor's clock cannot be back-dated to dodge a window.
+    """
+
+    order_id: str
+    purchaser_dea: str
+    at_ms: int
+    families: dict[str, FamilyFacts] = field(default_factory=dict)
+
+    @property
+    def total_units(self) -> int:
+        return sum(f.units for f in self.families.values())
+
+
+def order_facts(order: Mapping[str, Any]) -> OrderFacts:
+    """Aggregate a verified order (``csos.orders.VerifiedOrder`` dict) by drug family."""
+    acc: dict[str, list[Any]] = {}
+    for line in order["lines"]:
+        fam = str(line["drug_family"]).strip().upper() or "UNKNOWN"
+        a = acc.setdefault(fam, [0, 0.0, 0.0, set()])
+        a[0] += int(line["dosage_units"])
+        a[1] += float(line.get("mme") or 0.0)
+        a[2] += float(line.get("base_weight_g") or 0.0)
+        a[3].add(str(line.get("schedule", "")))
+    families = {
+        fam: FamilyFacts(fam, a[0], a[1], a[2], tuple(sorted(a[3])))
+        for fam, a in sorted(acc.items())
+    }
+    return OrderFacts(str(order["order_id"]), str(order["purchaser_dea"]), to_ms(order["received_at"]), families)
+
+
+# --------------------------------------------------------------------------
+# Per family and per registrant
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """How fast baselines forget and how much they keep (from ``MonitorConfig``)."""
+
+    ew_alpha: float = 0.1  # weight of the newest order: ~19-order memory
+    mix_alpha: float = 0.05  # ~39-order memory for the family mix
+    recent_max: int = 16  # order times kept from the last 24 hours, per family
+    family_ttl_days: int = 400  # a family not ordered for this long is forgotten (then "new" again)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Activity of one family in the windows ending at an order, that order included."""
+
+    orders_24h: int
+    orders_7d: int
+    units_30d: int
+
+
+def _clip_count(count: int, baseline: EWMeanBaseline) -> float:
+    """A window count as learned: at most one order above the usual count.
+
+    Without the clip, the first orders of a burst that are still released
+    would each teach a higher "usual" count and drag the threshold up with the
+    burst (2, 3, 4 ... orders in 24 hours). A genuine change of cadence is
+    still learned, one order per sample.
+    """
+    return min(count, baseline.get() + 1.0) if baseline.n else count
+
+
+class FamilyBaseline:
+    """Everything known about one registrant's orders of one drug family."""
+
+    def __init__(self, s: BaselineSettings) -> None:
+        a = s.ew_alpha
+        self.settings = s
+        self.orders = 0
+        self.first_order_ms = 0
+        self.last_order_ms = 0
+        self.log_units = EWVarBaseline(a)
+        self.units = EWMeanBaseline(a)
+        self.gap_days = EWMeanBaseline(a)
+        self.count_24h = EWMeanBaseline(a)
+        self.count_7d = EWMeanBaseline(a)
+        self.units_30d = EWMeanBaseline(a)
+        self.recent = RecentOrders(cap=s.recent_max)
+        self.days = DailyRing()
+
+    def windows(self, at_ms: int, units: int, exclude_self: bool = False) -> Windows:
+        """Counts over 24 h / 7 days / 30 days ending at ``at_ms``, including an order of ``units``.
+
+        ``exclude_self``: the order was already learned (redelivery), so its own
+        earlier contribution is taken out before it is added back once.
+        """
+        c24 = self.recent.count(at_ms, exclude=at_ms if exclude_self else None)
+        c7, _ = self.days.totals(at_ms, WINDOW_7D_DAYS, exclude_units=units if exclude_self else None)
+        _, u30 = self.days.totals(at_ms, WINDOW_30D_DAYS, exclude_units=units if exclude_self else None)
+        return Windows(c24 + 1, c7 + 1, u30 + units)
+
+    def covers(self, at_ms: int, days: float) -> bool:
+        """Whether this family's learned history reaches back ``days`` before ``at_ms``."""
+        return self.orders > 0 and at_ms - self.first_order_ms >= days * MS_PER_DAY
+
+    def learn(self, at_ms: int, units: int) -> None:
+        w = self.windows(at_ms, units)
+        if self.covers(at_ms, 1):
+            self.count_24h.update(_clip_count(w.orders_24h, self.count_24h))
+        if self.covers(at_ms, WINDOW_7D_DAYS):
+            self.count_7d.update(_clip_count(w.orders_7d, self.count_7d))
+        if self.covers(at_ms, WINDOW_30D_DAYS):
+            self.units_30d.update(w.units_30d)
+        u = max(units, 1)
+        self.log_units.update(math.log(u))
+        self.units.update(u)
+        if self.orders and at_ms >= self.last_order_ms:
+            self.gap_days.update((at_ms - self.last_order_ms) / MS_PER_DAY)
+        if not self.orders or at_ms < self.first_order_ms:
+            self.first_order_ms = at_ms
+        self.orders += 1
+        self.last_order_ms = max(self.last_order_ms, at_ms)
+        self.recent.add(at_ms, self.last_order_ms)
+        self.days.add(at_ms, units, self.last_order_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "orders": self.orders,
+            "first_order_ms": self.first_order_ms,
+            "last_order_ms": self.last_order_ms,
+            "log_units": self.log_units.to_dict(),
+            "units": self.units.to_dict(),
+            "gap_days": self.gap_days.to_dict(),
+            "count_24h": self.count_24h.to_dict(),
+            "count_7d": self.count_7d.to_dict(),
+            "units_30d": self.units_30d.to_dict(),
+            "recent_ms": self.recent.to_dict(),
+            "days": self.days.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], s: BaselineSettings) -> "FamilyBaseline":
+        a = s.ew_alpha
+        fb = cls.__new__(cls)
+        fb.settings = s
+        fb.orders = int(d["orders"])
+        fb.first_order_ms = int(d["first_order_ms"])
+        fb.last_order_ms = int(d["last_order_ms"])
+        fb.log_units = EWVarBaseline.from_dict(d["log_units"], a)
+        fb.units = EWMeanBaseline.from_dict(d["units"], a)
+        fb.gap_days = EWMeanBaseline.from_dict(d["gap_days"], a)
+        fb.count_24h = EWMeanBaseline.from_dict(d["count_24h"], a)
+        fb.count_7d = EWMeanBaseline.from_dict(d["count_7d"], a)
+        fb.units_30d = EWMeanBaseline.from_dict(d["units_30d"], a)
+        fb.recent = RecentOrders(d["recent_ms"], cap=s.recent_max)
+        fb.days = DailyRing(d["days"])
+        return fb
+
+
+class FamilyMix:
+    """The registrant's usual share of dosage units per family.
+
+    Per family, an EW mean of the units of that family in each order (0 when
+    the order has none), so shares are weighted by units, as the 30-day share
+    they are compared with. A family first seen after the registrant's first
+    order starts as a mean of 0 over the orders seen so far.
+    """
+
+    def __init__(self, alpha: float, means: dict[str, EWMeanBaseline] | None = None) -> None:
+        self.alpha = alpha
+        self.means = means if means is not None else {}
+
+    def learn(self, units_by_family: Mapping[str, int]) -> None:
+        seen = max((m.n for m in self.means.values()), default=0)
+        for fam in units_by_family:
+            if fam not in self.means:
+                # None of it in the ``seen`` earlier orders: a mean of 0 over them.
+                self.means[fam] = EWMeanBaseline(self.alpha, 0.0, seen)
+        for fam, m in self.means.items():
+            m.update(units_by_family.get(fam, 0))
+
+    def shares(self) -> dict[str, float]:
+        total = sum(m.get() for m in self.means.values())
+        if total <= 0:
+            return {fam: 0.0 for fam in self.means}
+        return {fam: m.get() / total for fam, m in self.means.items()}
+
+    def window(self) -> str:
+        n = max((m.n for m in self.means.values()), default=0)
+        if n < round(1.0 / self.alpha):
+            return f"share of dosage units over {n} released orders"
+        return f"EW share of dosage units over ~{ew_memory(self.alpha)} released orders"
+
+    def drop(self, families: Iterable[str]) -> None:
+        for fam in families:
+            self.means.pop(fam, None)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {fam: m.to_dict() for fam, m in sorted(self.means.items())}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Mapping[str, Any]], alpha: float) -> "FamilyMix":
+        return cls(alpha, {fam: EWMeanBaseline.from_dict(v, alpha) for fam, v in d.items()})
+
+
+def new_state(purchaser_dea: str) -> dict[str, Any]:
+    """The state of a registrant with no learned orders."""
+    return {
+        "version": STATE_VERSION,
+        "purchaser_dea": purchaser_dea,
+        "total_orders": 0,
+        "first_order_ms": 0,
+        "last_order_ms": 0,
+        "learned_ids": [],
+        "mix": {},
+        "families": {},
+    }
+
+
+def migrate_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Bring a stored state to :data:`STATE_VERSION`, or refuse loudly.
+
+    Only version 1 exists. A later layout adds a step here (v1 -> v2 ...) so a
+    changelog written by an older worker is still usable after a deploy.
+    """
+    version = state.get("version")
+    if version == STATE_VERSION:
+        return state
+    raise StateVersionError(f"SOM state version {version!r} is not supported (expected {STATE_VERSION})")
+
+
+class RegistrantBaselines:
+    """All baselines of one registrant, parsed lazily from the stored dict.
+
+    Families are only turned into river objects when an order touches them, so
+    scoring an order of one family does not pay for the other twenty.
+    """
+
+    def __init__(self, state: Mapping[str, Any], s: BaselineSettings) -> None:
+        state = migrate_state(state)
+        self.settings = s
+        self.purchaser_dea: str = state["purchaser_dea"]
+        self.total_orders: int = int(state["total_orders"])
+        self.first_order_ms: int = int(state["first_order_ms"])
+        self.last_order_ms: int = int(state["last_order_ms"])
+        self.learned_ids: list[int] = [int(x) for x in state["learned_ids"]]
+        self._raw_mix: Mapping[str, Any] = state["mix"]
+        self._mix: FamilyMix | None = None
+        self._raw_families: dict[str, Mapping[str, Any]] = dict(state["families"])
+        self._families: dict[str, FamilyBaseline] = {}
+        self._windows: dict[tuple[str, int, int, bool], Windows] = {}
+
+    @classmethod
+    def new(cls, purchaser_dea: str, s: BaselineSettings) -> "RegistrantBaselines":
+        return cls(new_state(purchaser_dea), s)
+
+    # -- reading -----------------------------------------------------------
+    @property
+    def mix(self) -> FamilyMix:
+        if self._mix is None:
+            self._mix = FamilyMix.from_dict(self._raw_mix, self.settings.mix_alpha)
+        return self._mix
+
+    def family_names(self) -> list[str]:
+        return sorted(self._raw_families)
+
+    def family(self, name: str) -> FamilyBaseline | None:
+        """The baseline of a family, or None if the registrant never ordered it (or forgot it)."""
+        fb = self._families.get(name)
+        if fb is None:
+            raw = self._raw_families.get(name)
+            if raw is None:
+                return None
+            fb = self._families[name] = FamilyBaseline.from_dict(raw, self.settings)
+        return fb
+
+    def has_learned(self, order_id: str) -> bool:
+        """Whether this order was already learned (a redelivery after the state was saved)."""
+        return order_key(order_id) in self.learned_ids
+
+    def windows(self, family: str, order: OrderFacts) -> Windows:
+        """Activity of ``family`` in the windows ending at ``order``, the order included."""
+        units = order.families[family].units if family in order.families else 0
+        replay = self.has_learned(order.order_id)
+        key = (family, order.at_ms, units, replay)
+        w = self._windows.get(key)
+        if w is None:
+            fb = self.family(family)
+            w = fb.windows(order.at_ms, units, exclude_self=replay) if fb else Windows(1, 1, units)
+            self._windows[key] = w
+        return w
+
+    def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
+        """Units per family over the 30 UTC days ending at ``order``, the order included."""
+        out = {}
+        for fam in set(self._raw_families) | set(order.families):
+            if fam in order.families:
+                out[fam] = self.windows(fam, order).units_30d
+            elif fam in self._families:
+                out[fam] = self._families[fam].days.totals(order.at_ms, WINDOW_30D_DAYS)[1]
+            else:  # not touched by this order: read the stored cells without building the baseline
+                today = day_of(order.at_ms)
+                out[fam] = sum(int(c["units"]) for c in self._raw_families[fam]["days"]
+                               if today - WINDOW_30D_DAYS < int(c["day"]) <= today)
+        return out
+
+    # -- learning ----------------------------------------------------------
+    def learn(self, order: OrderFacts) -> None:
+        """Fold a released order into every baseline. A redelivered order is learned once."""
+        key = order_key(order.order_id)
+        if key in self.learned_ids:
+            return
+        for fam, facts in order.families.items():
+            fb = self.family(fam)
+            if fb is None:
+                fb = self._families[fam] = FamilyBaseline(self.settings)
+                self._raw_families[fam] = {}
+            fb.learn(order.at_ms, facts.units)
+        self.mix.learn({f: x.units for f, x in order.families.items()})
+        if not self.total_orders or order.at_ms < self.first_order_ms:
+            self.first_order_ms = order.at_ms
+        self.total_orders += 1
+        self.last_order_ms = max(self.last_order_ms, order.at_ms)
+        self.learned_ids = (self.learned_ids + [key])[-LEARNED_IDS_KEPT:]
+        self._windows.clear()
+        self._forget_stale()
+
+    def _forget_stale(self) -> None:
+        """Drop families not ordered for ``family_ttl_days``: keeps state bounded."""
+        limit = self.last_order_ms - self.settings.family_ttl_days * MS_PER_DAY
+        stale = [f for f, raw in self._raw_families.items()
+                 if (self._families[f].last_order_ms if f in self._families else raw["last_order_ms"]) < limit]
+        for fam in stale:
+            self._raw_families.pop(fam, None)
+            self._families.pop(fam, None)
+        if stale:
+            self.mix.drop(stale)
+
+    def to_state(self) -> dict[str, Any]:
+        """The plain dict stored in the Faust table (schema ``som.state.RegistrantState``)."""
+        families = {}
+        for fam in sorted(self._raw_families):
+            fb = self._families.get(fam)
+            families[fam] = fb.to_dict() if fb is not None else dict(self._raw_families[fam])
+        return {
+            "version": STATE_VERSION,
+            "purchaser_dea": self.purchaser_dea,
+            "total_orders": self.total_orders,
+            "first_order_ms": self.first_order_ms,
+            "last_order_ms": self.last_order_ms,
+            "learned_ids": list(self.learned_ids),
+            "mix": self.mix.to_dict() if self._mix is not None else {k: dict(v) for k, v in self._raw_mix.items()},
+            "families": families,
+        }

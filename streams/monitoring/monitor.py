@@ -1,0 +1,99 @@
+"""The monitor: one verified order in, one verdict (RELEASE or HOLD) with its evidence out.
+
+The Faust agent keeps one state dict per registrant (``som.state.RegistrantState``)
+and calls, per verified order::
+
+    verdict = monitor.score(state, order)
+    if verdict["verdict"] == "RELEASE":
+        state = monitor.learn(state, order)
+
+Learning only from released orders is what keeps the baselines honest: a run
+of suspicious orders is held and never becomes the "normal" it is judged by.
+Scoring is pure (same state + order -> same verdict), so a replay, the
+offline CLI and the backtest reach the decisions the stream reached.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from .baselines import (
+    STATE_VERSION, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
+)
+from .detectors import DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, reason
+
+
+class Monitor:
+    """Suspicious order monitoring for one configuration of detectors and thresholds."""
+
+    def __init__(self, config: MonitorConfig | None = None, detectors: list[Detector] | None = None) -> None:
+        self.config = config or MonitorConfig()
+        self.settings = self.config.baseline_settings()
+        self.detectors = detectors if detectors is not None else default_detectors(self.config)
+        #: Names the detector logic, the state layout and every threshold; carried by each verdict.
+        self.model_version = f"som/{DETECTORS_VERSION}.s{STATE_VERSION}+{self.config.fingerprint()}"
+
+    @classmethod
+    def from_env(cls) -> "Monitor":
+        return cls(MonitorConfig.from_env())
+
+    def new_state(self, purchaser_dea: str) -> dict[str, Any]:
+        """State of a registrant with no learned orders."""
+        return _new_state(purchaser_dea)
+
+    def _baselines(self, state: Mapping[str, Any] | None, order: Mapping[str, Any]) -> RegistrantBaselines:
+        if state is None:
+            return RegistrantBaselines.new(str(order["purchaser_dea"]), self.settings)
+        state = migrate_state(state)
+        if state["purchaser_dea"] != order["purchaser_dea"]:
+            # A mis-keyed table entry would judge one pharmacy by another's history.
+            raise ValueError(f"state of {state['purchaser_dea']} used for an order of {order['purchaser_dea']}")
+        return RegistrantBaselines(state, self.settings)
+
+    def score(self, state: Mapping[str, Any] | None, order: Mapping[str, Any],
+              decided_at: datetime | None = None) -> dict[str, Any]:
+        """Judge a verified order against the registrant's baselines; the state is not changed.
+
+        Returns a ``som.Verdict`` dict. HOLD if any detector fired. An order
+        already learned (a redelivery after its RELEASE was acted on) gets
+        RELEASE again: the first decision stands and was already shipped on.
+        """
+        facts = order_facts(order)
+        base = self._baselines(state, order)
+        reasons = [r for d in self.detectors for r in d.score_one(base, facts)]
+        replay = base.has_learned(facts.order_id)
+        if replay:
+            reasons.append(reason(
+                "replay", "pattern", "*", 1.0, 0.0, 0.0, "last orders learned", False,
+                "This order was already scored, released and learned; the earlier RELEASE is repeated."))
+        held = any(r["fired"] for r in reasons) and not replay
+        return {
+            "order_id": order["order_id"],
+            "order_number": order["order_number"],
+            "purchaser_dea": order["purchaser_dea"],
+            "verdict": "HOLD" if held else "RELEASE",
+            "decided_at": decided_at or datetime.now(timezone.utc),
+            "received_at": order["received_at"],
+            "signed_at": order["signed_at"],
+            "model_version": self.model_version,
+            "reasons": reasons,
+            "lines": order["lines"],
+            "total_dosage_units": facts.total_units,
+        }
+
+    def learn(self, state: Mapping[str, Any] | None, order: Mapping[str, Any]) -> dict[str, Any]:
+        """Fold a RELEASED order into the baselines and return the new state (the input is not modified).
+
+        Call it only for released orders. Learning the same order twice is a no-op.
+        """
+        base = self._baselines(state, order)
+        base.learn(order_facts(order))
+        return base.to_state()
+
+    @staticmethod
+    def summary(verdict: Mapping[str, Any]) -> str:
+        """One plain-language sentence for the hold notice: the fired findings, or why it was released."""
+        fired = [r["explanation"] for r in verdict["reasons"] if r["fired"]]
+        if verdict["verdict"] == "HOLD":
+            return f"Held for due diligence: {' '.join(fired)}"
+        return "Released: no detector fired." if not fired else f"Released: {' '.join(fired)}"
