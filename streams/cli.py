@@ -137,5 +137,25 @@ def summary() -> None:
     click.echo(fetch_summary(_settings()).render())
 
 
+# --------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--registrants", default=60, show_default=True, help="Simulated customers.")
+@click.option("--days", default=120, show_default=True, help="Days of order history to simulate.")
+@click.option("--seed", default=7, show_default=True, help="Simulation seed (same seed, same orders).")
+@click.option("--keep-running", is_flag=True, help="Leave the broker and the worker running afterwards.")
+def demo(registrants: int, days: int, seed: int, keep_running: bool) -> None:
+    """Run the whole pipeline on simulated orders and print the compliance summary.
+
+    Starts a local Kafka broker (fetched from Maven Central the first time),
+    creates the topics, builds a test CSOS PKI and a customer population with
+    good, bad and suspicious orders, runs a worker, streams the orders, and
+    prints what happened to each - next to the simulator's ground truth.
+    Afterwards `csos sql` queries the results (stored under CSOS_DATA_DIR).
+    """
+    from .demo import run_demo
+
+    run_demo(_settings(), registrants=registrants, seed=seed, days=days, keep_running=keep_running)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

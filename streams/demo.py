@@ -1,0 +1,123 @@
+"""The demo: the whole pipeline on the embedded defaults, from nothing to a compliance summary.
+
+Starts a local Kafka broker, creates the topics, builds a test PKI and a
+simulated customer population, starts a worker, streams the signed orders,
+waits until every order has its outcome in ClickHouse, and prints what a
+compliance officer wants to know - next to the simulator's ground truth.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from typing import Callable
+
+import click
+
+from connectors.broker import LocalBroker
+from connectors.feed import PreparedFeed, prepare_feed, publish
+from connectors.kafka_io import Publisher
+from connectors.topics import ensure_topics
+
+from .config import Settings
+from .query import run_query
+from .summary import Summary, fetch_summary
+from .worker_process import WorkerProcess
+
+OWNED = ("kafka", "clickhouse", "pki", "faust", "labels.csv", "registrants.csv", "worker.log")
+
+
+def reset_data_dir(settings: Settings) -> None:
+    """Remove what an earlier demo left, so the summary describes this run only."""
+    for name in OWNED:
+        path = settings.data_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def wait_for_outcomes(settings: Settings, feed: PreparedFeed, timeout: float,
+                      on_progress: Callable[[int], None] | None = None) -> Summary:
+    """Poll ClickHouse until every published order has exactly one outcome (or time runs out)."""
+    expected_total = len(feed.messages)
+    deadline = time.monotonic() + timeout
+    done = 0
+    summary = fetch_summary(settings)
+    while time.monotonic() < deadline:
+        summary = fetch_summary(settings)
+        now_done = summary.rejected + summary.dead_lettered + summary.released + summary.held
+        if on_progress and now_done > done:
+            on_progress(now_done - done)
+        done = now_done
+        if done >= expected_total and summary.verified == summary.released + summary.held:
+            break
+        time.sleep(0.5)
+    return summary
+
+
+def ground_truth(feed: PreparedFeed) -> str:
+    exp = Counter(m.sim.expected_outcome for m in feed.messages)
+    rejected = {k.split(":", 1)[1]: v for k, v in exp.items() if k.startswith("REJECT:")}
+    labels = Counter(m.sim.label for m in feed.messages if m.sim.is_suspicious)
+    lines = ["Simulator ground truth (what was injected)", "------------------------------------------",
+             f"Bad orders: {sum(rejected.values())} ({', '.join(f'{k} {v}' for k, v in sorted(rejected.items()))}),"
+             f" unreadable messages: {exp.get('DLQ', 0)}",
+             f"Suspicious orders: {sum(labels.values())} ({', '.join(f'{k} {v}' for k, v in sorted(labels.items()))})"]
+    return "\n".join(lines)
+
+
+def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep_running: bool,
+             timeout: float = 600.0) -> Summary:
+    echo = click.echo
+    reset_data_dir(settings)
+    port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
+    broker = LocalBroker(port=port, data_dir=settings.data_dir / "kafka")
+    echo(f"1/6 Starting Apache Kafka (KRaft) on {broker.bootstrap} ...")
+    broker.start()
+    worker: WorkerProcess | None = None
+    try:
+        ensure_topics(broker.bootstrap, settings.partitions)
+        echo("2/6 Topics created. Building a test CSOS PKI and a simulated customer population ...")
+        feed: PreparedFeed
+        with click.progressbar(length=1, label="    signing orders", show_pos=True) as bar:
+            def tick(n: int) -> None:
+                bar.length = max(bar.length or 1, bar.pos + n + 1)
+                bar.update(n)
+            feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days, progress=tick)
+        echo(f"    {len(feed.result.population)} registrants, {len(feed.messages)} signed orders "
+             f"({feed.lines} lines) over {days} days; certificates and CRL in {settings.pki_dir}")
+        echo("3/6 Starting the worker (verification, monitoring, ClickHouse sink) ...")
+        worker = WorkerProcess(settings)
+        worker.start()
+        echo(f"4/6 Streaming the warehouse feed to {broker.bootstrap} ...")
+        with click.progressbar(length=len(feed.messages), label="    orders sent", show_pos=True) as bar:
+            publish(feed.messages, Publisher(broker.bootstrap), progress=bar.update)
+        echo("5/6 Waiting for every order's outcome in ClickHouse ...")
+        with click.progressbar(length=len(feed.messages), label="    orders decided", show_pos=True) as bar:
+            summary = wait_for_outcomes(settings, feed, timeout, bar.update)
+        echo("6/6 Done.\n")
+        echo(summary.render())
+        echo("")
+        echo(ground_truth(feed))
+        _, rows = run_query(settings, "SELECT purchaser_dea, order_id, explanation FROM verdict_reasons FINAL "
+                                      "WHERE fired ORDER BY decided_at LIMIT 3")
+        if rows:
+            echo("\nWhy orders were held (first three):")
+            for dea, oid, why in rows:
+                echo(f"  {dea} order {oid[:8]}: {why}")
+        if summary.received != len(feed.messages):
+            raise click.ClickException(f"only {summary.received} of {len(feed.messages)} orders have an outcome "
+                                       f"after {timeout:.0f}s; see {worker.log_path}")
+        echo("\nQuery the results, e.g.:\n"
+             "  csos sql \"SELECT verdict, count() FROM verdicts FINAL GROUP BY verdict\"\n"
+             "  csos sql \"SELECT reason_code, reason FROM rejections FINAL LIMIT 5\"")
+        return summary
+    finally:
+        if keep_running:
+            echo(f"\nWorker and broker left running (worker log {settings.data_dir / 'worker.log'}); "
+                 "stop them with: csos broker stop; pkill -f 'csos worker'")
+        else:
+            if worker:
+                worker.stop()
+            broker.stop()
