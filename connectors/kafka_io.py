@@ -9,6 +9,7 @@ wrote it; co-partitioned tables depend on that.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -33,7 +34,8 @@ class Publisher:
 
     def __init__(self, bootstrap: str, **overrides: Any) -> None:
         conf = dict(PRODUCER_DEFAULTS, **{"bootstrap.servers": bootstrap}, **overrides)
-        self._producer = Producer(conf)
+        # librdkafka's own log lines (e.g. transient "coordinator load in progress") go to logging.
+        self._producer = Producer(conf, logger=logging.getLogger("connectors.kafka_io.librdkafka"))
         self._errors: list[str] = []
         self.sent = 0
 

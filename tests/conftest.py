@@ -5,6 +5,7 @@ neither needs nor disturbs a developer's broker on 9092.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,3 +23,97 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
         yield b
     finally:
         b.stop()
+
+
+# --------------------------------------------------------------------------- the running pipeline
+import uuid  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from connectors.feed import PreparedFeed, prepare_feed, publish  # noqa: E402
+from connectors.kafka_io import Publisher, consume_all  # noqa: E402
+from streams.config import Settings  # noqa: E402
+from streams.query import run_query  # noqa: E402
+from streams.worker_process import WorkerProcess  # noqa: E402
+
+#: Exact counts of every bad kind, so the suite always exercises each one.
+E2E_BAD_COUNTS = {"tampered": 6, "wrong_key": 6, "expired_cert": 6, "revoked_cert": 6, "dea_mismatch": 6,
+                  "schedule_not_authorized": 6, "untrusted_cert": 6, "malformed_order": 6, "malformed_bytes": 6}
+E2E_SUSPICIOUS_COUNTS = {"size_spike": 10, "frequency_burst": 12, "family_shift": 6}
+
+
+@dataclass
+class Pipeline:
+    """A worker running against the session broker, fed with a simulated feed."""
+
+    settings: Settings
+    worker: WorkerProcess
+    feed: PreparedFeed
+    extra_raw: list[bytes] = field(default_factory=list)  # hostile messages put on the received topic
+    extra_received: dict[str, str] = field(default_factory=dict)  # order_id -> expected reason code
+
+    def sql(self, query: str) -> list[list[Any]]:
+        return run_query(self.settings, query)[1]
+
+    def topic(self, name: str, expected: int) -> list[Any]:
+        return consume_all(self.settings.kafka_bootstrap, [name], until=lambda m: len(m) >= expected,
+                           timeout=60)
+
+
+@pytest.fixture(scope="session")
+def pipeline(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    data = Path(tmp_path_factory.mktemp("pipeline"))
+    settings = Settings.from_env().with_(
+        kafka_bootstrap=broker.bootstrap, data_dir=data, pki_dir=data / "pki", clickhouse_url="",
+        web_port=free_port(), app_id=f"csos-test-{uuid.uuid4().hex[:6]}",
+    )
+    feed = prepare_feed(settings, registrants=40, seed=11, days=120, bad_counts=E2E_BAD_COUNTS,
+                        suspicious_counts=E2E_SUSPICIOUS_COUNTS)
+    worker = WorkerProcess(settings)
+    worker.start()
+    try:
+        yield Pipeline(settings, worker, feed)
+    finally:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def streamed(pipeline: Pipeline) -> Pipeline:
+    """The feed plus hostile extras, published once, with every outcome in ClickHouse."""
+    from streams.avro_codec import default_codec
+    from connectors.intake import OrderIntake
+
+    publisher = Publisher(pipeline.settings.kafka_bootstrap)
+    publish(pipeline.feed.messages, publisher)
+    intake = OrderIntake(publisher, "hostile-test")
+    codec = default_codec()
+    # A well-formed Avro message of the wrong type on the orders topic: dead-lettered, not processed.
+    wrong_type = codec.encode("audit.AuditEvent", {
+        "event_id": "x", "occurred_at": pipeline.feed.result.end, "stage": "x", "action": "x", "order_id": None,
+        "purchaser_dea": None, "outcome": "x", "detail": "{}", "actor": "x"})
+    truncated = codec.encode("csos.orders.ReceivedOrder", {
+        "order_id": "t", "received_at": pipeline.feed.result.end, "source": "x", "format": "csos-order/1",
+        "document": None, "signature": b"\x30" * 64})[:-20]
+    for raw in (wrong_type, truncated, b""):
+        intake.submit_raw(raw, key="hostile")
+        pipeline.extra_raw.append(raw)
+    # A readable envelope whose signature is garbage: a rejection, not a crash.
+    oid = intake.submit(b"\x30\x82\xff\xff garbage", document=b'{"format":"csos-order/1"}', purchaser_dea="BX0000000")
+    pipeline.extra_received[oid] = "MALFORMED_SIGNATURE"
+    intake.flush()
+
+    total = len(pipeline.feed.messages) + len(pipeline.extra_raw) + len(pipeline.extra_received)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        decided = pipeline.sql(
+            "SELECT (SELECT count() FROM rejections FINAL) + (SELECT count() FROM verdicts FINAL)"
+            " + (SELECT uniqExact(source_topic, source_partition, source_offset) FROM dead_letters"
+            " WHERE stage = 'verify')")[0][0]
+        if int(decided) >= total:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"only {decided} of {total} orders decided; worker log:\n{pipeline.worker.tail()}")
+    time.sleep(2 * pipeline.settings.sink_batch_seconds + 1)  # let the audit trail's last batch land
+    return pipeline
