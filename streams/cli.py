@@ -98,7 +98,19 @@ def worker(no_sink: bool, loglevel: str) -> None:
     s = _settings()
     app = create_app(s, run_sink=not no_sink)
     sys.argv = sys.argv[:1]
-    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    profile = os.environ.get("CSOS_PROFILE")  # a path: write a cProfile of this worker there on exit
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+        finally:
+            prof.disable()
+            prof.dump_stats(profile)
+    else:
+        Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
 
 
 # --------------------------------------------------------------------------- analyst
@@ -155,6 +167,25 @@ def demo(registrants: int, days: int, seed: int, keep_running: bool) -> None:
     from .demo import run_demo
 
     run_demo(_settings(), registrants=registrants, seed=seed, days=days, keep_running=keep_running)
+
+
+# --------------------------------------------------------------------------- benchmark
+@main.command()
+@click.option("--registrants", default=200, show_default=True, help="Simulated customers (orders scale with it).")
+@click.option("--days", default=120, show_default=True, help="Days of order history to stream.")
+@click.option("--seed", default=1, show_default=True)
+def bench(registrants: int, days: int, seed: int) -> None:
+    """Measure end-to-end throughput and latency of one worker on the local broker.
+
+    Uses its own data directory (CSOS_DATA_DIR/bench) and a fresh broker on
+    KAFKA_BOOTSTRAP's port. Prints order lines per second (produce to verdict
+    in ClickHouse) and received-to-verdict latency percentiles.
+    """
+    from .bench import run_bench
+
+    s = _settings()
+    s = s.with_(data_dir=s.data_dir / "bench", pki_dir=s.data_dir / "bench" / "pki")
+    click.echo(run_bench(s, registrants=registrants, days=days, seed=seed).render())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,115 @@
+"""End-to-end benchmark: simulated orders through a running worker on the local broker.
+
+Not a test: it prints figures. Throughput is order lines per second from the
+first produce to the last outcome visible in ClickHouse; latency is from the
+moment an order reached the received topic (its Kafka timestamp) to the
+monitor's decision (verdict ``decided_at``) or the verifier's rejection.
+Certificate issuance and signing happen before the clock starts: they are the
+purchasers' cost, not the distributor's.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+
+import click
+
+from connectors.broker import LocalBroker
+from connectors.feed import prepare_feed, publish
+from connectors.kafka_io import Publisher, consume_all
+from connectors.topics import ensure_topics
+
+from . import topic_names as t
+from .avro_codec import default_codec
+from .config import Settings
+from .query import run_query
+from .worker_process import WorkerProcess
+
+
+@dataclass
+class BenchResult:
+    orders: int
+    lines: int
+    publish_seconds: float
+    end_to_end_seconds: float
+    latencies_ms: list[float]
+
+    def pct(self, p: float) -> float:
+        xs = sorted(self.latencies_ms)
+        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+    def render(self) -> str:
+        return "\n".join([
+            f"orders: {self.orders}   order lines: {self.lines}",
+            f"produce: {self.publish_seconds:.2f}s ({self.orders / self.publish_seconds:,.0f} orders/s)",
+            f"end to end (first produce -> last outcome in ClickHouse): {self.end_to_end_seconds:.2f}s",
+            f"throughput: {self.lines / self.end_to_end_seconds:,.0f} order lines/s, "
+            f"{self.orders / self.end_to_end_seconds:,.0f} orders/s (one worker process)",
+            f"received -> verdict latency: p50 {self.pct(50):,.0f} ms, p95 {self.pct(95):,.0f} ms, "
+            f"p99 {self.pct(99):,.0f} ms (n={len(self.latencies_ms)})",
+        ])
+
+
+def _count_decided(settings: Settings) -> int:
+    return int(run_query(settings, "SELECT (SELECT count() FROM rejections) + (SELECT count() FROM verdicts)"
+                                   " + (SELECT count() FROM dead_letters WHERE stage = 'verify')")[1][0][0])
+
+
+def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, timeout: float = 1800) -> BenchResult:
+    echo = click.echo
+    for sub in ("kafka", "clickhouse", "pki", "faust"):
+        shutil.rmtree(settings.data_dir / sub, ignore_errors=True)
+    port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
+    broker = LocalBroker(port=port, data_dir=settings.data_dir / "kafka")
+    broker.start()
+    worker = WorkerProcess(settings)
+    try:
+        ensure_topics(broker.bootstrap, settings.partitions)
+        echo("preparing and signing the feed (not timed) ...")
+        feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days)
+        worker.start()
+        # Warm-up (not timed): the consumer group forms, partitions are assigned,
+        # certificate paths are validated and cached, ClickHouse tables are touched.
+        n_warm = max(1, len(feed.messages) // 20)
+        warm, timed = feed.messages[:n_warm], feed.messages[n_warm:]
+        publisher = Publisher(broker.bootstrap)
+        publish(warm, publisher)
+        deadline = time.monotonic() + 300
+        while _count_decided(settings) < n_warm and time.monotonic() < deadline:
+            time.sleep(0.2)
+        total = len(timed)
+        lines = sum(len(m.sim.order.lines) for m in timed if not m.malformed)
+        echo(f"warmed up with {n_warm} orders; streaming {total} orders ({lines} lines) ...")
+        t0 = time.monotonic()
+        publish(timed, publisher)
+        t_pub = time.monotonic() - t0
+        total_all = n_warm + total
+        with click.progressbar(length=total, label="decided", show_pos=True) as bar:
+            done = 0
+            deadline = time.monotonic() + timeout
+            while done < total and time.monotonic() < deadline:
+                now_done = _count_decided(settings) - n_warm
+                bar.update(now_done - done)
+                done = now_done
+                if done < total:
+                    time.sleep(0.2)
+        elapsed = time.monotonic() - t0
+        if done < total:
+            raise click.ClickException(f"only {done} of {total} orders decided within {timeout:.0f}s")
+        # Latency: Kafka timestamp of the received message -> decision time.
+        codec = default_codec()
+        received_ts = {}
+        timed_ids = {m.sim.sim_id for m in timed}
+        for m in consume_all(broker.bootstrap, [t.RECEIVED], until=lambda ms: len(ms) >= total_all):
+            try:
+                received_ts[codec.decode(m.value())[1]["order_id"]] = m.timestamp()[1] / 1000.0
+            except Exception:  # noqa: BLE001 - the malformed ones in the feed
+                continue
+        decided = run_query(settings, "SELECT order_id, toUnixTimestamp64Milli(decided_at) FROM verdicts "
+                                      "UNION ALL SELECT order_id, toUnixTimestamp64Milli(rejected_at) FROM rejections")[1]
+        lat = [int(ms) - received_ts[oid] * 1000.0 for oid, ms in decided if oid in received_ts and oid in timed_ids]
+        return BenchResult(total, lines, t_pub, elapsed, lat)
+    finally:
+        worker.stop()
+        broker.stop()
