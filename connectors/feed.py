@@ -11,8 +11,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
+import fastavro
+
+from streams.avro_codec import default_codec
 from streams.config import Settings
 
 from .intake import OrderIntake
@@ -34,6 +37,12 @@ class SignedMessage:
     def malformed(self) -> bool:
         return is_malformed(self.signature)
 
+    def record(self) -> dict:
+        """As a ``csos.feed.FeedRecord``: what intake needs, without the ground truth."""
+        return {"order_id": self.sim.sim_id, "purchaser_dea": self.sim.claimed_purchaser_dea,
+                "received_at": self.sim.received_at, "document": self.document,
+                "signature": bytes(self.signature), "malformed": self.malformed}
+
 
 @dataclass
 class PreparedFeed:
@@ -53,13 +62,17 @@ class PreparedFeed:
 def prepare_feed(settings: Settings, *, registrants: int = 60, seed: int = 7, days: int = 120,
                  end: datetime | None = None, bad_fraction: float = 0.05, suspicious_fraction: float = 0.02,
                  bad_counts: Mapping[str, int] | None = None, suspicious_counts: Mapping[str, int] | None = None,
-                 detached_every: int = 4, key_pool: int | None = 16,
+                 detached_every: int = 4, key_pool: int | None = 16, pki: TestPKI | None = None,
                  progress: Progress | None = None) -> PreparedFeed:
-    """Generate a population and its orders, issue certificates, sign, and write PKI + labels to disk."""
+    """Generate a population and its orders, issue certificates, sign, and write PKI + labels to disk.
+
+    ``pki`` is an existing test PKI to issue from (e.g. one ``csos pki init``
+    made); by default a new one is created whose CAs cover the simulated period.
+    """
     config = SimulationConfig(days=days, end=end, seed=seed, bad_fraction=bad_fraction,
                               suspicious_fraction=suspicious_fraction, bad_counts=bad_counts,
                               suspicious_counts=suspicious_counts)
-    pki = TestPKI.create(now=config.resolved_end())
+    pki = pki or TestPKI.create(now=config.resolved_end())
     population = Population.generate(registrants, seed)
     result = generate_orders(population, config)
     kit = SigningKit(pki, key_pool=key_pool)
@@ -76,17 +89,32 @@ def prepare_feed(settings: Settings, *, registrants: int = 60, seed: int = 7, da
     return feed
 
 
-def publish(messages: Iterable[SignedMessage], publisher: Publisher, *, source: str = "simulator",
+def save_feed(feed: PreparedFeed, path: Path) -> Path:
+    """Record the signed feed as an Avro container file, to publish later (or elsewhere)."""
+    schema = default_codec().catalog.get("csos.feed.FeedRecord").parsed
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fastavro.writer(fh, schema, (m.record() for m in feed.messages), codec="deflate")
+    return path
+
+
+def load_feed(path: Path) -> Iterator[dict]:
+    with open(path, "rb") as fh:
+        yield from fastavro.reader(fh)
+
+
+def publish(messages: Iterable[SignedMessage | dict], publisher: Publisher, *, source: str = "simulator",
             progress: Progress | None = None) -> int:
     """Put signed orders on the received topic as a warehouse system would; returns the count."""
     intake = OrderIntake(publisher, source)
     n = 0
     for m in messages:
-        if m.malformed:
-            intake.submit_raw(bytes(m.signature), key=m.sim.claimed_purchaser_dea)
+        r = m.record() if isinstance(m, SignedMessage) else m
+        if r["malformed"]:
+            intake.submit_raw(r["signature"], key=r["purchaser_dea"])
         else:
-            intake.submit(m.signature, document=m.document, purchaser_dea=m.sim.claimed_purchaser_dea,
-                          order_id=m.sim.sim_id, received_at=m.sim.received_at)
+            intake.submit(r["signature"], document=r["document"], purchaser_dea=r["purchaser_dea"],
+                          order_id=r["order_id"], received_at=r["received_at"])
         n += 1
         if progress and n % 100 == 0:
             progress(100)

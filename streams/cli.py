@@ -80,6 +80,121 @@ def topics(partitions: int | None) -> None:
     click.echo("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
 
 
+# --------------------------------------------------------------------------- test PKI
+@main.group()
+def pki() -> None:
+    """A CSOS-like test PKI: root CA, CSOS sub-CA, registrant certificates, CRL (TEST ONLY, not DEA's)."""
+
+
+@pki.command("init")
+@click.option("--force", is_flag=True, help="Replace an existing PKI in CSOS_PKI_DIR.")
+def pki_init(force: bool) -> None:
+    """Create a root CA and a CSOS sub-CA with an empty CRL in CSOS_PKI_DIR."""
+    from connectors.pki import TestPKI
+
+    s = _settings()
+    if (s.pki_dir / "trust" / "root.pem").exists() and not force:
+        raise click.ClickException(f"a PKI already exists in {s.pki_dir}; pass --force to replace it")
+    TestPKI.create(s.pki_dir)
+    click.echo(f"test PKI written to {s.pki_dir} (trust/root.pem is the trust anchor, crl/ the CRL)")
+
+
+@pki.command("issue")
+@click.option("--dea", "dea_number", required=True, help="The registrant's DEA number.")
+@click.option("--name", required=True, help="Subscriber / registrant name.")
+@click.option("--schedules", default="2,2N,3,3N,4,5", show_default=True, help="Authorized schedules, comma-separated.")
+@click.option("--days", default=365, show_default=True, help="Validity in days from now.")
+@click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
+def pki_issue(dea_number: str, name: str, schedules: str, days: int, key_type: str) -> None:
+    """Issue a registrant certificate carrying the DEA number and schedules in the configured extensions."""
+    from datetime import datetime, timedelta, timezone
+
+    from connectors.pki import load_pki
+
+    from .identifiers import is_valid_dea_number
+
+    if not is_valid_dea_number(dea_number):
+        raise click.ClickException(f"{dea_number} is not a valid DEA number (format or check digit)")
+    s = _settings()
+    p = load_pki(s.pki_dir)
+    now = datetime.now(timezone.utc)
+    cred = p.issue_registrant(dea_number, name, [x.strip() for x in schedules.split(",") if x.strip()],
+                              not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=days),
+                              key_type=key_type)
+    p.write_pki(s.pki_dir)
+    click.echo(f"issued serial {cred.serial:x} to {dea_number}: {s.pki_dir / 'registrants' / dea_number}")
+
+
+@pki.command("revoke")
+@click.option("--dea", "dea_number", required=True, help="Revoke this registrant's certificate.")
+def pki_revoke(dea_number: str) -> None:
+    """Revoke a registrant certificate and publish a new CRL file (workers read CRLs at start)."""
+    from connectors.pki import load_pki
+
+    s = _settings()
+    p = load_pki(s.pki_dir)
+    cred = p.registrants.get(dea_number)
+    if cred is None:
+        raise click.ClickException(f"no certificate for {dea_number} in {s.pki_dir}")
+    p.revoke(cred.serial)
+    p.write_pki(s.pki_dir)
+    click.echo(f"revoked serial {cred.serial:x} ({dea_number}); CRL rewritten in {s.pki_dir / 'crl'}")
+
+
+# --------------------------------------------------------------------------- simulated warehouse feed
+@main.group()
+def simulate() -> None:
+    """A simulated warehouse feed: realistic registrants, good, bad and suspicious signed orders.
+
+    Workers load trust anchors and CRLs when they start, so run `simulate
+    prepare` (which issues certificates and the CRL) before starting the
+    worker, then `simulate publish`.
+    """
+
+
+@simulate.command("prepare")
+@click.option("--registrants", default=60, show_default=True)
+@click.option("--days", default=120, show_default=True)
+@click.option("--seed", default=7, show_default=True)
+@click.option("--bad-fraction", default=0.05, show_default=True, help="Share of bad orders (every kind).")
+@click.option("--suspicious-fraction", default=0.02, show_default=True, help="Share of suspicious orders.")
+def simulate_prepare(registrants: int, days: int, seed: int, bad_fraction: float, suspicious_fraction: float) -> None:
+    """Generate and sign the feed; write the PKI, registrants.csv, labels.csv and feed.avro to CSOS_DATA_DIR."""
+    from connectors.feed import prepare_feed, save_feed
+    from connectors.pki import load_pki
+
+    s = _settings()
+    existing = load_pki(s.pki_dir) if (s.pki_dir / "trust" / "root.pem").exists() else None
+    with click.progressbar(length=1, label="signing orders", show_pos=True) as bar:
+        def tick(n: int) -> None:
+            bar.length = max(bar.length or 1, bar.pos + n + 1)
+            bar.update(n)
+        feed = prepare_feed(s, registrants=registrants, seed=seed, days=days, bad_fraction=bad_fraction,
+                            suspicious_fraction=suspicious_fraction, pki=existing, progress=tick)
+    path = save_feed(feed, s.data_dir / "feed.avro")
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(feed.expected().items()))
+    click.echo(f"{len(feed.messages)} orders ({feed.lines} lines) in {path}\nexpected outcomes: {counts}\n"
+               f"ground truth: {feed.labels_path}")
+
+
+@simulate.command("publish")
+@click.option("--feed", "feed_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Feed file (default CSOS_DATA_DIR/feed.avro).")
+def simulate_publish(feed_path: str | None) -> None:
+    """Stream a prepared feed onto csos.orders.received (idempotent producer, acks=all)."""
+    from connectors.feed import load_feed, publish
+    from connectors.kafka_io import Publisher
+
+    s = _settings()
+    path = Path(feed_path) if feed_path else s.data_dir / "feed.avro"
+    if not path.exists():
+        raise click.ClickException(f"{path} not found; run `csos simulate prepare` first")
+    records = list(load_feed(path))
+    with click.progressbar(length=len(records), label="orders sent", show_pos=True) as bar:
+        n = publish(records, Publisher(s.kafka_bootstrap), progress=bar.update)
+    click.echo(f"published {n} orders to {s.kafka_bootstrap}")
+
+
 # --------------------------------------------------------------------------- worker
 @main.command()
 @click.option("--no-sink", is_flag=True, help="Do not write to ClickHouse from this worker.")
