@@ -150,11 +150,12 @@ TOPICS: list[TopicSpec] = [
 
 
 def default_partitions() -> int:
-    """Partitions per topic: ``$KAFKA_TOPIC_PARTITIONS`` or 4.
+    """Partitions per topic: ``$CSOS_PARTITIONS`` or 4.
 
-    The Faust app should use the same number as its ``topic_partitions``.
+    The same variable sets the Faust app's ``topic_partitions`` (streams.config),
+    so table changelogs always line up with their source topics.
     """
-    return int(os.environ.get("KAFKA_TOPIC_PARTITIONS", DEFAULT_PARTITIONS))
+    return int(os.environ.get("CSOS_PARTITIONS") or DEFAULT_PARTITIONS)
 
 
 def replication_factor() -> int:

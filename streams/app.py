@@ -21,6 +21,7 @@ import faust.web
 
 from connectors.clickhouse_sink import ClickHouseSink, apply_ddl, open_client, to_json_rows
 from connectors.kafka_io import Publisher
+from connectors.topics import replication_factor
 
 from . import topic_names as t
 from .agents.monitor import MonitorProcessor
@@ -50,7 +51,7 @@ def create_app(settings: Settings, *, run_sink: bool = True) -> faust.App:
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=replication_factor(),
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
@@ -115,6 +116,7 @@ def create_app(settings: Settings, *, run_sink: bool = True) -> faust.App:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
             for event in events:
                 proc.handle(*_event_tuple(event))
+            proc.flush_state()
             await proc.emitter.flush()
 
     if run_sink:
