@@ -190,7 +190,9 @@ class EWMeanBaseline:
             stat = self._stat = ewmean_import(self.mean, self.n > 0, a)
         stat.update(float(x))
         self.n += 1
-        self.mean = ewmean_export(stat)[0]
+        # river's get() is the mean itself; the full export (with its layout
+        # checks) runs when the state is saved (to_dict), not on every update.
+        self.mean = stat.get()
 
     def get(self) -> float:
         return self.mean if self.n else 0.0
@@ -202,6 +204,8 @@ class EWMeanBaseline:
         return f"EW mean over ~{ew_memory(self.alpha)} released orders"
 
     def to_dict(self) -> dict[str, Any]:
+        if self._stat is not None and self.n:
+            self.mean = ewmean_export(self._stat)[0]
         return {"mean": self.mean if self.n else 0.0, "n": self.n}
 
     @classmethod
