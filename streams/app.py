@@ -95,7 +95,7 @@ def create_app(settings: Settings, *, run_sink: bool = True) -> faust.App:
             parts["publisher"] = publisher
             parts["verify"] = VerifyProcessor(Verifier.from_pki_dir(settings.pki_dir, products), products,
                                               Emitter(publisher, "verify-agent"))
-            parts["monitor"] = MonitorProcessor(Monitor(), state_table, Emitter(publisher, "monitor-agent"))
+            parts["monitor"] = MonitorProcessor(Monitor.from_env(), state_table, Emitter(publisher, "monitor-agent"))
             if run_sink:
                 client = open_client(settings)
                 apply_ddl(client)

@@ -115,14 +115,14 @@ ADVICE = {
     CERT_EXPIRED: "Renew your CSOS certificate with DEA, then send a new order.",
     CERT_NOT_YET_VALID: "Check your system clock or wait until your CSOS certificate is valid, then "
                         "send a new order.",
-    REVOCATION_UNKNOWN: "No action is needed yet: the order is held and will be verified as soon as "
-                        "the supplier has DEA's current revocation list.",
+    REVOCATION_UNKNOWN: "The supplier could not confirm your certificate's revocation status (no current "
+                        "revocation list), so the order was not filled; contact the supplier or send it again.",
     CERT_REVOKED: "Orders signed with a revoked certificate cannot be filled. Obtain a new CSOS "
                   "certificate from DEA and send a new order.",
     DEA_MISMATCH: "Sign the order with the CSOS certificate issued for the DEA registration that "
                   "places the order, then send a new order.",
-    UNKNOWN_PRODUCT: "The order is held while the supplier checks the item; if the NDC is wrong, "
-                     "send a new order with the correct NDC.",
+    UNKNOWN_PRODUCT: "The supplier does not know an item on the order, so it was not filled; check the "
+                     "NDC and send a new order, or contact the supplier.",
     SCHEDULE_NOT_AUTHORIZED: "Under 21 CFR 1311.55(c)(9) the whole order is invalid. Send a new order "
                              "without the item(s), or have your certificate updated to cover that schedule.",
     ORDER_EXPIRED: "Orders are void 60 days after signing (21 CFR 1305.22(e)); send a new order.",
