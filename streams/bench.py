@@ -24,7 +24,7 @@ from . import topic_names as t
 from .avro_codec import default_codec
 from .config import Settings
 from .query import run_query
-from .worker_process import WorkerProcess
+from .processes import Pipeline
 
 
 @dataclass
@@ -45,7 +45,7 @@ class BenchResult:
             f"produce: {self.publish_seconds:.2f}s ({self.orders / self.publish_seconds:,.0f} orders/s)",
             f"end to end (first produce -> last outcome in ClickHouse): {self.end_to_end_seconds:.2f}s",
             f"throughput: {self.lines / self.end_to_end_seconds:,.0f} order lines/s, "
-            f"{self.orders / self.end_to_end_seconds:,.0f} orders/s (one worker process)",
+            f"{self.orders / self.end_to_end_seconds:,.0f} orders/s (one worker process, one sink process)",
             f"received -> verdict latency: p50 {self.pct(50):,.0f} ms, p95 {self.pct(95):,.0f} ms, "
             f"p99 {self.pct(99):,.0f} ms (n={len(self.latencies_ms)})",
         ])
@@ -63,12 +63,12 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, tim
     port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
     broker = LocalBroker(port=port, data_dir=settings.data_dir / "kafka")
     broker.start()
-    worker = WorkerProcess(settings)
+    pipeline = Pipeline(settings)
     try:
         ensure_topics(broker.bootstrap, settings.partitions)
         echo("preparing and signing the feed (not timed) ...")
         feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days)
-        worker.start()
+        pipeline.start()
         # Warm-up (not timed): the consumer group forms, partitions are assigned,
         # certificate paths are validated and cached, ClickHouse tables are touched.
         n_warm = max(1, len(feed.messages) // 20)
@@ -111,5 +111,5 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, tim
         lat = [int(ms) - received_ts[oid] * 1000.0 for oid, ms in decided if oid in received_ts and oid in timed_ids]
         return BenchResult(total, lines, t_pub, elapsed, lat)
     finally:
-        worker.stop()
+        pipeline.stop()
         broker.stop()

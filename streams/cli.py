@@ -197,21 +197,19 @@ def simulate_publish(feed_path: str | None) -> None:
 
 # --------------------------------------------------------------------------- worker
 @main.command()
-@click.option("--no-sink", is_flag=True, help="Do not write to ClickHouse from this worker.")
 @click.option("--loglevel", default="warning", show_default=True)
-def worker(no_sink: bool, loglevel: str) -> None:
-    """Run the verification and monitoring agents (and the ClickHouse sink).
+def worker(loglevel: str) -> None:
+    """Run the verification and monitoring agents (Faust worker).
 
-    In embedded ClickHouse mode exactly one worker may run the sink: the
-    engine locks its directory. Run more workers with --no-sink, or point
-    CLICKHOUSE_URL at a server.
+    Run as many as there are partitions to share; each reads the PKI
+    (CSOS_PKI_DIR) and the product master when its agents start.
     """
     from faust import Worker
 
     from .app import create_app
 
     s = _settings()
-    app = create_app(s, run_sink=not no_sink)
+    app = create_app(s)
     sys.argv = sys.argv[:1]
     profile = os.environ.get("CSOS_PROFILE")  # a path: write a cProfile of this worker there on exit
     if profile:
@@ -228,6 +226,20 @@ def worker(no_sink: bool, loglevel: str) -> None:
         Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
 
 
+@main.command()
+def sink() -> None:
+    """Write verified orders, rejections, verdicts, audit events and dead letters to ClickHouse.
+
+    With the embedded engine exactly one sink may run per data directory (the
+    engine locks it); it also serves read-only SQL on 127.0.0.1:CSOS_SINK_PORT
+    for `csos sql`. With CLICKHOUSE_URL pointing at a server, run several.
+    """
+    from connectors.sink_service import run_sink
+
+    logging.getLogger().setLevel(logging.INFO)
+    run_sink(_settings())
+
+
 # --------------------------------------------------------------------------- analyst
 @main.command()
 @click.argument("query")
@@ -235,8 +247,8 @@ def worker(no_sink: bool, loglevel: str) -> None:
 def sql(query: str, fmt: str) -> None:
     """Run read-only SQL against the verdicts, rejections, order lines and audit events.
 
-    While a worker owns the embedded store the query goes through the worker's
-    /sql endpoint; otherwise the store (or CLICKHOUSE_URL) is opened read-only.
+    While `csos sink` owns the embedded store the query goes through its /sql
+    endpoint; otherwise the store (or CLICKHOUSE_URL) is opened read-only.
     Tables use ReplacingMergeTree: add FINAL for exact counts, e.g.
     csos sql "SELECT verdict, count() FROM verdicts FINAL GROUP BY verdict"
     """

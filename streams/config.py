@@ -31,6 +31,7 @@ class Settings:
     app_id: str = "csos-som"
     partitions: int = 4
     web_port: int = 6066
+    sink_port: int = 6067
     batch_size: int = 500
     batch_seconds: float = 0.05
     sink_batch_size: int = 5000
@@ -59,6 +60,7 @@ class Settings:
             app_id=_env("CSOS_APP_ID", cls.app_id),
             partitions=int(_env("CSOS_PARTITIONS", str(cls.partitions))),
             web_port=int(_env("CSOS_WEB_PORT", str(cls.web_port))),
+            sink_port=int(_env("CSOS_SINK_PORT", str(cls.sink_port))),
             batch_size=int(_env("CSOS_BATCH_SIZE", str(cls.batch_size))),
             batch_seconds=float(_env("CSOS_BATCH_SECONDS", str(cls.batch_seconds))),
             sink_batch_size=int(_env("CSOS_SINK_BATCH_SIZE", str(cls.sink_batch_size))),

@@ -22,9 +22,9 @@ from connectors.topics import ensure_topics
 from .config import Settings
 from .query import run_query
 from .summary import Summary, fetch_summary
-from .worker_process import WorkerProcess
+from .processes import Pipeline
 
-OWNED = ("kafka", "clickhouse", "pki", "faust", "labels.csv", "registrants.csv", "worker.log")
+OWNED = ("kafka", "clickhouse", "pki", "faust", "labels.csv", "registrants.csv", "worker.log", "sink.log")
 
 
 def reset_data_dir(settings: Settings) -> None:
@@ -75,7 +75,7 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
     broker = LocalBroker(port=port, data_dir=settings.data_dir / "kafka")
     echo(f"1/6 Starting Apache Kafka (KRaft) on {broker.bootstrap} ...")
     broker.start()
-    worker: WorkerProcess | None = None
+    pipeline: Pipeline | None = None
     try:
         ensure_topics(broker.bootstrap, settings.partitions)
         echo("2/6 Topics created. Building a test CSOS PKI and a simulated customer population ...")
@@ -87,9 +87,9 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
             feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days, progress=tick)
         echo(f"    {len(feed.result.population)} registrants, {len(feed.messages)} signed orders "
              f"({feed.lines} lines) over {days} days; certificates and CRL in {settings.pki_dir}")
-        echo("3/6 Starting the worker (verification, monitoring, ClickHouse sink) ...")
-        worker = WorkerProcess(settings)
-        worker.start()
+        echo("3/6 Starting the ClickHouse sink and the worker (verification, monitoring) ...")
+        pipeline = Pipeline(settings)
+        pipeline.start()
         echo(f"4/6 Streaming the warehouse feed to {broker.bootstrap} ...")
         with click.progressbar(length=len(feed.messages), label="    orders sent", show_pos=True) as bar:
             publish(feed.messages, Publisher(broker.bootstrap), progress=bar.update)
@@ -108,16 +108,16 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
                 echo(f"  {dea} order {oid[:8]}: {why}")
         if summary.received != len(feed.messages):
             raise click.ClickException(f"only {summary.received} of {len(feed.messages)} orders have an outcome "
-                                       f"after {timeout:.0f}s; see {worker.log_path}")
+                                       f"after {timeout:.0f}s; see {pipeline.worker.log_path}")
         echo("\nQuery the results, e.g.:\n"
              "  csos sql \"SELECT verdict, count() FROM verdicts FINAL GROUP BY verdict\"\n"
              "  csos sql \"SELECT reason_code, reason FROM rejections FINAL LIMIT 5\"")
         return summary
     finally:
         if keep_running:
-            echo(f"\nWorker and broker left running (worker log {settings.data_dir / 'worker.log'}); "
-                 "stop them with: csos broker stop; pkill -f 'csos worker'")
+            echo(f"\nBroker, worker and sink left running (logs in {settings.data_dir}); stop them with: "
+                 "pkill -f 'streams.cli (worker|sink)'; csos broker stop")
         else:
-            if worker:
-                worker.stop()
+            if pipeline:
+                pipeline.stop()
             broker.stop()

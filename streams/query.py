@@ -1,7 +1,7 @@
 """Read-only SQL against the pipeline's ClickHouse tables, from any process.
 
-The embedded engine allows one process per data directory, so while a worker
-runs, queries go through the worker's ``/sql`` endpoint; with no worker
+The embedded engine allows one process per data directory, so while the sink
+(``csos sink``) runs, queries go through its ``/sql`` endpoint; with no sink
 running (or with a ClickHouse server) the caller opens the store itself.
 Either way the query runs with ``readonly=1``.
 """
@@ -22,21 +22,21 @@ class QueryError(RuntimeError):
     pass
 
 
-def worker_url(settings: Settings) -> str:
-    return f"http://127.0.0.1:{settings.web_port}"
+def sink_url(settings: Settings) -> str:
+    return f"http://127.0.0.1:{settings.sink_port}"
 
 
-def worker_is_up(settings: Settings, timeout: float = 1.0) -> bool:
+def sink_is_up(settings: Settings, timeout: float = 1.0) -> bool:
     try:
-        with urllib.request.urlopen(worker_url(settings) + "/health", timeout=timeout) as r:
+        with urllib.request.urlopen(sink_url(settings) + "/health", timeout=timeout) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
 
 
 def run_query(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
-    if settings.embedded_clickhouse and worker_is_up(settings):
-        req = urllib.request.Request(worker_url(settings) + "/sql", data=sql.encode("utf-8"), method="POST")
+    if settings.embedded_clickhouse and sink_is_up(settings):
+        req = urllib.request.Request(sink_url(settings) + "/sql", data=sql.encode("utf-8"), method="POST")
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 payload = json.loads(r.read())

@@ -35,7 +35,7 @@ from connectors.feed import PreparedFeed, prepare_feed, publish  # noqa: E402
 from connectors.kafka_io import Publisher, consume_all  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.query import run_query  # noqa: E402
-from streams.worker_process import WorkerProcess  # noqa: E402
+from streams.processes import Pipeline as Processes  # noqa: E402
 
 #: Exact counts of every bad kind, so the suite always exercises each one.
 E2E_BAD_COUNTS = {"tampered": 6, "wrong_key": 6, "expired_cert": 6, "revoked_cert": 6, "dea_mismatch": 6,
@@ -48,7 +48,7 @@ class Pipeline:
     """A worker running against the session broker, fed with a simulated feed."""
 
     settings: Settings
-    worker: WorkerProcess
+    processes: Processes
     feed: PreparedFeed
     extra_raw: list[bytes] = field(default_factory=list)  # hostile messages put on the received topic
     extra_received: dict[str, str] = field(default_factory=dict)  # order_id -> expected reason code
@@ -66,16 +66,16 @@ def pipeline(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> I
     data = Path(tmp_path_factory.mktemp("pipeline"))
     settings = Settings.from_env().with_(
         kafka_bootstrap=broker.bootstrap, data_dir=data, pki_dir=data / "pki", clickhouse_url="",
-        web_port=free_port(), app_id=f"csos-test-{uuid.uuid4().hex[:6]}",
+        web_port=free_port(), sink_port=free_port(), app_id=f"csos-test-{uuid.uuid4().hex[:6]}",
     )
     feed = prepare_feed(settings, registrants=40, seed=11, days=120, bad_counts=E2E_BAD_COUNTS,
                         suspicious_counts=E2E_SUSPICIOUS_COUNTS)
-    worker = WorkerProcess(settings)
-    worker.start()
+    processes = Processes(settings)
+    processes.start()
     try:
-        yield Pipeline(settings, worker, feed)
+        yield Pipeline(settings, processes, feed)
     finally:
-        worker.stop()
+        processes.stop()
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +114,6 @@ def streamed(pipeline: Pipeline) -> Pipeline:
             break
         time.sleep(1)
     else:
-        raise AssertionError(f"only {decided} of {total} orders decided; worker log:\n{pipeline.worker.tail()}")
+        raise AssertionError(f"only {decided} of {total} orders decided; logs:\n{pipeline.processes.tail()}")
     time.sleep(2 * pipeline.settings.sink_batch_seconds + 1)  # let the audit trail's last batch land
     return pipeline

@@ -1,0 +1,191 @@
+"""The ClickHouse sink as its own process: topics -> batched, idempotent inserts.
+
+Why a separate process and not a Faust agent in the worker: the sink reads
+five topics (every order's audit trail among them), about five messages per
+order, and inserting into the embedded engine costs CPU too. In its own
+process, with confluent-kafka's batch consumer, it leaves the worker's core
+to verification and monitoring (the GIL would otherwise serialize them).
+
+At-least-once: offsets are committed only after the batch is in ClickHouse;
+a failed insert is retried with the same deduplication token and back-off,
+and nothing is acknowledged meanwhile.
+
+The embedded engine admits one process per data directory, so this process
+also serves read-only SQL on 127.0.0.1 (``/sql``) for ``csos sql`` and the
+demo while it runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from confluent_kafka import Consumer, KafkaError
+
+from streams import topic_names as t
+from streams.avro_codec import AvroCodec, DecodeError, default_codec
+from streams.config import Settings
+from streams.emit import Emitter
+
+from .clickhouse_sink import ClickHouseSink, SourceRecord, apply_ddl, open_client, run_readonly_query, to_json_rows
+from .kafka_io import Publisher
+
+log = logging.getLogger(__name__)
+STAGE = "sink"
+
+EXPECTED = {
+    t.VERIFIED: "csos.orders.VerifiedOrder",
+    t.REJECTED: "csos.orders.Rejection",
+    t.VERDICTS: "som.Verdict",
+    t.AUDIT: "audit.AuditEvent",
+    t.DLQ: "dlq.DeadLetter",
+}
+
+
+class SinkService:
+    def __init__(self, settings: Settings, codec: AvroCodec | None = None) -> None:
+        self.settings = settings
+        self.codec = codec or default_codec()
+        self.client = open_client(settings)
+        apply_ddl(self.client)
+        self.sink = ClickHouseSink(self.client)
+        self.lock = threading.Lock()  # one thread at a time in the ClickHouse client
+        self.emitter = Emitter(Publisher(settings.kafka_bootstrap), "clickhouse-sink")
+        self.consumer = Consumer({
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"{settings.app_id}-clickhouse-sink",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        }, logger=logging.getLogger("connectors.sink_service.librdkafka"))
+        self.stopping = threading.Event()
+        self.dead_lettered = 0
+        self.batches = 0
+
+    def decode(self, messages: list[Any]) -> list[SourceRecord]:
+        records = []
+        for m in messages:
+            topic, value = m.topic(), m.value()
+            try:
+                name, rec = self.codec.decode(value, expect=EXPECTED.get(topic))
+            except DecodeError as exc:
+                if topic == t.DLQ:  # never dead-letter the dead-letter topic into itself
+                    log.error("undecodable message on %s[%d]@%d: %s", topic, m.partition(), m.offset(), exc)
+                else:
+                    self.dead_lettered += 1
+                    self.emitter.dead_letter(STAGE, topic, m.partition(), m.offset(), m.key(), value or b"",
+                                             f"sink cannot decode: {exc}")
+                continue
+            records.append(SourceRecord(topic, m.partition(), m.offset(), name, rec))
+        return records
+
+    def write(self, records: list[SourceRecord]) -> None:
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                with self.lock:
+                    self.sink.write(records)
+                return
+            except Exception as exc:  # noqa: BLE001 - ClickHouse down: keep the batch, retry
+                log.warning("ClickHouse insert failed, retrying in %.1fs: %s", delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        raise RuntimeError("stopped before the batch was written; it will be re-read")
+
+    def run(self) -> None:
+        self.consumer.subscribe(list(EXPECTED))
+        try:
+            while not self.stopping.is_set():
+                messages = self.consumer.consume(self.settings.sink_batch_size, self.settings.sink_batch_seconds)
+                good = []
+                for m in messages:
+                    if m.error():
+                        if m.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", m.error())
+                        continue
+                    good.append(m)
+                if not good:
+                    continue
+                records = self.decode(good)
+                self.emitter.publisher.flush()  # dead letters durable before their offsets are committed
+                if records:
+                    self.write(records)
+                self.consumer.commit(asynchronous=False)
+                self.batches += 1
+        finally:
+            self.consumer.close()
+
+    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        with self.lock:
+            return run_readonly_query(self.client, sql)
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "rows_written": dict(self.sink.rows_written), "batches": self.batches,
+                "dead_lettered": self.dead_lettered}
+
+
+def serve_http(service: SinkService, port: int) -> ThreadingHTTPServer:
+    """Read-only SQL and health on 127.0.0.1 while this process owns the store."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, fmt: str, *args: Any) -> None:  # quiet: access logs go to debug
+            log.debug(fmt, *args)
+
+        def _send(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _sql(self, sql: str) -> None:
+            if not sql.strip():
+                self._send(400, b'{"error": "pass the query as ?q= or as the request body"}')
+                return
+            try:
+                columns, rows = service.query(sql)
+            except Exception as exc:  # noqa: BLE001
+                self._send(400, json.dumps({"error": str(exc).strip().splitlines()[0][:500]}).encode())
+                return
+            self._send(200, to_json_rows(columns, rows).encode())
+
+        def do_GET(self) -> None:  # noqa: N802
+            url = urlparse(self.path)
+            if url.path == "/health":
+                self._send(200, json.dumps(service.health()).encode())
+            elif url.path == "/sql":
+                self._sql(parse_qs(url.query).get("q", [""])[0])
+            else:
+                self._send(404, b'{"error": "not found"}')
+
+        def do_POST(self) -> None:  # noqa: N802
+            if urlparse(self.path).path != "/sql":
+                self._send(404, b'{"error": "not found"}')
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            self._sql(self.rfile.read(length).decode("utf-8", errors="replace"))
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, name="sink-http", daemon=True).start()
+    return server
+
+
+def run_sink(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM."""
+    import signal
+
+    service = SinkService(settings)
+    server = serve_http(service, settings.sink_port)
+    signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: service.stopping.set())
+    log.warning("ClickHouse sink ready: %s, SQL on 127.0.0.1:%d", settings.effective_clickhouse_url,
+                settings.sink_port)
+    try:
+        service.run()
+    finally:
+        server.shutdown()
+        service.client.close()

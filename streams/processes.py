@@ -1,0 +1,141 @@
+"""Start and stop the pipeline's processes as children (demo, benchmark, tests).
+
+The worker and the sink run in their own processes, as in production: the
+demo and the tests talk to them only through Kafka and their HTTP endpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import Settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process see ``settings``."""
+    env = dict(os.environ)
+    env.update({
+        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "CSOS_DATA_DIR": str(settings.data_dir),
+        "CSOS_PKI_DIR": str(settings.pki_dir),
+        "CSOS_PRODUCTS": str(settings.products_path),
+        "CSOS_APP_ID": settings.app_id,
+        "CSOS_PARTITIONS": str(settings.partitions),
+        "CSOS_WEB_PORT": str(settings.web_port),
+        "CSOS_SINK_PORT": str(settings.sink_port),
+        "CSOS_BATCH_SIZE": str(settings.batch_size),
+        "CSOS_BATCH_SECONDS": str(settings.batch_seconds),
+        "CSOS_SINK_BATCH_SIZE": str(settings.sink_batch_size),
+        "CSOS_SINK_BATCH_SECONDS": str(settings.sink_batch_seconds),
+        "CLICKHOUSE_DATABASE": settings.clickhouse_database,
+    })
+    if settings.clickhouse_url:
+        env["CLICKHOUSE_URL"] = settings.clickhouse_url
+    return env
+
+
+def _health(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+class ChildProcess:
+    """A ``csos <command>`` child whose readiness is judged from its /health answer."""
+
+    def __init__(self, settings: Settings, command: list[str], port: int, log_path: Path,
+                 ready: Callable[[dict[str, Any]], bool]) -> None:
+        self.settings = settings
+        self.command = command
+        self.port = port
+        self.log_path = log_path
+        self.ready = ready
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", *self.command],
+                                     env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command[0]} exited with {self.proc.returncode}; "
+                                   f"see {self.log_path}:\n{self.tail()}")
+            health = _health(self.port)
+            if health is not None and self.ready(health):
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"{self.command[0]} not ready within {timeout:.0f}s; see {self.log_path}:\n{self.tail()}")
+
+    def health(self) -> dict[str, Any] | None:
+        return _health(self.port)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+
+def worker_process(settings: Settings) -> ChildProcess:
+    """Verification + monitoring agents; ready once its agents have loaded the PKI and products."""
+    return ChildProcess(settings, ["worker", "--loglevel", "info"], settings.web_port,
+                        settings.data_dir / "worker.log", lambda h: bool(h.get("counts")))
+
+
+def sink_process(settings: Settings) -> ChildProcess:
+    """The ClickHouse sink; ready once the DDL is applied and it serves /health."""
+    return ChildProcess(settings, ["sink"], settings.sink_port, settings.data_dir / "sink.log",
+                        lambda h: h.get("status") == "ok")
+
+
+class Pipeline:
+    """Sink and worker together, started sink first (the DDL exists before any row arrives)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.sink = sink_process(settings)
+        self.worker = worker_process(settings)
+
+    def start(self) -> None:
+        self.sink.start()
+        try:
+            self.worker.start()
+        except Exception:
+            self.sink.stop()
+            raise
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.sink.stop()
+
+    def tail(self) -> str:
+        return f"--- worker\n{self.worker.tail()}\n--- sink\n{self.sink.tail()}"
+
+    def __enter__(self) -> "Pipeline":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
