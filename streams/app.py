@@ -101,6 +101,7 @@ def create_app(settings: Settings) -> faust.App:
     async def verify_agent(stream: Any) -> None:
         proc: VerifyProcessor = components()["verify"]
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
+            proc.counts["batches"] = proc.counts.get("batches", 0) + 1
             for event in events:
                 proc.handle(*_event_tuple(event))
             await proc.emitter.flush()
@@ -109,6 +110,7 @@ def create_app(settings: Settings) -> faust.App:
     async def monitor_agent(stream: Any) -> None:
         proc: MonitorProcessor = components()["monitor"]
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
+            proc.counts["batches"] = proc.counts.get("batches", 0) + 1
             for event in events:
                 proc.handle(*_event_tuple(event))
             proc.flush_state()

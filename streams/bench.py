@@ -95,6 +95,7 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, tim
                 if done < total:
                     time.sleep(0.2)
         elapsed = time.monotonic() - t0
+        echo(f"worker counts: {pipeline.worker.health()}")
         if done < total:
             raise click.ClickException(f"only {done} of {total} orders decided within {timeout:.0f}s")
         # Latency: Kafka timestamp of the received message -> decision time.

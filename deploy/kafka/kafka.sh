@@ -99,7 +99,14 @@ new_cluster_id() {
     # A Kafka Uuid: 16 random bytes, URL-safe base64 without padding (22 chars),
     # the same format `kafka-storage.sh random-uuid` prints, without paying for
     # a JVM start.
-    head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
+    # Like Kafka's Uuid.randomUuid(), never start with '-': the storage tool's
+    # argument parser would take such an id for an option.
+    local id
+    while :; do
+        id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+        [[ "$id" != -* ]] && break
+    done
+    echo "$id"
 }
 
 show_log_tail() {
