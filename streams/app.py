@@ -25,6 +25,7 @@ from .agents.monitor import MonitorProcessor
 from .agents.verify import VerifyProcessor
 from .config import Settings
 from .emit import Emitter
+from .faust_tuning import set_fetch_max_wait
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings) -> faust.App:
     ``connectors.sink_service``) so that this one spends its core on
     verification and monitoring.
     """
+    set_fetch_max_wait(settings.fetch_max_wait_ms)
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",

@@ -9,6 +9,7 @@ purchasers' cost, not the distributor's.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,6 +28,12 @@ from .query import run_query
 from .processes import Pipeline
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc), to normalise for a shared machine."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class BenchResult:
     orders: int
@@ -34,6 +41,8 @@ class BenchResult:
     publish_seconds: float
     end_to_end_seconds: float
     latencies_ms: list[float]
+    worker_cpu_seconds: float = float("nan")
+    sink_cpu_seconds: float = float("nan")
 
     def pct(self, p: float) -> float:
         xs = sorted(self.latencies_ms)
@@ -48,6 +57,10 @@ class BenchResult:
             f"{self.orders / self.end_to_end_seconds:,.0f} orders/s (one worker process, one sink process)",
             f"received -> verdict latency: p50 {self.pct(50):,.0f} ms, p95 {self.pct(95):,.0f} ms, "
             f"p99 {self.pct(99):,.0f} ms (n={len(self.latencies_ms)})",
+            f"worker CPU: {self.worker_cpu_seconds:.1f}s = {self.lines / self.worker_cpu_seconds:,.0f} order lines "
+            f"per worker CPU-second ({self.worker_cpu_seconds / self.end_to_end_seconds:.0%} of a core busy)",
+            f"sink CPU: {self.sink_cpu_seconds:.1f}s = {self.lines / self.sink_cpu_seconds:,.0f} order lines "
+            f"per sink CPU-second",
         ])
 
 
@@ -56,7 +69,21 @@ def _count_decided(settings: Settings) -> int:
                                    " + (SELECT count() FROM dead_letters WHERE stage = 'verify')")[1][0][0])
 
 
-def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, timeout: float = 1800) -> BenchResult:
+def paced_publish(messages: list, publisher: Publisher, rate: float) -> None:
+    """Publish at ``rate`` orders/s (in 20 ms slices), so latency is measured below saturation."""
+    slice_s = 0.02
+    per_slice = max(1, int(rate * slice_s))
+    start = time.monotonic()
+    for i in range(0, len(messages), per_slice):
+        due = start + (i // per_slice) * slice_s
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        publish(messages[i:i + per_slice], publisher)
+
+
+def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rate: float | None = None,
+              timeout: float = 1800) -> BenchResult:
     echo = click.echo
     for sub in ("kafka", "clickhouse", "pki", "faust"):
         shutil.rmtree(settings.data_dir / sub, ignore_errors=True)
@@ -81,8 +108,12 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, tim
         total = len(timed)
         lines = sum(len(m.sim.order.lines) for m in timed if not m.malformed)
         echo(f"warmed up with {n_warm} orders; streaming {total} orders ({lines} lines) ...")
+        cpu0 = cpu_seconds(pipeline.worker.proc.pid), cpu_seconds(pipeline.sink.proc.pid)
         t0 = time.monotonic()
-        publish(timed, publisher)
+        if rate:
+            paced_publish(timed, publisher, rate)
+        else:
+            publish(timed, publisher)
         t_pub = time.monotonic() - t0
         total_all = n_warm + total
         with click.progressbar(length=total, label="decided", show_pos=True) as bar:
@@ -95,6 +126,7 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, tim
                 if done < total:
                     time.sleep(0.2)
         elapsed = time.monotonic() - t0
+        cpu1 = cpu_seconds(pipeline.worker.proc.pid), cpu_seconds(pipeline.sink.proc.pid)
         echo(f"worker counts: {pipeline.worker.health()}")
         if done < total:
             raise click.ClickException(f"only {done} of {total} orders decided within {timeout:.0f}s")
@@ -110,7 +142,7 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, tim
         decided = run_query(settings, "SELECT order_id, toUnixTimestamp64Milli(decided_at) FROM verdicts "
                                       "UNION ALL SELECT order_id, toUnixTimestamp64Milli(rejected_at) FROM rejections")[1]
         lat = [int(ms) - received_ts[oid] * 1000.0 for oid, ms in decided if oid in received_ts and oid in timed_ids]
-        return BenchResult(total, lines, t_pub, elapsed, lat)
+        return BenchResult(total, lines, t_pub, elapsed, lat, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
     finally:
         pipeline.stop()
         broker.stop()

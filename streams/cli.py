@@ -301,18 +301,22 @@ def demo(registrants: int, days: int, seed: int, keep_running: bool) -> None:
 @click.option("--registrants", default=200, show_default=True, help="Simulated customers (orders scale with it).")
 @click.option("--days", default=120, show_default=True, help="Days of order history to stream.")
 @click.option("--seed", default=1, show_default=True)
-def bench(registrants: int, days: int, seed: int) -> None:
+@click.option("--rate", type=float, default=None,
+              help="Publish at this many orders/s (latency below saturation); default: all at once (throughput).")
+def bench(registrants: int, days: int, seed: int, rate: float | None) -> None:
     """Measure end-to-end throughput and latency of one worker on the local broker.
 
     Uses its own data directory (CSOS_DATA_DIR/bench) and a fresh broker on
     KAFKA_BOOTSTRAP's port. Prints order lines per second (produce to verdict
-    in ClickHouse) and received-to-verdict latency percentiles.
+    in ClickHouse), received-to-verdict latency percentiles, and the worker's
+    and sink's CPU time (lines per CPU-second: comparable on a shared machine).
+    With --rate the feed is paced, so the latency is that of an unsaturated pipeline.
     """
     from .bench import run_bench
 
     s = _settings()
     s = s.with_(data_dir=s.data_dir / "bench", pki_dir=s.data_dir / "bench" / "pki")
-    click.echo(run_bench(s, registrants=registrants, days=days, seed=seed).render())
+    click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate).render())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,8 +32,9 @@ class Settings:
     partitions: int = 4
     web_port: int = 6066
     sink_port: int = 6067
-    batch_size: int = 500
-    batch_seconds: float = 0.05
+    fetch_max_wait_ms: int = 100
+    batch_size: int = 2000
+    batch_seconds: float = 0.1
     sink_batch_size: int = 5000
     sink_batch_seconds: float = 0.5
 
@@ -61,6 +62,7 @@ class Settings:
             partitions=int(_env("CSOS_PARTITIONS", str(cls.partitions))),
             web_port=int(_env("CSOS_WEB_PORT", str(cls.web_port))),
             sink_port=int(_env("CSOS_SINK_PORT", str(cls.sink_port))),
+            fetch_max_wait_ms=int(_env("CSOS_FETCH_MAX_WAIT_MS", str(cls.fetch_max_wait_ms))),
             batch_size=int(_env("CSOS_BATCH_SIZE", str(cls.batch_size))),
             batch_seconds=float(_env("CSOS_BATCH_SECONDS", str(cls.batch_seconds))),
             sink_batch_size=int(_env("CSOS_SINK_BATCH_SIZE", str(cls.sink_batch_size))),
