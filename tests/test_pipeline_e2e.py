@@ -159,3 +159,65 @@ def test_sql_is_read_only(streamed):
     with pytest.raises(QueryError, match="readonly"):
         run_query(streamed.settings, "INSERT INTO verdicts (order_id) VALUES ('forged')")
     assert streamed.sql("SELECT count() FROM verdicts WHERE order_id = 'forged'")[0][0] == 0
+
+
+def test_baselines_survive_a_worker_restart(streamed, outputs):
+    """The monitor's state comes back from its changelog: a new worker judges by the old baselines.
+
+    The spike stays under the cold-start ceiling, so a worker that had lost the
+    state would release it; only the recovered baseline holds it.
+    """
+    import uuid
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from connectors.intake import OrderIntake
+    from connectors.kafka_io import Publisher, consume_all
+    from streams.cms import sign_order
+    from streams.model import Order
+    from streams.order_document import encode_order
+
+    released = {v["order_id"] for v in outputs["verdicts"] if v["verdict"] == "RELEASE"}
+    history = defaultdict(list)
+    for m in streamed.feed.messages:
+        if m.sim.label == "normal" and m.sim.sim_id in released:
+            history[m.sim.registrant.dea_number].append(m.sim.order)
+    for dea, orders in sorted(history.items(), key=lambda kv: -len(kv[1])):
+        last = orders[-1]
+        per_family = max(ln.dosage_units for ln in last.lines)
+        factor = min(10, 7999 // per_family)
+        if factor >= 6:
+            break
+    else:
+        pytest.skip("no registrant with a spike that fits under the cold-start ceiling")
+    cred = streamed.feed.pki.registrants[dea]
+    end = streamed.feed.result.end
+
+    def signed(order_lines, at):
+        order = Order(f"{at:%y}X{uuid.uuid4().hex[:6].upper()}", last.purchaser, last.supplier, at,
+                      tuple(replace(ln, packages=ln.packages * order_lines) for ln in last.lines))
+        doc = encode_order(order)
+        return doc, sign_order(doc, cred.cert, cred.key, signing_time=at, intermediates=cred.chain)
+
+    streamed.processes.worker.stop()
+    streamed.processes.worker.start()
+
+    intake = OrderIntake(Publisher(streamed.settings.kafka_bootstrap), "restart-test")
+    spike_doc, spike_sig = signed(factor, end + timedelta(hours=2))
+    spike_id = intake.submit(spike_sig, document=spike_doc, purchaser_dea=dea,
+                             received_at=end + timedelta(hours=2, minutes=1))
+    normal_doc, normal_sig = signed(1, end + timedelta(days=3))
+    normal_id = intake.submit(normal_sig, document=normal_doc, purchaser_dea=dea,
+                              received_at=end + timedelta(days=3, minutes=1))
+    intake.flush()
+
+    def decided(messages):
+        ids = {codec.decode(m.value())[1]["order_id"] for m in messages}
+        return {spike_id, normal_id} <= ids
+
+    verdicts = {v["order_id"]: v for v in _decode_all(
+        consume_all(streamed.settings.kafka_bootstrap, [t.VERDICTS], until=decided, timeout=120), "som.Verdict")}
+    spike = verdicts[spike_id]
+    assert spike["verdict"] == "HOLD", spike["reasons"]
+    assert any(r["fired"] and r["detector"] == "size" for r in spike["reasons"])
+    assert verdicts[normal_id]["verdict"] == "RELEASE", verdicts[normal_id]["reasons"]
