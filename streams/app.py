@@ -99,24 +99,22 @@ def create_app(settings: Settings) -> faust.App:
             parts["monitor"] = MonitorProcessor(Monitor.from_env(), state_table, Emitter(publisher, "monitor-agent"))
         return parts
 
-    @app.agent(received)
-    async def verify_agent(stream: Any) -> None:
-        proc: VerifyProcessor = components()["verify"]
+    async def process_batches(stream: Any, proc: VerifyProcessor | MonitorProcessor) -> None:
+        """Take a batch, handle each event, persist state, flush outputs; only then is the batch acked."""
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
             proc.counts["batches"] = proc.counts.get("batches", 0) + 1
             for event in events:
                 proc.handle(*_event_tuple(event))
+            proc.end_batch()
             await proc.emitter.flush()
+
+    @app.agent(received)
+    async def verify_agent(stream: Any) -> None:
+        await process_batches(stream, components()["verify"])
 
     @app.agent(verified)
     async def monitor_agent(stream: Any) -> None:
-        proc: MonitorProcessor = components()["monitor"]
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
-            proc.counts["batches"] = proc.counts.get("batches", 0) + 1
-            for event in events:
-                proc.handle(*_event_tuple(event))
-            proc.flush_state()
-            await proc.emitter.flush()
+        await process_batches(stream, components()["monitor"])
 
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:

@@ -62,7 +62,7 @@ class MonitorProcessor:
             self._cache.popitem(last=False)
         return base
 
-    def flush_state(self) -> int:
+    def end_batch(self) -> int:
         """Write every registrant learned from in this batch to the table (one changelog record each)."""
         for dea in self._dirty:
             base = self._cache[dea][1]

@@ -31,6 +31,9 @@ class VerifyProcessor:
         self.codec = codec or default_codec()
         self.counts = {"verified": 0, "rejected": 0, "dead_lettered": 0}
 
+    def end_batch(self) -> None:
+        """Nothing to persist: verification keeps no state between orders (yet)."""
+
     def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
         try:
             _, rec = self.codec.decode(value, expect="csos.orders.ReceivedOrder")
