@@ -67,6 +67,37 @@ def ground_truth(feed: PreparedFeed) -> str:
     return "\n".join(lines)
 
 
+def detection_report(settings: Settings, feed: PreparedFeed) -> str:
+    """How the verdicts compare with what the simulator injected: episodes caught, false holds."""
+    from collections import defaultdict
+
+    verdicts = dict(run_query(settings, "SELECT order_id, verdict FROM verdicts FINAL")[1])
+    rejections = dict(run_query(settings, "SELECT order_id, reason_code FROM rejections FINAL")[1])
+    episodes: dict[tuple[str, str], list[str]] = defaultdict(list)
+    normal_held = normal = 0
+    wrong_rejections = 0
+    for m in feed.messages:
+        sim = m.sim
+        if sim.reason_code and rejections.get(sim.sim_id) != sim.reason_code:
+            wrong_rejections += 1
+        if sim.label == "normal":
+            normal += 1
+            normal_held += verdicts.get(sim.sim_id) == "HOLD"
+        elif sim.is_suspicious:
+            key = str(sim.detail.get("burst", sim.sim_id))
+            episodes[(sim.label, key)].append(verdicts.get(sim.sim_id, "?"))
+    lines = ["", "Against the ground truth", "------------------------"]
+    for label in sorted({k[0] for k in episodes}):
+        eps = [v for k, v in episodes.items() if k[0] == label]
+        caught = sum(1 for v in eps if "HOLD" in v)
+        lines.append(f"  {label:<16} episodes held: {caught} of {len(eps)}")
+    lines.append(f"  normal orders held (false holds): {normal_held} of {normal} ({normal_held / max(normal, 1):.2%})")
+    lines.append(f"  bad orders rejected with the expected reason: "
+                 f"{sum(1 for m in feed.messages if m.sim.reason_code) - wrong_rejections} of "
+                 f"{sum(1 for m in feed.messages if m.sim.reason_code)}")
+    return "\n".join(lines)
+
+
 def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep_running: bool,
              timeout: float = 600.0) -> Summary:
     echo = click.echo
@@ -100,6 +131,7 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
         echo(summary.render())
         echo("")
         echo(ground_truth(feed))
+        echo(detection_report(settings, feed))
         _, rows = run_query(settings, "SELECT purchaser_dea, order_id, explanation FROM verdict_reasons FINAL "
                                       "WHERE fired ORDER BY decided_at LIMIT 3")
         if rows:
