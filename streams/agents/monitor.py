@@ -9,7 +9,6 @@ suspicious orders can never raise the baseline that judges them.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import Any, MutableMapping
 
 from .. import topic_names as t
@@ -17,6 +16,7 @@ from ..avro_codec import AvroCodec, DecodeError, default_codec
 from ..emit import Emitter, utcnow
 from ..monitoring.baselines import RegistrantBaselines
 from ..monitoring.monitor import Monitor
+from ..table_state import CachedTable
 
 log = logging.getLogger(__name__)
 STAGE = "monitor"
@@ -24,54 +24,24 @@ STATE_SCHEMA = "som.state.RegistrantState"
 
 
 class MonitorProcessor:
-    """Scores each verified order; keeps live baselines in memory and writes state once per batch.
-
-    The table (and its changelog) is the source of truth. The cache holds the
-    parsed baselines next to the exact table value they were parsed from: if
-    the table entry changes under it (changelog recovery after a rebalance),
-    the identity check fails and the entry is parsed again. Learned state is
-    written back to the table at the end of each batch, before the batch's
-    outputs are flushed and its input offsets committed.
-    """
-
-    CACHE_MAX = 50_000  # registrants kept parsed in memory
+    """Scores each verified order against live baselines kept per registrant (see ``CachedTable``)."""
 
     def __init__(self, monitor: Monitor, table: MutableMapping[bytes, bytes], emitter: Emitter,
                  codec: AvroCodec | None = None) -> None:
         self.monitor = monitor
-        self.table = table
         self.emitter = emitter
         self.codec = codec or default_codec()
         self.counts = {"released": 0, "held": 0, "dead_lettered": 0}
-        self._cache: OrderedDict[str, tuple[bytes | None, RegistrantBaselines]] = OrderedDict()
-        self._dirty: set[str] = set()
-
-    def baselines(self, dea: str) -> RegistrantBaselines:
-        raw = self.table.get(dea.encode())
-        cached = self._cache.get(dea)
-        if cached is not None and cached[0] is raw:
-            self._cache.move_to_end(dea)
-            return cached[1]
-        state = None if raw is None else self.codec.decode(raw, expect=STATE_SCHEMA)[1]
-        base = self.monitor.baselines(state, dea)
-        self._cache[dea] = (raw, base)
-        while len(self._cache) > self.CACHE_MAX:
-            oldest = next(iter(self._cache))
-            if oldest in self._dirty:
-                break
-            self._cache.popitem(last=False)
-        return base
+        self.state: CachedTable[RegistrantBaselines] = CachedTable(
+            table,
+            load=lambda raw, dea: self.monitor.baselines(
+                None if raw is None else self.codec.decode(raw, expect=STATE_SCHEMA)[1], dea),
+            dump=lambda base: self.codec.encode(STATE_SCHEMA, base.to_state()),
+        )
 
     def end_batch(self) -> int:
         """Write every registrant learned from in this batch to the table (one changelog record each)."""
-        for dea in self._dirty:
-            base = self._cache[dea][1]
-            raw = self.codec.encode(STATE_SCHEMA, base.to_state())
-            self.table[dea.encode()] = raw
-            self._cache[dea] = (raw, base)
-        n = len(self._dirty)
-        self._dirty.clear()
-        return n
+        return self.state.flush()
 
     def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
         try:
@@ -82,15 +52,14 @@ class MonitorProcessor:
             return
         dea = order["purchaser_dea"]
         try:
-            base = self.baselines(dea)
+            base = self.state.get(dea)
             verdict = self.monitor.score(base, order)
             if verdict["verdict"] == "RELEASE":
                 self.monitor.learn_into(base, order)
-                self._dirty.add(dea)
+                self.state.mark_dirty(dea)
         except Exception as exc:  # noqa: BLE001 - fail closed: an order we cannot score is held
             log.exception("monitor failed on order %s", order["order_id"])
-            self._cache.pop(dea, None)  # never keep baselines a failure may have half-updated
-            self._dirty.discard(dea)
+            self.state.forget(dea)  # never keep baselines a failure may have half-updated
             verdict = self._error_verdict(order, exc)
         self._emit(order, verdict)
 
