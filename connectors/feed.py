@@ -103,6 +103,17 @@ def load_feed(path: Path) -> Iterator[dict]:
         yield from fastavro.reader(fh)
 
 
+def publish_reference_data(settings: Settings, publisher: Publisher) -> tuple[list[str], int]:
+    """The simulated distributor's reference data: every CRL in the PKI and the registrant file."""
+    from .reference_publish import publish_crls, publish_registrants, read_registrant_file
+
+    issuers = publish_crls(publisher, sorted((settings.pki_dir / "crl").glob("*.crl")))
+    records, refused = read_registrant_file(settings.data_dir / "registrants.csv")
+    if refused:
+        raise ValueError(f"registrant file has bad rows: {refused[:3]}")
+    return issuers, publish_registrants(publisher, records)
+
+
 def publish(messages: Iterable[SignedMessage | dict], publisher: Publisher, *, source: str = "simulator",
             progress: Progress | None = None) -> int:
     """Put signed orders on the received topic as a warehouse system would; returns the count."""

@@ -274,6 +274,17 @@ class TestPKI:
         """A leaf with a critical extension no relying party understands (RFC 5280 4.2: reject)."""
         return self.issue_registrant(dea_number, name, schedules, unknown_critical_extension=True, **kw)
 
+    def issue_sub_ca(self, name: str, key_type: KeyType = "rsa") -> Credential:
+        """Another CSOS sub-CA under our root (as DEA runs several), with no CRL of its own yet.
+
+        Its certificate reaches a verifier only inside signatures (``Credential.chain``),
+        which is how a new intermediate appears in production.
+        """
+        key = generate_key(key_type)
+        cert = _ca_cert(_name(name), key, self.root, not_before=self.sub_ca.cert.not_valid_before_utc,
+                        not_after=self.sub_ca.cert.not_valid_after_utc, path_length=0)
+        return Credential(cert, key, (cert,))
+
     def rogue_registrant(self, dea_number: str, name: str, schedules: Iterable[str],
                          not_before: datetime | None = None, not_after: datetime | None = None,
                          key_type: KeyType = "rsa", **kw) -> Credential:

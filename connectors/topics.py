@@ -33,6 +33,7 @@ __all__ = [
     "ORDERS_RECEIVED",
     "ORDERS_VERIFIED",
     "ORDERS_REJECTED",
+    "ORDERS_PENDING",
     "SOM_VERDICTS",
     "SOM_HOLD",
     "SOM_RELEASE",
@@ -61,6 +62,7 @@ _RETENTION_30D = str(30 * _DAY_MS)
 ORDERS_RECEIVED = _names.RECEIVED
 ORDERS_VERIFIED = _names.VERIFIED
 ORDERS_REJECTED = _names.REJECTED
+ORDERS_PENDING = _names.PENDING
 SOM_VERDICTS = _names.VERDICTS
 SOM_HOLD = _names.HOLD
 SOM_RELEASE = _names.RELEASE
@@ -110,6 +112,11 @@ TOPICS: list[TopicSpec] = [
         ORDERS_REJECTED,
         config=_delete(),
         doc="Orders that failed verification, with the reasons.",
+    ),
+    TopicSpec(
+        ORDERS_PENDING,
+        config=_delete(),
+        doc="Orders parked until reference data (CRL, registrant, product) arrives; re-verified then.",
     ),
     TopicSpec(
         SOM_VERDICTS,

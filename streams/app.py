@@ -12,6 +12,7 @@ every consumer (ClickHouse sink, warehouse) is idempotent on order id.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -26,10 +27,12 @@ from .agents.verify import VerifyProcessor
 from .config import Settings
 from .emit import Emitter
 from .faust_tuning import set_fetch_max_wait
+from .reference_data import ReferenceFeed, RegistrantDirectory
 
 log = logging.getLogger(__name__)
 
 STATE_TABLE = "som-registrant-state"
+VERIFY_TABLE = "csos-verify-state"
 
 
 def _raw_topic(app: faust.App, *names: str) -> Any:
@@ -71,6 +74,10 @@ def create_app(settings: Settings) -> faust.App:
     )
     received = _raw_topic(app, t.RECEIVED)
     verified = _raw_topic(app, t.VERIFIED)
+    verify_table = app.Table(
+        VERIFY_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+        use_partitioner=True,  # keyed by purchaser DEA, like csos.orders.received (see the monitor's table)
+    )
     state_table = app.Table(
         STATE_TABLE, default=None, key_type=bytes, value_type=bytes,
         partitions=settings.partitions,
@@ -94,14 +101,19 @@ def create_app(settings: Settings) -> faust.App:
             products = ProductMaster.load(settings.products_path)
             publisher = Publisher(settings.kafka_bootstrap)
             parts["publisher"] = publisher
-            parts["verify"] = VerifyProcessor(Verifier.from_pki_dir(settings.pki_dir, products), products,
-                                              Emitter(publisher, "verify-agent"))
+            feed = ReferenceFeed(settings.kafka_bootstrap)
+            feed.start()
+            parts["verify"] = VerifyProcessor(
+                Verifier.from_pki_dir(settings.pki_dir, products), products, Emitter(publisher, "verify-agent"),
+                verify_table, RegistrantDirectory() if settings.require_registration else None, feed)
             parts["monitor"] = MonitorProcessor(Monitor.from_env(), state_table, Emitter(publisher, "monitor-agent"))
         return parts
 
     async def process_batches(stream: Any, proc: VerifyProcessor | MonitorProcessor) -> None:
         """Take a batch, handle each event, persist state, flush outputs; only then is the batch acked."""
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
+            if isinstance(proc, VerifyProcessor):
+                proc.tick()  # newest CRLs and registrations before judging the batch
             proc.counts["batches"] = proc.counts.get("batches", 0) + 1
             for event in events:
                 proc.handle(*_event_tuple(event))
@@ -110,7 +122,22 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(received)
     async def verify_agent(stream: Any) -> None:
-        await process_batches(stream, components()["verify"])
+        proc: VerifyProcessor = components()["verify"]
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, proc.feed.wait_caught_up, 60.0):
+            log.warning("reference data (CRLs, registrants) not read to the end within 60 s; orders that need "
+                        "it are parked until it arrives")
+        proc.tick()
+        await proc.emitter.flush()
+        await process_batches(stream, proc)
+
+    @app.timer(interval=1.0)
+    async def reference_data_tick() -> None:
+        """Idle or busy, a fresh CRL or registration re-verifies parked orders within a second."""
+        proc = parts.get("verify")
+        if proc is not None:
+            proc.tick()
+            await proc.emitter.flush()
 
     @app.agent(verified)
     async def monitor_agent(stream: Any) -> None:

@@ -141,14 +141,66 @@ def pki_revoke(dea_number: str) -> None:
     click.echo(f"revoked serial {cred.serial:x} ({dea_number}); CRL rewritten in {s.pki_dir / 'crl'}")
 
 
+@main.group()
+def crl() -> None:
+    """Certificate revocation lists: distribute them to every worker over the compacted pki.crl topic."""
+
+
+@crl.command("publish")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+def crl_publish(files: tuple[str, ...]) -> None:
+    """Publish CRL files (DER or PEM); every worker verifies and loads them within a second.
+
+    With no FILES, publishes CSOS_PKI_DIR/crl/*.crl. Orders parked for
+    "revocation status unknown" are re-verified against the new CRL.
+    """
+    from connectors.kafka_io import Publisher
+    from connectors.reference_publish import publish_crls
+
+    s = _settings()
+    paths = [Path(f) for f in files] or sorted((s.pki_dir / "crl").glob("*.crl"))
+    if not paths:
+        raise click.ClickException("no CRL files given and none in CSOS_PKI_DIR/crl")
+    for issuer in publish_crls(Publisher(s.kafka_bootstrap), paths):
+        click.echo(f"published CRL of {issuer}")
+
+
+@main.group()
+def registrants() -> None:
+    """The registrant directory: DEA registrations and their status, on the compacted registrants topic."""
+
+
+@registrants.command("load")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def registrants_load(file: str) -> None:
+    """Load a registrant CSV: dea_number, name[, business_activity, state, schedules, status, expires_on].
+
+    status is ACTIVE unless given (anything else refuses the registrant's
+    orders); expires_on is YYYY-MM-DD. Orders from DEA numbers not in the
+    directory are parked until they are loaded (CSOS_REQUIRE_REGISTRATION=0
+    turns the check off).
+    """
+    from connectors.kafka_io import Publisher
+    from connectors.reference_publish import publish_registrants, read_registrant_file
+
+    records, refused = read_registrant_file(Path(file))
+    for line in refused:
+        click.echo(f"refused {line}", err=True)
+    n = publish_registrants(Publisher(_settings().kafka_bootstrap), records)
+    click.echo(f"published {n} registrations" + (f"; {len(refused)} rows refused" if refused else ""))
+    if refused:
+        sys.exit(1)
+
+
 # --------------------------------------------------------------------------- simulated warehouse feed
 @main.group()
 def simulate() -> None:
     """A simulated warehouse feed: realistic registrants, good, bad and suspicious signed orders.
 
-    Workers load trust anchors and CRLs when they start, so run `simulate
-    prepare` (which issues certificates and the CRL) before starting the
-    worker, then `simulate publish`.
+    `simulate prepare` issues certificates and writes the trust anchors the
+    worker loads at start, so run it before starting the worker; `simulate
+    publish` then puts the CRL and the registrant file on their topics and
+    streams the orders.
     """
 
 
@@ -181,14 +233,16 @@ def simulate_prepare(registrants: int, days: int, seed: int, bad_fraction: float
 @click.option("--feed", "feed_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Feed file (default CSOS_DATA_DIR/feed.avro).")
 def simulate_publish(feed_path: str | None) -> None:
-    """Stream a prepared feed onto csos.orders.received (idempotent producer, acks=all)."""
-    from connectors.feed import load_feed, publish
+    """Publish the simulated CRL and registrant file, then stream the prepared feed onto csos.orders.received."""
+    from connectors.feed import load_feed, publish, publish_reference_data
     from connectors.kafka_io import Publisher
 
     s = _settings()
     path = Path(feed_path) if feed_path else s.data_dir / "feed.avro"
     if not path.exists():
         raise click.ClickException(f"{path} not found; run `csos simulate prepare` first")
+    issuers, n_reg = publish_reference_data(s, Publisher(s.kafka_bootstrap))
+    click.echo(f"published {len(issuers)} CRL(s) and {n_reg} registrations")
     records = list(load_feed(path))
     with click.progressbar(length=len(records), label="orders sent", show_pos=True) as bar:
         n = publish(records, Publisher(s.kafka_bootstrap), progress=bar.update)

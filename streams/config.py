@@ -33,6 +33,7 @@ class Settings:
     web_port: int = 6066
     sink_port: int = 6067
     fetch_max_wait_ms: int = 100
+    require_registration: bool = True
     batch_size: int = 2000
     batch_seconds: float = 0.1
     sink_batch_size: int = 5000
@@ -62,6 +63,7 @@ class Settings:
             partitions=int(_env("CSOS_PARTITIONS", str(cls.partitions))),
             web_port=int(_env("CSOS_WEB_PORT", str(cls.web_port))),
             sink_port=int(_env("CSOS_SINK_PORT", str(cls.sink_port))),
+            require_registration=_env("CSOS_REQUIRE_REGISTRATION", "1").lower() not in ("0", "false", "no"),
             fetch_max_wait_ms=int(_env("CSOS_FETCH_MAX_WAIT_MS", str(cls.fetch_max_wait_ms))),
             batch_size=int(_env("CSOS_BATCH_SIZE", str(cls.batch_size))),
             batch_seconds=float(_env("CSOS_BATCH_SECONDS", str(cls.batch_seconds))),

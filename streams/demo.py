@@ -15,7 +15,7 @@ from typing import Callable
 import click
 
 from connectors.broker import LocalBroker
-from connectors.feed import PreparedFeed, prepare_feed, publish
+from connectors.feed import PreparedFeed, prepare_feed, publish, publish_reference_data
 from connectors.kafka_io import Publisher
 from connectors.topics import ensure_topics
 
@@ -118,6 +118,8 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
             feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days, progress=tick)
         echo(f"    {len(feed.result.population)} registrants, {len(feed.messages)} signed orders "
              f"({feed.lines} lines) over {days} days; certificates and CRL in {settings.pki_dir}")
+        issuers, n_reg = publish_reference_data(settings, Publisher(broker.bootstrap))
+        echo(f"    published {len(issuers)} CRL(s) to pki.crl and {n_reg} registrations to registrants")
         echo("3/6 Starting the ClickHouse sink and the worker (verification, monitoring) ...")
         pipeline = Pipeline(settings)
         pipeline.start()

@@ -31,6 +31,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CSOS_WEB_PORT": str(settings.web_port),
         "CSOS_SINK_PORT": str(settings.sink_port),
         "CSOS_FETCH_MAX_WAIT_MS": str(settings.fetch_max_wait_ms),
+        "CSOS_REQUIRE_REGISTRATION": "1" if settings.require_registration else "0",
         "CSOS_BATCH_SIZE": str(settings.batch_size),
         "CSOS_BATCH_SECONDS": str(settings.batch_seconds),
         "CSOS_SINK_BATCH_SIZE": str(settings.sink_batch_size),

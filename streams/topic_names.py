@@ -3,6 +3,7 @@
 RECEIVED = "csos.orders.received"  # ReceivedOrder, keyed by purchaser DEA number (as claimed by the sender)
 VERIFIED = "csos.orders.verified"  # VerifiedOrder, keyed by purchaser DEA number
 REJECTED = "csos.orders.rejected"  # Rejection, keyed by order id
+PENDING = "csos.orders.pending"  # PendingOrder: not verifiable yet (missing CRL/registrant/product), keyed by order id
 VERDICTS = "som.verdicts"  # Verdict, keyed by order id
 HOLD = "som.hold"  # Hold, keyed by order id
 RELEASE = "som.release"  # Release, keyed by order id
