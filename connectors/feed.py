@@ -17,6 +17,9 @@ import fastavro
 
 from streams.avro_codec import default_codec
 from streams.config import Settings
+from streams.order_document import FORMAT as CANONICAL_FORMAT
+from streams.x12_850 import FORMAT as X12_FORMAT
+from streams.x12_850 import encode_x12_850
 
 from .intake import OrderIntake
 from .kafka_io import Publisher
@@ -32,6 +35,7 @@ class SignedMessage:
     sim: SimulatedOrder
     document: bytes | None
     signature: bytes
+    fmt: str = "csos-order/1"
 
     @property
     def malformed(self) -> bool:
@@ -41,7 +45,7 @@ class SignedMessage:
         """As a ``csos.feed.FeedRecord``: what intake needs, without the ground truth."""
         return {"order_id": self.sim.sim_id, "purchaser_dea": self.sim.claimed_purchaser_dea,
                 "received_at": self.sim.received_at, "document": self.document,
-                "signature": bytes(self.signature), "malformed": self.malformed}
+                "signature": bytes(self.signature), "malformed": self.malformed, "format": self.fmt}
 
 
 @dataclass
@@ -62,12 +66,15 @@ class PreparedFeed:
 def prepare_feed(settings: Settings, *, registrants: int = 60, seed: int = 7, days: int = 120,
                  end: datetime | None = None, bad_fraction: float = 0.05, suspicious_fraction: float = 0.02,
                  bad_counts: Mapping[str, int] | None = None, suspicious_counts: Mapping[str, int] | None = None,
-                 detached_every: int = 4, key_pool: int | None = 16, pki: TestPKI | None = None,
+                 detached_every: int = 4, x12_every: int = 3, key_pool: int | None = 16,
+                 pki: TestPKI | None = None,
                  progress: Progress | None = None) -> PreparedFeed:
     """Generate a population and its orders, issue certificates, sign, and write PKI + labels to disk.
 
     ``pki`` is an existing test PKI to issue from (e.g. one ``csos pki init``
     made); by default a new one is created whose CAs cover the simulated period.
+    Every ``x12_every``-th order is an ANSI X12 850 instead of canonical JSON,
+    as an EDI trading partner would send it (0: none).
     """
     config = SimulationConfig(days=days, end=end, seed=seed, bad_fraction=bad_fraction,
                               suspicious_fraction=suspicious_fraction, bad_counts=bad_counts,
@@ -79,8 +86,10 @@ def prepare_feed(settings: Settings, *, registrants: int = 60, seed: int = 7, da
     kit.prepare(result.orders)
     feed = PreparedFeed(result, pki)
     for i, sim in enumerate(result.orders):
-        document, signature = kit.sign(sim, detached=bool(detached_every) and i % detached_every == 0)
-        feed.messages.append(SignedMessage(sim, document, signature))
+        x12 = bool(x12_every) and i % x12_every == 1 and sim.label not in ("tampered", "malformed_order")
+        document, signature = kit.sign(sim, detached=bool(detached_every) and i % detached_every == 0,
+                                       **({"encode": encode_x12_850} if x12 else {}))
+        feed.messages.append(SignedMessage(sim, document, signature, X12_FORMAT if x12 else CANONICAL_FORMAT))
         if progress:
             progress(1)
     pki.write_pki(settings.pki_dir)
@@ -125,7 +134,7 @@ def publish(messages: Iterable[SignedMessage | dict], publisher: Publisher, *, s
             intake.submit_raw(r["signature"], key=r["purchaser_dea"])
         else:
             intake.submit(r["signature"], document=r["document"], purchaser_dea=r["purchaser_dea"],
-                          order_id=r["order_id"], received_at=r["received_at"])
+                          order_id=r["order_id"], received_at=r["received_at"], fmt=r["format"])
         n += 1
         if progress and n % 100 == 0:
             progress(100)

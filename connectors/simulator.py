@@ -66,7 +66,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from streams.identifiers import make_dea_number
 from streams.model import Order, OrderLine, Party
@@ -1184,11 +1184,13 @@ class SigningKit:
 
     # -- signing
     def sign(self, sim: SimulatedOrder, *, detached: bool = False,
-             hash: Any = None) -> tuple[bytes | None, bytes]:
+             hash: Any = None, encode: Callable[[Order], bytes] = encode_order) -> tuple[bytes | None, bytes]:
         """Wire bytes ``(document or None, signature)`` with the order's defect applied.
 
         Attached (default): the document travels inside the CMS and the first
         element is None. ``malformed_bytes`` returns ``(None, MalformedBytes)``.
+        ``encode`` writes the document (canonical JSON by default; e.g. X12 850).
+        The tampered and malformed-order defects are applied to canonical JSON.
         """
         if sim.label == "malformed_bytes":
             return None, _malformed_payload(sim.sim_id)
@@ -1196,8 +1198,10 @@ class SigningKit:
         reg, t = sim.registrant, sim.signed_at
         if sim.label == "malformed_order":
             document = _malformed_document(sim.order, sim.detail.get("defect", "supplier.dea_number"))
-        else:
+        elif sim.label == "tampered":
             document = encode_order(sim.order)
+        else:
+            document = encode(sim.order)
         cred = self.credential(reg, t)
         key = None
         if sim.label == "expired_cert":

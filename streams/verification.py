@@ -69,7 +69,8 @@ from .cert_profile import CertProfileError, ExtensionOids, read_registration
 from .cms import ParsedSignature, SignatureError, check_algorithms, parse_signed_data, verify_signature
 from .identifiers import is_valid_dea_number
 from .model import Order
-from .order_document import DocumentError, parse_order
+from .documents import parse_document
+from .order_document import FORMAT as CANONICAL_FORMAT, DocumentError
 from .products import ProductMaster
 
 # ---------------------------------------------------------------------------- reason codes
@@ -486,13 +487,14 @@ class Verifier:
                 known.add(fp)
 
     # ------------------------------------------------------------------ the checks
-    def verify(self, document: bytes | None, signature: bytes, received_at: datetime) -> Outcome:
+    def verify(self, document: bytes | None, signature: bytes, received_at: datetime,
+               fmt: str = CANONICAL_FORMAT) -> Outcome:
         """Run every check in order; stop at the first failure. Never raises for bad input."""
         received_at = _utc(received_at, "received_at")
         checks: list[CheckResult] = []
         out = Outcome(ok=False, reason_code=None, reason=None, order=None, checks=checks)
         try:
-            self._run(document, signature, received_at, out)
+            self._run(document, signature, received_at, out, fmt)
         except _Fail as f:
             checks.append(CheckResult(f.check, False, f.detail))
             out.reason_code = f.code
@@ -501,7 +503,8 @@ class Verifier:
         out.ok = True
         return out
 
-    def _run(self, document: bytes | None, signature: bytes, received_at: datetime, out: Outcome) -> None:
+    def _run(self, document: bytes | None, signature: bytes, received_at: datetime, out: Outcome,
+             fmt: str = CANONICAL_FORMAT) -> None:
         ok = out.checks.append
 
         # 1. CMS structure, signer certificate present
@@ -535,7 +538,7 @@ class Verifier:
 
         # 4. order document
         try:
-            order = parse_order(parsed.content)
+            order = parse_document(parsed.content, fmt)
         except DocumentError as exc:
             raise _Fail(MALFORMED_ORDER, "order_document",
                         f"The order is defective: element '{exc.element}': {exc}.") from None

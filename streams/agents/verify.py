@@ -141,7 +141,7 @@ class VerifyProcessor:
 
     def _verify(self, rec: dict[str, Any], routing_key: str, raw: bytes, *, parked: bool) -> bool:
         """Judge one order. Returns False only when it stays (or becomes) parked."""
-        outcome = self.verifier.verify(rec["document"], rec["signature"], rec["received_at"])
+        outcome = self.verifier.verify(rec["document"], rec["signature"], rec["received_at"], rec["format"])
         order = outcome.order
         if not outcome.ok:
             if outcome.reason_code in RETRYABLE:

@@ -1,0 +1,182 @@
+"""Verification rules that need state or reference data, end to end through Kafka.
+
+Each test signs its own orders with the session's test PKI, submits them to
+the running pipeline, and checks the topic the order lands on, the reason,
+and the audit trail. (Runs after test_pipeline_e2e.py, whose counts assume
+only the simulated feed; pytest orders modules by name.)
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from connectors.intake import OrderIntake
+from connectors.kafka_io import Publisher, consume_all
+from connectors.reference_publish import publish_crls, publish_registrants
+from streams import topic_names as t
+from streams.avro_codec import default_codec
+from streams.cms import sign_order
+from streams.identifiers import make_dea_number
+from streams.model import Order, Party
+from streams.order_document import encode_order
+
+pytestmark = pytest.mark.kafka
+codec = default_codec()
+SCHEMA = {t.REJECTED: "csos.orders.Rejection", t.VERDICTS: "som.Verdict", t.PENDING: "csos.orders.PendingOrder",
+          t.VERIFIED: "csos.orders.VerifiedOrder"}
+
+
+class Harness:
+    def __init__(self, streamed) -> None:
+        self.p = streamed
+        self.publisher = Publisher(streamed.settings.kafka_bootstrap)
+        self.intake = OrderIntake(self.publisher, "verify-e2e")
+        self.feed = streamed.feed
+        self.end = streamed.feed.result.end
+        normal = next(m.sim for m in self.feed.messages if m.sim.label == "normal")
+        self.template = normal.order
+        self.registrant = normal.registrant
+
+    def order(self, purchaser: Party, at, number: str | None = None) -> Order:
+        return Order(number or f"{at:%y}X{uuid.uuid4().hex[:6].upper()}", purchaser, self.template.supplier, at,
+                     self.template.lines)
+
+    def submit(self, order: Order, cred, *, key: str | None = None, received=None) -> tuple[str, bytes, bytes]:
+        doc = encode_order(order)
+        sig = sign_order(doc, cred.cert, cred.key, signing_time=order.signed_at, intermediates=cred.chain)
+        oid = self.intake.submit(sig, document=doc, purchaser_dea=key or order.purchaser.dea_number,
+                                 received_at=received or order.signed_at + timedelta(minutes=1))
+        self.intake.flush()
+        return oid, doc, sig
+
+    def resubmit(self, doc: bytes, sig: bytes, dea: str, received) -> str:
+        oid = self.intake.submit(sig, document=doc, purchaser_dea=dea, received_at=received)
+        self.intake.flush()
+        return oid
+
+    def outcome(self, order_id: str, topics=(t.REJECTED, t.VERDICTS), timeout: float = 60) -> tuple[str, dict]:
+        found: dict = {}
+
+        def seen(messages) -> bool:
+            for m in messages[found.get("checked", 0):]:
+                rec = codec.decode(m.value(), expect=SCHEMA[m.topic()])[1]
+                if rec["order_id"] == order_id and "hit" not in found:
+                    found["hit"] = (m.topic(), rec)
+            found["checked"] = len(messages)
+            return "hit" in found
+
+        consume_all(self.p.settings.kafka_bootstrap, list(topics), until=seen, timeout=timeout)
+        assert "hit" in found, f"no outcome for {order_id} on {topics}"
+        return found["hit"]
+
+    def audit_actions(self, order_id: str, want: str, timeout: float = 30) -> set[str]:
+        deadline = time.monotonic() + timeout
+        actions: set[str] = set()
+        while time.monotonic() < deadline:
+            rows = self.p.sql(f"SELECT action FROM audit_events WHERE order_id = '{order_id}'")
+            actions = {r[0] for r in rows}
+            if want in actions:
+                break
+            time.sleep(0.5)
+        return actions
+
+
+@pytest.fixture(scope="module")
+def h(streamed) -> Harness:
+    return Harness(streamed)
+
+
+def test_an_order_number_is_accepted_once(h):
+    reg = h.registrant
+    cred = h.feed.pki.registrants[reg.dea_number]
+    at = h.end + timedelta(hours=5)
+    first, doc, sig = h.submit(h.order(reg.party, at), cred)
+    topic, rec = h.outcome(first)
+    assert topic == t.VERDICTS
+    replay = h.resubmit(doc, sig, reg.dea_number, at + timedelta(minutes=30))
+    topic, rec = h.outcome(replay)
+    assert topic == t.REJECTED and rec["reason_code"] == "DUPLICATE_ORDER_NUMBER"
+    assert "already" in rec["reason"] and rec["order_number"] == json.loads(doc)["order_number"]
+    assert "order.rejected" in h.audit_actions(replay, "order.rejected")
+
+
+def test_an_unknown_registrant_is_parked_then_verified_when_registered(h):
+    dea = make_dea_number("BZ", f"{uuid.uuid4().int % 10**6:06d}")
+    party = Party(dea, "NEW STORE PHARMACY", "1 MAIN ST, BOSTON MA")
+    cred = h.feed.pki.issue_registrant(dea, party.name, ["2", "2N", "3", "3N", "4", "5"],
+                                       not_before=h.end - timedelta(days=30), not_after=h.end + timedelta(days=300))
+    oid, _, _ = h.submit(h.order(party, h.end + timedelta(hours=6)), cred)
+    topic, pending = h.outcome(oid, topics=(t.PENDING, t.REJECTED, t.VERDICTS))
+    assert topic == t.PENDING and pending["reason_code"] == "REGISTRANT_UNKNOWN"
+    assert "order.parked" in h.audit_actions(oid, "order.parked")
+    # Not released while parked ...
+    assert not h.p.sql(f"SELECT order_id FROM verdicts WHERE order_id = '{oid}'")
+    # ... and verified once the registration arrives.
+    publish_registrants(h.publisher, [{
+        "dea_number": dea, "name": party.name, "business_activity": "RETAIL PHARMACY", "state": "MA",
+        "schedules": ["2", "3", "4", "5"], "status": "ACTIVE", "expires_on": None, "updated_at": h.end}])
+    topic, verdict = h.outcome(oid, topics=(t.REJECTED, t.VERDICTS))
+    assert topic == t.VERDICTS, verdict
+    assert {"order.parked", "order.verified"} <= h.audit_actions(oid, "order.verified")
+
+
+def test_an_inactive_registration_is_rejected(h):
+    dea = make_dea_number("FZ", f"{uuid.uuid4().int % 10**6:06d}")
+    party = Party(dea, "CLOSED PHARMACY", "2 ELM ST, SALEM MA")
+    cred = h.feed.pki.issue_registrant(dea, party.name, ["2", "2N", "3", "3N", "4", "5"],
+                                       not_before=h.end - timedelta(days=30), not_after=h.end + timedelta(days=300))
+    publish_registrants(h.publisher, [{
+        "dea_number": dea, "name": party.name, "business_activity": None, "state": "MA", "schedules": [],
+        "status": "SURRENDERED", "expires_on": None, "updated_at": h.end}])
+    time.sleep(2)  # the worker applies reference data at most a second later
+    oid, _, _ = h.submit(h.order(party, h.end + timedelta(hours=7)), cred)
+    topic, rec = h.outcome(oid)
+    assert topic == t.REJECTED and rec["reason_code"] == "REGISTRATION_INACTIVE"
+    assert "SURRENDERED" in rec["reason"]
+    assert any(c["check"] == "registration" and not c["passed"] for c in rec["checks"])
+
+
+def test_a_new_intermediate_without_crl_fails_closed_until_its_crl_arrives(h):
+    """Revocation status unknown: parked, not lost; a fresh CRL decides it (verified, or revoked)."""
+    pki = h.feed.pki
+    sub = pki.issue_sub_ca(f"CSOS TEST Subordinate CA {uuid.uuid4().hex[:4]}")
+    reg = h.registrant
+    good = pki.issue_registrant(reg.dea_number, reg.name, reg.schedules, not_before=h.end - timedelta(days=10),
+                                not_after=h.end + timedelta(days=300), issuer=sub, record=False)
+    bad = pki.issue_registrant(reg.dea_number, reg.name, reg.schedules, not_before=h.end - timedelta(days=10),
+                               not_after=h.end + timedelta(days=300), issuer=sub, record=False)
+    at = h.end + timedelta(hours=8)
+    ok_id, _, _ = h.submit(h.order(reg.party, at), good)
+    bad_id, _, _ = h.submit(h.order(reg.party, at + timedelta(minutes=5)), bad)
+    for oid in (ok_id, bad_id):
+        topic, rec = h.outcome(oid, topics=(t.PENDING, t.REJECTED, t.VERDICTS))
+        assert topic == t.PENDING and rec["reason_code"] == "REVOCATION_UNKNOWN", rec
+
+    crl = pki.build_crl(h.end - timedelta(days=1), h.end + timedelta(days=30), issuer=sub,
+                        revoked={bad.serial: h.end - timedelta(days=1)})
+    path = h.p.settings.data_dir / f"{uuid.uuid4().hex}.crl"
+    from cryptography.hazmat.primitives.serialization import Encoding
+    path.write_bytes(crl.public_bytes(Encoding.DER))
+    publish_crls(h.publisher, [path])
+
+    topic, rec = h.outcome(ok_id, topics=(t.REJECTED, t.VERDICTS))
+    assert topic == t.VERDICTS, rec
+    topic, rec = h.outcome(bad_id, topics=(t.REJECTED, t.VERDICTS))
+    assert topic == t.REJECTED and rec["reason_code"] == "CERT_REVOKED"
+    assert "crl.loaded" in {r[0] for r in h.p.sql("SELECT action FROM audit_events WHERE action = 'crl.loaded'")}
+
+
+def test_an_order_keyed_by_another_dea_number_is_rerouted_not_lost(h):
+    reg = h.registrant
+    cred = h.feed.pki.registrants[reg.dea_number]
+    other = next(m.sim.registrant.dea_number for m in h.feed.messages
+                 if m.sim.registrant.dea_number != reg.dea_number)
+    oid, _, _ = h.submit(h.order(reg.party, h.end + timedelta(hours=9)), cred, key=other)
+    topic, rec = h.outcome(oid)
+    assert topic == t.VERDICTS and rec["purchaser_dea"] == reg.dea_number
+    assert "order.rerouted" in h.audit_actions(oid, "order.rerouted")
