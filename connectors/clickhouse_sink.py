@@ -1,4 +1,4 @@
-"""Write verdicts, rejections, order lines, audit events and dead letters to ClickHouse.
+"""Write verdicts, rejections, order lines, audit events, dead letters and the order archive to ClickHouse.
 
 All access goes through clickhouse-connect, so the same code talks to the
 embedded engine (``chdb:///dir``, zero setup) and to a ClickHouse server
@@ -14,7 +14,9 @@ Delivery from Kafka is at-least-once, so every write must be idempotent:
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +25,36 @@ from urllib.parse import urlparse
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+from cryptography.hazmat.primitives import serialization
 
+from streams.cms import SignatureError, parse_signed_data
 from streams.config import REPO_ROOT, Settings
+from streams.order_document import DocumentError, parse_order
 
+log = logging.getLogger(__name__)
 DDL_DIR = REPO_ROOT / "schemas" / "clickhouse"
+_DER = serialization.Encoding.DER
 
 
 def open_client(settings: Settings, *, readonly: bool = False) -> Client:
-    """Connect to the configured ClickHouse; create the database if we may."""
+    """Connect to the configured ClickHouse; create the database if we may.
+
+    ``readonly=True`` gives an analyst's client that cannot change anything:
+    on a server every request carries ``readonly=1``; on the embedded engine
+    the client's own session is switched to ``readonly=1`` for good. (Per-query
+    ``readonly`` on a shared embedded session is unsafe: clickhouse-connect
+    restores session settings after a query, and after a refused write in
+    readonly mode that restore is itself refused, leaving the session - the
+    sink's writer included - read-only.)
+    """
     url = settings.effective_clickhouse_url
     db = settings.clickhouse_database
     if url.startswith("chdb:"):
         Path(url[len("chdb://"):]).mkdir(parents=True, exist_ok=True)
-        client = clickhouse_connect.get_client(dsn=url)
-        if not readonly:
+        client = clickhouse_connect.get_client(dsn=url)  # each client has its own engine session
+        if readonly:
+            client.command("SET readonly = 1")
+        else:
             client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
         client.database = db
     else:
@@ -50,7 +68,8 @@ def open_client(settings: Settings, *, readonly: bool = False) -> Client:
             admin = clickhouse_connect.get_client(**kwargs)
             admin.command(f"CREATE DATABASE IF NOT EXISTS {db}")
             admin.close()
-        client = clickhouse_connect.get_client(database=db, **kwargs)
+        client = clickhouse_connect.get_client(database=db, settings={"readonly": 1} if readonly else None,
+                                               **kwargs)
     return client
 
 
@@ -102,6 +121,10 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "dead_letter_id", "failed_at", "stage", "source_topic", "source_partition", "source_offset",
         "reason", "payload_base64",
     ),
+    "order_archive": (
+        "order_id", "received_at", "source", "format", "document", "signature", "certificates",
+        "signer_fingerprint", "order_number", "purchaser_dea",
+    ),
 }
 
 
@@ -148,7 +171,88 @@ def rows_for(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
             rec["dead_letter_id"], rec["failed_at"], rec["stage"], rec["source_topic"], rec["source_partition"],
             rec["source_offset"], rec["reason"], base64.b64encode(rec["payload"]).decode("ascii"),
         ]]}
+    if schema == "csos.orders.ReceivedOrder":
+        return {"order_archive": [archive_row(rec)]}
     return {}
+
+
+# ---------------------------------------------------------------------------- the order archive
+def archive_row(rec: dict[str, Any]) -> list[Any]:
+    """An ``order_archive`` row (1311.55(c)(11)) for a ``csos.orders.ReceivedOrder``. Never raises.
+
+    The document and signature are stored exactly as received. The certificates
+    and the lookup fields (order number, purchaser DEA number) are read from
+    the CMS and the signed content on a best-effort basis: an unreadable
+    signature is archived with no certificates, an unreadable document with
+    NULL lookup fields. This is not verification; the verdict is in the
+    ``rejections``/``verdicts`` tables.
+    """
+    document = rec.get("document")
+    signature = rec.get("signature") or b""
+    certs: list[bytes] = []
+    fingerprint = ""
+    content: bytes | None = None
+    try:
+        certs, fingerprint, content = extract_certificates(document, signature)
+    except Exception:  # noqa: BLE001 - hostile input: archive the bytes whatever happens
+        log.warning("order %s: certificates not extracted from its signature", rec.get("order_id"), exc_info=True)
+    order_number, purchaser_dea = lookup_fields(document if document is not None else content)
+    return [rec["order_id"], rec["received_at"], rec.get("source") or "", rec.get("format") or "",
+            None if document is None else bytes(document), bytes(signature), certs, fingerprint,
+            order_number, purchaser_dea]
+
+
+def extract_certificates(document: bytes | None, signature: bytes) -> tuple[list[bytes], str, bytes | None]:
+    """(DER of every certificate in the CMS, signer's first; SHA-256 hex of the signer's; attached content).
+
+    The signer is identified with :func:`streams.cms.parse_signed_data` (no
+    signature check). When the CMS cannot be parsed that way (e.g. several
+    signers, a detached signature received without its document), the
+    certificates are read with asn1crypto in CMS order and the fingerprint is
+    empty; when nothing can be read the list is empty.
+    """
+    # The received document first (what the verifier saw); then without it, which still reads an attached
+    # signature whose embedded content differs; then with an empty one, which reads a detached signature
+    # that arrived without its document.
+    for detached in dict.fromkeys((document, None, b"")):
+        try:
+            parsed = parse_signed_data(signature, detached)
+        except SignatureError:
+            continue
+        signer = parsed.signer_cert_der
+        # cryptography only loads strict DER, so re-encoding a loaded certificate gives its exact bytes.
+        others = [c.public_bytes(_DER) for c in parsed.other_certs]
+        attached = None if parsed.detached else parsed.content
+        return [signer] + [d for d in others if d != signer], hashlib.sha256(signer).hexdigest(), attached
+    try:
+        from asn1crypto import cms as asn1_cms
+
+        sd = asn1_cms.ContentInfo.load(bytes(signature))["content"]
+        return [c.chosen.dump() for c in (sd["certificates"] or ()) if c.name == "certificate"], "", None
+    except Exception:  # noqa: BLE001 - not CMS at all
+        return [], "", None
+
+
+def lookup_fields(content: bytes | None) -> tuple[str | None, str | None]:
+    """(order number, purchaser DEA number) from the signed content, best effort; NULLs if unreadable."""
+    if not content:
+        return None, None
+    try:
+        order = parse_order(bytes(content))
+        return order.order_number, order.purchaser.dea_number
+    except DocumentError:
+        pass
+    except Exception:  # noqa: BLE001
+        return None, None
+    try:  # defective order (e.g. no lines): still file it under the number and DEA it claims
+        doc = json.loads(bytes(content).decode("utf-8"))
+        number = doc.get("order_number") if isinstance(doc, dict) else None
+        purchaser = doc.get("purchaser") if isinstance(doc, dict) else None
+        dea = purchaser.get("dea_number") if isinstance(purchaser, dict) else None
+        return (number if isinstance(number, str) and len(number) <= 64 else None,
+                dea if isinstance(dea, str) and len(dea) <= 64 else None)
+    except Exception:  # noqa: BLE001
+        return None, None
 
 
 class ClickHouseSink:
@@ -179,8 +283,8 @@ class ClickHouseSink:
 
 
 def run_readonly_query(client: Client, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run an analyst's query with ``readonly=1``: no statement can change data."""
-    result = client.query(sql, settings={"readonly": 1})
+    """Run an analyst's query on a client from ``open_client(readonly=True)``: nothing can change data."""
+    result = client.query(sql)
     return list(result.column_names), [tuple(r) for r in result.result_rows]
 
 

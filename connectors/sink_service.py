@@ -38,12 +38,17 @@ log = logging.getLogger(__name__)
 STAGE = "sink"
 
 EXPECTED = {
+    t.RECEIVED: "csos.orders.ReceivedOrder",  # -> order_archive (1311.55(c)(11))
     t.VERIFIED: "csos.orders.VerifiedOrder",
     t.REJECTED: "csos.orders.Rejection",
     t.VERDICTS: "som.Verdict",
     t.AUDIT: "audit.AuditEvent",
     t.DLQ: "dlq.DeadLetter",
 }
+#: Topics whose undecodable messages the sink logs and skips instead of dead-lettering: the dead-letter
+#: topic itself, and the received topic, whose unreadable messages the verify agent already dead-letters
+#: (their bytes are then in ``dead_letters``); a second dead letter would count them twice.
+NOT_DEAD_LETTERED = frozenset({t.DLQ, t.RECEIVED})
 
 
 class SinkService:
@@ -54,6 +59,8 @@ class SinkService:
         apply_ddl(self.client)
         self.sink = ClickHouseSink(self.client)
         self.lock = threading.Lock()  # one thread at a time in the ClickHouse client
+        self.reader = open_client(settings, readonly=True)  # analysts' session, separate and read-only
+        self.reader_lock = threading.Lock()
         self.emitter = Emitter(Publisher(settings.kafka_bootstrap), "clickhouse-sink")
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
@@ -73,7 +80,10 @@ class SinkService:
             try:
                 name, rec = self.codec.decode(value, expect=EXPECTED.get(topic))
             except DecodeError as exc:
-                if topic == t.DLQ:  # never dead-letter the dead-letter topic into itself
+                if topic == t.RECEIVED:
+                    log.warning("not archived: undecodable message on %s[%d]@%d (the verify agent "
+                                "dead-letters it): %s", topic, m.partition(), m.offset(), exc)
+                elif topic in NOT_DEAD_LETTERED:  # never dead-letter the dead-letter topic into itself
                     log.error("undecodable message on %s[%d]@%d: %s", topic, m.partition(), m.offset(), exc)
                 else:
                     self.dead_lettered += 1
@@ -120,8 +130,8 @@ class SinkService:
             self.consumer.close()
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
-        with self.lock:
-            return run_readonly_query(self.client, sql)
+        with self.reader_lock:
+            return run_readonly_query(self.reader, sql)
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "rows_written": dict(self.sink.rows_written), "batches": self.batches,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from pathlib import Path
+
 import pytest
 
 from connectors.clickhouse_sink import ClickHouseSink, SourceRecord, apply_ddl, open_client, run_readonly_query
@@ -52,6 +54,7 @@ def batch(n: int, offset0: int = 0) -> list[SourceRecord]:
 def client(tmp_path_factory):
     settings = Settings().with_(data_dir=tmp_path_factory.mktemp("ch"))
     c = open_client(settings)
+    c.analyst_dir = str(settings.data_dir)
     apply_ddl(c)
     apply_ddl(c)  # idempotent: a restart re-applies it
     yield c
@@ -89,8 +92,15 @@ def test_a_batch_re_formed_after_a_restart_collapses_on_the_key(client):
         assert int(client.query(f"SELECT count() FROM {table} FINAL").result_rows[0][0]) == n
 
 
-def test_analyst_queries_cannot_write(client):
+def test_analyst_queries_cannot_write_and_do_not_stop_the_writer(client, tmp_path_factory):
+    settings = Settings().with_(data_dir=Path(client.analyst_dir))
+    reader = open_client(settings, readonly=True)
     with pytest.raises(Exception, match="readonly"):
-        run_readonly_query(client, "INSERT INTO verdicts (order_id) VALUES ('forged')")
-    cols, rows = run_readonly_query(client, "SELECT count() FROM verdicts WHERE order_id = 'forged'")
+        run_readonly_query(reader, "INSERT INTO verdicts (order_id) VALUES ('forged')")
+    with pytest.raises(Exception, match="readonly"):
+        run_readonly_query(reader, "SELECT 1 SETTINGS readonly = 0")
+    cols, rows = run_readonly_query(reader, "SELECT count() FROM verdicts WHERE order_id = 'forged'")
     assert rows == [(0,)]
+    # The refused write left the writer's session writable (a shared session would now be read-only).
+    ClickHouseSink(client).write(batch(2, offset0=1000))
+    assert int(client.query("SELECT count() FROM verdicts WHERE order_id = 'order-1'").result_rows[0][0]) >= 1
