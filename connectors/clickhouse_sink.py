@@ -29,7 +29,9 @@ from cryptography.hazmat.primitives import serialization
 
 from streams.cms import SignatureError, parse_signed_data
 from streams.config import REPO_ROOT, Settings
-from streams.order_document import DocumentError, parse_order
+from streams.documents import parse_document
+from streams.order_document import FORMAT as CANONICAL_FORMAT
+from streams.order_document import DocumentError
 
 log = logging.getLogger(__name__)
 DDL_DIR = REPO_ROOT / "schemas" / "clickhouse"
@@ -196,7 +198,8 @@ def archive_row(rec: dict[str, Any]) -> list[Any]:
         certs, fingerprint, content = extract_certificates(document, signature)
     except Exception:  # noqa: BLE001 - hostile input: archive the bytes whatever happens
         log.warning("order %s: certificates not extracted from its signature", rec.get("order_id"), exc_info=True)
-    order_number, purchaser_dea = lookup_fields(document if document is not None else content)
+    order_number, purchaser_dea = lookup_fields(document if document is not None else content,
+                                                rec.get("format") or CANONICAL_FORMAT)
     return [rec["order_id"], rec["received_at"], rec.get("source") or "", rec.get("format") or "",
             None if document is None else bytes(document), bytes(signature), certs, fingerprint,
             order_number, purchaser_dea]
@@ -233,12 +236,12 @@ def extract_certificates(document: bytes | None, signature: bytes) -> tuple[list
         return [], "", None
 
 
-def lookup_fields(content: bytes | None) -> tuple[str | None, str | None]:
+def lookup_fields(content: bytes | None, fmt: str = CANONICAL_FORMAT) -> tuple[str | None, str | None]:
     """(order number, purchaser DEA number) from the signed content, best effort; NULLs if unreadable."""
     if not content:
         return None, None
     try:
-        order = parse_order(bytes(content))
+        order = parse_document(bytes(content), fmt)
         return order.order_number, order.purchaser.dea_number
     except DocumentError:
         pass

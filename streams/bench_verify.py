@@ -159,18 +159,3 @@ def render(r: dict[str, Any]) -> str:
         f"{r['new_cert_first_verify_us_median'] / 1000:.1f} ms, max {r['new_cert_first_verify_us_max'] / 1000:.1f} ms; "
         f"path validation ≈ {r['new_cert_path_validation_us'] / 1000:.1f} ms per new certificate (then cached)",
     ])
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Print the verification cost figures (``csos bench-verify``)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="bench-verify", description=__doc__.splitlines()[0])
-    ap.add_argument("-n", type=int, default=2000, help="orders per timed round (default 2000)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best is kept (default 5)")
-    args = ap.parse_args(argv)
-    print(render(run(args.n, rounds=args.rounds)))
-
-
-if __name__ == "__main__":
-    main()

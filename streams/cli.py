@@ -373,5 +373,78 @@ def bench(registrants: int, days: int, seed: int, rate: float | None) -> None:
     click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate).render())
 
 
+@main.command("bench-verify")
+@click.option("-n", "n", default=2000, show_default=True, help="Orders per timed round.")
+@click.option("--rounds", default=5, show_default=True, help="Interleaved rounds; the best of each is kept.")
+def bench_verify(n: int, rounds: int) -> None:
+    """Verification cost: orders/s through the verifier next to bare RSA verifies/s, in one run."""
+    from .bench_verify import render, run
+
+    click.echo(render(run(n, rounds=rounds)))
+
+
+# --------------------------------------------------------------------------- archive and offline verification
+@main.group()
+def archive() -> None:
+    """The two-year archive of every order received: exact bytes, signature and certificates."""
+
+
+@archive.command("export")
+@click.option("--order-number", required=True, help="The CSOS order number, e.g. 26X000123.")
+@click.option("--purchaser", default=None, help="Purchaser DEA number (order numbers are unique per purchaser).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True)
+def archive_export(order_number: str, purchaser: str | None, out_dir: str) -> None:
+    """Write every archived order with this number (replays included) with its signature, chain and manifest.
+
+    With the embedded engine run it while `csos sink` is stopped (the engine
+    admits one process); with CLICKHOUSE_URL it runs any time.
+    """
+    from connectors.archive import ArchiveNotFound, export_order
+    from connectors.clickhouse_sink import open_client
+
+    s = _settings()
+    try:
+        client = open_client(s, readonly=True)
+    except Exception as exc:  # noqa: BLE001
+        raise click.ClickException(f"cannot open ClickHouse ({str(exc).splitlines()[0]}); "
+                                   "with the embedded engine stop `csos sink` first") from None
+    try:
+        for path in export_order(client, order_number, purchaser, Path(out_dir)):
+            click.echo(str(path))
+    except ArchiveNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        client.close()
+
+
+@main.command("verify-offline")
+@click.option("--document", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The order document (omit when the signature carries it).")
+@click.option("--signature", type=click.Path(exists=True, dir_okay=False), required=True, help="CMS SignedData (DER).")
+@click.option("--trust", "trust_dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Trust anchors (root*.pem) and intermediates (*.pem), or a PKI directory with trust/.")
+@click.option("--crl", "crls", type=click.Path(exists=True, dir_okay=False), multiple=True,
+              help="CRL current at receipt (repeatable).")
+@click.option("--received-at", required=True, help="When the order was received (ISO 8601, UTC if no zone).")
+@click.option("--format", "fmt", type=click.Choice(["csos-order/1", "x12-850"]), default="csos-order/1",
+              show_default=True)
+@click.option("--products", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Product master CSV (default CSOS_PRODUCTS).")
+def verify_offline(document: str | None, signature: str, trust_dir: str, crls: tuple[str, ...], received_at: str,
+                   fmt: str, products: str | None) -> None:
+    """Re-verify one order offline and print every check with its result (exit 1 if invalid)."""
+    from datetime import datetime, timezone
+
+    from .offline_verify import render, reverify
+
+    at = datetime.fromisoformat(received_at)
+    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    outcome = reverify(Path(document).read_bytes() if document else None, Path(signature).read_bytes(),
+                       Path(trust_dir), [Path(c) for c in crls], Path(products) if products else _settings().products_path,
+                       at, fmt)
+    click.echo(render(outcome, received_at=at))
+    sys.exit(0 if outcome.ok else 1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -86,16 +86,14 @@ def reverify(document: bytes | None, signature: bytes, trust_dir: Path, crl_path
     SignedData. ``trust_dir``: the CSOS root (``root*.pem``) and intermediate CA
     certificates (other ``*.pem``). ``crl_paths``: the CRLs current at receipt.
     ``products_path``: the product master CSV. ``received_at``: when the order was
-    received (timezone-aware). ``fmt``: the document format; only
-    ``csos-order/1`` is supported. Returns the Outcome: ``ok``, ``reason_code``,
-    ``reason`` and every check made with its result.
+    received (timezone-aware). ``fmt``: the document format (``csos-order/1`` or
+    ``x12-850``). Returns the Outcome: ``ok``, ``reason_code``, ``reason`` and
+    every check made with its result.
     """
-    if fmt != FORMAT:
-        raise ValueError(f"unsupported order format {fmt!r}; this verifier reads {FORMAT}")
     if received_at.tzinfo is None:
         raise ValueError("received_at must include a time zone (e.g. 2026-03-02T12:00:00+00:00)")
     verifier = build_verifier(trust_dir, crl_paths, products_path)
-    return verifier.verify(document, signature, received_at)
+    return verifier.verify(document, signature, received_at, fmt)
 
 
 def render(outcome: Outcome, *, received_at: datetime | None = None) -> str:
