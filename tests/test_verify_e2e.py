@@ -180,3 +180,97 @@ def test_an_order_keyed_by_another_dea_number_is_rerouted_not_lost(h):
     topic, rec = h.outcome(oid)
     assert topic == t.VERDICTS and rec["purchaser_dea"] == reg.dea_number
     assert "order.rerouted" in h.audit_actions(oid, "order.rerouted")
+
+
+def _cert(h, **kw):
+    reg = h.registrant
+    base = dict(not_before=h.end - timedelta(days=30), not_after=h.end + timedelta(days=300), record=False)
+    base.update(kw)
+    return h.feed.pki.issue_registrant(reg.dea_number, reg.name, reg.schedules, **base)
+
+
+# Each case: how the certificate or signature is made, and the reason code the pipeline must give.
+CASES = {
+    "not_yet_valid": (lambda h: _cert(h, not_before=h.end + timedelta(days=2)), {}, "CERT_NOT_YET_VALID"),
+    "wrong_key_usage": (lambda h: _cert(h, key_usage="encipherment"), {}, "UNTRUSTED_CERTIFICATE"),
+    "ca_flag_on_leaf": (lambda h: _cert(h, ca_flag=True), {}, "UNTRUSTED_CERTIFICATE"),
+    "unknown_critical_extension": (lambda h: _cert(h, unknown_critical_extension=True), {}, "UNTRUSTED_CERTIFICATE"),
+    "sha1": (lambda h: _cert(h), {"hash": "SHA1"}, "WEAK_ALGORITHM"),
+    "rsa_1024": (lambda h: _cert(h, rsa_bits=1024), {}, "WEAK_ALGORITHM"),
+    "revoked_after_signing": (None, {}, "CERT_REVOKED"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_check_end_to_end(h, case):
+    """The right topic, the right reason, an audit event and an archive row, through Kafka."""
+    from cryptography.hazmat.primitives import hashes
+
+    make, sign_kw, code = CASES[case]
+    reg = h.registrant
+    at = h.end + timedelta(hours=10, minutes=len(case))
+    if case == "revoked_after_signing":
+        # Signed while valid, revoked before receipt: revocation is judged at receipt (1311.55).
+        cred = _cert(h)
+        h.feed.pki.revoke(cred.serial, at + timedelta(minutes=10))
+        path = h.p.settings.data_dir / f"crl-{uuid.uuid4().hex}.crl"
+        from cryptography.hazmat.primitives.serialization import Encoding
+        path.write_bytes(h.feed.pki.build_crl(at, at + timedelta(days=7)).public_bytes(Encoding.DER))
+        publish_crls(h.publisher, [path])
+        time.sleep(2)
+        received = at + timedelta(hours=1)
+    else:
+        cred = make(h)
+        received = at + timedelta(minutes=1)
+    order = h.order(reg.party, at)
+    doc = encode_order(order)
+    if sign_kw.get("hash") == "SHA1":
+        sig = sign_order(doc, cred.cert, cred.key, signing_time=at, intermediates=cred.chain, hash=hashes.SHA1)
+    else:
+        sig = sign_order(doc, cred.cert, cred.key, signing_time=at, intermediates=cred.chain)
+    oid = h.resubmit(doc, sig, reg.dea_number, received)
+    topic, rec = h.outcome(oid)
+    assert topic == t.REJECTED, (case, rec)
+    assert rec["reason_code"] == code, (case, rec["reason"])
+    assert rec["reason"] and rec["checks"] and not rec["checks"][-1]["passed"]
+    assert "order.rejected" in h.audit_actions(oid, "order.rejected")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = h.p.sql(f"SELECT order_number, purchaser_dea, length(certificates) FROM order_archive "
+                       f"WHERE order_id = '{oid}'")
+        if rows:
+            break
+        time.sleep(0.5)
+    assert rows and rows[0][0] == order.order_number and rows[0][1] == reg.dea_number and rows[0][2] >= 1
+
+
+def test_a_crl_signed_by_the_wrong_key_is_refused_and_a_stale_one_fails_closed(h):
+    pki = h.feed.pki
+    sub = pki.issue_sub_ca(f"CSOS TEST Subordinate CA {uuid.uuid4().hex[:4]}")
+    reg = h.registrant
+    cred = pki.issue_registrant(reg.dea_number, reg.name, reg.schedules, not_before=h.end - timedelta(days=10),
+                                not_after=h.end + timedelta(days=300), issuer=sub, record=False)
+    at = h.end + timedelta(hours=12)
+    oid, _, _ = h.submit(h.order(reg.party, at), cred)
+    topic, rec = h.outcome(oid, topics=(t.PENDING, t.REJECTED, t.VERDICTS))
+    assert topic == t.PENDING and rec["reason_code"] == "REVOCATION_UNKNOWN"
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from connectors.pki import generate_key
+    forged = pki.build_crl(at - timedelta(days=1), at + timedelta(days=30), issuer=sub, signer=generate_key())
+    stale = pki.build_crl(at - timedelta(days=20), at - timedelta(days=13), issuer=sub)
+    for name, crl in (("forged", forged), ("stale", stale)):
+        path = h.p.settings.data_dir / f"{name}-{uuid.uuid4().hex}.crl"
+        path.write_bytes(crl.public_bytes(Encoding.DER))
+        publish_crls(h.publisher, [path])
+    time.sleep(3)
+    # Neither decided the order: still parked, not released, not rejected.
+    assert not h.p.sql(f"SELECT 1 FROM verdicts WHERE order_id = '{oid}' UNION ALL "
+                       f"SELECT 1 FROM rejections WHERE order_id = '{oid}'")
+    deadline = time.monotonic() + 30
+    refused: list = []
+    while time.monotonic() < deadline and not refused:
+        refused = h.p.sql("SELECT detail FROM audit_events WHERE action = 'crl.refused'")
+        time.sleep(0.5)
+    assert any("forged-" in r[0] and "key" in r[0] for r in refused), refused
