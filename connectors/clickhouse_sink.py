@@ -116,6 +116,9 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "order_id", "received_at", "rejected_at", "reason_code", "reason", "order_number",
         "purchaser_dea", "signer_subject", "checks",
     ),
+    "pending_orders": (
+        "order_id", "received_at", "parked_at", "reason_code", "reason", "order_number", "purchaser_dea",
+    ),
     "audit_events": (
         "event_id", "occurred_at", "stage", "action", "order_id", "purchaser_dea", "outcome", "detail", "actor",
     ),
@@ -166,6 +169,8 @@ def rows_for(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
             rec["order_number"], rec["purchaser_dea"], rec["signer_subject"],
             [(c["check"], c["passed"], c["detail"]) for c in rec["checks"]],
         ]]}
+    if schema == "csos.orders.PendingOrder":
+        return {"pending_orders": [[rec[c] for c in TABLE_COLUMNS["pending_orders"]]]}
     if schema == "audit.AuditEvent":
         return {"audit_events": [[rec[c] for c in TABLE_COLUMNS["audit_events"]]]}
     if schema == "dlq.DeadLetter":

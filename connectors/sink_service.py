@@ -41,6 +41,7 @@ EXPECTED = {
     t.RECEIVED: "csos.orders.ReceivedOrder",  # -> order_archive (1311.55(c)(11))
     t.VERIFIED: "csos.orders.VerifiedOrder",
     t.REJECTED: "csos.orders.Rejection",
+    t.PENDING: "csos.orders.PendingOrder",
     t.VERDICTS: "som.Verdict",
     t.AUDIT: "audit.AuditEvent",
     t.DLQ: "dlq.DeadLetter",

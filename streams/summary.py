@@ -12,6 +12,7 @@ class Summary:
     verified: int = 0
     rejected: int = 0
     dead_lettered: int = 0
+    pending: int = 0
     released: int = 0
     held: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
@@ -19,7 +20,7 @@ class Summary:
 
     @property
     def received(self) -> int:
-        return self.verified + self.rejected + self.dead_lettered
+        return self.verified + self.rejected + self.dead_lettered + self.pending
 
     def render(self) -> str:
         out = [
@@ -30,6 +31,7 @@ class Summary:
             f"  rejected (may not be filled; purchaser must send a new order): {self.rejected}",
         ]
         out += [f"      {code:<28} {n:>6}" for code, n in sorted(self.rejected_by_reason.items())]
+        out.append(f"  awaiting reference data (CRL, registrant, product; parked, not filled): {self.pending}")
         out.append(f"  unreadable messages set aside (dead-letter topic): {self.dead_lettered}")
         out.append(f"Verified orders released to ship: {self.released}")
         out.append(f"Verified orders held for due diligence (not shipped): {self.held}")
@@ -49,6 +51,9 @@ def fetch_summary(settings: Settings) -> Summary:
     _, rows = run_query(settings, "SELECT uniqExact(source_topic, source_partition, source_offset) FROM dead_letters "
                                   "WHERE stage = 'verify'")
     s.dead_lettered = int(rows[0][0])
+    _, rows = run_query(settings, "SELECT uniqExact(order_id) FROM pending_orders WHERE order_id NOT IN "
+                                  "(SELECT order_id FROM order_lines) AND order_id NOT IN (SELECT order_id FROM rejections)")
+    s.pending = int(rows[0][0])
     _, rows = run_query(settings, "SELECT verdict, count() FROM verdicts FINAL GROUP BY verdict")
     counts = {r[0]: int(r[1]) for r in rows}
     s.released, s.held = counts.get("RELEASE", 0), counts.get("HOLD", 0)

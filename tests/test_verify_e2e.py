@@ -74,6 +74,15 @@ class Harness:
         assert "hit" in found, f"no outcome for {order_id} on {topics}"
         return found["hit"]
 
+    def eventually(self, sql: str, timeout: float = 30) -> list:
+        """Rows of ``sql`` once there are any (the sink writes in batches)."""
+        deadline = time.monotonic() + timeout
+        rows = self.p.sql(sql)
+        while not rows and time.monotonic() < deadline:
+            time.sleep(0.5)
+            rows = self.p.sql(sql)
+        return rows
+
     def audit_actions(self, order_id: str, want: str, timeout: float = 30) -> set[str]:
         deadline = time.monotonic() + timeout
         actions: set[str] = set()
@@ -114,6 +123,7 @@ def test_an_unknown_registrant_is_parked_then_verified_when_registered(h):
     topic, pending = h.outcome(oid, topics=(t.PENDING, t.REJECTED, t.VERDICTS))
     assert topic == t.PENDING and pending["reason_code"] == "REGISTRANT_UNKNOWN"
     assert "order.parked" in h.audit_actions(oid, "order.parked")
+    assert h.eventually(f"SELECT reason_code FROM pending_orders WHERE order_id = '{oid}'") == [["REGISTRANT_UNKNOWN"]]
     # Not released while parked ...
     assert not h.p.sql(f"SELECT order_id FROM verdicts WHERE order_id = '{oid}'")
     # ... and verified once the registration arrives.
@@ -234,13 +244,8 @@ def test_each_check_end_to_end(h, case):
     assert rec["reason_code"] == code, (case, rec["reason"])
     assert rec["reason"] and rec["checks"] and not rec["checks"][-1]["passed"]
     assert "order.rejected" in h.audit_actions(oid, "order.rejected")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        rows = h.p.sql(f"SELECT order_number, purchaser_dea, length(certificates) FROM order_archive "
-                       f"WHERE order_id = '{oid}'")
-        if rows:
-            break
-        time.sleep(0.5)
+    rows = h.eventually(f"SELECT order_number, purchaser_dea, length(certificates) FROM order_archive "
+                        f"WHERE order_id = '{oid}'")
     assert rows and rows[0][0] == order.order_number and rows[0][1] == reg.dea_number and rows[0][2] >= 1
 
 
