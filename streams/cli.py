@@ -30,6 +30,8 @@ def main(verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:  # librdkafka reports transient broker states (e.g. coordinator loading) as warnings
+        logging.getLogger("connectors.kafka_io.librdkafka").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- broker / topics
