@@ -279,3 +279,16 @@ def test_a_crl_signed_by_the_wrong_key_is_refused_and_a_stale_one_fails_closed(h
         refused = h.p.sql("SELECT detail FROM audit_events WHERE action = 'crl.refused'")
         time.sleep(0.5)
     assert any("forged-" in r[0] and "key" in r[0] for r in refused), refused
+
+
+def test_replay_protection_survives_a_worker_restart(h):
+    reg = h.registrant
+    cred = h.feed.pki.registrants[reg.dea_number]
+    at = h.end + timedelta(hours=14)
+    first, doc, sig = h.submit(h.order(reg.party, at), cred)
+    assert h.outcome(first)[0] == t.VERDICTS
+    h.p.processes.worker.stop()
+    h.p.processes.worker.start()
+    replay = h.resubmit(doc, sig, reg.dea_number, at + timedelta(hours=1))
+    topic, rec = h.outcome(replay)
+    assert topic == t.REJECTED and rec["reason_code"] == "DUPLICATE_ORDER_NUMBER"
