@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from connectors.broker import LocalBroker, free_port
+from connectors.broker import LocalBroker
 from connectors.topics import (
     ORDERS_RECEIVED,
     PKI_CRL,

@@ -23,7 +23,7 @@ where:
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, MutableMapping
 
 from .. import topic_names as t
