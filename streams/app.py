@@ -112,8 +112,7 @@ def create_app(settings: Settings) -> faust.App:
     async def process_batches(stream: Any, proc: VerifyProcessor | MonitorProcessor) -> None:
         """Take a batch, handle each event, persist state, flush outputs; only then is the batch acked."""
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
-            if isinstance(proc, VerifyProcessor):
-                proc.tick()  # newest CRLs and registrations before judging the batch
+            proc.begin_batch()
             proc.counts["batches"] = proc.counts.get("batches", 0) + 1
             for event in events:
                 proc.handle(*_event_tuple(event))
@@ -135,8 +134,7 @@ def create_app(settings: Settings) -> faust.App:
     async def reference_data_tick() -> None:
         """Idle or busy, a fresh CRL or registration re-verifies parked orders within a second."""
         proc = parts.get("verify")
-        if proc is not None:
-            proc.tick()
+        if proc is not None and proc.tick():
             await proc.emitter.flush()
 
     @app.agent(verified)

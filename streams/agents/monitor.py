@@ -39,6 +39,9 @@ class MonitorProcessor:
             dump=lambda base: self.codec.encode(STATE_SCHEMA, base.to_state()),
         )
 
+    def begin_batch(self) -> None:
+        """Nothing to refresh: the monitor's inputs are all in the order and its state."""
+
     def end_batch(self) -> int:
         """Write every registrant learned from in this batch to the table (one changelog record each)."""
         return self.state.flush()

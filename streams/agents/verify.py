@@ -68,7 +68,6 @@ class VerifyProcessor:
                                    else {"purchaser_dea": dea, "accepted": {}, "pending": {}}),
             dump=lambda state: self.codec.encode(STATE_SCHEMA, state),
         )
-        self.reference_version = 0
 
     # ------------------------------------------------------------------ reference data
     def apply_reference_updates(self) -> int:
@@ -93,8 +92,6 @@ class VerifyProcessor:
             elif self.directory is not None:
                 self.directory.apply(key, record)
                 applied += 1
-        if applied:
-            self.reference_version += 1
         return applied
 
     def recheck_parked(self) -> int:
@@ -110,16 +107,19 @@ class VerifyProcessor:
                     resolved += 1
         return resolved
 
+    def begin_batch(self) -> None:
+        """The newest CRLs and registrations before judging a batch."""
+        self.tick()
+
     def end_batch(self) -> None:
         self.state.flush()
 
     def tick(self) -> int:
-        """Between batches and on a timer: take in reference data, retry parked orders if it changed."""
-        before = self.reference_version
-        self.apply_reference_updates()
-        resolved = self.recheck_parked() if self.reference_version != before else 0
+        """Take in reference data and, if it changed, retry parked orders; returns how much happened."""
+        applied = self.apply_reference_updates()
+        resolved = self.recheck_parked() if applied else 0
         self.state.flush()
-        return resolved
+        return applied + resolved
 
     # ------------------------------------------------------------------ orders
     def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
