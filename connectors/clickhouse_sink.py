@@ -110,7 +110,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "verdict_reasons": (
         "order_id", "purchaser_dea", "decided_at", "verdict", "detector", "dimension", "drug_family",
-        "value", "baseline", "threshold", "window", "fired", "explanation",
+        "value", "baseline", "threshold", "window", "fired", "explanation", "enforced",
     ),
     "rejections": (
         "order_id", "received_at", "rejected_at", "reason_code", "reason", "order_number",
@@ -134,11 +134,11 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
 
 
 def verdict_summary(verdict: dict[str, Any]) -> str:
-    """One sentence an analyst or a warehouse clerk can read."""
-    fired = [r for r in verdict["reasons"] if r["fired"]]
+    """One sentence an analyst or a warehouse clerk can read (deciding findings; others are in verdict_reasons)."""
+    fired = [r for r in verdict["reasons"] if r["fired"] and r.get("enforced", True)]
     if not fired:
-        return "Released: no detector fired."
-    return "Held: " + " ".join(r["explanation"] for r in fired)
+        return "Released: no detector fired." if verdict["verdict"] == "RELEASE" else "Held."
+    return ("Held: " if verdict["verdict"] == "HOLD" else "Released: ") + " ".join(r["explanation"] for r in fired)
 
 
 def rows_for(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
@@ -152,14 +152,16 @@ def rows_for(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
             for ln in rec["lines"]
         ]}
     if schema == "som.Verdict":
-        fired = [r["detector"] for r in rec["reasons"] if r["fired"]]
+        # Only the detectors that decide; findings of the others are in verdict_reasons (enforced = false).
+        fired = [r["detector"] for r in rec["reasons"] if r["fired"] and r.get("enforced", True)]
         return {
             "verdicts": [[rec["order_id"], rec["order_number"], rec["purchaser_dea"], rec["verdict"], rec["decided_at"],
                           rec["received_at"], rec["signed_at"], rec["model_version"], rec["total_dosage_units"],
                           sorted(set(fired)), verdict_summary(rec)]],
             "verdict_reasons": [
                 [rec["order_id"], rec["purchaser_dea"], rec["decided_at"], rec["verdict"], r["detector"], r["dimension"],
-                 r["drug_family"], r["value"], r["baseline"], r["threshold"], r["window"], r["fired"], r["explanation"]]
+                 r["drug_family"], r["value"], r["baseline"], r["threshold"], r["window"], r["fired"], r["explanation"],
+                 r.get("enforced", True)]
                 for r in rec["reasons"]
             ],
         }

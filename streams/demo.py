@@ -135,7 +135,7 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
         echo(ground_truth(feed))
         echo(detection_report(settings, feed))
         _, rows = run_query(settings, "SELECT purchaser_dea, order_id, explanation FROM verdict_reasons FINAL "
-                                      "WHERE fired ORDER BY decided_at LIMIT 3")
+                                      "WHERE fired AND enforced ORDER BY decided_at LIMIT 3")
         if rows:
             echo("\nWhy orders were held (first three):")
             for dea, oid, why in rows:

@@ -58,6 +58,6 @@ def fetch_summary(settings: Settings) -> Summary:
     counts = {r[0]: int(r[1]) for r in rows}
     s.released, s.held = counts.get("RELEASE", 0), counts.get("HOLD", 0)
     _, rows = run_query(settings, "SELECT concat(dimension, ' (', detector, ')'), uniqExact(order_id) "
-                                  "FROM verdict_reasons FINAL WHERE fired AND verdict = 'HOLD' GROUP BY 1")
+                                  "FROM verdict_reasons FINAL WHERE fired AND enforced AND verdict = 'HOLD' GROUP BY 1")
     s.held_by_reason = {r[0]: int(r[1]) for r in rows}
     return s

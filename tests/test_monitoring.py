@@ -108,11 +108,14 @@ def oxy_history(monitor: Monitor, dea: str = "BP1234563", days: float = 60, seed
 
 
 def held(v: dict[str, Any]) -> list[str]:
-    return [f"{r['detector']}:{r['drug_family']}: {r['explanation']}" for r in v["reasons"] if r["fired"]]
+    """The deciding (enforced) findings that fired."""
+    return [f"{r['detector']}:{r['drug_family']}: {r['explanation']}" for r in v["reasons"]
+            if r["fired"] and r["enforced"]]
 
 
 def fired_detectors(v: dict[str, Any]) -> set[str]:
-    return {r["detector"] for r in v["reasons"] if r["fired"]}
+    """Detectors that fired and decide (static reference rules are recorded but not enforced by default)."""
+    return {r["detector"] for r in v["reasons"] if r["fired"] and r["enforced"]}
 
 
 def avro_schema() -> Any:
@@ -269,6 +272,9 @@ def test_ten_x_spike_is_held_with_consistent_size_reason() -> None:
     assert ratio and float(ratio.group(1)) == pytest.approx(r["value"] / r["baseline"], abs=0.05)
     # every detector reported on the family, fired or not
     assert {r["detector"] for r in v["reasons"]} == {
+        "size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix",
+        "static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit"}
+    assert {r["detector"] for r in v["reasons"] if r["enforced"]} == {
         "size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix"}
     assert Monitor.summary(v).startswith("Held for due diligence: Ordered 5,000")
 

@@ -75,7 +75,7 @@ class MonitorProcessor:
             "model_version": self.monitor.model_version,
             "reasons": [{
                 "detector": "monitor_error", "dimension": "pattern", "drug_family": "*", "value": 0.0,
-                "baseline": 0.0, "threshold": 0.0, "window": "-", "fired": True,
+                "baseline": 0.0, "threshold": 0.0, "window": "-", "fired": True, "enforced": True,
                 "explanation": f"The order could not be scored ({exc.__class__.__name__}); held for review.",
             }],
             "lines": order["lines"],
@@ -85,7 +85,8 @@ class MonitorProcessor:
     def _emit(self, order: dict[str, Any], verdict: dict[str, Any]) -> None:
         oid = order["order_id"]
         self.emitter.send(t.VERDICTS, "som.Verdict", oid, verdict)
-        fired = [r for r in verdict["reasons"] if r["fired"]]
+        # The findings that decided (a fired static rule that is only recorded does not hold the order).
+        fired = [r for r in verdict["reasons"] if r["fired"] and r.get("enforced", True)]
         if verdict["verdict"] == "HOLD":
             self.emitter.send(t.HOLD, "som.Hold", oid, {
                 "order_id": oid, "order_number": order["order_number"], "purchaser_dea": order["purchaser_dea"],

@@ -37,11 +37,18 @@ does not define its "usual" for months; and a learned window count is clipped
 to one order above the usual count (:func:`_clip_count`), so the released head
 of a burst cannot raise the threshold that is meant to stop the burst.
 
+* ``months``: dosage units per UTC calendar month, the current month and the
+  12 before it, for the static reference rules ("Rafalski" flags: over 2x / 3x
+  the trailing 12-month average, over the trailing 6-month maximum, over
+  8,000 units a month, over a customer's fixed monthly limit).
+
 Everything is bounded: per family seven numbers, at most ``recent_max``
-timestamps from the last 24 hours and at most 30 ``(day, orders, units)`` cells.
+timestamps from the last 24 hours, at most 30 ``(day, orders, units)`` cells
+and at most 13 ``(month, units)`` cells.
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import zlib
@@ -53,12 +60,13 @@ from river import stats
 
 #: Version of the state dict / ``som.state.RegistrantState`` layout. Bump it and
 #: add a step to :func:`migrate_state` whenever the layout changes.
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 MS_PER_DAY = 86_400_000
 WINDOW_24H_MS = MS_PER_DAY
 WINDOW_7D_DAYS = 7
 WINDOW_30D_DAYS = 30
+MONTHS_KEPT = 13  # the current calendar month and the 12 full months before it
 LEARNED_IDS_KEPT = 8
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -323,6 +331,47 @@ class DailyRing:
         return {"day": days, "orders": [self.cells[d][0] for d in days], "units": [self.cells[d][1] for d in days]}
 
 
+def month_of(ms: int) -> int:
+    """UTC calendar month index: year * 12 + (month - 1)."""
+    d = _EPOCH + timedelta(milliseconds=ms)
+    return d.year * 12 + d.month - 1
+
+
+@functools.lru_cache(maxsize=256)
+def month_name(index: int) -> str:
+    """``2026-03`` for a month index."""
+    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+
+
+class MonthRing:
+    """Learned dosage units per UTC calendar month: at most :data:`MONTHS_KEPT` cells.
+
+    Kept relative to the newest learned month (that month and the 12 before it),
+    so the trailing 12 full months are known while the registrant orders in the
+    month after. Months without learned orders have no cell.
+    """
+
+    __slots__ = ("cells",)
+
+    def __init__(self, cells: Mapping[str, Iterable[int]] | None = None) -> None:
+        cells = cells or {"month": (), "units": ()}
+        self.cells: dict[int, int] = {int(m): int(u) for m, u in zip(cells["month"], cells["units"])}
+
+    def units(self, month: int) -> int:
+        return self.cells.get(month, 0)
+
+    def add(self, at_ms: int, units: int, newest_ms: int) -> None:
+        m = month_of(at_ms)
+        self.cells[m] = self.cells.get(m, 0) + int(units)
+        oldest = month_of(newest_ms) - MONTHS_KEPT
+        if len(self.cells) > MONTHS_KEPT or min(self.cells) <= oldest:
+            self.cells = {k: v for k, v in self.cells.items() if k > oldest}
+
+    def to_dict(self) -> dict[str, list[int]]:
+        months = sorted(self.cells)
+        return {"month": months, "units": [self.cells[m] for m in months]}
+
+
 # --------------------------------------------------------------------------
 # Orders as the baselines see them
 # --------------------------------------------------------------------------
@@ -415,6 +464,28 @@ class Windows:
     units_30d: int
 
 
+@dataclass(frozen=True)
+class Monthly:
+    """One family's dosage units per UTC calendar month, as the static rules read them.
+
+    ``current``: units learned in the order's calendar month plus the order's own.
+    ``prior``: units of each trailing full month the history covers, oldest first,
+    at most 12, zeros for covered months without orders. Coverage starts at the
+    earliest month with learned orders still kept (so a registrant whose history
+    began 4 months ago is averaged over 4 months, not diluted over 12).
+    """
+
+    month: int
+    current: int
+    prior: tuple[int, ...]
+
+    def trailing(self, months: int) -> tuple[int, ...]:
+        return self.prior[-months:] if months < len(self.prior) else self.prior
+
+    def months_with_orders(self, months: int) -> int:
+        return sum(1 for u in self.trailing(months) if u > 0)
+
+
 def _clip_count(count: int, baseline: EWMeanBaseline) -> float:
     """A window count as learned: at most one order above the usual count.
 
@@ -443,6 +514,7 @@ class FamilyBaseline:
         self.units_30d = EWMeanBaseline(a)
         self.recent = RecentOrders(cap=s.recent_max)
         self.days = DailyRing()
+        self.months = MonthRing()
 
     def windows(self, at_ms: int, units: int, exclude_self: bool = False) -> Windows:
         """Counts over 24 h / 7 days / 30 days ending at ``at_ms``, including an order of ``units``.
@@ -478,6 +550,7 @@ class FamilyBaseline:
         self.last_order_ms = max(self.last_order_ms, at_ms)
         self.recent.add(at_ms, self.last_order_ms)
         self.days.add(at_ms, units, self.last_order_ms)
+        self.months.add(at_ms, units, self.last_order_ms)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -492,6 +565,7 @@ class FamilyBaseline:
             "units_30d": self.units_30d.to_dict(),
             "recent_ms": self.recent.to_dict(),
             "days": self.days.to_dict(),
+            "months": self.months.to_dict(),
         }
 
     @classmethod
@@ -510,6 +584,7 @@ class FamilyBaseline:
         fb.units_30d = EWMeanBaseline.from_dict(d["units_30d"], a)
         fb.recent = RecentOrders(d["recent_ms"], cap=s.recent_max)
         fb.days = DailyRing(d["days"])
+        fb.months = MonthRing(d.get("months"))
         return fb
 
 
@@ -576,12 +651,19 @@ def new_state(purchaser_dea: str) -> dict[str, Any]:
 def migrate_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
     """Bring a stored state to :data:`STATE_VERSION`, or refuse loudly.
 
-    Only version 1 exists. A later layout adds a step here (v1 -> v2 ...) so a
-    changelog written by an older worker is still usable after a deploy.
+    v1 -> v2: families gain ``months`` (units per calendar month), empty: the
+    monthly history starts with the next learned order (Avro's reader default
+    already fills it when a v1 record is decoded with the current schema).
+    Each later layout adds a step here, so a changelog written by an older
+    worker is still usable after a deploy.
     """
     version = state.get("version")
     if version == STATE_VERSION:
         return state
+    if version == 1:
+        families = {fam: dict(fb, months=fb.get("months") or {"month": [], "units": []})
+                    for fam, fb in state["families"].items()}
+        return dict(state, version=2, families=families)
     raise StateVersionError(f"SOM state version {version!r} is not supported (expected {STATE_VERSION})")
 
 
@@ -604,7 +686,7 @@ class RegistrantBaselines:
         self._mix: FamilyMix | None = None
         self._raw_families: dict[str, Mapping[str, Any]] = dict(state["families"])
         self._families: dict[str, FamilyBaseline] = {}
-        self._windows: dict[tuple[str, int, int, bool], Windows] = {}
+        self._windows: dict[tuple[Any, ...], Any] = {}  # per-order caches: Windows, Monthly
 
     @classmethod
     def new(cls, purchaser_dea: str, s: BaselineSettings) -> "RegistrantBaselines":
@@ -645,6 +727,23 @@ class RegistrantBaselines:
             w = fb.windows(order.at_ms, units, exclude_self=replay) if fb else Windows(1, 1, units)
             self._windows[key] = w
         return w
+
+    def monthly(self, family: str, order: OrderFacts) -> Monthly:
+        """Units of ``family`` per calendar month up to ``order``'s month, the order included."""
+        units = order.families[family].units if family in order.families else 0
+        replay = self.has_learned(order.order_id)
+        key = ("months", family, order.at_ms, units, replay)
+        m = self._windows.get(key)  # type: ignore[arg-type]
+        if m is None:
+            cur = month_of(order.at_ms)
+            fb = self.family(family)
+            cells = fb.months.cells if fb else {}
+            current = cells.get(cur, 0) + (0 if replay else units)
+            known = [k for k in cells if k < cur]
+            start = max(cur - 12, min(known)) if known else cur
+            m = Monthly(cur, current, tuple(cells.get(k, 0) for k in range(start, cur)))
+            self._windows[key] = m  # type: ignore[index]
+        return m  # type: ignore[return-value]
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
         """Units per family over the 30 UTC days ending at ``order``, the order included."""

@@ -19,20 +19,35 @@ the threshold or stated in the explanation.
 Until a family has enough history ("cold start") the learned thresholds do not
 apply and only absolute ceilings do, so a new customer is not held for its
 first ordinary orders.
+
+Reference detectors (``static_*``) implement the static rules that incumbents
+and litigators use ("Rafalski" flags, per-customer monthly limits) on the same
+state, so the learned detectors can be compared with them order by order. All
+detectors always run and are recorded; only those named in
+``MonitorConfig.hold_detectors`` decide (``enforced``).
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
-from .baselines import BaselineSettings, FamilyFacts, OrderFacts, RegistrantBaselines, ew_memory
+from .baselines import BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name
+
+log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "1"
+DETECTORS_VERSION = "2"
+
+#: The learned detectors: what decides by default.
+LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix")
+#: The static reference rules: recorded on every order, deciding only when named in ``hold_detectors``.
+STATIC_DETECTORS = ("static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit")
 
 Reason = dict[str, Any]
 
@@ -88,6 +103,19 @@ class MonitorConfig:
     mix_min_share: float = 0.2  # ... and never below this share (a minor family is not a shift)
     mix_min_volume_ratio: float = 1.25  # ... and the family's 30-day units vs its usual
 
+    # Static reference rules, per family on calendar-month units including the order.
+    static_min_months: int = 3  # months with orders in the rule's trailing window before the 12m/6m rules apply
+    static_max_monthly_units: int = 8000  # static_8000_du
+    customer_limits: str = ""  # CSV dea_number,drug_family,monthly_units (env SOM_CUSTOMER_LIMITS); "" = none
+
+    # Which detectors decide: HOLD iff one of these fired (env SOM_HOLD_DETECTORS, comma list).
+    hold_detectors: tuple[str, ...] = LEARNED_DETECTORS
+
+    def __post_init__(self) -> None:
+        # A set, spelled one way, so the fingerprint (model_version) names what decides.
+        object.__setattr__(self, "hold_detectors",
+                           tuple(sorted({d.strip().lower() for d in self.hold_detectors if d.strip()})))
+
     def baseline_settings(self) -> BaselineSettings:
         return BaselineSettings(self.ew_alpha, self.mix_alpha, self.recent_max, self.family_ttl_days)
 
@@ -106,8 +134,12 @@ class MonitorConfig:
                 continue
             default = f.default
             try:
-                if isinstance(default, tuple):
+                if f.name == "hold_detectors":
+                    values[f.name] = tuple(x.strip().lower() for x in raw.split(",") if x.strip())
+                elif isinstance(default, tuple):
                     values[f.name] = tuple(x.strip().upper() for x in raw.split(",") if x.strip())
+                elif isinstance(default, str):
+                    values[f.name] = raw.strip()
                 elif isinstance(default, bool):
                     values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
                 elif isinstance(default, int):
@@ -151,6 +183,7 @@ def reason(detector: str, dimension: str, family: str, value: float, baseline: f
         "detector": detector, "dimension": dimension, "drug_family": family,
         "value": float(value), "baseline": float(baseline), "threshold": float(threshold),
         "window": window, "fired": bool(fired), "explanation": explanation,
+        "enforced": True,  # set by Monitor.score from hold_detectors
     }
 
 
@@ -437,6 +470,184 @@ class FamilyMixDetector:
         return reason(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
 
 
+# --------------------------------------------------------------------------
+# static reference rules ("Rafalski" flags, per-customer monthly limits)
+# --------------------------------------------------------------------------
+
+def _months_span(m: Monthly, months: int) -> str:
+    n = len(m.trailing(months))
+    return f"{month_name(m.month - n)}..{month_name(m.month - 1)}" if n else "none"
+
+
+def _this_month(f: str, m: Monthly) -> str:
+    return f"{f} this month ({month_name(m.month)}, this order included): {fmt_n(m.current)} dosage units"
+
+
+class StaticAverageDetector:
+    """Static rule: this calendar month's units of a family > ``multiple`` x the trailing 12-month average.
+
+    The average is over the trailing full months the history covers (at most
+    12, months without orders counted as 0); the rule applies once
+    ``static_min_months`` of them had orders. 2x is the usual flag, 3x the
+    "extraordinary" one.
+    """
+
+    dimension = "size"
+
+    def __init__(self, cfg: MonitorConfig, multiple: int) -> None:
+        self.cfg = cfg
+        self.multiple = multiple
+        self.name = f"static_{multiple}x_12m"
+
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+        return [self._one(state, order, f) for f in order.families.values()]
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        m = state.monthly(f.family, order)
+        prior = m.trailing(12)
+        with_orders = m.months_with_orders(12)
+        avg = sum(prior) / len(prior) if prior else 0.0
+        if with_orders < self.cfg.static_min_months:
+            window = (f"not applicable: {with_orders} of the trailing 12 months with orders of {f.family} "
+                      f"(< {self.cfg.static_min_months})")
+            text = (f"{_this_month(f.family, m)}; too little monthly history for the {self.multiple}x 12-month "
+                    f"average rule ({with_orders} prior months with orders, {self.cfg.static_min_months} needed).")
+            return reason(self.name, self.dimension, f.family, m.current, avg, _MAX, window, False, text)
+        threshold = self.multiple * avg
+        fired = m.current > threshold
+        window = (f"calendar month {month_name(m.month)}; average over the trailing {len(prior)} months "
+                  f"({_months_span(m, 12)})")
+        text = (f"{_this_month(f.family, m)}; trailing 12-month monthly average {fmt_n(avg)} ({len(prior)} months); "
+                f"rule: over {self.multiple}x = {fmt_n(threshold)}" + ("; exceeded." if fired else "; within it."))
+        return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
+
+
+class StaticMaxDetector:
+    """Static rule: this calendar month's units of a family above the trailing 6-month monthly maximum."""
+
+    name = "static_6m_max"
+    dimension = "size"
+
+    def __init__(self, cfg: MonitorConfig) -> None:
+        self.cfg = cfg
+
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+        return [self._one(state, order, f) for f in order.families.values()]
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        m = state.monthly(f.family, order)
+        prior = m.trailing(6)
+        with_orders = m.months_with_orders(6)
+        top = float(max(prior, default=0))
+        if with_orders < self.cfg.static_min_months:
+            window = (f"not applicable: {with_orders} of the trailing 6 months with orders of {f.family} "
+                      f"(< {self.cfg.static_min_months})")
+            text = (f"{_this_month(f.family, m)}; too little monthly history for the 6-month maximum rule "
+                    f"({with_orders} prior months with orders, {self.cfg.static_min_months} needed).")
+            return reason(self.name, self.dimension, f.family, m.current, top, _MAX, window, False, text)
+        fired = m.current > top
+        window = f"calendar month {month_name(m.month)}; maximum of the trailing {len(prior)} months ({_months_span(m, 6)})"
+        text = (f"{_this_month(f.family, m)}; trailing 6-month monthly maximum {fmt_n(top)} ({len(prior)} months); "
+                f"rule: over the maximum" + ("; exceeded." if fired else "; within it."))
+        return reason(self.name, self.dimension, f.family, m.current, top, top, window, fired, text)
+
+
+class StaticCeilingDetector:
+    """Static rule: more than ``static_max_monthly_units`` dosage units of one family in a calendar month."""
+
+    name = "static_8000_du"
+    dimension = "size"
+
+    def __init__(self, cfg: MonitorConfig) -> None:
+        self.cfg = cfg
+
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+        return [self._one(state, order, f) for f in order.families.values()]
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        m = state.monthly(f.family, order)
+        threshold = float(self.cfg.static_max_monthly_units)
+        fired = m.current > threshold
+        window = f"calendar month {month_name(m.month)}; fixed ceiling"
+        text = (f"{_this_month(f.family, m)}; rule: over {fmt_n(threshold)} dosage units of one family a month"
+                + ("; exceeded." if fired else "; within it."))
+        # A fixed rule has no learned baseline: its reference level is the ceiling itself.
+        return reason(self.name, self.dimension, f.family, m.current, threshold, threshold, window, fired, text)
+
+
+def load_customer_limits(path: str) -> dict[tuple[str, str], int] | None:
+    """``{(dea_number, drug_family): monthly_units}`` from a CSV; None when no path or no file.
+
+    Columns ``dea_number,drug_family,monthly_units`` (header required). A
+    malformed file raises ``ValueError``: a limit silently skipped would be a
+    customer silently unmonitored by this rule.
+    """
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        log.warning("SOM customer limits file %s not found: static_customer_limit is not applicable", path)
+        return None
+    limits: dict[tuple[str, str], int] = {}
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"dea_number", "drug_family", "monthly_units"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        for n, row in enumerate(reader, start=2):
+            key = (row["dea_number"].strip().upper(), row["drug_family"].strip().upper())
+            try:
+                units = int(float(row["monthly_units"]))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{n}: monthly_units {row['monthly_units']!r} is not a number") from None
+            if not key[0] or not key[1] or units < 0:
+                raise ValueError(f"{path}:{n}: incomplete or negative limit {row!r}")
+            if key in limits and limits[key] != units:
+                raise ValueError(f"{path}:{n}: two limits for {key[0]} / {key[1]}")
+            limits[key] = units
+    return limits
+
+
+class CustomerLimitDetector:
+    """Static rule: a customer's fixed monthly threshold for a family (incumbents' per-customer limits).
+
+    Limits come from ``customer_limits`` (CSV). Without the file, or for a
+    customer/family it does not list, the finding is "not applicable" and
+    never fires.
+    """
+
+    name = "static_customer_limit"
+    dimension = "size"
+
+    def __init__(self, cfg: MonitorConfig, limits: dict[tuple[str, str], int] | None = None) -> None:
+        self.cfg = cfg
+        self.limits = limits if limits is not None else load_customer_limits(cfg.customer_limits)
+
+    @property
+    def version_tag(self) -> str:
+        """Digest of the limits in force, for ``model_version`` (the file's content, not its path)."""
+        if self.limits is None:
+            return ""
+        blob = json.dumps(sorted([*k, v] for k, v in self.limits.items())).encode()
+        return "limits-" + hashlib.sha256(blob).hexdigest()[:8]
+
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+        return [self._one(state, order, f) for f in order.families.values()]
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        m = state.monthly(f.family, order)
+        limit = None if self.limits is None else self.limits.get((order.purchaser_dea.upper(), f.family))
+        if limit is None:
+            why = "no customer limits file" if self.limits is None else f"no limit for this customer and {f.family}"
+            text = f"{_this_month(f.family, m)}; {why}, the customer-limit rule does not apply."
+            return reason(self.name, self.dimension, f.family, m.current, 0.0, _MAX, f"not applicable: {why}",
+                          False, text)
+        fired = m.current > limit
+        window = f"calendar month {month_name(m.month)}; customer's monthly limit"
+        text = (f"{_this_month(f.family, m)}; this customer's monthly limit for {f.family} is {fmt_n(limit)}"
+                + ("; exceeded." if fired else "; within it."))
+        return reason(self.name, self.dimension, f.family, m.current, float(limit), float(limit), window, fired, text)
+
+
 def default_detectors(cfg: MonitorConfig) -> list[Detector]:
     """The detectors a verdict runs, in the order their findings are listed."""
     return [
@@ -446,10 +657,17 @@ def default_detectors(cfg: MonitorConfig) -> list[Detector]:
         FrequencyDetector(cfg, 168),
         NewFamilyDetector(cfg),
         FamilyMixDetector(cfg),
+        StaticAverageDetector(cfg, 2),
+        StaticAverageDetector(cfg, 3),
+        StaticMaxDetector(cfg),
+        StaticCeilingDetector(cfg),
+        CustomerLimitDetector(cfg),
     ]
 
 
 __all__ = [
     "MonitorConfig", "Detector", "Reason", "SizeDetector", "VolumeDetector", "FrequencyDetector",
-    "NewFamilyDetector", "FamilyMixDetector", "default_detectors", "reason", "ew_memory",
+    "NewFamilyDetector", "FamilyMixDetector", "StaticAverageDetector", "StaticMaxDetector",
+    "StaticCeilingDetector", "CustomerLimitDetector", "load_customer_limits", "default_detectors",
+    "reason", "ew_memory", "LEARNED_DETECTORS", "STATIC_DETECTORS",
 ]

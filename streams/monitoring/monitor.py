@@ -11,6 +11,11 @@ Learning only from released orders is what keeps the baselines honest: a run
 of suspicious orders is held and never becomes the "normal" it is judged by.
 Scoring is pure (same state + order -> same verdict), so a replay, the
 offline CLI and the backtest reach the decisions the stream reached.
+
+Every detector runs on every order and its findings are recorded; only the
+detectors named in ``MonitorConfig.hold_detectors`` decide. Each finding says
+whether its detector decides (``enforced``), so the learned detectors and the
+static reference rules can be compared on the same verdicts.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ def _closeness(r: Mapping[str, Any]) -> float:
 
 
 def evidence(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The findings a verdict carries: every one that fired, and per detector the closest call.
+    """The findings a verdict carries: every one that fired (enforced or not), and per detector the closest call.
 
     Detectors run for every drug family on the order (~40 findings for a
     typical pharmacy order). An auditor asking "why was this released?" needs,
@@ -56,8 +61,17 @@ class Monitor:
         self.config = config or MonitorConfig()
         self.settings = self.config.baseline_settings()
         self.detectors = detectors if detectors is not None else default_detectors(self.config)
-        #: Names the detector logic, the state layout and every threshold; carried by each verdict.
-        self.model_version = f"som/{DETECTORS_VERSION}.s{STATE_VERSION}+{self.config.fingerprint()}"
+        names = [d.name for d in self.detectors]
+        unknown = sorted(set(self.config.hold_detectors) - set(names))
+        if unknown:
+            # A misspelt name would silently stop that detector from holding anything.
+            raise ValueError(f"SOM_HOLD_DETECTORS names unknown detector(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(names)}")
+        self.hold_detectors = frozenset(self.config.hold_detectors)
+        #: Names the detector logic, the state layout and every threshold (the decisive detectors
+        #: and the customer limits in force included); carried by each verdict.
+        tags = "".join(f".{t}" for d in self.detectors if (t := getattr(d, "version_tag", "")))
+        self.model_version = f"som/{DETECTORS_VERSION}.s{STATE_VERSION}+{self.config.fingerprint()}{tags}"
 
     @classmethod
     def from_env(cls) -> "Monitor":
@@ -96,19 +110,27 @@ class Monitor:
               decided_at: datetime | None = None) -> dict[str, Any]:
         """Judge a verified order against the registrant's baselines; the state is not changed.
 
-        Returns a ``som.Verdict`` dict. HOLD if any detector fired. An order
+        Returns a ``som.Verdict`` dict. HOLD if a detector in ``hold_detectors`` fired;
+        the others' findings are recorded with ``enforced`` false. An order
         already learned (a redelivery after its RELEASE was acted on) gets
         RELEASE again: the first decision stands and was already shipped on.
         """
         facts = order_facts(order)
         base = self._baselines(state, order)
-        reasons = [r for d in self.detectors for r in d.score_one(base, facts)]
+        hold = self.hold_detectors
+        reasons = []
+        for d in self.detectors:
+            enforced = d.name in hold
+            for r in d.score_one(base, facts):
+                r["enforced"] = enforced
+                reasons.append(r)
         replay = base.has_learned(facts.order_id)
         if replay:
-            reasons.append(reason(
-                "replay", "pattern", "*", 1.0, 0.0, 0.0, "last orders learned", False,
-                "This order was already scored, released and learned; the earlier RELEASE is repeated."))
-        held = any(r["fired"] for r in reasons) and not replay
+            r = reason("replay", "pattern", "*", 1.0, 0.0, 0.0, "last orders learned", False,
+                       "This order was already scored, released and learned; the earlier RELEASE is repeated.")
+            r["enforced"] = False
+            reasons.append(r)
+        held = not replay and any(r["fired"] and r["enforced"] for r in reasons)
         reasons = evidence(reasons)
         return {
             "order_id": order["order_id"],
@@ -141,8 +163,16 @@ class Monitor:
 
     @staticmethod
     def summary(verdict: Mapping[str, Any]) -> str:
-        """One plain-language sentence for the hold notice: the fired findings, or why it was released."""
-        fired = [r["explanation"] for r in verdict["reasons"] if r["fired"]]
+        """One plain-language sentence for the hold notice: the fired findings, or why it was released.
+
+        Findings of detectors that do not decide (``enforced`` false) are named after the deciding ones.
+        """
+        rs = verdict["reasons"]
+        deciding = [r["explanation"] for r in rs if r["fired"] and r.get("enforced", True)]
+        recorded = [r["explanation"] for r in rs if r["fired"] and not r.get("enforced", True)]
+        extra = f" Recorded, not deciding: {' '.join(recorded)}" if recorded else ""
         if verdict["verdict"] == "HOLD":
-            return f"Held for due diligence: {' '.join(fired)}"
-        return "Released: no detector fired." if not fired else f"Released: {' '.join(fired)}"
+            return f"Held for due diligence: {' '.join(deciding)}{extra}"
+        if deciding:  # a replayed order: the earlier RELEASE stands
+            return f"Released: {' '.join(deciding)}{extra}"
+        return f"Released: no deciding detector fired.{extra}" if recorded else "Released: no detector fired."
