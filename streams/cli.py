@@ -375,6 +375,55 @@ def bench(registrants: int, days: int, seed: int, rate: float | None) -> None:
     click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate).render())
 
 
+@main.group()
+def evaluate() -> None:
+    """Evaluate the monitor's detectors (learned and static rules) offline, with reports to files."""
+
+
+@evaluate.command("scenarios")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="var/evaluation", show_default=True)
+@click.option("--seed", default=7, show_default=True)
+@click.option("--registrants", default=150, show_default=True)
+def evaluate_scenarios(out_dir: str, seed: int, registrants: int) -> None:
+    """Labeled scenarios (spikes, bursts, ramp-ups, MME shifts, legitimate surges, new customers), every policy.
+
+    Writes metrics.md/.csv (recall, precision, false holds per 1,000, time to
+    first hold) and report.html with charts. Takes a few minutes.
+    """
+    from .evaluation import run_scenarios
+
+    run_scenarios(out_dir, seed=seed, n_registrants=registrants)
+    click.echo((Path(out_dir) / "metrics.md").read_text())
+    click.echo(f"report: {Path(out_dir) / 'report.html'}")
+
+
+@evaluate.command("arcos")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="var/evaluation-arcos", show_default=True)
+def evaluate_arcos(path: str, out_dir: str) -> None:
+    """Replay an ARCOS transaction file (Washington Post format) through every policy; hold rates per policy.
+
+    ARCOS records are shipped orders without signatures, so verification is
+    skipped explicitly and there are no labels (no recall or precision).
+    """
+    from .evaluation import run_arcos
+
+    run_arcos(path, out_dir)
+    click.echo((Path(out_dir) / "arcos.md").read_text())
+    click.echo(f"report: {Path(out_dir) / 'arcos_report.html'}")
+
+
+@main.command("replay-arcos")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def replay_arcos(path: str) -> None:
+    """Stream an ARCOS file onto csos.orders.verified (skipping verification: ARCOS has no signatures)."""
+    from connectors.arcos_replay import publish_arcos
+    from connectors.kafka_io import Publisher
+
+    n = publish_arcos(path, Publisher(_settings().kafka_bootstrap))
+    click.echo(f"published {n} ARCOS orders to csos.orders.verified")
+
+
 @main.command("bench-verify")
 @click.option("-n", "n", default=2000, show_default=True, help="Orders per timed round.")
 @click.option("--rounds", default=5, show_default=True, help="Interleaved rounds; the best of each is kept.")
