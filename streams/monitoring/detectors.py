@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 DETECTORS_VERSION = "2"
 
 #: The learned detectors: what decides by default.
-LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix")
+LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend")
 #: The static reference rules: recorded on every order, deciding only when named in ``hold_detectors``.
 STATIC_DETECTORS = ("static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit")
 
@@ -104,6 +104,8 @@ class MonitorConfig:
     mix_min_volume_ratio: float = 1.25  # ... and the family's 30-day units vs its usual
 
     # Static reference rules, per family on calendar-month units including the order.
+    trend_ratio: float = 5.0  # 30-day units vs the registrant's level before the last two months
+    trend_gap_months: int = 2  # recent full months left out of the trend baseline (a ramp would be in them)
     static_min_months: int = 3  # months with orders in the rule's trailing window before the 12m/6m rules apply
     static_max_monthly_units: int = 8000  # static_8000_du
     customer_limits: str = ""  # CSV dea_number,drug_family,monthly_units (env SOM_CUSTOMER_LIMITS); "" = none
@@ -483,6 +485,48 @@ def _this_month(f: str, m: Monthly) -> str:
     return f"{f} this month ({month_name(m.month)}, this order included): {fmt_n(m.current)} dosage units"
 
 
+class TrendDetector:
+    """Unusual growth: the last 30 days far above the registrant's own level before the last two months.
+
+    The EW baselines learn every released order, so a pill mill that grows its
+    orders 10-25 % a week drags them up with it and never looks unusual
+    against them. This detector compares the rolling 30-day units (this order
+    included) with the median monthly units of the trailing full months that
+    end ``trend_gap_months`` before this one: months the ramp has not reached
+    yet. A legitimate flu season (+40 %) or a store expansion (2x) stays under
+    the default 5x; a ramp past 5x its earlier level does not. It applies once
+    ``static_min_months`` of those earlier months had orders.
+    """
+
+    name = "trend"
+    dimension = "pattern"
+
+    def __init__(self, cfg: MonitorConfig) -> None:
+        self.cfg = cfg
+
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+        return [self._one(state, order, f) for f in order.families.values()]
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        value = state.windows(f.family, order).units_30d
+        m = state.monthly(f.family, order)
+        gap = self.cfg.trend_gap_months
+        earlier = m.prior[:-gap] if len(m.prior) > gap else ()
+        with_orders = sum(1 for u in earlier if u > 0)
+        if with_orders < self.cfg.static_min_months:
+            return reason(self.name, self.dimension, f.family, value, 0.0, _MAX,
+                          f"not applicable: {with_orders} months with orders before the last {gap}",
+                          False, "")
+        level = float(sorted(earlier)[len(earlier) // 2])
+        threshold = self.cfg.trend_ratio * level
+        fired = level > 0 and value > threshold
+        window = f"median month of the {len(earlier)} full months ending {gap} months ago; 30 days to this order"
+        text = (f"{f.family} in the last 30 days: {fmt_n(value)} dosage units; this registrant's monthly level "
+                f"before the last {gap} months was {fmt_n(level)} (median of {len(earlier)} months); the threshold "
+                f"is {fmt_n(threshold)} ({self.cfg.trend_ratio:g}x): sustained growth far beyond its own history.")
+        return reason(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
+
+
 class StaticAverageDetector:
     """Static rule: this calendar month's units of a family > ``multiple`` x the trailing 12-month average.
 
@@ -657,6 +701,7 @@ def default_detectors(cfg: MonitorConfig) -> list[Detector]:
         FrequencyDetector(cfg, 168),
         NewFamilyDetector(cfg),
         FamilyMixDetector(cfg),
+        TrendDetector(cfg),
         StaticAverageDetector(cfg, 2),
         StaticAverageDetector(cfg, 3),
         StaticMaxDetector(cfg),
@@ -667,7 +712,7 @@ def default_detectors(cfg: MonitorConfig) -> list[Detector]:
 
 __all__ = [
     "MonitorConfig", "Detector", "Reason", "SizeDetector", "VolumeDetector", "FrequencyDetector",
-    "NewFamilyDetector", "FamilyMixDetector", "StaticAverageDetector", "StaticMaxDetector",
+    "NewFamilyDetector", "FamilyMixDetector", "TrendDetector", "StaticAverageDetector", "StaticMaxDetector",
     "StaticCeilingDetector", "CustomerLimitDetector", "load_customer_limits", "default_detectors",
     "reason", "ew_memory", "LEARNED_DETECTORS", "STATIC_DETECTORS",
 ]
