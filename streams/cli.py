@@ -424,6 +424,16 @@ def replay_arcos(path: str) -> None:
     click.echo(f"published {n} ARCOS orders to csos.orders.verified")
 
 
+@main.command("bench-monitor")
+@click.option("--registrants", default=150, show_default=True)
+@click.option("--seed", default=7, show_default=True)
+def bench_monitor(registrants: int, seed: int) -> None:
+    """Monitoring cost: score + learn per order, and state bytes per registrant and drug family."""
+    from .bench_monitor import render, run
+
+    click.echo(render(run(registrants, seed)))
+
+
 @main.command("bench-verify")
 @click.option("-n", "n", default=2000, show_default=True, help="Orders per timed round.")
 @click.option("--rounds", default=5, show_default=True, help="Interleaved rounds; the best of each is kept.")
