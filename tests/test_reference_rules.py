@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import copy
-import io
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import fastavro
 import pytest
 
 from connectors.clickhouse_sink import rows_for

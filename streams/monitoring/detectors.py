@@ -193,6 +193,22 @@ def reason(detector: str, dimension: str, family: str, value: float, baseline: f
 # size
 # --------------------------------------------------------------------------
 
+class PerFamilyDetector:
+    """A detector that judges each drug family on the order separately (``_one``)."""
+
+    name: str
+    dimension: str
+
+    def __init__(self, cfg: MonitorConfig) -> None:
+        self.cfg = cfg
+
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+        return [self._one(state, order, f) for f in order.families.values()]
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        raise NotImplementedError
+
+
 class SizeDetector:
     """Unusual size: one order of a family far above the registrant's usual order.
 
@@ -247,7 +263,7 @@ class SizeDetector:
         return reason(self.name, self.dimension, f.family, f.units, usual, threshold, window, fired, text)
 
 
-class VolumeDetector:
+class VolumeDetector(PerFamilyDetector):
     """Unusual size over time: dosage units of a family in the last 30 days, this order included.
 
     Catches growth spread over several orders that are each below the size
@@ -258,11 +274,6 @@ class VolumeDetector:
     name = "volume_30d"
     dimension = "size"
 
-    def __init__(self, cfg: MonitorConfig) -> None:
-        self.cfg = cfg
-
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
-        return [self._one(state, order, f) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         c = self.cfg
@@ -293,7 +304,7 @@ class VolumeDetector:
 # frequency
 # --------------------------------------------------------------------------
 
-class FrequencyDetector:
+class FrequencyDetector(PerFamilyDetector):
     """Unusual frequency: more orders of a family in a window than the registrant usually has.
 
     The value is the number of orders of the family in the window, this one
@@ -313,8 +324,6 @@ class FrequencyDetector:
         self.hours = hours
         self.name = "frequency_24h" if hours == 24 else "frequency_7d"
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
-        return [self._one(state, order, f) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         c = self.cfg
@@ -485,7 +494,7 @@ def _this_month(f: str, m: Monthly) -> str:
     return f"{f} this month ({month_name(m.month)}, this order included): {fmt_n(m.current)} dosage units"
 
 
-class TrendDetector:
+class TrendDetector(PerFamilyDetector):
     """Unusual growth: the last 30 days far above the registrant's own level before the last two months.
 
     The EW baselines learn every released order, so a pill mill that grows its
@@ -501,11 +510,6 @@ class TrendDetector:
     name = "trend"
     dimension = "pattern"
 
-    def __init__(self, cfg: MonitorConfig) -> None:
-        self.cfg = cfg
-
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
-        return [self._one(state, order, f) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         value = state.windows(f.family, order).units_30d
@@ -527,7 +531,7 @@ class TrendDetector:
         return reason(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
 
 
-class StaticAverageDetector:
+class StaticAverageDetector(PerFamilyDetector):
     """Static rule: this calendar month's units of a family > ``multiple`` x the trailing 12-month average.
 
     The average is over the trailing full months the history covers (at most
@@ -543,8 +547,6 @@ class StaticAverageDetector:
         self.multiple = multiple
         self.name = f"static_{multiple}x_12m"
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
-        return [self._one(state, order, f) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         m = state.monthly(f.family, order)
@@ -566,17 +568,12 @@ class StaticAverageDetector:
         return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
 
 
-class StaticMaxDetector:
+class StaticMaxDetector(PerFamilyDetector):
     """Static rule: this calendar month's units of a family above the trailing 6-month monthly maximum."""
 
     name = "static_6m_max"
     dimension = "size"
 
-    def __init__(self, cfg: MonitorConfig) -> None:
-        self.cfg = cfg
-
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
-        return [self._one(state, order, f) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         m = state.monthly(f.family, order)
@@ -596,17 +593,12 @@ class StaticMaxDetector:
         return reason(self.name, self.dimension, f.family, m.current, top, top, window, fired, text)
 
 
-class StaticCeilingDetector:
+class StaticCeilingDetector(PerFamilyDetector):
     """Static rule: more than ``static_max_monthly_units`` dosage units of one family in a calendar month."""
 
     name = "static_8000_du"
     dimension = "size"
 
-    def __init__(self, cfg: MonitorConfig) -> None:
-        self.cfg = cfg
-
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
-        return [self._one(state, order, f) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         m = state.monthly(f.family, order)
@@ -651,7 +643,7 @@ def load_customer_limits(path: str) -> dict[tuple[str, str], int] | None:
     return limits
 
 
-class CustomerLimitDetector:
+class CustomerLimitDetector(PerFamilyDetector):
     """Static rule: a customer's fixed monthly threshold for a family (incumbents' per-customer limits).
 
     Limits come from ``customer_limits`` (CSV). Without the file, or for a
@@ -674,8 +666,6 @@ class CustomerLimitDetector:
         blob = json.dumps(sorted([*k, v] for k, v in self.limits.items())).encode()
         return "limits-" + hashlib.sha256(blob).hexdigest()[:8]
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
-        return [self._one(state, order, f) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         m = state.monthly(f.family, order)
