@@ -16,16 +16,17 @@ equal to :func:`default_partitions` so source topics and changelogs line up.
 
 from __future__ import annotations
 
-from streams import topic_names as _names
-
 import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams import topic_names as _names
 
 __all__ = [
     "TopicSpec",
@@ -250,17 +251,8 @@ def ensure_topics(
     if not wanted:
         return []
 
-    created: list[str] = []
-    futures = admin.create_topics(wanted, operation_timeout=timeout, request_timeout=timeout)
-    for name, fut in futures.items():
-        try:
-            fut.result()
-            created.append(name)
-        except KafkaException as exc:
-            err = exc.args[0]
-            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                continue
-            raise
+    created = _succeeded(admin.create_topics(wanted, operation_timeout=timeout, request_timeout=timeout),
+                         KafkaError.TOPIC_ALREADY_EXISTS)
     _wait_for_leaders(admin, created, timeout)
     if created:
         log.info("created topics: %s", ", ".join(sorted(created)))
@@ -277,15 +269,20 @@ def delete_topics(bootstrap: str, names: Iterable[str], *, timeout: float = 30.0
     if not names:
         return []
     admin = _admin(bootstrap)
-    deleted: list[str] = []
-    futures = admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
+    return sorted(_succeeded(admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout),
+                             KafkaError.UNKNOWN_TOPIC_OR_PART))
+
+
+def _succeeded(futures: Mapping[str, Any], already_done: int) -> list[str]:
+    """Names whose admin operation succeeded; ``already_done`` (e.g. exists / unknown) is not an error."""
+    done: list[str] = []
     for name, fut in futures.items():
         try:
             fut.result()
-            deleted.append(name)
+            done.append(name)
         except KafkaException as exc:
             err = exc.args[0]
-            if isinstance(err, KafkaError) and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            if isinstance(err, KafkaError) and err.code() == already_done:
                 continue
             raise
-    return sorted(deleted)
+    return done

@@ -14,7 +14,7 @@ from typing import Any
 from connectors.kafka_io import Publisher
 
 from . import topic_names as t
-from .avro_codec import AvroCodec, default_codec
+from .avro_codec import AvroCodec, DecodeError, default_codec
 
 
 def utcnow() -> datetime:
@@ -45,6 +45,16 @@ class Emitter:
             "actor": self.actor,
         }
         self.send(t.AUDIT, "audit.AuditEvent", order_id or event["event_id"], event)
+
+    def decode_or_dead_letter(self, stage: str, expect: str, topic: str, partition: int, offset: int,
+                              key: bytes | None, value: bytes) -> dict[str, Any] | None:
+        """The record, or None after dead-lettering a message that is not a readable ``expect``."""
+        try:
+            return self.codec.decode(value, expect=expect)[1]
+        except DecodeError as exc:
+            self.dead_letter(stage, topic, partition, offset, key, value,
+                             f"undecodable {expect.rsplit('.', 1)[-1]}: {exc}")
+            return None
 
     def dead_letter(self, stage: str, topic: str, partition: int, offset: int,
                     key: bytes | None, payload: bytes, reason: str) -> None:

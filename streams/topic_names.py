@@ -11,5 +11,3 @@ AUDIT = "audit.events"  # AuditEvent, keyed by order id (or event id)
 DLQ = "dlq"  # DeadLetter, keyed by the original key
 CRL = "pki.crl"  # compacted: latest CRL per issuer (issue 3)
 REGISTRANTS = "registrants"  # compacted: registrant master (issue 3)
-
-SINK_TOPICS = (VERIFIED, REJECTED, VERDICTS, AUDIT, DLQ)

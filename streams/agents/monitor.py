@@ -12,7 +12,7 @@ import logging
 from typing import Any, MutableMapping
 
 from .. import topic_names as t
-from ..avro_codec import AvroCodec, DecodeError, default_codec
+from ..avro_codec import AvroCodec, default_codec
 from ..emit import Emitter, utcnow
 from ..monitoring.baselines import RegistrantBaselines
 from ..monitoring.monitor import Monitor
@@ -47,11 +47,10 @@ class MonitorProcessor:
         return self.state.flush()
 
     def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
-        try:
-            _, order = self.codec.decode(value, expect="csos.orders.VerifiedOrder")
-        except DecodeError as exc:
+        order = self.emitter.decode_or_dead_letter(STAGE, "csos.orders.VerifiedOrder", topic, partition, offset,
+                                                   key, value)
+        if order is None:
             self.counts["dead_lettered"] += 1
-            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value, f"undecodable VerifiedOrder: {exc}")
             return
         dea = order["purchaser_dea"]
         try:

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any, MutableMapping
 
 from .. import topic_names as t
-from ..avro_codec import AvroCodec, DecodeError, default_codec
+from ..avro_codec import AvroCodec, default_codec
 from ..emit import Emitter, utcnow
 from ..products import ProductMaster
 from ..reference_data import REGISTRANT_UNKNOWN, ReferenceFeed, RegistrantDirectory
@@ -123,11 +123,10 @@ class VerifyProcessor:
 
     # ------------------------------------------------------------------ orders
     def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
-        try:
-            _, rec = self.codec.decode(value, expect="csos.orders.ReceivedOrder")
-        except DecodeError as exc:
+        rec = self.emitter.decode_or_dead_letter(STAGE, "csos.orders.ReceivedOrder", topic, partition, offset,
+                                                 key, value)
+        if rec is None:
             self.counts["dead_lettered"] += 1
-            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value, f"undecodable ReceivedOrder: {exc}")
             return
         routing_key = (key or b"").decode("utf-8", errors="replace")
         try:
