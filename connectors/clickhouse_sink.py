@@ -126,6 +126,26 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "dead_letter_id", "failed_at", "stage", "source_topic", "source_partition", "source_offset",
         "reason", "payload_base64",
     ),
+    "case_events": (
+        "event_id", "order_id", "order_number", "purchaser_dea", "kind", "status", "version", "at", "held_at",
+        "due_at", "escalated_at", "actor", "decision_id", "rationale", "evidence_notes", "error", "summary",
+        "drug_families", "total_dosage_units",
+    ),
+    "cases": (
+        "order_id", "order_number", "purchaser_dea", "status", "version", "updated_at", "held_at", "due_at",
+        "escalated_at", "decided_by", "decision_id", "rationale", "evidence_notes", "summary", "drug_families",
+        "total_dosage_units",
+    ),
+    "suspicious_order_reports": (
+        "report_id", "order_id", "transaction_id", "order_form_number", "ordering_registrant_dea",
+        "ordering_registrant_name", "reporting_registrant_dea", "date_received", "reported_at", "reported_by",
+        "circumstances", "line_no", "ndc", "product_name", "strength", "unit", "package_quantity", "quantity",
+        "dosage_units", "drug_family", "schedule",
+    ),
+    "shipments": (
+        "shipment_id", "order_id", "order_number", "purchaser_dea", "supplier_dea", "shipped_at", "line_no", "ndc",
+        "packages_shipped",
+    ),
     "order_archive": (
         "order_id", "received_at", "source", "format", "document", "signature", "certificates",
         "signer_fingerprint", "order_number", "purchaser_dea",
@@ -182,7 +202,34 @@ def rows_for(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
         ]]}
     if schema == "csos.orders.ReceivedOrder":
         return {"order_archive": [archive_row(rec)]}
+    if schema == "som.CaseEvent":
+        return case_rows(rec)
+    if schema == "som.SuspiciousOrderReport":
+        head = [rec[c] for c in TABLE_COLUMNS["suspicious_order_reports"][:11]]
+        return {"suspicious_order_reports": [
+            head + [ln[c] for c in TABLE_COLUMNS["suspicious_order_reports"][11:]] for ln in rec["lines"]]}
+    if schema == "warehouse.ShipmentConfirmation":
+        head = [rec[c] for c in TABLE_COLUMNS["shipments"][:6]]
+        return {"shipments": [head + [ln["line_no"], ln["ndc"], ln["packages_shipped"]] for ln in rec["lines"]]}
     return {}
+
+
+#: Case events that decide a case: the actor is who decided.
+CLOSING_KINDS = frozenset({"RELEASED", "REPORTED", "CANCELLED"})
+
+
+def case_rows(rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
+    """A ``case_events`` row, and unless the event was refused (the case unchanged) a new ``cases`` version."""
+    rows: dict[str, list[list[Any]]] = {"case_events": [[rec[c] for c in TABLE_COLUMNS["case_events"]]]}
+    if rec["kind"] != "REFUSED":
+        closing = rec["kind"] in CLOSING_KINDS
+        rows["cases"] = [[
+            rec["order_id"], rec["order_number"], rec["purchaser_dea"], rec["status"], rec["version"], rec["at"],
+            rec["held_at"], rec["due_at"], rec["escalated_at"], rec["actor"] if closing else "",
+            rec["decision_id"] if closing else None, rec["rationale"] if closing else "",
+            rec["evidence_notes"] if closing else "", rec["summary"], rec["drug_families"], rec["total_dosage_units"],
+        ]]
+    return rows
 
 
 # ---------------------------------------------------------------------------- the order archive

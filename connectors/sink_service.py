@@ -45,6 +45,9 @@ EXPECTED = {
     t.VERDICTS: "som.Verdict",
     t.AUDIT: "audit.AuditEvent",
     t.DLQ: "dlq.DeadLetter",
+    t.CASES: "som.CaseEvent",
+    t.REPORTS: "som.SuspiciousOrderReport",
+    t.SHIPMENTS: "warehouse.ShipmentConfirmation",
 }
 #: Topics whose undecodable messages the sink logs and skips instead of dead-lettering: the dead-letter
 #: topic itself, and the received topic, whose unreadable messages the verify agent already dead-letters

@@ -42,6 +42,11 @@ __all__ = [
     "DLQ",
     "PKI_CRL",
     "REGISTRANTS",
+    "SOM_DECISIONS",
+    "SOM_CASES",
+    "SOM_CLEARED",
+    "SOM_REPORTS",
+    "WAREHOUSE_SHIPMENTS",
     "DEFAULT_PARTITIONS",
     "default_partitions",
     "replication_factor",
@@ -71,6 +76,12 @@ AUDIT_EVENTS = _names.AUDIT
 DLQ = _names.DLQ
 PKI_CRL = _names.CRL
 REGISTRANTS = _names.REGISTRANTS
+SOM_DECISIONS = _names.DECISIONS
+SOM_CASES = _names.CASES
+SOM_CLEARED = _names.CLEARED
+SOM_REPORTS = _names.REPORTS
+WAREHOUSE_SHIPMENTS = _names.SHIPMENTS
+_RETENTION_2Y = str(2 * 366 * _DAY_MS)
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,31 @@ TOPICS: list[TopicSpec] = [
         DLQ,
         config=_delete(),
         doc="Records no stage could process (undecodable, schema errors), for investigation.",
+    ),
+    TopicSpec(
+        SOM_DECISIONS,
+        config=_delete(_RETENTION_2Y),
+        doc="Analysts' due-diligence decisions on held orders (release, report, cancel), with actor and rationale.",
+    ),
+    TopicSpec(
+        SOM_CASES,
+        config=_delete(_RETENTION_2Y),
+        doc="Case lifecycle per held order: opened, escalated when the due-diligence clock lapses, closed, refused.",
+    ),
+    TopicSpec(
+        SOM_CLEARED,
+        config=_delete(),
+        doc="Held orders released after due diligence, keyed by purchaser DEA, for the monitor to learn.",
+    ),
+    TopicSpec(
+        SOM_REPORTS,
+        config=_delete(_RETENTION_2Y),
+        doc="Suspicious order reports for DEA, one per reported case.",
+    ),
+    TopicSpec(
+        WAREHOUSE_SHIPMENTS,
+        config=_delete(),
+        doc="Shipment confirmations from the warehouse: the source of the CSOS fill report (1305.29).",
     ),
     TopicSpec(
         PKI_CRL,
