@@ -17,11 +17,14 @@ import logging
 from typing import Any
 
 import faust
+from aiokafka.partitioner import murmur2
+from faust.types import TP
 
 from connectors.kafka_io import Publisher
 from connectors.topics import replication_factor
 
 from . import topic_names as t
+from .agents.cases import CaseProcessor
 from .agents.monitor import MonitorProcessor
 from .agents.verify import VerifyProcessor
 from .config import Settings
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STATE_TABLE = "som-registrant-state"
 VERIFY_TABLE = "csos-verify-state"
+CASE_TABLE = "som-cases"
 
 
 def _raw_topic(app: faust.App, *names: str) -> Any:
@@ -73,7 +77,10 @@ def create_app(settings: Settings) -> faust.App:
         value_serializer="raw",
     )
     received = _raw_topic(app, t.RECEIVED)
-    verified = _raw_topic(app, t.VERIFIED)
+    # Cleared orders are keyed by purchaser DEA like verified ones, so the monitor learns them in the same state.
+    verified = _raw_topic(app, t.VERIFIED, t.CLEARED)
+    # Holds and decisions are both keyed by order id: one case's events reach one worker, in order.
+    case_inputs = _raw_topic(app, t.HOLD, t.DECISIONS)
     verify_table = app.Table(
         VERIFY_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=settings.partitions,
         use_partitioner=True,  # keyed by purchaser DEA, like csos.orders.received (see the monitor's table)
@@ -86,7 +93,19 @@ def create_app(settings: Settings) -> faust.App:
         # and orders stay co-partitioned even when a batch spans partitions.
         use_partitioner=True,
     )
+    case_table = app.Table(
+        CASE_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+        use_partitioner=True,  # keyed by order id like som.hold and som.decisions (murmur2)
+    )
     parts: dict[str, Any] = {}
+
+    def owns_case(order_id: str) -> bool:
+        """Whether this worker actively owns the case (a standby replica must not escalate it too)."""
+        partition = (murmur2(order_id.encode()) & 0x7FFFFFFF) % settings.partitions
+        try:
+            return TP(t.HOLD, partition) in app.assignor.assigned_actives()
+        except Exception:  # noqa: BLE001 - not assigned yet
+            return False
 
     @app.task(on_leader=False)
     async def _ready() -> None:
@@ -107,9 +126,12 @@ def create_app(settings: Settings) -> faust.App:
                 Verifier.from_pki_dir(settings.pki_dir, products), products, Emitter(publisher, "verify-agent"),
                 verify_table, RegistrantDirectory() if settings.require_registration else None, feed)
             parts["monitor"] = MonitorProcessor(Monitor.from_env(), state_table, Emitter(publisher, "monitor-agent"))
+            parts["cases"] = CaseProcessor(case_table, Emitter(publisher, "case-agent"),
+                                           due_days=settings.due_diligence_days,
+                                           reporting_dea=settings.reporting_dea, owns=owns_case)
         return parts
 
-    async def process_batches(stream: Any, proc: VerifyProcessor | MonitorProcessor) -> None:
+    async def process_batches(stream: Any, proc: VerifyProcessor | MonitorProcessor | CaseProcessor) -> None:
         """Take a batch, handle each event, persist state, flush outputs; only then is the batch acked."""
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
             proc.begin_batch()
@@ -140,6 +162,17 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(verified)
     async def monitor_agent(stream: Any) -> None:
         await process_batches(stream, components()["monitor"])
+
+    @app.agent(case_inputs)
+    async def case_agent(stream: Any) -> None:
+        await process_batches(stream, components()["cases"])
+
+    @app.timer(interval=settings.case_clock_seconds)
+    async def due_diligence_clock() -> None:
+        """Escalate held orders whose due-diligence period lapsed, idle or busy."""
+        proc = parts.get("cases")
+        if proc is not None and proc.tick():
+            await proc.emitter.flush()
 
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:

@@ -38,6 +38,9 @@ class Settings:
     batch_seconds: float = 0.1
     sink_batch_size: int = 5000
     sink_batch_seconds: float = 0.5
+    due_diligence_days: float = 7.0  # calendar days a held order may wait before its case is escalated
+    case_clock_seconds: float = 60.0  # how often the case agent looks for lapsed due-diligence clocks
+    reporting_dea: str = ""  # the distributor's DEA number on suspicious order reports (default: the order's supplier)
 
     @property
     def effective_clickhouse_url(self) -> str:
@@ -69,6 +72,9 @@ class Settings:
             batch_seconds=float(_env("CSOS_BATCH_SECONDS", str(cls.batch_seconds))),
             sink_batch_size=int(_env("CSOS_SINK_BATCH_SIZE", str(cls.sink_batch_size))),
             sink_batch_seconds=float(_env("CSOS_SINK_BATCH_SECONDS", str(cls.sink_batch_seconds))),
+            due_diligence_days=float(_env("CSOS_DUE_DILIGENCE_DAYS", str(cls.due_diligence_days))),
+            case_clock_seconds=float(_env("CSOS_CASE_CLOCK_SECONDS", str(cls.case_clock_seconds))),
+            reporting_dea=_env("CSOS_REPORTING_DEA", ""),
         )
 
     def with_(self, **changes) -> "Settings":

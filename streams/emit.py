@@ -32,7 +32,8 @@ class Emitter:
 
     def audit(self, stage: str, action: str, outcome: str, *, order_id: str | None = None,
               purchaser_dea: str | None = None, detail: dict[str, Any] | None = None,
-              at: datetime | None = None) -> None:
+              at: datetime | None = None, actor: str | None = None) -> None:
+        """Record one step; ``actor`` names the person who took it when it is not this service (an analyst)."""
         event = {
             "event_id": str(uuid.uuid4()),
             "occurred_at": at or utcnow(),
@@ -42,7 +43,7 @@ class Emitter:
             "purchaser_dea": purchaser_dea,
             "outcome": outcome,
             "detail": json.dumps(detail or {}, sort_keys=True, default=str),
-            "actor": self.actor,
+            "actor": actor or self.actor,
         }
         self.send(t.AUDIT, "audit.AuditEvent", order_id or event["event_id"], event)
 

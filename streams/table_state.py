@@ -40,6 +40,12 @@ class CachedTable(Generic[T]):
             self._cache.popitem(last=False)
         return value
 
+    def put(self, key: str, value: T) -> None:
+        """Replace the value (written to the table at the next ``flush``)."""
+        self._cache[key] = (self.table.get(key.encode()), value)
+        self._cache.move_to_end(key)
+        self._dirty.add(key)
+
     def mark_dirty(self, key: str) -> None:
         self._dirty.add(key)
 

@@ -47,6 +47,9 @@ class MonitorProcessor:
         return self.state.flush()
 
     def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+        if topic == t.CLEARED:
+            self.learn_cleared(topic, partition, offset, key, value)
+            return
         order = self.emitter.decode_or_dead_letter(STAGE, "csos.orders.VerifiedOrder", topic, partition, offset,
                                                    key, value)
         if order is None:
@@ -64,6 +67,32 @@ class MonitorProcessor:
             self.state.forget(dea)  # never keep baselines a failure may have half-updated
             verdict = self._error_verdict(order, exc)
         self._emit(order, verdict)
+
+    def learn_cleared(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+        """Learn a held order that due diligence cleared and released, as if the monitor had released it.
+
+        Only clearances reach this topic (the case agent sends nothing for
+        reported or cancelled orders), so held orders never teach the baseline
+        unless a person vouched for them. Learning is idempotent per order id.
+        """
+        cleared = self.emitter.decode_or_dead_letter(STAGE, "som.ClearedOrder", topic, partition, offset, key, value)
+        if cleared is None:
+            self.counts["dead_lettered"] += 1
+            return
+        order = cleared["order"]
+        dea = order["purchaser_dea"]
+        try:
+            self.monitor.learn_into(self.state.get(dea), order)
+            self.state.mark_dirty(dea)
+        except Exception:  # noqa: BLE001 - keep the last good baselines; the clearance stays on the topic
+            log.exception("monitor could not learn cleared order %s", order["order_id"])
+            self.state.forget(dea)
+            self.emitter.audit(STAGE, "order.learn_failed", "ERROR", order_id=order["order_id"], purchaser_dea=dea)
+            return
+        self.counts["learned_cleared"] = self.counts.get("learned_cleared", 0) + 1
+        self.emitter.audit(STAGE, "order.learned_after_review", "LEARNED", order_id=order["order_id"],
+                           purchaser_dea=dea, detail={"decision_id": cleared["decision_id"],
+                                                      "cleared_by": cleared["cleared_by"]})
 
     def _error_verdict(self, order: dict[str, Any], exc: Exception) -> dict[str, Any]:
         now = utcnow()
@@ -90,7 +119,7 @@ class MonitorProcessor:
             self.emitter.send(t.HOLD, "som.Hold", oid, {
                 "order_id": oid, "order_number": order["order_number"], "purchaser_dea": order["purchaser_dea"],
                 "held_at": verdict["decided_at"], "reasons": fired,
-                "summary": " ".join(r["explanation"] for r in fired),
+                "summary": " ".join(r["explanation"] for r in fired), "order": order,
             })
             self.counts["held"] += 1
             action, outcome = "order.held", "HOLD"

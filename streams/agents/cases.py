@@ -1,0 +1,214 @@
+"""Case agent: held orders and analysts' decisions -> due-diligence cases and what they decide.
+
+Inputs, both keyed by order id and so co-partitioned with the case table:
+``som.hold`` (the monitor opens a case) and ``som.decisions`` (an analyst
+releases, reports or cancels). The case table (``som.state.Case`` Avro,
+compacted changelog) is the authority on a case's status; the review page
+only proposes decisions, and this agent applies them or refuses them.
+
+Outputs per step, every one with an audit event naming the actor:
+  * ``som.cases``: OPENED, RELEASED, REPORTED, CANCELLED, ESCALATED, REFUSED;
+  * RELEASE: a ``som.Release`` for the warehouse (keyed by order id, the same
+    record shape as an automatic release) and a ``som.ClearedOrder`` keyed by
+    purchaser DEA for the monitor, which learns the order like one it released;
+  * REPORT: a ``som.SuspiciousOrderReport`` on ``som.reports``.
+
+Delivery is at-least-once: a redelivered hold finds its case open and is
+ignored; a redelivered decision is recognised by its id and its outputs are
+sent again unchanged (all keyed and idempotent downstream) instead of being
+refused as a second decision.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime
+from typing import Any, Callable, Iterable, MutableMapping
+
+from .. import topic_names as t
+from ..avro_codec import AvroCodec, DecodeError, default_codec
+from ..cases.machine import (
+    CANCELLED, HELD, RELEASED, REPORTED, Case, DecisionRefused, decide, escalate, is_repeat, open_case,
+)
+from ..cases.sor import report_for
+from ..emit import Emitter, utcnow
+from ..table_state import CachedTable
+
+log = logging.getLogger(__name__)
+STAGE = "case"
+STATE_SCHEMA = "som.state.Case"
+AGENT_ACTOR = "case-agent"
+KIND_FOR = {RELEASED: "RELEASED", REPORTED: "REPORTED", CANCELLED: "CANCELLED"}
+INPUTS = ("som.Hold", "som.Decision")
+
+
+class CaseProcessor:
+    """Applies holds, decisions and the due-diligence clock to the case table, one event at a time."""
+
+    def __init__(self, table: MutableMapping[bytes, bytes], emitter: Emitter, *, due_days: float = 7.0,
+                 reporting_dea: str = "", owns: Callable[[str], bool] | None = None,
+                 codec: AvroCodec | None = None) -> None:
+        self.emitter = emitter
+        self.codec = codec or default_codec()
+        self.due_days = due_days
+        self.reporting_dea = reporting_dea
+        self.owns = owns or (lambda order_id: True)
+        self.counts = {"opened": 0, "released": 0, "reported": 0, "cancelled": 0, "escalated": 0, "refused": 0,
+                       "dead_lettered": 0}
+        self.state: CachedTable[Case | None] = CachedTable(
+            table,
+            load=lambda raw, _: None if raw is None else Case.from_state(
+                self.codec.decode(raw, expect=STATE_SCHEMA)[1]),
+            dump=lambda case: self.codec.encode(STATE_SCHEMA, case.to_state()),
+        )
+
+    # -- batch protocol shared with the other agents (streams.app.process_batches)
+    def begin_batch(self) -> None:
+        """Nothing to refresh."""
+
+    def end_batch(self) -> int:
+        return self.state.flush()
+
+    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+        try:
+            name, rec = self.codec.decode(value)
+            if name not in INPUTS:
+                raise DecodeError(f"expected one of {', '.join(INPUTS)}, got {name}")
+        except DecodeError as exc:
+            self.counts["dead_lettered"] += 1
+            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value, f"undecodable case input: {exc}")
+            return
+        try:
+            if name == "som.Hold":
+                self.on_hold(rec)
+            else:
+                self.on_decision(rec)
+        except Exception as exc:  # noqa: BLE001 - an agent never dies on input; the message is kept
+            log.exception("case agent failed on %s for order %s", name, rec.get("order_id"))
+            self.state.forget(str(rec.get("order_id")))
+            self.counts["dead_lettered"] += 1
+            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
+                                     f"case agent could not apply {name}: {exc.__class__.__name__}: {exc}")
+
+    # -- inputs
+    def on_hold(self, hold: dict[str, Any]) -> None:
+        oid = hold["order_id"]
+        if self.state.get(oid) is not None:
+            return  # redelivered hold: the case is open (or already decided)
+        case = open_case(hold, self.due_days)
+        self._store(case)
+        self.counts["opened"] += 1
+        self._case_event(case, "OPENED", at=utcnow(), actor=AGENT_ACTOR)
+        self.emitter.audit(STAGE, "case.opened", HELD, order_id=oid, purchaser_dea=hold["purchaser_dea"],
+                           detail={"order_number": hold["order_number"], "due_at": case.due_at.isoformat()})
+
+    def on_decision(self, decision: dict[str, Any]) -> None:
+        oid = decision["order_id"]
+        case = self.state.get(oid)
+        if is_repeat(case, decision):
+            self._closing_outputs(case)  # type: ignore[arg-type]  # resend: idempotent downstream
+            return
+        try:
+            decided = decide(case, decision)
+        except DecisionRefused as refused:
+            self._refuse(case, decision, refused)
+            return
+        self._store(decided)
+        self._case_event(decided, KIND_FOR[decided.status], at=decided.decided_at, actor=decided.decided_by)
+        self.emitter.audit(
+            STAGE, f"case.{decided.status.lower()}", decided.status, order_id=oid,
+            purchaser_dea=decided.hold["purchaser_dea"], at=decided.decided_at,
+            detail={"order_number": decided.hold["order_number"], "decision_id": decided.decision_id,
+                    "actor": decided.decided_by, "rationale": decided.rationale,
+                    "evidence_notes": decided.evidence_notes, "escalated": decided.escalated_at is not None},
+            actor=decided.decided_by)
+        self.counts[decided.status.lower()] += 1
+        self._closing_outputs(decided)
+
+    def tick(self, now: datetime | None = None, keys: Iterable[str] | None = None) -> int:
+        """Escalate every owned case whose due-diligence clock lapsed; returns how many."""
+        now = now or utcnow()
+        escalated = 0
+        for oid in list(keys if keys is not None else self.state.keys()):
+            if not self.owns(oid):
+                continue  # a standby copy: the owner escalates it
+            case = self.state.get(oid)
+            later = escalate(case, now) if case is not None else None
+            if later is None:
+                continue
+            self._store(later)
+            self._case_event(later, "ESCALATED", at=now, actor=AGENT_ACTOR)
+            overdue = (now - later.due_at).total_seconds() / 86400
+            self.emitter.audit(STAGE, "case.escalated", "ESCALATED", order_id=oid,
+                               purchaser_dea=later.hold["purchaser_dea"],
+                               detail={"order_number": later.hold["order_number"], "held_at": later.held_at.isoformat(),
+                                       "due_at": later.due_at.isoformat(), "days_overdue": round(overdue, 3)})
+            escalated += 1
+        self.counts["escalated"] += escalated
+        self.state.flush()
+        return escalated
+
+    # -- outputs
+    def _store(self, case: Case) -> None:
+        self.state.put(case.order_id, case)
+
+    def _closing_outputs(self, case: Case) -> None:
+        hold, order = case.hold, case.hold.get("order")
+        if case.status == RELEASED:
+            self.emitter.send(t.RELEASE, "som.Release", case.order_id, {
+                "order_id": case.order_id, "order_number": hold["order_number"], "purchaser_dea": hold["purchaser_dea"],
+                "supplier_dea": order["supplier_dea"] if order else "", "released_at": case.decided_at,
+                "released_by": case.decided_by, "lines": order["lines"] if order else [],
+            })
+            if order:
+                self.emitter.send(t.CLEARED, "som.ClearedOrder", hold["purchaser_dea"], {
+                    "order_id": case.order_id, "decision_id": case.decision_id, "cleared_by": case.decided_by,
+                    "cleared_at": case.decided_at, "order": order,
+                })
+            else:  # a v2 hold: the warehouse may ship, but there is nothing for the monitor to learn from
+                self.emitter.audit(STAGE, "case.not_learned", "SKIPPED", order_id=case.order_id,
+                                   purchaser_dea=hold["purchaser_dea"],
+                                   detail={"reason": "the hold does not carry the order (written before v3)"})
+        elif case.status == REPORTED:
+            report = report_for(case, self.reporting_dea)
+            self.emitter.send(t.REPORTS, "som.SuspiciousOrderReport", case.order_id, report)
+            self.emitter.audit(STAGE, "report.created", "REPORTED", order_id=case.order_id,
+                               purchaser_dea=hold["purchaser_dea"],
+                               detail={"report_id": report["report_id"], "lines": len(report["lines"])},
+                               actor=case.decided_by)
+
+    def _refuse(self, case: Case | None, decision: dict[str, Any], refused: DecisionRefused) -> None:
+        self.counts["refused"] += 1
+        oid = decision["order_id"]
+        self.emitter.audit(STAGE, "case.decision_refused", "REFUSED", order_id=oid,
+                           purchaser_dea=case.hold["purchaser_dea"] if case else None,
+                           detail={"code": refused.code, "error": refused.message, "action": decision["action"],
+                                   "decision_id": decision["decision_id"], "actor": decision["actor"],
+                                   "actor_role": decision["actor_role"]},
+                           actor=decision["actor"] or "unknown")
+        if case is None:
+            log.warning("decision %s refused: %s", decision["decision_id"], refused.message)
+            return  # no case to attach it to; the audit event carries it
+        self._case_event(case, "REFUSED", at=decision["decided_at"], actor=decision["actor"], error=refused.message,
+                         decision=decision)
+
+    def _case_event(self, case: Case, kind: str, *, at: datetime, actor: str, error: str = "",
+                    decision: dict[str, Any] | None = None) -> None:
+        hold = case.hold
+        if decision is not None:  # REFUSED: the refused decision's particulars, not the case's
+            decision_id, rationale, notes = decision["decision_id"], decision["rationale"], decision["evidence_notes"]
+        elif kind in KIND_FOR.values():
+            decision_id, rationale, notes = case.decision_id, case.rationale, case.evidence_notes
+        else:
+            decision_id, rationale, notes = None, "", ""
+        order = hold.get("order")
+        lines = order["lines"] if order else []
+        families = {ln["drug_family"] for ln in lines} or {r["drug_family"] for r in hold["reasons"]} - {"*"}
+        self.emitter.send(t.CASES, "som.CaseEvent", case.order_id, {
+            "event_id": str(uuid.uuid4()), "order_id": case.order_id, "order_number": hold["order_number"],
+            "purchaser_dea": hold["purchaser_dea"], "kind": kind, "status": case.status, "version": case.version,
+            "at": at, "held_at": case.held_at, "due_at": case.due_at, "escalated_at": case.escalated_at,
+            "actor": actor, "decision_id": decision_id, "rationale": rationale, "evidence_notes": notes,
+            "error": error, "summary": hold["summary"], "drug_families": sorted(families),
+            "total_dosage_units": sum(ln["dosage_units"] for ln in lines),
+        })
