@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test install kafka bench clean
+.PHONY: demo test install kafka browser bench clean
 
 install: $(STAMP)
 
@@ -22,10 +22,15 @@ $(STAMP): pyproject.toml
 kafka:
 	bash deploy/kafka/kafka.sh fetch
 
+# Debian's Chromium and its driver for the review page's browser test (tests/test_review_browser.py).
+# Playwright drives /usr/bin/chromium; it never downloads a browser of its own. Needs root (apt-get).
+browser:
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
+
 demo: install kafka
 	$(BIN)/csos demo
 
-test: install kafka
+test: install kafka browser
 	$(BIN)/python -m pytest -q
 
 bench: install kafka

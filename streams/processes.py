@@ -55,20 +55,21 @@ class ChildProcess:
     """A ``csos <command>`` child whose readiness is judged from its /health answer."""
 
     def __init__(self, settings: Settings, command: list[str], port: int, log_path: Path,
-                 ready: Callable[[dict[str, Any]], bool]) -> None:
+                 ready: Callable[[dict[str, Any]], bool], extra_env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.command = command
         self.port = port
         self.log_path = log_path
         self.ready = ready
+        self.extra_env = dict(extra_env or {})  # settings outside Settings (e.g. the review page's)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", *self.command],
-                                     env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     env=dict(settings_env(self.settings), **self.extra_env), stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -111,6 +112,18 @@ def sink_process(settings: Settings) -> ChildProcess:
     """The ClickHouse sink; ready once the DDL is applied and it serves /health."""
     return ChildProcess(settings, ["sink"], settings.sink_port, settings.data_dir / "sink.log",
                         lambda h: h.get("status") == "ok")
+
+
+def review_process(settings: Settings, port: int, users_path: Path, secret: str) -> ChildProcess:
+    """The review page (``csos review``) on 127.0.0.1:``port``; ready once it answers /health.
+
+    Its own settings (port, users file, cookie key) are not part of ``Settings``, so they are
+    passed to the child explicitly.
+    """
+    return ChildProcess(settings, ["review"], port, settings.data_dir / "review.log",
+                        lambda h: h.get("status") == "ok",
+                        extra_env={"CSOS_REVIEW_PORT": str(port), "CSOS_REVIEW_USERS": str(users_path),
+                                   "CSOS_REVIEW_SECRET": secret})
 
 
 class Pipeline:
