@@ -33,6 +33,8 @@ from streams.documents import parse_document
 from streams.order_document import FORMAT as CANONICAL_FORMAT
 from streams.order_document import DocumentError
 
+from .audit_chain import AUDIT_FIELDS, CHAIN_COLUMNS, ChainSealer, clickhouse_head_loader
+
 log = logging.getLogger(__name__)
 DDL_DIR = REPO_ROOT / "schemas" / "clickhouse"
 _DER = serialization.Encoding.DER
@@ -119,9 +121,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "pending_orders": (
         "order_id", "received_at", "parked_at", "reason_code", "reason", "order_number", "purchaser_dea",
     ),
-    "audit_events": (
-        "event_id", "occurred_at", "stage", "action", "order_id", "purchaser_dea", "outcome", "detail", "actor",
-    ),
+    "audit_events": AUDIT_FIELDS + CHAIN_COLUMNS,  # chain columns appended by ChainSealer (audit_chain.py)
     "dead_letters": (
         "dead_letter_id", "failed_at", "stage", "source_topic", "source_partition", "source_offset",
         "reason", "payload_base64",
@@ -194,7 +194,7 @@ def rows_for(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
     if schema == "csos.orders.PendingOrder":
         return {"pending_orders": [[rec[c] for c in TABLE_COLUMNS["pending_orders"]]]}
     if schema == "audit.AuditEvent":
-        return {"audit_events": [[rec[c] for c in TABLE_COLUMNS["audit_events"]]]}
+        return {"audit_events": [[rec[c] for c in AUDIT_FIELDS]]}
     if schema == "dlq.DeadLetter":
         return {"dead_letters": [[
             rec["dead_letter_id"], rec["failed_at"], rec["stage"], rec["source_topic"], rec["source_partition"],
@@ -205,9 +205,8 @@ def rows_for(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
     if schema == "som.CaseEvent":
         return case_rows(rec)
     if schema == "som.SuspiciousOrderReport":
-        head = [rec[c] for c in TABLE_COLUMNS["suspicious_order_reports"][:11]]
         return {"suspicious_order_reports": [
-            head + [ln[c] for c in TABLE_COLUMNS["suspicious_order_reports"][11:]] for ln in rec["lines"]]}
+            [ln[c] if c in ln else rec[c] for c in TABLE_COLUMNS["suspicious_order_reports"]] for ln in rec["lines"]]}
     if schema == "warehouse.ShipmentConfirmation":
         head = [rec[c] for c in TABLE_COLUMNS["shipments"][:6]]
         return {"shipments": [head + [ln["line_no"], ln["ndc"], ln["packages_shipped"]] for ln in rec["lines"]]}
@@ -318,22 +317,30 @@ class ClickHouseSink:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.rows_written: dict[str, int] = defaultdict(int)
+        self.chains = ChainSealer(clickhouse_head_loader(client))  # audit rows are hash-chained as written
 
     def write(self, batch: Iterable[SourceRecord]) -> dict[str, int]:
         per_table: dict[str, list[list[Any]]] = defaultdict(list)
         ranges: dict[str, dict[tuple[str, int], list[int]]] = defaultdict(dict)
+        self.chains.begin()
         for item in batch:
             for table, rows in rows_for(item.schema, item.record).items():
+                if table == "audit_events":  # sealed in Kafka order; [] for an event already stored
+                    rows = self.chains.seal_rows(item.topic, item.partition, item.offset, rows)
                 per_table[table].extend(rows)
                 span = ranges[table].setdefault((item.topic, item.partition), [item.offset, item.offset])
                 span[0] = min(span[0], item.offset)
                 span[1] = max(span[1], item.offset)
         written = {}
         for table, rows in per_table.items():
+            if not rows:
+                continue
             token = table + "|" + ",".join(
                 f"{t}:{p}:{lo}-{hi}" for (t, p), (lo, hi) in sorted(ranges[table].items()))
             self.client.insert(table, rows, column_names=list(TABLE_COLUMNS[table]),
                                settings={"insert_deduplication_token": token})
+            if table == "audit_events":
+                self.chains.commit()
             self.rows_written[table] += len(rows)
             written[table] = len(rows)
         return written

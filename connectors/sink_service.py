@@ -111,7 +111,8 @@ class SinkService:
         raise RuntimeError("stopped before the batch was written; it will be re-read")
 
     def run(self) -> None:
-        self.consumer.subscribe(list(EXPECTED))
+        # Another sink may have extended an audit chain while it owned the partition: re-read the heads.
+        self.consumer.subscribe(list(EXPECTED), on_assign=lambda _consumer, _partitions: self.sink.chains.forget())
         try:
             while not self.stopping.is_set():
                 messages = self.consumer.consume(self.settings.sink_batch_size, self.settings.sink_batch_seconds)

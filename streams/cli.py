@@ -324,6 +324,38 @@ def sql(query: str, fmt: str) -> None:
         click.echo(format_table(columns, rows))
 
 
+@main.group()
+def audit() -> None:
+    """The tamper-evident audit trail: every audit event is hash-chained as the sink stores it."""
+
+
+@audit.command("verify")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (it doubles as an --anchors file).")
+@click.option("--anchors", "anchors_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON from an earlier `csos audit verify --json`: each chain must still hold that head hash.")
+@click.option("--allow-unsealed", is_flag=True, help="Do not count rows written before chaining as problems.")
+@click.option("--page-size", default=10_000, show_default=True, help="Events per query.")
+def audit_verify(as_json: bool, anchors_file: str | None, allow_unsealed: bool, page_size: int) -> None:
+    """Check every audit chain in ClickHouse; report each gap, edit, reordering or duplicate (exit 1 if any).
+
+    Prints per chain the events checked, the seq and Kafka offset range and the
+    head hash. Keep the head hashes outside ClickHouse (e.g. save --json) and
+    pass them back with --anchors: that also catches a rewritten or truncated chain.
+    Reads like `csos sql`: through the running sink, else read-only.
+    """
+    from connectors.audit_chain import load_anchors, open_reader, render, verify_store
+
+    anchors = load_anchors(json.loads(Path(anchors_file).read_text())) if anchors_file else None
+    try:
+        with open_reader(_settings()) as query:
+            report = verify_store(query, anchors=anchors, page_size=page_size, allow_unsealed=allow_unsealed)
+    except Exception as exc:  # noqa: BLE001 - store unreachable or locked: say so, exit 2
+        click.echo(f"Error: cannot read the audit trail: {str(exc).strip().splitlines()[0]}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(report.to_json(), indent=1) if as_json else render(report))
+    sys.exit(0 if report.ok else 1)
+
+
 @main.command()
 def summary() -> None:
     """Print what happened to every order: received, verified, rejected by reason, released, held by reason."""
