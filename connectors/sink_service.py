@@ -31,7 +31,9 @@ from streams.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.config import Settings
 from streams.emit import Emitter
 
-from .clickhouse_sink import ClickHouseSink, SourceRecord, apply_ddl, open_client, run_readonly_query, to_json_rows
+from .clickhouse_sink import (
+    ClickHouseSink, SourceRecord, apply_ddl, open_client, rows_for, run_readonly_query, to_json_rows,
+)
 from .kafka_io import Publisher
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,13 @@ class SinkService:
                     self.dead_lettered += 1
                     self.emitter.dead_letter(STAGE, topic, m.partition(), m.offset(), m.key(), value or b"",
                                              f"sink cannot decode: {exc}")
+                continue
+            try:  # a record the tables cannot take must not block the batch behind it forever
+                rows_for(name, rec)
+            except Exception as exc:  # noqa: BLE001
+                self.dead_lettered += 1
+                self.emitter.dead_letter(STAGE, topic, m.partition(), m.offset(), m.key(), value or b"",
+                                         f"sink cannot map {name} to rows: {exc.__class__.__name__}: {exc}")
                 continue
             records.append(SourceRecord(topic, m.partition(), m.offset(), name, rec))
         return records

@@ -36,6 +36,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CSOS_BATCH_SECONDS": str(settings.batch_seconds),
         "CSOS_SINK_BATCH_SIZE": str(settings.sink_batch_size),
         "CSOS_SINK_BATCH_SECONDS": str(settings.sink_batch_seconds),
+        "CSOS_DUE_DILIGENCE_DAYS": repr(settings.due_diligence_days),
+        "CSOS_CASE_CLOCK_SECONDS": repr(settings.case_clock_seconds),
+        "CSOS_REPORTING_DEA": settings.reporting_dea,
         "CLICKHOUSE_DATABASE": settings.clickhouse_database,
     })
     if settings.clickhouse_url:

@@ -40,6 +40,7 @@ from streams.processes import Pipeline as Processes  # noqa: E402
 #: Exact counts of every bad kind, so the suite always exercises each one.
 E2E_BAD_COUNTS = {"tampered": 6, "wrong_key": 6, "expired_cert": 6, "revoked_cert": 6, "dea_mismatch": 6,
                   "schedule_not_authorized": 6, "untrusted_cert": 6, "malformed_order": 6, "malformed_bytes": 6}
+DUE_DILIGENCE_SECONDS = 45.0
 E2E_SUSPICIOUS_COUNTS = {"size_spike": 10, "frequency_burst": 12, "family_shift": 6}
 
 
@@ -67,6 +68,8 @@ def pipeline(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> I
     settings = Settings.from_env().with_(
         kafka_bootstrap=broker.bootstrap, data_dir=data, pki_dir=data / "pki", clickhouse_url="",
         web_port=free_port(), sink_port=free_port(), app_id=f"csos-test-{uuid.uuid4().hex[:6]}",
+        # Held orders' due-diligence clocks lapse within the session (tests/test_cases_e2e.py).
+        due_diligence_days=DUE_DILIGENCE_SECONDS / 86400, case_clock_seconds=1.0,
     )
     feed = prepare_feed(settings, registrants=40, seed=11, days=120, bad_counts=E2E_BAD_COUNTS,
                         suspicious_counts=E2E_SUSPICIOUS_COUNTS)

@@ -311,3 +311,26 @@ def test_cleared_order_is_learned_once_and_held_ones_never() -> None:
         mon.end_batch()
     assert learned() == 41
     assert [a["action"] for _, a in pub.take(t.AUDIT)].count("order.learned_after_review") == 2
+
+
+def test_sink_rows_for_reports_and_case_events_line_up_with_their_columns(agent) -> None:
+    from connectors.clickhouse_sink import TABLE_COLUMNS, rows_for
+
+    proc, pub, _ = agent
+    hold = a_hold()
+    feed(proc, t.HOLD, "som.Hold", hold)
+    feed(proc, t.DECISIONS, "som.Decision", a_decision(hold, "REPORT", actor="carol"))
+    [(_, rep)] = pub.take(t.REPORTS)
+    rows = rows_for("som.SuspiciousOrderReport", rep)["suspicious_order_reports"]
+    cols = TABLE_COLUMNS["suspicious_order_reports"]
+    as_dicts = [dict(zip(cols, r)) for r in rows]
+    assert [(d["transaction_id"], d["ndc"], d["quantity"], d["reported_by"], d["order_form_number"])
+            for d in as_dicts] == [(ln["transaction_id"], ln["ndc"], ln["quantity"], "carol", hold["order_number"])
+                                   for ln in rep["lines"]]
+    events = [e for _, e in pub.take(t.CASES)]
+    opened, reported = (rows_for("som.CaseEvent", e) for e in events)
+    case_cols = TABLE_COLUMNS["cases"]
+    assert dict(zip(case_cols, opened["cases"][0]))["decided_by"] == ""
+    closed = dict(zip(case_cols, reported["cases"][0]))
+    assert (closed["status"], closed["version"], closed["decided_by"]) == (REPORTED, 2, "carol")
+    assert all(len(r) == len(TABLE_COLUMNS[table]) for x in (opened, reported) for table, rs in x.items() for r in rs)

@@ -1,0 +1,141 @@
+"""Due diligence end to end: real broker, worker (case agent + monitor), sink and embedded ClickHouse.
+
+Held orders of the session's feed open cases; these tests decide some of
+them by publishing ``som.Decision`` records (what the review page does) and
+follow each decision to the warehouse's release topic, the learner, the
+suspicious order reports and ClickHouse.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
+from connectors.kafka_io import Publisher, consume_all
+from streams import topic_names as t
+from streams.avro_codec import default_codec
+from tests.conftest import DUE_DILIGENCE_SECONDS
+
+codec = default_codec()
+
+
+def eventually(p, sql: str, want=lambda rows: bool(rows), timeout: float = 60) -> list:
+    deadline = time.monotonic() + timeout
+    rows = p.sql(sql)
+    while not want(rows) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows = p.sql(sql)
+    assert want(rows), f"timed out waiting for: {sql} -> {rows}\n{p.processes.tail()}"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def holds(streamed) -> list[tuple[str, str]]:
+    """(order id, purchaser DEA) of the feed's held orders, once each has an open case."""
+    rows = streamed.sql("SELECT order_id, purchaser_dea FROM verdicts FINAL WHERE verdict = 'HOLD' ORDER BY order_id")
+    assert len(rows) >= 8, "the session feed must hold several orders"
+    eventually(streamed, "SELECT count() FROM cases FINAL WHERE order_id IN "
+               "(SELECT order_id FROM verdicts FINAL WHERE verdict = 'HOLD')",
+               want=lambda r: r and int(r[0][0]) == len(rows))
+    return [(r[0], r[1]) for r in rows]
+
+
+def decide(p, order_id: str, action: str, *, actor: str = "alice", role: str = "analyst",
+           rationale: str = "Verified with the pharmacist in charge; documents on file.") -> str:
+    decision_id = str(uuid.uuid4())
+    pub = Publisher(p.settings.kafka_bootstrap)
+    pub.publish(t.DECISIONS, order_id, codec.encode("som.Decision", {
+        "decision_id": decision_id, "order_id": order_id, "action": action, "actor": actor, "actor_role": role,
+        "rationale": rationale, "evidence_notes": "call log 2026-11-24", "decided_at": datetime.now(timezone.utc)}))
+    pub.flush()
+    return decision_id
+
+
+def first_on(p, topic: str, schema: str, match) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    def seen(messages) -> bool:
+        for m in messages:
+            rec = codec.decode(m.value(), expect=schema)[1]
+            if match(m.key().decode(), rec):
+                found["rec"] = rec
+                return True
+        return False
+
+    consume_all(p.settings.kafka_bootstrap, [topic], until=seen, timeout=60)
+    assert "rec" in found, f"nothing matching on {topic}"
+    return found["rec"]
+
+
+def test_every_held_order_opens_a_case_with_a_deadline(streamed, holds) -> None:
+    rows = streamed.sql("SELECT c.order_id, c.due_at - c.held_at, c.summary, v.summary FROM cases AS c FINAL "
+                        "JOIN (SELECT order_id, summary FROM verdicts FINAL WHERE verdict = 'HOLD') AS v "
+                        "ON v.order_id = c.order_id")
+    assert len(rows) == len(holds)
+    for oid, period, case_summary, verdict_summary in rows:
+        assert abs(float(period) - DUE_DILIGENCE_SECONDS) < 0.01, (oid, period)
+        assert case_summary and case_summary in verdict_summary  # the hold's reasons travel with the case
+
+
+def test_release_after_review_reaches_warehouse_learner_and_clickhouse(streamed, holds) -> None:
+    oid, dea = holds[0]
+    decision_id = decide(streamed, oid, "RELEASE", actor="alice")
+    release = first_on(streamed, t.RELEASE, "som.Release", lambda k, r: k == oid and r["released_by"] == "alice")
+    n_lines = int(streamed.sql(f"SELECT count() FROM order_lines FINAL WHERE order_id = '{oid}'")[0][0])
+    assert release["purchaser_dea"] == dea and len(release["lines"]) == n_lines > 0
+    rows = eventually(streamed, f"SELECT status, decided_by, decision_id, rationale FROM cases FINAL "
+                                f"WHERE order_id = '{oid}'", want=lambda r: r and r[0][0] == "RELEASED")
+    assert rows[0][1:3] == ["alice", decision_id] or tuple(rows[0][1:3]) == ("alice", decision_id)
+    actions = eventually(streamed, f"SELECT action, actor FROM audit_events WHERE order_id = '{oid}'",
+                         want=lambda r: {"case.released", "order.learned_after_review"} <= {x[0] for x in r})
+    assert ("case.released", "alice") in {tuple(a) for a in actions}
+    # a second decision on the closed case is refused, visibly, and changes nothing
+    decide(streamed, oid, "REPORT", actor="bob")
+    refused = eventually(streamed, f"SELECT actor, error, status FROM case_events FINAL "
+                                   f"WHERE order_id = '{oid}' AND kind = 'REFUSED'")
+    assert refused[0][0] == "bob" and "already RELEASED by alice" in refused[0][1] and refused[0][2] == "RELEASED"
+    assert streamed.sql(f"SELECT count() FROM suspicious_order_reports WHERE order_id = '{oid}'")[0][0] == 0
+
+
+def test_report_produces_the_suspicious_order_report(streamed, holds) -> None:
+    oid, dea = holds[1]
+    decide(streamed, oid, "REPORT", actor="carol", rationale="No prescriptions support this volume.")
+    report = first_on(streamed, t.REPORTS, "som.SuspiciousOrderReport", lambda k, r: k == oid)
+    lines = streamed.sql(f"SELECT line_no, ndc, strength, packages, dosage_units, order_number, received_at, "
+                         f"supplier_dea FROM order_lines FINAL WHERE order_id = '{oid}' ORDER BY line_no")
+    assert [(ln["line_no"], ln["ndc"], ln["strength"], ln["quantity"], ln["dosage_units"]) for ln in report["lines"]] \
+        == [tuple(r[:5]) for r in lines]
+    assert report["ordering_registrant_dea"] == dea and report["order_form_number"] == lines[0][5]
+    assert report["reporting_registrant_dea"] == lines[0][7] and report["reported_by"] == "carol"
+    assert "No prescriptions support this volume." in report["circumstances"]
+    stored = eventually(streamed, f"SELECT count(), any(reported_by) FROM suspicious_order_reports FINAL "
+                                  f"WHERE order_id = '{oid}'", want=lambda r: r and int(r[0][0]) == len(lines))
+    assert stored[0][1] == "carol"
+    assert not first_on_or_none(streamed, t.RELEASE, oid, "carol")
+
+
+def first_on_or_none(p, topic: str, oid: str, actor: str) -> bool:
+    msgs = consume_all(p.settings.kafka_bootstrap, [topic], idle_seconds=1.0)
+    return any(m.key().decode() == oid and codec.decode(m.value())[1]["released_by"] == actor for m in msgs)
+
+
+def test_viewer_cannot_decide(streamed, holds) -> None:
+    oid, _ = holds[2]
+    decide(streamed, oid, "RELEASE", actor="vic", role="viewer")
+    refused = eventually(streamed, f"SELECT error FROM case_events FINAL WHERE order_id = '{oid}' AND kind = 'REFUSED'")
+    assert "only an analyst may release" in refused[0][0]
+    assert streamed.sql(f"SELECT status FROM cases FINAL WHERE order_id = '{oid}'")[0][0] == "HELD"
+
+
+def test_lapsed_clock_escalates_an_undecided_case_once(streamed, holds) -> None:
+    oid, _ = holds[3]
+    rows = eventually(streamed, f"SELECT at, due_at, status FROM case_events FINAL WHERE order_id = '{oid}' "
+                                f"AND kind = 'ESCALATED'", timeout=DUE_DILIGENCE_SECONDS + 60)
+    assert len(rows) == 1 and rows[0][2] == "HELD"
+    at, due = rows[0][0], rows[0][1]
+    assert at >= due  # never before the deadline
+    assert eventually(streamed, f"SELECT count() FROM audit_events WHERE order_id = '{oid}' "
+                                f"AND action = 'case.escalated'")[0][0] == 1
