@@ -193,7 +193,7 @@ class ChainRow:
 
 @dataclass
 class Problem:
-    kind: str  # gap | edit | reorder | duplicate | unsealed | anchor
+    kind: str  # gap | edit | reorder | duplicate | anchor | unsealed | missing
     chain: str
     seq: int | None
     detail: str
@@ -387,16 +387,19 @@ def load_anchors(doc: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
 
 
 def verify_store(query: Query, *, anchors: Mapping[str, tuple[int, str]] | None = None, page_size: int = 10_000,
-                 allow_unsealed: bool = False) -> AuditReport:
+                 allow_unsealed: bool = False, only: Iterable[str] = ()) -> AuditReport:
     """Check every chain in ``audit_events`` (as of now: rows sealed while it runs are not included).
 
     Rows with no chain are problems too (an event inserted around the sink is
     not covered by any seal) unless ``allow_unsealed`` (e.g. rows written
-    before chaining was introduced).
+    before chaining was introduced). ``only`` restricts the check to those
+    chains (and then leaves unsealed rows, which belong to no chain, aside).
     """
-    anchors = dict(anchors or {})
-    chains = query("SELECT chain, min(chain_seq), max(chain_seq) FROM audit_events WHERE chain != '' "
-                   "GROUP BY chain ORDER BY chain")
+    only = list(only)
+    anchors = {c: a for c, a in (anchors or {}).items() if not only or c in only}
+    where = f" AND chain IN ({', '.join(_quote(c) for c in only)})" if only else ""
+    chains = query("SELECT chain, min(chain_seq), max(chain_seq) FROM audit_events WHERE chain != ''"
+                   f"{where} GROUP BY chain ORDER BY chain")
     reports = []
     for chain, _first, last in chains:
         # From seq 0 even if the chain starts later: missing leading events are a gap.
@@ -407,7 +410,10 @@ def verify_store(query: Query, *, anchors: Mapping[str, tuple[int, str]] | None 
     problems = [p for r in reports for p in r.problems]
     for chain, (seq, _) in sorted(anchors.items()):
         problems.append(Problem("anchor", chain, seq, "chain recorded in the anchors is not in ClickHouse"))
-    unsealed = int(query("SELECT count() FROM audit_events WHERE chain = ''")[0][0])
+    for chain in only:
+        if chain not in {r.chain for r in reports} and chain not in anchors:
+            problems.append(Problem("missing", chain, None, "no sealed events in this chain"))
+    unsealed = 0 if only else int(query("SELECT count() FROM audit_events WHERE chain = ''")[0][0])
     if unsealed and not allow_unsealed:
         problems.append(Problem("unsealed", "", None, f"{unsealed} audit rows carry no seal (not written by the "
                                                       "sink's sealing path)"))

@@ -334,8 +334,10 @@ def audit() -> None:
 @click.option("--anchors", "anchors_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON from an earlier `csos audit verify --json`: each chain must still hold that head hash.")
 @click.option("--allow-unsealed", is_flag=True, help="Do not count rows written before chaining as problems.")
+@click.option("--chain", "chains", multiple=True, help="Check only this chain, e.g. audit.events/0 (repeatable).")
 @click.option("--page-size", default=10_000, show_default=True, help="Events per query.")
-def audit_verify(as_json: bool, anchors_file: str | None, allow_unsealed: bool, page_size: int) -> None:
+def audit_verify(as_json: bool, anchors_file: str | None, allow_unsealed: bool, chains: tuple[str, ...],
+                 page_size: int) -> None:
     """Check every audit chain in ClickHouse; report each gap, edit, reordering or duplicate (exit 1 if any).
 
     Prints per chain the events checked, the seq and Kafka offset range and the
@@ -348,7 +350,8 @@ def audit_verify(as_json: bool, anchors_file: str | None, allow_unsealed: bool, 
     anchors = load_anchors(json.loads(Path(anchors_file).read_text())) if anchors_file else None
     try:
         with open_reader(_settings()) as query:
-            report = verify_store(query, anchors=anchors, page_size=page_size, allow_unsealed=allow_unsealed)
+            report = verify_store(query, anchors=anchors, page_size=page_size, allow_unsealed=allow_unsealed,
+                                  only=chains)
     except Exception as exc:  # noqa: BLE001 - store unreachable or locked: say so, exit 2
         click.echo(f"Error: cannot read the audit trail: {str(exc).strip().splitlines()[0]}", err=True)
         sys.exit(2)
