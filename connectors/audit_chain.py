@@ -358,9 +358,9 @@ def read_chain(query: Query, chain: str, first_seq: int, last_seq: int, page_siz
         yield from (_row(r) for r in rows)
         lo = hi
         if not rows and lo <= last_seq:
-            nxt = query(f"SELECT min(chain_seq) FROM audit_events WHERE chain = {_quote(chain)} "
-                        f"AND chain_seq >= {lo}")
-            lo = int(nxt[0][0]) if nxt and nxt[0][0] is not None else last_seq + 1
+            nxt = query(f"SELECT minOrNull(chain_seq) FROM audit_events WHERE chain = {_quote(chain)} "
+                        f"AND chain_seq >= {lo}")  # (plain min() of nothing is 0, not NULL)
+            lo = max(lo, int(nxt[0][0])) if nxt and nxt[0][0] is not None else last_seq + 1
 
 
 @dataclass

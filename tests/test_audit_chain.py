@@ -300,6 +300,16 @@ def test_two_events_with_swapped_contents_are_reported_as_reordered(store):
     assert problems(verify(store, chain)) == [("reorder", 2), ("reorder", 3)]
 
 
+def test_a_forged_far_away_seq_is_a_gap_and_costs_a_few_queries(store):
+    chain = write_chain(store, 5)
+    mutate(store, f"ALTER TABLE audit_events UPDATE chain_seq = 1000000000 WHERE chain = '{chain}' AND chain_seq = 11")
+    queries = []
+    with open_reader(store.settings_for_cli) as query:
+        report = verify_store(lambda sql: queries.append(sql) or query(sql), only=[chain], page_size=5)
+    assert problems(report) == [("gap", 11), ("edit", 1_000_000_000)]
+    assert len(queries) < 10
+
+
 def test_rows_inserted_around_the_sink_are_reported_as_unsealed(store):
     store.insert("audit_events", [[event(99)[c] for c in AUDIT_FIELDS]], column_names=list(AUDIT_FIELDS))
     with open_reader(store.settings_for_cli) as query:
