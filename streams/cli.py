@@ -392,9 +392,9 @@ def review(ctx: click.Context) -> None:
 
 def _review_store():
     from .review.auth import UserStore
-    from .review.web import ReviewConfig
+    from .review.web import users_path
 
-    return UserStore(ReviewConfig.from_env(_settings()).users_path)
+    return UserStore(users_path(_settings()))
 
 
 @review.command("add-user")

@@ -52,6 +52,8 @@ def render_history_svg(family: str, points: list[HistoryPoint], held_order_id: s
     t0, t1 = min(times), max(times)
     if t1 - t0 < timedelta(days=2):
         t0, t1 = t0 - timedelta(days=1), t1 + timedelta(days=1)
+    pad = (t1 - t0) * 0.03  # keep the first and last marks off the frame
+    t0, t1 = t0 - pad, t1 + pad
     values = [max(1, p.dosage_units) for p in points] + ([threshold] if threshold and threshold > 0 else [])
     lo = 10 ** math.floor(math.log10(min(values)))
     hi = 10 ** math.ceil(math.log10(max(values) * 1.05))
@@ -83,7 +85,8 @@ def render_history_svg(family: str, points: list[HistoryPoint], held_order_id: s
         xx = x(at)
         out.append(f'<line class="grid" x1="{xx:.1f}" x2="{xx:.1f}" y1="{TOP}" y2="{TOP + plot_h}" '
                    'stroke="#f0f0f0"/>')
-        out.append(f'<text class="tick" x="{xx:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle" '
+        anchor = "start" if i == 0 else "end" if i == ticks else "middle"
+        out.append(f'<text class="tick" x="{xx:.1f}" y="{TOP + plot_h + 16}" text-anchor="{anchor}" '
                    f'font-size="11">{at:%Y-%m-%d}</text>')
     out.append(f'<text x="{LEFT}" y="{HEIGHT - 6}" font-size="11" fill="#555">dosage units of '
                f'{escape(family)} per order (log scale), UTC dates</text>')

@@ -56,6 +56,8 @@ ACTIONS = {
 }
 MAX_TEXT = 4000
 SESSION_HOURS = 8
+#: Failed logins per user name before further attempts are refused for the rest of the window.
+MAX_FAILED_LOGINS, FAILED_LOGIN_WINDOW = 5, timedelta(minutes=15)
 CSRF_FIELD = "csrf_token"
 
 
@@ -74,7 +76,33 @@ class _Outputs:
         return self._publisher
 
 
+class LoginThrottle:
+    """Refuse a user name after too many failed logins in a window (in memory: per process)."""
+
+    def __init__(self, limit: int = MAX_FAILED_LOGINS, window: timedelta = FAILED_LOGIN_WINDOW) -> None:
+        self.limit, self.window = limit, window
+        self.failures: dict[str, list[datetime]] = {}
+
+    def _recent(self, name: str, now: datetime) -> list[datetime]:
+        recent = [at for at in self.failures.get(name, []) if now - at < self.window]
+        if recent:
+            self.failures[name] = recent
+        else:
+            self.failures.pop(name, None)
+        return recent
+
+    def blocked(self, name: str, now: datetime) -> bool:
+        return len(self._recent(name, now)) >= self.limit
+
+    def failed(self, name: str, now: datetime) -> None:
+        self.failures.setdefault(name, []).append(now)
+
+    def succeeded(self, name: str) -> None:
+        self.failures.pop(name, None)
+
+
 DATA_KEY = web.AppKey("data", ReviewData)
+THROTTLE_KEY = web.AppKey("throttle", LoginThrottle)
 STORE_KEY = web.AppKey("store", UserStore)
 OUTPUTS_KEY = web.AppKey("outputs", _Outputs)
 
@@ -98,9 +126,13 @@ class ReviewConfig:
         if not secret:
             log.warning("CSOS_REVIEW_SECRET is not set: using a random key; sessions end at restart")
             secret = Fernet.generate_key().decode("ascii")
-        return cls(port=int(os.environ.get("CSOS_REVIEW_PORT") or 6068),
-                   users_path=Path(os.environ.get("CSOS_REVIEW_USERS") or settings.data_dir / "review-users.json"),
+        return cls(port=int(os.environ.get("CSOS_REVIEW_PORT") or 6068), users_path=users_path(settings),
                    secret=secret)
+
+
+def users_path(settings: Settings) -> Path:
+    """``CSOS_REVIEW_USERS``, else ``review-users.json`` in the data directory."""
+    return Path(os.environ.get("CSOS_REVIEW_USERS") or settings.data_dir / "review-users.json")
 
 
 # ------------------------------------------------------------------ helpers
@@ -238,12 +270,20 @@ async def login_submit(request: web.Request) -> web.Response:
         await audit(request, "anonymous", "login.refused", "REFUSED", detail={"username": name,
                                                                                "reason": "missing or wrong CSRF token"})
         return await error_page(request, 403, "Form expired", "The login form expired; reload the page and try again.")
+    throttle = request.app[THROTTLE_KEY]
+    if throttle.blocked(name, _now()):
+        await audit(request, "anonymous", "login.refused", "REFUSED",
+                    detail={"username": name, "reason": f"more than {throttle.limit} failed logins"})
+        return await render(request, "login.html", {"error": "Too many failed logins for this user name; wait "
+                                                             "15 minutes.", "username": name}, status=429)
     user = await asyncio.to_thread(request.app[STORE_KEY].authenticate, name, str(form.get("password", "")))
     if user is None:
+        throttle.failed(name, _now())
         await audit(request, "anonymous", "login.failed", "REFUSED",
                     detail={"username": name, "reason": "unknown user or wrong password"})
         return await render(request, "login.html", {"error": "Wrong user name or password.", "username": name},
                             status=401)
+    throttle.succeeded(name)
     session = await new_session(request)  # a fresh session (and CSRF token) at login: no fixation
     session["user"] = user.name
     session["csrf"] = secrets.token_urlsafe(32)
@@ -370,6 +410,7 @@ def create_review_app(settings: Settings, config: ReviewConfig, *, data: ReviewD
     app[DATA_KEY] = data or ReviewData(settings)
     app[STORE_KEY] = UserStore(config.users_path)
     app[OUTPUTS_KEY] = _Outputs(settings.kafka_bootstrap, publisher)
+    app[THROTTLE_KEY] = LoginThrottle()
     app.router.add_get("/health", health)
     app.router.add_get("/static/review.css", stylesheet)
     app.router.add_get("/", index)
@@ -385,5 +426,8 @@ def create_review_app(settings: Settings, config: ReviewConfig, *, data: ReviewD
 def run_review(settings: Settings, config: ReviewConfig) -> None:
     """Serve on 127.0.0.1 until SIGINT/SIGTERM."""
     app = create_review_app(settings, config)
+    if not UserStore(config.users_path).users():
+        log.warning("no users in %s: nobody can log in; add one with `csos review add-user NAME --role analyst`",
+                    config.users_path)
     log.warning("review page on http://127.0.0.1:%d (users: %s)", config.port, config.users_path)
     web.run_app(app, host="127.0.0.1", port=config.port, print=None, access_log=None)
