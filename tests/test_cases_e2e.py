@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -65,8 +65,8 @@ def first_on(p, topic: str, schema: str, match) -> dict[str, Any]:
                 return True
         return False
 
-    consume_all(p.settings.kafka_bootstrap, [topic], until=seen, timeout=60)
-    assert "rec" in found, f"nothing matching on {topic}"
+    consume_all(p.settings.kafka_bootstrap, [topic], until=seen, timeout=120)
+    assert "rec" in found, f"nothing matching on {topic}\n{p.processes.tail()}"
     return found["rec"]
 
 
@@ -139,3 +139,81 @@ def test_lapsed_clock_escalates_an_undecided_case_once(streamed, holds) -> None:
     assert at >= due  # never before the deadline
     assert eventually(streamed, f"SELECT count() FROM audit_events WHERE order_id = '{oid}' "
                                 f"AND action = 'case.escalated'")[0][0] == 1
+
+
+def test_daily_suspicious_order_report_files(streamed, holds, tmp_path) -> None:
+    import csv
+    import json
+
+    from streams.query import run_query
+    from streams.reports import write_suspicious_order_report
+
+    oid, dea = holds[5]
+    decide(streamed, oid, "REPORT", actor="dana", rationale="Volume inconsistent with the patient population.")
+    n_lines = int(streamed.sql(f"SELECT count() FROM order_lines FINAL WHERE order_id = '{oid}'")[0][0])
+    eventually(streamed, f"SELECT count() FROM suspicious_order_reports FINAL WHERE order_id = '{oid}'",
+               want=lambda r: r and int(r[0][0]) == n_lines)
+    day = datetime.now(timezone.utc).date()
+    w = write_suspicious_order_report(lambda sql: run_query(streamed.settings, sql), day, tmp_path)
+    with w.csv_path.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["order_id"] == oid]
+    assert len(rows) == n_lines and {r["reported_by"] for r in rows} == {"dana"}
+    assert {r["ordering_registrant_dea"] for r in rows} == {dea}
+    assert all(r["ndc"] and int(r["quantity"]) > 0 and r["strength"] and r["unit"] for r in rows)
+    doc = json.loads(w.json_path.read_text())
+    [rep] = [r for r in doc["reports"] if r["order_id"] == oid]
+    assert len(rep["lines"]) == n_lines and "Volume inconsistent" in rep["circumstances"]
+    assert doc["date"] == day.isoformat()
+    # another day has none of them
+    other = write_suspicious_order_report(lambda sql: run_query(streamed.settings, sql), day - timedelta(days=3),
+                                          tmp_path / "other")
+    assert oid not in other.csv_path.read_text()
+
+
+def test_fill_report_from_warehouse_confirmations(streamed, holds, tmp_path) -> None:
+    import csv
+    import json
+
+    from connectors.warehouse import confirmation, released_orders
+    from streams.query import run_query
+    from streams.reports import write_fill_report
+
+    shipped = datetime(2026, 11, 20, 16, 30, tzinfo=timezone.utc)  # a Friday: due at DEA by Tuesday
+    releases = [r for r in released_orders(streamed.settings.kafka_bootstrap) if r["released_by"] == "monitor"][:3]
+    held_oid, _ = holds[4]  # still HELD: shipping it is an exception
+    held = streamed.sql(f"SELECT order_number, purchaser_dea, supplier_dea, line_no, ndc, packages "
+                        f"FROM order_lines FINAL WHERE order_id = '{held_oid}' ORDER BY line_no")
+    confirmations = [confirmation(r, shipped) for r in releases]
+    over = confirmation(releases[0], shipped)
+    over["shipment_id"] = str(uuid.uuid4())
+    over["lines"] = over["lines"][:1]
+    over["lines"][0] = dict(over["lines"][0], packages_shipped=over["lines"][0]["packages_shipped"] + 5)
+    confirmations.append(over)
+    confirmations.append({
+        "shipment_id": str(uuid.uuid4()), "order_id": held_oid, "order_number": held[0][0],
+        "purchaser_dea": held[0][1], "supplier_dea": held[0][2], "shipped_at": shipped,
+        "lines": [{"line_no": h[3], "ndc": h[4], "packages_shipped": h[5]} for h in held]})
+    pub = Publisher(streamed.settings.kafka_bootstrap)
+    for c in confirmations:
+        pub.publish(t.SHIPMENTS, c["order_id"], codec.encode("warehouse.ShipmentConfirmation", c))
+    pub.flush()
+    n_lines = sum(len(c["lines"]) for c in confirmations)
+    ids = ", ".join(f"'{c['shipment_id']}'" for c in confirmations)
+    eventually(streamed, f"SELECT count() FROM shipments FINAL WHERE shipment_id IN ({ids})",
+               want=lambda r: r and int(r[0][0]) == n_lines)
+
+    w = write_fill_report(lambda sql: run_query(streamed.settings, sql), shipped.date(), tmp_path)
+    with w.csv_path.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["shipment_id"] in ids]
+    assert len(rows) == n_lines
+    assert list(rows[0])[:6] == ["order_number", "purchaser_dea", "supplier_dea", "ndc", "packages_shipped",
+                                 "ship_date"]
+    assert {r["ship_date"] for r in rows} == {"2026-11-20"}
+    exceptions = {(r["order_id"], r["exception"]) for r in rows if r["exception"]}
+    assert exceptions == {(held_oid, "NOT_RELEASED"), (releases[0]["order_id"], "MORE_THAN_ORDERED")}
+    normal = [r for r in rows if not r["exception"]]
+    expected = {(c["order_number"], ln["ndc"], str(ln["packages_shipped"])) for c in confirmations[:3]
+                for ln in c["lines"]}
+    assert {(r["order_number"], r["ndc"], r["packages_shipped"]) for r in normal} == expected
+    doc = json.loads(w.json_path.read_text())
+    assert doc["send_by"] == "2026-11-24" and len(doc["exceptions"]) == w.exceptions == len(held) + 1
