@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from datetime import date as _date
 from pathlib import Path
 
 import click
@@ -613,6 +614,73 @@ def verify_offline(document: str | None, signature: str, trust_dir: str, crls: t
                        at, fmt)
     click.echo(render(outcome, received_at=at))
     sys.exit(0 if outcome.ok else 1)
+
+
+# --------------------------------------------------------------------------- regulatory reports
+@main.group()
+def reports() -> None:
+    """Daily reports for DEA: suspicious orders (1301.74(b)) and CSOS orders filled (1305.29)."""
+
+
+def _report_day(value: str | None) -> _date:
+    from datetime import datetime, timedelta, timezone
+
+    if value is None:  # yesterday (UTC): the last complete day
+        return datetime.now(timezone.utc).date() - timedelta(days=1)
+    try:
+        return _date.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD)") from None
+
+
+_day_option = click.option("--date", "day", default=None, help="UTC day, YYYY-MM-DD (default: yesterday).")
+_out_option = click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports", show_default=True)
+
+
+@reports.command("suspicious")
+@_day_option
+@_out_option
+def reports_suspicious(day: str | None, out_dir: str) -> None:
+    """Write suspicious-orders-DAY.csv and .json: every order reported to DEA on DAY, line by line."""
+    from .query import run_query
+    from .reports import write_suspicious_order_report
+
+    s = _settings()
+    w = write_suspicious_order_report(lambda sql: run_query(s, sql), _report_day(day), Path(out_dir))
+    click.echo(f"{w.rows} reported line(s) -> {w.csv_path}, {w.json_path}")
+
+
+@reports.command("fills")
+@_day_option
+@_out_option
+def reports_fills(day: str | None, out_dir: str) -> None:
+    """Write csos-fill-report-DAY.csv and .json: every order line shipped on DAY (exit 1 if any is an exception)."""
+    from .query import run_query
+    from .reports import business_days_after, write_fill_report
+
+    s = _settings()
+    d = _report_day(day)
+    w = write_fill_report(lambda sql: run_query(s, sql), d, Path(out_dir))
+    click.echo(f"{w.rows} shipped line(s), due at DEA by {business_days_after(d, 2)} -> {w.csv_path}, {w.json_path}")
+    if w.exceptions:
+        click.echo(f"{w.exceptions} line(s) need investigating (see the exception column)", err=True)
+        sys.exit(1)
+
+
+@main.group()
+def warehouse() -> None:
+    """A stand-in warehouse for demos: ships released orders and confirms the shipments."""
+
+
+@warehouse.command("ship")
+def warehouse_ship() -> None:
+    """Confirm a full shipment of every order released so far (on warehouse.shipments)."""
+    from connectors.kafka_io import Publisher
+    from connectors.warehouse import released_orders, ship
+
+    s = _settings()
+    n = ship(Publisher(s.kafka_bootstrap), released_orders(s.kafka_bootstrap))
+    click.echo(f"{n} shipment confirmation(s) sent")
 
 
 if __name__ == "__main__":  # pragma: no cover
