@@ -24,7 +24,7 @@ from .query import run_query
 from .summary import Summary, fetch_summary
 from .processes import Pipeline
 
-OWNED = ("kafka", "clickhouse", "pki", "faust", "labels.csv", "registrants.csv", "worker.log", "sink.log")
+OWNED = ("kafka", "clickhouse", "pki", "faust", "labels.csv", "registrants.csv", "worker.log", "sink.log", "reports")
 
 
 def reset_data_dir(settings: Settings) -> None:
@@ -98,6 +98,65 @@ def detection_report(settings: Settings, feed: PreparedFeed) -> str:
     return "\n".join(lines)
 
 
+def due_diligence(settings: Settings, timeout: float = 120.0) -> str:
+    """Play the analyst and the warehouse: decide two held orders, ship what was released, write the day's reports.
+
+    The decisions go through ``som.decisions`` exactly as the review page
+    sends them; the rest of the held orders stay HELD, as they would until
+    someone reviews them.
+    """
+    import uuid
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from connectors.warehouse import released_orders, ship
+
+    from . import topic_names as t
+    from .avro_codec import default_codec
+    from .reports import write_fill_report, write_suspicious_order_report
+
+    def poll(sql: str, ok: Callable[[list], bool]) -> list:
+        deadline = time.monotonic() + timeout
+        rows = run_query(settings, sql)[1]
+        while not ok(rows) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            rows = run_query(settings, sql)[1]
+        return rows
+
+    held = poll("SELECT order_id FROM verdicts FINAL WHERE verdict = 'HOLD' ORDER BY decided_at",
+                lambda r: True)
+    ids = [r[0] for r in held]
+    poll("SELECT count() FROM cases FINAL WHERE status = 'HELD'", lambda r: r and int(r[0][0]) >= len(ids))
+    codec = default_codec()
+    pub = Publisher(settings.kafka_bootstrap)
+    plan = list(zip(ids[:2], ("RELEASE", "REPORT"), (
+        "Demo: the pharmacist documented a new oncology clinic; invoices on file.",
+        "Demo: no prescriptions support the volume; the purchaser could not explain it.")))
+    for oid, action, why in plan:
+        pub.publish(t.DECISIONS, oid, codec.encode("som.Decision", {
+            "decision_id": str(uuid.uuid4()), "order_id": oid, "action": action, "actor": "demo-analyst",
+            "actor_role": "analyst", "rationale": why, "evidence_notes": "", "decided_at": datetime.now(timezone.utc)}))
+    pub.flush()
+    poll("SELECT count() FROM cases FINAL WHERE decided_by = 'demo-analyst'", lambda r: r and int(r[0][0]) >= len(plan))
+    releases = released_orders(settings.kafka_bootstrap)
+    shipped = ship(pub, releases, shipped_at=datetime.now(timezone.utc))
+    n_lines = sum(len(r["lines"]) for r in {r["order_id"]: r for r in releases}.values())
+    poll("SELECT count() FROM shipments FINAL", lambda r: r and int(r[0][0]) >= n_lines)
+    today = datetime.now(timezone.utc).date()
+    out = Path(settings.data_dir) / "reports"
+    query = lambda sql: run_query(settings, sql)  # noqa: E731
+    sor = write_suspicious_order_report(query, today, out)
+    fills = write_fill_report(query, today, out)
+    statuses = dict(run_query(settings, "SELECT status, count() FROM cases FINAL GROUP BY status")[1])
+    lines = ["", "Due diligence (a scripted analyst, then the warehouse)",
+             "------------------------------------------------------",
+             f"  cases: {', '.join(f'{k} {v}' for k, v in sorted(statuses.items()))}",
+             f"  warehouse confirmed {shipped} shipments ({fills.rows} lines; {fills.exceptions} exceptions)",
+             f"  suspicious order report: {sor.rows} line(s) -> {sor.csv_path}",
+             f"  CSOS fill report: {fills.rows} line(s) -> {fills.csv_path}"]
+    return "\n".join(lines)
+
+
 def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep_running: bool,
              timeout: float = 600.0) -> Summary:
     echo = click.echo
@@ -134,6 +193,7 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
         echo("")
         echo(ground_truth(feed))
         echo(detection_report(settings, feed))
+        echo(due_diligence(settings))
         _, rows = run_query(settings, "SELECT purchaser_dea, order_id, explanation FROM verdict_reasons FINAL "
                                       "WHERE fired AND enforced ORDER BY decided_at LIMIT 3")
         if rows:
@@ -145,7 +205,9 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
                                        f"after {timeout:.0f}s; see {pipeline.worker.log_path}")
         echo("\nQuery the results, e.g.:\n"
              "  csos sql \"SELECT verdict, count() FROM verdicts FINAL GROUP BY verdict\"\n"
-             "  csos sql \"SELECT reason_code, reason FROM rejections FINAL LIMIT 5\"")
+             "  csos sql \"SELECT reason_code, reason FROM rejections FINAL LIMIT 5\"\n"
+             "  csos sql \"SELECT status, count() FROM cases FINAL GROUP BY status\"\n"
+             "  csos audit verify")
         return summary
     finally:
         if keep_running:
