@@ -165,7 +165,7 @@ def test_an_analyst_releases_a_held_order_in_chromium(held, review, browser_cont
     row.locator("a").click()
     page.wait_for_url(f"{review}/cases/{oid}")
     # The hold's reasons, its lines and the registrant's history with this order marked.
-    sync_api.expect(page.locator("table.reasons")).to_contain_text("size")
+    sync_api.expect(page.locator("table.reasons.enforced")).to_contain_text("size")
     assert page.locator("table.lines tbody tr").count() >= 1
     assert page.locator("svg.history").count() >= 1
     sync_api.expect(page.locator("svg.history .pt.current").first).to_be_attached()
