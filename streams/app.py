@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 import faust
+from aiokafka.errors import UnknownTopicOrPartitionError
 from aiokafka.partitioner import murmur2
 from faust.types import TP
 
@@ -131,6 +132,29 @@ def create_app(settings: Settings) -> faust.App:
                                            reporting_dea=settings.reporting_dea, owns=owns_case)
         return parts
 
+    async def changelog_ready(*tables: Any) -> None:
+        """Wait until the producer's metadata knows each table's changelog topic.
+
+        With ``use_partitioner`` Faust picks a changelog partition
+        synchronously from the producer's cached metadata; a changelog topic
+        created moments earlier (at the first start) may be missing from it,
+        and aiokafka then fails with ``TypeError`` in ``_partition``. Waiting
+        once (aiokafka refreshes metadata until the topic appears) closes
+        that window before any write, from an agent or a timer.
+        """
+        producer = app.producer._ensure_producer()  # noqa: SLF001 - no public way to await topic metadata
+        for table in tables:
+            name = table.changelog_topic.get_topic_name()
+            while True:  # Faust may still be declaring the topic at the first start
+                try:
+                    await producer.client._wait_on_metadata(name)  # noqa: SLF001
+                    break
+                except UnknownTopicOrPartitionError:
+                    log.warning("changelog topic %s not in the cluster metadata yet; waiting", name)
+        ready.update(tables)
+
+    ready: set[Any] = set()
+
     async def process_batches(stream: Any, proc: VerifyProcessor | MonitorProcessor | CaseProcessor) -> None:
         """Take a batch, handle each event, persist state, flush outputs; only then is the batch acked."""
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
@@ -144,6 +168,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(received)
     async def verify_agent(stream: Any) -> None:
         proc: VerifyProcessor = components()["verify"]
+        await changelog_ready(verify_table)
         loop = asyncio.get_running_loop()
         if not await loop.run_in_executor(None, proc.feed.wait_caught_up, 60.0):
             log.warning("reference data (CRLs, registrants) not read to the end within 60 s; orders that need "
@@ -156,22 +181,24 @@ def create_app(settings: Settings) -> faust.App:
     async def reference_data_tick() -> None:
         """Idle or busy, a fresh CRL or registration re-verifies parked orders within a second."""
         proc = parts.get("verify")
-        if proc is not None and proc.tick():
+        if proc is not None and verify_table in ready and proc.tick():
             await proc.emitter.flush()
 
     @app.agent(verified)
     async def monitor_agent(stream: Any) -> None:
+        await changelog_ready(state_table)
         await process_batches(stream, components()["monitor"])
 
     @app.agent(case_inputs)
     async def case_agent(stream: Any) -> None:
+        await changelog_ready(case_table)
         await process_batches(stream, components()["cases"])
 
     @app.timer(interval=settings.case_clock_seconds)
     async def due_diligence_clock() -> None:
         """Escalate held orders whose due-diligence period lapsed, idle or busy."""
         proc = parts.get("cases")
-        if proc is not None and proc.tick():
+        if proc is not None and case_table in ready and proc.tick():
             await proc.emitter.flush()
 
     @app.page("/health")
