@@ -1,7 +1,8 @@
 # The two commands a new user needs:
 #   make demo   - install, start a local Kafka broker, run the whole pipeline on simulated orders, print the summary
 #   make test   - install, then run the whole test suite against a real broker and the embedded ClickHouse engine
-# Everything is installed by these targets into .venv/ and .cache/ (nothing global).
+# Everything is installed by these targets: Python packages into .venv/, Kafka into .cache/, and (make test
+# only) Debian's chromium package for the browser test, with apt-get.
 
 PYTHON ?= python3
 VENV   := .venv
