@@ -157,6 +157,17 @@ def due_diligence(settings: Settings, timeout: float = 120.0) -> str:
     return "\n".join(lines)
 
 
+def audit_check(settings: Settings) -> str:
+    """What ``csos audit verify`` says about this run's audit trail."""
+    from connectors.audit_chain import verify_store
+
+    report = verify_store(lambda sql: run_query(settings, sql)[1])
+    events = sum(c.events for c in report.chains)
+    verdict = "intact (no gap, edit or reordering)" if report.ok else f"{len(report.problems)} problem(s)"
+    return (f"\nAudit trail: {events} events in {len(report.chains)} hash chains, {verdict}; "
+            f"`csos audit verify` prints the head hashes to record")
+
+
 def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep_running: bool,
              timeout: float = 600.0) -> Summary:
     echo = click.echo
@@ -194,6 +205,7 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
         echo(ground_truth(feed))
         echo(detection_report(settings, feed))
         echo(due_diligence(settings))
+        echo(audit_check(settings))
         _, rows = run_query(settings, "SELECT purchaser_dea, order_id, explanation FROM verdict_reasons FINAL "
                                       "WHERE fired AND enforced ORDER BY decided_at LIMIT 3")
         if rows:
@@ -207,7 +219,8 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
              "  csos sql \"SELECT verdict, count() FROM verdicts FINAL GROUP BY verdict\"\n"
              "  csos sql \"SELECT reason_code, reason FROM rejections FINAL LIMIT 5\"\n"
              "  csos sql \"SELECT status, count() FROM cases FINAL GROUP BY status\"\n"
-             "  csos audit verify")
+             "  csos audit verify\n"
+             "Work the held orders on the review page: run the demo with --keep-running, then see README, 'Review page'.")
         return summary
     finally:
         if keep_running:
