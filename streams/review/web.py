@@ -114,6 +114,7 @@ class ReviewConfig:
     port: int
     users_path: Path
     secret: str
+    host: str = "127.0.0.1"  # loopback unless CSOS_REVIEW_HOST says otherwise (a container behind a TLS proxy)
 
     @classmethod
     def from_env(cls, settings: Settings) -> "ReviewConfig":
@@ -127,7 +128,7 @@ class ReviewConfig:
             log.warning("CSOS_REVIEW_SECRET is not set: using a random key; sessions end at restart")
             secret = Fernet.generate_key().decode("ascii")
         return cls(port=int(os.environ.get("CSOS_REVIEW_PORT") or 6068), users_path=users_path(settings),
-                   secret=secret)
+                   secret=secret, host=os.environ.get("CSOS_REVIEW_HOST") or "127.0.0.1")
 
 
 def users_path(settings: Settings) -> Path:
@@ -424,10 +425,10 @@ def create_review_app(settings: Settings, config: ReviewConfig, *, data: ReviewD
 
 
 def run_review(settings: Settings, config: ReviewConfig) -> None:
-    """Serve on 127.0.0.1 until SIGINT/SIGTERM."""
+    """Serve on ``config.host`` (127.0.0.1 by default) until SIGINT/SIGTERM."""
     app = create_review_app(settings, config)
     if not UserStore(config.users_path).users():
         log.warning("no users in %s: nobody can log in; add one with `csos review add-user NAME --role analyst`",
                     config.users_path)
-    log.warning("review page on http://127.0.0.1:%d (users: %s)", config.port, config.users_path)
-    web.run_app(app, host="127.0.0.1", port=config.port, print=None, access_log=None)
+    log.warning("review page on http://%s:%d (users: %s)", config.host, config.port, config.users_path)
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
