@@ -6,7 +6,7 @@ neither needs nor disturbs a developer's broker on 9092.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -56,6 +56,16 @@ class Pipeline:
 
     def sql(self, query: str) -> list[list[Any]]:
         return run_query(self.settings, query)[1]
+
+    def eventually(self, query: str, want: Callable[[list], bool] = bool, timeout: float = 90) -> list[list[Any]]:
+        """Rows of ``query`` once ``want(rows)`` holds (the sink writes in batches); fails with the logs if never."""
+        deadline = time.monotonic() + timeout
+        rows = self.sql(query)
+        while not want(rows) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            rows = self.sql(query)
+        assert want(rows), f"timed out waiting for: {query} -> {rows}\n{self.processes.tail()}"
+        return rows
 
     def topic(self, name: str, expected: int) -> list[Any]:
         return consume_all(self.settings.kafka_bootstrap, [name], until=lambda m: len(m) >= expected,

@@ -7,7 +7,6 @@ suspicious order reports and ClickHouse.
 """
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -22,22 +21,12 @@ from tests.conftest import DUE_DILIGENCE_SECONDS
 codec = default_codec()
 
 
-def eventually(p, sql: str, want=lambda rows: bool(rows), timeout: float = 60) -> list:
-    deadline = time.monotonic() + timeout
-    rows = p.sql(sql)
-    while not want(rows) and time.monotonic() < deadline:
-        time.sleep(0.5)
-        rows = p.sql(sql)
-    assert want(rows), f"timed out waiting for: {sql} -> {rows}\n{p.processes.tail()}"
-    return rows
-
-
 @pytest.fixture(scope="module")
 def holds(streamed) -> list[tuple[str, str]]:
     """(order id, purchaser DEA) of the feed's held orders, once each has an open case."""
     rows = streamed.sql("SELECT order_id, purchaser_dea FROM verdicts FINAL WHERE verdict = 'HOLD' ORDER BY order_id")
     assert len(rows) >= 8, "the session feed must hold several orders"
-    eventually(streamed, "SELECT count() FROM cases FINAL WHERE order_id IN "
+    streamed.eventually("SELECT count() FROM cases FINAL WHERE order_id IN "
                "(SELECT order_id FROM verdicts FINAL WHERE verdict = 'HOLD')",
                want=lambda r: r and int(r[0][0]) == len(rows))
     return [(r[0], r[1]) for r in rows]
@@ -86,15 +75,15 @@ def test_release_after_review_reaches_warehouse_learner_and_clickhouse(streamed,
     release = first_on(streamed, t.RELEASE, "som.Release", lambda k, r: k == oid and r["released_by"] == "alice")
     n_lines = int(streamed.sql(f"SELECT count() FROM order_lines FINAL WHERE order_id = '{oid}'")[0][0])
     assert release["purchaser_dea"] == dea and len(release["lines"]) == n_lines > 0
-    rows = eventually(streamed, f"SELECT status, decided_by, decision_id, rationale FROM cases FINAL "
+    rows = streamed.eventually(f"SELECT status, decided_by, decision_id, rationale FROM cases FINAL "
                                 f"WHERE order_id = '{oid}'", want=lambda r: r and r[0][0] == "RELEASED")
     assert rows[0][1:3] == ["alice", decision_id] or tuple(rows[0][1:3]) == ("alice", decision_id)
-    actions = eventually(streamed, f"SELECT action, actor FROM audit_events WHERE order_id = '{oid}'",
+    actions = streamed.eventually(f"SELECT action, actor FROM audit_events WHERE order_id = '{oid}'",
                          want=lambda r: {"case.released", "order.learned_after_review"} <= {x[0] for x in r})
     assert ("case.released", "alice") in {tuple(a) for a in actions}
     # a second decision on the closed case is refused, visibly, and changes nothing
     decide(streamed, oid, "REPORT", actor="bob")
-    refused = eventually(streamed, f"SELECT actor, error, status FROM case_events FINAL "
+    refused = streamed.eventually(f"SELECT actor, error, status FROM case_events FINAL "
                                    f"WHERE order_id = '{oid}' AND kind = 'REFUSED'")
     assert refused[0][0] == "bob" and "already RELEASED by alice" in refused[0][1] and refused[0][2] == "RELEASED"
     assert streamed.sql(f"SELECT count() FROM suspicious_order_reports WHERE order_id = '{oid}'")[0][0] == 0
@@ -111,7 +100,7 @@ def test_report_produces_the_suspicious_order_report(streamed, holds) -> None:
     assert report["ordering_registrant_dea"] == dea and report["order_form_number"] == lines[0][5]
     assert report["reporting_registrant_dea"] == lines[0][7] and report["reported_by"] == "carol"
     assert "No prescriptions support this volume." in report["circumstances"]
-    stored = eventually(streamed, f"SELECT count(), any(reported_by) FROM suspicious_order_reports FINAL "
+    stored = streamed.eventually(f"SELECT count(), any(reported_by) FROM suspicious_order_reports FINAL "
                                   f"WHERE order_id = '{oid}'", want=lambda r: r and int(r[0][0]) == len(lines))
     assert stored[0][1] == "carol"
     assert not first_on_or_none(streamed, t.RELEASE, oid, "carol")
@@ -125,19 +114,19 @@ def first_on_or_none(p, topic: str, oid: str, actor: str) -> bool:
 def test_viewer_cannot_decide(streamed, holds) -> None:
     oid, _ = holds[2]
     decide(streamed, oid, "RELEASE", actor="vic", role="viewer")
-    refused = eventually(streamed, f"SELECT error FROM case_events FINAL WHERE order_id = '{oid}' AND kind = 'REFUSED'")
+    refused = streamed.eventually(f"SELECT error FROM case_events FINAL WHERE order_id = '{oid}' AND kind = 'REFUSED'")
     assert "only an analyst may release" in refused[0][0]
     assert streamed.sql(f"SELECT status FROM cases FINAL WHERE order_id = '{oid}'")[0][0] == "HELD"
 
 
 def test_lapsed_clock_escalates_an_undecided_case_once(streamed, holds) -> None:
     oid, _ = holds[3]
-    rows = eventually(streamed, f"SELECT at, due_at, status FROM case_events FINAL WHERE order_id = '{oid}' "
+    rows = streamed.eventually(f"SELECT at, due_at, status FROM case_events FINAL WHERE order_id = '{oid}' "
                                 f"AND kind = 'ESCALATED'", timeout=DUE_DILIGENCE_SECONDS + 60)
     assert len(rows) == 1 and rows[0][2] == "HELD"
     at, due = rows[0][0], rows[0][1]
     assert at >= due  # never before the deadline
-    assert eventually(streamed, f"SELECT count() FROM audit_events WHERE order_id = '{oid}' "
+    assert streamed.eventually(f"SELECT count() FROM audit_events WHERE order_id = '{oid}' "
                                 f"AND action = 'case.escalated'")[0][0] == 1
 
 
@@ -151,7 +140,7 @@ def test_daily_suspicious_order_report_files(streamed, holds, tmp_path) -> None:
     oid, dea = holds[5]
     decide(streamed, oid, "REPORT", actor="dana", rationale="Volume inconsistent with the patient population.")
     n_lines = int(streamed.sql(f"SELECT count() FROM order_lines FINAL WHERE order_id = '{oid}'")[0][0])
-    eventually(streamed, f"SELECT count() FROM suspicious_order_reports FINAL WHERE order_id = '{oid}'",
+    streamed.eventually(f"SELECT count() FROM suspicious_order_reports FINAL WHERE order_id = '{oid}'",
                want=lambda r: r and int(r[0][0]) == n_lines)
     day = datetime.now(timezone.utc).date()
     w = write_suspicious_order_report(lambda sql: run_query(streamed.settings, sql), day, tmp_path)
@@ -199,7 +188,7 @@ def test_fill_report_from_warehouse_confirmations(streamed, holds, tmp_path) -> 
     pub.flush()
     n_lines = sum(len(c["lines"]) for c in confirmations)
     ids = ", ".join(f"'{c['shipment_id']}'" for c in confirmations)
-    eventually(streamed, f"SELECT count() FROM shipments FINAL WHERE shipment_id IN ({ids})",
+    streamed.eventually(f"SELECT count() FROM shipments FINAL WHERE shipment_id IN ({ids})",
                want=lambda r: r and int(r[0][0]) == n_lines)
 
     w = write_fill_report(lambda sql: run_query(streamed.settings, sql), shipped.date(), tmp_path)

@@ -13,7 +13,6 @@ themselves (no sleeps), and screenshots are one call. Chromium comes from ``make
 from __future__ import annotations
 
 import shutil
-import time
 import uuid
 from dataclasses import replace
 from datetime import timedelta
@@ -49,16 +48,6 @@ if shutil.which("chromium") is None and not Path(CHROMIUM).exists():
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def eventually(p, sql: str, want=lambda rows: bool(rows), timeout: float = 90) -> list:
-    deadline = time.monotonic() + timeout
-    rows = p.sql(sql)
-    while not want(rows) and time.monotonic() < deadline:
-        time.sleep(0.5)
-        rows = p.sql(sql)
-    assert want(rows), f"timed out waiting for: {sql} -> {rows}\n{p.processes.tail()}"
-    return rows
-
-
 @pytest.fixture(scope="module")
 def held(streamed) -> dict[str, Any]:
     """A fresh order held by the monitor, with its case open (status HELD) in ClickHouse.
@@ -84,9 +73,9 @@ def held(streamed) -> dict[str, Any]:
     intake = OrderIntake(Publisher(streamed.settings.kafka_bootstrap), "review-browser-test")
     order_id = intake.submit(sig, document=doc, purchaser_dea=dea, received_at=at + timedelta(minutes=1))
     intake.flush()
-    verdict = eventually(streamed, f"SELECT verdict FROM verdicts FINAL WHERE order_id = '{order_id}'")
+    verdict = streamed.eventually(f"SELECT verdict FROM verdicts FINAL WHERE order_id = '{order_id}'")
     assert verdict == [["HOLD"]], verdict
-    eventually(streamed, f"SELECT status FROM cases FINAL WHERE order_id = '{order_id}'",
+    streamed.eventually(f"SELECT status FROM cases FINAL WHERE order_id = '{order_id}'",
                want=lambda rows: rows == [["HELD"]])
     return {"order_id": order_id, "order_number": order.order_number, "dea": dea}
 
@@ -150,7 +139,7 @@ def test_a_viewer_sees_the_case_but_cannot_act(held, review, browser_context, tm
     response = page.request.post(f"{review}/cases/{held['order_id']}/decision", form={
         "csrf_token": token, "action": "RELEASE", "rationale": "I am only a viewer"})
     assert response.status == 403
-    refused = eventually(streamed, "SELECT actor, detail FROM audit_events WHERE stage = 'review' "
+    refused = streamed.eventually("SELECT actor, detail FROM audit_events WHERE stage = 'review' "
                          f"AND action = 'decision.refused' AND order_id = '{held['order_id']}'")
     assert refused[0][0] == VIEWER and "viewer" in refused[0][1]
     assert streamed.sql(f"SELECT status FROM cases FINAL WHERE order_id = '{held['order_id']}'") == [["HELD"]]
@@ -196,10 +185,10 @@ def test_an_analyst_releases_a_held_order_in_chromium(held, review, browser_cont
     assert found["release"]["order_id"] == oid and found["release"]["lines"]
 
     # ClickHouse has the closed case, decided by the analyst with the rationale typed in the browser.
-    rows = eventually(streamed, f"SELECT status, decided_by, rationale FROM cases FINAL WHERE order_id = '{oid}'",
+    rows = streamed.eventually(f"SELECT status, decided_by, rationale FROM cases FINAL WHERE order_id = '{oid}'",
                       want=lambda r: bool(r) and r[0][0] == "RELEASED")
     assert rows == [["RELEASED", ANALYST, RATIONALE]]
-    audit = eventually(streamed, "SELECT actor, outcome FROM audit_events WHERE stage = 'review' "
+    audit = streamed.eventually("SELECT actor, outcome FROM audit_events WHERE stage = 'review' "
                        f"AND action = 'decision.submitted' AND order_id = '{oid}'")
     assert audit == [[ANALYST, "RELEASE"]]
 
