@@ -129,7 +129,8 @@ def create_app(settings: Settings) -> faust.App:
             parts["monitor"] = MonitorProcessor(Monitor.from_env(), state_table, Emitter(publisher, "monitor-agent"))
             parts["cases"] = CaseProcessor(case_table, Emitter(publisher, "case-agent"),
                                            due_days=settings.due_diligence_days,
-                                           reporting_dea=settings.reporting_dea, owns=owns_case)
+                                           reporting_dea=settings.reporting_dea, owns=owns_case,
+                                           retention_days=settings.case_retention_days)
         return parts
 
     async def changelog_ready(*tables: Any) -> None:

@@ -40,6 +40,7 @@ class Settings:
     sink_batch_seconds: float = 0.5
     due_diligence_days: float = 7.0  # calendar days a held order may wait before its case is escalated
     case_clock_seconds: float = 60.0  # how often the case agent looks for lapsed due-diligence clocks
+    case_retention_days: float = 90.0  # closed cases leave the worker's table this long after the decision
     reporting_dea: str = ""  # the distributor's DEA number on suspicious order reports (default: the order's supplier)
 
     @property
@@ -74,6 +75,7 @@ class Settings:
             sink_batch_seconds=float(_env("CSOS_SINK_BATCH_SECONDS", str(cls.sink_batch_seconds))),
             due_diligence_days=float(_env("CSOS_DUE_DILIGENCE_DAYS", str(cls.due_diligence_days))),
             case_clock_seconds=float(_env("CSOS_CASE_CLOCK_SECONDS", str(cls.case_clock_seconds))),
+            case_retention_days=float(_env("CSOS_CASE_RETENTION_DAYS", str(cls.case_retention_days))),
             reporting_dea=_env("CSOS_REPORTING_DEA", ""),
         )
 

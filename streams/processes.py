@@ -38,6 +38,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CSOS_SINK_BATCH_SECONDS": str(settings.sink_batch_seconds),
         "CSOS_DUE_DILIGENCE_DAYS": repr(settings.due_diligence_days),
         "CSOS_CASE_CLOCK_SECONDS": repr(settings.case_clock_seconds),
+        "CSOS_CASE_RETENTION_DAYS": repr(settings.case_retention_days),
         "CSOS_REPORTING_DEA": settings.reporting_dea,
         "CLICKHOUSE_DATABASE": settings.clickhouse_database,
     })

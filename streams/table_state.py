@@ -46,6 +46,12 @@ class CachedTable(Generic[T]):
         self._cache.move_to_end(key)
         self._dirty.add(key)
 
+    def delete(self, key: str) -> None:
+        """Remove the key from the table now (a tombstone on the changelog)."""
+        self._cache.pop(key, None)
+        self._dirty.discard(key)
+        self.table.pop(key.encode(), None)
+
     def mark_dirty(self, key: str) -> None:
         self._dirty.add(key)
 

@@ -334,3 +334,20 @@ def test_sink_rows_for_reports_and_case_events_line_up_with_their_columns(agent)
     closed = dict(zip(case_cols, reported["cases"][0]))
     assert (closed["status"], closed["version"], closed["decided_by"]) == (REPORTED, 2, "carol")
     assert all(len(r) == len(TABLE_COLUMNS[table]) for x in (opened, reported) for table, rs in x.items() for r in rs)
+
+
+def test_closed_cases_leave_the_table_after_the_retention_period(agent) -> None:
+    proc, pub, table = agent
+    open_hold, closed_hold = a_hold(), a_hold()
+    for h in (open_hold, closed_hold):
+        feed(proc, t.HOLD, "som.Hold", h)
+    d = a_decision(closed_hold, "CANCEL", at=T0 + timedelta(days=1))
+    feed(proc, t.DECISIONS, "som.Decision", d)
+    proc.tick(T0 + timedelta(days=90))
+    assert closed_hold["order_id"].encode() in table  # not yet: 89 days after the decision
+    proc.tick(T0 + timedelta(days=91, hours=1))
+    assert closed_hold["order_id"].encode() not in table and open_hold["order_id"].encode() in table
+    pub.take(t.AUDIT)
+    feed(proc, t.DECISIONS, "som.Decision", a_decision(closed_hold, "RELEASE"))
+    assert pub.take(t.RELEASE) == []
+    assert '"code": "UNKNOWN_CASE"' in pub.take(t.AUDIT)[0][1]["detail"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, MutableMapping
 
 from .. import topic_names as t
@@ -47,14 +47,15 @@ class CaseProcessor:
 
     def __init__(self, table: MutableMapping[bytes, bytes], emitter: Emitter, *, due_days: float = 7.0,
                  reporting_dea: str = "", owns: Callable[[str], bool] | None = None,
-                 codec: AvroCodec | None = None) -> None:
+                 retention_days: float = 90.0, codec: AvroCodec | None = None) -> None:
         self.emitter = emitter
         self.codec = codec or default_codec()
         self.due_days = due_days
+        self.retention = timedelta(days=retention_days)
         self.reporting_dea = reporting_dea
         self.owns = owns or (lambda order_id: True)
         self.counts = {"opened": 0, "released": 0, "reported": 0, "cancelled": 0, "escalated": 0, "refused": 0,
-                       "dead_lettered": 0}
+                       "dead_lettered": 0, "expired": 0}
         self.state: CachedTable[Case | None] = CachedTable(
             table,
             load=lambda raw, _: None if raw is None else Case.from_state(
@@ -126,13 +127,24 @@ class CaseProcessor:
         self._closing_outputs(decided)
 
     def tick(self, now: datetime | None = None, keys: Iterable[str] | None = None) -> int:
-        """Escalate every owned case whose due-diligence clock lapsed; returns how many."""
+        """Escalate every owned case whose due-diligence clock lapsed; returns how many.
+
+        Also drops cases closed more than ``retention_days`` ago from the table,
+        so worker state stays bounded: their history is in ClickHouse
+        (``cases``, ``case_events``, kept two years), and a decision arriving
+        for one after that is refused as about an unknown case.
+        """
         now = now or utcnow()
         escalated = 0
         for oid in list(keys if keys is not None else self.state.keys()):
             if not self.owns(oid):
                 continue  # a standby copy: the owner escalates it
             case = self.state.get(oid)
+            if case is not None and case.closed and case.decided_at is not None \
+                    and now - case.decided_at > self.retention:
+                self.state.delete(oid)
+                self.counts["expired"] += 1
+                continue
             later = escalate(case, now) if case is not None else None
             if later is None:
                 continue
