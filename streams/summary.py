@@ -17,6 +17,8 @@ class Summary:
     held: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     held_by_reason: dict[str, int] = field(default_factory=dict)
+    cases_by_status: dict[str, int] = field(default_factory=dict)
+    overdue: int = 0  # HELD cases past their due-diligence deadline
 
     @property
     def received(self) -> int:
@@ -38,6 +40,10 @@ class Summary:
         out += [f"      {why:<28} {n:>6}" for why, n in sorted(self.held_by_reason.items())]
         if self.held_by_reason:
             out.append("      (an order held for several reasons counts under each)")
+        if self.cases_by_status:
+            out.append("Due-diligence cases: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.cases_by_status.items())) +
+                (f" ({self.overdue} HELD past the deadline)" if self.overdue else ""))
         return "\n".join(out)
 
 
@@ -60,4 +66,8 @@ def fetch_summary(settings: Settings) -> Summary:
     _, rows = run_query(settings, "SELECT concat(dimension, ' (', detector, ')'), uniqExact(order_id) "
                                   "FROM verdict_reasons FINAL WHERE fired AND enforced AND verdict = 'HOLD' GROUP BY 1")
     s.held_by_reason = {r[0]: int(r[1]) for r in rows}
+    _, rows = run_query(settings, "SELECT status, count(), countIf(status = 'HELD' AND due_at < now64(3)) "
+                                  "FROM cases FINAL GROUP BY status")
+    s.cases_by_status = {r[0]: int(r[1]) for r in rows}
+    s.overdue = sum(int(r[2]) for r in rows)
     return s

@@ -206,3 +206,16 @@ def test_fill_report_from_warehouse_confirmations(streamed, holds, tmp_path) -> 
     assert {(r["order_number"], r["ndc"], r["packages_shipped"]) for r in normal} == expected
     doc = json.loads(w.json_path.read_text())
     assert doc["send_by"] == "2026-11-24" and len(doc["exceptions"]) == w.exceptions == len(held) + 1
+
+
+def test_summary_counts_cases_and_overdue_ones(streamed, holds) -> None:
+    from streams.summary import fetch_summary
+
+    streamed.eventually(f"SELECT count() FROM case_events FINAL WHERE order_id = '{holds[3][0]}' "
+                        f"AND kind = 'ESCALATED'", want=lambda r: r and int(r[0][0]) == 1,
+                        timeout=DUE_DILIGENCE_SECONDS + 60)
+    s = fetch_summary(streamed.settings)
+    rows = dict(streamed.sql("SELECT status, count() FROM cases FINAL GROUP BY status"))
+    assert s.cases_by_status == {k: int(v) for k, v in rows.items()} and s.cases_by_status["RELEASED"] >= 1
+    assert 1 <= s.overdue <= s.cases_by_status["HELD"]
+    assert f"HELD {s.cases_by_status['HELD']}" in s.render() and "past the deadline" in s.render()
