@@ -418,6 +418,8 @@ class OrderFacts:
     purchaser_dea: str
     at_ms: int
     families: dict[str, FamilyFacts] = field(default_factory=dict)
+    business_activity: str | None = None  # the purchaser's, for its peer group
+    region: str | None = None  # the purchaser's state when the order carries it (``purchaser_state``)
 
     @property
     def total_units(self) -> int:
@@ -438,7 +440,10 @@ def order_facts(order: Mapping[str, Any]) -> OrderFacts:
         fam: FamilyFacts(fam, a[0], a[1], a[2], tuple(sorted(a[3])))
         for fam, a in sorted(acc.items())
     }
-    return OrderFacts(str(order["order_id"]), str(order["purchaser_dea"]), to_ms(order["received_at"]), families)
+    act = order.get("business_activity")
+    region = order.get("purchaser_state")
+    return OrderFacts(str(order["order_id"]), str(order["purchaser_dea"]), to_ms(order["received_at"]), families,
+                      str(act).strip().upper() if act else None, str(region).strip().upper() if region else None)
 
 
 # --------------------------------------------------------------------------
