@@ -429,7 +429,7 @@ def run_scenarios(out_dir: str | Path, seed: int = 7, peers: bool = True,
 
 
 def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | None = None,
-              product_master: Any = None) -> dict[str, Any]:
+              product_master: Any = None, peers: PeerProfiles | None = None) -> dict[str, Any]:
     """Replay an ARCOS file through every policy. ARCOS has no labels: no recall or precision.
 
     Reports per policy the orders held, the hold rate and the buyers with a hold,
@@ -439,7 +439,7 @@ def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | 
     """
     from connectors.arcos_replay import read_arcos
     orders = _sorted_stream(read_arcos(path, product_master=product_master))
-    decisions, info = run_policies(orders, config)
+    decisions, info = run_policies(orders, config, peers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(orders)

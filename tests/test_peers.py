@@ -203,3 +203,21 @@ def test_growth_focused_on_one_family_and_above_peers_is_held_at_3x_but_an_expan
     assert not spread["fired"] and spread["threshold"] == pytest.approx(5 * level)
     # without peer profiles the focused threshold is not used
     assert not finding(scored(1.0, peers=False), "trend")["fired"]
+
+
+# --------------------------------------------------------------------------- production history (ClickHouse rows)
+def test_released_clickhouse_rows_become_orders_with_activity_and_state(tmp_path: Path) -> None:
+    from connectors.peer_history import orders_from_rows, registrant_directory
+
+    csv_path = tmp_path / "registrants.csv"
+    csv_path.write_text("dea_number,name,business_activity,state\nBP0000001,A,Retail Pharmacy,oh\n")
+    ms = int(T0.timestamp() * 1000)
+    rows = [["o1", "BP0000001", ms, "OXYCODONE", 400, 600.0], ["o1", "BP0000001", ms, "ALPRAZOLAM", 90, 0.0],
+            ["o2", "BX0000002", ms + 1000, "OXYCODONE", 100, 150.0]]
+    orders = list(orders_from_rows(rows, registrant_directory(csv_path)))
+    assert [o["order_id"] for o in orders] == ["o1", "o2"]
+    assert orders[0]["business_activity"] == "RETAIL PHARMACY" and orders[0]["purchaser_state"] == "OH"
+    assert {ln["drug_family"]: ln["dosage_units"] for ln in orders[0]["lines"]} == {"OXYCODONE": 400, "ALPRAZOLAM": 90}
+    assert orders[1]["business_activity"] is None  # not in the directory: no peer group
+    p = build_profiles(orders, "ch", min_registrants=1)
+    assert set(p.groups) == {("RETAIL PHARMACY", r, f) for r in (ANY_REGION, "OH") for f in ("OXYCODONE", "ALPRAZOLAM")}
