@@ -35,9 +35,12 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from .baselines import BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name
+from .baselines import (
+    TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name,
+)
 from .peers import PeerGroup, PeerProfiles
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ DETECTORS_VERSION = "3"
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend")
 #: Learned detectors that run and are recorded but do not decide unless named in ``hold_detectors``.
-RECORDED_DETECTORS = ("peer_volume",)
+RECORDED_DETECTORS = ("peer_volume", "timing")
 #: The static reference rules: recorded on every order, deciding only when named in ``hold_detectors``.
 STATIC_DETECTORS = ("static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit")
 
@@ -114,6 +117,11 @@ class MonitorConfig:
     peer_quantile: float = 0.9  # peer deviation: the peers' monthly-units quantile ...
     peer_ratio: float = 3.0  # ... times this, against the registrant's 30-day units
     peer_min_months: int = 30  # registrant-months a group needs before its monthly units are a baseline
+
+    # Timing (per registrant): an order at an hour or on a weekday this registrant almost never orders.
+    timing_min_orders: int = 30  # learned orders before its timing habits are known
+    timing_hour_window: int = 2  # hours either side of the order's hour that count as "the same time"
+    timing_max_share: float = 0.01  # unusual when fewer than this share of its orders came at such a time
 
     # Trend, per family on calendar-month units including the order.
     trend_ratio: float = 5.0  # 30-day units vs the registrant's level before the last two months
@@ -660,6 +668,56 @@ class PeerVolumeDetector(PerFamilyDetector):
         return reason(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
 
 
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+class TimingDetector:
+    """Deviation from pattern: an order at a time this registrant (almost) never orders.
+
+    One finding per order (family ``*``). The registrant's learned orders
+    are counted per UTC hour of day and per weekday; the share that came
+    within ``timing_hour_window`` hours of this order's hour, and the share on
+    its weekday, are compared with ``timing_max_share``. The value is the
+    rarity, 1 - the smaller share, so "fired => value > threshold" holds with
+    threshold 1 - ``timing_max_share``. A night-time order of a pharmacy that
+    orders at 10:00, or a Sunday order of one that never orders on weekends,
+    stands out; a burst spread over a day and a night does too.
+    """
+
+    name = "timing"
+    dimension = "pattern"
+
+    def __init__(self, cfg: MonitorConfig) -> None:
+        self.cfg = cfg
+
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+        if not order.families:
+            return []
+        c = self.cfg
+        tp = state.timing
+        n = tp.n
+        threshold = 1.0 - c.timing_max_share
+        t = datetime.fromtimestamp(order.at_ms / 1000, tz=timezone.utc)
+        when = f"{_WEEKDAYS[t.weekday()]} {t:%H:%M} UTC"
+        if n < c.timing_min_orders:
+            return [reason(self.name, self.dimension, "*", 0.0, 0.0, _MAX,
+                           f"not applicable: {n} released orders (< {c.timing_min_orders})", False, "")]
+        w = c.timing_hour_window
+        near = sum(tp.hours[(t.hour + d) % 24] for d in range(-w, w + 1))
+        same_day = tp.weekdays[t.weekday()]
+        share = min(near, same_day) / n
+        value = 1.0 - share
+        fired = value > threshold
+        lo, hi = (t.hour - w) % 24, (t.hour + w + 1) % 24
+        window = f"hour of day and weekday (UTC) of ~{n} released orders (counts halve at {TIMING_CAP})"
+        text = (f"Received {when}. Of this registrant's ~{n} released orders, {near} "
+                f"({fmt_pct(near / n)}) came between {lo:02d}:00 and {hi:02d}:00 UTC and {same_day} "
+                f"({fmt_pct(same_day / n)}) on a {_WEEKDAYS[t.weekday()]}; an order at a time shared by fewer than "
+                f"{100 * c.timing_max_share:g}% of its orders is unusual"
+                + (" - this one is." if fired else "; this one is not."))
+        return [reason(self.name, self.dimension, "*", value, share, threshold, window, fired, text)]
+
+
 class StaticAverageDetector(PerFamilyDetector):
     """Static rule: this calendar month's units of a family > ``multiple`` x the trailing 12-month average.
 
@@ -826,6 +884,7 @@ def default_detectors(cfg: MonitorConfig, peers: PeerProfiles | None = None) -> 
         FamilyMixDetector(cfg),
         TrendDetector(cfg, peers),
         PeerVolumeDetector(cfg, peers),
+        TimingDetector(cfg),
         StaticAverageDetector(cfg, 2),
         StaticAverageDetector(cfg, 3),
         StaticMaxDetector(cfg),
@@ -837,7 +896,7 @@ def default_detectors(cfg: MonitorConfig, peers: PeerProfiles | None = None) -> 
 __all__ = [
     "MonitorConfig", "Detector", "Reason", "SizeDetector", "VolumeDetector", "FrequencyDetector",
     "NewFamilyDetector", "FamilyMixDetector", "TrendDetector", "StaticAverageDetector", "StaticMaxDetector",
-    "StaticCeilingDetector", "CustomerLimitDetector", "PeerVolumeDetector", "load_customer_limits",
+    "StaticCeilingDetector", "CustomerLimitDetector", "PeerVolumeDetector", "TimingDetector", "load_customer_limits",
     "default_detectors", "peer_group", "reason", "ew_memory", "LEARNED_DETECTORS", "RECORDED_DETECTORS",
     "STATIC_DETECTORS",
 ]
