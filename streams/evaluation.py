@@ -9,7 +9,10 @@ detectors whose firing decides HOLD:
   always recorded with ``fired``), so the static rules (``static_2x_12m``,
   ``static_3x_12m``, ``static_6m_max``, ``static_8000_du``,
   ``static_customer_limit``) appear as soon as the monitor carries them; plus
-  ``static_any`` (any static rule) when there are static rules.
+  ``static_any`` (any static rule) when there are static rules;
+* ``learned+<detector>`` for each learned detector that is recorded but does not
+  decide by default (``peer_volume``, ``timing``, ``anomaly``): what enforcing it
+  as well would do.
 
 As in production, a policy's monitor **learns only from the orders that policy
 releases**. When ``MonitorConfig`` has ``hold_detectors`` every policy is a real
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from streams.monitoring import Monitor, MonitorConfig
+from streams.monitoring.detectors import RECORDED_DETECTORS
 from streams.monitoring.peers import PeerProfiles, build_profiles
 
 LEARNED = "learned"
@@ -121,6 +125,10 @@ def run_policies(orders: Sequence[Mapping[str, Any]], config: MonitorConfig | No
     policies: dict[str, tuple[str, ...]] = {d: (d,) for d in detectors}
     if static:
         policies[STATIC_ANY] = tuple(static)
+    # Learned detectors that are only recorded by default: what enforcing each one as well would do.
+    for d in RECORDED_DETECTORS:
+        if d in detectors:
+            policies[f"{LEARNED}+{d}"] = tuple(cfg.hold_detectors) + (d,)
     real = supports_hold_detectors()
     for name, dets in policies.items():
         if real:

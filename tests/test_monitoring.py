@@ -272,7 +272,7 @@ def test_ten_x_spike_is_held_with_consistent_size_reason() -> None:
     assert ratio and float(ratio.group(1)) == pytest.approx(r["value"] / r["baseline"], abs=0.05)
     # every detector reported on the family, fired or not
     assert {r["detector"] for r in v["reasons"]} == {
-        "size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend", "peer_volume", "timing",
+        "size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend", "peer_volume", "timing", "anomaly",
         "static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit"}
     assert {r["detector"] for r in v["reasons"] if r["enforced"]} == {
         "size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend"}

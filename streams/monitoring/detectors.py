@@ -51,7 +51,7 @@ DETECTORS_VERSION = "3"
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend")
 #: Learned detectors that run and are recorded but do not decide unless named in ``hold_detectors``.
-RECORDED_DETECTORS = ("peer_volume", "timing")
+RECORDED_DETECTORS = ("peer_volume", "timing", "anomaly")
 #: The static reference rules: recorded on every order, deciding only when named in ``hold_detectors``.
 STATIC_DETECTORS = ("static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit")
 
@@ -122,6 +122,9 @@ class MonitorConfig:
     timing_min_orders: int = 30  # learned orders before its timing habits are known
     timing_hour_window: int = 2  # hours either side of the order's hour that count as "the same time"
     timing_max_share: float = 0.01  # unusual when fewer than this share of its orders came at such a time
+
+    # Combined anomaly score over the learned measures (streams/monitoring/anomaly.py).
+    anomaly_threshold: float = 1.5  # 1.0 = one measure at its own threshold; ~99.9th percentile of normal orders
 
     # Trend, per family on calendar-month units including the order.
     trend_ratio: float = 5.0  # 30-day units vs the registrant's level before the last two months

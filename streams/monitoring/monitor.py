@@ -26,6 +26,7 @@ from .baselines import (
     STATE_VERSION, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
 )
 from .detectors import DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, reason
+from .anomaly import AnomalyCombiner
 from .peers import PeerProfiles
 
 
@@ -79,7 +80,9 @@ class Monitor:
         #: Peer profiles (reference data, read-only): cold start and peer deviation. None = fixed ceilings.
         self.peers = peers
         self.detectors = detectors if detectors is not None else default_detectors(self.config, peers)
-        names = [d.name for d in self.detectors]
+        #: Combines the learned findings of each order into ``anomaly`` findings (after the detectors run).
+        self.combiner: AnomalyCombiner | None = AnomalyCombiner(self.config)
+        names = [d.name for d in self.detectors] + ([self.combiner.name] if self.combiner else [])
         unknown = sorted(set(self.config.hold_detectors) - set(names))
         if unknown:
             # A misspelt name would silently stop that detector from holding anything.
@@ -142,6 +145,11 @@ class Monitor:
         for d in self.detectors:
             enforced = d.name in hold
             for r in d.score_one(base, facts):
+                r["enforced"] = enforced
+                reasons.append(r)
+        if self.combiner is not None:
+            enforced = self.combiner.name in hold
+            for r in self.combiner.score(reasons):
                 r["enforced"] = enforced
                 reasons.append(r)
         replay = base.has_learned(facts.order_id)
