@@ -465,11 +465,13 @@ def replay_arcos(path: str) -> None:
 @main.command("bench-monitor")
 @click.option("--registrants", default=150, show_default=True)
 @click.option("--seed", default=7, show_default=True)
-def bench_monitor(registrants: int, seed: int) -> None:
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="With peer profiles learned from another scenario run (seed + 1000), as the evaluation.")
+def bench_monitor(registrants: int, seed: int, peers: bool) -> None:
     """Monitoring cost: score + learn per order, and state bytes per registrant and drug family."""
     from .bench_monitor import render, run
 
-    click.echo(render(run(registrants, seed)))
+    click.echo(render(run(registrants, seed, peers)))
 
 
 @main.command("bench-verify")

@@ -80,14 +80,16 @@ class AnomalyCombiner:
                           "not applicable: fewer than 2 measures with a baseline", False, "")
         score = math.sqrt(sum(s * s for _, s in parts))
         fired = score > c.anomaly_threshold
+        window = f"{len(parts)} learned measures of {family}, each against its own baseline"
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, family, score, 1.0, c.anomaly_threshold, window, False, "")
         top = sorted(parts, key=lambda p: -p[1])[:4]
         listed = "; ".join(f"{r['detector']} {_show(r)} ({100 * s:.0f}% of the way to its threshold)"
                            for r, s in top if s > 0)
-        window = f"{len(parts)} learned measures of {family}, each against its own baseline"
         text = (f"Combined anomaly score for {family}: {score:.2f} (the root of the sum of squares of how far each "
                 f"measure went from its baseline towards its own threshold, on a log scale, at most 1 each; one "
                 f"measure at its threshold scores 1.0), threshold {c.anomaly_threshold:g}. Highest: "
-                f"{listed or 'none above its baseline'}" + ("." if fired else "; within it."))
+                f"{listed}.")
         return reason(self.name, self.dimension, family, score, 1.0, c.anomaly_threshold, window, fired, text)
 
 

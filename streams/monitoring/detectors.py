@@ -664,10 +664,12 @@ class PeerVolumeDetector(PerFamilyDetector):
         fired = value > threshold
         pct = f"{100 * c.peer_quantile:g}th percentile"
         window = f"30 days to this order; peers: {pct} of {peer.monthly_units.n} registrant-months of {peer.describe()}"
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, value, level, threshold, window, False, "")
         text = (f"{f.family} in the last 30 days: {fmt_n(value)} dosage units; among its peers, "
                 f"{peer.describe()}, the {pct} of a month's units is {fmt_n(level)}; the threshold is "
                 f"{fmt_n(threshold)} ({c.peer_ratio:g}x that)"
-                + (": far above what comparable registrants order." if fired else "; within it."))
+                + ": far above what comparable registrants order.")
         return reason(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
 
 
@@ -713,11 +715,13 @@ class TimingDetector:
         fired = value > threshold
         lo, hi = (t.hour - w) % 24, (t.hour + w + 1) % 24
         window = f"hour of day and weekday (UTC) of ~{n} released orders (counts halve at {TIMING_CAP})"
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return [reason(self.name, self.dimension, "*", value, share, threshold, window, False, "")]
         text = (f"Received {when}. Of this registrant's ~{n} released orders, {near} "
                 f"({fmt_pct(near / n)}) came between {lo:02d}:00 and {hi:02d}:00 UTC and {same_day} "
                 f"({fmt_pct(same_day / n)}) on a {_WEEKDAYS[t.weekday()]}; an order at a time shared by fewer than "
                 f"{100 * c.timing_max_share:g}% of its orders is unusual"
-                + (" - this one is." if fired else "; this one is not."))
+                + " - this one is.")
         return [reason(self.name, self.dimension, "*", value, share, threshold, window, fired, text)]
 
 
