@@ -331,6 +331,7 @@ def _write_labeled(out: Path, metrics: Mapping[str, Mapping[str, Any]], info: Ma
         _write_csv(out / "episodes.csv", ep_rows, ecols + [f"first_hold_{n}" for n in metrics])
         files["episodes_csv"] = str(out / "episodes.csv")
     md = [f"# {title}\n", f"Mode: **{info['mode']}**: {info['mode_note']}.\n",
+          f"Peer profiles: {info.get('peers', 'none')}.\n",
           "Recall = share of suspicious orders held (orders) and of suspicious episodes with at least one "
           "hold (episodes); precision = held suspicious / (held suspicious + held legitimate); time to first "
           "hold in days from the episode start. `legit_surge_*` = orders of legitimate surges and new "

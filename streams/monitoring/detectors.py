@@ -17,8 +17,10 @@ an extra condition (the size z-score, the mix volume guard) it is folded into
 the threshold or stated in the explanation.
 
 Until a family has enough history ("cold start") the learned thresholds do not
-apply and only absolute ceilings do, so a new customer is not held for its
-first ordinary orders.
+apply. With peer profiles (:mod:`.peers`) an order is then judged against what
+registrants of the same business activity (and state) order; without them only
+absolute ceilings apply. Either way a new customer is not held for its first
+ordinary orders.
 
 Reference detectors (``static_*``) implement the static rules that incumbents
 and litigators use ("Rafalski" flags, per-customer monthly limits) on the same
