@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from .detectors import MonitorConfig, Reason, reason
+from .detectors import _MAX, MonitorConfig, Reason, reason
 
 #: The learned per-family detectors whose findings are combined (static rules and new_family are not features).
 FEATURES = ("size", "volume_30d", "frequency_24h", "frequency_7d", "family_mix", "trend", "peer_volume")
@@ -76,7 +76,7 @@ class AnomalyCombiner:
     def _one(self, family: str, parts: list[tuple[Reason, float]]) -> Reason:
         c = self.cfg
         if len(parts) < 2:
-            return reason(self.name, self.dimension, family, 0.0, 1.0, _MAX_T,
+            return reason(self.name, self.dimension, family, 0.0, 1.0, _MAX,
                           "not applicable: fewer than 2 measures with a baseline", False, "")
         score = math.sqrt(sum(s * s for _, s in parts))
         fired = score > c.anomaly_threshold
@@ -91,9 +91,6 @@ class AnomalyCombiner:
                 f"measure at its threshold scores 1.0), threshold {c.anomaly_threshold:g}. Highest: "
                 f"{listed}.")
         return reason(self.name, self.dimension, family, score, 1.0, c.anomaly_threshold, window, fired, text)
-
-
-_MAX_T = 1.7976931348623157e308
 
 
 def _show(r: Reason) -> str:

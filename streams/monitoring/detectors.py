@@ -581,20 +581,23 @@ class TrendDetector(PerFamilyDetector):
         self.peers = peers
 
     def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
-        self._mix: tuple[dict[str, float], dict[str, int], int] | None = None
-        return [self._one(state, order, f) for f in order.families.values()]
+        mix: dict[str, Any] = {}  # the order's 30-day family mix, computed once if a family needs it
+        return [self._scored(state, order, f, mix) for f in order.families.values()]
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        return self._scored(state, order, f, {})
 
     def _focus(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts,
-               value: int) -> tuple[bool, str]:
+               value: int, mix: dict[str, Any]) -> tuple[bool, str]:
         """Whether the growth is focused on this family and above peers, and the sentence that says so."""
         c = self.cfg
         peer = peer_group(self.peers, order, f.family)
         if peer is None or peer.monthly_units.n < c.peer_min_months:
             return False, ""
-        if self._mix is None:
+        if not mix:
             u30 = state.units_30d_all(order)
-            self._mix = (state.mix.shares(), u30, sum(u30.values()))
-        shares, u30, total = self._mix
+            mix.update(shares=state.mix.shares(), u30=u30, total=sum(u30.values()))
+        shares, u30, total = mix["shares"], mix["u30"], mix["total"]
         usual = shares.get(f.family, 0.0)
         share = u30.get(f.family, 0) / total if total else 0.0
         odds_ratio = _odds(share) / _odds(usual) if 0 < usual < 1 else 0.0
@@ -608,7 +611,8 @@ class TrendDetector(PerFamilyDetector):
                 f"{c.trend_ratio:g}x." if focused else "")
         return focused, text
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _scored(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts,
+                mix: dict[str, Any]) -> Reason:
         value = state.windows(f.family, order).units_30d
         m = state.monthly(f.family, order)
         gap = self.cfg.trend_gap_months
@@ -621,7 +625,7 @@ class TrendDetector(PerFamilyDetector):
         level = float(sorted(earlier)[len(earlier) // 2])
         ratio, focus_text = self.cfg.trend_ratio, ""
         if level > 0 and value > self.cfg.trend_focus_ratio * level:
-            focused, focus_text = self._focus(state, order, f, value)
+            focused, focus_text = self._focus(state, order, f, value, mix)
             if focused:
                 ratio = min(ratio, self.cfg.trend_focus_ratio)
         threshold = ratio * level
