@@ -143,6 +143,7 @@ def read_arcos(path: str | Path, *, product_master: ProductMaster | None = None,
             "signed_at": received, "received_at": received, "verified_at": received,
             "signer_serial": UNVERIFIED_SERIAL, "signer_fingerprint": "",
             "business_activity": (first.get("BUYER_BUS_ACT") or "").strip() or None,
+            "purchaser_state": (first.get("BUYER_STATE") or "").strip().upper() or None,  # peer region
             "lines": lines,
         })
     orders.sort(key=lambda o: (o["received_at"], o["purchaser_dea"], o["order_number"]))

@@ -414,7 +414,8 @@ def _finalize(drafts: list[_Draft], episodes: dict[str, Episode], cfg: ScenarioC
             "purchaser_dea": dea, "purchaser_name": d.reg.name, "supplier_dea": SUPPLIER.dea_number,
             "signed_at": signed, "received_at": received, "verified_at": received + timedelta(milliseconds=50),
             "signer_serial": "5C", "signer_fingerprint": "00" * 32,
-            "business_activity": d.reg.business_activity, "lines": _line_dicts(d.lines),
+            "business_activity": d.reg.business_activity, "purchaser_state": d.reg.state,
+            "lines": _line_dicts(d.lines),
         })
         ep = episodes.get(d.episode) if d.episode else None
         if ep is not None:

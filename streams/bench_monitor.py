@@ -14,11 +14,19 @@ from .avro_codec import default_codec
 from .monitoring.monitor import Monitor
 
 
-def run(registrants: int = 150, seed: int = 7) -> dict[str, Any]:
+def run(registrants: int = 150, seed: int = 7, peers: bool = True) -> dict[str, Any]:
+    """Time the monitor over the seed's scenarios; ``peers``: with peer profiles learned from seed + 1000.
+
+    Peers are on by default because the evaluation's learned policy uses them
+    (cold start and the focused trend look them up on every order).
+    """
     from connectors.scenarios import generate
 
+    from .evaluation import PEER_TRAINING_SEED_OFFSET, train_peers
+
     orders = sorted(generate(seed=seed, n_registrants=registrants).orders, key=lambda o: o["received_at"])
-    monitor = Monitor()
+    profiles = train_peers(seed + PEER_TRAINING_SEED_OFFSET, n_registrants=registrants) if peers else None
+    monitor = Monitor(peers=profiles)
     live: dict[str, Any] = {}
     t0 = time.perf_counter()
     for o in orders:
@@ -46,6 +54,7 @@ def run(registrants: int = 150, seed: int = 7) -> dict[str, Any]:
         "state_bytes_median": sizes[len(sizes) // 2], "state_bytes_max": sizes[-1],
         "bytes_per_family_median": per_family[len(per_family) // 2], "bytes_per_family_max": per_family[-1],
         "model_version": monitor.model_version,
+        "peer_groups": len(profiles.groups) if profiles else 0,
     }
 
 

@@ -493,7 +493,9 @@ def evaluate() -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="var/evaluation", show_default=True)
 @click.option("--seed", default=7, show_default=True)
 @click.option("--registrants", default=150, show_default=True)
-def evaluate_scenarios(out_dir: str, seed: int, registrants: int) -> None:
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="Learn peer profiles from another scenario run (seed + 1000) and use them.")
+def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool) -> None:
     """Labeled scenarios (spikes, bursts, ramp-ups, MME shifts, legitimate surges, new customers), every policy.
 
     Writes metrics.md/.csv (recall, precision, false holds per 1,000, time to
@@ -501,7 +503,7 @@ def evaluate_scenarios(out_dir: str, seed: int, registrants: int) -> None:
     """
     from .evaluation import run_scenarios
 
-    run_scenarios(out_dir, seed=seed, n_registrants=registrants)
+    run_scenarios(out_dir, seed=seed, peers=peers, n_registrants=registrants)
     click.echo((Path(out_dir) / "metrics.md").read_text())
     click.echo(f"report: {Path(out_dir) / 'report.html'}")
 
@@ -509,7 +511,9 @@ def evaluate_scenarios(out_dir: str, seed: int, registrants: int) -> None:
 @evaluate.command("arcos")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="var/evaluation-arcos", show_default=True)
-def evaluate_arcos(path: str, out_dir: str) -> None:
+@click.option("--peers", "peers_path", type=click.Path(exists=True, dir_okay=False),
+              help="Peer profiles (csos peers build) for every policy's monitor.")
+def evaluate_arcos(path: str, out_dir: str, peers_path: str | None) -> None:
     """Replay an ARCOS transaction file (Washington Post format) through every policy; hold rates per policy.
 
     ARCOS records are shipped orders without signatures, so verification is
@@ -517,9 +521,43 @@ def evaluate_arcos(path: str, out_dir: str) -> None:
     """
     from .evaluation import run_arcos
 
-    run_arcos(path, out_dir)
+    from .monitoring.peers import PeerProfiles
+
+    run_arcos(path, out_dir, peers=PeerProfiles.load(peers_path) if peers_path else None)
     click.echo((Path(out_dir) / "arcos.md").read_text())
     click.echo(f"report: {Path(out_dir) / 'arcos_report.html'}")
+
+
+@main.group()
+def peers() -> None:
+    """Peer-group reference data for the monitor (cold start, deviation from peers)."""
+
+
+@peers.command("build")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
+              help="Avro file to write (point SOM_PEER_PROFILES at it).")
+@click.option("--arcos", "arcos_path", type=click.Path(exists=True, dir_okay=False),
+              help="Learn from an ARCOS transaction file (shipments) instead of ClickHouse.")
+@click.option("--registrants", "registrants_csv", type=click.Path(exists=True, dir_okay=False),
+              help="Registrant CSV giving business activity and state (needed with ClickHouse).")
+@click.option("--min-registrants", default=5, show_default=True, help="Smallest group used as a peer baseline.")
+def peers_build(out_path: str, arcos_path: str | None, registrants_csv: str | None, min_registrants: int) -> None:
+    """Learn peer profiles from shipped orders: ClickHouse order_lines released by the monitor, or ARCOS."""
+    from streams.monitoring.peers import build_profiles
+
+    if arcos_path:
+        from connectors.arcos_replay import read_arcos
+        orders, source = read_arcos(arcos_path), f"ARCOS {Path(arcos_path).name}"
+    else:
+        if not registrants_csv:
+            raise click.UsageError("--registrants CSV is needed with ClickHouse (order lines carry no activity)")
+        from connectors.peer_history import released_orders_from_clickhouse
+        orders, source = released_orders_from_clickhouse(_settings(), registrants_csv), "ClickHouse released orders"
+    profiles = build_profiles(orders, source, min_registrants)
+    profiles.save(out_path)
+    usable = sum(1 for g in profiles.groups.values() if g.registrants >= min_registrants)
+    click.echo(f"{out_path}: {len(profiles.groups)} peer groups ({usable} with >= {min_registrants} registrants) "
+               f"from {source}, up to {profiles.built_at:%Y-%m-%d}")
 
 
 @main.command("replay-arcos")
@@ -536,11 +574,13 @@ def replay_arcos(path: str) -> None:
 @main.command("bench-monitor")
 @click.option("--registrants", default=150, show_default=True)
 @click.option("--seed", default=7, show_default=True)
-def bench_monitor(registrants: int, seed: int) -> None:
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="With peer profiles learned from another scenario run (seed + 1000), as the evaluation.")
+def bench_monitor(registrants: int, seed: int, peers: bool) -> None:
     """Monitoring cost: score + learn per order, and state bytes per registrant and drug family."""
     from .bench_monitor import render, run
 
-    click.echo(render(run(registrants, seed)))
+    click.echo(render(run(registrants, seed, peers)))
 
 
 @main.command("bench-verify")

@@ -9,7 +9,10 @@ detectors whose firing decides HOLD:
   always recorded with ``fired``), so the static rules (``static_2x_12m``,
   ``static_3x_12m``, ``static_6m_max``, ``static_8000_du``,
   ``static_customer_limit``) appear as soon as the monitor carries them; plus
-  ``static_any`` (any static rule) when there are static rules.
+  ``static_any`` (any static rule) when there are static rules;
+* ``learned+<detector>`` for each learned detector that is recorded but does not
+  decide by default (``peer_volume``, ``timing``, ``anomaly``): what enforcing it
+  as well would do.
 
 As in production, a policy's monitor **learns only from the orders that policy
 releases**. When ``MonitorConfig`` has ``hold_detectors`` every policy is a real
@@ -42,6 +45,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from streams.monitoring import Monitor, MonitorConfig
+from streams.monitoring.detectors import RECORDED_DETECTORS
+from streams.monitoring.peers import PeerProfiles, build_profiles
 
 LEARNED = "learned"
 STATIC_PREFIX = "static_"
@@ -87,22 +92,47 @@ def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor) -> list[di
     return out
 
 
+def released_orders(orders: Sequence[Mapping[str, Any]], monitor: Monitor) -> list[Mapping[str, Any]]:
+    """The orders ``monitor`` releases when it runs over ``orders``: what a peer profile may learn from."""
+    return [o for o, d in zip(orders, run_policy(orders, monitor)) if not d["held"]]
+
+
+def train_peers(seed: int, config: MonitorConfig | None = None, **scenario_overrides: Any) -> PeerProfiles:
+    """Peer profiles learned from a *different* scenario run (seed ``seed``), as production would.
+
+    The training population is another set of registrants; the default
+    monitor (no peers) runs over it and only the orders it releases are
+    learned, so the evaluation never sees its own test orders in the peers.
+    """
+    from connectors.scenarios import generate
+    train = generate(seed=seed, **scenario_overrides)
+    shipped = released_orders(train.orders, Monitor(config or MonitorConfig()))
+    return build_profiles(shipped, f"scenarios seed {seed}: {len(shipped)} released orders")
+
+
 def run_policies(orders: Sequence[Mapping[str, Any]], config: MonitorConfig | None = None,
-                 ) -> tuple[dict[str, list[bool]], dict[str, Any]]:
-    """Decisions (held flags aligned with ``orders``) per policy, and how they were obtained."""
+                 peers: PeerProfiles | None = None) -> tuple[dict[str, list[bool]], dict[str, Any]]:
+    """Decisions (held flags aligned with ``orders``) per policy, and how they were obtained.
+
+    ``peers``: peer profiles every policy's monitor uses (cold start, ``peer_volume``).
+    """
     cfg = config or MonitorConfig()
     t0 = time.perf_counter()
-    base_run = run_policy(orders, Monitor(cfg))
+    base_run = run_policy(orders, Monitor(cfg, peers=peers))
     detectors = sorted({d for x in base_run for d in x["seen"]} - {"replay", "monitor_error"})
     static = [d for d in detectors if d.startswith(STATIC_PREFIX)]
     decisions: dict[str, list[bool]] = {LEARNED: [x["held"] for x in base_run]}
     policies: dict[str, tuple[str, ...]] = {d: (d,) for d in detectors}
     if static:
         policies[STATIC_ANY] = tuple(static)
+    # Learned detectors that are only recorded by default: what enforcing each one as well would do.
+    for d in RECORDED_DETECTORS:
+        if d in detectors:
+            policies[f"{LEARNED}+{d}"] = tuple(cfg.hold_detectors) + (d,)
     real = supports_hold_detectors()
     for name, dets in policies.items():
         if real:
-            run = run_policy(orders, Monitor(dataclasses.replace(cfg, hold_detectors=dets)))
+            run = run_policy(orders, Monitor(dataclasses.replace(cfg, hold_detectors=dets), peers=peers))
             decisions[name] = [x["held"] for x in run]
         else:
             decisions[name] = [bool(x["fired"] & set(dets)) for x in base_run]
@@ -116,6 +146,7 @@ def run_policies(orders: Sequence[Mapping[str, Any]], config: MonitorConfig | No
         "detectors": detectors, "static_detectors": static,
         "policies": {LEARNED: "default MonitorConfig", **{k: ",".join(v) for k, v in policies.items()}},
         "seconds": round(time.perf_counter() - t0, 2),
+        "peers": peers.source if peers is not None else "none",
     }
     return decisions, info
 
@@ -215,7 +246,8 @@ def _align(orders: list[Mapping[str, Any]], labels: Any) -> list[Mapping[str, An
 def evaluate(stream: Iterable[Mapping[str, Any]], labels: Any, out_dir: str | Path, *,
              config: MonitorConfig | None = None, title: str = "Suspicious order monitoring: evaluation",
              legit_kinds: Sequence[str] = ("surge_flu", "surge_expansion", "new_registrant"),
-             episodes: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+             episodes: Sequence[Mapping[str, Any]] | None = None,
+             peers: PeerProfiles | None = None) -> dict[str, Any]:
     """Evaluate every policy on a labeled stream; write the report files to ``out_dir``.
 
     ``stream``: verified-order dicts (any order; replayed in ``received_at`` order).
@@ -226,7 +258,7 @@ def evaluate(stream: Iterable[Mapping[str, Any]], labels: Any, out_dir: str | Pa
     """
     orders = _sorted_stream(stream)
     labs = _align(orders, labels)
-    decisions, info = run_policies(orders, config)
+    decisions, info = run_policies(orders, config, peers)
     metrics = {name: policy_metrics(orders, labs, held) for name, held in decisions.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,6 +331,7 @@ def _write_labeled(out: Path, metrics: Mapping[str, Mapping[str, Any]], info: Ma
         _write_csv(out / "episodes.csv", ep_rows, ecols + [f"first_hold_{n}" for n in metrics])
         files["episodes_csv"] = str(out / "episodes.csv")
     md = [f"# {title}\n", f"Mode: **{info['mode']}**: {info['mode_note']}.\n",
+          f"Peer profiles: {info.get('peers', 'none')}.\n",
           "Recall = share of suspicious orders held (orders) and of suspicious episodes with at least one "
           "hold (episodes); precision = held suspicious / (held suspicious + held legitimate); time to first "
           "hold in days from the episode start. `legit_surge_*` = orders of legitimate surges and new "
@@ -378,22 +411,34 @@ def _write_html(path: Path, title: str, info: Mapping[str, Any], rows: list[Mapp
 
 
 # --------------------------------------------------------------------------- scenarios and ARCOS
-def run_scenarios(out_dir: str | Path, seed: int = 7, **scenario_overrides: Any) -> dict[str, Any]:
+#: Offset of the seed of the scenario run the peer profiles are learned from (another population).
+PEER_TRAINING_SEED_OFFSET = 1000
+
+
+def run_scenarios(out_dir: str | Path, seed: int = 7, peers: bool = True,
+                  **scenario_overrides: Any) -> dict[str, Any]:
     """Generate the default labeled scenarios (:func:`connectors.scenarios.generate`) and evaluate them.
 
+    ``peers``: learn peer profiles from another scenario run (seed +
+    :data:`PEER_TRAINING_SEED_OFFSET`, see :func:`train_peers`) and give them to
+    every policy; they are written to ``peers.avro`` in ``out_dir``.
     ``scenario_overrides`` are ``ScenarioConfig`` fields (e.g. ``n_registrants=60``).
     """
     from connectors.scenarios import LEGIT_KINDS, episodes_table, generate
     scn = generate(seed=seed, **scenario_overrides)
+    profiles = train_peers(seed + PEER_TRAINING_SEED_OFFSET, **scenario_overrides) if peers else None
     res = evaluate(scn.orders, scn.labels, out_dir, title=f"SOM evaluation: labeled scenarios (seed {seed})",
-                   legit_kinds=LEGIT_KINDS, episodes=episodes_table(scn))
+                   legit_kinds=LEGIT_KINDS, episodes=episodes_table(scn), peers=profiles)
+    if profiles is not None:
+        profiles.save(Path(out_dir) / "peers.avro")
+        res["files"]["peers"] = str(Path(out_dir) / "peers.avro")
     res["scenario"] = {"orders": len(scn.orders), "registrants": len({o["purchaser_dea"] for o in scn.orders}),
                        "episodes": len(scn.episodes), "start": scn.start.isoformat(), "end": scn.end.isoformat()}
     return res
 
 
 def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | None = None,
-              product_master: Any = None) -> dict[str, Any]:
+              product_master: Any = None, peers: PeerProfiles | None = None) -> dict[str, Any]:
     """Replay an ARCOS file through every policy. ARCOS has no labels: no recall or precision.
 
     Reports per policy the orders held, the hold rate and the buyers with a hold,
@@ -403,7 +448,7 @@ def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | 
     """
     from connectors.arcos_replay import read_arcos
     orders = _sorted_stream(read_arcos(path, product_master=product_master))
-    decisions, info = run_policies(orders, config)
+    decisions, info = run_policies(orders, config, peers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(orders)

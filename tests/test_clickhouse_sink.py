@@ -104,3 +104,18 @@ def test_analyst_queries_cannot_write_and_do_not_stop_the_writer(client, tmp_pat
     # The refused write left the writer's session writable (a shared session would now be read-only).
     ClickHouseSink(client).write(batch(2, offset0=1000))
     assert int(client.query("SELECT count() FROM verdicts WHERE order_id = 'order-1'").result_rows[0][0]) >= 1
+
+
+def test_peer_history_query_returns_released_orders_only(client):
+    from connectors.peer_history import RELEASED_LINES_SQL, orders_from_rows
+
+    ClickHouseSink(client).write(batch(6, offset0=2000))
+    rows = [list(r) for r in client.query(RELEASED_LINES_SQL).result_rows]
+    orders = list(orders_from_rows(rows, {"BE8821844": ("RETAIL PHARMACY", "OH")}))
+    ids = {o["order_id"] for o in orders}
+    assert ids and ids <= {f"order-{i}" for i in range(0, 10, 2)}  # the even ones are RELEASE, the odd HOLD
+    assert "order-1" not in ids and len(ids) == len(orders)  # one order per id, however often it was written
+    for o in orders:
+        assert o["business_activity"] == "RETAIL PHARMACY" and o["purchaser_state"] == "OH"
+        assert o["lines"] == [{"drug_family": "OXYCODONE", "dosage_units": 600, "mme": 8070.0}]
+        assert o["received_at"] == NOW

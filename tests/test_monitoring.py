@@ -272,7 +272,7 @@ def test_ten_x_spike_is_held_with_consistent_size_reason() -> None:
     assert ratio and float(ratio.group(1)) == pytest.approx(r["value"] / r["baseline"], abs=0.05)
     # every detector reported on the family, fired or not
     assert {r["detector"] for r in v["reasons"]} == {
-        "size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
+        "size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend", "peer_volume", "timing", "anomaly",
         "static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit"}
     assert {r["detector"] for r in v["reasons"] if r["enforced"]} == {
         "size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend"}
@@ -544,3 +544,43 @@ def test_naive_datetimes_are_refused() -> None:
     o["received_at"] = o["received_at"].replace(tzinfo=None)
     with pytest.raises(ValueError, match="naive"):
         Monitor().score(None, o)
+
+
+# --------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------
+
+def test_order_at_an_unusual_time_is_recorded_with_its_numbers() -> None:
+    monitor = Monitor()
+    dea = "BP1234563"
+    state, last = oxy_history(monitor, dea=dea, days=120)  # weekdays, 12:00-22:59 UTC
+    n = sum(state["timing"]["hours"])
+    assert n >= 30 and sum(state["timing"]["weekdays"][5:]) == 0
+    sunday_night = last + timedelta(days=(6 - last.weekday()) % 7 or 7)
+    sunday_night = sunday_night.replace(hour=3, minute=10)
+    v = monitor.score(state, order(dea, sunday_night, {"OXYCODONE": 500}))
+    r = next(r for r in v["reasons"] if r["detector"] == "timing")
+    assert r["fired"] and not r["enforced"] and v["verdict"] == "RELEASE"  # recorded, not deciding by default
+    assert r["drug_family"] == "*" and r["value"] == 1.0 and r["baseline"] == 0.0 and r["threshold"] == 0.99
+    assert f"~{n} released orders" in r["explanation"] and "Sunday 03:10 UTC" in r["explanation"]
+    assert "between 01:00 and 06:00 UTC" in r["explanation"]
+    # an order at its usual time does not fire, and enforcing the detector holds only the odd one
+    usual = last.replace(hour=15) + timedelta(days=7)
+    assert not next(r for r in monitor.score(state, order(dea, usual, {"OXYCODONE": 500}))["reasons"]
+                    if r["detector"] == "timing")["fired"]
+    strict = Monitor(MonitorConfig(hold_detectors=("timing",)))
+    assert strict.score(state, order(dea, sunday_night, {"OXYCODONE": 500}))["verdict"] == "HOLD"
+    assert strict.score(state, order(dea, usual, {"OXYCODONE": 500}))["verdict"] == "RELEASE"
+    # too little history: not applicable
+    young, _ = run(monitor, normal_orders(dea, [Habit("OXYCODONE", 500, 3)], 30, random.Random(2)))
+    r = next(r for r in monitor.score(young, order(dea, sunday_night, {"OXYCODONE": 500}))["reasons"]
+             if r["detector"] == "timing")
+    assert not r["fired"] and r["window"].startswith("not applicable")
+
+
+def test_timing_counts_stay_bounded() -> None:
+    tp = bl.TimingProfile()
+    for i in range(2000):
+        tp.learn(int((T0 + timedelta(hours=7 * i)).timestamp() * 1000))
+    assert tp.n < bl.TIMING_CAP and len(tp.hours) == 24 and len(tp.weekdays) == 7
+    assert sum(tp.weekdays) <= bl.TIMING_CAP and min(tp.hours) >= 0

@@ -277,11 +277,14 @@ def test_monthly_state_is_bounded_and_small() -> None:
     assert size - size_empty < 5 * 13 * 8
 
 
-def _old_state(state: dict) -> dict:
+def _old_state(state: dict, version: int = 1) -> dict:
+    """``state`` as the layout of ``version`` had it (v1: no months; v1 and v2: no timing)."""
     old = copy.deepcopy(state)
-    old["version"] = 1
-    for fam in old["families"].values():
-        del fam["months"]
+    old["version"] = version
+    del old["timing"]
+    if version == 1:
+        for fam in old["families"].values():
+            del fam["months"]
     return old
 
 
@@ -300,9 +303,30 @@ def test_old_state_records_decode_and_migrate() -> None:
         v = score(monitor, st, 500)
         assert finding(v, "static_2x_12m")["threshold"] == MAX
         new = monitor.learn(st, order(DEA, NOW, {"OXYCODONE": 500}))
-        assert new["version"] == bl.STATE_VERSION == 2
+        assert new["version"] == bl.STATE_VERSION == 3
         assert new["families"]["OXYCODONE"]["months"] == {"month": [2026 * 12 + 2], "units": [500]}
+        assert sum(new["timing"]["hours"]) == 1 and new["timing"]["weekdays"][NOW.weekday()] == 1
         assert codec.decode(codec.encode("som.state.RegistrantState", new))[1] == new
+
+
+def test_v2_state_records_decode_and_migrate_with_empty_timing() -> None:
+    codec = AvroCodec()
+    v2 = next(s for s in codec.catalog.by_fingerprint.values() if s.source.name == "som.state.RegistrantState.v2.avsc")
+    assert v2.fingerprint != codec.catalog.get("som.state.RegistrantState").fingerprint
+    monitor = Monitor()
+    state = history(monitor, {3: 1000, 2: 1000, 1: 1000})
+    old = _old_state(state, version=2)
+    name, rec = codec.decode(codec.encode_with(v2, old))
+    assert name == "som.state.RegistrantState" and rec["version"] == 2
+    assert rec["timing"] == {"hours": [], "weekdays": []}
+    assert rec["families"] == state["families"]  # nothing else is lost
+    for st in (rec, old):
+        # same verdict numbers as the current state, except that timing has no history yet
+        v, v_now = score(monitor, st, 2500), score(monitor, state, 2500)
+        assert finding(v, "static_2x_12m") == finding(v_now, "static_2x_12m")
+        assert finding(v, "timing", "*")["window"].startswith("not applicable")
+        new = monitor.learn(st, order(DEA, NOW, {"OXYCODONE": 500}))
+        assert new["version"] == 3 and sum(new["timing"]["hours"]) == 1
 
 
 def test_old_verdict_and_hold_records_decode_with_enforced_true() -> None:

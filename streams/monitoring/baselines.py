@@ -37,6 +37,9 @@ does not define its "usual" for months; and a learned window count is clipped
 to one order above the usual count (:func:`_clip_count`), so the released head
 of a burst cannot raise the threshold that is meant to stop the burst.
 
+* ``timing`` (per registrant, not per family): learned orders per UTC hour of
+  day (24 counts) and per weekday (7 counts), halved whenever they reach
+  :data:`TIMING_CAP` orders, for the unusual-timing detector.
 * ``months``: dosage units per UTC calendar month, the current month and the
   12 before it, for the static reference rules ("Rafalski" flags: over 2x / 3x
   the trailing 12-month average, over the trailing 6-month maximum, over
@@ -60,7 +63,7 @@ from river import stats
 
 #: Version of the state dict / ``som.state.RegistrantState`` layout. Bump it and
 #: add a step to :func:`migrate_state` whenever the layout changes.
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 MS_PER_DAY = 86_400_000
 WINDOW_24H_MS = MS_PER_DAY
@@ -68,6 +71,8 @@ WINDOW_7D_DAYS = 7
 WINDOW_30D_DAYS = 30
 MONTHS_KEPT = 13  # the current calendar month and the 12 full months before it
 LEARNED_IDS_KEPT = 8
+#: Timing counts are halved when their total reaches this: bounded ints, recent habits weigh more.
+TIMING_CAP = 256
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -418,6 +423,8 @@ class OrderFacts:
     purchaser_dea: str
     at_ms: int
     families: dict[str, FamilyFacts] = field(default_factory=dict)
+    business_activity: str | None = None  # the purchaser's, for its peer group
+    region: str | None = None  # the purchaser's state when the order carries it (``purchaser_state``)
 
     @property
     def total_units(self) -> int:
@@ -438,7 +445,10 @@ def order_facts(order: Mapping[str, Any]) -> OrderFacts:
         fam: FamilyFacts(fam, a[0], a[1], a[2], tuple(sorted(a[3])))
         for fam, a in sorted(acc.items())
     }
-    return OrderFacts(str(order["order_id"]), str(order["purchaser_dea"]), to_ms(order["received_at"]), families)
+    act = order.get("business_activity")
+    region = order.get("purchaser_state")
+    return OrderFacts(str(order["order_id"]), str(order["purchaser_dea"]), to_ms(order["received_at"]), families,
+                      str(act).strip().upper() if act else None, str(region).strip().upper() if region else None)
 
 
 # --------------------------------------------------------------------------
@@ -588,6 +598,46 @@ class FamilyBaseline:
         return fb
 
 
+class TimingProfile:
+    """When a registrant orders: learned orders per UTC hour of day and per weekday (Monday = 0).
+
+    Counts, not EW means, so an analyst reads "3 of its 140 orders came at
+    night"; halved (rounding down) when the total reaches ``TIMING_CAP``, so
+    the state stays 31 small integers and a changed routine takes over.
+    UTC because that is what the distributor's clock records; a registrant's
+    routine is stable in UTC apart from daylight saving time (one hour), which
+    the detector's +/- 2-hour window absorbs.
+    """
+
+    __slots__ = ("hours", "weekdays")
+
+    def __init__(self, hours: Iterable[int] = (), weekdays: Iterable[int] = ()) -> None:
+        self.hours = [int(x) for x in hours] or [0] * 24
+        self.weekdays = [int(x) for x in weekdays] or [0] * 7
+
+    @property
+    def n(self) -> int:
+        return sum(self.hours)
+
+    def learn(self, at_ms: int) -> None:
+        t = _EPOCH + timedelta(milliseconds=at_ms)
+        self.hours[t.hour] += 1
+        self.weekdays[t.weekday()] += 1
+        if self.n >= TIMING_CAP:
+            self.hours = [x // 2 for x in self.hours]
+            self.weekdays = [x // 2 for x in self.weekdays]
+
+    def to_dict(self) -> dict[str, list[int]]:
+        if not self.n:
+            return {"hours": [], "weekdays": []}
+        return {"hours": list(self.hours), "weekdays": list(self.weekdays)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Iterable[int]] | None) -> "TimingProfile":
+        d = d or {}
+        return cls(d.get("hours", ()), d.get("weekdays", ()))
+
+
 class FamilyMix:
     """The registrant's usual share of dosage units per family.
 
@@ -645,6 +695,7 @@ def new_state(purchaser_dea: str) -> dict[str, Any]:
         "learned_ids": [],
         "mix": {},
         "families": {},
+        "timing": {"hours": [], "weekdays": []},
     }
 
 
@@ -654,6 +705,8 @@ def migrate_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
     v1 -> v2: families gain ``months`` (units per calendar month), empty: the
     monthly history starts with the next learned order (Avro's reader default
     already fills it when a v1 record is decoded with the current schema).
+    v2 -> v3: the registrant gains ``timing`` (orders per hour and weekday),
+    empty: the timing history starts with the next learned order.
     Each later layout adds a step here, so a changelog written by an older
     worker is still usable after a deploy.
     """
@@ -663,7 +716,9 @@ def migrate_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
     if version == 1:
         families = {fam: dict(fb, months=fb.get("months") or {"month": [], "units": []})
                     for fam, fb in state["families"].items()}
-        return dict(state, version=2, families=families)
+        state, version = dict(state, version=2, families=families), 2
+    if version == 2:
+        return dict(state, version=3, timing=state.get("timing") or {"hours": [], "weekdays": []})
     raise StateVersionError(f"SOM state version {version!r} is not supported (expected {STATE_VERSION})")
 
 
@@ -685,6 +740,7 @@ class RegistrantBaselines:
         self._raw_mix: Mapping[str, Any] = state["mix"]
         self._mix: FamilyMix | None = None
         self._raw_families: dict[str, Mapping[str, Any]] = dict(state["families"])
+        self.timing = TimingProfile.from_dict(state.get("timing"))
         self._families: dict[str, FamilyBaseline] = {}
         self._windows: dict[tuple[Any, ...], Any] = {}  # per-order caches: Windows, Monthly
 
@@ -773,6 +829,7 @@ class RegistrantBaselines:
                 self._raw_families[fam] = {}
             fb.learn(order.at_ms, facts.units)
         self.mix.learn({f: x.units for f, x in order.families.items()})
+        self.timing.learn(order.at_ms)
         if not self.total_orders or order.at_ms < self.first_order_ms:
             self.first_order_ms = order.at_ms
         self.total_orders += 1
@@ -807,4 +864,5 @@ class RegistrantBaselines:
             "learned_ids": list(self.learned_ids),
             "mix": self.mix.to_dict() if self._mix is not None else {k: dict(v) for k, v in self._raw_mix.items()},
             "families": families,
+            "timing": self.timing.to_dict(),
         }

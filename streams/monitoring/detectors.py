@@ -17,8 +17,10 @@ an extra condition (the size z-score, the mix volume guard) it is folded into
 the threshold or stated in the explanation.
 
 Until a family has enough history ("cold start") the learned thresholds do not
-apply and only absolute ceilings do, so a new customer is not held for its
-first ordinary orders.
+apply. With peer profiles (:mod:`.peers`) an order is then judged against what
+registrants of the same business activity (and state) order; without them only
+absolute ceilings apply. Either way a new customer is not held for its first
+ordinary orders.
 
 Reference detectors (``static_*``) implement the static rules that incumbents
 and litigators use ("Rafalski" flags, per-customer monthly limits) on the same
@@ -35,17 +37,23 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from .baselines import BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name
+from .baselines import (
+    TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name,
+)
+from .peers import PeerGroup, PeerProfiles
 
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "2"
+DETECTORS_VERSION = "3"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend")
+#: Learned detectors that run and are recorded but do not decide unless named in ``hold_detectors``.
+RECORDED_DETECTORS = ("peer_volume", "timing", "anomaly")
 #: The static reference rules: recorded on every order, deciding only when named in ``hold_detectors``.
 STATIC_DETECTORS = ("static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit")
 
@@ -103,9 +111,33 @@ class MonitorConfig:
     mix_min_share: float = 0.2  # ... and never below this share (a minor family is not a shift)
     mix_min_volume_ratio: float = 1.25  # ... and the family's 30-day units vs its usual
 
-    # Static reference rules, per family on calendar-month units including the order.
+    # Peers (reference data from SOM_PEER_PROFILES, built by `csos peers build`): see streams/monitoring/peers.py.
+    peer_profiles: str = ""  # path of a som.peers.PeerProfiles Avro file; "" = no peers (fixed ceilings)
+    peer_cold_quantile: float = 0.99  # cold start: the peers' order-size quantile ...
+    peer_cold_ratio: float = 2.0  # ... times this is the ceiling for one order
+    peer_min_orders: int = 50  # peer orders a group needs before its order sizes are a baseline
+    peer_quantile: float = 0.9  # peer deviation: the peers' monthly-units quantile ...
+    peer_ratio: float = 3.0  # ... times this, against the registrant's 30-day units
+    peer_min_months: int = 30  # registrant-months a group needs before its monthly units are a baseline
+
+    # Timing (per registrant): an order at an hour or on a weekday this registrant almost never orders.
+    timing_min_orders: int = 30  # learned orders before its timing habits are known
+    timing_hour_window: int = 2  # hours either side of the order's hour that count as "the same time"
+    timing_max_share: float = 0.01  # unusual when fewer than this share of its orders came at such a time
+
+    # Combined anomaly score over the learned measures (streams/monitoring/anomaly.py).
+    anomaly_threshold: float = 1.5  # 1.0 = one measure at its own threshold; ~99.9th percentile of normal orders
+
+    # Trend, per family on calendar-month units including the order.
     trend_ratio: float = 5.0  # 30-day units vs the registrant's level before the last two months
     trend_gap_months: int = 2  # recent full months left out of the trend baseline (a ramp would be in them)
+    # A ramp concentrated in one family and above the peers is held earlier: at trend_focus_ratio when the
+    # family's 30-day share has odds >= trend_focus_mix_odds x its usual odds (a store expansion or a flu
+    # season grows every family alike) and its 30-day units exceed trend_focus_peer_ratio x the peers'
+    # peer_quantile month (a small family's noise does not). Needs peer profiles.
+    trend_focus_ratio: float = 3.0
+    trend_focus_mix_odds: float = 1.5
+    trend_focus_peer_ratio: float = 1.5
     static_min_months: int = 3  # months with orders in the rule's trailing window before the 12m/6m rules apply
     static_max_monthly_units: int = 8000  # static_8000_du
     customer_limits: str = ""  # CSV dea_number,drug_family,monthly_units (env SOM_CUSTOMER_LIMITS); "" = none
@@ -158,6 +190,11 @@ class Detector(Protocol):
     dimension: str
 
     def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]: ...
+
+
+def peer_group(peers: PeerProfiles | None, order: OrderFacts, family: str) -> PeerGroup | None:
+    """The order's peer group for ``family`` (region first, then all regions), or None without peers."""
+    return peers.lookup(order.business_activity, order.region, family) if peers is not None else None
 
 
 # --------------------------------------------------------------------------
@@ -222,17 +259,40 @@ class SizeDetector:
     name = "size"
     dimension = "size"
 
-    def __init__(self, cfg: MonitorConfig) -> None:
+    def __init__(self, cfg: MonitorConfig, peers: PeerProfiles | None = None) -> None:
         self.cfg = cfg
+        self.peers = peers
 
     def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
-        return [self._one(state, f) for f in order.families.values()]
+        return [self._one(state, order, f) for f in order.families.values()]
 
-    def _one(self, state: RegistrantBaselines, f: FamilyFacts) -> Reason:
+    def _peer_cold_start(self, n: int, order: OrderFacts, f: FamilyFacts) -> Reason | None:
+        """Cold start against the peers' order sizes: ``peer_cold_ratio`` x their ``peer_cold_quantile``."""
+        c = self.cfg
+        peer = peer_group(self.peers, order, f.family)
+        if peer is None or peer.order_units.n < c.peer_min_orders:
+            return None
+        q = peer.order_units.quantile(c.peer_cold_quantile)
+        threshold = c.peer_cold_ratio * q
+        fired = f.units > threshold
+        pct = f"{100 * c.peer_cold_quantile:g}th percentile"
+        window = (f"cold start: {n} prior orders of {f.family} (< {c.size_min_history}); peers: "
+                  f"{pct} of {peer.order_units.n} orders of {peer.describe()}")
+        text = (f"Ordered {fmt_n(f.units)} dosage units of {f.family}; this registrant has {n} prior released "
+                f"orders of it ({c.size_min_history} needed for its own baseline), so it is judged against its "
+                f"peers, {peer.describe()}: their {pct} order is {fmt_n(q)} dosage units, the threshold "
+                f"{fmt_n(threshold)} ({c.peer_cold_ratio:g}x that)"
+                + ("; the order exceeds it." if fired else "; the order is within it."))
+        return reason(self.name, self.dimension, f.family, f.units, q, threshold, window, fired, text)
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         c = self.cfg
         fb = state.family(f.family)
         n = fb.orders if fb else 0
         if n < c.size_min_history:
+            peer_reason = self._peer_cold_start(n, order, f)
+            if peer_reason is not None:
+                return peer_reason
             usual = fb.units.get() if fb else 0.0
             threshold = float(c.cold_start_max_units)
             fired = f.units > threshold
@@ -505,13 +565,54 @@ class TrendDetector(PerFamilyDetector):
     yet. A legitimate flu season (+40 %) or a store expansion (2x) stays under
     the default 5x; a ramp past 5x its earlier level does not. It applies once
     ``static_min_months`` of those earlier months had orders.
+
+    Growth that is *focused* (this family's share of the registrant's units
+    rose, and it is above what peers order in a month) is held from
+    ``trend_focus_ratio`` (3x): that is what a pill-mill ramp looks like and
+    what a store expansion or a flu season does not, so ramps are held weeks
+    earlier without holding legitimate surges.
     """
 
     name = "trend"
     dimension = "pattern"
 
+    def __init__(self, cfg: MonitorConfig, peers: PeerProfiles | None = None) -> None:
+        self.cfg = cfg
+        self.peers = peers
+
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+        mix: dict[str, Any] = {}  # the order's 30-day family mix, computed once if a family needs it
+        return [self._scored(state, order, f, mix) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        return self._scored(state, order, f, {})
+
+    def _focus(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts,
+               value: int, mix: dict[str, Any]) -> tuple[bool, str]:
+        """Whether the growth is focused on this family and above peers, and the sentence that says so."""
+        c = self.cfg
+        peer = peer_group(self.peers, order, f.family)
+        if peer is None or peer.monthly_units.n < c.peer_min_months:
+            return False, ""
+        if not mix:
+            u30 = state.units_30d_all(order)
+            mix.update(shares=state.mix.shares(), u30=u30, total=sum(u30.values()))
+        shares, u30, total = mix["shares"], mix["u30"], mix["total"]
+        usual = shares.get(f.family, 0.0)
+        share = u30.get(f.family, 0) / total if total else 0.0
+        odds_ratio = _odds(share) / _odds(usual) if 0 < usual < 1 else 0.0
+        peer_level = peer.monthly_units.quantile(c.peer_quantile)
+        focused = (odds_ratio >= c.trend_focus_mix_odds and value > c.trend_focus_peer_ratio * peer_level)
+        text = (f" The growth is concentrated in {f.family}: its share of this registrant's units rose to "
+                f"{fmt_pct(share)} from a usual {fmt_pct(usual)} (odds {odds_ratio:.1f}x, at least "
+                f"{c.trend_focus_mix_odds:g}x needed), and it is above {c.trend_focus_peer_ratio:g}x the "
+                f"{100 * c.peer_quantile:g}th percentile month of its peers, {peer.describe()} "
+                f"({fmt_n(peer_level)}), so the threshold is {c.trend_focus_ratio:g}x, not "
+                f"{c.trend_ratio:g}x." if focused else "")
+        return focused, text
+
+    def _scored(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts,
+                mix: dict[str, Any]) -> Reason:
         value = state.windows(f.family, order).units_30d
         m = state.monthly(f.family, order)
         gap = self.cfg.trend_gap_months
@@ -522,13 +623,112 @@ class TrendDetector(PerFamilyDetector):
                           f"not applicable: {with_orders} months with orders before the last {gap}",
                           False, "")
         level = float(sorted(earlier)[len(earlier) // 2])
-        threshold = self.cfg.trend_ratio * level
+        ratio, focus_text = self.cfg.trend_ratio, ""
+        if level > 0 and value > self.cfg.trend_focus_ratio * level:
+            focused, focus_text = self._focus(state, order, f, value, mix)
+            if focused:
+                ratio = min(ratio, self.cfg.trend_focus_ratio)
+        threshold = ratio * level
         fired = level > 0 and value > threshold
         window = f"median month of the {len(earlier)} full months ending {gap} months ago; 30 days to this order"
         text = (f"{f.family} in the last 30 days: {fmt_n(value)} dosage units; this registrant's monthly level "
                 f"before the last {gap} months was {fmt_n(level)} (median of {len(earlier)} months); the threshold "
-                f"is {fmt_n(threshold)} ({self.cfg.trend_ratio:g}x): sustained growth far beyond its own history.")
+                f"is {fmt_n(threshold)} ({ratio:g}x): sustained growth far beyond its own history.{focus_text}")
         return reason(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
+
+
+class PeerVolumeDetector(PerFamilyDetector):
+    """Deviation from peers: 30-day units of a family far above what peers order in a month.
+
+    A registrant's own baselines follow it wherever it goes; its peers (same
+    business activity, same state where known) do not. The value is the
+    registrant's units of the family over the last 30 days, this order
+    included; the baseline the ``peer_quantile`` of its peers' monthly units;
+    it fires above ``peer_ratio`` times that. Without peer profiles, or for a
+    group too small to be a norm, it is "not applicable".
+    """
+
+    name = "peer_volume"
+    dimension = "pattern"
+
+    def __init__(self, cfg: MonitorConfig, peers: PeerProfiles | None = None) -> None:
+        self.cfg = cfg
+        self.peers = peers
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        c = self.cfg
+        value = state.windows(f.family, order).units_30d
+        peer = peer_group(self.peers, order, f.family)
+        if peer is None or peer.monthly_units.n < c.peer_min_months:
+            why = "no peer profiles loaded" if self.peers is None else (
+                f"no peer group of at least {self.peers.min_registrants} registrants with {c.peer_min_months} "
+                f"months of {f.family}")
+            return reason(self.name, self.dimension, f.family, value, 0.0, _MAX, f"not applicable: {why}", False,
+                          "")
+        level = peer.monthly_units.quantile(c.peer_quantile)
+        threshold = c.peer_ratio * level
+        fired = value > threshold
+        pct = f"{100 * c.peer_quantile:g}th percentile"
+        window = f"30 days to this order; peers: {pct} of {peer.monthly_units.n} registrant-months of {peer.describe()}"
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, value, level, threshold, window, False, "")
+        text = (f"{f.family} in the last 30 days: {fmt_n(value)} dosage units; among its peers, "
+                f"{peer.describe()}, the {pct} of a month's units is {fmt_n(level)}; the threshold is "
+                f"{fmt_n(threshold)} ({c.peer_ratio:g}x that)"
+                + ": far above what comparable registrants order.")
+        return reason(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
+
+
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+class TimingDetector:
+    """Deviation from pattern: an order at a time this registrant (almost) never orders.
+
+    One finding per order (family ``*``). The registrant's learned orders
+    are counted per UTC hour of day and per weekday; the share that came
+    within ``timing_hour_window`` hours of this order's hour, and the share on
+    its weekday, are compared with ``timing_max_share``. The value is the
+    rarity, 1 - the smaller share, so "fired => value > threshold" holds with
+    threshold 1 - ``timing_max_share``. A night-time order of a pharmacy that
+    orders at 10:00, or a Sunday order of one that never orders on weekends,
+    stands out; a burst spread over a day and a night does too.
+    """
+
+    name = "timing"
+    dimension = "pattern"
+
+    def __init__(self, cfg: MonitorConfig) -> None:
+        self.cfg = cfg
+
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+        if not order.families:
+            return []
+        c = self.cfg
+        tp = state.timing
+        n = tp.n
+        threshold = 1.0 - c.timing_max_share
+        t = datetime.fromtimestamp(order.at_ms / 1000, tz=timezone.utc)
+        when = f"{_WEEKDAYS[t.weekday()]} {t:%H:%M} UTC"
+        if n < c.timing_min_orders:
+            return [reason(self.name, self.dimension, "*", 0.0, 0.0, _MAX,
+                           f"not applicable: {n} released orders (< {c.timing_min_orders})", False, "")]
+        w = c.timing_hour_window
+        near = sum(tp.hours[(t.hour + d) % 24] for d in range(-w, w + 1))
+        same_day = tp.weekdays[t.weekday()]
+        share = min(near, same_day) / n
+        value = 1.0 - share
+        fired = value > threshold
+        lo, hi = (t.hour - w) % 24, (t.hour + w + 1) % 24
+        window = f"hour of day and weekday (UTC) of ~{n} released orders (counts halve at {TIMING_CAP})"
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return [reason(self.name, self.dimension, "*", value, share, threshold, window, False, "")]
+        text = (f"Received {when}. Of this registrant's ~{n} released orders, {near} "
+                f"({fmt_pct(near / n)}) came between {lo:02d}:00 and {hi:02d}:00 UTC and {same_day} "
+                f"({fmt_pct(same_day / n)}) on a {_WEEKDAYS[t.weekday()]}; an order at a time shared by fewer than "
+                f"{100 * c.timing_max_share:g}% of its orders is unusual"
+                + " - this one is.")
+        return [reason(self.name, self.dimension, "*", value, share, threshold, window, fired, text)]
 
 
 class StaticAverageDetector(PerFamilyDetector):
@@ -682,16 +882,22 @@ class CustomerLimitDetector(PerFamilyDetector):
         return reason(self.name, self.dimension, f.family, m.current, float(limit), float(limit), window, fired, text)
 
 
-def default_detectors(cfg: MonitorConfig) -> list[Detector]:
-    """The detectors a verdict runs, in the order their findings are listed."""
+def default_detectors(cfg: MonitorConfig, peers: PeerProfiles | None = None) -> list[Detector]:
+    """The detectors a verdict runs, in the order their findings are listed.
+
+    ``peers``: peer profiles (reference data); without them the cold start uses
+    the fixed ceilings and ``peer_volume`` is "not applicable".
+    """
     return [
-        SizeDetector(cfg),
+        SizeDetector(cfg, peers),
         VolumeDetector(cfg),
         FrequencyDetector(cfg, 24),
         FrequencyDetector(cfg, 168),
         NewFamilyDetector(cfg),
         FamilyMixDetector(cfg),
-        TrendDetector(cfg),
+        TrendDetector(cfg, peers),
+        PeerVolumeDetector(cfg, peers),
+        TimingDetector(cfg),
         StaticAverageDetector(cfg, 2),
         StaticAverageDetector(cfg, 3),
         StaticMaxDetector(cfg),
@@ -703,6 +909,7 @@ def default_detectors(cfg: MonitorConfig) -> list[Detector]:
 __all__ = [
     "MonitorConfig", "Detector", "Reason", "SizeDetector", "VolumeDetector", "FrequencyDetector",
     "NewFamilyDetector", "FamilyMixDetector", "TrendDetector", "StaticAverageDetector", "StaticMaxDetector",
-    "StaticCeilingDetector", "CustomerLimitDetector", "load_customer_limits", "default_detectors",
-    "reason", "ew_memory", "LEARNED_DETECTORS", "STATIC_DETECTORS",
+    "StaticCeilingDetector", "CustomerLimitDetector", "PeerVolumeDetector", "TimingDetector", "load_customer_limits",
+    "default_detectors", "peer_group", "reason", "ew_memory", "LEARNED_DETECTORS", "RECORDED_DETECTORS",
+    "STATIC_DETECTORS",
 ]

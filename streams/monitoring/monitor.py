@@ -26,6 +26,8 @@ from .baselines import (
     STATE_VERSION, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
 )
 from .detectors import DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, reason
+from .anomaly import AnomalyCombiner
+from .peers import PeerProfiles
 
 
 def _closeness(r: Mapping[str, Any]) -> float:
@@ -54,14 +56,33 @@ def evidence(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return fired + [closest[d] for d in sorted(closest)]
 
 
+def load_peers(path: str) -> PeerProfiles:
+    """Peer profiles from ``SOM_PEER_PROFILES``; a named file that is missing stops the worker.
+
+    Failing at start is deliberate: a worker that silently fell back to the
+    fixed ceilings would judge new customers differently from its siblings.
+    """
+    try:
+        return PeerProfiles.load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"SOM_PEER_PROFILES={path}: no such file (build it with `csos peers build`)") from None
+
+
 class Monitor:
     """Suspicious order monitoring for one configuration of detectors and thresholds."""
 
-    def __init__(self, config: MonitorConfig | None = None, detectors: list[Detector] | None = None) -> None:
+    def __init__(self, config: MonitorConfig | None = None, detectors: list[Detector] | None = None,
+                 peers: PeerProfiles | None = None) -> None:
         self.config = config or MonitorConfig()
         self.settings = self.config.baseline_settings()
-        self.detectors = detectors if detectors is not None else default_detectors(self.config)
-        names = [d.name for d in self.detectors]
+        if peers is None and self.config.peer_profiles:
+            peers = load_peers(self.config.peer_profiles)
+        #: Peer profiles (reference data, read-only): cold start and peer deviation. None = fixed ceilings.
+        self.peers = peers
+        self.detectors = detectors if detectors is not None else default_detectors(self.config, peers)
+        #: Combines the learned findings of each order into ``anomaly`` findings (after the detectors run).
+        self.combiner: AnomalyCombiner | None = AnomalyCombiner(self.config)
+        names = [d.name for d in self.detectors] + ([self.combiner.name] if self.combiner else [])
         unknown = sorted(set(self.config.hold_detectors) - set(names))
         if unknown:
             # A misspelt name would silently stop that detector from holding anything.
@@ -71,6 +92,8 @@ class Monitor:
         #: Names the detector logic, the state layout and every threshold (the decisive detectors
         #: and the customer limits in force included); carried by each verdict.
         tags = "".join(f".{t}" for d in self.detectors if (t := getattr(d, "version_tag", "")))
+        if peers is not None:
+            tags += f".{peers.digest()}"
         self.model_version = f"som/{DETECTORS_VERSION}.s{STATE_VERSION}+{self.config.fingerprint()}{tags}"
 
     @classmethod
@@ -122,6 +145,11 @@ class Monitor:
         for d in self.detectors:
             enforced = d.name in hold
             for r in d.score_one(base, facts):
+                r["enforced"] = enforced
+                reasons.append(r)
+        if self.combiner is not None:
+            enforced = self.combiner.name in hold
+            for r in self.combiner.score(reasons):
                 r["enforced"] = enforced
                 reasons.append(r)
         replay = base.has_learned(facts.order_id)
