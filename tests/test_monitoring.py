@@ -52,6 +52,7 @@ def order(dea: str, at: datetime, items: dict[str, int], order_id: str | None = 
         "purchaser_dea": dea, "purchaser_name": "Test Pharmacy", "supplier_dea": "PS1234563",
         "signed_at": at - timedelta(minutes=30), "received_at": at, "verified_at": at,
         "signer_serial": "01", "signer_fingerprint": "00" * 32, "business_activity": "RETAIL PHARMACY",
+        "purchaser_state": None,
         "lines": [line(i + 1, fam, u) for i, (fam, u) in enumerate(items.items())],
     }
 

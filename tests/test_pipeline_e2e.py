@@ -127,6 +127,11 @@ def test_hold_and_release_topics_carry_each_verdict_once(streamed, outputs):
     automatic = [r for r in releases if r["released_by"] == "monitor"]
     assert sorted(r["order_id"] for r in automatic) == sorted(o for o, v in verdicts.items() if v == "RELEASE")
     assert all(h["reasons"] and h["summary"] and h["order"]["order_id"] == h["order_id"] for h in holds)
+    # the held order carries what the registrant master says about the purchaser (peer group, region)
+    master = {r.dea_number: r for r in streamed.feed.result.population.registrants}
+    for h in holds:
+        reg = master[h["purchaser_dea"]]
+        assert (h["order"]["business_activity"], h["order"]["purchaser_state"]) == (reg.business_activity, reg.state)
     assert all(r["lines"] for r in releases)
     # Every other release is an analyst's, after due diligence, of an order the monitor held (tests/test_cases_e2e.py)
     reviewed = [r for r in releases if r["released_by"] != "monitor"]

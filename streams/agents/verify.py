@@ -220,7 +220,8 @@ class VerifyProcessor:
             "verified_at": utcnow(),
             "signer_serial": outcome.signer_serial or "",
             "signer_fingerprint": outcome.signer_fingerprint or "",
-            "business_activity": self._business_activity(order.purchaser.dea_number),
+            "business_activity": self._registrant_field(order.purchaser.dea_number, "business_activity"),
+            "purchaser_state": self._registrant_field(order.purchaser.dea_number, "state"),
             "lines": enrich_lines(order, self.products),
         }
         # Keyed by the DEA number the signature vouches for, not the sender's claim:
@@ -232,9 +233,10 @@ class VerifyProcessor:
                                    "checks": [c.check for c in outcome.checks], "lines": len(order.lines)})
         self.counts["verified"] += 1
 
-    def _business_activity(self, dea: str) -> str | None:
+    def _registrant_field(self, dea: str, name: str) -> str | None:
+        """A field of the registrant master's record (business activity, state), None when unknown."""
         rec = self.directory.get(dea) if self.directory is not None else None
-        return rec.get("business_activity") if rec else None
+        return rec.get(name) if rec else None
 
     def _reject_outcome(self, rec: dict[str, Any], outcome: Outcome) -> None:
         order = outcome.order
