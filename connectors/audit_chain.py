@@ -31,22 +31,42 @@ offset is a redelivery (at-least-once) and is skipped, which also makes the
 sealing idempotent: a retried batch re-seals to identical rows. Heads advance
 only after the insert succeeds (:meth:`ChainSealer.commit`).
 
+Keyed seals. With a secret key configured (``CSOS_AUDIT_KEY``, see
+:class:`AuditKey`) the seal is ``HMAC-SHA256(key, prev_hash || canonical(...))``
+instead, and every row records the sealing key's ``key_id`` (a fingerprint, never
+the key; ``''`` for an unkeyed SHA-256 seal). Then only a key holder can produce
+a seal the verifier accepts: someone with write access to ClickHouse alone can no
+longer re-seal an edited tail. Keys rotate by restarting the sink with a new one:
+the chain continues (the next row's ``prev_hash`` is the last old-key hash) and
+each row names its key, so the verifier needs every key a chain used
+(:class:`KeyRing`). A row sealed with a key the verifier lacks is *unverifiable*;
+with keys configured, a row sealed without a key is *unkeyed* (a downgrade, or a
+legacy row accepted only before a chain's first keyed row with
+``allow_unkeyed``); neither is ever passed silently. The canonical bytes are the
+same in both modes, so chains sealed before keys were introduced still verify.
+
 What the check proves (``csos audit verify``, :func:`verify_store`): every
 stored event is the one sealed (an *edit* breaks its hash), nothing was
 removed from inside a chain (*gap*), events are in the order they were sealed
 (*reorder*: a row whose seal holds but whose ``prev_hash`` is not its
 predecessor's hash, or a row that holds an event sealed at another seq), and no
-seq holds two different events (*duplicate*). What it cannot prove alone: the
-hash is unkeyed, so someone able to rewrite the whole tail of a chain
-(recomputing every later hash) or to drop its newest events leaves a
-consistent chain. Record the head hashes the check prints (``--json``) outside
-ClickHouse and pass them back with ``--anchors``: a rewritten or truncated
-chain then no longer matches its anchor.
+seq holds two different events (*duplicate*). What it cannot prove alone: without
+a key, someone able to rewrite the whole tail of a chain (recomputing every later
+hash) leaves a consistent chain; with a key, so can anyone holding the key (the
+sink's host, and whoever holds a retired key for the part of a chain after it).
+Dropping the newest events leaves a consistent chain either way. Record the head
+hashes the check prints (``--json``) outside ClickHouse and pass them back with
+``--anchors``: a rewritten or truncated chain then no longer matches its anchor.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import hmac
 import json
+import re
+import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -63,11 +83,102 @@ GENESIS = "0" * 64
 AUDIT_FIELDS: tuple[str, ...] = (
     "event_id", "occurred_at", "stage", "action", "order_id", "purchaser_dea", "outcome", "detail", "actor",
 )
-#: Columns the sink adds to every ``audit_events`` row (schemas/clickhouse/010_audit_chain.sql).
-CHAIN_COLUMNS: tuple[str, ...] = ("chain", "chain_seq", "chain_offset", "prev_hash", "event_hash")
+#: Columns the sink adds to every ``audit_events`` row (schemas/clickhouse/010_audit_chain.sql, 015_audit_key_id.sql).
+CHAIN_COLUMNS: tuple[str, ...] = ("chain", "chain_seq", "chain_offset", "prev_hash", "event_hash", "key_id")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MS = timedelta(milliseconds=1)
 _OCCURRED = AUDIT_FIELDS.index("occurred_at")
+
+
+# ------------------------------------------------------------------------------------------ keys
+#: Fewest secret bytes a key may have: the key id is a hash of the key, so a guessable key could be found from it.
+MIN_KEY_BYTES = 32
+_KEY_ID_LABEL = b"csos-som audit-chain key-id v1\x00"
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+class AuditKeyError(ValueError):
+    """A configured audit key is malformed (the message never contains the key)."""
+
+
+@dataclass(frozen=True)
+class AuditKey:
+    """A secret key for HMAC seals, and its public ``key_id`` (stored with every row it seals)."""
+
+    secret: bytes = field(repr=False)
+    key_id: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.secret) < MIN_KEY_BYTES:
+            raise AuditKeyError(f"an audit key must have at least {MIN_KEY_BYTES} bytes, this one has "
+                                f"{len(self.secret)} (make one with `csos audit new-key`)")
+        object.__setattr__(self, "key_id", key_id_of(self.secret))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "CSOS_AUDIT_KEY") -> "AuditKey":
+        """A key written as hex (64+ digits) or base64 (standard or URL-safe, padding optional)."""
+        t = text.strip()
+        try:
+            if _HEX.fullmatch(t) and len(t) % 2 == 0:
+                raw = bytes.fromhex(t)
+            else:
+                raw = base64.b64decode(t.replace("-", "+").replace("_", "/") + "=" * (-len(t) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise AuditKeyError(f"{source} is neither hex nor base64 (make a key with `csos audit new-key`)") from None
+        try:
+            return cls(raw)
+        except AuditKeyError as exc:
+            raise AuditKeyError(f"{source}: {exc}") from None
+
+
+def key_id_of(secret: bytes) -> str:
+    """The key's public fingerprint: the first 16 hex digits of SHA-256(label || key). Never the key itself."""
+    return hashlib.sha256(_KEY_ID_LABEL + secret).hexdigest()[:16]
+
+
+def new_key() -> str:
+    """A fresh key for ``CSOS_AUDIT_KEY``: 32 random bytes as 64 hex digits."""
+    return secrets.token_hex(MIN_KEY_BYTES)
+
+
+class KeyRing:
+    """The keys a verifier holds, by key id: the current key and every earlier one a chain may still name."""
+
+    def __init__(self, keys: Iterable[AuditKey] = ()) -> None:
+        self.keys: dict[str, AuditKey] = {k.key_id: k for k in keys}
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def __repr__(self) -> str:
+        return f"KeyRing({sorted(self.keys)})"
+
+    def get(self, key_id: str) -> AuditKey | None:
+        return self.keys.get(key_id)
+
+    @classmethod
+    def parse(cls, *texts: str, source: str = "key") -> "KeyRing":
+        """Keys from comma- or newline-separated texts (blank entries and ``#`` comment lines ignored)."""
+        keys = []
+        for text in texts:
+            for line in (text or "").splitlines():
+                if line.lstrip().startswith("#"):
+                    continue
+                keys += [AuditKey.parse(k, source) for k in line.split(",") if k.strip()]
+        return cls(keys)
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", *extra: str) -> "KeyRing":
+        """``CSOS_AUDIT_KEY`` and ``CSOS_AUDIT_OLD_KEYS``, plus ``extra`` texts (e.g. a ``--key-file``'s)."""
+        ring = cls.parse(settings.audit_key, source="CSOS_AUDIT_KEY")
+        ring.keys.update(cls.parse(settings.audit_old_keys, source="CSOS_AUDIT_OLD_KEYS").keys)
+        ring.keys.update(cls.parse(*extra, source="key file").keys)
+        return ring
+
+
+def sink_key(settings: "Settings") -> AuditKey | None:
+    """The key the sink seals with (``CSOS_AUDIT_KEY``), or None: plain SHA-256 seals."""
+    return AuditKey.parse(settings.audit_key) if settings.audit_key else None
 
 
 # ------------------------------------------------------------------------------------------ sealing
@@ -94,9 +205,14 @@ def canonical(chain: str, seq: int, offset: int, event: Mapping[str, Any]) -> by
     return json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def seal(prev_hash: str, chain: str, seq: int, offset: int, event: Mapping[str, Any]) -> str:
-    """``SHA-256(prev_hash || canonical(...))`` as hex: the event's hash, which the next event carries."""
-    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical(chain, seq, offset, event)).hexdigest()
+def seal(prev_hash: str, chain: str, seq: int, offset: int, event: Mapping[str, Any],
+         key: AuditKey | None = None) -> str:
+    """``SHA-256(prev_hash || canonical(...))`` as hex, or with a key ``HMAC-SHA256(key, prev_hash || canonical(...))``:
+    the event's hash, which the next event carries."""
+    message = bytes.fromhex(prev_hash) + canonical(chain, seq, offset, event)
+    if key is None:
+        return hashlib.sha256(message).hexdigest()
+    return hmac.new(key.secret, message, hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -114,11 +230,14 @@ class ChainSealer:
     ``load_head(chain)`` returns the last sealed event stored for a chain (or
     None); it is called the first time a chain is met and again after
     :meth:`forget` (on every partition assignment, since another sink may have
-    extended the chain meanwhile).
+    extended the chain meanwhile). With a ``key`` every seal is an HMAC and every
+    row carries the key's id; without, SHA-256 and ``key_id`` ``''``.
     """
 
-    def __init__(self, load_head: Callable[[str], Head | None]) -> None:
+    def __init__(self, load_head: Callable[[str], Head | None], key: AuditKey | None = None) -> None:
         self.load_head = load_head
+        self.key = key
+        self.key_id = key.key_id if key is not None else ""
         self.heads: dict[str, Head | None] = {}
         self.pending: dict[str, Head] = {}  # advanced by the batch being written, not yet stored
 
@@ -140,8 +259,8 @@ class ChainSealer:
             row[_OCCURRED] = epoch_ms(row[_OCCURRED])  # stored exactly as sealed
             seq = head.seq + 1 if head is not None else 0
             prev = head.hash if head is not None else GENESIS
-            digest = seal(prev, chain, seq, offset, dict(zip(AUDIT_FIELDS, row)))
-            out.append(row + [chain, seq, offset, prev, digest])
+            digest = seal(prev, chain, seq, offset, dict(zip(AUDIT_FIELDS, row)), self.key)
+            out.append(row + [chain, seq, offset, prev, digest, self.key_id])
             head = Head(seq, digest, offset)
         if head is not None:
             self.pending[chain] = head
@@ -185,15 +304,20 @@ class ChainRow:
     prev_hash: str
     event_hash: str
     event: Mapping[str, Any]
+    key_id: str = ""  # '' = sealed with plain SHA-256
 
-    def sealed_at(self, seq: int, prev_hash: str, offset: int) -> str:
+    def sealed_at(self, seq: int, prev_hash: str, offset: int, key: AuditKey | None = None) -> str:
         """This row's event sealed at another position (to recognise a moved event)."""
-        return seal(prev_hash, self.chain, seq, offset, self.event)
+        return seal(prev_hash, self.chain, seq, offset, self.event, key)
+
+    def seals(self, digest: str, seq: int, prev_hash: str, offset: int, key: AuditKey | None = None) -> bool:
+        """Whether ``digest`` is this row's event sealed at that position (constant-time comparison)."""
+        return hmac.compare_digest(self.sealed_at(seq, prev_hash, offset, key), digest)
 
 
 @dataclass
 class Problem:
-    kind: str  # gap | edit | reorder | duplicate | anchor | unsealed | missing
+    kind: str  # gap | edit | reorder | duplicate | anchor | unsealed | missing | unverifiable | unkeyed
     chain: str
     seq: int | None
     detail: str
@@ -209,6 +333,7 @@ class ChainReport:
     last_offset: int | None = None
     head_hash: str | None = None
     identical_duplicates: int = 0  # the same sealed row stored twice (harmless; collapses on merge)
+    key_ids: list[str] = field(default_factory=list)  # the keys that sealed it, in chain order ('' = unkeyed)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -219,8 +344,20 @@ class ChainReport:
 @dataclass
 class _Checked:
     row: ChainRow
-    intact: bool
+    intact: bool  # its seal holds, or could not be checked (no key: reported as unverifiable)
     problem: Problem | None = None
+    key: AuditKey | None = None
+    checkable: bool = True
+
+
+@dataclass
+class _Run:
+    """Consecutive rows with the same key problem, reported once."""
+
+    problem: Problem
+    key_id: str
+    first: int
+    last: int
 
 
 class ChainVerifier:
@@ -231,15 +368,25 @@ class ChainVerifier:
     ``reach`` seqs back), a row that holds the event sealed at another seq
     (the whole row moved, i.e. its seq changed, or only its event fields
     swapped with another row's) is a *reorder* at both places.
+
+    Each row is checked with the key its ``key_id`` names, from ``keys``. A
+    row naming a key not in ``keys`` is *unverifiable* (its links are still
+    checked). If ``keys`` holds any key, a row sealed without one is *unkeyed*,
+    unless ``allow_unkeyed`` and no keyed row came before it in the chain
+    (legacy rows from before keys were configured).
     """
 
-    def __init__(self, chain: str, anchor: tuple[int, str] | None = None, *, window: int = 8,
-                 reach: int = 1024) -> None:
+    def __init__(self, chain: str, anchor: tuple[int, str] | None = None, *, keys: KeyRing | None = None,
+                 allow_unkeyed: bool = False, window: int = 8, reach: int = 1024) -> None:
         self.report = ChainReport(chain)
         self.anchor = anchor
+        self.keys = keys or KeyRing()
+        self.allow_unkeyed = allow_unkeyed
         self.last: _Checked | None = None
         self.suspects: deque[_Checked] = deque(maxlen=window)
         self.reach = reach
+        self.keyed_seen = False
+        self.run: _Run | None = None
 
     def _problem(self, kind: str, seq: int | None, detail: str) -> Problem:
         p = Problem(kind, self.report.chain, seq, detail)
@@ -268,7 +415,7 @@ class ChainVerifier:
             n = row.seq - expected
             self._problem("gap", expected, f"seq {expected}" + (f"..{row.seq - 1}" if n > 1 else "")
                           + f" missing: {n} event{'s' if n > 1 else ''} deleted")
-        checked = _Checked(row, row.sealed_at(row.seq, row.prev_hash, row.offset) == row.event_hash)
+        checked = self._check(row, linked)
         if not checked.intact:
             checked.problem = self._problem(
                 "edit", row.seq, f"event {row.event['event_id']}: stored fields do not match its hash "
@@ -286,6 +433,48 @@ class ChainVerifier:
                                              f"anchor {self.anchor[1][:16]}...: the chain was rewritten")
         self.last = checked
 
+    def _check(self, row: ChainRow, linked: bool) -> _Checked:
+        """The row's seal checked with the key it names; key problems reported (runs of rows once)."""
+        if row.key_id not in self.report.key_ids:
+            self.report.key_ids.append(row.key_id)
+        if row.key_id:
+            self.keyed_seen = True
+            key = self.keys.get(row.key_id)
+            if key is None:
+                self._key_problem(row, "unverifiable", linked, self._missing_key)
+                return _Checked(row, True, checkable=False)
+        else:
+            key = None
+            if self.keys and not (self.allow_unkeyed and not self.keyed_seen):
+                self._key_problem(row, "unkeyed", linked, self._unkeyed)
+        return _Checked(row, row.seals(row.event_hash, row.seq, row.prev_hash, row.offset, key), key=key)
+
+    def _missing_key(self, key_id: str, first: int, last: int) -> str:
+        what = f"seq {first}" + (f"..{last} ({last - first + 1} events)" if last > first else "")
+        if not self.keys:
+            return (f"{what} sealed with key {key_id} but no key was given: the chain is keyed, set "
+                    "CSOS_AUDIT_KEY (and CSOS_AUDIT_OLD_KEYS for earlier keys) or pass --key-file")
+        return (f"{what} sealed with key {key_id}, which the verifier does not have (it has "
+                f"{', '.join(sorted(self.keys.keys))}): add it to CSOS_AUDIT_OLD_KEYS or --key-file")
+
+    def _unkeyed(self, _key_id: str, first: int, last: int) -> str:
+        what = f"seq {first}" + (f"..{last} ({last - first + 1} events)" if last > first else "")
+        if self.keyed_seen:
+            return (f"{what} sealed without a key after keyed events: a keyed tail replaced by plain "
+                    "SHA-256 seals, which anyone can compute")
+        return (f"{what} sealed without a key although the verifier has keys (anyone can compute these seals; "
+                "--allow-unkeyed accepts unkeyed events before a chain's first keyed one)")
+
+    def _key_problem(self, row: ChainRow, kind: str, linked: bool,
+                     describe: Callable[[str, int, int], str]) -> None:
+        run = self.run
+        if run is not None and linked and run.problem.kind == kind and run.key_id == row.key_id \
+                and run.last + 1 == row.seq:
+            run.last = row.seq
+        else:
+            run = self.run = _Run(self._problem(kind, row.seq, ""), row.key_id, row.seq, row.seq)
+        run.problem.detail = describe(row.key_id, run.first, run.last)
+
     def _recognise_move(self, r: _Checked) -> None:
         a = r.row
         for w in self.suspects:
@@ -293,10 +482,11 @@ class ChainVerifier:
             if a.seq - b.seq > self.reach:
                 continue
             # a holds what was sealed at b's seq: the whole row moved (A) or just its event fields (C); and vice versa.
-            a_from_b = (a.sealed_at(b.seq, a.prev_hash, a.offset) == a.event_hash
-                        or a.sealed_at(b.seq, b.prev_hash, b.offset) == b.event_hash)
-            b_from_a = (b.sealed_at(a.seq, b.prev_hash, b.offset) == b.event_hash
-                        or b.sealed_at(a.seq, a.prev_hash, a.offset) == a.event_hash)
+            # (A moved row keeps its key id; an event moved alone was sealed with the key of the row it left.)
+            a_from_b = (a.seals(a.event_hash, b.seq, a.prev_hash, a.offset, r.key)
+                        or a.seals(b.event_hash, b.seq, b.prev_hash, b.offset, w.key))
+            b_from_a = (b.seals(b.event_hash, a.seq, b.prev_hash, b.offset, w.key)
+                        or b.seals(a.event_hash, a.seq, a.prev_hash, a.offset, r.key))
             if a_from_b and r.problem is not None:
                 r.problem.kind = "reorder"
                 r.problem.detail = f"event {a.event['event_id']} was sealed at seq {b.seq}, is stored at seq {a.seq}"
@@ -312,8 +502,8 @@ class ChainVerifier:
         return r
 
 
-def verify_rows(rows: Iterable[ChainRow], anchors: Mapping[str, tuple[int, str]] | None = None
-                ) -> list[ChainReport]:
+def verify_rows(rows: Iterable[ChainRow], anchors: Mapping[str, tuple[int, str]] | None = None, *,
+                keys: KeyRing | None = None, allow_unkeyed: bool = False) -> list[ChainReport]:
     """Check rows ordered by ``(chain, seq)``; one report per chain met."""
     anchors = anchors or {}
     reports: list[ChainReport] = []
@@ -322,7 +512,7 @@ def verify_rows(rows: Iterable[ChainRow], anchors: Mapping[str, tuple[int, str]]
         if verifier is None or row.chain != verifier.report.chain:
             if verifier is not None:
                 reports.append(verifier.finish())
-            verifier = ChainVerifier(row.chain, anchors.get(row.chain))
+            verifier = ChainVerifier(row.chain, anchors.get(row.chain), keys=keys, allow_unkeyed=allow_unkeyed)
         verifier.feed(row)
     if verifier is not None:
         reports.append(verifier.finish())
@@ -332,14 +522,14 @@ def verify_rows(rows: Iterable[ChainRow], anchors: Mapping[str, tuple[int, str]]
 # ------------------------------------------------------------------------------------------ reading ClickHouse
 Query = Callable[[str], Sequence[Sequence[Any]]]
 
-_SELECT = ("SELECT chain, chain_seq, chain_offset, prev_hash, event_hash, event_id, "
+_SELECT = ("SELECT chain, chain_seq, chain_offset, prev_hash, event_hash, key_id, event_id, "
            "toUnixTimestamp64Milli(occurred_at), stage, action, order_id, purchaser_dea, outcome, detail, actor "
            "FROM audit_events")
 
 
 def _row(values: Sequence[Any]) -> ChainRow:
-    chain, seq, offset, prev, digest, *event = values
-    return ChainRow(chain, int(seq), int(offset), prev, digest, dict(zip(AUDIT_FIELDS, event)))
+    chain, seq, offset, prev, digest, key_id, *event = values
+    return ChainRow(chain, int(seq), int(offset), prev, digest, dict(zip(AUDIT_FIELDS, event)), key_id)
 
 
 def read_chain(query: Query, chain: str, first_seq: int, last_seq: int, page_size: int = 10_000
@@ -387,8 +577,12 @@ def load_anchors(doc: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
 
 
 def verify_store(query: Query, *, anchors: Mapping[str, tuple[int, str]] | None = None, page_size: int = 10_000,
-                 allow_unsealed: bool = False, only: Iterable[str] = ()) -> AuditReport:
+                 allow_unsealed: bool = False, only: Iterable[str] = (), keys: KeyRing | None = None,
+                 allow_unkeyed: bool = False) -> AuditReport:
     """Check every chain in ``audit_events`` (as of now: rows sealed while it runs are not included).
+
+    ``keys`` are the keys keyed rows may name (:meth:`KeyRing.from_settings`);
+    see :class:`ChainVerifier` for ``allow_unkeyed``.
 
     Rows with no chain are problems too (an event inserted around the sink is
     not covered by any seal) unless ``allow_unsealed`` (e.g. rows written
@@ -403,7 +597,7 @@ def verify_store(query: Query, *, anchors: Mapping[str, tuple[int, str]] | None 
     reports = []
     for chain, _first, last in chains:
         # From seq 0 even if the chain starts later: missing leading events are a gap.
-        verifier = ChainVerifier(chain, anchors.pop(chain, None))
+        verifier = ChainVerifier(chain, anchors.pop(chain, None), keys=keys, allow_unkeyed=allow_unkeyed)
         for row in read_chain(query, chain, 0, int(last), page_size):
             verifier.feed(row)
         reports.append(verifier.finish())
@@ -441,15 +635,16 @@ def render(report: AuditReport) -> str:
     lines = []
     for c in report.chains:
         status = "OK" if c.ok else f"{len(c.problems)} problem{'s' if len(c.problems) > 1 else ''}"
+        keys = ", ".join(k or "none" for k in c.key_ids)
         lines.append(f"{c.chain}: {c.events} events, seq {c.first_seq}..{c.last_seq} "
-                     f"(Kafka offsets {c.first_offset}..{c.last_offset}), head {c.head_hash}: {status}")
+                     f"(Kafka offsets {c.first_offset}..{c.last_offset}), keys {keys}, head {c.head_hash}: {status}")
         for p in c.problems:
-            lines.append(f"  {p.kind.upper():9} seq {p.seq}: {p.detail}")
+            lines.append(f"  {p.kind.upper():12} seq {p.seq}: {p.detail}")
     if not report.chains:
         lines.append("no sealed audit events")
     for p in report.problems:
         if not any(p in c.problems for c in report.chains):
-            lines.append(f"{p.kind.upper():9} {p.chain or '-'}: {p.detail}")
+            lines.append(f"{p.kind.upper():12} {p.chain or '-'}: {p.detail}")
     if report.unsealed and not any(p.kind == "unsealed" for p in report.problems):
         lines.append(f"{report.unsealed} unsealed audit rows (allowed)")
     lines.append("audit trail intact" if report.ok else

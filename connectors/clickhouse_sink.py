@@ -33,7 +33,7 @@ from streams.documents import parse_document
 from streams.order_document import FORMAT as CANONICAL_FORMAT
 from streams.order_document import DocumentError
 
-from .audit_chain import AUDIT_FIELDS, CHAIN_COLUMNS, ChainSealer, clickhouse_head_loader
+from .audit_chain import AUDIT_FIELDS, CHAIN_COLUMNS, AuditKey, ChainSealer, clickhouse_head_loader
 
 log = logging.getLogger(__name__)
 DDL_DIR = REPO_ROOT / "schemas" / "clickhouse"
@@ -314,10 +314,11 @@ def lookup_fields(content: bytes | None, fmt: str = CANONICAL_FORMAT) -> tuple[s
 class ClickHouseSink:
     """Batched, idempotent writer. Not thread-safe: call from one thread."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, audit_key: AuditKey | None = None) -> None:
         self.client = client
         self.rows_written: dict[str, int] = defaultdict(int)
-        self.chains = ChainSealer(clickhouse_head_loader(client))  # audit rows are hash-chained as written
+        # Audit rows are hash-chained as written (HMAC-sealed with audit_key if one is configured).
+        self.chains = ChainSealer(clickhouse_head_loader(client), audit_key)
 
     def write(self, batch: Iterable[SourceRecord]) -> dict[str, int]:
         per_table: dict[str, list[list[Any]]] = defaultdict(list)

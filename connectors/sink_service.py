@@ -31,6 +31,7 @@ from streams.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.config import Settings
 from streams.emit import Emitter
 
+from .audit_chain import sink_key
 from .clickhouse_sink import (
     ClickHouseSink, SourceRecord, apply_ddl, open_client, rows_for, run_readonly_query, to_json_rows,
 )
@@ -61,9 +62,10 @@ class SinkService:
     def __init__(self, settings: Settings, codec: AvroCodec | None = None) -> None:
         self.settings = settings
         self.codec = codec or default_codec()
+        self.audit_key = sink_key(settings)  # a malformed CSOS_AUDIT_KEY stops the sink before it writes anything
         self.client = open_client(settings)
         apply_ddl(self.client)
-        self.sink = ClickHouseSink(self.client)
+        self.sink = ClickHouseSink(self.client, self.audit_key)
         self.lock = threading.Lock()  # one thread at a time in the ClickHouse client
         self.reader = open_client(settings, readonly=True)  # analysts' session, separate and read-only
         self.reader_lock = threading.Lock()
@@ -206,8 +208,9 @@ def run_sink(settings: Settings) -> None:
     server = serve_http(service, settings.sink_port)
     signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: service.stopping.set())
-    log.warning("ClickHouse sink ready: %s, SQL on 127.0.0.1:%d", settings.effective_clickhouse_url,
-                settings.sink_port)
+    log.warning("ClickHouse sink ready: %s, SQL on 127.0.0.1:%d, audit chain sealed with %s",
+                settings.effective_clickhouse_url, settings.sink_port,
+                f"HMAC-SHA256, key id {service.audit_key.key_id}" if service.audit_key else "SHA-256 (no CSOS_AUDIT_KEY)")
     try:
         service.run()
     finally:

@@ -290,11 +290,16 @@ def sink() -> None:
     With the embedded engine exactly one sink may run per data directory (the
     engine locks it); it also serves read-only SQL on 127.0.0.1:CSOS_SINK_PORT
     for `csos sql`. With CLICKHOUSE_URL pointing at a server, run several.
+    With CSOS_AUDIT_KEY set, audit events are sealed with HMAC-SHA256 under that key.
     """
+    from connectors.audit_chain import AuditKeyError
     from connectors.sink_service import run_sink
 
     logging.getLogger().setLevel(logging.INFO)
-    run_sink(_settings())
+    try:
+        run_sink(_settings())
+    except AuditKeyError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- analyst
@@ -337,27 +342,56 @@ def audit() -> None:
 @click.option("--allow-unsealed", is_flag=True, help="Do not count rows written before chaining as problems.")
 @click.option("--chain", "chains", multiple=True, help="Check only this chain, e.g. audit.events/0 (repeatable).")
 @click.option("--page-size", default=10_000, show_default=True, help="Events per query.")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Keys for keyed chains, one per line (hex or base64; # comments), in addition to "
+                   "CSOS_AUDIT_KEY and CSOS_AUDIT_OLD_KEYS.")
+@click.option("--allow-unkeyed", is_flag=True,
+              help="With keys: accept events sealed without a key before a chain's first keyed event.")
 def audit_verify(as_json: bool, anchors_file: str | None, allow_unsealed: bool, chains: tuple[str, ...],
-                 page_size: int) -> None:
+                 page_size: int, key_file: str | None, allow_unkeyed: bool) -> None:
     """Check every audit chain in ClickHouse; report each gap, edit, reordering or duplicate (exit 1 if any).
 
-    Prints per chain the events checked, the seq and Kafka offset range and the
-    head hash. Keep the head hashes outside ClickHouse (e.g. save --json) and
-    pass them back with --anchors: that also catches a rewritten or truncated chain.
-    Reads like `csos sql`: through the running sink, else read-only.
+    Prints per chain the events checked, the seq and Kafka offset range, the
+    ids of the keys that sealed it and the head hash. Keep the head hashes
+    outside ClickHouse (e.g. save --json) and pass them back with --anchors:
+    that also catches a rewritten or truncated chain. Keyed events are checked
+    with the key they name (CSOS_AUDIT_KEY, CSOS_AUDIT_OLD_KEYS, --key-file):
+    one whose key is not given is UNVERIFIABLE; with keys, one sealed without
+    a key is UNKEYED. Reads like `csos sql`: through the running sink, else read-only.
     """
-    from connectors.audit_chain import load_anchors, open_reader, render, verify_store
+    from connectors.audit_chain import AuditKeyError, KeyRing, load_anchors, open_reader, render, verify_store
 
+    settings = _settings()
+    try:
+        keys = KeyRing.from_settings(settings, Path(key_file).read_text() if key_file else "")
+    except AuditKeyError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
     anchors = load_anchors(json.loads(Path(anchors_file).read_text())) if anchors_file else None
     try:
-        with open_reader(_settings()) as query:
+        with open_reader(settings) as query:
             report = verify_store(query, anchors=anchors, page_size=page_size, allow_unsealed=allow_unsealed,
-                                  only=chains)
+                                  only=chains, keys=keys, allow_unkeyed=allow_unkeyed)
     except Exception as exc:  # noqa: BLE001 - store unreachable or locked: say so, exit 2
         click.echo(f"Error: cannot read the audit trail: {str(exc).strip().splitlines()[0]}", err=True)
         sys.exit(2)
     click.echo(json.dumps(report.to_json(), indent=1) if as_json else render(report))
     sys.exit(0 if report.ok else 1)
+
+
+@audit.command("new-key")
+def audit_new_key() -> None:
+    """Print a new key for CSOS_AUDIT_KEY (32 random bytes as 64 hex digits); its key id goes to stderr.
+
+    Keep it in your secret store, not in ClickHouse or the repository. To
+    rotate: move the current key to CSOS_AUDIT_OLD_KEYS (verifiers only),
+    set the new one and restart the sink.
+    """
+    from connectors.audit_chain import AuditKey, new_key
+
+    key = new_key()
+    click.echo(key)
+    click.echo(f"key id: {AuditKey.parse(key).key_id}", err=True)
 
 
 @main.command()

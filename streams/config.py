@@ -42,6 +42,8 @@ class Settings:
     case_clock_seconds: float = 60.0  # how often the case agent looks for lapsed due-diligence clocks
     case_retention_days: float = 90.0  # closed cases leave the worker's table this long after the decision
     reporting_dea: str = ""  # the distributor's DEA number on suspicious order reports (default: the order's supplier)
+    audit_key: str = field(default="", repr=False)  # CSOS_AUDIT_KEY: HMAC key sealing the audit chain ('' = SHA-256)
+    audit_old_keys: str = field(default="", repr=False)  # CSOS_AUDIT_OLD_KEYS: earlier keys, comma-separated (verify)
 
     @property
     def effective_clickhouse_url(self) -> str:
@@ -77,6 +79,8 @@ class Settings:
             case_clock_seconds=float(_env("CSOS_CASE_CLOCK_SECONDS", str(cls.case_clock_seconds))),
             case_retention_days=float(_env("CSOS_CASE_RETENTION_DAYS", str(cls.case_retention_days))),
             reporting_dea=_env("CSOS_REPORTING_DEA", ""),
+            audit_key=_env("CSOS_AUDIT_KEY", ""),
+            audit_old_keys=_env("CSOS_AUDIT_OLD_KEYS", ""),
         )
 
     def with_(self, **changes) -> "Settings":

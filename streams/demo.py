@@ -159,9 +159,9 @@ def due_diligence(settings: Settings, timeout: float = 120.0) -> str:
 
 def audit_check(settings: Settings) -> str:
     """What ``csos audit verify`` says about this run's audit trail."""
-    from connectors.audit_chain import verify_store
+    from connectors.audit_chain import KeyRing, verify_store
 
-    report = verify_store(lambda sql: run_query(settings, sql)[1])
+    report = verify_store(lambda sql: run_query(settings, sql)[1], keys=KeyRing.from_settings(settings))
     events = sum(c.events for c in report.chains)
     verdict = "intact (no gap, edit or reordering)" if report.ok else f"{len(report.problems)} problem(s)"
     return (f"\nAudit trail: {events} events in {len(report.chains)} hash chains, {verdict}; "

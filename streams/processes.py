@@ -41,6 +41,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CSOS_CASE_RETENTION_DAYS": repr(settings.case_retention_days),
         "CSOS_REPORTING_DEA": settings.reporting_dea,
         "CLICKHOUSE_DATABASE": settings.clickhouse_database,
+        # Secrets: in the child's environment only (never on a command line or in a log); '' = unset.
+        "CSOS_AUDIT_KEY": settings.audit_key,
+        "CSOS_AUDIT_OLD_KEYS": settings.audit_old_keys,
     })
     if settings.clickhouse_url:
         env["CLICKHOUSE_URL"] = settings.clickhouse_url
