@@ -41,6 +41,8 @@ from streams.processes import Pipeline as Processes  # noqa: E402
 E2E_BAD_COUNTS = {"tampered": 6, "wrong_key": 6, "expired_cert": 6, "revoked_cert": 6, "dea_mismatch": 6,
                   "schedule_not_authorized": 6, "untrusted_cert": 6, "malformed_order": 6, "malformed_bytes": 6}
 DUE_DILIGENCE_SECONDS = 45.0
+#: The session pipeline's CSOS_AUDIT_KEY (fixed, test only): its audit trail is a keyed (HMAC) chain.
+TEST_AUDIT_KEY = "7e57a0d1" * 8
 E2E_SUSPICIOUS_COUNTS = {"size_spike": 10, "frequency_burst": 12, "family_shift": 6}
 
 
@@ -80,6 +82,7 @@ def pipeline(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> I
         web_port=free_port(), sink_port=free_port(), app_id=f"csos-test-{uuid.uuid4().hex[:6]}",
         # Held orders' due-diligence clocks lapse within the session (tests/test_cases_e2e.py).
         due_diligence_days=DUE_DILIGENCE_SECONDS / 86400, case_clock_seconds=1.0,
+        audit_key=TEST_AUDIT_KEY,  # the sink seals the audit chain with HMAC (tests/test_audit_chain.py)
     )
     feed = prepare_feed(settings, registrants=40, seed=11, days=120, bad_counts=E2E_BAD_COUNTS,
                         suspicious_counts=E2E_SUSPICIOUS_COUNTS)
