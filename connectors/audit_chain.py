@@ -347,7 +347,6 @@ class _Checked:
     intact: bool  # its seal holds, or could not be checked (no key: reported as unverifiable)
     problem: Problem | None = None
     key: AuditKey | None = None
-    checkable: bool = True
 
 
 @dataclass
@@ -442,7 +441,7 @@ class ChainVerifier:
             key = self.keys.get(row.key_id)
             if key is None:
                 self._key_problem(row, "unverifiable", linked, self._missing_key)
-                return _Checked(row, True, checkable=False)
+                return _Checked(row, True)  # links still checked; the seal cannot be
         else:
             key = None
             if self.keys and not (self.allow_unkeyed and not self.keyed_seen):
