@@ -18,14 +18,13 @@ from typing import Any
 
 import faust
 from aiokafka.errors import UnknownTopicOrPartitionError
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 
 from connectors.kafka_io import Publisher
 from connectors.topics import replication_factor
 
 from . import topic_names as t
-from .agents.cases import CaseProcessor
+from .agents.cases import CaseProcessor, key_partition
 from .agents.monitor import MonitorProcessor
 from .agents.verify import VerifyProcessor
 from .config import Settings
@@ -102,9 +101,8 @@ def create_app(settings: Settings) -> faust.App:
 
     def owns_case(order_id: str) -> bool:
         """Whether this worker actively owns the case (a standby replica must not escalate it too)."""
-        partition = (murmur2(order_id.encode()) & 0x7FFFFFFF) % settings.partitions
         try:
-            return TP(t.HOLD, partition) in app.assignor.assigned_actives()
+            return TP(t.HOLD, key_partition(order_id, settings.partitions)) in app.assignor.assigned_actives()
         except Exception:  # noqa: BLE001 - not assigned yet
             return False
 

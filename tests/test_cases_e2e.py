@@ -219,3 +219,24 @@ def test_summary_counts_cases_and_overdue_ones(streamed, holds) -> None:
     assert s.cases_by_status == {k: int(v) for k, v in rows.items()} and s.cases_by_status["RELEASED"] >= 1
     assert 1 <= s.overdue <= s.cases_by_status["HELD"]
     assert f"HELD {s.cases_by_status['HELD']}" in s.render() and "past the deadline" in s.render()
+
+
+def test_workers_compute_the_partition_producers_chose(streamed) -> None:
+    """The clock escalates only cases in partitions the worker owns; that needs our hash to be the producers'."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from streams.agents.cases import key_partition
+
+    topic, n = f"test.partitioning.{uuid.uuid4().hex[:8]}", 7
+    admin = AdminClient({"bootstrap.servers": streamed.settings.kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, n, 1)])[topic].result(30)
+    keys = [str(uuid.uuid4()) for _ in range(200)]
+    pub = Publisher(streamed.settings.kafka_bootstrap)
+    for k in keys:
+        pub.publish(topic, k, b"x")
+    pub.flush()
+    msgs = consume_all(streamed.settings.kafka_bootstrap, [topic], until=lambda m: len(m) >= len(keys), timeout=60)
+    placed = {m.key().decode(): m.partition() for m in msgs}
+    assert len(placed) == len(keys) and len(set(placed.values())) == n
+    assert all(key_partition(k, n) == p for k, p in placed.items())
+    admin.delete_topics([topic])

@@ -25,6 +25,8 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, MutableMapping
 
+from aiokafka.partitioner import murmur2
+
 from .. import topic_names as t
 from ..avro_codec import AvroCodec, DecodeError, default_codec
 from ..cases.machine import (
@@ -40,6 +42,13 @@ STATE_SCHEMA = "som.state.Case"
 AGENT_ACTOR = "case-agent"
 KIND_FOR = {RELEASED: "RELEASED", REPORTED: "REPORTED", CANCELLED: "CANCELLED"}
 INPUTS = ("som.Hold", "som.Decision")
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition Kafka producers put ``key`` on: Java-compatible murmur2, as both our
+    confluent-kafka producers (``murmur2_random``) and Faust's aiokafka producer use; so a worker can
+    tell which cases are in the partitions it owns."""
+    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partitions
 
 
 class CaseProcessor:
