@@ -6,21 +6,24 @@ due-diligence clocks are still running. The first worker's tables still hold
 the cases it handed over (and Faust keeps standby copies), so a case agent
 that escalated every lapsed case it could see would escalate some twice;
 only the worker that actively owns a case's partition may. Runs its own
-small pipeline on the session broker (its own app id; topics shared), so it
-does not disturb the session pipeline's assertions.
+small pipeline on a broker of its own: a second consumer group on the session
+broker would re-read (and re-decide) every order of the session's pipeline on
+the shared topics.
 """
 from __future__ import annotations
 
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from connectors.broker import free_port
+from connectors.broker import LocalBroker, free_port
 from connectors.feed import prepare_feed, publish, publish_reference_data
 from connectors.kafka_io import Publisher
+from connectors.topics import ensure_topics
 from streams.config import Settings
 from streams.processes import sink_process, worker_process
 from streams.query import run_query
@@ -29,7 +32,19 @@ DUE_SECONDS = 60.0
 
 
 @pytest.fixture(scope="module")
-def two_workers(broker, tmp_path_factory):
+def own_broker(tmp_path_factory) -> Iterator[LocalBroker]:
+    b = LocalBroker(port=free_port(), data_dir=tmp_path_factory.mktemp("kafka-two"), controller_port=free_port())
+    b.start(timeout=180)
+    try:
+        ensure_topics(b.bootstrap)
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def two_workers(own_broker, tmp_path_factory):
+    broker = own_broker
     data = Path(tmp_path_factory.mktemp("two-workers"))
     settings = Settings.from_env().with_(
         kafka_bootstrap=broker.bootstrap, data_dir=data, pki_dir=data / "pki", clickhouse_url="",
