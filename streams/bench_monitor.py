@@ -11,14 +11,16 @@ import time
 from typing import Any
 
 from .avro_codec import default_codec
+from .monitoring.detectors import MonitorConfig
 from .monitoring.monitor import Monitor
 
 
-def run(registrants: int = 150, seed: int = 7, peers: bool = True) -> dict[str, Any]:
+def run(registrants: int = 150, seed: int = 7, peers: bool = True, record_all: bool = True) -> dict[str, Any]:
     """Time the monitor over the seed's scenarios; ``peers``: with peer profiles learned from seed + 1000.
 
     Peers are on by default because the evaluation's learned policy uses them
     (cold start and the focused trend look them up on every order).
+    ``record_all=False`` runs only the deciding detectors (``SOM_RECORD_ALL=0``).
     """
     from connectors.scenarios import generate
 
@@ -26,7 +28,7 @@ def run(registrants: int = 150, seed: int = 7, peers: bool = True) -> dict[str, 
 
     orders = sorted(generate(seed=seed, n_registrants=registrants).orders, key=lambda o: o["received_at"])
     profiles = train_peers(seed + PEER_TRAINING_SEED_OFFSET, n_registrants=registrants) if peers else None
-    monitor = Monitor(peers=profiles)
+    monitor = Monitor(MonitorConfig(record_all=record_all), peers=profiles)
     live: dict[str, Any] = {}
     t0 = time.perf_counter()
     for o in orders:

@@ -610,11 +610,18 @@ def replay_arcos(path: str) -> None:
 @click.option("--seed", default=7, show_default=True)
 @click.option("--peers/--no-peers", default=True, show_default=True,
               help="With peer profiles learned from another scenario run (seed + 1000), as the evaluation.")
-def bench_monitor(registrants: int, seed: int, peers: bool) -> None:
+@click.option("--compare-lean", is_flag=True,
+              help="Also run with only the deciding detectors (SOM_RECORD_ALL=0) and print the cost ratio.")
+def bench_monitor(registrants: int, seed: int, peers: bool, compare_lean: bool) -> None:
     """Monitoring cost: score + learn per order, and state bytes per registrant and drug family."""
     from .bench_monitor import render, run
 
-    click.echo(render(run(registrants, seed, peers)))
+    full = run(registrants, seed, peers)
+    click.echo(render(full))
+    if compare_lean:
+        lean = run(registrants, seed, peers, record_all=False)
+        click.echo(f"only the deciding detectors (SOM_RECORD_ALL=0): {lean['us_per_order']:.0f} us per order, "
+                   f"{full['us_per_order'] / lean['us_per_order']:.2f}x faster than recording every detector")
 
 
 @main.command("bench-verify")

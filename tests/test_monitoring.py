@@ -585,3 +585,30 @@ def test_timing_counts_stay_bounded() -> None:
         tp.learn(int((T0 + timedelta(hours=7 * i)).timestamp() * 1000))
     assert tp.n < bl.TIMING_CAP and len(tp.hours) == 24 and len(tp.weekdays) == 7
     assert sum(tp.weekdays) <= bl.TIMING_CAP and min(tp.hours) >= 0
+
+
+def test_recording_only_the_deciding_detectors_gives_the_same_verdicts() -> None:
+    """SOM_RECORD_ALL=0 trades evidence for CPU; it must never change a decision."""
+    from connectors.scenarios import generate
+
+    orders = sorted(generate(seed=3, n_registrants=25).orders, key=lambda o: o["received_at"])
+    full = Monitor(MonitorConfig())
+    lean = Monitor(MonitorConfig(record_all=False))
+    assert len(lean.detectors) < len(full.detectors) and lean.combiner is None
+    live: dict[str, tuple[Any, Any]] = {}
+    holds = 0
+    for o in orders:
+        dea = o["purchaser_dea"]
+        a, b = live.setdefault(dea, (full.baselines(None, dea), lean.baselines(None, dea)))
+        va, vb = full.score(a, o), lean.score(b, o)
+        assert va["verdict"] == vb["verdict"], (o["order_id"], held(va), held(vb))
+        assert held(va) == held(vb)
+        assert {r["detector"] for r in vb["reasons"]} <= lean.hold_detectors | {"replay"}
+        holds += va["verdict"] == "HOLD"
+        if va["verdict"] == "RELEASE":
+            full.learn_into(a, o)
+            lean.learn_into(b, o)
+    assert holds > 10  # the scenarios' episodes were there to be held
+    # with the anomaly score deciding, everything it combines still runs
+    assert len(Monitor(MonitorConfig(record_all=False, hold_detectors=("anomaly", "size"))).detectors) == len(
+        full.detectors)

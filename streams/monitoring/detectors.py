@@ -144,6 +144,9 @@ class MonitorConfig:
 
     # Which detectors decide: HOLD iff one of these fired (env SOM_HOLD_DETECTORS, comma list).
     hold_detectors: tuple[str, ...] = LEARNED_DETECTORS
+    # Run and record every detector (true), or only the deciding ones (false: same verdicts, less evidence,
+    # less CPU; env SOM_RECORD_ALL).
+    record_all: bool = True
 
     def __post_init__(self) -> None:
         # A set, spelled one way, so the fingerprint (model_version) names what decides.

@@ -89,6 +89,12 @@ class Monitor:
             raise ValueError(f"SOM_HOLD_DETECTORS names unknown detector(s) {', '.join(unknown)}; "
                              f"known: {', '.join(names)}")
         self.hold_detectors = frozenset(self.config.hold_detectors)
+        if not self.config.record_all:
+            # Only what decides runs. The anomaly score combines every learned finding, so when it
+            # decides everything still runs; otherwise the recorded-only detectors are skipped.
+            if self.combiner is None or self.combiner.name not in self.hold_detectors:
+                self.detectors = [d for d in self.detectors if d.name in self.hold_detectors]
+                self.combiner = None
         #: Names the detector logic, the state layout and every threshold (the decisive detectors
         #: and the customer limits in force included); carried by each verdict.
         tags = "".join(f".{t}" for d in self.detectors if (t := getattr(d, "version_tag", "")))
