@@ -91,13 +91,18 @@ def apply_ddl(client: Client, ddl_dir: Path = DDL_DIR) -> list[str]:
 
 @dataclass(frozen=True)
 class SourceRecord:
-    """A decoded message and where it came from (for dedup tokens)."""
+    """A decoded message and where it came from (for dedup tokens).
+
+    ``rows``: its rows per table when the caller already mapped it (the sink
+    service does, to dead-letter what cannot be mapped); else mapped on write.
+    """
 
     topic: str
     partition: int
     offset: int
     schema: str
     record: dict[str, Any]
+    rows: dict[str, list[list[Any]]] | None = None
 
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -325,7 +330,8 @@ class ClickHouseSink:
         ranges: dict[str, dict[tuple[str, int], list[int]]] = defaultdict(dict)
         self.chains.begin()
         for item in batch:
-            for table, rows in rows_for(item.schema, item.record).items():
+            mapped = item.rows if item.rows is not None else rows_for(item.schema, item.record)
+            for table, rows in mapped.items():
                 if table == "audit_events":  # sealed in Kafka order; [] for an event already stored
                     rows = self.chains.seal_rows(item.topic, item.partition, item.offset, rows)
                 per_table[table].extend(rows)

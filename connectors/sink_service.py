@@ -99,13 +99,13 @@ class SinkService:
                                              f"sink cannot decode: {exc}")
                 continue
             try:  # a record the tables cannot take must not block the batch behind it forever
-                rows_for(name, rec)
+                rows = rows_for(name, rec)  # mapped once: archiving parses each order's CMS
             except Exception as exc:  # noqa: BLE001
                 self.dead_lettered += 1
                 self.emitter.dead_letter(STAGE, topic, m.partition(), m.offset(), m.key(), value or b"",
                                          f"sink cannot map {name} to rows: {exc.__class__.__name__}: {exc}")
                 continue
-            records.append(SourceRecord(topic, m.partition(), m.offset(), name, rec))
+            records.append(SourceRecord(topic, m.partition(), m.offset(), name, rec, rows))
         return records
 
     def write(self, records: list[SourceRecord]) -> None:
