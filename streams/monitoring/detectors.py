@@ -757,11 +757,7 @@ class StaticAverageDetector(PerFamilyDetector):
         with_orders = m.months_with_orders(12)
         avg = sum(prior) / len(prior) if prior else 0.0
         if with_orders < self.cfg.static_min_months:
-            window = (f"not applicable: {with_orders} of the trailing 12 months with orders of {f.family} "
-                      f"(< {self.cfg.static_min_months})")
-            text = (f"{_this_month(f.family, m)}; too little monthly history for the {self.multiple}x 12-month "
-                    f"average rule ({with_orders} prior months with orders, {self.cfg.static_min_months} needed).")
-            return reason(self.name, self.dimension, f.family, m.current, avg, _MAX, window, False, text)
+            return _not_applicable(self, f, m, 12, f"{self.multiple}x 12-month average", with_orders, avg)
         threshold = self.multiple * avg
         fired = m.current > threshold
         window = (f"calendar month {month_name(m.month)}; average over the trailing {len(prior)} months "
@@ -769,6 +765,16 @@ class StaticAverageDetector(PerFamilyDetector):
         text = (f"{_this_month(f.family, m)}; trailing 12-month monthly average {fmt_n(avg)} ({len(prior)} months); "
                 f"rule: over {self.multiple}x = {fmt_n(threshold)}" + ("; exceeded." if fired else "; within it."))
         return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
+
+
+def _not_applicable(det: PerFamilyDetector, f: FamilyFacts, m: Monthly, months: int, rule: str, with_orders: int,
+                    baseline: float) -> Reason:
+    """A trailing-months rule's finding when too few of those months had orders of the family to apply it."""
+    need = det.cfg.static_min_months
+    window = f"not applicable: {with_orders} of the trailing {months} months with orders of {f.family} (< {need})"
+    text = (f"{_this_month(f.family, m)}; too little monthly history for the {rule} rule "
+            f"({with_orders} prior months with orders, {need} needed).")
+    return reason(det.name, det.dimension, f.family, m.current, baseline, _MAX, window, False, text)
 
 
 class StaticMaxDetector(PerFamilyDetector):
@@ -784,11 +790,7 @@ class StaticMaxDetector(PerFamilyDetector):
         with_orders = m.months_with_orders(6)
         top = float(max(prior, default=0))
         if with_orders < self.cfg.static_min_months:
-            window = (f"not applicable: {with_orders} of the trailing 6 months with orders of {f.family} "
-                      f"(< {self.cfg.static_min_months})")
-            text = (f"{_this_month(f.family, m)}; too little monthly history for the 6-month maximum rule "
-                    f"({with_orders} prior months with orders, {self.cfg.static_min_months} needed).")
-            return reason(self.name, self.dimension, f.family, m.current, top, _MAX, window, False, text)
+            return _not_applicable(self, f, m, 6, "6-month maximum", with_orders, top)
         fired = m.current > top
         window = f"calendar month {month_name(m.month)}; maximum of the trailing {len(prior)} months ({_months_span(m, 6)})"
         text = (f"{_this_month(f.family, m)}; trailing 6-month monthly maximum {fmt_n(top)} ({len(prior)} months); "
