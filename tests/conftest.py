@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +16,10 @@ from connectors.broker import LocalBroker, free_port
 from connectors.topics import ensure_topics
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    b = LocalBroker(port=free_port(), data_dir=tmp_path_factory.mktemp("kafka"), controller_port=free_port())
+@contextmanager
+def running_broker(data_dir: Path) -> Iterator[LocalBroker]:
+    """A KRaft broker on free ports with the pipeline's topics, stopped on exit."""
+    b = LocalBroker(port=free_port(), data_dir=data_dir, controller_port=free_port())
     b.start(timeout=180)
     try:
         ensure_topics(b.bootstrap)
@@ -25,10 +28,15 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
         b.stop()
 
 
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    with running_broker(tmp_path_factory.mktemp("kafka")) as b:
+        yield b
+
+
 # --------------------------------------------------------------------------- the running pipeline
 import uuid  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from connectors.feed import PreparedFeed, prepare_feed, publish, publish_reference_data  # noqa: E402

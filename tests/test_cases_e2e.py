@@ -103,10 +103,10 @@ def test_report_produces_the_suspicious_order_report(streamed, holds) -> None:
     stored = streamed.eventually(f"SELECT count(), any(reported_by) FROM suspicious_order_reports FINAL "
                                   f"WHERE order_id = '{oid}'", want=lambda r: r and int(r[0][0]) == len(lines))
     assert stored[0][1] == "carol"
-    assert not first_on_or_none(streamed, t.RELEASE, oid, "carol")
+    assert not released_by_on_topic(streamed, t.RELEASE, oid, "carol")
 
 
-def first_on_or_none(p, topic: str, oid: str, actor: str) -> bool:
+def released_by_on_topic(p, topic: str, oid: str, actor: str) -> bool:
     msgs = consume_all(p.settings.kafka_bootstrap, [topic], idle_seconds=1.0)
     return any(m.key().decode() == oid and codec.decode(m.value())[1]["released_by"] == actor for m in msgs)
 

@@ -23,23 +23,18 @@ import pytest
 from connectors.broker import LocalBroker, free_port
 from connectors.feed import prepare_feed, publish, publish_reference_data
 from connectors.kafka_io import Publisher
-from connectors.topics import ensure_topics
 from streams.config import Settings
 from streams.processes import sink_process, worker_process
 from streams.query import run_query
+from tests.conftest import running_broker
 
 DUE_SECONDS = 60.0
 
 
 @pytest.fixture(scope="module")
 def own_broker(tmp_path_factory) -> Iterator[LocalBroker]:
-    b = LocalBroker(port=free_port(), data_dir=tmp_path_factory.mktemp("kafka-two"), controller_port=free_port())
-    b.start(timeout=180)
-    try:
-        ensure_topics(b.bootstrap)
+    with running_broker(tmp_path_factory.mktemp("kafka-two")) as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture(scope="module")
