@@ -204,14 +204,14 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
         echo("")
         echo(ground_truth(feed))
         echo(detection_report(settings, feed))
-        echo(due_diligence(settings))
-        echo(audit_check(settings))
         _, rows = run_query(settings, "SELECT purchaser_dea, order_id, explanation FROM verdict_reasons FINAL "
                                       "WHERE fired AND enforced ORDER BY decided_at LIMIT 3")
         if rows:
             echo("\nWhy orders were held (first three):")
             for dea, oid, why in rows:
                 echo(f"  {dea} order {oid[:8]}: {why}")
+        echo(due_diligence(settings))
+        echo(audit_check(settings))
         if summary.received != len(feed.messages):
             raise click.ClickException(f"only {summary.received} of {len(feed.messages)} orders have an outcome "
                                        f"after {timeout:.0f}s; see {pipeline.worker.log_path}")
