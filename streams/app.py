@@ -119,7 +119,10 @@ def create_app(settings: Settings) -> faust.App:
             products = ProductMaster.load(settings.products_path)
             publisher = Publisher(settings.kafka_bootstrap)
             parts["publisher"] = publisher
-            feed = ReferenceFeed(settings.kafka_bootstrap)
+            # Its own producer: the feed flushes its dead letters from its thread, apart from the agents' batches.
+            feed = ReferenceFeed(settings.kafka_bootstrap,
+                                 emitter=Emitter(Publisher(settings.kafka_bootstrap), "reference-feed"),
+                                 trace_group=f"{settings.app_id}-reference-trace")
             feed.start()
             parts["verify"] = VerifyProcessor(
                 Verifier.from_pki_dir(settings.pki_dir, products), products, Emitter(publisher, "verify-agent"),

@@ -58,11 +58,17 @@ class Emitter:
             return None
 
     def dead_letter(self, stage: str, topic: str, partition: int, offset: int,
-                    key: bytes | None, payload: bytes, reason: str) -> None:
-        """Keep an unprocessable message whole, with its reason, and audit it."""
-        dl_id = str(uuid.uuid4())
+                    key: bytes | None, payload: bytes, reason: str, *, dead_letter_id: str | None = None,
+                    failed_at: datetime | None = None) -> None:
+        """Keep an unprocessable message whole, with its reason, and audit it.
+
+        A caller that may meet the same message again (a re-read compacted topic) passes a
+        ``dead_letter_id`` and ``failed_at`` derived from the message, so that a repeat
+        collapses with the first in ClickHouse's ``dead_letters`` (ReplacingMergeTree).
+        """
+        dl_id = dead_letter_id or str(uuid.uuid4())
         self.send(t.DLQ, "dlq.DeadLetter", key, {
-            "dead_letter_id": dl_id, "failed_at": utcnow(), "stage": stage, "source_topic": topic,
+            "dead_letter_id": dl_id, "failed_at": failed_at or utcnow(), "stage": stage, "source_topic": topic,
             "source_partition": partition, "source_offset": offset, "key": key,
             "payload": bytes(payload or b""), "reason": reason,
         })

@@ -6,6 +6,19 @@ without a consumer group: a CRL must reach every worker, not one of them.
 A background thread reads them with confluent-kafka and queues the records;
 the agent applies the queue between batches on its own thread, so the
 verifier's caches are never changed under a running verification.
+
+Unusable records leave exactly one trace. Every worker re-reads both topics
+whole at every start, so a worker that dead-lettered what it read would trace
+the same bad record once per worker per restart. Instead the feed has a second
+consumer, in one consumer group shared by all workers (``<app id>-reference-trace``),
+with committed offsets: Kafka gives each partition of the two topics to exactly
+one worker, and after a restart that worker resumes after the records it
+already traced. Only that consumer dead-letters (undecodable or invalid
+records) and hands CRLs to the verify agent marked ``trace`` so that a refused
+CRL is audited (``crl.refused``) once, not by every worker. The dead letter's
+id and ``failed_at`` derive from (topic, partition, offset) and the record's
+timestamp, so the rare repeat after a crash between publishing and committing
+collapses in ``dead_letters FINAL``.
 """
 from __future__ import annotations
 
@@ -15,18 +28,28 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime
-from typing import Any
+from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from . import topic_names as t
 from .avro_codec import AvroCodec, DecodeError, default_codec
+from .identifiers import is_valid_dea_number
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .emit import Emitter
 
 log = logging.getLogger(__name__)
 
 REGISTRANT_UNKNOWN = "REGISTRANT_UNKNOWN"
 REGISTRATION_INACTIVE = "REGISTRATION_INACTIVE"
+#: Stage of the feed's dead letters and audit events.
+STAGE = "reference"
+#: The Avro record each reference topic carries.
+SCHEMAS = {t.CRL: "pki.CrlPublished", t.REGISTRANTS: "csos.registry.Registrant"}
+#: Namespace of the deterministic dead-letter ids (uuid5 of "topic/partition/offset").
+DEAD_LETTER_NAMESPACE = uuid.UUID("6c1f6f5e-3b59-4c1b-9a55-2f0d3c7e8a41")
 
 
 @dataclass(frozen=True)
@@ -66,19 +89,99 @@ class RegistrantDirectory:
         return RegistrationFinding(None, f"registration {dea} active ({rec['name']})")
 
 
+class UnreadableReference(ValueError):
+    """A reference record no worker can use; the message says why (it becomes the dead letter's reason)."""
+
+
+class Trace(NamedTuple):
+    """Where a record was read by the tracing consumer: this worker is the one to audit it."""
+
+    partition: int
+    offset: int
+
+
+class Update(NamedTuple):
+    """One record for the verify agent; ``trace`` is set on the tracing consumer's copy of a CRL."""
+
+    topic: str
+    key: str
+    record: dict[str, Any] | None
+    trace: Trace | None = None
+
+
+def read_reference(codec: AvroCodec, topic: str, key: bytes | None,
+                   value: bytes | None) -> tuple[str, dict[str, Any] | None]:
+    """The key and record of one reference message (None: a tombstone), or ``UnreadableReference``.
+
+    Checks what every worker would otherwise trip over later, so that garbage is
+    refused once at the door with a reason: the key, the Avro record of the
+    topic's schema, the registrant's identity, the CRL's DER.
+    """
+    if topic not in SCHEMAS:
+        raise UnreadableReference(f"{topic} is not a reference topic")
+    try:
+        text = (key or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnreadableReference("key is not UTF-8") from None
+    if not text:
+        raise UnreadableReference("no key (pki.crl is keyed by issuer, registrants by DEA number)")
+    if value is None:
+        return text, None
+    expect = SCHEMAS[topic]
+    try:
+        _, record = codec.decode(value, expect=expect)
+    except DecodeError as exc:
+        raise UnreadableReference(f"undecodable {expect.rsplit('.', 1)[-1]}: {exc}") from None
+    (_check_registrant if topic == t.REGISTRANTS else _check_crl)(text, record)
+    return text, record
+
+
+def _check_registrant(key: str, rec: dict[str, Any]) -> None:
+    dea = rec["dea_number"]
+    if not is_valid_dea_number(dea):
+        raise UnreadableReference(f"registrant {dea!r} is not a valid DEA number")
+    if key != dea:
+        raise UnreadableReference(f"registrant {dea} is keyed {key!r}; the key must be its DEA number")
+    if not rec["name"].strip() or not rec["status"].strip():
+        raise UnreadableReference(f"registrant {dea} has no name or no status")
+
+
+def _check_crl(key: str, rec: dict[str, Any]) -> None:
+    from connectors.pki import load_crl  # DER or PEM, as the verifier reads it
+
+    try:
+        load_crl(rec["crl_der"])
+    except ValueError as exc:
+        raise UnreadableReference(f"CRL of {key} is not a CRL: {exc}") from None
+
+
+def dead_letter_id(topic: str, partition: int, offset: int) -> str:
+    """The same id for the same message, whoever dead-letters it and however often."""
+    return str(uuid.uuid5(DEAD_LETTER_NAMESPACE, f"{topic}/{partition}/{offset}"))
+
+
 class ReferenceFeed(threading.Thread):
-    """Reads ``pki.crl`` and ``registrants`` whole, forever, into a queue of updates."""
+    """Reads ``pki.crl`` and ``registrants`` whole, forever, into a queue of updates.
+
+    With an ``emitter`` it also traces unusable records, once across all workers
+    (see the module docstring); ``trace_group`` is the consumer group that
+    shares that duty and must be the same for every worker of the application.
+    """
 
     TOPICS = (t.CRL, t.REGISTRANTS)
 
-    def __init__(self, bootstrap: str, codec: AvroCodec | None = None) -> None:
+    def __init__(self, bootstrap: str, codec: AvroCodec | None = None, *, emitter: Emitter | None = None,
+                 trace_group: str = "csos-som-reference-trace") -> None:
         super().__init__(name="reference-feed", daemon=True)
         self.bootstrap = bootstrap
         self.codec = codec or default_codec()
-        self.updates: queue.Queue[tuple[str, str, dict[str, Any] | None]] = queue.Queue()
+        self.emitter = emitter
+        self.trace_group = trace_group
+        self.updates: queue.Queue[Update] = queue.Queue()
         self.caught_up = threading.Event()
         self.stopping = threading.Event()
         self.errors = 0
+        self.dead_lettered = 0
 
     def _consumer(self) -> tuple[Consumer, dict[tuple[str, int], int]]:
         consumer = Consumer({
@@ -100,13 +203,29 @@ class ReferenceFeed(threading.Thread):
         consumer.assign(partitions)
         return consumer, ends
 
+    def _tracer(self) -> Consumer | None:
+        """The group consumer that traces unusable records, or None without an emitter."""
+        if self.emitter is None:
+            return None
+        consumer = Consumer({
+            "bootstrap.servers": self.bootstrap,
+            "group.id": self.trace_group,
+            "auto.offset.reset": "earliest",  # a group's first member traces what is already there
+            "enable.auto.commit": False,
+        }, logger=logging.getLogger("streams.reference_data.librdkafka"))
+        consumer.subscribe(list(self.TOPICS))
+        return consumer
+
     def run(self) -> None:
         consumer, behind = self._consumer()
+        tracer = self._tracer()
         if not behind:
             self.caught_up.set()
         try:
             while not self.stopping.is_set():
-                msg = consumer.poll(0.5)
+                if tracer is not None:
+                    self._trace_batch(tracer)
+                msg = consumer.poll(0.5 if tracer is None else 0.25)
                 if msg is None:
                     continue
                 if msg.error():
@@ -124,22 +243,54 @@ class ReferenceFeed(threading.Thread):
                         self.caught_up.set()
         finally:
             consumer.close()
+            if tracer is not None:
+                tracer.close()
 
     def _queue(self, msg: Any) -> None:
-        key = (msg.key() or b"").decode("utf-8", errors="replace")
-        if msg.value() is None:
-            self.updates.put((msg.topic(), key, None))
-            return
-        expect = "pki.CrlPublished" if msg.topic() == t.CRL else "csos.registry.Registrant"
+        """Every worker's copy: usable records are applied, unusable ones only logged (the tracer traces them)."""
         try:
-            _, record = self.codec.decode(msg.value(), expect=expect)
-        except DecodeError as exc:
+            key, record = read_reference(self.codec, msg.topic(), msg.key(), msg.value())
+        except UnreadableReference as exc:
             self.errors += 1
-            log.error("unreadable %s record %r at offset %d: %s", msg.topic(), key, msg.offset(), exc)
+            log.error("unusable %s record at %d/%d, not applied: %s", msg.topic(), msg.partition(),
+                      msg.offset(), exc)
             return
-        self.updates.put((msg.topic(), key, record))
+        self.updates.put(Update(msg.topic(), key, record))
 
-    def drain(self) -> list[tuple[str, str, dict[str, Any] | None]]:
+    def _trace_batch(self, tracer: Consumer) -> None:
+        """Trace what this worker's share of the partitions holds, then commit so it is never traced again."""
+        messages = [m for m in tracer.consume(num_messages=500, timeout=0.25) if not m.error()]
+        if not messages:
+            return
+        for msg in messages:
+            self.trace(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), _timestamp(msg))
+        try:
+            self.emitter.publisher.flush()  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - not committed: the next start traces them again
+            log.error("reference dead letters not delivered, will retry after a restart: %s", exc)
+            return
+        tracer.commit(asynchronous=False)
+
+    def trace(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+              at: datetime | None = None) -> bool:
+        """Dead-letter one message of this worker's share if it is unusable; hand a CRL on for judgement.
+
+        Returns whether the message was dead-lettered. Called for each message of
+        the tracing consumer only, so each record is traced by one worker.
+        """
+        try:
+            text, record = read_reference(self.codec, topic, key, value)
+        except UnreadableReference as exc:
+            assert self.emitter is not None
+            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value or b"", str(exc),
+                                     dead_letter_id=dead_letter_id(topic, partition, offset), failed_at=at)
+            self.dead_lettered += 1
+            return True
+        if topic == t.CRL and record is not None:  # only the verifier can judge a CRL: its copy, marked
+            self.updates.put(Update(topic, text, record, Trace(partition, offset)))
+        return False
+
+    def drain(self) -> list[Update]:
         out = []
         while True:
             try:
@@ -153,3 +304,9 @@ class ReferenceFeed(threading.Thread):
             if self.caught_up.wait(0.2):
                 return True
         return self.caught_up.is_set()
+
+
+def _timestamp(msg: Any) -> datetime | None:
+    """When the message was written (the broker's or producer's time), None if Kafka has none."""
+    kind, ms = msg.timestamp()
+    return datetime.fromtimestamp(ms / 1000, timezone.utc) if ms and ms > 0 else None

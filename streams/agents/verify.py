@@ -75,20 +75,23 @@ class VerifyProcessor:
         if self.feed is None:
             return 0
         applied = 0
-        for topic, key, record in self.feed.drain():
+        for topic, key, record, trace in self.feed.drain():
             if topic == t.CRL:
                 if record is None:
                     continue  # a CRL is never withdrawn by a tombstone; a newer one replaces it
                 try:
                     if self.verifier.update_crl(record["crl_der"]):
                         applied += 1
-                        self.emitter.audit(STAGE, "crl.loaded", "LOADED", detail={
-                            "issuer": record["issuer"], "next_update": record["next_update"],
-                            "source": record["source"]})
+                        if trace is None:  # each worker audits its own load; the traced copy is a second look
+                            self.emitter.audit(STAGE, "crl.loaded", "LOADED", detail={
+                                "issuer": record["issuer"], "next_update": record["next_update"],
+                                "source": record["source"]})
                 except Exception as exc:  # noqa: BLE001 - a bad CRL is refused, loudly, never applied
                     log.error("CRL from %s refused: %s", record.get("source"), exc)
-                    self.emitter.audit(STAGE, "crl.refused", "REFUSED", detail={
-                        "issuer": record.get("issuer"), "source": record.get("source"), "reason": str(exc)})
+                    if trace is not None:  # audited once, by the worker tracing its partition (reference_data)
+                        self.emitter.audit(STAGE, "crl.refused", "REFUSED", detail={
+                            "issuer": record.get("issuer"), "source": record.get("source"), "reason": str(exc),
+                            "partition": trace.partition, "offset": trace.offset})
             elif self.directory is not None:
                 self.directory.apply(key, record)
                 applied += 1
