@@ -3,7 +3,10 @@
 Why these pieces: aiohttp is already here (Faust runs on it); aiohttp-jinja2 renders templates with
 autoescaping on, so nothing from ClickHouse or the analyst reaches the page unescaped;
 aiohttp-session's ``EncryptedCookieStorage`` (Fernet: AES-CBC + HMAC) keeps the session in a cookie
-nobody can read or forge without ``CSOS_REVIEW_SECRET``, so the service needs no session store.
+nobody can read or forge without ``CSOS_REVIEW_SECRET``; a small registry of live session ids
+(``security.SessionRegistry``) lets a logout take a cookie back. Logins are throttled per user name
+and per client address (``security.LoginThrottle``), and every response, errors included, carries
+the security headers.
 
 Every form carries the session's CSRF token. A decision is validated here (rationale given, case
 HELD per ClickHouse) and published on ``som.decisions``; the case agent is the authority that
@@ -40,6 +43,8 @@ from ..config import Settings
 from ..emit import Emitter
 from ..query import QueryError
 from .auth import User, UserStore
+from .security import (ADDRESS, FAILED_LOGIN_WINDOW, MAX_FAILED_LOGINS, MAX_FAILED_LOGINS_PER_ADDRESS,  # noqa: F401
+                       SECURE_MODES, Attempt, LoginThrottle, SessionRegistry, is_trusted, parse_proxies)
 from .chart import render_history_svg
 from .data import ReviewData, valid_order_id
 
@@ -56,9 +61,8 @@ ACTIONS = {
 }
 MAX_TEXT = 4000
 SESSION_HOURS = 8
-#: Failed logins per user name before further attempts are refused for the rest of the window.
-MAX_FAILED_LOGINS, FAILED_LOGIN_WINDOW = 5, timedelta(minutes=15)
 CSRF_FIELD = "csrf_token"
+SESSION_COOKIE = "csos_review"
 
 
 
@@ -76,34 +80,10 @@ class _Outputs:
         return self._publisher
 
 
-class LoginThrottle:
-    """Refuse a user name after too many failed logins in a window (in memory: per process)."""
-
-    def __init__(self, limit: int = MAX_FAILED_LOGINS, window: timedelta = FAILED_LOGIN_WINDOW) -> None:
-        self.limit, self.window = limit, window
-        self.failures: dict[str, list[datetime]] = {}
-
-    def _recent(self, name: str, now: datetime) -> list[datetime]:
-        recent = [at for at in self.failures.get(name, []) if now - at < self.window]
-        if recent:
-            self.failures[name] = recent
-        else:
-            self.failures.pop(name, None)
-        return recent
-
-    def blocked(self, name: str, now: datetime) -> bool:
-        return len(self._recent(name, now)) >= self.limit
-
-    def failed(self, name: str, now: datetime) -> None:
-        self.failures.setdefault(name, []).append(now)
-
-    def succeeded(self, name: str) -> None:
-        self.failures.pop(name, None)
-
-
 DATA_KEY = web.AppKey("data", ReviewData)
 THROTTLE_KEY = web.AppKey("throttle", LoginThrottle)
 STORE_KEY = web.AppKey("store", UserStore)
+SESSIONS_KEY = web.AppKey("sessions", SessionRegistry)
 OUTPUTS_KEY = web.AppKey("outputs", _Outputs)
 
 
@@ -115,10 +95,21 @@ class ReviewConfig:
     users_path: Path
     secret: str
     host: str = "127.0.0.1"  # loopback unless CSOS_REVIEW_HOST says otherwise (a container behind a TLS proxy)
+    #: The live-session registry's file; None keeps it in memory (tests).
+    sessions_path: Path | None = None
+    #: Mark the session cookie Secure: "1" always, "0" never, "auto" when the request came over TLS.
+    secure_cookies: str = "auto"
+    #: Proxies whose X-Forwarded-Proto and X-Forwarded-For are believed (addresses or networks).
+    trusted_proxies: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.secure_cookies not in SECURE_MODES:
+            raise ValueError(f"CSOS_REVIEW_SECURE_COOKIES must be one of {', '.join(SECURE_MODES)}, "
+                             f"not {self.secure_cookies!r}")
 
     @classmethod
     def from_env(cls, settings: Settings) -> "ReviewConfig":
-        """From ``CSOS_REVIEW_PORT``, ``CSOS_REVIEW_USERS`` and ``CSOS_REVIEW_SECRET``.
+        """From ``CSOS_REVIEW_PORT``, ``_USERS``, ``_SECRET``, ``_HOST``, ``_SECURE_COOKIES``, ``_TRUSTED_PROXIES``.
 
         Without a secret a random one is made: sessions then end when the process does, which is
         safe but logs everyone out at a restart, hence the warning.
@@ -128,7 +119,10 @@ class ReviewConfig:
             log.warning("CSOS_REVIEW_SECRET is not set: using a random key; sessions end at restart")
             secret = Fernet.generate_key().decode("ascii")
         return cls(port=int(os.environ.get("CSOS_REVIEW_PORT") or 6068), users_path=users_path(settings),
-                   secret=secret, host=os.environ.get("CSOS_REVIEW_HOST") or "127.0.0.1")
+                   secret=secret, host=os.environ.get("CSOS_REVIEW_HOST") or "127.0.0.1",
+                   sessions_path=Path(settings.data_dir) / "review-sessions.json",
+                   secure_cookies=(os.environ.get("CSOS_REVIEW_SECURE_COOKIES") or "auto").strip().lower(),
+                   trusted_proxies=parse_proxies(os.environ.get("CSOS_REVIEW_TRUSTED_PROXIES") or ""))
 
 
 def users_path(settings: Settings) -> Path:
@@ -160,14 +154,55 @@ def _fmt_num(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 or float(value).is_integer() else f"{value:,.2f}"
 
 
+CONFIG_KEY = web.AppKey("config", ReviewConfig)
+
+
+def _from_trusted_proxy(request: web.Request) -> bool:
+    return is_trusted(request.remote, request.app[CONFIG_KEY].trusted_proxies)
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: the nearest X-Forwarded-For entry when a trusted proxy sent the request."""
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    if forwarded and _from_trusted_proxy(request):
+        return forwarded.split(",")[-1].strip()  # the entry our proxy added; earlier ones are the client's claim
+    return request.remote or ""
+
+
+def came_over_tls(request: web.Request) -> bool:
+    """TLS to this server, or to a trusted proxy that says so (X-Forwarded-Proto: https)."""
+    if request.secure:
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return proto == "https" and _from_trusted_proxy(request)
+
+
+class ReviewCookieStorage(EncryptedCookieStorage):
+    """The sealed-cookie storage, with the Secure flag decided per request (CSOS_REVIEW_SECURE_COOKIES)."""
+
+    def __init__(self, fernet: Fernet, mode: str) -> None:
+        super().__init__(fernet, cookie_name=SESSION_COOKIE, httponly=True, samesite="Strict",
+                         max_age=SESSION_HOURS * 3600)
+        self.mode = mode
+
+    async def save_session(self, request: web.Request, response: web.StreamResponse, session: Any) -> None:
+        await super().save_session(request, response, session)
+        cookie = response.cookies.get(SESSION_COOKIE)
+        if cookie is not None and (self.mode == "1" or (self.mode == "auto" and came_over_tls(request))):
+            cookie["secure"] = True
+
+
 async def current_user(request: web.Request) -> User | None:
-    """The logged-in user, with the role the users file gives now (a removed user is logged out)."""
+    """The logged-in user, with the role the users file gives now (a removed user is logged out).
+
+    The cookie must also name a session this server started and has not ended (logout, expiry).
+    """
     session = await get_session(request)
     name = session.get("user")
     if not name:
         return None
     role = request.app[STORE_KEY].users().get(name)
-    if role is None:
+    if role is None or not request.app[SESSIONS_KEY].live(session.get("sid"), name, _now()):
         session.invalidate()
         return None
     return User(name, role)
@@ -212,20 +247,39 @@ async def error_page(request: web.Request, status: int, title: str, message: str
 
 
 # ------------------------------------------------------------------ middleware
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
+
+
+def _secure(request: web.Request, headers: Any) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        headers.setdefault(name, value)
+    if request.path != "/static/review.css":
+        headers.setdefault("Cache-Control", "no-store")
+
+
 @web.middleware
 async def security_headers(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
-    """No scripts at all, nothing loaded from elsewhere, never framed, never cached."""
-    response = await handler(request)
-    response.headers.setdefault(
-        "Content-Security-Policy",
-        "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'")
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
-    if request.path != "/static/review.css":
-        response.headers.setdefault("Cache-Control", "no-store")
+    """No scripts at all, nothing loaded from elsewhere, never framed, never cached: on every response.
+
+    The router's 404 and 405, redirects and other ``HTTPException`` responses are raised, not returned,
+    and an unexpected error would become aiohttp's bare 500: both get the headers here too.
+    """
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        _secure(request, exc.headers)
+        raise
+    except Exception:  # noqa: BLE001 - answered here so that even the 500 has the headers
+        log.exception("review page: error on %s %s", request.method, request.path)
+        response = web.Response(status=500, text="500: Internal Server Error", content_type="text/plain")
+    _secure(request, response.headers)
     return response
 
 
@@ -272,24 +326,39 @@ async def login_submit(request: web.Request) -> web.Response:
                                                                                "reason": "missing or wrong CSRF token"})
         return await error_page(request, 403, "Form expired", "The login form expired; reload the page and try again.")
     throttle = request.app[THROTTLE_KEY]
-    if throttle.blocked(name, _now()):
-        await audit(request, "anonymous", "login.refused", "REFUSED",
-                    detail={"username": name, "reason": f"more than {throttle.limit} failed logins"})
-        return await render(request, "login.html", {"error": "Too many failed logins for this user name; wait "
-                                                             "15 minutes.", "username": name}, status=429)
-    user = await asyncio.to_thread(request.app[STORE_KEY].authenticate, name, str(form.get("password", "")))
+    attempt = throttle.reserve(name, client_address(request), _now())  # before any await: atomic
+    if not isinstance(attempt, Attempt):
+        return await _locked(request, name, attempt, throttle)
+    user = None
+    try:
+        user = await asyncio.to_thread(request.app[STORE_KEY].authenticate, name, str(form.get("password", "")))
+    finally:
+        throttle.settle(attempt, user is not None, _now())
     if user is None:
-        throttle.failed(name, _now())
         await audit(request, "anonymous", "login.failed", "REFUSED",
                     detail={"username": name, "reason": "unknown user or wrong password"})
         return await render(request, "login.html", {"error": "Wrong user name or password.", "username": name},
                             status=401)
-    throttle.succeeded(name)
     session = await new_session(request)  # a fresh session (and CSRF token) at login: no fixation
+    sid = secrets.token_urlsafe(32)
+    request.app[SESSIONS_KEY].start(sid, user.name, _now())
     session["user"] = user.name
+    session["sid"] = sid
     session["csrf"] = secrets.token_urlsafe(32)
     await audit(request, user.name, "login.succeeded", "OK", detail={"role": user.role})
     raise web.HTTPSeeOther("/cases")
+
+
+async def _locked(request: web.Request, name: str, locked: str, throttle: LoginThrottle) -> web.Response:
+    """The answer to an attempt refused before its password was checked (audited)."""
+    limit = throttle.address_limit if locked == ADDRESS else throttle.limit
+    what = "from this address" if locked == ADDRESS else "for this user name"
+    minutes = int(throttle.window.total_seconds() // 60)
+    await audit(request, "anonymous", "login.refused", "REFUSED",
+                detail={"username": name, "reason": f"{limit} failed logins {what} within {minutes} minutes",
+                        "address": client_address(request)})
+    return await render(request, "login.html", {"error": f"Too many failed logins {what}; wait {minutes} minutes.",
+                                                "username": name}, status=429)
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -297,6 +366,7 @@ async def logout(request: web.Request) -> web.Response:
     if not await csrf_ok(request, form):
         return await error_page(request, 403, "Form expired", "Reload the page and try again.")
     session = await get_session(request)
+    request.app[SESSIONS_KEY].end(session.get("sid"), _now())  # the cookie is refused from now on, wherever it is
     session.invalidate()
     raise web.HTTPSeeOther("/login")
 
@@ -401,9 +471,7 @@ def create_review_app(settings: Settings, config: ReviewConfig, *, data: ReviewD
                       publisher: Any = None) -> web.Application:
     """The review application; ``data`` and ``publisher`` may be replaced in tests."""
     app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
-    setup_session(app, EncryptedCookieStorage(
-        Fernet(config.secret.encode("ascii")), cookie_name="csos_review", httponly=True, samesite="Strict",
-        max_age=SESSION_HOURS * 3600))
+    setup_session(app, ReviewCookieStorage(Fernet(config.secret.encode("ascii")), config.secure_cookies))
     app.middlewares.append(require_login)  # after the session middleware that setup() added
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"),
                                autoescape=jinja2.select_autoescape(default=True, default_for_string=True))
@@ -412,6 +480,8 @@ def create_review_app(settings: Settings, config: ReviewConfig, *, data: ReviewD
     app[STORE_KEY] = UserStore(config.users_path)
     app[OUTPUTS_KEY] = _Outputs(settings.kafka_bootstrap, publisher)
     app[THROTTLE_KEY] = LoginThrottle()
+    app[CONFIG_KEY] = config
+    app[SESSIONS_KEY] = SessionRegistry(config.sessions_path, timedelta(hours=SESSION_HOURS))
     app.router.add_get("/health", health)
     app.router.add_get("/static/review.css", stylesheet)
     app.router.add_get("/", index)
