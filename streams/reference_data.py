@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from . import topic_names as t
 from .avro_codec import AvroCodec, DecodeError, default_codec
@@ -259,17 +259,33 @@ class ReferenceFeed(threading.Thread):
 
     def _trace_batch(self, tracer: Consumer) -> None:
         """Trace what this worker's share of the partitions holds, then commit so it is never traced again."""
-        messages = [m for m in tracer.consume(num_messages=500, timeout=0.25) if not m.error()]
+        messages = []
+        for m in tracer.consume(num_messages=500, timeout=0.25):
+            if m.error():
+                log.warning("reference trace: %s", m.error())
+            else:
+                messages.append(m)
         if not messages:
             return
+        first: dict[tuple[str, int], int] = {}
+        last: dict[tuple[str, int], int] = {}
         for msg in messages:
+            tp = (msg.topic(), msg.partition())
+            first.setdefault(tp, msg.offset())
+            last[tp] = msg.offset()
             self.trace(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), _timestamp(msg))
         try:
             self.emitter.publisher.flush()  # type: ignore[union-attr]
-        except Exception as exc:  # noqa: BLE001 - not committed: the next start traces them again
-            log.error("reference dead letters not delivered, will retry after a restart: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - read the batch again; its dead letters' ids repeat
+            log.error("reference dead letters not delivered, retrying: %s", exc)
+            for (topic, p), offset in first.items():
+                tracer.seek(TopicPartition(topic, p, offset))
             return
-        tracer.commit(asynchronous=False)
+        try:
+            tracer.commit(offsets=[TopicPartition(topic, p, o + 1) for (topic, p), o in last.items()],
+                          asynchronous=False)
+        except KafkaException as exc:  # e.g. a rebalance: the partition's next owner looks again (same ids)
+            log.warning("reference trace offsets not committed: %s", exc)
 
     def trace(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
               at: datetime | None = None) -> bool:

@@ -123,9 +123,18 @@ class SessionRegistry:
             return {}
 
     def _save(self, now: datetime) -> None:
+        """Write the registry; an unwritable file is logged, not fatal (the registry in memory still holds)."""
         self._live = {d: v for d, v in self._live.items() if v[1] > now}
         if self.path is None:
             return
+        try:
+            self._write()
+        except OSError as exc:
+            log.error("review sessions file %s not written (%s): logins and logouts since hold only until "
+                      "this process stops", self.path, exc)
+
+    def _write(self) -> None:
+        assert self.path is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".review-sessions-")
         try:
