@@ -20,6 +20,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from connectors.kafka_security import client_config
+
 from . import topic_names as t
 from .avro_codec import AvroCodec, DecodeError, default_codec
 
@@ -86,6 +88,7 @@ class ReferenceFeed(threading.Thread):
             "group.id": f"reference-feed-{uuid.uuid4()}",  # required by librdkafka; never committed
             "enable.auto.commit": False,
             "enable.partition.eof": True,
+            **client_config(),
         }, logger=logging.getLogger("streams.reference_data.librdkafka"))
         metadata = consumer.list_topics(timeout=30)
         partitions, ends = [], {}
