@@ -20,6 +20,8 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
+from .kafka_security import client_config
+
 __all__ = ["LocalBroker", "wait_until_ready", "free_port", "REPO_ROOT", "KAFKA_SH"]
 
 log = logging.getLogger(__name__)
@@ -45,31 +47,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _quiet_admin(bootstrap: str, **extra: object) -> AdminClient:
+def _quiet_admin(bootstrap: str, security: dict[str, str] | None = None, **extra: object) -> AdminClient:
     """An AdminClient whose librdkafka chatter goes to Python logging.
 
     While the broker is still starting, librdkafka would otherwise print a
-    "Connection refused" line to stderr on every retry.
+    "Connection refused" line to stderr on every retry. ``security`` is the
+    librdkafka SASL/TLS config (default: this process's, from KAFKA_SECURITY_*).
     """
     conf: dict[str, object] = {
         "bootstrap.servers": bootstrap,
         "socket.connection.setup.timeout.ms": 2000,
         "reconnect.backoff.max.ms": 500,
     }
+    conf.update(client_config() if security is None else security)
     conf.update(extra)
     return AdminClient(conf, logger=logging.getLogger("connectors.broker.librdkafka"))
 
 
-def wait_until_ready(bootstrap: str, timeout: float) -> None:
+def wait_until_ready(bootstrap: str, timeout: float, security: dict[str, str] | None = None) -> None:
     """Block until the Kafka cluster at ``bootstrap`` answers metadata requests.
 
     Why metadata and not a TCP connect: a listening socket only shows the JVM
     is up; a metadata response listing at least one broker shows the broker
     has joined the (KRaft) cluster and can serve clients. Raises
     ``TimeoutError`` if that does not happen within ``timeout`` seconds.
+    ``security``: as for ``_quiet_admin`` (``{}`` for a PLAINTEXT listener).
     """
     deadline = time.monotonic() + timeout
-    admin = _quiet_admin(bootstrap)
+    admin = _quiet_admin(bootstrap, security)
     last_error: Exception | None = None
     while True:
         remaining = deadline - time.monotonic()
@@ -103,8 +108,15 @@ class LocalBroker:
         *,
         controller_port: int | None = None,
         extra_env: dict[str, str] | None = None,
+        sasl_port: int | None = None,
+        admin_password: str | None = None,
     ) -> None:
+        if (sasl_port is None) != (admin_password is None):
+            raise ValueError("sasl_port and admin_password go together (the SASL listener's super user)")
         self.port = port
+        # Optional SASL_PLAINTEXT listener (SCRAM, ACLs enforced, super user `admin`); see kafka.sh.
+        self.sasl_port = sasl_port
+        self.admin_password = admin_password
         # kafka.sh's default is KAFKA_PORT+1; tests pass a separately probed
         # free port because port+1 may be taken.
         self.controller_port = controller_port if controller_port is not None else port + 1
@@ -117,6 +129,18 @@ class LocalBroker:
     def bootstrap(self) -> str:
         """The ``bootstrap.servers`` string clients use for this broker."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        """The SASL_PLAINTEXT listener's ``bootstrap.servers`` (only with ``sasl_port``)."""
+        if self.sasl_port is None:
+            raise ValueError(f"{self!r} has no SASL listener")
+        return f"127.0.0.1:{self.sasl_port}"
+
+    def admin_config(self) -> dict[str, str]:
+        """librdkafka settings to connect to the SASL listener as the super user ``admin``."""
+        return {"bootstrap.servers": self.sasl_bootstrap, "security.protocol": "sasl_plaintext",
+                "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "admin", "sasl.password": str(self.admin_password)}
 
     @property
     def log_dir(self) -> Path:
@@ -142,6 +166,9 @@ class LocalBroker:
                 "KAFKA_LOG_DIR": str(self.log_dir),
             }
         )
+        if self.sasl_port is not None:
+            env["KAFKA_SASL_PORT"] = str(self.sasl_port)
+            env["KAFKA_SASL_ADMIN_PASSWORD"] = str(self.admin_password)
         env.update(self.extra_env)
         return env
 
@@ -191,7 +218,8 @@ class LocalBroker:
             )
         log.info("kafka.sh start: %s", proc.stderr.strip().replace("\n", " | "))
         try:
-            wait_until_ready(self.bootstrap, timeout=min(timeout, 60))
+            # The PLAINTEXT listener always exists and answers metadata without credentials.
+            wait_until_ready(self.bootstrap, timeout=min(timeout, 60), security={})
         except TimeoutError as exc:
             raise RuntimeError(f"{exc}\n--- server.log tail ---\n{self.log_tail()}") from exc
 

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
+from .kafka_security import client_config
+
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
     "acks": "all",
@@ -35,7 +37,7 @@ class Publisher:
     """An idempotent producer that reports delivery failures instead of dropping them."""
 
     def __init__(self, bootstrap: str, **overrides: Any) -> None:
-        conf = dict(PRODUCER_DEFAULTS, **{"bootstrap.servers": bootstrap}, **overrides)
+        conf = dict(PRODUCER_DEFAULTS, **{"bootstrap.servers": bootstrap}, **client_config(), **overrides)
         # librdkafka's own log lines (e.g. transient "coordinator load in progress") go to logging.
         self._producer = Producer(conf, logger=logging.getLogger("connectors.kafka_io.librdkafka"))
         self._errors: list[str] = []
@@ -85,6 +87,7 @@ def consume_all(bootstrap: str, topics: list[str], *, group: str | None = None, 
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
         "enable.partition.eof": False,
+        **client_config(),
     })
     consumer.subscribe(topics)
     messages: list[Any] = []

@@ -36,6 +36,7 @@ from .clickhouse_sink import (
     ClickHouseSink, SourceRecord, apply_ddl, open_client, rows_for, run_readonly_query, to_json_rows,
 )
 from .kafka_io import Publisher
+from .kafka_security import client_config
 
 log = logging.getLogger(__name__)
 STAGE = "sink"
@@ -76,6 +77,7 @@ class SinkService:
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "enable.partition.eof": False,
+            **client_config(),
         }, logger=logging.getLogger("connectors.sink_service.librdkafka"))
         self.stopping = threading.Event()
         self.dead_lettered = 0

@@ -28,6 +28,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams import topic_names as _names
 
+from .kafka_security import client_config
+
 __all__ = [
     "TopicSpec",
     "TOPICS",
@@ -225,7 +227,7 @@ def topic_config(spec: TopicSpec, rf: int) -> dict[str, str]:
 
 def _admin(bootstrap: str) -> AdminClient:
     return AdminClient(
-        {"bootstrap.servers": bootstrap},
+        {"bootstrap.servers": bootstrap, **client_config()},
         logger=logging.getLogger("connectors.topics.librdkafka"),
     )
 

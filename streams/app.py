@@ -21,6 +21,7 @@ from aiokafka.errors import UnknownTopicOrPartitionError
 from faust.types import TP
 
 from connectors.kafka_io import Publisher
+from connectors.kafka_security import faust_app_kwargs
 from connectors.topics import replication_factor
 
 from . import topic_names as t
@@ -75,6 +76,7 @@ def create_app(settings: Settings) -> faust.App:
         # message becomes a dead letter instead of a Faust decode crash.
         key_serializer="raw",
         value_serializer="raw",
+        **faust_app_kwargs(),  # SASL/TLS from KAFKA_SECURITY_PROTOCOL etc. (connectors.kafka_security)
     )
     received = _raw_topic(app, t.RECEIVED)
     # Cleared orders are keyed by purchaser DEA like verified ones, so the monitor learns them in the same state.

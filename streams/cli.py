@@ -83,6 +83,33 @@ def topics(partitions: int | None) -> None:
     click.echo("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
 
 
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Print the ACLs; change nothing.")
+def acls(dry_run: bool) -> None:
+    """Create the Kafka users and ACLs that confine each service (run as the super user admin).
+
+    Connects with this process's KAFKA_SECURITY_PROTOCOL/KAFKA_SASL_* (the admin's), creates a
+    SCRAM-SHA-512 user for each role whose KAFKA_PASSWORD_<ROLE> is set (intake, reference, worker,
+    sink, review, warehouse), then the ACLs for CSOS_APP_ID. Idempotent; see README "Kafka security".
+    """
+    from confluent_kafka.admin import AdminClient
+
+    from connectors.kafka_acls import acl_bindings, apply_acls, passwords_from_env, upsert_scram_users
+    from connectors.kafka_security import client_config
+
+    s = _settings()
+    if dry_run:
+        for b in acl_bindings(s.app_id):
+            click.echo(f"{b.principal} {b.permission_type.name} {b.operation.name} "
+                       f"{b.restype.name} {b.resource_pattern_type.name} {b.name}")
+        return
+    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap, **client_config()})
+    users = passwords_from_env()
+    upsert_scram_users(admin, users)
+    bindings = apply_acls(admin, s.app_id)
+    click.echo(f"users: {', '.join(users) or 'none (no KAFKA_PASSWORD_<ROLE> set)'}; {len(bindings)} ACLs for {s.app_id}")
+
+
 # --------------------------------------------------------------------------- test PKI
 @main.group()
 def pki() -> None:

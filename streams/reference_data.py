@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from connectors.kafka_security import client_config
+
 from . import topic_names as t
 from .avro_codec import AvroCodec, DecodeError, default_codec
 from .identifiers import is_valid_dea_number
@@ -189,6 +191,7 @@ class ReferenceFeed(threading.Thread):
             "group.id": f"reference-feed-{uuid.uuid4()}",  # required by librdkafka; never committed
             "enable.auto.commit": False,
             "enable.partition.eof": True,
+            **client_config(),
         }, logger=logging.getLogger("streams.reference_data.librdkafka"))
         metadata = consumer.list_topics(timeout=30)
         partitions, ends = [], {}
