@@ -43,9 +43,10 @@ class Token:
 
 #: Bare words refused anywhere in the statement (unless after a dot, i.e. a column or table name, or
 #: ``system.`` as a database). Statement starters are listed too: a second statement cannot start.
+#: Not DESC/DESCRIBE: ``ORDER BY x DESC``; a leading DESCRIBE is refused by the SELECT-first rule.
 FORBIDDEN_WORDS = frozenset("""
     into outfile infile format settings set system kill insert alter create drop optimize attach detach
-    truncate rename grant revoke exchange undrop delete update backup restore use explain describe desc
+    truncate rename grant revoke exchange undrop delete update backup restore use explain
     show check watch move execute
 """.split())
 #: Forbidden words that are also ordinary functions when followed by ``(``: format('{}', x), truncate(x, 2).
@@ -87,12 +88,12 @@ def tokenize(sql: str) -> list[Token]:
         elif sql.startswith("/*", i):
             j = sql.find("*/", i + 2)
             if j < 0:
-                raise RefusedQuery(f"refused: unterminated comment at position {i}")
+                raise RefusedQuery(f"readonly query refused: unterminated comment at position {i}")
             i = j + 2
         elif c in "'\"`":
             end = _quoted_end(sql, i)
             if c != "'" and "\\" in sql[i:end]:  # ClickHouse would unescape it: "fi\le" could name file()
-                raise RefusedQuery(f"refused: backslash in the quoted name at position {i}")
+                raise RefusedQuery(f"readonly query refused: backslash in the quoted name at position {i}")
             tokens.append(Token("string" if c == "'" else "qident", sql[i:end], i))
             i = end
         elif c.isascii() and (c.isalpha() or c == "_"):
@@ -102,7 +103,7 @@ def tokenize(sql: str) -> list[Token]:
         elif c.isascii() and c.isdigit():
             m = _NUMBER.match(sql, i)
             if m.end() < n and (sql[m.end()].isalnum() or sql[m.end()] in "_$"):
-                raise RefusedQuery(f"refused: malformed number at position {i} (ClickHouse would read "
+                raise RefusedQuery(f"readonly query refused: malformed number at position {i} (ClickHouse would read "
                                    f"{sql[i:m.end() + 8]!r}... as a name)")
             tokens.append(Token("number", m.group(), i))
             i = m.end()
@@ -110,7 +111,7 @@ def tokenize(sql: str) -> list[Token]:
             tokens.append(Token("punct", c, i))
             i += 1
         else:
-            raise RefusedQuery(f"refused: character {c!r} at position {i} is not allowed outside quotes "
+            raise RefusedQuery(f"readonly query refused: character {c!r} at position {i} is not allowed outside quotes "
                                "(no '#' comments, '$' heredocs or backslashes in a read-only query)")
     return tokens
 
@@ -129,23 +130,23 @@ def _quoted_end(sql: str, start: int) -> int:
                 return i + 1
         else:
             i += 1
-    raise RefusedQuery(f"refused: unterminated quote {quote} opened at position {start}")
+    raise RefusedQuery(f"readonly query refused: unterminated quote {quote} opened at position {start}")
 
 
 def check_select(sql: str) -> str:
     """Return ``sql`` (without a trailing ``;``) if it is one read-only SELECT; else raise :class:`RefusedQuery`."""
     if len(sql) > MAX_QUERY_CHARS:
-        raise RefusedQuery(f"refused: query longer than {MAX_QUERY_CHARS} characters")
+        raise RefusedQuery(f"readonly query refused: query longer than {MAX_QUERY_CHARS} characters")
     tokens = tokenize(sql)
     semicolons = [k for k, t in enumerate(tokens) if t.text == ";" and t.kind == "punct"]
     if semicolons and semicolons != [len(tokens) - 1]:
-        raise RefusedQuery("refused: more than one statement (';' inside the query); send one SELECT")
+        raise RefusedQuery("readonly query refused: more than one statement (';' inside the query); send one SELECT")
     if semicolons:
         sql, tokens = sql[:tokens[-1].pos], tokens[:-1]
     first = next((t for t in tokens if t.text != "("), None)
     if first is None or first.kind != "word" or first.name not in ("select", "with"):
         shown = "an empty query" if first is None else repr(first.text)
-        raise RefusedQuery(f"refused: only SELECT (or WITH ... SELECT) is allowed, not {shown}")
+        raise RefusedQuery(f"readonly query refused: only SELECT (or WITH ... SELECT) is allowed, not {shown}")
     _check_tokens(tokens)
     return sql
 
@@ -163,7 +164,7 @@ def _check_tokens(tokens: list[Token]) -> None:
         if expect_table:
             expect_table = False
             if tok.kind in ("word", "qident") and _names_a_call(tokens, k):
-                raise RefusedQuery(f"refused: table function {_call_name(tokens, k)}() after FROM/JOIN "
+                raise RefusedQuery(f"readonly query refused: table function {_call_name(tokens, k)}() after FROM/JOIN "
                                    "(read the pipeline's tables, not files, URLs or generated tables)")
         if tok.kind == "punct":
             if tok.text == "(":
@@ -177,12 +178,12 @@ def _check_tokens(tokens: list[Token]) -> None:
         if tok.kind not in ("word", "qident"):
             continue
         if calls and (tok.name in IO_FUNCTIONS or IO_FAMILIES.match(tok.name)):
-            raise RefusedQuery(f"refused: function {tok.text}() reads files, URLs or other servers")
+            raise RefusedQuery(f"readonly query refused: function {tok.text}() reads files, URLs or other servers")
         if tok.kind != "word" or _is_name_part(tok, prev, nxt):
             continue
         word = tok.name
         if word in FORBIDDEN_WORDS and not (calls and word in ALSO_FUNCTIONS):
-            raise RefusedQuery(f"refused: {tok.text.upper()} is not allowed in a read-only query "
+            raise RefusedQuery(f"readonly query refused: {tok.text.upper()} is not allowed in a read-only query "
                                f"(if it is a column, quote it: `{tok.text}`)")
         if word in FROM_CLAUSE_ENDS:
             from_clause.discard(depth)
