@@ -184,7 +184,7 @@ def _check_tokens(tokens: list[Token]) -> None:
         word = tok.name
         if word in FORBIDDEN_WORDS and not (calls and word in ALSO_FUNCTIONS):
             raise RefusedQuery(f"readonly query refused: {tok.text.upper()} is not allowed in a read-only query "
-                               f"(if it is a column, quote it: `{tok.text}`)")
+                               f"(a column of that name needs backquotes: `{tok.text.lower()}`)")
         if word in FROM_CLAUSE_ENDS:
             from_clause.discard(depth)
         elif word == "from" and not _from_is_not_a_table(tokens, k, openers):

@@ -45,7 +45,7 @@ class Settings:
     audit_key: str = field(default="", repr=False)  # CSOS_AUDIT_KEY: HMAC key sealing the audit chain ('' = SHA-256)
     audit_old_keys: str = field(default="", repr=False)  # CSOS_AUDIT_OLD_KEYS: earlier keys, comma-separated (verify)
     # -- read-only SQL (issue 9): the analysts' query path (connectors/sql_guard.py, connectors/sink_service.py)
-    sql_token: str = field(default="", repr=False)  # CSOS_SQL_TOKEN: bearer token of the sink's /sql ('' = sink-token file)
+    sql_token: str = field(default="", repr=False)  # CSOS_SQL_TOKEN: the sink's /sql token ('' = sink-token file)
     sql_max_seconds: int = 60  # CSOS_SQL_MAX_SECONDS: an analyst query is stopped after this long
     sql_max_memory_mb: int = 2048  # CSOS_SQL_MAX_MEMORY_MB: memory one analyst query may use
     sql_max_rows: int = 1_000_000  # CSOS_SQL_MAX_ROWS: a larger result is an error, never silently cut
