@@ -34,6 +34,7 @@ from streams.order_document import FORMAT as CANONICAL_FORMAT
 from streams.order_document import DocumentError
 
 from .audit_chain import AUDIT_FIELDS, CHAIN_COLUMNS, AuditKey, ChainSealer, clickhouse_head_loader
+from .sql_guard import check_select
 
 log = logging.getLogger(__name__)
 DDL_DIR = REPO_ROOT / "schemas" / "clickhouse"
@@ -49,7 +50,11 @@ def open_client(settings: Settings, *, readonly: bool = False) -> Client:
     ``readonly`` on a shared embedded session is unsafe: clickhouse-connect
     restores session settings after a query, and after a refused write in
     readonly mode that restore is itself refused, leaving the session - the
-    sink's writer included - read-only.)
+    sink's writer included - read-only.) The analysts' limits (time, memory,
+    result rows: :func:`analyst_limits`) are set first, since ``readonly=1``
+    forbids changing any setting afterwards - which also makes a query's own
+    ``SETTINGS`` clause fail. ``readonly=1`` does NOT stop ``INTO OUTFILE``,
+    ``SYSTEM`` or ``KILL`` on chdb: :func:`run_readonly_query` refuses those.
     """
     url = settings.effective_clickhouse_url
     db = settings.clickhouse_database
@@ -57,6 +62,7 @@ def open_client(settings: Settings, *, readonly: bool = False) -> Client:
         Path(url[len("chdb://"):]).mkdir(parents=True, exist_ok=True)
         client = clickhouse_connect.get_client(dsn=url)  # each client has its own engine session
         if readonly:
+            client.command("SET " + ", ".join(f"{k} = {v!r}" for k, v in analyst_limits(settings).items()))
             client.command("SET readonly = 1")
         else:
             client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
@@ -74,7 +80,29 @@ def open_client(settings: Settings, *, readonly: bool = False) -> Client:
             admin.close()
         client = clickhouse_connect.get_client(database=db, settings={"readonly": 1} if readonly else None,
                                                **kwargs)
+        if readonly:
+            _apply_limits_if_allowed(client, analyst_limits(settings))
     return client
+
+
+def analyst_limits(settings: Settings) -> dict[str, Any]:
+    """What one analyst query may cost: a runaway query or result must not take the sink (or server) down.
+
+    A result over the row limit is an error, never silently truncated: a compliance count must be whole.
+    """
+    return {"max_execution_time": settings.sql_max_seconds,
+            "max_memory_usage": settings.sql_max_memory_mb * 1024 * 1024,
+            "max_result_rows": settings.sql_max_rows, "result_overflow_mode": "throw",
+            "allow_introspection_functions": 0}
+
+
+def _apply_limits_if_allowed(client: Client, limits: dict[str, Any]) -> None:
+    """Send the limits with every request, except those the server's profile fixes (its read-only analyst
+    profile, ``deploy/clickhouse/analyst.sql``, sets them itself; sending them would be refused)."""
+    for key, value in limits.items():
+        known = client.server_settings.get(key)
+        if known is None or not known.readonly:
+            client.set_client_setting(key, value)
 
 
 def apply_ddl(client: Client, ddl_dir: Path = DDL_DIR) -> list[str]:
@@ -354,8 +382,13 @@ class ClickHouseSink:
 
 
 def run_readonly_query(client: Client, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run an analyst's query on a client from ``open_client(readonly=True)``: nothing can change data."""
-    result = client.query(sql)
+    """Run an analyst's query on a client from ``open_client(readonly=True)``: nothing can change data.
+
+    The single gate of every analyst query (``csos sql``, the sink's ``/sql``, the review page, audit
+    verification): :func:`connectors.sql_guard.check_select` admits exactly one SELECT first, because the
+    engine's ``readonly=1`` alone lets ``INTO OUTFILE``, ``SYSTEM`` and ``KILL`` through.
+    """
+    result = client.query(check_select(sql))
     return list(result.column_names), [tuple(r) for r in result.result_rows]
 
 

@@ -353,6 +353,8 @@ class TestPKI:
         d = Path(dir)
         for sub in ("trust", "crl", "registrants", "private"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+            # Explicit modes, whatever the umask: the worker refuses a group/other-writable trust directory.
+            os.chmod(d / sub, 0o700 if sub == "private" else 0o755)
         _write(d / "trust" / "root.pem", _pem(self.root.cert))
         _write(d / "trust" / "csos-sub-ca.pem", _pem(self.sub_ca.cert))
         crl = self.crl or self.build_crl()
@@ -436,6 +438,5 @@ def _load_key(path: Path) -> PrivateKey:
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
-    if private:
-        os.chmod(tmp, 0o600)
+    os.chmod(tmp, 0o600 if private else 0o644)  # not the umask's choice: see write_pki
     os.replace(tmp, path)

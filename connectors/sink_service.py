@@ -11,18 +11,21 @@ a failed insert is retried with the same deduplication token and back-off,
 and nothing is acknowledged meanwhile.
 
 The embedded engine admits one process per data directory, so this process
-also serves read-only SQL on 127.0.0.1 (``/sql``) for ``csos sql`` and the
-demo while it runs.
+also serves read-only SQL on 127.0.0.1 (``POST /sql`` with a bearer token, see
+:func:`serve_http`) for ``csos sql`` and the demo while it runs.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
+import secrets
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 from confluent_kafka import Consumer, KafkaError
 
@@ -30,6 +33,7 @@ from streams import topic_names as t
 from streams.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.config import Settings
 from streams.emit import Emitter
+from streams.query import sink_token_path
 
 from .audit_chain import sink_key
 from .clickhouse_sink import (
@@ -156,46 +160,133 @@ class SinkService:
                 "dead_lettered": self.dead_lettered}
 
 
-def serve_http(service: SinkService, port: int) -> ThreadingHTTPServer:
-    """Read-only SQL and health on 127.0.0.1 while this process owns the store."""
+#: Largest /sql request body accepted: far above any real query, far below what would hurt the sink.
+MAX_SQL_BODY = 1_000_000
+
+
+def ensure_sink_token(settings: Settings) -> str:
+    """The bearer token that /sql requires: ``CSOS_SQL_TOKEN``, else a fresh random one per start.
+
+    A generated token is written to ``$CSOS_DATA_DIR/sink-token`` with mode 0600 (created so, then
+    renamed into place, so no reader ever sees a partial or world-readable file): ``csos sql`` run by
+    the same OS user reads it there; other local users and web pages cannot. A token given in the
+    environment is not copied to disk, and a stale generated file is removed so that clients are not
+    misled by it.
+    """
+    path = sink_token_path(settings)
+    if settings.sql_token:
+        path.unlink(missing_ok=True)
+        return settings.sql_token
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(tmp, path)
+    return token
+
+
+def serve_http(service: Any, port: int, token: str) -> ThreadingHTTPServer:
+    """Read-only SQL (``POST /sql``, bearer token) and health on 127.0.0.1 while this process owns the store.
+
+    ``service`` needs ``query(sql)`` and ``health()``. Why each check: the token keeps other local
+    users and processes out; the Host check stops DNS rebinding (a web page whose name resolves to
+    127.0.0.1 would otherwise be same-origin with this port); the Origin check and POST-only stop a
+    browser page from sending queries (GET CSRF); the body limit and the engine's limits stop one
+    request from exhausting the sink. The SQL itself is then checked by ``run_readonly_query``.
+    """
+    if not token:
+        raise ValueError("the /sql endpoint needs a token")
+    expected_auth = f"Bearer {token}".encode()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 30  # seconds a client may take to send its request (a stalled one holds a thread)
+
         def log_message(self, fmt: str, *args: Any) -> None:  # quiet: access logs go to debug
             log.debug(fmt, *args)
 
-        def _send(self, status: int, body: bytes) -> None:
+        def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+            body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 
-        def _sql(self, sql: str) -> None:
+        def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+            self._send(status, {"error": message}, headers)
+
+        def _local_origin_refusal(self) -> str | None:
+            """Why this request is not from a local client of this port (None if it is)."""
+            bound = self.server.server_address[1]
+            local = {f"127.0.0.1:{bound}", f"localhost:{bound}"}
+            host = (self.headers.get("Host") or "").strip().lower()
+            if host not in local:
+                return f"Host {host or '(none)'!r} refused: use http://127.0.0.1:{bound}"
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.strip().lower() not in {f"http://{h}" for h in local}:
+                return f"cross-origin request from {origin!r} refused"
+            return None
+
+        def _authorized(self) -> bool:
+            given = (self.headers.get("Authorization") or "").strip().encode()
+            return hmac.compare_digest(given, expected_auth)
+
+        def do_GET(self) -> None:  # noqa: N802
+            refusal = self._local_origin_refusal()
+            path = urlparse(self.path).path
+            if refusal:
+                self._error(403, refusal)
+            elif path == "/health":
+                self._send(200, service.health())
+            elif path == "/sql":
+                self._error(405, "POST the query as the request body (with Authorization: Bearer <token>)",
+                            {"Allow": "POST"})
+            else:
+                self._error(404, "not found")
+
+        def do_POST(self) -> None:  # noqa: N802
+            refusal = self._local_origin_refusal()
+            if refusal:
+                self._error(403, refusal)
+            elif urlparse(self.path).path != "/sql":
+                self._error(404, "not found")
+            elif not self._authorized():
+                self._error(401, "missing or wrong token: send Authorization: Bearer <token> (CSOS_SQL_TOKEN, "
+                                 "or the sink-token file in the data directory)", {"WWW-Authenticate": "Bearer"})
+            else:
+                self._sql()
+
+        def _sql(self) -> None:
+            if self.headers.get("Transfer-Encoding"):
+                self._error(411, "send the query with a Content-Length, not chunked")
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0 or length > MAX_SQL_BODY:
+                self._error(413, f"the query must be at most {MAX_SQL_BODY} bytes")
+                return
+            sql = self.rfile.read(length).decode("utf-8", errors="replace")
             if not sql.strip():
-                self._send(400, b'{"error": "pass the query as ?q= or as the request body"}')
+                self._error(400, "send the query as the request body")
                 return
             try:
                 columns, rows = service.query(sql)
-            except Exception as exc:  # noqa: BLE001
-                self._send(400, json.dumps({"error": str(exc).strip().splitlines()[0][:500]}).encode())
+            except Exception as exc:  # noqa: BLE001 - refused or failed query: the client shows the reason
+                self._error(400, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500])
                 return
             self._send(200, to_json_rows(columns, rows).encode())
 
-        def do_GET(self) -> None:  # noqa: N802
-            url = urlparse(self.path)
-            if url.path == "/health":
-                self._send(200, json.dumps(service.health()).encode())
-            elif url.path == "/sql":
-                self._sql(parse_qs(url.query).get("q", [""])[0])
-            else:
-                self._send(404, b'{"error": "not found"}')
+        def _method_not_allowed(self) -> None:
+            self._error(405, "only GET /health and POST /sql", {"Allow": "GET, POST"})
 
-        def do_POST(self) -> None:  # noqa: N802
-            if urlparse(self.path).path != "/sql":
-                self._send(404, b'{"error": "not found"}')
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            self._sql(self.rfile.read(length).decode("utf-8", errors="replace"))
+        do_PUT = do_DELETE = do_PATCH = _method_not_allowed
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, name="sink-http", daemon=True).start()
@@ -207,7 +298,7 @@ def run_sink(settings: Settings) -> None:
     import signal
 
     service = SinkService(settings)
-    server = serve_http(service, settings.sink_port)
+    server = serve_http(service, settings.sink_port, ensure_sink_token(settings))
     signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: service.stopping.set())
     log.warning("ClickHouse sink ready: %s, SQL on 127.0.0.1:%d, audit chain sealed with %s",

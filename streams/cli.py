@@ -334,10 +334,13 @@ def sink() -> None:
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "tsv"]), default="table", show_default=True)
 def sql(query: str, fmt: str) -> None:
-    """Run read-only SQL against the verdicts, rejections, order lines and audit events.
+    """Run one read-only SELECT against the verdicts, rejections, order lines and audit events.
 
     While `csos sink` owns the embedded store the query goes through its /sql
-    endpoint; otherwise the store (or CLICKHOUSE_URL) is opened read-only.
+    endpoint (with its token: CSOS_SQL_TOKEN or $CSOS_DATA_DIR/sink-token);
+    otherwise the store (or CLICKHOUSE_URL) is opened read-only. Anything but
+    one SELECT / WITH ... SELECT (INTO OUTFILE, SETTINGS, SYSTEM, file(), ...)
+    is refused.
     Tables use ReplacingMergeTree: add FINAL for exact counts, e.g.
     csos sql "SELECT verdict, count() FROM verdicts FINAL GROUP BY verdict"
     """

@@ -44,6 +44,11 @@ class Settings:
     reporting_dea: str = ""  # the distributor's DEA number on suspicious order reports (default: the order's supplier)
     audit_key: str = field(default="", repr=False)  # CSOS_AUDIT_KEY: HMAC key sealing the audit chain ('' = SHA-256)
     audit_old_keys: str = field(default="", repr=False)  # CSOS_AUDIT_OLD_KEYS: earlier keys, comma-separated (verify)
+    # -- read-only SQL (issue 9): the analysts' query path (connectors/sql_guard.py, connectors/sink_service.py)
+    sql_token: str = field(default="", repr=False)  # CSOS_SQL_TOKEN: the sink's /sql token ('' = sink-token file)
+    sql_max_seconds: int = 60  # CSOS_SQL_MAX_SECONDS: an analyst query is stopped after this long
+    sql_max_memory_mb: int = 2048  # CSOS_SQL_MAX_MEMORY_MB: memory one analyst query may use
+    sql_max_rows: int = 1_000_000  # CSOS_SQL_MAX_ROWS: a larger result is an error, never silently cut
 
     @property
     def effective_clickhouse_url(self) -> str:
@@ -81,6 +86,11 @@ class Settings:
             reporting_dea=_env("CSOS_REPORTING_DEA", ""),
             audit_key=_env("CSOS_AUDIT_KEY", ""),
             audit_old_keys=_env("CSOS_AUDIT_OLD_KEYS", ""),
+            # -- read-only SQL (issue 9)
+            sql_token=_env("CSOS_SQL_TOKEN", ""),
+            sql_max_seconds=int(_env("CSOS_SQL_MAX_SECONDS", str(cls.sql_max_seconds))),
+            sql_max_memory_mb=int(_env("CSOS_SQL_MAX_MEMORY_MB", str(cls.sql_max_memory_mb))),
+            sql_max_rows=int(_env("CSOS_SQL_MAX_ROWS", str(cls.sql_max_rows))),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -44,6 +44,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         # Secrets: in the child's environment only (never on a command line or in a log); '' = unset.
         "CSOS_AUDIT_KEY": settings.audit_key,
         "CSOS_AUDIT_OLD_KEYS": settings.audit_old_keys,
+        # -- read-only SQL (issue 9): '' = the sink generates a token into $CSOS_DATA_DIR/sink-token
+        "CSOS_SQL_TOKEN": settings.sql_token,
+        "CSOS_SQL_MAX_SECONDS": str(settings.sql_max_seconds),
+        "CSOS_SQL_MAX_MEMORY_MB": str(settings.sql_max_memory_mb),
+        "CSOS_SQL_MAX_ROWS": str(settings.sql_max_rows),
     })
     if settings.clickhouse_url:
         env["CLICKHOUSE_URL"] = settings.clickhouse_url

@@ -3,7 +3,10 @@
 The embedded engine allows one process per data directory, so while the sink
 (``csos sink``) runs, queries go through its ``/sql`` endpoint; with no sink
 running (or with a ClickHouse server) the caller opens the store itself.
-Either way the query runs with ``readonly=1``.
+Either way the query must be one SELECT (``connectors/sql_guard.py``) and runs
+with ``readonly=1`` and the analysts' limits. The sink's ``/sql`` takes POST only,
+with ``Authorization: Bearer <token>``: ``CSOS_SQL_TOKEN``, else the token the
+sink wrote to ``$CSOS_DATA_DIR/sink-token`` (mode 0600) when it started.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from connectors.clickhouse_sink import open_client, run_readonly_query
@@ -26,6 +30,22 @@ def sink_url(settings: Settings) -> str:
     return f"http://127.0.0.1:{settings.sink_port}"
 
 
+def sink_token_path(settings: Settings) -> Path:
+    """Where a sink without ``CSOS_SQL_TOKEN`` writes the token it generated (readable by its OS user only)."""
+    return settings.data_dir / "sink-token"
+
+
+def sink_token(settings: Settings) -> str:
+    """The token for the sink's ``/sql``: ``CSOS_SQL_TOKEN``, else the running sink's ``sink-token`` file."""
+    if settings.sql_token:
+        return settings.sql_token
+    try:
+        return sink_token_path(settings).read_text().strip()
+    except OSError as exc:
+        raise QueryError(f"cannot read the sink's token ({exc.strerror}: {sink_token_path(settings)}); "
+                         "run as the sink's user or set CSOS_SQL_TOKEN to the sink's token") from None
+
+
 def sink_is_up(settings: Settings, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(sink_url(settings) + "/health", timeout=timeout) as r:
@@ -36,9 +56,11 @@ def sink_is_up(settings: Settings, timeout: float = 1.0) -> bool:
 
 def run_query(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
     if settings.embedded_clickhouse and sink_is_up(settings):
-        req = urllib.request.Request(sink_url(settings) + "/sql", data=sql.encode("utf-8"), method="POST")
+        req = urllib.request.Request(sink_url(settings) + "/sql", data=sql.encode("utf-8"), method="POST",
+                                     headers={"Authorization": f"Bearer {sink_token(settings)}",
+                                              "Content-Type": "text/plain; charset=utf-8"})
         try:
-            with urllib.request.urlopen(req, timeout=120) as r:
+            with urllib.request.urlopen(req, timeout=settings.sql_max_seconds + 60) as r:
                 payload = json.loads(r.read())
         except urllib.error.HTTPError as exc:
             body = exc.read()

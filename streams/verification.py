@@ -68,6 +68,7 @@ from pyhanko_certvalidator.validate import async_validate_path
 from .cert_profile import CertProfileError, ExtensionOids, read_registration
 from .cms import ParsedSignature, SignatureError, check_algorithms, parse_signed_data, verify_signature
 from .identifiers import is_valid_dea_number
+from .file_safety import ensure_private_to_owner
 from .model import Order
 from .documents import parse_document
 from .order_document import FORMAT as CANONICAL_FORMAT, DocumentError
@@ -273,11 +274,20 @@ class Verifier:
     @classmethod
     def from_pki_dir(cls, path: str | Path, products: ProductMaster, oids: ExtensionOids | None = None,
                      **kw) -> "Verifier":
-        """Load ``trust/root*.pem`` as anchors, other ``trust/*.pem`` as intermediates, ``crl/*``."""
+        """Load ``trust/root*.pem`` as anchors, other ``trust/*.pem`` as intermediates, ``crl/*``.
+
+        Raises :class:`~streams.file_safety.UnsafeFileError` (the worker does not start) if the trust
+        directory or a certificate in it is writable by group/others or owned by another non-root user:
+        whoever can write there can plant a CA. (CRLs are checked by signature, so need no such care.)
+        """
         d = Path(path)
         anchors: list[x509.Certificate] = []
         inters: list[x509.Certificate] = []
-        for p in sorted((d / "trust").glob("*.pem")):
+        trust = d / "trust"
+        if trust.is_dir():
+            ensure_private_to_owner(trust, "trust directory")
+        for p in sorted(trust.glob("*.pem")):
+            ensure_private_to_owner(p, "trust anchor" if p.name.startswith("root") else "CA certificate")
             certs = x509.load_pem_x509_certificates(p.read_bytes())
             (anchors if p.name.startswith("root") else inters).extend(certs)
         crls = []

@@ -21,6 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..file_safety import ensure_private_to_owner
+
 ANALYST = "analyst"
 VIEWER = "viewer"
 ROLES = (ANALYST, VIEWER)
@@ -93,7 +95,9 @@ class UserStore:
         self.path = Path(path)
 
     def _load(self) -> dict[str, dict[str, str]]:
+        """The users; :class:`~streams.file_safety.UnsafeFileError` if others could have written the file."""
         try:
+            ensure_private_to_owner(self.path, "review users file")
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
