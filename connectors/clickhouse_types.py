@@ -174,6 +174,8 @@ def _int_check(type_: str, unsigned: bool, bits: int) -> Check:
     lo, hi = (0, 2 ** bits - 1) if unsigned else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
 
     def check(v: Any) -> str | None:
+        if type(v) is int and lo <= v <= hi:  # the common case, first
+            return None
         if not isinstance(v, int):
             return f"not an integer ({type_})"
         if not lo <= v <= hi:
@@ -196,6 +198,8 @@ def _string_check(v: Any) -> str | None:
 
 def _time_check(type_: str, lo: datetime, hi: datetime, precision: int) -> Check:
     def check(v: Any) -> str | None:
+        if type(v) is datetime and v.tzinfo is not None and lo <= v <= hi:  # the common case, first
+            return None
         if isinstance(v, int) and not isinstance(v, bool):  # already in the column's units (the audit chain's ms)
             lo_units, hi_units = (int(x.timestamp() * 10 ** precision) for x in (lo, hi))
             return None if lo_units <= v <= hi_units else f"out of range for {type_}"
@@ -257,18 +261,47 @@ def check_for(type_: str) -> Check:
     return lambda v: "NULL in a column that is not Nullable" if v is None else inner(v)
 
 
-def check_rows(table: str, columns: tuple[str, ...], rows: list[list[Any]],
-               specs: dict[str, TableSpec] | None = None) -> None:
-    """Raise :class:`RowRejected` for the first value (row order, column order) its column cannot hold."""
-    spec = (specs or table_specs()).get(table)
-    if spec is None:
+#: Types whose decoded Avro values always fit (a str in a String, a float in a Float64): only NULL is checked.
+_FITTING = frozenset({"String", "FixedString", "Float32", "Float64", "Bool"})
+
+
+@lru_cache(maxsize=None)
+def _plan(table: str, columns: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[tuple[int, Check], ...]]:
+    """(positions of the non-Nullable columns, (position, check) of the columns whose values need a check)."""
+    spec = table_specs().get(table)
+    not_null, checks = [], []
+    for i, column in enumerate(columns):
+        type_ = spec.columns.get(column) if spec is not None else None
+        if type_ is None:
+            continue
+        name, args = _split_type(type_)
+        if name == "LowCardinality":
+            name, args = _split_type(args[0])
+        if name != "Nullable":
+            not_null.append(i)
+        elif _split_type(args[0])[0] in _FITTING:
+            continue
+        if name not in _FITTING and check_for(type_) is not _accept:
+            checks.append((i, check_for(type_)))
+    return tuple(not_null), tuple(checks)
+
+
+def check_rows(table: str, columns: tuple[str, ...], rows: list[list[Any]]) -> None:
+    """Raise :class:`RowRejected` for the first value its column cannot hold (NULLs first, then ranges).
+
+    Rows may be shorter than ``columns`` (audit rows get their chain columns when sealed): the rest is not checked.
+    """
+    if not rows:
         return
-    checks = [check_for(spec.columns[c]) if c in spec.columns else _accept for c in columns]
+    not_null, checks = _plan(table, columns[:len(rows[0])])
     for row in rows:
-        for column, check, value in zip(columns, checks, row):
-            problem = check(value)
+        for i in not_null:
+            if row[i] is None:
+                raise RowRejected(table, columns[i], None, "NULL in a column that is not Nullable")
+        for i, check in checks:
+            problem = check(row[i])
             if problem:
-                raise RowRejected(table, column, value, problem)
+                raise RowRejected(table, columns[i], row[i], problem)
 
 
 # ------------------------------------------------------------------------------------------ partitions
