@@ -137,10 +137,10 @@ class SinkService:
         def reject(record: SourceRecord, exc: Exception) -> None:
             where = (record.topic, record.partition, record.offset)
             if where not in refused:  # an outage mid-batch repeats the bisection: one dead letter each
-                refused.add(where)
                 first_line = (str(exc).strip().splitlines() or [""])[0]
                 self.refuse(record, f"ClickHouse refused {record.schema}: {exc.__class__.__name__}: "
                                     f"{first_line[:1000]}")
+                refused.add(where)  # only once sent: a dead letter that failed is sent on the retry
 
         delay = 0.5
         while not self.stopping.is_set():
