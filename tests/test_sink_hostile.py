@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
