@@ -17,14 +17,17 @@ import base64
 import hashlib
 import json
 import logging
+import struct
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError
 from cryptography.hazmat.primitives import serialization
 
 from streams.cms import SignatureError, parse_signed_data
@@ -34,6 +37,7 @@ from streams.order_document import FORMAT as CANONICAL_FORMAT
 from streams.order_document import DocumentError
 
 from .audit_chain import AUDIT_FIELDS, CHAIN_COLUMNS, AuditKey, ChainSealer, clickhouse_head_loader
+from .clickhouse_types import check_rows, partition_key
 from .sql_guard import check_select
 
 log = logging.getLogger(__name__)
@@ -123,6 +127,8 @@ class SourceRecord:
 
     ``rows``: its rows per table when the caller already mapped it (the sink
     service does, to dead-letter what cannot be mapped); else mapped on write.
+    ``key``, ``payload``: the message as received, kept to dead-letter it whole
+    if ClickHouse refuses its rows.
     """
 
     topic: str
@@ -131,6 +137,8 @@ class SourceRecord:
     schema: str
     record: dict[str, Any]
     rows: dict[str, list[list[Any]]] | None = None
+    key: bytes | None = None
+    payload: bytes = b""
 
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -246,6 +254,20 @@ def rows_for(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
     return {}
 
 
+def checked_rows(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
+    """:func:`rows_for`, each value checked against its column's type in the DDL.
+
+    Raises :class:`connectors.clickhouse_types.RowRejected` naming the table,
+    column and value that the column cannot hold (a line number of 70,000 in a
+    ``UInt16``, a negative count in a ``UInt32``): ClickHouse would refuse the
+    whole insert for it, so the message is dead-lettered instead.
+    """
+    rows = rows_for(schema, rec)
+    for table, table_rows in rows.items():
+        check_rows(table, TABLE_COLUMNS[table], table_rows)
+    return rows
+
+
 #: Case events that decide a case: the actor is who decided.
 CLOSING_KINDS = frozenset({"RELEASED", "REPORTED", "CANCELLED"})
 
@@ -344,16 +366,122 @@ def lookup_fields(content: bytes | None, fmt: str = CANONICAL_FORMAT) -> tuple[s
         return None, None
 
 
+#: ClickHouse refuses an insert block spanning more partitions than ``max_partitions_per_insert_block``
+#: (100 by default): the sink splits a batch so that no insert spans more than this many.
+MAX_PARTITIONS_PER_INSERT = 90
+#: ClickHouse error codes meaning the rows themselves cannot be inserted, so a retry can never succeed:
+#: parse and type errors (6, 26, 27, 32, 38, 41, 53, 70, 72, 117), sizes (19, 128, 131, 190), out of range
+#: (69, 321, 407), NULL in a plain column (349), a violated constraint (469), too many partitions (252, only
+#: with "partitions" in the message: the same code also means "merges are behind", which passes).
+DATA_ERROR_CODES = frozenset({6, 19, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 128, 131, 190, 321, 349, 407, 469})
+TOO_MANY_PARTS = 252
+#: What clickhouse-connect raises while serializing a value its column type cannot take (e.g. -1 for UInt32).
+CLIENT_DATA_ERRORS = (DataError, TypeError, ValueError, OverflowError, AttributeError, KeyError, IndexError,
+                      struct.error)
+Reject = Callable[[SourceRecord, Exception], None]
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when ``exc`` is about the rows being written (retrying them fails forever); False for an outage.
+
+    Connection refused, timeouts, an unavailable or overloaded server, and
+    any server error not known to be about the data are not data errors: the
+    caller keeps retrying those, since dead-lettering good messages during an
+    outage would be worse than waiting.
+    """
+    if isinstance(exc, OperationalError):  # network, or a server error that survived the driver's retries
+        return False
+    code = getattr(exc, "code", None)
+    if isinstance(exc, DatabaseError) and code is not None:
+        if code == TOO_MANY_PARTS:
+            return "partitions" in str(exc).lower()
+        return code in DATA_ERROR_CODES
+    if isinstance(exc, DatabaseError) and not isinstance(exc, DataError):
+        return False  # e.g. a closed client: not the rows' fault
+    return isinstance(exc, CLIENT_DATA_ERRORS)
+
+
 class ClickHouseSink:
     """Batched, idempotent writer. Not thread-safe: call from one thread."""
 
-    def __init__(self, client: Client, audit_key: AuditKey | None = None) -> None:
+    def __init__(self, client: Client, audit_key: AuditKey | None = None,
+                 max_partitions: int = MAX_PARTITIONS_PER_INSERT) -> None:
         self.client = client
         self.rows_written: dict[str, int] = defaultdict(int)
         # Audit rows are hash-chained as written (HMAC-sealed with audit_key if one is configured).
         self.chains = ChainSealer(clickhouse_head_loader(client), audit_key)
+        self.max_partitions = max_partitions
+        self._partition_of: dict[str, Callable[[list[Any]], Hashable]] = {}
 
-    def write(self, batch: Iterable[SourceRecord]) -> dict[str, int]:
+    def write(self, batch: Iterable[SourceRecord], reject: Reject | None = None) -> dict[str, int]:
+        """Insert the batch's rows; return the rows written per table.
+
+        The batch is cut, in order, into runs whose rows span at most
+        ``max_partitions`` partitions in every table, each written as one insert
+        per table. Without ``reject`` any error propagates (the caller retries
+        the batch). With it, a run that fails on a data error (:func:`is_data_error`)
+        is bisected, keeping each message's rows together, down to the messages
+        that fail alone; each of those is passed to ``reject`` and the rest are
+        written. Runs and halves are written in Kafka order and the audit chain
+        advances only after a run's audit rows are stored, so a refused audit
+        event leaves no hole: the next one is sealed after the last stored one.
+        An outage error propagates even with ``reject``.
+        """
+        items = []
+        for item in batch:
+            if item.rows is None:
+                try:
+                    item = replace(item, rows=checked_rows(item.schema, item.record))
+                except Exception as exc:  # noqa: BLE001 - one unmappable record is that record's problem
+                    if reject is None:
+                        raise
+                    reject(item, exc)
+                    continue
+            items.append(item)
+        written: dict[str, int] = defaultdict(int)
+        for run in self._runs(items):
+            self._write_isolating(run, reject, written)
+        return dict(written)
+
+    def _partition(self, table: str) -> Callable[[list[Any]], Hashable]:
+        if table not in self._partition_of:
+            self._partition_of[table] = partition_key(table, TABLE_COLUMNS[table])
+        return self._partition_of[table]
+
+    def _runs(self, items: list[SourceRecord]) -> Iterator[list[SourceRecord]]:
+        """Consecutive runs of messages whose rows span at most ``max_partitions`` partitions per table."""
+        run: list[SourceRecord] = []
+        seen: dict[str, set[Hashable]] = defaultdict(set)
+        for item in items:
+            keys = {table: {self._partition(table)(r) for r in rows} for table, rows in (item.rows or {}).items()}
+            if run and any(len(seen[table] | k) > self.max_partitions for table, k in keys.items()):
+                yield run
+                run, seen = [], defaultdict(set)
+            run.append(item)
+            for table, k in keys.items():
+                seen[table] |= k
+        if run:
+            yield run
+
+    def _write_isolating(self, records: list[SourceRecord], reject: Reject | None,
+                         written: dict[str, int]) -> None:
+        try:
+            for table, n in self._write_run(records).items():
+                written[table] += n
+        except Exception as exc:  # noqa: BLE001
+            if reject is None or not is_data_error(exc):
+                raise
+            if len(records) == 1:
+                log.warning("ClickHouse refused %s from %s[%d]@%d: %s", records[0].schema, records[0].topic,
+                            records[0].partition, records[0].offset, exc)
+                reject(records[0], exc)
+                return
+            mid = len(records) // 2  # in order: the left half's audit events are sealed first
+            self._write_isolating(records[:mid], reject, written)
+            self._write_isolating(records[mid:], reject, written)
+
+    def _write_run(self, batch: list[SourceRecord]) -> dict[str, int]:
+        """One insert per table (the deduplication token is a function of the records: a retry repeats it)."""
         per_table: dict[str, list[list[Any]]] = defaultdict(list)
         ranges: dict[str, dict[tuple[str, int], list[int]]] = defaultdict(dict)
         self.chains.begin()

@@ -33,6 +33,15 @@ class DeliveryFailed(RuntimeError):
     """A message could not be written; the caller must not ack its input."""
 
 
+class MessageTooLarge(DeliveryFailed):
+    """The producer refused a message over its size limit (``message.max.bytes``, 1,000,000 by default).
+
+    Raised at once by :meth:`Publisher.publish`: retrying the same message can
+    never succeed, so the caller must make it smaller (dead letters are cut to
+    fit, see ``streams.emit``) or fail visibly.
+    """
+
+
 class Publisher:
     """An idempotent producer that reports delivery failures instead of dropping them."""
 
@@ -54,6 +63,11 @@ class Publisher:
                 break
             except BufferError:
                 self._producer.poll(0.05)  # queue full: let librdkafka drain, then retry
+            except KafkaException as exc:
+                if exc.args and exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise MessageTooLarge(f"{topic}: message of {len(value or b'')} bytes (key "
+                                          f"{len(key or b'')} bytes) exceeds the producer's size limit") from None
+                raise
         self._producer.poll(0)
         self.sent += 1
 

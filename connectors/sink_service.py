@@ -7,8 +7,12 @@ process, with confluent-kafka's batch consumer, it leaves the worker's core
 to verification and monitoring (the GIL would otherwise serialize them).
 
 At-least-once: offsets are committed only after the batch is in ClickHouse;
-a failed insert is retried with the same deduplication token and back-off,
-and nothing is acknowledged meanwhile.
+an insert that failed for an outage (connection, timeout, server unavailable)
+is retried with the same deduplication token and back-off, and nothing is
+acknowledged meanwhile. No input can stop the sink: a message whose values its
+columns cannot hold is dead-lettered before any insert, and a batch that
+ClickHouse refuses for its data is bisected until the messages it refuses are
+isolated and dead-lettered; the rest is written (``ClickHouseSink.write``).
 
 The embedded engine admits one process per data directory, so this process
 also serves read-only SQL on 127.0.0.1 (``POST /sql`` with a bearer token, see
@@ -23,6 +27,7 @@ import os
 import secrets
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlparse
@@ -37,8 +42,9 @@ from streams.query import sink_token_path
 
 from .audit_chain import sink_key
 from .clickhouse_sink import (
-    ClickHouseSink, SourceRecord, apply_ddl, open_client, rows_for, run_readonly_query, to_json_rows,
+    ClickHouseSink, SourceRecord, apply_ddl, checked_rows, open_client, run_readonly_query, to_json_rows,
 )
+from .clickhouse_types import RowRejected
 from .kafka_io import Publisher
 from .kafka_security import client_config
 
@@ -104,22 +110,49 @@ class SinkService:
                     self.emitter.dead_letter(STAGE, topic, m.partition(), m.offset(), m.key(), value or b"",
                                              f"sink cannot decode: {exc}")
                 continue
+            record = SourceRecord(topic, m.partition(), m.offset(), name, rec, None, m.key(), value or b"")
             try:  # a record the tables cannot take must not block the batch behind it forever
-                rows = rows_for(name, rec)  # mapped once: archiving parses each order's CMS
-            except Exception as exc:  # noqa: BLE001
-                self.dead_lettered += 1
-                self.emitter.dead_letter(STAGE, topic, m.partition(), m.offset(), m.key(), value or b"",
-                                         f"sink cannot map {name} to rows: {exc.__class__.__name__}: {exc}")
+                rows = checked_rows(name, rec)  # mapped once: archiving parses each order's CMS
+            except RowRejected as exc:  # a value its column cannot hold: name the column and the value
+                self.refuse(record, f"sink cannot write {name}: {exc}")
                 continue
-            records.append(SourceRecord(topic, m.partition(), m.offset(), name, rec, rows))
+            except Exception as exc:  # noqa: BLE001
+                self.refuse(record, f"sink cannot map {name} to rows: {exc.__class__.__name__}: {exc}")
+                continue
+            records.append(replace(record, rows=rows))
         return records
 
+    def refuse(self, record: SourceRecord, reason: str) -> None:
+        """Dead-letter a message the tables cannot take (the emitter audits it too).
+
+        A dead letter the sink itself wrote about the dead-letter topic is only
+        logged: dead-lettering it again could go on forever (it stays on the topic).
+        """
+        if record.topic == t.DLQ and record.record.get("source_topic") == t.DLQ:
+            log.error("dead letter %s[%d]@%d not stored, not dead-lettered again: %s",
+                      record.topic, record.partition, record.offset, reason)
+            return
+        self.dead_lettered += 1
+        self.emitter.dead_letter(STAGE, record.topic, record.partition, record.offset, record.key,
+                                 record.payload, reason)
+
     def write(self, records: list[SourceRecord]) -> None:
+        """Write a batch; retry outages with back-off; dead-letter what ClickHouse refuses for its data."""
+        refused: set[tuple[str, int, int]] = set()
+
+        def reject(record: SourceRecord, exc: Exception) -> None:
+            where = (record.topic, record.partition, record.offset)
+            if where not in refused:  # an outage mid-batch repeats the bisection: one dead letter each
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                self.refuse(record, f"ClickHouse refused {record.schema}: {exc.__class__.__name__}: "
+                                    f"{first_line[:1000]}")
+                refused.add(where)  # only once sent: a dead letter that failed is sent on the retry
+
         delay = 0.5
         while not self.stopping.is_set():
             try:
                 with self.lock:
-                    self.sink.write(records)
+                    self.sink.write(records, reject=reject)
                 return
             except Exception as exc:  # noqa: BLE001 - ClickHouse down: keep the batch, retry
                 log.warning("ClickHouse insert failed, retrying in %.1fs: %s", delay, exc)
@@ -146,6 +179,7 @@ class SinkService:
                 self.emitter.publisher.flush()  # dead letters durable before their offsets are committed
                 if records:
                     self.write(records)
+                    self.emitter.publisher.flush()  # and those of rows ClickHouse refused
                 self.consumer.commit(asynchronous=False)
                 self.batches += 1
         finally:

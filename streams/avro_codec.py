@@ -28,6 +28,7 @@ from typing import Any
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+from fastavro.validation import ValidationError, validate
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -200,7 +201,32 @@ class AvroCodec:
             raise
         except Exception as exc:  # fastavro raises many types on corrupt input
             raise DecodeError(f"corrupt {writer.fullname} body: {exc.__class__.__name__}: {exc}") from None
+        check_ranges(writer.fullname, record, (reader or writer).parsed)
         return writer.fullname, record
+
+
+def check_ranges(fullname: str, record: dict[str, Any], schema: Any) -> None:
+    """Raise ``DecodeError`` unless every value fits its Avro type (``int`` 32-bit, ``long`` 64-bit signed).
+
+    Why: fastavro's reader accepts any zig-zag varint, so a crafted body carries
+    e.g. 2^40 in an ``int`` field; nothing downstream expects that, and the
+    ClickHouse sink could never insert it. fastavro's validator checks exactly
+    the ranges the specification sets, so the record is checked against the
+    schema it was read with.
+    """
+    try:
+        validate(record, schema, raise_errors=True)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors[:3])
+        raise DecodeError(f"{fullname} value out of range for its Avro type: {problems}") from None
+
+
+def _describe(error: Any) -> str:
+    """One validation error, short (a datum may be a whole record; a reason must stay readable)."""
+    datum = repr(getattr(error, "datum", None))
+    schema = getattr(error, "schema", None)
+    expected = schema if isinstance(schema, str) else json.dumps(schema, default=str)
+    return f"{getattr(error, 'field', '') or 'record'} = {datum[:80]} (expected {expected[:80]})"
 
 
 _default: AvroCodec | None = None

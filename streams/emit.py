@@ -6,19 +6,38 @@ and nothing is acknowledged on input before its outputs are flushed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from connectors.kafka_io import Publisher
+from connectors.kafka_io import MessageTooLarge, Publisher
 
 from . import topic_names as t
 from .avro_codec import AvroCodec, DecodeError, default_codec
 
 
+#: Bytes of a message's payload a dead letter keeps. The producer refuses messages over 1,000,000 bytes
+#: (librdkafka's ``message.max.bytes``); a dead letter adds the key, the reason and its own fields, so the
+#: payload is cut well under that. The reason then says the original size and the whole payload's SHA-256.
+MAX_DEAD_LETTER_PAYLOAD = 512 * 1024
+#: Bytes of the original key kept (the key is also the dead letter's own message key).
+MAX_DEAD_LETTER_KEY = 1024
+#: Characters of the reason kept (reasons quote exceptions, which may quote the input).
+MAX_DEAD_LETTER_REASON = 4000
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _cut(what: str, data: bytes, limit: int) -> tuple[bytes, str]:
+    """(the first ``limit`` bytes, a note with the original size and SHA-256) or (data, "") if it fits."""
+    if len(data) <= limit:
+        return data, ""
+    return data[:limit], (f" [{what} truncated to its first {limit} of {len(data)} bytes; SHA-256 of the whole "
+                          f"{what}: {hashlib.sha256(data).hexdigest()}]")
 
 
 class Emitter:
@@ -60,18 +79,37 @@ class Emitter:
     def dead_letter(self, stage: str, topic: str, partition: int, offset: int,
                     key: bytes | None, payload: bytes, reason: str, *, dead_letter_id: str | None = None,
                     failed_at: datetime | None = None) -> None:
-        """Keep an unprocessable message whole, with its reason, and audit it.
+        """Keep an unprocessable message, with its reason, and audit it.
 
         A caller that may meet the same message again (a re-read compacted topic) passes a
         ``dead_letter_id`` and ``failed_at`` derived from the message, so that a repeat
         collapses with the first in ClickHouse's ``dead_letters`` (ReplacingMergeTree).
+
+        The message is kept whole unless it would not fit in a Kafka message:
+        then its first ``MAX_DEAD_LETTER_PAYLOAD`` bytes are kept and the reason
+        gives the original size and the SHA-256 of the whole (a dead letter that
+        cannot be sent would stop its stage on the same message forever). Should
+        the producer still refuse it (a lower configured limit), it is sent with
+        no payload: the reason, size and hash are never lost.
         """
         dl_id = dead_letter_id or str(uuid.uuid4())
-        self.send(t.DLQ, "dlq.DeadLetter", key, {
+        if len(reason) > MAX_DEAD_LETTER_REASON:
+            reason = reason[:MAX_DEAD_LETTER_REASON] + f"... ({len(reason) - MAX_DEAD_LETTER_REASON} characters cut)"
+        data, payload_note = _cut("payload", bytes(payload or b""), MAX_DEAD_LETTER_PAYLOAD)
+        key = key.encode() if isinstance(key, str) else key
+        key, key_note = _cut("key", bytes(key), MAX_DEAD_LETTER_KEY) if key is not None else (None, "")
+        reason += payload_note + key_note
+        record = {
             "dead_letter_id": dl_id, "failed_at": failed_at or utcnow(), "stage": stage, "source_topic": topic,
-            "source_partition": partition, "source_offset": offset, "key": key,
-            "payload": bytes(payload or b""), "reason": reason,
-        })
+            "source_partition": partition, "source_offset": offset, "key": key, "payload": data, "reason": reason,
+        }
+        try:
+            self.send(t.DLQ, "dlq.DeadLetter", key, record)
+        except MessageTooLarge:  # a producer limit under this margin: keep the reason, the size and the hash
+            whole = bytes(payload or b"")
+            reason += (f" [payload dropped, too large for the producer: {len(whole)} bytes, SHA-256 "
+                       f"{hashlib.sha256(whole).hexdigest()}]")
+            self.send(t.DLQ, "dlq.DeadLetter", key, dict(record, payload=b"", reason=reason))
         self.audit(stage, "message.dead_lettered", "DEAD_LETTERED", detail={
             "dead_letter_id": dl_id, "source_topic": topic, "partition": partition, "offset": offset,
             "reason": reason,
