@@ -44,6 +44,14 @@ class Settings:
     reporting_dea: str = ""  # the distributor's DEA number on suspicious order reports (default: the order's supplier)
     audit_key: str = field(default="", repr=False)  # CSOS_AUDIT_KEY: HMAC key sealing the audit chain ('' = SHA-256)
     audit_old_keys: str = field(default="", repr=False)  # CSOS_AUDIT_OLD_KEYS: earlier keys, comma-separated (verify)
+    # -- issue 9 (hostile input), verify agent
+    supplier_dea: str = ""  # CSOS_SUPPLIER_DEA: this distributor's DEA number(s), comma-separated; the worker needs it
+    receipt_skew_seconds: float = 300.0  # CSOS_RECEIPT_SKEW_SECONDS: stated receipt vs broker append time
+
+    @property
+    def supplier_deas(self) -> frozenset[str]:
+        """The DEA numbers an order may name as its supplier (empty: not configured)."""
+        return frozenset(d.strip().upper() for d in self.supplier_dea.split(",") if d.strip())
 
     @property
     def effective_clickhouse_url(self) -> str:
@@ -81,6 +89,9 @@ class Settings:
             reporting_dea=_env("CSOS_REPORTING_DEA", ""),
             audit_key=_env("CSOS_AUDIT_KEY", ""),
             audit_old_keys=_env("CSOS_AUDIT_OLD_KEYS", ""),
+            # -- issue 9 (hostile input), verify agent
+            supplier_dea=_env("CSOS_SUPPLIER_DEA", ""),
+            receipt_skew_seconds=float(_env("CSOS_RECEIPT_SKEW_SECONDS", str(cls.receipt_skew_seconds))),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -44,6 +44,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         # Secrets: in the child's environment only (never on a command line or in a log); '' = unset.
         "CSOS_AUDIT_KEY": settings.audit_key,
         "CSOS_AUDIT_OLD_KEYS": settings.audit_old_keys,
+        # -- issue 9 (hostile input), verify agent
+        "CSOS_SUPPLIER_DEA": settings.supplier_dea,
+        "CSOS_RECEIPT_SKEW_SECONDS": repr(settings.receipt_skew_seconds),
     })
     if settings.clickhouse_url:
         env["CLICKHOUSE_URL"] = settings.clickhouse_url
