@@ -79,6 +79,22 @@ _warned_create_time: set[str] = set()
 _STAGES = {VerifyProcessor: VERIFY_STAGE, MonitorProcessor: MONITOR_STAGE, CaseProcessor: CASE_STAGE}
 
 
+def handle_event(proc: VerifyProcessor | MonitorProcessor | CaseProcessor, stage: str, event: Any) -> None:
+    """Give one event an outcome: the processor's, or a dead letter (``unhandled: ...``, audited) if it raised.
+
+    Raises only when even the dead letter cannot be written; the batch is
+    then not acknowledged and is delivered again.
+    """
+    topic, partition, offset, key, value = _event_tuple(event)
+    try:
+        proc.handle(topic, partition, offset, key, value, appended_at=_appended_at(event))
+    except Exception as exc:  # noqa: BLE001 - one event must not stop the others
+        log.exception("%s agent: unhandled error on %s[%d]@%d", stage, topic, partition, offset)
+        proc.counts["unhandled"] = proc.counts.get("unhandled", 0) + 1
+        proc.emitter.dead_letter(stage, topic, partition, offset, key, value or b"",
+                                 f"unhandled: {exc.__class__.__name__}: {exc}")
+
+
 def require_supplier_dea(settings: Settings) -> frozenset[str]:
     """The supplier DEA numbers the worker accepts orders for; ``ValueError`` when unset or invalid.
 
@@ -216,14 +232,7 @@ def create_app(settings: Settings) -> faust.App:
             proc.begin_batch()
             proc.counts["batches"] = proc.counts.get("batches", 0) + 1
             for event in events:
-                topic, partition, offset, key, value = _event_tuple(event)
-                try:
-                    proc.handle(topic, partition, offset, key, value, appended_at=_appended_at(event))
-                except Exception as exc:  # noqa: BLE001 - one event must not stop the others
-                    log.exception("%s agent: unhandled error on %s[%d]@%d", stage, topic, partition, offset)
-                    proc.counts["unhandled"] = proc.counts.get("unhandled", 0) + 1
-                    proc.emitter.dead_letter(stage, topic, partition, offset, key, value or b"",
-                                             f"unhandled: {exc.__class__.__name__}: {exc}")
+                handle_event(proc, stage, event)
             proc.end_batch()
             await proc.emitter.flush()
 
