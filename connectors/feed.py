@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -96,6 +96,23 @@ def prepare_feed(settings: Settings, *, registrants: int = 60, seed: int = 7, da
     population.write_registrant_master(settings.data_dir / "registrants.csv")
     feed.labels_path = write_labels(settings.data_dir / "labels.csv", result.orders)
     return feed
+
+
+def replay_settings(settings: Settings, feed: PreparedFeed, *, margin: timedelta = timedelta(hours=6)) -> Settings:
+    """Settings for a worker that verifies this simulated feed: its supplier, and a receipt skew admitting its history.
+
+    The feed replays ``days`` of orders with their historical receipt times,
+    all appended to the broker now. With the production skew (300 s) every
+    order signed more than 60 days ago would be judged as received today and
+    expire, so a replay of history widens the skew to the feed's span (its
+    first receipt to now, plus ``margin`` for the run itself). The check stays
+    on: a receipt stated before the feed began, or far in the future, is
+    still overruled by the broker's append time. Production keeps the default.
+    """
+    first = min((m.sim.received_at for m in feed.messages), default=feed.result.start)
+    span = (datetime.now(timezone.utc) - first + margin).total_seconds()
+    return settings.with_(supplier_dea=feed.result.population.supplier.dea_number,
+                          receipt_skew_seconds=max(settings.receipt_skew_seconds, round(span)))
 
 
 def save_feed(feed: PreparedFeed, path: Path) -> Path:

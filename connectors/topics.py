@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic, ResourceType
 
 from streams import topic_names as _names
 
@@ -114,7 +114,9 @@ def _compact() -> dict[str, str]:
 TOPICS: list[TopicSpec] = [
     TopicSpec(
         ORDERS_RECEIVED,
-        config=_delete(),
+        # The broker stamps each record with its append time: the one receipt time a sender cannot
+        # write (the verifier overrules a stated received_at far from it, streams.agents.verify).
+        config={**_delete(), "message.timestamp.type": "LogAppendTime"},
         doc="Signed CSOS orders (electronic DEA Form 222) as received, before any check.",
     ),
     TopicSpec(
@@ -266,10 +268,12 @@ def ensure_topics(
     """Create every topic in ``specs`` that does not exist yet; return those created.
 
     Idempotent and safe to race with another process doing the same:
-    TOPIC_ALREADY_EXISTS is not an error. Existing topics are left alone (a
-    partition-count mismatch is logged, never "fixed": shrinking is
-    impossible and growing would reshuffle keys). ``partitions`` overrides the
-    default for specs that do not pin their own count.
+    TOPIC_ALREADY_EXISTS is not an error. An existing topic's config is
+    brought to the catalogue's (e.g. ``message.timestamp.type`` on the
+    received topic; each change logged); its partition count is left alone (a
+    mismatch is logged, never "fixed": shrinking is impossible and growing
+    would reshuffle keys). ``partitions`` overrides the default for specs
+    that do not pin their own count.
     """
     admin = _admin(bootstrap)
     default = partitions if partitions is not None else default_partitions()
@@ -277,15 +281,18 @@ def ensure_topics(
 
     existing = admin.list_topics(timeout=timeout).topics
     wanted: list[NewTopic] = []
+    present: list[TopicSpec] = []
     for spec in specs:
         n = spec.partitions if spec.partitions is not None else default
         if spec.name in existing:
             have = len(existing[spec.name].partitions)
             if have != n:
                 log.warning("topic %s exists with %d partitions, catalogue says %d", spec.name, have, n)
+            present.append(spec)
             continue
         wanted.append(NewTopic(spec.name, num_partitions=n, replication_factor=rf, config=topic_config(spec, rf)))
 
+    align_configs(admin, present, rf, timeout=timeout)
     if not wanted:
         return []
 
@@ -295,6 +302,46 @@ def ensure_topics(
     if created:
         log.info("created topics: %s", ", ".join(sorted(created)))
     return sorted(created)
+
+
+def align_configs(admin: AdminClient, specs: Sequence[TopicSpec], rf: int, *, timeout: float = 30.0) -> list[str]:
+    """Set every catalogue config an existing topic lacks or has otherwise; return "topic: key" changed.
+
+    A failure (e.g. no ALTER_CONFIGS permission) is logged, not raised: the
+    topic still works, and the worker warns when the received topic's
+    records are not broker-stamped.
+    """
+    if not specs:
+        return []
+    resources = [ConfigResource(ResourceType.TOPIC, spec.name) for spec in specs]
+    changes: list[tuple[ConfigResource, list[str]]] = []
+    by_name = {spec.name: spec for spec in specs}
+    for res, fut in admin.describe_configs(resources, request_timeout=timeout).items():
+        spec = by_name[res.name]
+        try:
+            have = {name: entry.value for name, entry in fut.result(timeout).items()}
+        except KafkaException as exc:
+            log.warning("could not read the config of topic %s: %s", spec.name, exc)
+            continue
+        diff = {k: v for k, v in topic_config(spec, rf).items() if have.get(k) != v}
+        if diff:
+            entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in diff.items()]
+            changes.append((ConfigResource(ResourceType.TOPIC, spec.name, incremental_configs=entries),
+                            [f"{spec.name}: {k}={v} (was {have.get(k)})" for k, v in diff.items()]))
+    done: list[str] = []
+    if changes:
+        futures = admin.incremental_alter_configs([res for res, _ in changes], request_timeout=timeout)
+        what_for = {res.name: what for res, what in changes}
+        for res, fut in futures.items():
+            what = what_for[res.name]
+            try:
+                fut.result(timeout)
+            except KafkaException as exc:
+                log.warning("could not update the config of topic %s (%s): %s", res.name, "; ".join(what), exc)
+                continue
+            log.warning("updated topic config: %s", "; ".join(what))
+            done.extend(what)
+    return done
 
 
 def delete_topics(bootstrap: str, names: Iterable[str], *, timeout: float = 30.0) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import faust
@@ -25,12 +26,16 @@ from connectors.kafka_security import faust_app_kwargs
 from connectors.topics import replication_factor
 
 from . import topic_names as t
+from .agents.cases import STAGE as CASE_STAGE
 from .agents.cases import CaseProcessor, key_partition
+from .agents.monitor import STAGE as MONITOR_STAGE
 from .agents.monitor import MonitorProcessor
+from .agents.verify import STAGE as VERIFY_STAGE
 from .agents.verify import VerifyProcessor
 from .config import Settings
 from .emit import Emitter
 from .faust_tuning import set_fetch_max_wait
+from .identifiers import is_valid_dea_number
 from .reference_data import ReferenceFeed, RegistrantDirectory
 
 log = logging.getLogger(__name__)
@@ -44,9 +49,67 @@ def _raw_topic(app: faust.App, *names: str) -> Any:
     return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
 
+#: aiokafka's ``timestamp_type`` of a record stamped by the broker (topic ``message.timestamp.type=LogAppendTime``).
+LOG_APPEND_TIME = 1
+
+
 def _event_tuple(event: Any) -> tuple[str, int, int, bytes | None, bytes]:
     m = event.message
     return m.topic, m.partition, m.offset, m.key, m.value
+
+
+def _appended_at(event: Any) -> datetime:
+    """When the broker took the message in: its LogAppendTime, else this worker's clock now.
+
+    Only a broker-stamped time bounds a sender's claim; a CreateTime is the
+    producer's. On a topic still configured for CreateTime the worker's clock
+    stands in (later than the append, so it can only make an order look
+    older, never younger: fail closed), with a warning.
+    """
+    m = event.message
+    if m.timestamp_type == LOG_APPEND_TIME and m.timestamp:
+        return datetime.fromtimestamp(m.timestamp, tz=timezone.utc)
+    if m.topic not in _warned_create_time:
+        _warned_create_time.add(m.topic)
+        log.warning("topic %s carries producer (CreateTime) timestamps; judging receipt against this worker's "
+                    "clock. Run `csos topics` to set message.timestamp.type=LogAppendTime", m.topic)
+    return datetime.now(timezone.utc)
+
+
+_warned_create_time: set[str] = set()
+_STAGES = {VerifyProcessor: VERIFY_STAGE, MonitorProcessor: MONITOR_STAGE, CaseProcessor: CASE_STAGE}
+
+
+def handle_event(proc: VerifyProcessor | MonitorProcessor | CaseProcessor, stage: str, event: Any) -> None:
+    """Give one event an outcome: the processor's, or a dead letter (``unhandled: ...``, audited) if it raised.
+
+    Raises only when even the dead letter cannot be written; the batch is
+    then not acknowledged and is delivered again.
+    """
+    topic, partition, offset, key, value = _event_tuple(event)
+    try:
+        proc.handle(topic, partition, offset, key, value, appended_at=_appended_at(event))
+    except Exception as exc:  # noqa: BLE001 - one event must not stop the others
+        log.exception("%s agent: unhandled error on %s[%d]@%d", stage, topic, partition, offset)
+        proc.counts["unhandled"] = proc.counts.get("unhandled", 0) + 1
+        proc.emitter.dead_letter(stage, topic, partition, offset, key, value or b"",
+                                 f"unhandled: {exc.__class__.__name__}: {exc}")
+
+
+def require_supplier_dea(settings: Settings) -> frozenset[str]:
+    """The supplier DEA numbers the worker accepts orders for; ``ValueError`` when unset or invalid.
+
+    Fail closed: a worker that does not know whose orders it fills would
+    release an order addressed to any other distributor.
+    """
+    deas = settings.supplier_deas
+    if not deas:
+        raise ValueError("CSOS_SUPPLIER_DEA is not set: give this distributor's DEA number(s), comma-separated; "
+                         "orders addressed to any other supplier are rejected (WRONG_SUPPLIER)")
+    bad = sorted(d for d in deas if not is_valid_dea_number(d))
+    if bad:
+        raise ValueError(f"CSOS_SUPPLIER_DEA: {', '.join(bad)} is not a valid DEA number (format or check digit)")
+    return deas
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -56,6 +119,7 @@ def create_app(settings: Settings) -> faust.App:
     ``connectors.sink_service``) so that this one spends its core on
     verification and monitoring.
     """
+    suppliers = require_supplier_dea(settings)
     set_fetch_max_wait(settings.fetch_max_wait_ms)
     app = faust.App(
         settings.app_id,
@@ -128,7 +192,8 @@ def create_app(settings: Settings) -> faust.App:
             feed.start()
             parts["verify"] = VerifyProcessor(
                 Verifier.from_pki_dir(settings.pki_dir, products), products, Emitter(publisher, "verify-agent"),
-                verify_table, RegistrantDirectory() if settings.require_registration else None, feed)
+                verify_table, RegistrantDirectory() if settings.require_registration else None, feed,
+                suppliers=suppliers, receipt_skew=timedelta(seconds=settings.receipt_skew_seconds))
             parts["monitor"] = MonitorProcessor(Monitor.from_env(), state_table, Emitter(publisher, "monitor-agent"))
             parts["cases"] = CaseProcessor(case_table, Emitter(publisher, "case-agent"),
                                            due_days=settings.due_diligence_days,
@@ -160,12 +225,19 @@ def create_app(settings: Settings) -> faust.App:
     ready: set[Any] = set()
 
     async def process_batches(stream: Any, proc: VerifyProcessor | MonitorProcessor | CaseProcessor) -> None:
-        """Take a batch, handle each event, persist state, flush outputs; only then is the batch acked."""
+        """Take a batch, give each event an outcome, persist state, flush outputs; only then is the batch acked.
+
+        A processor decides every input itself; should an exception escape it
+        anyway, that one event is dead-lettered (reason ``unhandled: ...``,
+        with an audit event) and the batch goes on. Only a failure to write
+        even that stops the agent, before anything is acknowledged.
+        """
+        stage = _STAGES[type(proc)]
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
             proc.begin_batch()
             proc.counts["batches"] = proc.counts.get("batches", 0) + 1
             for event in events:
-                proc.handle(*_event_tuple(event))
+                handle_event(proc, stage, event)
             proc.end_batch()
             await proc.emitter.flush()
 
@@ -208,7 +280,9 @@ def create_app(settings: Settings) -> faust.App:
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:
         counts = {name: getattr(p, "counts", None) for name, p in parts.items() if hasattr(p, "counts")}
-        return web.json({"status": "ok", "counts": counts})
+        return web.json({"status": "ok", "counts": counts,
+                         "verification": {"supplier_dea": sorted(suppliers),
+                                          "receipt_skew_seconds": settings.receipt_skew_seconds}})
 
     app.csos_components = components  # type: ignore[attr-defined]
     return app

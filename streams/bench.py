@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import click
 
 from connectors.broker import LocalBroker
-from connectors.feed import prepare_feed, publish, publish_reference_data
+from connectors.feed import prepare_feed, publish, publish_reference_data, replay_settings
 from connectors.kafka_io import Publisher, consume_all
 from connectors.topics import ensure_topics
 
@@ -95,6 +95,8 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
         ensure_topics(broker.bootstrap, settings.partitions)
         echo("preparing and signing the feed (not timed) ...")
         feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days)
+        settings = replay_settings(settings, feed)
+        pipeline = Pipeline(settings)
         publish_reference_data(settings, Publisher(broker.bootstrap))
         pipeline.start()
         # Warm-up (not timed): the consumer group forms, partitions are assigned,

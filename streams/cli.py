@@ -242,7 +242,7 @@ def simulate() -> None:
 @click.option("--suspicious-fraction", default=0.02, show_default=True, help="Share of suspicious orders.")
 def simulate_prepare(registrants: int, days: int, seed: int, bad_fraction: float, suspicious_fraction: float) -> None:
     """Generate and sign the feed; write the PKI, registrants.csv, labels.csv and feed.avro to CSOS_DATA_DIR."""
-    from connectors.feed import prepare_feed, save_feed
+    from connectors.feed import prepare_feed, replay_settings, save_feed
     from connectors.pki import load_pki
 
     s = _settings()
@@ -255,8 +255,12 @@ def simulate_prepare(registrants: int, days: int, seed: int, bad_fraction: float
                             suspicious_fraction=suspicious_fraction, pki=existing, progress=tick)
     path = save_feed(feed, s.data_dir / "feed.avro")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(feed.expected().items()))
+    replay = replay_settings(s, feed)
     click.echo(f"{len(feed.messages)} orders ({feed.lines} lines) in {path}\nexpected outcomes: {counts}\n"
-               f"ground truth: {feed.labels_path}")
+               f"ground truth: {feed.labels_path}\n"
+               f"the worker verifying this replayed history needs (see README, Verification):\n"
+               f"  export CSOS_SUPPLIER_DEA={replay.supplier_dea} "
+               f"CSOS_RECEIPT_SKEW_SECONDS={replay.receipt_skew_seconds:.0f}")
 
 
 @simulate.command("publish")
@@ -293,7 +297,10 @@ def worker(loglevel: str) -> None:
     from .app import create_app
 
     s = _settings()
-    app = create_app(s)
+    try:
+        app = create_app(s)
+    except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind
+        raise click.ClickException(str(exc)) from None
     sys.argv = sys.argv[:1]
     profile = os.environ.get("CSOS_PROFILE")  # a path: write a cProfile of this worker there on exit
     if profile:

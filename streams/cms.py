@@ -57,6 +57,17 @@ _DER = serialization.Encoding.DER
 MIN_EC_BITS = 256
 _ID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
 
+# Bounded cost per message: a signature is refused (MALFORMED_SIGNATURE, naming the limit) before any
+# expensive step when it exceeds one of these. A CSOS signature holds one signer certificate and at
+# most a few CA certificates; the limits are far above that and far below what makes parsing or
+# certification-path building (which tries every candidate issuer) slow.
+#: Bytes of the CMS signature other than an embedded order document.
+MAX_SIGNATURE_BYTES = 64 * 1024
+#: Bytes of the order document, attached or detached.
+MAX_DOCUMENT_BYTES = 256 * 1024
+#: Certificates embedded in the signature (signer + intermediates).
+MAX_EMBEDDED_CERTS = 10
+
 
 class SignatureError(Exception):
     """The CMS signature is unusable; ``code`` is the verification reason code."""
@@ -374,17 +385,39 @@ def parse_signed_data(der: bytes, detached_content: bytes | None = None) -> Pars
     if not isinstance(der, (bytes, bytearray, memoryview)) or not der:
         raise SignatureError(MALFORMED_SIGNATURE, "no signature was received with the order")
     der = bytes(der)
+    if len(der) > MAX_SIGNATURE_BYTES + MAX_DOCUMENT_BYTES:
+        raise SignatureError(MALFORMED_SIGNATURE, f"the signature is {len(der)} bytes, over the limit of "
+                                                  f"{MAX_SIGNATURE_BYTES + MAX_DOCUMENT_BYTES} (MAX_SIGNATURE_BYTES "
+                                                  "+ MAX_DOCUMENT_BYTES)")
+    if detached_content is not None and len(detached_content) > MAX_DOCUMENT_BYTES:
+        raise SignatureError(MALFORMED_SIGNATURE, f"the order document is {len(detached_content)} bytes, over the "
+                                                  f"limit of {MAX_DOCUMENT_BYTES} (MAX_DOCUMENT_BYTES)")
     try:
         try:
             raw = _walk_fast(der)
         except _NotPlainDER:
             raw = _walk_asn1crypto(der)
+        _check_limits(raw, len(der))
         return _finish(raw, None if detached_content is None else bytes(detached_content))
     except SignatureError:
         raise
     except Exception as exc:  # untrusted input: whatever the parsers trip over means "unreadable"
         raise SignatureError(MALFORMED_SIGNATURE,
                              f"the signature is not a readable CMS SignedData ({exc.__class__.__name__})") from None
+
+
+def _check_limits(raw: _Raw, total: int) -> None:
+    """Refuse a signature over a size or certificate-count limit before its certificates are loaded."""
+    content = len(raw.content) if raw.content is not None else 0
+    if content > MAX_DOCUMENT_BYTES:
+        raise SignatureError(MALFORMED_SIGNATURE, f"the embedded order document is {content} bytes, over the "
+                                                  f"limit of {MAX_DOCUMENT_BYTES} (MAX_DOCUMENT_BYTES)")
+    if total - content > MAX_SIGNATURE_BYTES:
+        raise SignatureError(MALFORMED_SIGNATURE, f"the signature without the document is {total - content} bytes, "
+                                                  f"over the limit of {MAX_SIGNATURE_BYTES} (MAX_SIGNATURE_BYTES)")
+    if len(raw.cert_ders) > MAX_EMBEDDED_CERTS:
+        raise SignatureError(MALFORMED_SIGNATURE, f"the signature embeds {len(raw.cert_ders)} certificates, over "
+                                                  f"the limit of {MAX_EMBEDDED_CERTS} (MAX_EMBEDDED_CERTS)")
 
 
 _ALG_MEMO: dict[bytes, tuple[str, str, tuple[str, int] | None]] = {}
@@ -638,6 +671,7 @@ def _hash_name(h: Any) -> str:
 
 
 __all__ = [
-    "BAD_SIGNATURE", "MALFORMED_SIGNATURE", "WEAK_ALGORITHM", "ParsedSignature", "SignatureError",
+    "BAD_SIGNATURE", "MALFORMED_SIGNATURE", "MAX_DOCUMENT_BYTES", "MAX_EMBEDDED_CERTS", "MAX_SIGNATURE_BYTES",
+    "WEAK_ALGORITHM", "ParsedSignature", "SignatureError",
     "check_algorithms", "load_cert_cached", "parse_signed_data", "sign_order", "verify_signature",
 ]

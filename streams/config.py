@@ -49,6 +49,14 @@ class Settings:
     sql_max_seconds: int = 60  # CSOS_SQL_MAX_SECONDS: an analyst query is stopped after this long
     sql_max_memory_mb: int = 2048  # CSOS_SQL_MAX_MEMORY_MB: memory one analyst query may use
     sql_max_rows: int = 1_000_000  # CSOS_SQL_MAX_ROWS: a larger result is an error, never silently cut
+    # -- issue 9 (hostile input), verify agent
+    supplier_dea: str = ""  # CSOS_SUPPLIER_DEA: this distributor's DEA number(s), comma-separated; the worker needs it
+    receipt_skew_seconds: float = 300.0  # CSOS_RECEIPT_SKEW_SECONDS: stated receipt vs broker append time
+
+    @property
+    def supplier_deas(self) -> frozenset[str]:
+        """The DEA numbers an order may name as its supplier (empty: not configured)."""
+        return frozenset(d.strip().upper() for d in self.supplier_dea.split(",") if d.strip())
 
     @property
     def effective_clickhouse_url(self) -> str:
@@ -91,6 +99,9 @@ class Settings:
             sql_max_seconds=int(_env("CSOS_SQL_MAX_SECONDS", str(cls.sql_max_seconds))),
             sql_max_memory_mb=int(_env("CSOS_SQL_MAX_MEMORY_MB", str(cls.sql_max_memory_mb))),
             sql_max_rows=int(_env("CSOS_SQL_MAX_ROWS", str(cls.sql_max_rows))),
+            # -- issue 9 (hostile input), verify agent
+            supplier_dea=_env("CSOS_SUPPLIER_DEA", ""),
+            receipt_skew_seconds=float(_env("CSOS_RECEIPT_SKEW_SECONDS", str(cls.receipt_skew_seconds))),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -15,7 +15,7 @@ from typing import Callable
 import click
 
 from connectors.broker import LocalBroker
-from connectors.feed import PreparedFeed, prepare_feed, publish, publish_reference_data
+from connectors.feed import PreparedFeed, prepare_feed, publish, publish_reference_data, replay_settings
 from connectors.kafka_io import Publisher
 from connectors.topics import ensure_topics
 
@@ -188,6 +188,9 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
             feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days, progress=tick)
         echo(f"    {len(feed.result.population)} registrants, {len(feed.messages)} signed orders "
              f"({feed.lines} lines) over {days} days; certificates and CRL in {settings.pki_dir}")
+        settings = replay_settings(settings, feed)
+        echo(f"    supplier {settings.supplier_dea}; receipt times of the replayed history accepted within "
+             f"{settings.receipt_skew_seconds / 86400:.0f} days of the broker's append time")
         issuers, n_reg = publish_reference_data(settings, Publisher(broker.bootstrap))
         echo(f"    published {len(issuers)} CRL(s) to pki.crl and {n_reg} registrations to registrants")
         echo("3/6 Starting the ClickHouse sink and the worker (verification, monitoring) ...")

@@ -21,6 +21,14 @@ from .model import Order, OrderLine, Party
 
 FORMAT = "csos-order/1"
 MAX_LINES = 1000
+# Ranges every value must fit, whatever the format, so that nothing a purchaser writes can overflow a
+# field downstream (Avro int, ClickHouse UInt16 line_no / UInt32 packages): documented in the README.
+#: Line numbers run 1..MAX_LINE_NO and are unique within an order.
+MAX_LINE_NO = 9999
+#: Packages ordered, and dosage units per package, per line: 1..MAX_QUANTITY.
+MAX_QUANTITY = 1_000_000
+#: Characters in a text element (name, address, product name, strength).
+MAX_TEXT = 500
 
 
 class DocumentError(ValueError):
@@ -80,7 +88,32 @@ def parse_order(data: bytes) -> Order:
     if len(raw_lines) > MAX_LINES:
         raise DocumentError("lines", f"more than {MAX_LINES} items")
     lines = tuple(_parse_line(i, raw) for i, raw in enumerate(raw_lines, start=1))
+    check_line_numbers(lines)
     return Order(number, purchaser, supplier, signed_at, lines)
+
+
+def check_line_numbers(lines: tuple[OrderLine, ...]) -> None:
+    """Each line number once: downstream rows are keyed by (order, line number), so a repeated one would
+    silently merge two items into one; ``DocumentError`` names the second line that reuses it."""
+    seen: set[int] = set()
+    for i, ln in enumerate(lines, start=1):
+        if ln.line_no in seen:
+            raise DocumentError(f"lines[{i}].line_no", f"line number {ln.line_no} appears more than once")
+        seen.add(ln.line_no)
+
+
+def check_range(value: int, element: str, what: str, high: int) -> int:
+    """``value`` if it is within 1..``high``, else ``DocumentError`` naming the element."""
+    if not 1 <= value <= high:
+        raise DocumentError(element, f"{what} {value} is out of range (1 to {high})")
+    return value
+
+
+def check_text(value: str, element: str) -> str:
+    """``value`` if it is at most MAX_TEXT characters, else ``DocumentError`` naming the element."""
+    if len(value) > MAX_TEXT:
+        raise DocumentError(element, f"{len(value)} characters, more than {MAX_TEXT}")
+    return value
 
 
 def _party(p: Party) -> dict[str, str]:
@@ -92,14 +125,14 @@ def _str(obj: dict[str, Any], key: str, where: str | None = None) -> str:
     name = f"{where}.{key}" if where else key
     if not isinstance(value, str) or not value.strip():
         raise DocumentError(name, "missing")
-    return value
+    return check_text(value, name)
 
 
-def _int(obj: dict[str, Any], key: str, where: str) -> int:
+def _int(obj: dict[str, Any], key: str, where: str, high: int) -> int:
     value = obj.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise DocumentError(f"{where}.{key}", f"must be a positive whole number, got {value!r}")
-    return value
+    return check_range(value, f"{where}.{key}", key.replace("_", " "), high)
 
 
 def _parse_party(doc: dict[str, Any], key: str) -> Party:
@@ -121,10 +154,10 @@ def _parse_line(i: int, raw: Any) -> OrderLine:
     except ValueError as exc:
         raise DocumentError(f"{where}.ndc", str(exc)) from None
     return OrderLine(
-        line_no=_int(raw, "line_no", where),
+        line_no=_int(raw, "line_no", where, MAX_LINE_NO),
         ndc=ndc,
         product_name=_str(raw, "product_name", where),
         strength=_str(raw, "strength", where),
-        package_quantity=_int(raw, "package_quantity", where),
-        packages=_int(raw, "packages", where),
+        package_quantity=_int(raw, "package_quantity", where, MAX_QUANTITY),
+        packages=_int(raw, "packages", where, MAX_QUANTITY),
     )

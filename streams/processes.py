@@ -49,6 +49,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CSOS_SQL_MAX_SECONDS": str(settings.sql_max_seconds),
         "CSOS_SQL_MAX_MEMORY_MB": str(settings.sql_max_memory_mb),
         "CSOS_SQL_MAX_ROWS": str(settings.sql_max_rows),
+        # -- issue 9 (hostile input), verify agent
+        "CSOS_SUPPLIER_DEA": settings.supplier_dea,
+        "CSOS_RECEIPT_SKEW_SECONDS": repr(settings.receipt_skew_seconds),
     })
     if settings.clickhouse_url:
         env["CLICKHOUSE_URL"] = settings.clickhouse_url

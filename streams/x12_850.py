@@ -66,7 +66,8 @@ import x12
 
 from .identifiers import is_valid_dea_number, is_valid_order_number, normalize_ndc
 from .model import Order, OrderLine, Party
-from .order_document import MAX_LINES, DocumentError
+from .order_document import (MAX_LINE_NO, MAX_LINES, MAX_QUANTITY, DocumentError, check_line_numbers, check_range,
+                             check_text)
 
 FORMAT = "x12-850"
 
@@ -212,6 +213,7 @@ def _party(loop: list[Seg], entity: str, key: str) -> Party:
     name, qualifier, dea = _el(n1, 2), _el(n1, 3), _el(n1, 4)
     if not name.strip():
         raise DocumentError(f"{key}.name", f"N1*{entity} N102 (name) is empty")
+    check_text(name, f"{key}.name")
     if qualifier != DEA_QUALIFIER or not dea:
         raise DocumentError(f"{key}.dea_number",
                             f"N1*{entity} carries no DEA number: N103 must be {DEA_QUALIFIER} (DEA) and N104 the number")
@@ -228,7 +230,7 @@ def _party(loop: list[Seg], entity: str, key: str) -> Party:
         n4 = n4s[0]
         place = ", ".join(p for p in (_el(n4, 1), " ".join(p for p in (_el(n4, 2), _el(n4, 3)) if p)) if p)
         parts += [p for p in (place, _el(n4, 4)) if p]
-    return Party(dea, name, ", ".join(parts))
+    return Party(dea, name, check_text(", ".join(parts), f"{key}.address"))
 
 
 def _lines(detail: list[Seg]) -> tuple[OrderLine, ...]:
@@ -251,7 +253,9 @@ def _lines(detail: list[Seg]) -> tuple[OrderLine, ...]:
     declared = _el(summary[0][1], 1)
     if not _WHOLE.match(declared) or int(declared) != len(loops):
         raise DocumentError("lines", f"CTT01 declares {declared!r} line items but the order has {len(loops)} PO1 segments")
-    return tuple(_line(i, loop) for i, loop in enumerate(loops, start=1))
+    lines = tuple(_line(i, loop) for i, loop in enumerate(loops, start=1))
+    check_line_numbers(lines)
+    return lines
 
 
 def _positive(raw: str, element: str, what: str) -> int:
@@ -263,8 +267,10 @@ def _positive(raw: str, element: str, what: str) -> int:
 def _line(i: int, loop: list[Seg]) -> OrderLine:
     where = f"lines[{i}]"
     po1 = loop[0][1]
-    line_no = _positive(_el(po1, 1), f"{where}.line_no", "PO101 line number")
-    packages = _positive(_el(po1, 2), f"{where}.packages", "PO102 quantity ordered")
+    line_no = check_range(_positive(_el(po1, 1), f"{where}.line_no", "PO101 line number"),
+                          f"{where}.line_no", "PO101 line number", MAX_LINE_NO)
+    packages = check_range(_positive(_el(po1, 2), f"{where}.packages", "PO102 quantity ordered"),
+                           f"{where}.packages", "PO102 quantity ordered", MAX_QUANTITY)
     if _el(po1, 3) not in PACKAGE_UNITS:
         raise DocumentError(f"{where}.packages", f"PO103 unit {_el(po1, 3)!r}: order whole NDC packages "
                                                  f"({', '.join(PACKAGE_UNITS)})")
@@ -282,7 +288,8 @@ def _line(i: int, loop: list[Seg]) -> OrderLine:
     po4s = [e for tag, e in loop if tag == "PO4"]
     if len(po4s) != 1:
         raise DocumentError(f"{where}.package_quantity", "exactly one PO4 (PO401 = units in a single package) is required")
-    package_quantity = _positive(_el(po4s[0], 1), f"{where}.package_quantity", "PO401 units per package")
+    package_quantity = check_range(_positive(_el(po4s[0], 1), f"{where}.package_quantity", "PO401 units per package"),
+                                   f"{where}.package_quantity", "PO401 units per package", MAX_QUANTITY)
     return OrderLine(line_no, ndc, name, strength, package_quantity, packages)
 
 
@@ -291,7 +298,7 @@ def _pid(loop: list[Seg], code: str, element: str, what: str) -> str:
     if len(values) != 1 or not values[0].strip():
         problem = "is missing" if not values else "must appear exactly once, non-empty"
         raise DocumentError(element, f"the {what} PID*F*{code}***<text> {problem}")
-    return values[0]
+    return check_text(values[0], element)
 
 
 # ---------------------------------------------------------------- encoding

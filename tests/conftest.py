@@ -39,7 +39,7 @@ import uuid  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
-from connectors.feed import PreparedFeed, prepare_feed, publish, publish_reference_data  # noqa: E402
+from connectors.feed import PreparedFeed, prepare_feed, publish, publish_reference_data, replay_settings  # noqa: E402
 from connectors.kafka_io import Publisher, consume_all  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.query import run_query  # noqa: E402
@@ -94,6 +94,7 @@ def pipeline(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> I
     )
     feed = prepare_feed(settings, registrants=40, seed=11, days=120, bad_counts=E2E_BAD_COUNTS,
                         suspicious_counts=E2E_SUSPICIOUS_COUNTS)
+    settings = replay_settings(settings, feed)  # its supplier; a receipt skew admitting its 120 days of history
     publish_reference_data(settings, Publisher(settings.kafka_bootstrap))
     processes = Processes(settings)
     processes.start()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from connectors.broker import LocalBroker, free_port
-from connectors.feed import prepare_feed, publish, publish_reference_data
+from connectors.feed import prepare_feed, publish, publish_reference_data, replay_settings
 from connectors.kafka_io import Publisher
 from streams.config import Settings
 from streams.processes import sink_process, worker_process
@@ -48,6 +48,7 @@ def two_workers(own_broker, tmp_path_factory):
     )
     feed = prepare_feed(settings, registrants=16, seed=23, days=90, bad_counts={},
                         suspicious_counts={"size_spike": 6, "family_shift": 3})
+    settings = replay_settings(settings, feed)
     publish_reference_data(settings, Publisher(settings.kafka_bootstrap))
     sink = sink_process(settings)
     a = worker_process(settings)

@@ -79,7 +79,9 @@ class CaseProcessor:
     def end_batch(self) -> int:
         return self.state.flush()
 
-    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes, *,
+               appended_at: datetime | None = None) -> None:
+        """Apply one hold or decision; ``appended_at`` (the broker's append time) is not used here."""
         try:
             name, rec = self.codec.decode(value)
             if name not in INPUTS:

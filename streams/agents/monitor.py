@@ -9,6 +9,7 @@ suspicious orders can never raise the baseline that judges them.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any, MutableMapping
 
 from .. import topic_names as t
@@ -32,6 +33,7 @@ class MonitorProcessor:
         self.emitter = emitter
         self.codec = codec or default_codec()
         self.counts = {"released": 0, "held": 0, "dead_lettered": 0}
+        self._learned: dict[str, list[dict[str, Any]]] = {}  # this batch's learned orders, per registrant
         self.state: CachedTable[RegistrantBaselines] = CachedTable(
             table,
             load=lambda raw, dea: self.monitor.baselines(
@@ -40,13 +42,17 @@ class MonitorProcessor:
         )
 
     def begin_batch(self) -> None:
-        """Nothing to refresh: the monitor's inputs are all in the order and its state."""
+        """A new batch: nothing learned in it yet (see ``_restore``)."""
+        self._learned.clear()
 
     def end_batch(self) -> int:
         """Write every registrant learned from in this batch to the table (one changelog record each)."""
+        self._learned.clear()
         return self.state.flush()
 
-    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes, *,
+               appended_at: datetime | None = None) -> None:
+        """Decide one verified order (or learn one cleared order); ``appended_at`` is not used here."""
         if topic == t.CLEARED:
             self.learn_cleared(topic, partition, offset, key, value)
             return
@@ -59,14 +65,56 @@ class MonitorProcessor:
         try:
             base = self.state.get(dea)
             verdict = self.monitor.score(base, order)
+            outputs = self._outputs(order, verdict)  # encoded before learning: a failure here learns nothing
             if verdict["verdict"] == "RELEASE":
-                self.monitor.learn_into(base, order)
-                self.state.mark_dirty(dea)
-        except Exception as exc:  # noqa: BLE001 - fail closed: an order we cannot score is held
-            log.exception("monitor failed on order %s", order["order_id"])
-            self.state.forget(dea)  # never keep baselines a failure may have half-updated
-            verdict = self._error_verdict(order, exc)
-        self._emit(order, verdict)
+                self._learn(dea, base, order)
+        except Exception as exc:  # noqa: BLE001 - fail closed: an order we cannot score, encode or learn is held
+            log.exception("monitor failed on order %s", order.get("order_id"))
+            try:
+                verdict = self._error_verdict(order, exc)
+                outputs = self._outputs(order, verdict)
+            except Exception as again:  # noqa: BLE001 - not even a hold can carry it: keep the message whole
+                log.exception("no error verdict could be written for order %s", order.get("order_id"))
+                self.counts["dead_lettered"] += 1
+                self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
+                                         f"monitor_error: {exc.__class__.__name__}: {exc}; no verdict could be "
+                                         f"written ({again.__class__.__name__}: {again}); the order is not released")
+                return
+        self._publish(order, verdict, outputs)
+
+    def _learn(self, dea: str, base: RegistrantBaselines, order: dict[str, Any]) -> None:
+        """Learn a released order; on failure restore the registrant's baselines, then raise."""
+        try:
+            self.monitor.learn_into(base, order)
+        except Exception:
+            self._restore(dea)
+            raise
+        self.state.mark_dirty(dea)
+        self._learned.setdefault(dea, []).append(order)
+
+    def _restore(self, dea: str) -> None:
+        """Undo a failed learning step and nothing else.
+
+        The baselines a failure may have half-updated are dropped (the table
+        keeps the last flushed ones) and the orders this batch already
+        learned for the registrant are learned again, so one bad order never
+        undoes what the others taught.
+        """
+        self.state.forget(dea)
+        earlier = self._learned.get(dea, [])
+        if not earlier:
+            return
+        base = self.state.get(dea)
+        try:
+            for o in earlier:
+                self.monitor.learn_into(base, o)
+        except Exception:  # noqa: BLE001 - cannot happen unless learning is not deterministic; say so
+            log.exception("could not re-learn %d order(s) of this batch for %s; they are not learned", len(earlier),
+                          dea)
+            self.state.forget(dea)
+            self._learned.pop(dea, None)
+            return
+        self.state.mark_dirty(dea)
 
     def learn_cleared(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
         """Learn a held order that due diligence cleared and released, as if the monitor had released it.
@@ -82,12 +130,11 @@ class MonitorProcessor:
         order = cleared["order"]
         dea = order["purchaser_dea"]
         try:
-            self.monitor.learn_into(self.state.get(dea), order)
-            self.state.mark_dirty(dea)
-        except Exception:  # noqa: BLE001 - keep the last good baselines; the clearance stays on the topic
+            self._learn(dea, self.state.get(dea), order)
+        except Exception as exc:  # noqa: BLE001 - keep the good baselines; the clearance stays on the topic
             log.exception("monitor could not learn cleared order %s", order["order_id"])
-            self.state.forget(dea)
-            self.emitter.audit(STAGE, "order.learn_failed", "ERROR", order_id=order["order_id"], purchaser_dea=dea)
+            self.emitter.audit(STAGE, "order.learn_failed", "ERROR", order_id=order["order_id"], purchaser_dea=dea,
+                               detail={"error": f"{exc.__class__.__name__}: {exc}"})
             return
         self.counts["learned_cleared"] = self.counts.get("learned_cleared", 0) + 1
         self.emitter.audit(STAGE, "order.learned_after_review", "LEARNED", order_id=order["order_id"],
@@ -110,27 +157,37 @@ class MonitorProcessor:
             "total_dosage_units": sum(ln["dosage_units"] for ln in order["lines"]),
         }
 
-    def _emit(self, order: dict[str, Any], verdict: dict[str, Any]) -> None:
+    def _outputs(self, order: dict[str, Any], verdict: dict[str, Any]) -> list[tuple[str, str, bytes]]:
+        """Every message the verdict sends, encoded (topic, key, bytes): encoding fails before anything is sent."""
         oid = order["order_id"]
-        self.emitter.send(t.VERDICTS, "som.Verdict", oid, verdict)
+        enc = self.codec.encode
+        out = [(t.VERDICTS, oid, enc("som.Verdict", verdict))]
         # The findings that decided (a fired static rule that is only recorded does not hold the order).
         fired = [r for r in verdict["reasons"] if r["fired"] and r.get("enforced", True)]
         if verdict["verdict"] == "HOLD":
-            self.emitter.send(t.HOLD, "som.Hold", oid, {
+            out.append((t.HOLD, oid, enc("som.Hold", {
                 "order_id": oid, "order_number": order["order_number"], "purchaser_dea": order["purchaser_dea"],
                 "held_at": verdict["decided_at"], "reasons": fired,
                 "summary": " ".join(r["explanation"] for r in fired), "order": order,
-            })
-            self.counts["held"] += 1
-            action, outcome = "order.held", "HOLD"
+            })))
         else:
-            self.emitter.send(t.RELEASE, "som.Release", oid, {
+            out.append((t.RELEASE, oid, enc("som.Release", {
                 "order_id": oid, "order_number": order["order_number"], "purchaser_dea": order["purchaser_dea"],
                 "supplier_dea": order["supplier_dea"], "released_at": verdict["decided_at"],
                 "released_by": "monitor", "lines": order["lines"],
-            })
+            })))
+        return out
+
+    def _publish(self, order: dict[str, Any], verdict: dict[str, Any], outputs: list[tuple[str, str, bytes]]) -> None:
+        for topic, key, payload in outputs:
+            self.emitter.publisher.publish(topic, key, payload)
+        fired = [r for r in verdict["reasons"] if r["fired"] and r.get("enforced", True)]
+        if verdict["verdict"] == "HOLD":
+            self.counts["held"] += 1
+            action, outcome = "order.held", "HOLD"
+        else:
             self.counts["released"] += 1
             action, outcome = "order.released", "RELEASE"
-        self.emitter.audit(STAGE, action, outcome, order_id=oid, purchaser_dea=order["purchaser_dea"],
+        self.emitter.audit(STAGE, action, outcome, order_id=order["order_id"], purchaser_dea=order["purchaser_dea"],
                            detail={"order_number": order["order_number"], "model_version": verdict["model_version"],
                                    "fired": [f"{r['detector']}:{r['drug_family']}" for r in fired]})

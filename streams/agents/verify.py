@@ -18,13 +18,28 @@ where:
   across restarts and rebalances;
 * a valid order that arrived keyed by another DEA number than the one it was
   signed for is re-keyed onto the received topic first, so that the replay
-  state of a purchaser is only ever read and written by the partition's owner.
+  state of a purchaser is only ever read and written by the partition's owner;
+* an order addressed to a supplier DEA number that is not this distributor's
+  (``CSOS_SUPPLIER_DEA``) is rejected WRONG_SUPPLIER;
+* the receipt time is the sender's ``received_at`` only when it lies within
+  ``CSOS_RECEIPT_SKEW_SECONDS`` of the broker's append time of the message;
+  otherwise the order is judged as received at the append time (a sender
+  cannot backdate an expired order into its 60 days);
+* an order id names one order: the same id with the same bytes (a
+  redelivery) repeats the acceptance, with other bytes it is dead-lettered
+  DUPLICATE_ORDER_ID instead of overwriting the first order's rows.
+
+State changes are per order and never rolled back: an order number is
+recorded as accepted before the verified record is written, so a failure on
+one order (or on its outputs) can neither release it twice nor undo what an
+earlier order of the same batch recorded.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import datetime, timedelta
-from typing import Any, MutableMapping
+from typing import Any, Iterable, MutableMapping
 
 from .. import topic_names as t
 from ..avro_codec import AvroCodec, default_codec
@@ -38,7 +53,14 @@ log = logging.getLogger(__name__)
 STAGE = "verify"
 STATE_SCHEMA = "csos.state.PurchaserVerifyState"
 DUPLICATE_ORDER_NUMBER = "DUPLICATE_ORDER_NUMBER"
+DUPLICATE_ORDER_ID = "DUPLICATE_ORDER_ID"
 VERIFICATION_ERROR = "VERIFICATION_ERROR"
+WRONG_SUPPLIER = "WRONG_SUPPLIER"
+RECEIVED_SCHEMA = "csos.orders.ReceivedOrder"
+VERIFY_STATE_SOURCE = "csos-verify-state"  # a dead letter's source_topic for a parked order (not a topic)
+RECEIVED_FIELDS = ("order_id", "received_at", "source", "format", "document", "signature")
+#: How far the sender's received_at may lie from the broker's append time before it is overruled.
+DEFAULT_RECEIPT_SKEW = timedelta(seconds=300)
 #: How long an accepted order number is remembered. Orders are void 60 days
 #: after signing, so a replay of the same signed order is refused as expired
 #: afterwards anyway; the margin covers clock skew and late receipt.
@@ -51,21 +73,35 @@ def _ms(dt: datetime) -> int:
     return int(dt.timestamp() * 1000)
 
 
+def order_digest(rec: dict[str, Any]) -> str:
+    """SHA-256 (hex) of what the purchaser sent: document (length-framed, absent != empty) and signature."""
+    doc = rec["document"]
+    h = hashlib.sha256(b"-" if doc is None else len(doc).to_bytes(8, "big") + bytes(doc))
+    h.update(bytes(rec["signature"]))
+    return h.hexdigest()
+
+
 class VerifyProcessor:
     def __init__(self, verifier: Verifier, products: ProductMaster, emitter: Emitter,
                  table: MutableMapping[bytes, bytes], directory: RegistrantDirectory | None = None,
-                 feed: ReferenceFeed | None = None, codec: AvroCodec | None = None) -> None:
+                 feed: ReferenceFeed | None = None, codec: AvroCodec | None = None, *,
+                 suppliers: Iterable[str] | None = None, receipt_skew: timedelta = DEFAULT_RECEIPT_SKEW) -> None:
+        """``suppliers``: the DEA numbers an order may be addressed to (None: not checked, for tools and
+        tests; the worker always passes CSOS_SUPPLIER_DEA). ``receipt_skew``: see the module docstring."""
         self.verifier = verifier
+        self.suppliers = frozenset(suppliers) if suppliers is not None else None
+        self.receipt_skew = receipt_skew
         self.products = products
         self.emitter = emitter
         self.directory = directory  # None: registration status is not checked
         self.feed = feed
         self.codec = codec or default_codec()
-        self.counts = {"verified": 0, "rejected": 0, "dead_lettered": 0, "parked": 0, "rerouted": 0}
+        self.counts = {"verified": 0, "rejected": 0, "dead_lettered": 0, "parked": 0, "rerouted": 0,
+                       "receipt_corrected": 0, "redelivered": 0}
         self.state: CachedTable[dict[str, Any]] = CachedTable(
             table,
             load=lambda raw, dea: (self.codec.decode(raw, expect=STATE_SCHEMA)[1] if raw is not None
-                                   else {"purchaser_dea": dea, "accepted": {}, "pending": {}}),
+                                   else {"purchaser_dea": dea, "accepted": {}, "pending": {}, "order_ids": {}}),
             dump=lambda state: self.codec.encode(STATE_SCHEMA, state),
         )
 
@@ -103,12 +139,29 @@ class VerifyProcessor:
         for dea in self.state.keys():
             state = self.state.get(dea)
             for order_id, raw in list(state["pending"].items()):
-                _, rec = self.codec.decode(raw, expect="csos.orders.ReceivedOrder")
-                if self._verify(rec, dea, raw, parked=True):
+                try:
+                    _, rec = self.codec.decode(raw, expect=RECEIVED_SCHEMA)
+                    done = self._verify(rec, dea, raw, parked=True)
+                except Exception as exc:  # noqa: BLE001 - one parked order must not stop the others
+                    log.exception("re-verification failed on parked order %s", order_id)
+                    done = self._fail_parked(order_id, raw, dea, exc)
+                if done:
                     del state["pending"][order_id]
                     self.state.mark_dirty(dea)
                     resolved += 1
         return resolved
+
+    def _fail_parked(self, order_id: str, raw: bytes, dea: str, exc: Exception) -> bool:
+        """A parked order that fails on re-verification is decided (rejected, or dead-lettered) and unparked."""
+        try:
+            rec = self.codec.decode(raw, expect=RECEIVED_SCHEMA)[1]
+        except Exception as bad:  # noqa: BLE001 - state we wrote ourselves, but never trust it blindly
+            self.counts["dead_lettered"] += 1
+            self.emitter.dead_letter(STAGE, VERIFY_STATE_SOURCE, -1, -1, dea.encode(), raw,
+                                     f"parked order {order_id} unreadable: {bad.__class__.__name__}: {bad}")
+            return True
+        self._fail(rec, exc, VERIFY_STATE_SOURCE, -1, -1, dea.encode(), raw)
+        return True
 
     def begin_batch(self) -> None:
         """The newest CRLs and registrations before judging a batch."""
@@ -125,21 +178,85 @@ class VerifyProcessor:
         return applied + resolved
 
     # ------------------------------------------------------------------ orders
-    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
-        rec = self.emitter.decode_or_dead_letter(STAGE, "csos.orders.ReceivedOrder", topic, partition, offset,
-                                                 key, value)
+    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes, *,
+               appended_at: datetime | None = None) -> None:
+        """Decide one received message. ``appended_at`` is the broker's append time of the message
+        (None: unknown, the stated receipt is used as it is)."""
+        rec = self.emitter.decode_or_dead_letter(STAGE, RECEIVED_SCHEMA, topic, partition, offset, key, value)
         if rec is None:
             self.counts["dead_lettered"] += 1
             return
         routing_key = (key or b"").decode("utf-8", errors="replace")
         try:
-            self._verify(rec, routing_key, value, parked=False)
+            rec, raw = self._judge_receipt(rec, value, appended_at)
+            if self._order_id_reused(rec, routing_key, topic, partition, offset, key, value):
+                return
+            self._verify(rec, routing_key, raw, parked=False)
         except Exception as exc:  # noqa: BLE001 - hostile input must not kill the agent
             log.exception("verification failed on order %s", rec["order_id"])
-            self.state.forget(routing_key)
+            # No state is rolled back: what earlier orders recorded stands, and so does this order's
+            # number if it was recorded before the failure (it is then never accepted twice).
+            self._fail(rec, exc, topic, partition, offset, key, value)
+
+    def _fail(self, rec: dict[str, Any], exc: Exception, topic: str, partition: int, offset: int,
+              key: bytes | None, value: bytes) -> None:
+        """Reject an order the verifier could not judge; dead-letter it if even that cannot be written."""
+        try:
             self._reject(rec, VERIFICATION_ERROR,
                          f"The order could not be verified ({exc.__class__.__name__}); it is treated as invalid.",
                          [], None, None, None)
+        except Exception as again:  # noqa: BLE001 - e.g. a field no rejection can carry
+            log.exception("rejection of order %s could not be written", rec.get("order_id"))
+            self.counts["dead_lettered"] += 1
+            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
+                                     f"{VERIFICATION_ERROR}: {exc.__class__.__name__}: {exc}; the rejection could "
+                                     f"not be written either ({again.__class__.__name__}: {again})")
+
+    def _judge_receipt(self, rec: dict[str, Any], raw: bytes,
+                       appended_at: datetime | None) -> tuple[dict[str, Any], bytes]:
+        """The order as judged: received when the sender says, unless the broker's append time says otherwise.
+
+        ``received_at`` is written by the sender; the append time by the
+        broker (``message.timestamp.type=LogAppendTime`` on the received
+        topic). A stated receipt further than the skew from the append time
+        is overruled by the append time, and the order's message is rewritten
+        with it (so a parked or re-keyed order keeps the judged receipt).
+        """
+        stated = rec["received_at"]
+        if appended_at is None or abs(stated - appended_at) <= self.receipt_skew:
+            return rec, raw
+        note = (f"the stated receipt {stated.isoformat()} is more than {self.receipt_skew.total_seconds():.0f} s "
+                f"from the broker's append time {appended_at.isoformat()}, so the order is judged as received "
+                f"at the append time")
+        judged = {f: rec[f] for f in RECEIVED_FIELDS}
+        judged["received_at"] = appended_at
+        raw = self.codec.encode(RECEIVED_SCHEMA, judged)
+        judged["receipt_note"] = note
+        self.counts["receipt_corrected"] += 1
+        self.emitter.audit(STAGE, "order.receipt_time_overruled", "OVERRULED", order_id=rec["order_id"],
+                           detail={"stated_received_at": stated.isoformat(), "appended_at": appended_at.isoformat(),
+                                   "skew_seconds": self.receipt_skew.total_seconds(), "note": note})
+        return judged, raw
+
+    def _order_id_reused(self, rec: dict[str, Any], routing_key: str, topic: str, partition: int, offset: int,
+                         key: bytes | None, value: bytes) -> bool:
+        """Dead-letter (and return True) a message reusing the id of another accepted order.
+
+        Not a rejection: ClickHouse keys an order's rows by its id, so a
+        rejection under that id would overwrite the first order's outcome.
+        Accepted orders are recorded under the DEA number they are signed
+        for, which is the key they are processed under.
+        """
+        known = self.state.get(routing_key)["order_ids"].get(rec["order_id"])
+        if known is None or known["expires_at"] <= _ms(utcnow()) or known["digest"] == order_digest(rec):
+            return False
+        reason = (f"{DUPLICATE_ORDER_ID}: order id {rec['order_id']} already names order {known['order_number']} "
+                  f"accepted from {routing_key}; this message has different bytes and is not judged under that id")
+        self.counts["dead_lettered"] += 1
+        self.emitter.dead_letter(STAGE, topic, partition, offset, key, value, reason)
+        self.emitter.audit(STAGE, "order.duplicate_order_id", DUPLICATE_ORDER_ID, order_id=rec["order_id"],
+                           purchaser_dea=routing_key, detail={"order_number": known["order_number"], "reason": reason})
+        return True
 
     def _verify(self, rec: dict[str, Any], routing_key: str, raw: bytes, *, parked: bool) -> bool:
         """Judge one order. Returns False only when it stays (or becomes) parked."""
@@ -152,6 +269,16 @@ class VerifyProcessor:
             self._reject_outcome(rec, outcome)
             return True
         dea = order.purchaser.dea_number
+        checks = [{"check": c.check, "passed": c.passed, "detail": c.detail} for c in outcome.checks]
+        supplier = order.supplier.dea_number
+        if self.suppliers is not None and supplier not in self.suppliers:
+            checks.append({"check": "supplier", "passed": False,
+                           "detail": f"addressed to {supplier}, not to {', '.join(sorted(self.suppliers))}"})
+            self._reject(rec, WRONG_SUPPLIER,
+                         f"The order is addressed to supplier DEA number {supplier}, which is not this "
+                         "distributor's; send it to the supplier it names, or sign a new order naming this one.",
+                         checks, order.order_number, dea, outcome.signer_subject)
+            return True
         if dea != routing_key and not parked:
             # Re-key so the purchaser's state partition owner decides (replay protection).
             self.emitter.publisher.publish(t.RECEIVED, dea, raw)
@@ -159,7 +286,6 @@ class VerifyProcessor:
                                detail={"received_key": routing_key, "signed_for": dea})
             self.counts["rerouted"] += 1
             return True
-        checks = [{"check": c.check, "passed": c.passed, "detail": c.detail} for c in outcome.checks]
         if self.directory is not None:
             finding = self.directory.check(dea, rec["received_at"])
             if finding.code == REGISTRANT_UNKNOWN:
@@ -173,9 +299,21 @@ class VerifyProcessor:
                              "to order controlled substances; renew or correct the registration, then send a new "
                              "order.", checks, order.order_number, dea, outcome.signer_subject)
                 return True
+        return self._use_order_number(rec, outcome, dea, checks)
+
+    def _use_order_number(self, rec: dict[str, Any], outcome: Outcome, dea: str,
+                          checks: list[dict[str, Any]]) -> bool:
+        """Accept a valid order if its number is unused (or it is a redelivery of the order that used it)."""
         state = self.state.get(dea)
         now_ms = _ms(utcnow())
-        number = order.order_number
+        number = outcome.order.order_number
+        digest = order_digest(rec)
+        known = state["order_ids"].get(rec["order_id"])
+        if known is not None and known["digest"] == digest and known["order_number"] == number \
+                and known["expires_at"] > now_ms:
+            self.counts["redelivered"] += 1
+            self._accept(rec, outcome, redelivered=True)  # the same order again: its outputs again
+            return True
         if state["accepted"].get(number, 0) > now_ms:
             checks.append({"check": "order_number_unused", "passed": False,
                            "detail": f"order number {number} was already accepted from {dea}"})
@@ -183,10 +321,14 @@ class VerifyProcessor:
                          f"Order number {number} was already used by {dea} and is accepted only once; "
                          "send a new order with a new order number.", checks, number, dea, outcome.signer_subject)
             return True
+        expires = _ms(outcome.order.signed_at + REMEMBER)
         state["accepted"] = {n: exp for n, exp in state["accepted"].items() if exp > now_ms}
-        state["accepted"][number] = _ms(order.signed_at + REMEMBER)
+        state["order_ids"] = {o: k for o, k in state["order_ids"].items() if k["expires_at"] > now_ms}
+        # Recorded before the outputs are written, and never rolled back: if writing them fails the order
+        # is rejected, and a second copy finds its number used (or, the same bytes, repeats this attempt).
+        state["accepted"][number] = expires
+        state["order_ids"][rec["order_id"]] = {"digest": digest, "order_number": number, "expires_at": expires}
         self.state.mark_dirty(dea)
-        checks.append({"check": "order_number_unused", "passed": True, "detail": f"first use of {number}"})
         self._accept(rec, outcome)
         return True
 
@@ -194,9 +336,6 @@ class VerifyProcessor:
               outcome: Outcome, *, parked: bool) -> bool:
         if parked:
             return False  # still waiting; it was announced when first parked
-        state = self.state.get(routing_key)
-        state["pending"][rec["order_id"]] = raw
-        self.state.mark_dirty(routing_key)
         order = outcome.order
         self.emitter.send(t.PENDING, "csos.orders.PendingOrder", rec["order_id"], {
             "order_id": rec["order_id"], "received_at": rec["received_at"], "parked_at": utcnow(),
@@ -204,13 +343,19 @@ class VerifyProcessor:
             "order_number": order.order_number if order else None,
             "purchaser_dea": order.purchaser.dea_number if order else None, "attempts": 1,
         })
+        detail = {"reason": reason}
+        if rec.get("receipt_note"):
+            detail["receipt"] = rec["receipt_note"]
         self.emitter.audit(STAGE, "order.parked", code, order_id=rec["order_id"],
-                           purchaser_dea=order.purchaser.dea_number if order else None,
-                           detail={"reason": reason})
+                           purchaser_dea=order.purchaser.dea_number if order else None, detail=detail)
+        # Stored only once it is announced: an order that failed to park is rejected, never also re-verified.
+        state = self.state.get(routing_key)
+        state["pending"][rec["order_id"]] = raw
+        self.state.mark_dirty(routing_key)
         self.counts["parked"] += 1
         return False
 
-    def _accept(self, rec: dict[str, Any], outcome: Outcome) -> None:
+    def _accept(self, rec: dict[str, Any], outcome: Outcome, *, redelivered: bool = False) -> None:
         order = outcome.order
         verified = {
             "order_id": rec["order_id"],
@@ -229,11 +374,16 @@ class VerifyProcessor:
         }
         # Keyed by the DEA number the signature vouches for, not the sender's claim:
         # the monitor's per-registrant state is partitioned by it.
-        self.emitter.send(t.VERIFIED, "csos.orders.VerifiedOrder", order.purchaser.dea_number, verified)
+        payload = self.codec.encode("csos.orders.VerifiedOrder", verified)  # fails here, before any output
+        self.emitter.publisher.publish(t.VERIFIED, order.purchaser.dea_number, payload)
+        detail = {"order_number": order.order_number, "signer_serial": outcome.signer_serial,
+                  "checks": [c.check for c in outcome.checks], "lines": len(order.lines)}
+        if redelivered:
+            detail["redelivered"] = "the same order id and bytes as an order already accepted: its outputs again"
+        if rec.get("receipt_note"):
+            detail["receipt"] = rec["receipt_note"]
         self.emitter.audit(STAGE, "order.verified", "VERIFIED", order_id=rec["order_id"],
-                           purchaser_dea=order.purchaser.dea_number,
-                           detail={"order_number": order.order_number, "signer_serial": outcome.signer_serial,
-                                   "checks": [c.check for c in outcome.checks], "lines": len(order.lines)})
+                           purchaser_dea=order.purchaser.dea_number, detail=detail)
         self.counts["verified"] += 1
 
     def _registrant_field(self, dea: str, name: str) -> str | None:
@@ -251,12 +401,17 @@ class VerifyProcessor:
 
     def _reject(self, rec: dict[str, Any], code: str, reason: str, checks: list[dict[str, Any]],
                 order_number: str | None, purchaser_dea: str | None, signer_subject: str | None) -> None:
+        detail = {"order_number": order_number, "reason": reason}
+        if rec.get("receipt_note"):
+            checks = [{"check": "receipt_time", "passed": False, "detail": rec["receipt_note"]}] + checks
+            detail["receipt"] = rec["receipt_note"]
         rejection = {
             "order_id": rec["order_id"], "received_at": rec["received_at"], "rejected_at": utcnow(),
             "reason_code": code, "reason": reason, "order_number": order_number,
             "purchaser_dea": purchaser_dea, "signer_subject": signer_subject, "checks": checks,
         }
-        self.emitter.send(t.REJECTED, "csos.orders.Rejection", rec["order_id"], rejection)
+        payload = self.codec.encode("csos.orders.Rejection", rejection)  # fails here, before any output
+        self.emitter.publisher.publish(t.REJECTED, rec["order_id"], payload)
         self.emitter.audit(STAGE, "order.rejected", code, order_id=rec["order_id"], purchaser_dea=purchaser_dea,
-                           detail={"order_number": order_number, "reason": reason})
+                           detail=detail)
         self.counts["rejected"] += 1
