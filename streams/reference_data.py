@@ -215,6 +215,7 @@ class ReferenceFeed(threading.Thread):
             "group.id": self.trace_group,
             "auto.offset.reset": "earliest",  # a group's first member traces what is already there
             "enable.auto.commit": False,
+            **client_config(),
         }, logger=logging.getLogger("streams.reference_data.librdkafka"))
         consumer.subscribe(list(self.TOPICS))
         return consumer
@@ -226,28 +227,32 @@ class ReferenceFeed(threading.Thread):
             self.caught_up.set()
         try:
             while not self.stopping.is_set():
+                # Batches from both consumers, and no waiting on the tracer while the worker's own copy is
+                # still behind: catching up must cost the records' reading, not a wait per record.
                 if tracer is not None:
-                    self._trace_batch(tracer)
-                msg = consumer.poll(0.5 if tracer is None else 0.25)
-                if msg is None:
-                    continue
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        behind.pop((msg.topic(), msg.partition()), None)
-                        if not behind:
-                            self.caught_up.set()
-                    else:
-                        log.warning("reference feed: %s", msg.error())
-                    continue
-                self._queue(msg)
-                if behind.get((msg.topic(), msg.partition()), -1) <= msg.offset() + 1:
-                    behind.pop((msg.topic(), msg.partition()), None)
-                    if not behind:
-                        self.caught_up.set()
+                    self._trace_batch(tracer, timeout=0.0 if behind else 0.25)
+                for msg in consumer.consume(num_messages=500, timeout=0.5 if tracer is None else 0.25):
+                    self._read(msg, behind)
         finally:
             consumer.close()
             if tracer is not None:
                 tracer.close()
+
+    def _read(self, msg: Any, behind: dict[tuple[str, int], int]) -> None:
+        """Apply one message of the worker's own copy and note when every partition has been read."""
+        if msg.error():
+            if msg.error().code() == KafkaError._PARTITION_EOF:
+                behind.pop((msg.topic(), msg.partition()), None)
+                if not behind:
+                    self.caught_up.set()
+            else:
+                log.warning("reference feed: %s", msg.error())
+            return
+        self._queue(msg)
+        if behind.get((msg.topic(), msg.partition()), -1) <= msg.offset() + 1:
+            behind.pop((msg.topic(), msg.partition()), None)
+            if not behind:
+                self.caught_up.set()
 
     def _queue(self, msg: Any) -> None:
         """Every worker's copy: usable records are applied, unusable ones only logged (the tracer traces them)."""
@@ -260,10 +265,10 @@ class ReferenceFeed(threading.Thread):
             return
         self.updates.put(Update(msg.topic(), key, record))
 
-    def _trace_batch(self, tracer: Consumer) -> None:
+    def _trace_batch(self, tracer: Consumer, timeout: float = 0.25) -> None:
         """Trace what this worker's share of the partitions holds, then commit so it is never traced again."""
         messages = []
-        for m in tracer.consume(num_messages=500, timeout=0.25):
+        for m in tracer.consume(num_messages=500, timeout=timeout):
             if m.error():
                 log.warning("reference trace: %s", m.error())
             else:

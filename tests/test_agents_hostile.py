@@ -293,7 +293,7 @@ def test_monitor_decides_every_order_of_a_batch_with_a_huge_quantity_in_it() -> 
     proc, pub, _ = monitor_agent()
     at = NOW - timedelta(hours=1)
     huge = verified_order("BP1234563", at, {"OXYCODONE": 400})
-    huge["lines"][0].update(packages=2 ** 40, dosage_units=2 ** 40 * 100)  # readable Avro; no hold can carry it
+    huge["lines"][0].update(packages=2 ** 40, dosage_units=2 ** 40 * 100)  # fastavro writes it; an Avro int can't hold it
     normal = [verified_order("BP1234563", at + timedelta(minutes=i), {"OXYCODONE": 400}) for i in (1, 2)]
     proc.begin_batch()
     for i, o in enumerate([normal[0], huge, normal[1]]):
@@ -302,9 +302,34 @@ def test_monitor_decides_every_order_of_a_batch_with_a_huge_quantity_in_it() -> 
     verdicts = [codec.decode(v)[1]["order_id"] for tp, _, v in pub.sent if tp == t.VERDICTS]
     assert verdicts == [normal[0]["order_id"], normal[1]["order_id"]]
     [dead] = [codec.decode(v)[1] for tp, _, v in pub.sent if tp == t.DLQ]
-    assert dead["reason"].startswith("monitor_error: ") and "not released" in dead["reason"]
+    # Refused where it enters (the codec range-checks every int), so no stage ever has to carry it.
+    assert "csos.orders.OrderLine.packages = 1099511627776" in dead["reason"]
     released = [codec.decode(v)[1]["order_id"] for tp, _, v in pub.sent if tp == t.RELEASE]
     assert huge["order_id"] not in released
+
+
+def test_monitor_dead_letters_an_order_whose_hold_cannot_be_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail closed to the end: no hold can be encoded, so the order is dead-lettered, never released."""
+    proc, pub, _ = monitor_agent()
+    at = NOW - timedelta(hours=1)
+    orders = [verified_order("BP1234563", at + timedelta(minutes=i), {"OXYCODONE": 400}) for i in (0, 1)]
+    doomed = orders[1]["order_id"]
+    real_outputs = proc._outputs
+
+    def outputs(order: dict[str, Any], verdict: dict[str, Any]) -> Any:
+        if order["order_id"] == doomed:
+            raise ValueError("cannot encode")
+        return real_outputs(order, verdict)
+
+    monkeypatch.setattr(proc, "_outputs", outputs)
+    proc.begin_batch()
+    for i, o in enumerate(orders):
+        proc.handle(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o))
+    proc.end_batch()
+    [dead] = [codec.decode(v)[1] for tp, _, v in pub.sent if tp == t.DLQ]
+    assert dead["reason"].startswith("monitor_error: ") and "not released" in dead["reason"]
+    released = [codec.decode(v)[1]["order_id"] for tp, _, v in pub.sent if tp == t.RELEASE]
+    assert released == [orders[0]["order_id"]]
 
 
 def test_monitor_holds_an_order_it_cannot_learn_and_keeps_what_the_batch_learned(

@@ -24,7 +24,7 @@ from confluent_kafka.admin import AclBindingFilter, AclOperation, AclPermissionT
     ResourcePatternType, ResourceType
 
 from connectors.broker import LocalBroker, free_port
-from connectors.feed import prepare_feed, publish, publish_reference_data
+from connectors.feed import prepare_feed, publish, publish_reference_data, replay_settings
 from connectors.kafka_acls import ROLES, acl_bindings, upsert_scram_users
 from connectors.kafka_io import PRODUCER_DEFAULTS, Publisher
 from connectors.kafka_security import KafkaSecurity
@@ -137,6 +137,7 @@ def test_the_pipeline_decides_orders_over_sasl_each_service_as_its_own_principal
         web_port=free_port(), sink_port=free_port(), app_id=secured.app_id)
     feed = prepare_feed(settings, registrants=4, seed=5, days=20, bad_counts={"tampered": 2},
                         suspicious_counts={})
+    settings = replay_settings(settings, feed)  # its supplier DEA, and a receipt skew admitting its history
     for k, v in secured.env("reference").items():
         monkeypatch.setenv(k, v)
     publish_reference_data(settings, Publisher(settings.kafka_bootstrap))

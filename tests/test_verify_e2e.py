@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -220,13 +220,18 @@ def test_each_check_end_to_end(h, case):
     at = h.end + timedelta(hours=10, minutes=len(case))
     if case == "revoked_after_signing":
         # Signed while valid, revoked before receipt: revocation is judged at receipt (1311.55).
+        # Times relative to now: the new CRL must be newer than every CRL the worker already holds.
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        at = now - timedelta(hours=2)
         cred = _cert(h)
         h.feed.pki.revoke(cred.serial, at + timedelta(minutes=10))
         path = h.p.settings.data_dir / f"crl-{uuid.uuid4().hex}.crl"
         from cryptography.hazmat.primitives.serialization import Encoding
-        path.write_bytes(h.feed.pki.build_crl(at, at + timedelta(days=7)).public_bytes(Encoding.DER))
+        path.write_bytes(h.feed.pki.build_crl(now, now + timedelta(days=7)).public_bytes(Encoding.DER))
         publish_crls(h.publisher, [path])
-        time.sleep(2)
+        # The worker has taken the CRL in once it audits loading it (the sink writes the audit trail).
+        h.p.eventually(f"SELECT count() FROM audit_events WHERE action = 'crl.loaded' AND detail LIKE '%{path.name}%'",
+                       lambda rows: rows and int(rows[0][0]) > 0)
         received = at + timedelta(hours=1)
     else:
         cred = make(h)
