@@ -555,6 +555,33 @@ def bench(registrants: int, days: int, seed: int, rate: float | None) -> None:
     click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate).render())
 
 
+
+@main.group()
+def hostile() -> None:
+    """Hostile input against a pipeline of its own (issue 9): test tooling, not a test."""
+
+
+@hostile.command("soak")
+@click.option("--count", default=10_000, show_default=True, help="Hostile messages to send (normal orders included).")
+@click.option("--seed", default=1, show_default=True, help="Same seed, same messages.")
+@click.option("--registrants", default=30, show_default=True, help="Simulated customers (signers of valid orders).")
+@click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait for every message's trace.")
+def hostile_soak(count: int, seed: int, registrants: int, timeout: float) -> None:
+    """Send COUNT hostile messages of every class and check the bar: no crash, 0 released, one trace each.
+
+    Starts its own broker, sink and worker on free ports with data in
+    CSOS_DATA_DIR/hostile, publishes a normal history, the hostile messages
+    (normal orders mixed in) and a sentinel order, waits for every trace, then
+    prints per class: sent, traced, released, dead-lettered, rejected, held,
+    parked, failing; exits 1 if a check fails.
+    """
+    from .hostile_soak import run_soak
+
+    s = _settings()
+    s = s.with_(data_dir=s.data_dir / "hostile", pki_dir=s.data_dir / "hostile" / "pki")
+    if not run_soak(s, count=count, seed=seed, registrants=registrants, timeout=timeout, echo=click.echo):
+        sys.exit(1)
+
 @main.group()
 def evaluate() -> None:
     """Evaluate the monitor's detectors (learned and static rules) offline, with reports to files."""
