@@ -47,7 +47,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from streams import topic_names as t
-from streams.avro_codec import AvroCodec, default_codec
+from streams.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.cms import sign_order
 from streams.identifiers import make_dea_number
 from streams.model import Order, OrderLine, Party
@@ -55,6 +55,7 @@ from streams.order_document import encode_order
 from streams.products import Product, ProductMaster
 
 from .kafka_io import PRODUCER_DEFAULTS, consume_all
+from .kafka_security import client_config
 from .pki import Credential, TestPKI, pooled_key
 from .simulator import Registrant, SigningKit
 
@@ -509,7 +510,10 @@ def _shipment(packages: Callable[[_Builder], int]) -> Callable[[_Builder, str, s
                   "shipped_at": b.ctx.now,
                   "lines": [{"line_no": 1, "ndc": b.lines(reg, 1)[0].ndc, "packages_shipped": n}]}
         value = b.codec.encode("warehouse.ShipmentConfirmation", record)
-        decoded = b.codec.decode(value)[1]["lines"][0]["packages_shipped"]
+        try:
+            decoded = b.codec.decode(value)[1]["lines"][0]["packages_shipped"]
+        except DecodeError as exc:  # the codec's range check refuses it: the bytes carry the value as is
+            decoded = n if str(n) in str(exc) else None
         if decoded != n:
             raise RuntimeError(f"fastavro no longer writes packages_shipped={n} as is (read back {decoded})")
         return [HostileMessage(t.SHIPMENTS, oid.encode(), value, kind, expected)]
@@ -614,7 +618,7 @@ def publish_hostile(bootstrap: str, messages: Sequence[HostileMessage], timeout:
 
     Raises if one could not be written: a message the broker refused has no trace to look for.
     """
-    producer = Producer(dict(PRODUCER_DEFAULTS, **{"bootstrap.servers": bootstrap}))
+    producer = Producer(dict(PRODUCER_DEFAULTS, **{"bootstrap.servers": bootstrap}, **client_config()))
     placed: dict[int, tuple[int, int]] = {}
     errors: list[str] = []
 
