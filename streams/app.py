@@ -5,10 +5,41 @@ single-object, ``streams.avro_codec``) and processing (the processors in
 ``streams.agents``) are kept apart, as in quix-streams and bytewax: Faust
 hands raw bytes to a processor, which decodes, decides and emits.
 
-Delivery is at-least-once. Each agent takes a batch of events
-(``take_events``), processes it, and flushes the producer before the batch is
-acknowledged, so an output is never lost; a crash may repeat a batch, and
-every consumer (ClickHouse sink, warehouse) is idempotent on order id.
+Delivery is at-least-once, outcomes are exactly-once per order id. Each
+agent takes a batch of events (``take_events``) and, holding its lock
+(timers that touch the same state wait):
+
+1. handles every event: state changes in its cache, outputs *buffered* as
+   encoded bytes (``Emitter(buffered=True)``), and per order id the decision
+   and those exact bytes recorded in the same state (``streams.outcomes``);
+2. writes the changed state to its table and waits until the broker has
+   acknowledged every changelog record (``DurableTable.write_durable``);
+3. publishes the buffered outputs and waits for their delivery;
+4. lets Faust acknowledge the events; it commits the offsets ~1 s later.
+
+What a kill -9 at each point leaves, and what the restarted worker does
+with the batch Kafka delivers again:
+
+* during 1, or during 2 before the changelog is written: nothing of the
+  batch anywhere; it is decided afresh (as the first time);
+* after 2, before or during 3: the state (decisions and recorded outputs) is
+  durable, the outputs are missing or partly out; each redelivered order
+  finds its record and re-publishes the recorded bytes: no output lost, at
+  worst a duplicate of the same message, never a second judgement;
+* after 3, before the commit: the same, re-published duplicates;
+* an upstream duplicate (the verify agent re-published an order after its
+  own crash, so the monitor reads it at a new offset) finds the order id's
+  record (kept ``CSOS_DEDUP_DAYS``) and is audited, not judged or learned again.
+
+The reverse order (outputs first, then state) was the old one: a crash
+between them re-judged orders whose outputs were already out (a verified
+order then rejected as a replay of itself, an order learned twice).
+
+Timers (re-verification of parked orders, the due-diligence clock) have no
+input offset to redeliver their work, so they publish first and write state
+second: a crash between them repeats the step (a duplicate of the same
+outcome), it never loses one. Recorded outputs are pruned once the group's
+committed offset passes their input (refreshed every few seconds).
 """
 from __future__ import annotations
 
@@ -36,7 +67,9 @@ from .config import Settings
 from .emit import Emitter
 from .faust_tuning import set_fetch_max_wait
 from .identifiers import is_valid_dea_number
+from .outcomes import OutcomeBook
 from .reference_data import ReferenceFeed, RegistrantDirectory
+from .table_state import DurableTable
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +111,28 @@ def _appended_at(event: Any) -> datetime:
 
 _warned_create_time: set[str] = set()
 _STAGES = {VerifyProcessor: VERIFY_STAGE, MonitorProcessor: MONITOR_STAGE, CaseProcessor: CASE_STAGE}
+#: How often the agents learn the group's committed offsets (to prune outputs recorded for redelivery).
+COMMITTED_REFRESH_SECONDS = 2.0
+
+
+def committed_offsets(app: faust.App) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> the offset this worker's group committed (the next one to read), as Faust knows it.
+
+    Faust keeps it after every successful commit and reads it from the
+    broker on each assignment (``Consumer._committed_offset``, no public
+    accessor); an input below it will not be delivered again.
+    """
+    known = getattr(app.consumer, "_committed_offset", {})  # noqa: SLF001
+    return {(tp.topic, tp.partition): off for tp, off in list(known.items()) if off is not None}
+
+
+async def settle_timer_step(proc: VerifyProcessor | MonitorProcessor | CaseProcessor, table: DurableTable) -> None:
+    """After a step that no input offset will repeat (a timer): publish its outputs, then write its state."""
+    proc.state.flush()
+    if proc.emitter.pending:
+        await proc.emitter.publish_pending()
+    if table.unsent:
+        await table.write_durable()
 
 
 def handle_event(proc: VerifyProcessor | MonitorProcessor | CaseProcessor, stage: str, event: Any) -> None:
@@ -94,6 +149,24 @@ def handle_event(proc: VerifyProcessor | MonitorProcessor | CaseProcessor, stage
         proc.counts["unhandled"] = proc.counts.get("unhandled", 0) + 1
         proc.emitter.dead_letter(stage, topic, partition, offset, key, value or b"",
                                  f"unhandled: {exc.__class__.__name__}: {exc}")
+
+
+async def decide_batch(proc: VerifyProcessor | MonitorProcessor | CaseProcessor, table: DurableTable,
+                       events: list[Any]) -> None:
+    """One batch, durable state first: decide every event, write the state and wait for the broker, then publish.
+
+    The caller holds the agent's lock and lets Faust acknowledge the events
+    only after this returns; see the module docstring for each crash point.
+    """
+    stage = _STAGES[type(proc)]
+    proc.begin_batch()  # the verify agent takes in reference data here: a timer step, settled as one
+    await settle_timer_step(proc, table)
+    proc.counts["batches"] = proc.counts.get("batches", 0) + 1
+    for event in events:
+        handle_event(proc, stage, event)
+    proc.end_batch()  # changed state into the table's store
+    await table.write_durable()  # ... and on the broker
+    await proc.emitter.publish_pending()  # then the outputs that state records
 
 
 def require_supplier_dea(settings: Settings) -> frozenset[str]:
@@ -164,6 +237,9 @@ def create_app(settings: Settings) -> faust.App:
         use_partitioner=True,  # keyed by order id like som.hold and som.decisions (murmur2)
     )
     parts: dict[str, Any] = {}
+    durable = {VERIFY_STAGE: DurableTable(verify_table), MONITOR_STAGE: DurableTable(state_table),
+               CASE_STAGE: DurableTable(case_table)}
+    locks = {stage: asyncio.Lock() for stage in durable}  # an agent's batch or a timer step, never both at once
 
     def owns_case(order_id: str) -> bool:
         """Whether this worker actively owns the case (a standby replica must not escalate it too)."""
@@ -185,20 +261,28 @@ def create_app(settings: Settings) -> faust.App:
             products = ProductMaster.load(settings.products_path)
             publisher = Publisher(settings.kafka_bootstrap)
             parts["publisher"] = publisher
+
+            def emitter(actor: str) -> Emitter:
+                return Emitter(publisher, actor, buffered=True)  # published once the batch's state is durable
+
+            def book() -> OutcomeBook:
+                return OutcomeBook(timedelta(days=settings.dedup_days))
             # Its own producer: the feed flushes its dead letters from its thread, apart from the agents' batches.
             feed = ReferenceFeed(settings.kafka_bootstrap,
                                  emitter=Emitter(Publisher(settings.kafka_bootstrap), "reference-feed"),
                                  trace_group=f"{settings.app_id}-reference-trace")
             feed.start()
             parts["verify"] = VerifyProcessor(
-                Verifier.from_pki_dir(settings.pki_dir, products), products, Emitter(publisher, "verify-agent"),
-                verify_table, RegistrantDirectory() if settings.require_registration else None, feed,
-                suppliers=suppliers, receipt_skew=timedelta(seconds=settings.receipt_skew_seconds))
-            parts["monitor"] = MonitorProcessor(Monitor.from_env(), state_table, Emitter(publisher, "monitor-agent"))
-            parts["cases"] = CaseProcessor(case_table, Emitter(publisher, "case-agent"),
+                Verifier.from_pki_dir(settings.pki_dir, products), products, emitter("verify-agent"),
+                durable[VERIFY_STAGE], RegistrantDirectory() if settings.require_registration else None, feed,
+                suppliers=suppliers, receipt_skew=timedelta(seconds=settings.receipt_skew_seconds),
+                outcomes=book())
+            parts["monitor"] = MonitorProcessor(Monitor.from_env(), durable[MONITOR_STAGE],
+                                                emitter("monitor-agent"), outcomes=book())
+            parts["cases"] = CaseProcessor(durable[CASE_STAGE], emitter("case-agent"),
                                            due_days=settings.due_diligence_days,
                                            reporting_dea=settings.reporting_dea, owns=owns_case,
-                                           retention_days=settings.case_retention_days)
+                                           retention_days=settings.case_retention_days, outcomes=book())
         return parts
 
     async def changelog_ready(*tables: Any) -> None:
@@ -225,21 +309,19 @@ def create_app(settings: Settings) -> faust.App:
     ready: set[Any] = set()
 
     async def process_batches(stream: Any, proc: VerifyProcessor | MonitorProcessor | CaseProcessor) -> None:
-        """Take a batch, give each event an outcome, persist state, flush outputs; only then is the batch acked.
+        """Take a batch, give each event an outcome, make the state durable, then publish; only then is it acked.
 
-        A processor decides every input itself; should an exception escape it
-        anyway, that one event is dead-lettered (reason ``unhandled: ...``,
-        with an audit event) and the batch goes on. Only a failure to write
-        even that stops the agent, before anything is acknowledged.
+        The order of the steps and what a crash at each leaves are in the
+        module docstring. A processor decides every input itself; should an
+        exception escape it anyway, that one event is dead-lettered (reason
+        ``unhandled: ...``, with an audit event) and the batch goes on. Only a
+        failure to write even that, the state or the outputs stops the agent,
+        before anything is acknowledged.
         """
         stage = _STAGES[type(proc)]
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
-            proc.begin_batch()
-            proc.counts["batches"] = proc.counts.get("batches", 0) + 1
-            for event in events:
-                handle_event(proc, stage, event)
-            proc.end_batch()
-            await proc.emitter.flush()
+            async with locks[stage]:
+                await decide_batch(proc, durable[stage], events)
 
     @app.agent(received)
     async def verify_agent(stream: Any) -> None:
@@ -249,16 +331,19 @@ def create_app(settings: Settings) -> faust.App:
         if not await loop.run_in_executor(None, proc.feed.wait_caught_up, 60.0):
             log.warning("reference data (CRLs, registrants) not read to the end within 60 s; orders that need "
                         "it are parked until it arrives")
-        proc.tick()
-        await proc.emitter.flush()
+        async with locks[VERIFY_STAGE]:
+            proc.tick()
+            await settle_timer_step(proc, durable[VERIFY_STAGE])
         await process_batches(stream, proc)
 
     @app.timer(interval=1.0)
     async def reference_data_tick() -> None:
         """Idle or busy, a fresh CRL or registration re-verifies parked orders within a second."""
         proc = parts.get("verify")
-        if proc is not None and verify_table in ready and proc.tick():
-            await proc.emitter.flush()
+        if proc is not None and verify_table in ready:
+            async with locks[VERIFY_STAGE]:
+                proc.tick()
+                await settle_timer_step(proc, durable[VERIFY_STAGE])
 
     @app.agent(verified)
     async def monitor_agent(stream: Any) -> None:
@@ -274,8 +359,21 @@ def create_app(settings: Settings) -> faust.App:
     async def due_diligence_clock() -> None:
         """Escalate held orders whose due-diligence period lapsed, idle or busy."""
         proc = parts.get("cases")
-        if proc is not None and case_table in ready and proc.tick():
-            await proc.emitter.flush()
+        if proc is not None and case_table in ready:
+            async with locks[CASE_STAGE]:
+                proc.tick()
+                await settle_timer_step(proc, durable[CASE_STAGE])
+
+    @app.timer(interval=COMMITTED_REFRESH_SECONDS)
+    async def committed_offsets_refresh() -> None:
+        """Tell each agent which inputs are committed, so it forgets the outputs it kept for their redelivery."""
+        try:
+            offsets = committed_offsets(app)
+        except Exception:  # noqa: BLE001 - not started yet: keep everything a little longer
+            return
+        for name in ("verify", "monitor", "cases"):
+            if name in parts:
+                parts[name].outcomes.set_committed(offsets)
 
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:

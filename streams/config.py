@@ -52,6 +52,9 @@ class Settings:
     # -- issue 9 (hostile input), verify agent
     supplier_dea: str = ""  # CSOS_SUPPLIER_DEA: this distributor's DEA number(s), comma-separated; the worker needs it
     receipt_skew_seconds: float = 300.0  # CSOS_RECEIPT_SKEW_SECONDS: stated receipt vs broker append time
+    # -- issue 10 (crash-safe outcomes): how long an order id's decision is remembered by each agent, so that a
+    # duplicate (a redelivery, or an upstream agent repeating its output after a crash) is not judged twice.
+    dedup_days: float = 14.0
 
     @property
     def supplier_deas(self) -> frozenset[str]:
@@ -102,6 +105,8 @@ class Settings:
             # -- issue 9 (hostile input), verify agent
             supplier_dea=_env("CSOS_SUPPLIER_DEA", ""),
             receipt_skew_seconds=float(_env("CSOS_RECEIPT_SKEW_SECONDS", str(cls.receipt_skew_seconds))),
+            # -- issue 10 (crash-safe outcomes)
+            dedup_days=float(_env("CSOS_DEDUP_DAYS", str(cls.dedup_days))),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -3,14 +3,22 @@
 Agents never build wire bytes themselves; they call an ``Emitter`` so that
 every output is Avro with the right schema, every step leaves an audit event,
 and nothing is acknowledged on input before its outputs are flushed.
+
+An emitter is *immediate* (each message goes to the producer at once: the
+intake, review, sink and reference feed) or *buffered* (the stream agents):
+a buffered emitter keeps a batch's messages as encoded bytes until
+``publish_pending``, which the worker calls only once the state that
+records them is durable (see ``streams.app``). ``capture`` lets an agent
+see the exact messages one order produced, to record them with its outcome.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from connectors.kafka_io import MessageTooLarge, Publisher
 
@@ -26,6 +34,12 @@ MAX_DEAD_LETTER_PAYLOAD = 512 * 1024
 MAX_DEAD_LETTER_KEY = 1024
 #: Characters of the reason kept (reasons quote exceptions, which may quote the input).
 MAX_DEAD_LETTER_REASON = 4000
+#: What a buffered emitter refuses at once, as the producer would (librdkafka's default ``message.max.bytes``):
+#: a message that can never be sent must fail while its order is handled, not when the batch is published.
+MAX_MESSAGE_BYTES = 1_000_000
+
+#: One message as produced: (topic, key bytes or None, value bytes).
+Message = tuple[str, bytes | None, bytes]
 
 
 def utcnow() -> datetime:
@@ -41,13 +55,71 @@ def _cut(what: str, data: bytes, limit: int) -> tuple[bytes, str]:
 
 
 class Emitter:
-    def __init__(self, publisher: Publisher, actor: str, codec: AvroCodec | None = None) -> None:
+    def __init__(self, publisher: Publisher, actor: str, codec: AvroCodec | None = None, *,
+                 buffered: bool = False) -> None:
         self.publisher = publisher
         self.actor = actor
         self.codec = codec or default_codec()
+        self.buffered = buffered
+        self.pending: list[Message] = []  # buffered mode: produced by ``publish_pending``
+        self._captures: list[list[Message]] = []
 
     def send(self, topic: str, schema: str, key: str | bytes | None, record: dict[str, Any]) -> None:
-        self.publisher.publish(topic, key, self.codec.encode(schema, record))
+        self.publish(topic, key, self.codec.encode(schema, record))
+
+    def publish(self, topic: str, key: str | bytes | None, value: bytes) -> None:
+        """Produce an already encoded message (now, or at ``publish_pending`` when buffered)."""
+        key = key.encode() if isinstance(key, str) else key
+        if self.buffered:
+            if len(value) + len(key or b"") > MAX_MESSAGE_BYTES:
+                raise MessageTooLarge(f"{topic}: message of {len(value)} bytes (key {len(key or b'')} bytes) "
+                                      "exceeds the producer's size limit")
+            self.pending.append((topic, key, value))
+        else:
+            self.publisher.publish(topic, key, value)
+        for captured in self._captures:
+            captured.append((topic, key, value))
+
+    def republish(self, messages: Iterable[Message]) -> None:
+        """Produce recorded messages again, byte for byte (a redelivered input repeats its outputs)."""
+        for topic, key, value in messages:
+            self.publish(topic, key, value)
+
+    @contextmanager
+    def capture(self) -> Iterator[list[Message]]:
+        """Collect every message produced inside the block (nested captures each see them all)."""
+        captured: list[Message] = []
+        self._captures.append(captured)
+        try:
+            yield captured
+        finally:
+            self._captures.remove(captured)
+
+    def discard(self, messages: list[Message]) -> int:
+        """Take back buffered messages not yet published (an order whose handling failed halfway must not
+        send half its outputs next to its error outcome); returns how many. Immediate mode: nothing to take."""
+        if not self.buffered or not messages:
+            return 0
+        drop = {id(m) for m in messages}
+        before = len(self.pending)
+        self.pending = [m for m in self.pending if id(m) not in drop]
+        return before - len(self.pending)
+
+    async def publish_pending(self) -> int:
+        """Produce every buffered message and wait until the broker has them all; returns how many.
+
+        The buffer is emptied only once they are delivered: should delivery
+        fail, the caller's batch is not acknowledged and is handled again.
+        """
+        messages, self.pending = self.pending, []
+        try:
+            for topic, key, value in messages:
+                self.publisher.publish(topic, key, value)
+            await self.publisher.flush_async()
+        except BaseException:
+            self.pending = messages + self.pending  # not known to be delivered: still owed
+            raise
+        return len(messages)
 
     def audit(self, stage: str, action: str, outcome: str, *, order_id: str | None = None,
               purchaser_dea: str | None = None, detail: dict[str, Any] | None = None,
@@ -116,4 +188,8 @@ class Emitter:
         })
 
     async def flush(self) -> None:
-        await self.publisher.flush_async()
+        """Wait until everything produced is delivered (buffered: publish what is pending first)."""
+        if self.buffered:
+            await self.publish_pending()
+        else:
+            await self.publisher.flush_async()

@@ -357,7 +357,12 @@ def test_monitor_holds_an_order_it_cannot_learn_and_keeps_what_the_batch_learned
     assert verdicts[first["order_id"]]["verdict"] == "RELEASE"
     assert verdicts[bad["order_id"]]["verdict"] == "HOLD"
     assert [r["detector"] for r in verdicts[bad["order_id"]]["reasons"]] == ["monitor_error"]
-    assert table == ref_table  # the first order's learning survived; the failed one left no trace
+    # the first order's learning survived; the failed one left no trace but its (held) decision
+    state, ref = (codec.decode(tb[b"BP1234563"], expect="som.state.RegistrantState")[1] for tb in (table, ref_table))
+    decided = {oid: (o["decision"], o["learned"]) for oid, o in state.pop("outcomes").items()}
+    ref.pop("outcomes")
+    assert state == ref
+    assert decided == {first["order_id"]: ("RELEASE", True), bad["order_id"]: ("HOLD", False)}
 
 
 # ---------------------------------------------------------------------------- the agent loop

@@ -55,6 +55,7 @@ def a_hold(at: datetime = T0, dea: str = DEA, units: int = 9000) -> dict[str, An
                      "baseline": 400.0, "threshold": 2400.0, "window": "EW over ~20 released orders", "fired": True,
                      "enforced": True, "explanation": f"Ordered {units:,} OXYCODONE units; usual is about 400."}],
         "summary": f"Ordered {units:,} OXYCODONE units; usual is about 400.", "order": o,
+        "decision_id": "", "decision_version": 1,
     }
 
 
@@ -184,7 +185,7 @@ def test_release_after_review_goes_to_warehouse_and_learner_once(agent) -> None:
     proc, pub, table = agent
     hold = a_hold()
     feed(proc, t.HOLD, "som.Hold", hold)
-    feed(proc, t.HOLD, "som.Hold", hold)  # redelivered: one case
+    feed(proc, t.HOLD, "som.Hold", hold, offset=1)  # duplicated upstream (a new offset): one case
     opened = pub.take(t.CASES)
     assert [(e["kind"], e["status"], e["version"]) for _, e in opened] == [("OPENED", "HELD", 1)]
     assert opened[0][1]["drug_families"] == ["HYDROCODONE", "OXYCODONE"] and opened[0][1]["total_dosage_units"] == 9100
@@ -198,9 +199,11 @@ def test_release_after_review_goes_to_warehouse_and_learner_once(agent) -> None:
     events = pub.take(t.CASES)
     assert [(e["kind"], e["actor"], e["rationale"]) for _, e in events] == [("RELEASED", "alice", d["rationale"])]
     audits = [a for _, a in pub.take(t.AUDIT)]
-    assert [(a["action"], a["actor"]) for a in audits] == [("case.opened", "case-agent"), ("case.released", "alice")]
-    # the same decision redelivered resends the same outputs and refuses nothing
-    feed(proc, t.DECISIONS, "som.Decision", d)
+    assert [(a["action"], a["actor"]) for a in audits] == [("case.opened", "case-agent"),
+                                                           ("order.redelivery_ignored", "case-agent"),
+                                                           ("case.released", "alice")]
+    # the same decision sent again resends the same outputs and refuses nothing
+    feed(proc, t.DECISIONS, "som.Decision", d, offset=1)
     assert [r["order_id"] for _, r in pub.take(t.RELEASE)] == [hold["order_id"]]
     assert pub.take(t.CASES) == [] and proc.counts["refused"] == 0
     # state is in the table, as Avro
@@ -306,11 +309,12 @@ def test_cleared_order_is_learned_once_and_held_ones_never() -> None:
                  codec.encode("som.Decision", a_decision(hold, "RELEASE")))
     [(key, cleared)] = pub.take(t.CLEARED)
     raw = codec.encode("som.ClearedOrder", cleared)
-    for offset in (0, 1):  # redelivered: learned once
+    for offset in (0, 1):  # duplicated: learned once
         mon.handle(t.CLEARED, 0, offset, key.encode(), raw)
         mon.end_batch()
     assert learned() == 41
-    assert [a["action"] for _, a in pub.take(t.AUDIT)].count("order.learned_after_review") == 2
+    actions = [a["action"] for _, a in pub.take(t.AUDIT)]
+    assert actions.count("order.learned_after_review") == 1 and actions.count("order.redelivery_ignored") == 1
 
 
 def test_sink_rows_for_reports_and_case_events_line_up_with_their_columns(agent) -> None:

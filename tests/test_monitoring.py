@@ -120,8 +120,9 @@ def fired_detectors(v: dict[str, Any]) -> set[str]:
 
 
 def avro_schema() -> Any:
-    with open(SCHEMA_DIR / "som_registrant_state.avsc", encoding="utf-8") as fh:
-        return fastavro.parse_schema(json.load(fh))
+    """The state schema with the named types it refers to (``csos.state.OrderOutcome``) expanded."""
+    from streams.avro_codec import default_codec
+    return default_codec().catalog.get("som.state.RegistrantState").parsed
 
 
 def avro_roundtrip(state: dict[str, Any]) -> tuple[dict[str, Any], int]:

@@ -13,13 +13,20 @@ Outputs per step, every one with an audit event naming the actor:
     purchaser DEA for the monitor, which learns the order like one it released;
   * REPORT: a ``som.SuspiciousOrderReport`` on ``som.reports``.
 
-Delivery is at-least-once: a redelivered hold finds its case open and is
-ignored; a redelivered decision is recognised by its id and its outputs are
-sent again unchanged (all keyed and idempotent downstream) instead of being
-refused as a second decision.
+Delivery is at-least-once: the case records the last input it applied and
+the exact messages that input produced (``outcome``, see
+``streams.outcomes``), in the same changelog record as the case. The same
+input delivered again re-publishes those bytes; a duplicate hold finds its
+case open and is only audited; a repeated decision is recognised by its id
+and its closing outputs are sent again unchanged (all keyed and idempotent
+downstream) instead of being refused as a second decision.
+
+A release after due diligence is version 2 of the order's decision
+(``decision_version``; the monitor's hold is version 1).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from datetime import datetime, timedelta
@@ -34,6 +41,7 @@ from ..cases.machine import (
 )
 from ..cases.sor import report_for
 from ..emit import Emitter, utcnow
+from ..outcomes import OutcomeBook, Position, decision_id, records_outputs_pruned
 from ..table_state import CachedTable
 
 log = logging.getLogger(__name__)
@@ -41,6 +49,8 @@ STAGE = "case"
 STATE_SCHEMA = "som.state.Case"
 AGENT_ACTOR = "case-agent"
 KIND_FOR = {RELEASED: "RELEASED", REPORTED: "REPORTED", CANCELLED: "CANCELLED"}
+#: ``decision_version`` of a release after due diligence: the monitor's hold was version 1.
+REVIEWED_DECISION_VERSION = 2
 INPUTS = ("som.Hold", "som.Decision")
 
 
@@ -56,8 +66,10 @@ class CaseProcessor:
 
     def __init__(self, table: MutableMapping[bytes, bytes], emitter: Emitter, *, due_days: float = 7.0,
                  reporting_dea: str = "", owns: Callable[[str], bool] | None = None,
-                 retention_days: float = 90.0, codec: AvroCodec | None = None) -> None:
+                 retention_days: float = 90.0, codec: AvroCodec | None = None,
+                 outcomes: OutcomeBook | None = None) -> None:
         self.emitter = emitter
+        self.outcomes = outcomes or OutcomeBook()
         self.codec = codec or default_codec()
         self.due_days = due_days
         self.retention = timedelta(days=retention_days)
@@ -90,41 +102,64 @@ class CaseProcessor:
             self.counts["dead_lettered"] += 1
             self.emitter.dead_letter(STAGE, topic, partition, offset, key, value, f"undecodable case input: {exc}")
             return
-        try:
-            if name == "som.Hold":
-                self.on_hold(rec)
-            else:
-                self.on_decision(rec)
-        except Exception as exc:  # noqa: BLE001 - an agent never dies on input; the message is kept
-            log.exception("case agent failed on %s for order %s", name, rec.get("order_id"))
+        position = (topic, partition, offset)
+        with self.emitter.capture() as produced:
+            try:
+                changed = self.on_hold(rec, position) if name == "som.Hold" else self.on_decision(rec, position)
+            except Exception as exc:  # noqa: BLE001 - an agent never dies on input; the message is kept
+                self.emitter.discard(produced)
+                changed = exc
+        if isinstance(changed, Case):  # the outputs of the step are recorded with it, to repeat them if need be
+            self._store(dataclasses.replace(changed, outcome=self.outcomes.make(changed.status, position, produced)))
+            return
+        if isinstance(changed, Exception):
+            exc = changed
+            log.exception("case agent failed on %s for order %s", name, rec.get("order_id"), exc_info=exc)
             self.state.forget(str(rec.get("order_id")))
             self.counts["dead_lettered"] += 1
             self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
                                      f"case agent could not apply {name}: {exc.__class__.__name__}: {exc}")
 
     # -- inputs
-    def on_hold(self, hold: dict[str, Any]) -> None:
+    def on_hold(self, hold: dict[str, Any], position: Position | None = None) -> Case | None:
+        """Open a case for a new hold; returns it (None: a repeat, answered from the case's record)."""
         oid = hold["order_id"]
-        if self.state.get(oid) is not None:
-            return  # redelivered hold: the case is open (or already decided)
+        known = self.state.get(oid)
+        if known is not None:  # redelivered or duplicated hold: the case is open (or already decided)
+            self._repeat(known, position)
+            return None
         case = open_case(hold, self.due_days)
         self._store(case)
         self.counts["opened"] += 1
         self._case_event(case, "OPENED", at=utcnow(), actor=AGENT_ACTOR)
         self.emitter.audit(STAGE, "case.opened", HELD, order_id=oid, purchaser_dea=hold["purchaser_dea"],
                            detail={"order_number": hold["order_number"], "due_at": case.due_at.isoformat()})
+        return case
 
-    def on_decision(self, decision: dict[str, Any]) -> None:
+    def _repeat(self, case: Case, position: Position | None) -> bool:
+        """Re-publish what the case's last input produced if this is that input again; else audit the duplicate."""
+        if case.outcome is None or position is None:
+            return False
+        return self.outcomes.repeat(self.emitter, STAGE, case.outcome, case.order_id, position,
+                                    purchaser_dea=case.hold["purchaser_dea"])
+
+    def on_decision(self, decision: dict[str, Any], position: Position | None = None) -> Case | None:
+        """Apply an analyst's decision; returns the decided case (None: repeated or refused)."""
         oid = decision["order_id"]
         case = self.state.get(oid)
         if is_repeat(case, decision):
-            self._closing_outputs(case)  # type: ignore[arg-type]  # resend: idempotent downstream
-            return
+            same_input = case.outcome is not None and position is not None and \
+                (case.outcome["topic"], case.outcome["partition"], case.outcome["offset"]) == tuple(position)
+            if same_input:  # this very input again: what it produced, byte for byte (or nothing, if delivered)
+                self._repeat(case, position)  # type: ignore[arg-type]
+            else:  # the decision sent again (e.g. by the review app): its closing outputs again, idempotent downstream
+                self._closing_outputs(case)  # type: ignore[arg-type]
+            return None
         try:
             decided = decide(case, decision)
         except DecisionRefused as refused:
             self._refuse(case, decision, refused)
-            return
+            return None
         self._store(decided)
         self._case_event(decided, KIND_FOR[decided.status], at=decided.decided_at, actor=decided.decided_by)
         self.emitter.audit(
@@ -136,6 +171,7 @@ class CaseProcessor:
             actor=decided.decided_by)
         self.counts[decided.status.lower()] += 1
         self._closing_outputs(decided)
+        return decided
 
     def tick(self, now: datetime | None = None, keys: Iterable[str] | None = None) -> int:
         """Escalate every owned case whose due-diligence clock lapsed; returns how many.
@@ -173,6 +209,11 @@ class CaseProcessor:
 
     # -- outputs
     def _store(self, case: Case) -> None:
+        """Write the case (at the end of the batch); outputs of an input already committed are forgotten."""
+        if case.outcome is not None and case.outcome["topic"] and self.outcomes.delivered(case.outcome):
+            outcome = dict(case.outcome)
+            records_outputs_pruned(outcome)
+            case = dataclasses.replace(case, outcome=outcome)
         self.state.put(case.order_id, case)
 
     def _closing_outputs(self, case: Case) -> None:
@@ -182,6 +223,8 @@ class CaseProcessor:
                 "order_id": case.order_id, "order_number": hold["order_number"], "purchaser_dea": hold["purchaser_dea"],
                 "supplier_dea": order["supplier_dea"] if order else "", "released_at": case.decided_at,
                 "released_by": case.decided_by, "lines": order["lines"] if order else [],
+                "decision_id": decision_id(case.order_id, REVIEWED_DECISION_VERSION),
+                "decision_version": REVIEWED_DECISION_VERSION,
             })
             if order:
                 self.emitter.send(t.CLEARED, "som.ClearedOrder", hold["purchaser_dea"], {

@@ -5,6 +5,12 @@ Faust table keyed by purchaser DEA number, encoded with the Avro schema
 ``som.state.RegistrantState`` so its changelog topic is readable like every
 other topic. The monitor learns only from orders it releases, so a run of
 suspicious orders can never raise the baseline that judges them.
+
+Each order id is decided and learned once: the registrant's state records
+the decision per order id (``outcomes``, see ``streams.outcomes``), written
+in the same changelog record as what was learned from it, so a redelivered
+or duplicated order repeats its recorded HOLD or RELEASE and is never scored
+or learned again.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from ..avro_codec import AvroCodec, default_codec
 from ..emit import Emitter, utcnow
 from ..monitoring.baselines import RegistrantBaselines
 from ..monitoring.monitor import Monitor
+from ..outcomes import OutcomeBook, Position, decision_id
 from ..table_state import CachedTable
 
 log = logging.getLogger(__name__)
@@ -28,12 +35,14 @@ class MonitorProcessor:
     """Scores each verified order against live baselines kept per registrant (see ``CachedTable``)."""
 
     def __init__(self, monitor: Monitor, table: MutableMapping[bytes, bytes], emitter: Emitter,
-                 codec: AvroCodec | None = None) -> None:
+                 codec: AvroCodec | None = None, outcomes: OutcomeBook | None = None) -> None:
         self.monitor = monitor
         self.emitter = emitter
         self.codec = codec or default_codec()
-        self.counts = {"released": 0, "held": 0, "dead_lettered": 0}
+        self.outcomes = outcomes or OutcomeBook()
+        self.counts = {"released": 0, "held": 0, "dead_lettered": 0, "repeated": 0}
         self._learned: dict[str, list[dict[str, Any]]] = {}  # this batch's learned orders, per registrant
+        self._recorded: dict[str, dict[str, dict[str, Any]]] = {}  # this batch's outcome records, per registrant
         self.state: CachedTable[RegistrantBaselines] = CachedTable(
             table,
             load=lambda raw, dea: self.monitor.baselines(
@@ -44,10 +53,12 @@ class MonitorProcessor:
     def begin_batch(self) -> None:
         """A new batch: nothing learned in it yet (see ``_restore``)."""
         self._learned.clear()
+        self._recorded.clear()
 
     def end_batch(self) -> int:
         """Write every registrant learned from in this batch to the table (one changelog record each)."""
         self._learned.clear()
+        self._recorded.clear()
         return self.state.flush()
 
     def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes, *,
@@ -62,12 +73,48 @@ class MonitorProcessor:
             self.counts["dead_lettered"] += 1
             return
         dea = order["purchaser_dea"]
+        position = (topic, partition, offset)
+        if self._repeated(dea, order["order_id"], position):
+            return
+        with self.emitter.capture() as produced:
+            learned = self._decide(dea, order, topic, partition, offset, key, value)
+        if learned is not None:
+            self._record(dea, order["order_id"], learned[0], position, produced, learned=learned[1])
+
+    def _repeated(self, dea: str, order_id: str, position: Position, *, cleared: bool = False) -> bool:
+        """Answer (and return True for) an order already decided (or, ``cleared``, already learned)."""
+        try:
+            known = self.outcomes.current(self.state.get(dea).outcomes, order_id)
+        except Exception:  # noqa: BLE001 - unreadable state: the order is decided (and fails closed) below
+            return False
+        if known is None or (cleared and not known["learned"]):
+            return False
+        self.counts["repeated"] += 1
+        self.outcomes.repeat(self.emitter, STAGE, known, order_id, position, purchaser_dea=dea)
+        return True
+
+    def _record(self, dea: str, order_id: str, decision: str, position: Position, produced: list[Any], *,
+                learned: bool) -> None:
+        """Record the decision in the registrant's state (the same changelog record as what it learned)."""
+        try:
+            base = self.state.get(dea)
+            rec = self.outcomes.record(base.outcomes, order_id, decision, position, produced, learned=learned)
+            self._recorded.setdefault(dea, {})[order_id] = rec
+            self.state.mark_dirty(dea)
+        except Exception:  # noqa: BLE001 - the decision stands; only its record is missing
+            log.exception("outcome of order %s could not be recorded", order_id)
+
+    def _decide(self, dea: str, order: dict[str, Any], topic: str, partition: int, offset: int,
+                key: bytes | None, value: bytes) -> tuple[str, bool] | None:
+        """Score, publish and (if released) learn one order; returns (decision, learned), None if dead-lettered."""
+        learned = False
         try:
             base = self.state.get(dea)
             verdict = self.monitor.score(base, order)
             outputs = self._outputs(order, verdict)  # encoded before learning: a failure here learns nothing
             if verdict["verdict"] == "RELEASE":
                 self._learn(dea, base, order)
+                learned = True
         except Exception as exc:  # noqa: BLE001 - fail closed: an order we cannot score, encode or learn is held
             log.exception("monitor failed on order %s", order.get("order_id"))
             try:
@@ -79,8 +126,9 @@ class MonitorProcessor:
                 self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
                                          f"monitor_error: {exc.__class__.__name__}: {exc}; no verdict could be "
                                          f"written ({again.__class__.__name__}: {again}); the order is not released")
-                return
+                return None
         self._publish(order, verdict, outputs)
+        return verdict["verdict"], learned
 
     def _learn(self, dea: str, base: RegistrantBaselines, order: dict[str, Any]) -> None:
         """Learn a released order; on failure restore the registrant's baselines, then raise."""
@@ -102,12 +150,14 @@ class MonitorProcessor:
         """
         self.state.forget(dea)
         earlier = self._learned.get(dea, [])
-        if not earlier:
+        recorded = self._recorded.get(dea, {})
+        if not earlier and not recorded:
             return
         base = self.state.get(dea)
         try:
             for o in earlier:
                 self.monitor.learn_into(base, o)
+            base.outcomes.update(recorded)  # this batch's decisions stand (after learning: it skips learned ids)
         except Exception:  # noqa: BLE001 - cannot happen unless learning is not deterministic; say so
             log.exception("could not re-learn %d order(s) of this batch for %s; they are not learned", len(earlier),
                           dea)
@@ -129,17 +179,22 @@ class MonitorProcessor:
             return
         order = cleared["order"]
         dea = order["purchaser_dea"]
-        try:
-            self._learn(dea, self.state.get(dea), order)
-        except Exception as exc:  # noqa: BLE001 - keep the good baselines; the clearance stays on the topic
-            log.exception("monitor could not learn cleared order %s", order["order_id"])
-            self.emitter.audit(STAGE, "order.learn_failed", "ERROR", order_id=order["order_id"], purchaser_dea=dea,
-                               detail={"error": f"{exc.__class__.__name__}: {exc}"})
-            return
-        self.counts["learned_cleared"] = self.counts.get("learned_cleared", 0) + 1
-        self.emitter.audit(STAGE, "order.learned_after_review", "LEARNED", order_id=order["order_id"],
-                           purchaser_dea=dea, detail={"decision_id": cleared["decision_id"],
-                                                      "cleared_by": cleared["cleared_by"]})
+        position = (topic, partition, offset)
+        if self._repeated(dea, order["order_id"], position, cleared=True):
+            return  # learned once per order id, however often the clearance comes
+        with self.emitter.capture() as produced:
+            try:
+                self._learn(dea, self.state.get(dea), order)
+            except Exception as exc:  # noqa: BLE001 - keep the good baselines; the clearance stays on the topic
+                log.exception("monitor could not learn cleared order %s", order["order_id"])
+                self.emitter.audit(STAGE, "order.learn_failed", "ERROR", order_id=order["order_id"],
+                                   purchaser_dea=dea, detail={"error": f"{exc.__class__.__name__}: {exc}"})
+                return
+            self.counts["learned_cleared"] = self.counts.get("learned_cleared", 0) + 1
+            self.emitter.audit(STAGE, "order.learned_after_review", "LEARNED", order_id=order["order_id"],
+                               purchaser_dea=dea, detail={"decision_id": cleared["decision_id"],
+                                                          "cleared_by": cleared["cleared_by"]})
+        self._record(dea, order["order_id"], "CLEARED", position, produced, learned=True)
 
     def _error_verdict(self, order: dict[str, Any], exc: Exception) -> dict[str, Any]:
         now = utcnow()
@@ -169,18 +224,20 @@ class MonitorProcessor:
                 "order_id": oid, "order_number": order["order_number"], "purchaser_dea": order["purchaser_dea"],
                 "held_at": verdict["decided_at"], "reasons": fired,
                 "summary": " ".join(r["explanation"] for r in fired), "order": order,
+                "decision_id": decision_id(oid, 1), "decision_version": 1,
             })))
         else:
             out.append((t.RELEASE, oid, enc("som.Release", {
                 "order_id": oid, "order_number": order["order_number"], "purchaser_dea": order["purchaser_dea"],
                 "supplier_dea": order["supplier_dea"], "released_at": verdict["decided_at"],
                 "released_by": "monitor", "lines": order["lines"],
+                "decision_id": decision_id(oid, 1), "decision_version": 1,
             })))
         return out
 
     def _publish(self, order: dict[str, Any], verdict: dict[str, Any], outputs: list[tuple[str, str, bytes]]) -> None:
         for topic, key, payload in outputs:
-            self.emitter.publisher.publish(topic, key, payload)
+            self.emitter.publish(topic, key, payload)
         fired = [r for r in verdict["reasons"] if r["fired"] and r.get("enforced", True)]
         if verdict["verdict"] == "HOLD":
             self.counts["held"] += 1

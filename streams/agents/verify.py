@@ -27,7 +27,11 @@ where:
   cannot backdate an expired order into its 60 days);
 * an order id names one order: the same id with the same bytes (a
   redelivery) repeats the acceptance, with other bytes it is dead-lettered
-  DUPLICATE_ORDER_ID instead of overwriting the first order's rows.
+  DUPLICATE_ORDER_ID instead of overwriting the first order's rows;
+* every order id decided is recorded with its outcome (``streams.outcomes``)
+  under the key it arrived with: a redelivery of the same bytes is not judged
+  again (no DUPLICATE_ORDER_NUMBER against itself): its recorded outputs are
+  re-published, or, once delivered, it is only audited.
 
 State changes are per order and never rolled back: an order number is
 recorded as accepted before the verified record is written, so a failure on
@@ -43,7 +47,8 @@ from typing import Any, Iterable, MutableMapping
 
 from .. import topic_names as t
 from ..avro_codec import AvroCodec, default_codec
-from ..emit import Emitter, utcnow
+from ..emit import Emitter, Message, utcnow
+from ..outcomes import OutcomeBook, Position
 from ..products import ProductMaster
 from ..reference_data import REGISTRANT_UNKNOWN, ReferenceFeed, RegistrantDirectory
 from ..table_state import CachedTable
@@ -85,9 +90,13 @@ class VerifyProcessor:
     def __init__(self, verifier: Verifier, products: ProductMaster, emitter: Emitter,
                  table: MutableMapping[bytes, bytes], directory: RegistrantDirectory | None = None,
                  feed: ReferenceFeed | None = None, codec: AvroCodec | None = None, *,
-                 suppliers: Iterable[str] | None = None, receipt_skew: timedelta = DEFAULT_RECEIPT_SKEW) -> None:
+                 suppliers: Iterable[str] | None = None, receipt_skew: timedelta = DEFAULT_RECEIPT_SKEW,
+                 outcomes: OutcomeBook | None = None) -> None:
         """``suppliers``: the DEA numbers an order may be addressed to (None: not checked, for tools and
-        tests; the worker always passes CSOS_SUPPLIER_DEA). ``receipt_skew``: see the module docstring."""
+        tests; the worker always passes CSOS_SUPPLIER_DEA). ``receipt_skew``: see the module docstring.
+        ``outcomes``: how long decided order ids are remembered (``CSOS_DEDUP_DAYS``)."""
+        self.outcomes = outcomes or OutcomeBook()
+        self._decision = ""  # what the order being handled came to (VERIFIED, REJECTED:<code>, ...)
         self.verifier = verifier
         self.suppliers = frozenset(suppliers) if suppliers is not None else None
         self.receipt_skew = receipt_skew
@@ -101,7 +110,7 @@ class VerifyProcessor:
         self.state: CachedTable[dict[str, Any]] = CachedTable(
             table,
             load=lambda raw, dea: (self.codec.decode(raw, expect=STATE_SCHEMA)[1] if raw is not None
-                                   else {"purchaser_dea": dea, "accepted": {}, "pending": {}, "order_ids": {}}),
+                                   else {"purchaser_dea": dea, "accepted": {}, "pending": {}, "order_ids": {}, "outcomes": {}}),
             dump=lambda state: self.codec.encode(STATE_SCHEMA, state),
         )
 
@@ -139,6 +148,7 @@ class VerifyProcessor:
         for dea in self.state.keys():
             state = self.state.get(dea)
             for order_id, raw in list(state["pending"].items()):
+                self._decision = ""
                 try:
                     _, rec = self.codec.decode(raw, expect=RECEIVED_SCHEMA)
                     done = self._verify(rec, dea, raw, parked=True)
@@ -147,6 +157,9 @@ class VerifyProcessor:
                     done = self._fail_parked(order_id, raw, dea, exc)
                 if done:
                     del state["pending"][order_id]
+                    known = state["outcomes"].get(order_id)
+                    self.outcomes.record(state["outcomes"], order_id, self._decision or "DEAD_LETTER", None, [],
+                                         digest=known["digest"] if known else b"")
                     self.state.mark_dirty(dea)
                     resolved += 1
         return resolved
@@ -157,6 +170,7 @@ class VerifyProcessor:
             rec = self.codec.decode(raw, expect=RECEIVED_SCHEMA)[1]
         except Exception as bad:  # noqa: BLE001 - state we wrote ourselves, but never trust it blindly
             self.counts["dead_lettered"] += 1
+            self._decision = "DEAD_LETTER"
             self.emitter.dead_letter(STAGE, VERIFY_STATE_SOURCE, -1, -1, dea.encode(), raw,
                                      f"parked order {order_id} unreadable: {bad.__class__.__name__}: {bad}")
             return True
@@ -187,16 +201,51 @@ class VerifyProcessor:
             self.counts["dead_lettered"] += 1
             return
         routing_key = (key or b"").decode("utf-8", errors="replace")
+        position = (topic, partition, offset)
+        digest = bytes.fromhex(order_digest(rec))
         try:
-            rec, raw = self._judge_receipt(rec, value, appended_at)
-            if self._order_id_reused(rec, routing_key, topic, partition, offset, key, value):
+            if self._repeated(rec, routing_key, digest, position):
                 return
-            self._verify(rec, routing_key, raw, parked=False)
-        except Exception as exc:  # noqa: BLE001 - hostile input must not kill the agent
-            log.exception("verification failed on order %s", rec["order_id"])
-            # No state is rolled back: what earlier orders recorded stands, and so does this order's
-            # number if it was recorded before the failure (it is then never accepted twice).
-            self._fail(rec, exc, topic, partition, offset, key, value)
+        except Exception:  # noqa: BLE001 - e.g. unreadable state: judged (and recorded) below as any order
+            log.exception("outcome record of order %s could not be read", rec["order_id"])
+        self._decision = ""
+        with self.emitter.capture() as produced:
+            try:
+                rec, raw = self._judge_receipt(rec, value, appended_at)
+                if self._order_id_reused(rec, routing_key, topic, partition, offset, key, value):
+                    return  # not recorded: the order id stays the accepted order's
+                self._verify(rec, routing_key, raw, parked=False)
+            except Exception as exc:  # noqa: BLE001 - hostile input must not kill the agent
+                log.exception("verification failed on order %s", rec["order_id"])
+                # No state is rolled back: what earlier orders recorded stands, and so does this order's
+                # number if it was recorded before the failure (it is then never accepted twice). Outputs
+                # not yet published are taken back: the order gets one outcome, not half of two.
+                self.emitter.discard(produced)
+                del produced[:]
+                self._fail(rec, exc, topic, partition, offset, key, value)
+        self._record(routing_key, rec["order_id"], digest, position, produced)
+
+    def _repeated(self, rec: dict[str, Any], routing_key: str, digest: bytes, position: Position) -> bool:
+        """Answer (and return True for) an order id already decided with the same bytes: never judged twice."""
+        state = self.state.get(routing_key)
+        known = self.outcomes.current(state["outcomes"], rec["order_id"])
+        if known is None or bytes(known["digest"]) != digest:
+            return False
+        self.counts["redelivered"] += 1
+        self.outcomes.repeat(self.emitter, STAGE, known, rec["order_id"], position, purchaser_dea=routing_key)
+        return True
+
+    def _record(self, routing_key: str, order_id: str, digest: bytes, position: Position,
+                produced: list[Message]) -> None:
+        """Keep the order's outcome, and its exact outputs while the input may come again."""
+        if not self._decision:
+            return
+        try:
+            state = self.state.get(routing_key)
+            self.outcomes.record(state["outcomes"], order_id, self._decision, position, produced, digest=digest)
+            self.state.mark_dirty(routing_key)
+        except Exception:  # noqa: BLE001 - the outcome stands; only its record is missing (judged again if redelivered)
+            log.exception("outcome of order %s could not be recorded", order_id)
 
     def _fail(self, rec: dict[str, Any], exc: Exception, topic: str, partition: int, offset: int,
               key: bytes | None, value: bytes) -> None:
@@ -208,6 +257,7 @@ class VerifyProcessor:
         except Exception as again:  # noqa: BLE001 - e.g. a field no rejection can carry
             log.exception("rejection of order %s could not be written", rec.get("order_id"))
             self.counts["dead_lettered"] += 1
+            self._decision = "DEAD_LETTER"
             self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
                                      f"{VERIFICATION_ERROR}: {exc.__class__.__name__}: {exc}; the rejection could "
                                      f"not be written either ({again.__class__.__name__}: {again})")
@@ -281,7 +331,8 @@ class VerifyProcessor:
             return True
         if dea != routing_key and not parked:
             # Re-key so the purchaser's state partition owner decides (replay protection).
-            self.emitter.publisher.publish(t.RECEIVED, dea, raw)
+            self.emitter.publish(t.RECEIVED, dea, raw)
+            self._decision = "REROUTED"
             self.emitter.audit(STAGE, "order.rerouted", "REROUTED", order_id=rec["order_id"], purchaser_dea=dea,
                                detail={"received_key": routing_key, "signed_for": dea})
             self.counts["rerouted"] += 1
@@ -353,6 +404,7 @@ class VerifyProcessor:
         state["pending"][rec["order_id"]] = raw
         self.state.mark_dirty(routing_key)
         self.counts["parked"] += 1
+        self._decision = "PARKED"
         return False
 
     def _accept(self, rec: dict[str, Any], outcome: Outcome, *, redelivered: bool = False) -> None:
@@ -375,7 +427,7 @@ class VerifyProcessor:
         # Keyed by the DEA number the signature vouches for, not the sender's claim:
         # the monitor's per-registrant state is partitioned by it.
         payload = self.codec.encode("csos.orders.VerifiedOrder", verified)  # fails here, before any output
-        self.emitter.publisher.publish(t.VERIFIED, order.purchaser.dea_number, payload)
+        self.emitter.publish(t.VERIFIED, order.purchaser.dea_number, payload)
         detail = {"order_number": order.order_number, "signer_serial": outcome.signer_serial,
                   "checks": [c.check for c in outcome.checks], "lines": len(order.lines)}
         if redelivered:
@@ -385,6 +437,7 @@ class VerifyProcessor:
         self.emitter.audit(STAGE, "order.verified", "VERIFIED", order_id=rec["order_id"],
                            purchaser_dea=order.purchaser.dea_number, detail=detail)
         self.counts["verified"] += 1
+        self._decision = "VERIFIED"
 
     def _registrant_field(self, dea: str, name: str) -> str | None:
         """A field of the registrant master's record (business activity, state), None when unknown."""
@@ -411,7 +464,8 @@ class VerifyProcessor:
             "purchaser_dea": purchaser_dea, "signer_subject": signer_subject, "checks": checks,
         }
         payload = self.codec.encode("csos.orders.Rejection", rejection)  # fails here, before any output
-        self.emitter.publisher.publish(t.REJECTED, rec["order_id"], payload)
+        self.emitter.publish(t.REJECTED, rec["order_id"], payload)
         self.emitter.audit(STAGE, "order.rejected", code, order_id=rec["order_id"], purchaser_dea=purchaser_dea,
                            detail=detail)
         self.counts["rejected"] += 1
+        self._decision = f"REJECTED:{code}"

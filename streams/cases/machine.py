@@ -55,6 +55,8 @@ class Case:
     decided_at: datetime | None = None
     rationale: str = ""
     evidence_notes: str = ""
+    #: The last input applied and its exact outputs (``csos.state.OrderOutcome``), kept by the case agent.
+    outcome: Mapping[str, Any] | None = None
 
     @property
     def closed(self) -> bool:
@@ -66,7 +68,7 @@ class Case:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "Case":
-        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
 
 
 def open_case(hold: Mapping[str, Any], due_days: float = DEFAULT_DUE_DAYS) -> Case:

@@ -70,6 +70,8 @@ WINDOW_24H_MS = MS_PER_DAY
 WINDOW_7D_DAYS = 7
 WINDOW_30D_DAYS = 30
 MONTHS_KEPT = 13  # the current calendar month and the 12 full months before it
+#: Legacy guard (the last few learned order ids, as CRCs); the authority on what was learned is the
+#: per-order-id ``outcomes`` record, kept CSOS_DEDUP_DAYS (``streams.outcomes``).
 LEARNED_IDS_KEPT = 8
 #: Timing counts are halved when their total reaches this: bounded ints, recent habits weigh more.
 TIMING_CAP = 256
@@ -696,6 +698,7 @@ def new_state(purchaser_dea: str) -> dict[str, Any]:
         "mix": {},
         "families": {},
         "timing": {"hours": [], "weekdays": []},
+        "outcomes": {},
     }
 
 
@@ -741,6 +744,8 @@ class RegistrantBaselines:
         self._mix: FamilyMix | None = None
         self._raw_families: dict[str, Mapping[str, Any]] = dict(state["families"])
         self.timing = TimingProfile.from_dict(state.get("timing"))
+        # Order id -> the monitor's outcome (``csos.state.OrderOutcome``), kept and pruned by the agent.
+        self.outcomes: dict[str, dict[str, Any]] = dict(state.get("outcomes") or {})
         self._families: dict[str, FamilyBaseline] = {}
         self._windows: dict[tuple[Any, ...], Any] = {}  # per-order caches: Windows, Monthly
 
@@ -770,7 +775,8 @@ class RegistrantBaselines:
 
     def has_learned(self, order_id: str) -> bool:
         """Whether this order was already learned (a redelivery after the state was saved)."""
-        return order_key(order_id) in self.learned_ids
+        known = self.outcomes.get(order_id)
+        return bool(known and known.get("learned")) or order_key(order_id) in self.learned_ids
 
     def windows(self, family: str, order: OrderFacts) -> Windows:
         """Activity of ``family`` in the windows ending at ``order``, the order included."""
@@ -820,7 +826,7 @@ class RegistrantBaselines:
     def learn(self, order: OrderFacts) -> None:
         """Fold a released order into every baseline. A redelivered order is learned once."""
         key = order_key(order.order_id)
-        if key in self.learned_ids:
+        if self.has_learned(order.order_id):
             return
         for fam, facts in order.families.items():
             fb = self.family(fam)
@@ -865,4 +871,5 @@ class RegistrantBaselines:
             "mix": self.mix.to_dict() if self._mix is not None else {k: dict(v) for k, v in self._raw_mix.items()},
             "families": families,
             "timing": self.timing.to_dict(),
+            "outcomes": self.outcomes,
         }
