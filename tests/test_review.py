@@ -393,7 +393,7 @@ def test_an_analyst_decision_needs_csrf_and_a_rationale_and_a_held_case(data, us
     assert decision["actor_role"] == "analyst" and decision["rationale"] == "Pharmacist confirmed <b>flu</b> clinic"
     assert decision["evidence_notes"] == "Call 2026-11-20"
     key = next(k for topic, k, _, _ in pub.sent if topic == t.DECISIONS)
-    assert key == HELD  # keyed by order id
+    assert key in (HELD, HELD.encode())  # keyed by order id (the emitter passes keys on as bytes)
     [submitted] = pub.audits("decision.submitted")
     assert submitted["actor"] == "alice" and submitted["outcome"] == "RELEASE" and submitted["stage"] == "review"
     assert json.loads(submitted["detail"])["decision_id"] == decision["decision_id"]
