@@ -87,6 +87,11 @@ class SinkService:
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "enable.partition.eof": False,
+            # Fast recovery (issue 10): a restarted sink rejoins under the same static id and gets its
+            # partitions back at once; a dead one's move to another sink after the session timeout.
+            "group.instance.id": settings.group_instance_id(settings.sink_port),
+            "session.timeout.ms": int(settings.session_timeout_seconds * 1000),
+            "heartbeat.interval.ms": int(settings.heartbeat_seconds * 1000),
             **client_config(),
         }, logger=logging.getLogger("connectors.sink_service.librdkafka"))
         self.stopping = threading.Event()

@@ -136,6 +136,12 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=8192,
+        # Fast recovery (issue 10): a static member id, so a restarted worker takes its partitions straight
+        # back (no wait for its old session to lapse), and a short session with frequent heartbeats, so a
+        # dead worker's partitions move to the survivors within seconds. See README "Restarts and takeover".
+        consumer_group_instance_id=settings.group_instance_id(settings.web_port),
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=settings.heartbeat_seconds,
         # Raw bytes everywhere: agents decode Avro themselves so that a bad
         # message becomes a dead letter instead of a Faust decode crash.
         key_serializer="raw",

@@ -286,7 +286,10 @@ def simulate_publish(feed_path: str | None) -> None:
 # --------------------------------------------------------------------------- worker
 @main.command()
 @click.option("--loglevel", default="warning", show_default=True)
-def worker(loglevel: str) -> None:
+@click.option("--id", "worker_id", default=None,
+              help="This worker's stable name in the consumer group (default CSOS_WORKER_ID, else host-port). "
+                   "Give each worker its own and keep it across restarts: a restart then resumes at once.")
+def worker(loglevel: str, worker_id: str | None) -> None:
     """Run the verification and monitoring agents (Faust worker).
 
     Run as many as there are partitions to share; each reads the PKI
@@ -297,6 +300,8 @@ def worker(loglevel: str) -> None:
     from .app import create_app
 
     s = _settings()
+    if worker_id:
+        s = s.with_(worker_id=worker_id)
     try:
         app = create_app(s)
     except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind

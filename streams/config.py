@@ -7,6 +7,7 @@ local ones: a broker on 127.0.0.1 and the embedded ClickHouse engine.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,11 +53,29 @@ class Settings:
     # -- issue 9 (hostile input), verify agent
     supplier_dea: str = ""  # CSOS_SUPPLIER_DEA: this distributor's DEA number(s), comma-separated; the worker needs it
     receipt_skew_seconds: float = 300.0  # CSOS_RECEIPT_SKEW_SECONDS: stated receipt vs broker append time
+    # -- issue 10 (fast recovery): static consumer-group membership and failure detection
+    worker_id: str = ""  # CSOS_WORKER_ID: this process's stable name in its consumer groups ('' = host + port)
+    session_timeout_seconds: float = 10.0  # CSOS_SESSION_TIMEOUT_SECONDS: a silent member's partitions move after
+    heartbeat_seconds: float = 1.0  # CSOS_HEARTBEAT_SECONDS: how often a member tells the broker it is alive
 
     @property
     def supplier_deas(self) -> frozenset[str]:
         """The DEA numbers an order may name as its supplier (empty: not configured)."""
         return frozenset(d.strip().upper() for d in self.supplier_dea.split(",") if d.strip())
+
+    def group_instance_id(self, port: int) -> str:
+        """This process's static member id (KIP-345) in its consumer groups: ``CSOS_WORKER_ID``, else host-port.
+
+        Why static: a worker restarted under the same id gets its partitions
+        back at once, without the group waiting for the dead process's session
+        to time out. The default (host name and this process's HTTP port) is
+        stable across restarts and differs between the processes of one host,
+        which cannot share a port. Ids are per consumer group, so a worker and
+        a sink may carry the same one.
+        """
+        if self.worker_id:
+            return self.worker_id
+        return f"{socket.gethostname()}-{port}"
 
     @property
     def effective_clickhouse_url(self) -> str:
@@ -102,6 +121,10 @@ class Settings:
             # -- issue 9 (hostile input), verify agent
             supplier_dea=_env("CSOS_SUPPLIER_DEA", ""),
             receipt_skew_seconds=float(_env("CSOS_RECEIPT_SKEW_SECONDS", str(cls.receipt_skew_seconds))),
+            # -- issue 10 (fast recovery)
+            worker_id=_env("CSOS_WORKER_ID", ""),
+            session_timeout_seconds=float(_env("CSOS_SESSION_TIMEOUT_SECONDS", str(cls.session_timeout_seconds))),
+            heartbeat_seconds=float(_env("CSOS_HEARTBEAT_SECONDS", str(cls.heartbeat_seconds))),
         )
 
     def with_(self, **changes) -> "Settings":
