@@ -163,7 +163,8 @@ def trace_group_config(settings: Any) -> dict[str, Any]:
     Without them a restarted worker's tracer waits for the killed one's session
     (librdkafka's default 45 s) before its reference partitions are traced again.
     """
-    return {"group.instance.id": settings.group_instance_id(settings.web_port),
+    instance_id = settings.group_instance_id(settings.web_port)
+    return {**({"group.instance.id": instance_id} if instance_id else {}),
             "session.timeout.ms": int(settings.session_timeout_seconds * 1000),
             "heartbeat.interval.ms": int(settings.heartbeat_seconds * 1000)}
 
