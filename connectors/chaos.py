@@ -211,20 +211,39 @@ DECIDED_SQL = ("SELECT uniqExact(order_id) FROM (SELECT order_id FROM verdicts U
                "SELECT order_id FROM rejections UNION ALL SELECT order_id FROM pending_orders)")
 
 
-def decided(settings: Settings) -> int:
-    """Orders with any outcome in ClickHouse (verdict, rejection or parked)."""
-    return int(run_query(settings, DECIDED_SQL)[1][0][0])
+def decided(settings: Settings, attempts: int = 20) -> int:
+    """Orders with any outcome in ClickHouse (verdict, rejection or parked).
+
+    Retried: on a loaded machine the sink's /health may miss its one-second
+    deadline, and ``run_query`` then tries the store the sink holds locked.
+    """
+    for attempt in range(attempts):
+        try:
+            return int(run_query(settings, DECIDED_SQL)[1][0][0])
+        except Exception:  # noqa: BLE001 - transient: sink busy
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
-def wait_decided(settings: Settings, n: int, timeout: float, logs: Callable[[], str] = str) -> None:
+def wait_decided(settings: Settings, n: int, timeout: float, logs: Callable[[], str] = str, *,
+                 strict: bool = True) -> bool:
+    """Wait until ``n`` orders are decided; on timeout raise, or with ``strict=False`` return False.
+
+    Non-strict callers go on to :func:`check_outcomes`, which counts the
+    undecided orders (``no_outcome``) with everything else.
+    """
     deadline = time.monotonic() + timeout
     got = 0
     while time.monotonic() < deadline:
         got = decided(settings)
         if got >= n:
-            return
+            return True
         time.sleep(0.5)
-    raise TimeoutError(f"{got} of {n} orders decided within {timeout:.0f}s\n{logs()}")
+    if strict:
+        raise TimeoutError(f"{got} of {n} orders decided within {timeout:.0f}s\n{logs()}")
+    return False
 
 
 OUTPUT_TOPICS = (t.VERIFIED, t.REJECTED, t.PENDING, t.VERDICTS, t.HOLD, t.RELEASE)
@@ -411,14 +430,14 @@ def soak(data_dir: Path, *, orders: int, kills: int, seed: int = 5, registrants:
             publish(first, Publisher(settings.kafka_bootstrap))
             done1 = lambda: decided(settings) >= len(first)  # noqa: E731
             restarts = kill_while_busy(a, "a", kills, max(20, 2 * len(first) // (kills + 2)), done1, rng)
-            wait_decided(settings, len(first), 600, a.tail)
+            wait_decided(settings, len(first), 600, a.tail, strict=False)
             say(f"phase 2: two workers, one killed, over {len(rest)} orders")
             b.start()
             publish(rest, Publisher(settings.kafka_bootstrap))
             takeover = kill_for_good(a, "a", settings, max(20, len(rest) // 4),
                                      lambda: decided(settings) >= len(feed.messages))
             a.start()  # back under its id: rejoins at once
-            wait_decided(settings, len(feed.messages), 600, b.tail)
+            wait_decided(settings, len(feed.messages), 600, b.tail, strict=False)
             time.sleep(2 * settings.sink_batch_seconds + 2)  # the sink's last audit batch
             counts = check_outcomes(settings, feed, [m.sim.sim_id for m in feed.messages])
             return SoakResult(counts, restarts, [takeover])

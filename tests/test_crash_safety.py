@@ -5,7 +5,7 @@ contradicting outcome (released and rejected as a duplicate of itself, held
 and released) and learned redelivered orders twice; a restarted worker sat
 idle for a minute. Here a pipeline of its own (its own broker: a second
 consumer group on the session broker would re-decide the session's orders)
-streams a feed of ~2,500 signed orders: first one worker, SIGKILLed five
+streams a feed of ~2,300 signed orders: first one worker, SIGKILLed five
 times, each time after its own progress since its restart (its /health
 counters, never a sleep), restarted under the same id; then two workers, one
 of them killed for good mid-stream and brought back later. After each phase
@@ -90,7 +90,7 @@ def one_worker_killed(crash_pipeline: CrashPipeline) -> tuple[int, list[Restart]
     publish(p.feed.messages[:n], Publisher(p.settings.kafka_bootstrap))
     step = 2 * n // (KILLS + 2)  # progress counts an order at verify and again at the monitor
     restarts = kill_while_busy(p.a, "a", KILLS, step, lambda: decided(p.settings) >= n, random.Random(31))
-    wait_decided(p.settings, n, 300, p.logs)
+    wait_decided(p.settings, n, 240, strict=False)  # an order never decided is counted (no_outcome), not raised
     return n, restarts
 
 
@@ -102,7 +102,7 @@ def second_worker_killed(crash_pipeline: CrashPipeline, one_worker_killed) -> Ta
     p.b.start()
     publish(p.feed.messages[one_worker_killed[0]:], Publisher(p.settings.kafka_bootstrap))
     takeover = kill_for_good(p.a, "a", p.settings, 50, lambda: decided(p.settings) >= n)
-    wait_decided(p.settings, n, 300, p.logs)
+    wait_decided(p.settings, n, 240, strict=False)
     p.a.start()  # rejoins under its id; the survivors hand its partitions back
     return takeover
 
