@@ -68,7 +68,7 @@ from .emit import Emitter
 from .faust_tuning import set_fetch_max_wait
 from .identifiers import is_valid_dea_number
 from .outcomes import OutcomeBook
-from .reference_data import ReferenceFeed, RegistrantDirectory
+from .reference_data import ReferenceFeed, RegistrantDirectory, trace_group_config
 from .table_state import DurableTable
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,12 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=8192,
+        # Fast recovery (issue 10): a static member id, so a restarted worker takes its partitions straight
+        # back (no wait for its old session to lapse), and a short session with frequent heartbeats, so a
+        # dead worker's partitions move to the survivors within seconds. See README "Restarts and takeover".
+        consumer_group_instance_id=settings.group_instance_id(settings.web_port),
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=settings.heartbeat_seconds,
         # Raw bytes everywhere: agents decode Avro themselves so that a bad
         # message becomes a dead letter instead of a Faust decode crash.
         key_serializer="raw",
@@ -270,7 +276,8 @@ def create_app(settings: Settings) -> faust.App:
             # Its own producer: the feed flushes its dead letters from its thread, apart from the agents' batches.
             feed = ReferenceFeed(settings.kafka_bootstrap,
                                  emitter=Emitter(Publisher(settings.kafka_bootstrap), "reference-feed"),
-                                 trace_group=f"{settings.app_id}-reference-trace")
+                                 trace_group=f"{settings.app_id}-reference-trace",
+                                 trace_config=trace_group_config(settings))
             feed.start()
             parts["verify"] = VerifyProcessor(
                 Verifier.from_pki_dir(settings.pki_dir, products), products, emitter("verify-agent"),

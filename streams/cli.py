@@ -286,7 +286,10 @@ def simulate_publish(feed_path: str | None) -> None:
 # --------------------------------------------------------------------------- worker
 @main.command()
 @click.option("--loglevel", default="warning", show_default=True)
-def worker(loglevel: str) -> None:
+@click.option("--id", "worker_id", default=None,
+              help="This worker's stable name in the consumer group (default CSOS_WORKER_ID, else host-port). "
+                   "Give each worker its own and keep it across restarts: a restart then resumes at once.")
+def worker(loglevel: str, worker_id: str | None) -> None:
     """Run the verification and monitoring agents (Faust worker).
 
     Run as many as there are partitions to share; each reads the PKI
@@ -297,6 +300,8 @@ def worker(loglevel: str) -> None:
     from .app import create_app
 
     s = _settings()
+    if worker_id:
+        s = s.with_(worker_id=worker_id)
     try:
         app = create_app(s)
     except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind
@@ -437,6 +442,32 @@ def summary() -> None:
     from .summary import fetch_summary
 
     click.echo(fetch_summary(_settings()).render())
+
+
+@main.command()
+@click.option("--orders", default=10_000, show_default=True, help="About this many simulated orders.")
+@click.option("--kills", default=10, show_default=True, help="SIGKILLs of the single busy worker.")
+@click.option("--seed", default=5, show_default=True)
+@click.option("--dir", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Working directory (broker, store, logs); default a new temporary one, kept.")
+def chaos(orders: int, kills: int, seed: int, out_dir: str | None) -> None:
+    """Crash soak: kill -9 a busy worker again and again, then check every order's outcome (exit 1 on any problem).
+
+    Runs its own broker, sink and workers (nothing of yours is touched): a single worker killed
+    --kills times while busy, each kill after its own progress, then one of two workers killed
+    for good. Prints a table of counts (conflicting outcomes, contradicting hold/release
+    messages, ClickHouse against the topics, summary against the feed, audit chain, holds
+    against an unfaulted replay) and the restart and takeover times.
+    """
+    import tempfile
+
+    from connectors.chaos import problems, render, soak
+
+    where = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="csos-chaos-"))
+    result = soak(where, orders=orders, kills=kills, seed=seed, say=click.echo)
+    click.echo(render(result.counts, result.restarts, result.takeovers))
+    click.echo(f"(logs and store in {where})")
+    sys.exit(1 if problems(result.counts) else 0)
 
 
 # --------------------------------------------------------------------------- review page

@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -157,6 +157,18 @@ def _check_crl(key: str, rec: dict[str, Any]) -> None:
         raise UnreadableReference(f"CRL of {key} is not a CRL: {exc}") from None
 
 
+def trace_group_config(settings: Any) -> dict[str, Any]:
+    """The tracing consumer's group settings (issue 10): static member id and short session, as the worker's.
+
+    Without them a restarted worker's tracer waits for the killed one's session
+    (librdkafka's default 45 s) before its reference partitions are traced again.
+    """
+    instance_id = settings.group_instance_id(settings.web_port)
+    return {**({"group.instance.id": instance_id} if instance_id else {}),
+            "session.timeout.ms": int(settings.session_timeout_seconds * 1000),
+            "heartbeat.interval.ms": int(settings.heartbeat_seconds * 1000)}
+
+
 def dead_letter_id(topic: str, partition: int, offset: int) -> str:
     """The same id for the same message, whoever dead-letters it and however often."""
     return str(uuid.uuid5(DEAD_LETTER_NAMESPACE, f"{topic}/{partition}/{offset}"))
@@ -173,12 +185,15 @@ class ReferenceFeed(threading.Thread):
     TOPICS = (t.CRL, t.REGISTRANTS)
 
     def __init__(self, bootstrap: str, codec: AvroCodec | None = None, *, emitter: Emitter | None = None,
-                 trace_group: str = "csos-som-reference-trace") -> None:
+                 trace_group: str = "csos-som-reference-trace",
+                 trace_config: Mapping[str, Any] | None = None) -> None:
         super().__init__(name="reference-feed", daemon=True)
         self.bootstrap = bootstrap
         self.codec = codec or default_codec()
         self.emitter = emitter
         self.trace_group = trace_group
+        #: Extra librdkafka settings of the tracing group consumer, e.g. ``trace_group_config(settings)``.
+        self.trace_config = dict(trace_config or {})
         self.updates: queue.Queue[Update] = queue.Queue()
         self.caught_up = threading.Event()
         self.stopping = threading.Event()
@@ -216,6 +231,7 @@ class ReferenceFeed(threading.Thread):
             "auto.offset.reset": "earliest",  # a group's first member traces what is already there
             "enable.auto.commit": False,
             **client_config(),
+            **self.trace_config,
         }, logger=logging.getLogger("streams.reference_data.librdkafka"))
         consumer.subscribe(list(self.TOPICS))
         return consumer
