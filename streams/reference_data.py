@@ -22,6 +22,7 @@ collapses in ``dead_letters FINAL``.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors.kafka_security import client_config
@@ -155,6 +158,89 @@ def _check_crl(key: str, rec: dict[str, Any]) -> None:
         load_crl(rec["crl_der"])
     except ValueError as exc:
         raise UnreadableReference(f"CRL of {key} is not a CRL: {exc}") from None
+
+
+# ------------------------------------------------------------------ CRL history: never rolled back
+class CrlRank(NamedTuple):
+    """Where a CRL stands in its issuer's history: its scope, and how new it is within that scope."""
+
+    scope: tuple[bytes, bytes, bytes, bool]  # issuer name, signing key id, issuingDistributionPoint, delta
+    number: int | None  # cRLNumber
+    this_update: datetime
+    digest: str  # SHA-256 of the DER: the CRL's identity
+
+    def newer_than(self, other: CrlRank) -> bool:
+        """A higher CRL number; without numbers on both, a later thisUpdate (RFC 5280 5.2.3)."""
+        if self.number is not None and other.number is not None:
+            return self.number > other.number
+        return self.this_update > other.this_update
+
+
+def crl_rank(crl: x509.CertificateRevocationList) -> CrlRank:
+    """The scope and rank of ``crl``.
+
+    The scope tells which CRLs replace each other: the same issuer name, the
+    same signing key (a CA's CRLs under its old and its new key are two
+    series, each numbered on its own), the same issuingDistributionPoint
+    (partition, reasons, indirect) and complete vs. delta.
+    """
+    def ext(cls: type) -> Any:
+        try:
+            return crl.extensions.get_extension_for_class(cls).value
+        except x509.ExtensionNotFound:
+            return None
+
+    aki = ext(x509.AuthorityKeyIdentifier)
+    idp = ext(x509.IssuingDistributionPoint)
+    number = ext(x509.CRLNumber)
+    scope = (crl.issuer.public_bytes(), (aki.key_identifier or b"") if aki is not None else b"",
+             idp.public_bytes() if idp is not None else b"", ext(x509.DeltaCRLIndicator) is not None)
+    der = crl.public_bytes(Encoding.DER)
+    return CrlRank(scope, number.crl_number if number is not None else None, crl.last_update_utc,
+                   hashlib.sha256(der).hexdigest())
+
+
+def crl_record_key(crl: x509.CertificateRevocationList) -> str:
+    """The ``pki.crl`` key of one CRL: issuer, CRL number (or thisUpdate) and SHA-256 of its DER.
+
+    One key per distinct CRL, so compaction only collapses re-publications of
+    the same CRL and can never drop the CRL in force for a later record of
+    the same issuer (a forged or an older one) that the workers refuse.
+    """
+    rank = crl_rank(crl)
+    at = f"number {rank.number}" if rank.number is not None else f"thisUpdate {rank.this_update:%Y-%m-%dT%H:%M:%SZ}"
+    return f"{crl.issuer.rfc4514_string()} | {at} | sha256 {rank.digest}"
+
+
+class CrlHistory:
+    """The CRL in force per scope, and what was decided about every CRL seen, whatever order they come in.
+
+    A CRL is offered to the verifier only if it is newer than the one in
+    force for its scope (:meth:`CrlRank.newer_than`), and becomes the one in
+    force only if the verifier installs it. So an older or a refused record,
+    read before or after the current one, after compaction or at a restart
+    (every worker reads the whole topic), never displaces it.
+    """
+
+    def __init__(self) -> None:
+        self._in_force: dict[tuple[bytes, bytes, bytes, bool], CrlRank] = {}
+        self._decided: dict[str, str] = {}  # digest -> "installed" | "superseded" | "refused: <why>"
+
+    def decided(self, rank: CrlRank) -> str | None:
+        """What became of this CRL when it was first seen (None: not seen yet)."""
+        return self._decided.get(rank.digest)
+
+    def supersedes(self, rank: CrlRank) -> bool:
+        current = self._in_force.get(rank.scope)
+        return current is None or rank.newer_than(current)
+
+    def in_force(self, rank: CrlRank) -> CrlRank | None:
+        return self._in_force.get(rank.scope)
+
+    def decide(self, rank: CrlRank, verdict: str) -> None:
+        self._decided[rank.digest] = verdict
+        if verdict == "installed":
+            self._in_force[rank.scope] = rank
 
 
 def dead_letter_id(topic: str, partition: int, offset: int) -> str:

@@ -45,12 +45,15 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any, Iterable, MutableMapping
 
+from connectors.pki import load_crl
+
 from .. import topic_names as t
 from ..avro_codec import AvroCodec, default_codec
 from ..emit import Emitter, Message, utcnow
 from ..outcomes import OutcomeBook, Position
 from ..products import ProductMaster
-from ..reference_data import REGISTRANT_UNKNOWN, ReferenceFeed, RegistrantDirectory
+from ..reference_data import (REGISTRANT_UNKNOWN, CrlHistory, CrlRank, ReferenceFeed, RegistrantDirectory, Trace,
+                              crl_rank)
 from ..table_state import CachedTable
 from ..verification import RETRYABLE, Outcome, Verifier, enrich_lines
 
@@ -104,6 +107,7 @@ class VerifyProcessor:
         self.emitter = emitter
         self.directory = directory  # None: registration status is not checked
         self.feed = feed
+        self.crls = CrlHistory()  # the CRL in force per issuer and scope: never rolled back
         self.codec = codec or default_codec()
         self.counts = {"verified": 0, "rejected": 0, "dead_lettered": 0, "parked": 0, "rerouted": 0,
                        "receipt_corrected": 0, "redelivered": 0}
@@ -124,23 +128,59 @@ class VerifyProcessor:
             if topic == t.CRL:
                 if record is None:
                     continue  # a CRL is never withdrawn by a tombstone; a newer one replaces it
-                try:
-                    if self.verifier.update_crl(record["crl_der"]):
-                        applied += 1
-                        if trace is None:  # each worker audits its own load; the traced copy is a second look
-                            self.emitter.audit(STAGE, "crl.loaded", "LOADED", detail={
-                                "issuer": record["issuer"], "next_update": record["next_update"],
-                                "source": record["source"]})
-                except Exception as exc:  # noqa: BLE001 - a bad CRL is refused, loudly, never applied
-                    log.error("CRL from %s refused: %s", record.get("source"), exc)
-                    if trace is not None:  # audited once, by the worker tracing its partition (reference_data)
-                        self.emitter.audit(STAGE, "crl.refused", "REFUSED", detail={
-                            "issuer": record.get("issuer"), "source": record.get("source"), "reason": str(exc),
-                            "partition": trace.partition, "offset": trace.offset})
+                applied += self._apply_crl(record, trace)
             elif self.directory is not None:
                 self.directory.apply(key, record)
                 applied += 1
         return applied
+
+    def _apply_crl(self, record: dict[str, Any], trace: Trace | None) -> bool:
+        """Offer one CRL record to the verifier under the history rule; True if it took effect now.
+
+        Each distinct CRL is judged once (the worker's own copy and the traced
+        copy may come in either order); the traced copy leaves the one audit
+        trace of a CRL that was refused or superseded (``crl.refused``,
+        ``crl.superseded``), the install is audited by every worker (``crl.loaded``).
+        """
+        try:
+            rank = crl_rank(load_crl(record["crl_der"]))  # readable: the feed checked it
+        except ValueError as exc:
+            log.error("CRL from %s unreadable, not applied: %s", record.get("source"), exc)
+            return False
+        verdict = self.crls.decided(rank)
+        installed = verdict is None and self._judge_crl(record, rank) == "installed"
+        verdict = self.crls.decided(rank)
+        if trace is not None and verdict != "installed":
+            where = {"issuer": record.get("issuer"), "source": record.get("source"), "crl_number": rank.number,
+                     "partition": trace.partition, "offset": trace.offset}
+            if verdict == "superseded":
+                current = self.crls.in_force(rank)
+                self.emitter.audit(STAGE, "crl.superseded", "SUPERSEDED", detail={
+                    **where, "in_force_crl_number": current.number if current else None,
+                    "reason": "not newer than the CRL in force for its issuer and scope"})
+            else:
+                self.emitter.audit(STAGE, "crl.refused", "REFUSED", detail={
+                    **where, "reason": (verdict or "").removeprefix("refused: ")})
+        return installed
+
+    def _judge_crl(self, record: dict[str, Any], rank: CrlRank) -> str:
+        """Install the CRL if it is newer than the one in force and the verifier takes it; the verdict."""
+        if not self.crls.supersedes(rank):
+            log.info("CRL from %s (number %s) is not newer than the one in force; ignored",
+                     record.get("source"), rank.number)
+            verdict = "superseded"
+        else:
+            try:
+                verdict = "installed" if self.verifier.update_crl(record["crl_der"]) else "superseded"
+            except Exception as exc:  # noqa: BLE001 - a bad CRL is refused, loudly, never applied
+                log.error("CRL from %s refused: %s", record.get("source"), exc)
+                verdict = f"refused: {exc}"
+        self.crls.decide(rank, verdict)
+        if verdict == "installed":  # each worker audits its own load
+            self.emitter.audit(STAGE, "crl.loaded", "LOADED", detail={
+                "issuer": record["issuer"], "next_update": record["next_update"], "source": record["source"],
+                "crl_number": rank.number})
+        return verdict
 
     def recheck_parked(self) -> int:
         """Re-verify every parked order this worker holds; returns how many left the parking."""
