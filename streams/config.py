@@ -55,6 +55,9 @@ class Settings:
     # -- issue 10 (crash-safe outcomes): how long an order id's decision is remembered by each agent, so that a
     # duplicate (a redelivery, or an upstream agent repeating its output after a crash) is not judged twice.
     dedup_days: float = 14.0
+    # -- issue 12 (CRL freshness barrier): how long the verify agent waits, per batch, for its reference reader
+    # to reach what pki.crl and registrants held when the batch arrived; past it the batch's orders are parked.
+    reference_barrier_seconds: float = 30.0
 
     @property
     def supplier_deas(self) -> frozenset[str]:
@@ -107,6 +110,9 @@ class Settings:
             receipt_skew_seconds=float(_env("CSOS_RECEIPT_SKEW_SECONDS", str(cls.receipt_skew_seconds))),
             # -- issue 10 (crash-safe outcomes)
             dedup_days=float(_env("CSOS_DEDUP_DAYS", str(cls.dedup_days))),
+            # -- issue 12 (CRL freshness barrier)
+            reference_barrier_seconds=float(_env("CSOS_REFERENCE_BARRIER_SECONDS",
+                                                 str(cls.reference_barrier_seconds))),
         )
 
     def with_(self, **changes) -> "Settings":

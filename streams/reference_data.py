@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException,
+                             TopicPartition)
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from connectors.kafka_security import client_config
 
@@ -270,6 +272,10 @@ class ReferenceFeed(threading.Thread):
         self.stopping = threading.Event()
         self.errors = 0
         self.dead_lettered = 0
+        # Freshness barrier: the next offset this worker's copy has read (and queued) per partition.
+        self._position: dict[tuple[str, int], int] = {}
+        self._progress = threading.Condition()
+        self._admin: AdminClient | None = None
 
     def _consumer(self) -> tuple[Consumer, dict[tuple[str, int], int]]:
         consumer = Consumer({
@@ -286,7 +292,8 @@ class ReferenceFeed(threading.Thread):
                 raise RuntimeError(f"topic {topic} is missing; run `csos topics`")
             for p in metadata.topics[topic].partitions:
                 partitions.append(TopicPartition(topic, p, OFFSET_BEGINNING))
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                low, high = _watermarks(consumer, TopicPartition(topic, p))
+                self._advance(topic, p, low)
                 if high > low:
                     ends[(topic, p)] = high
         consumer.assign(partitions)
@@ -328,6 +335,7 @@ class ReferenceFeed(threading.Thread):
         """Apply one message of the worker's own copy and note when every partition has been read."""
         if msg.error():
             if msg.error().code() == KafkaError._PARTITION_EOF:
+                self._advance(msg.topic(), msg.partition(), msg.offset())  # the offset the partition ends at
                 behind.pop((msg.topic(), msg.partition()), None)
                 if not behind:
                     self.caught_up.set()
@@ -335,6 +343,7 @@ class ReferenceFeed(threading.Thread):
                 log.warning("reference feed: %s", msg.error())
             return
         self._queue(msg)
+        self._advance(msg.topic(), msg.partition(), msg.offset() + 1)  # after queueing: drained with it
         if behind.get((msg.topic(), msg.partition()), -1) <= msg.offset() + 1:
             behind.pop((msg.topic(), msg.partition()), None)
             if not behind:
@@ -400,6 +409,50 @@ class ReferenceFeed(threading.Thread):
             self.updates.put(Update(topic, text, record, Trace(partition, offset)))
         return False
 
+    # ------------------------------------------------------------------ freshness barrier
+    def _advance(self, topic: str, partition: int, next_offset: int) -> None:
+        """Note that everything before ``next_offset`` of the partition is read and queued."""
+        with self._progress:
+            if next_offset > self._position.get((topic, partition), -1):
+                self._position[(topic, partition)] = next_offset
+                self._progress.notify_all()
+
+    def end_offsets(self, timeout: float) -> dict[tuple[str, int], int]:
+        """Where each partition of both topics ends now (read-committed): one ListOffsets request per broker.
+
+        Asked after a batch of orders was appended, the answer covers every
+        reference record published before any of them.
+        """
+        if self._admin is None:
+            self._admin = AdminClient({"bootstrap.servers": self.bootstrap, **client_config()},
+                                      logger=logging.getLogger("streams.reference_data.librdkafka"))
+        with self._progress:
+            known = list(self._position)
+        if not known:  # the reader has not started: ask the cluster which partitions there are
+            metadata = self._admin.list_topics(timeout=timeout)
+            known = [(topic, p) for topic in self.TOPICS if topic in metadata.topics
+                     for p in metadata.topics[topic].partitions]
+        futures = self._admin.list_offsets({TopicPartition(topic, p): OffsetSpec.latest() for topic, p in known},
+                                           isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout)
+        return {(tp.topic, tp.partition): f.result(timeout).offset for tp, f in futures.items()}
+
+    def behind(self, ends: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """The partitions this worker's copy has not read up to ``ends`` yet, with its position."""
+        with self._progress:
+            return {tp: self._position.get(tp, -1) for tp, end in ends.items() if self._position.get(tp, -1) < end}
+
+    def wait_until(self, ends: dict[tuple[str, int], int], timeout: float) -> bool:
+        """Wait until every partition is read (and queued) up to ``ends``; False on timeout or a dead reader."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while True:
+                if all(self._position.get(tp, -1) >= end for tp, end in ends.items()):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.is_alive():
+                    return False
+                self._progress.wait(min(left, 0.5))
+
     def drain(self) -> list[Update]:
         out = []
         while True:
@@ -414,6 +467,21 @@ class ReferenceFeed(threading.Thread):
             if self.caught_up.wait(0.2):
                 return True
         return self.caught_up.is_set()
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> tuple[int, int]:
+    """A partition's (low, high) offsets, asked again while its leader is still being elected (new topics)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=timeout)
+        except KafkaException as exc:
+            err = exc.args[0]
+            transient = err.retriable() or err.code() in (KafkaError.NOT_LEADER_FOR_PARTITION,
+                                                          KafkaError.LEADER_NOT_AVAILABLE)
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _timestamp(msg: Any) -> datetime | None:
