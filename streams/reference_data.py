@@ -1,11 +1,14 @@
 """Reference data every worker needs whole: CRLs and the registrant directory.
 
-Both arrive on compacted topics (``pki.crl`` keyed by issuer, ``registrants``
-keyed by DEA number) that each worker reads completely, from the beginning,
+Both arrive on compacted topics (``pki.crl`` keyed per distinct CRL, see
+``crl_record_key``; ``registrants`` keyed by DEA number) that each worker reads completely, from the beginning,
 without a consumer group: a CRL must reach every worker, not one of them.
 A background thread reads them with confluent-kafka and queues the records;
 the agent applies the queue between batches on its own thread, so the
-verifier's caches are never changed under a running verification.
+verifier's caches are never changed under a running verification. The
+reader also tells how far it has read each partition, so that the agent can
+wait, before judging a batch, until it has everything published before the
+batch arrived (the freshness barrier, ``end_offsets``/``wait_until``).
 
 Unusable records leave exactly one trace. Every worker re-reads both topics
 whole at every start, so a worker that dead-lettered what it read would trace
