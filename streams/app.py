@@ -159,6 +159,8 @@ async def decide_batch(proc: VerifyProcessor | MonitorProcessor | CaseProcessor,
     only after this returns; see the module docstring for each crash point.
     """
     stage = _STAGES[type(proc)]
+    if isinstance(proc, VerifyProcessor):  # freshness barrier: off the loop, which keeps the group's heartbeats
+        await asyncio.get_running_loop().run_in_executor(None, proc.reference_barrier)
     proc.begin_batch()  # the verify agent takes in reference data here: a timer step, settled as one
     await settle_timer_step(proc, table)
     proc.counts["batches"] = proc.counts.get("batches", 0) + 1
@@ -283,7 +285,7 @@ def create_app(settings: Settings) -> faust.App:
                 Verifier.from_pki_dir(settings.pki_dir, products), products, emitter("verify-agent"),
                 durable[VERIFY_STAGE], RegistrantDirectory() if settings.require_registration else None, feed,
                 suppliers=suppliers, receipt_skew=timedelta(seconds=settings.receipt_skew_seconds),
-                outcomes=book())
+                outcomes=book(), barrier_seconds=settings.reference_barrier_seconds)
             parts["monitor"] = MonitorProcessor(Monitor.from_env(), durable[MONITOR_STAGE],
                                                 emitter("monitor-agent"), outcomes=book())
             parts["cases"] = CaseProcessor(durable[CASE_STAGE], emitter("case-agent"),

@@ -61,6 +61,9 @@ class Settings:
     session_timeout_seconds: float = 10.0  # CSOS_SESSION_TIMEOUT_SECONDS: a silent member's partitions move after
     heartbeat_seconds: float = 1.0  # CSOS_HEARTBEAT_SECONDS: how often a member tells the broker it is alive
     static_membership: bool = True  # CSOS_STATIC_MEMBERSHIP: 0 = dynamic members (ids not stable, e.g. autoscaled)
+    # -- issue 12 (CRL freshness barrier): how long the verify agent waits, per batch, for its reference reader
+    # to reach what pki.crl and registrants held when the batch arrived; past it the batch's orders are parked.
+    reference_barrier_seconds: float = 30.0
 
     @property
     def supplier_deas(self) -> frozenset[str]:
@@ -134,6 +137,9 @@ class Settings:
             session_timeout_seconds=float(_env("CSOS_SESSION_TIMEOUT_SECONDS", str(cls.session_timeout_seconds))),
             heartbeat_seconds=float(_env("CSOS_HEARTBEAT_SECONDS", str(cls.heartbeat_seconds))),
             static_membership=_env("CSOS_STATIC_MEMBERSHIP", "1").lower() not in ("0", "false", "no"),
+            # -- issue 12 (CRL freshness barrier)
+            reference_barrier_seconds=float(_env("CSOS_REFERENCE_BARRIER_SECONDS",
+                                                 str(cls.reference_barrier_seconds))),
         )
 
     def with_(self, **changes) -> "Settings":
