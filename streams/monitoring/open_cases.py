@@ -168,14 +168,19 @@ def apply_outcome(dd: MutableMapping[str, Any], outcome: Mapping[str, Any]) -> b
     ONBOARDED ends the new-customer period.
     """
     did = str(outcome["decision_id"])
+    kind = outcome.get("outcome") or RELEASED
+    families = [str(f).strip().upper() for f in outcome.get("drug_families") or []]
+    if kind not in OUTCOMES:  # validated before anything changes: a refused outcome leaves the state as it was
+        raise ValueError(f"unknown due-diligence outcome {kind!r}; expected one of {', '.join(OUTCOMES)}")
+    units = outcome.get("monthly_limit_units")
+    if kind == SET_LIMIT and (units is None or units < 0 or not families):
+        raise ValueError(f"SET_LIMIT {did} needs a drug family and a monthly limit of at least 0 units")
     if did in dd["applied"]:
         return False
     dd["applied"] = (dd["applied"] + [did])[-APPLIED_KEPT:]
-    kind = outcome.get("outcome") or RELEASED
     case_id = str(outcome.get("order_id") or "")
     at = to_ms(outcome["cleared_at"])
     by = str(outcome.get("cleared_by") or "")
-    families = [str(f).strip().upper() for f in outcome.get("drug_families") or []]
     if kind in (RELEASED, CANCELLED):
         for fam, case in list(dd["open"].items()):
             if case["case_id"] == case_id:
@@ -193,20 +198,14 @@ def apply_outcome(dd: MutableMapping[str, Any], outcome: Mapping[str, Any]) -> b
             dd["open"].pop(fam, None)
             dd["reported"][fam] = {"case_id": case_id, "at_ms": at, "by": by}
     elif kind == SET_LIMIT:
-        units = outcome.get("monthly_limit_units")
-        if units is None or units < 0 or not families:
-            raise ValueError(f"SET_LIMIT {did} needs a drug family and a monthly limit of at least 0 units")
         for fam in families:
             dd["reported"].pop(fam, None)
             dd["limits"][fam] = {"units": int(units), "at_ms": at, "by": by, "decision_id": did}
     elif kind == TERMINATED:
         if not dd["terminated"]:
             dd["terminated"] = {"at_ms": at, "by": by, "case_id": case_id, "decision_id": did}
-    elif kind == ONBOARDED:
-        if not dd["onboarded_ms"]:
-            dd["onboarded_ms"], dd["onboarded_by"] = at, by
-    else:
-        raise ValueError(f"unknown due-diligence outcome {kind!r}; expected one of {', '.join(OUTCOMES)}")
+    elif kind == ONBOARDED and not dd["onboarded_ms"]:
+        dd["onboarded_ms"], dd["onboarded_by"] = at, by
     return True
 
 
