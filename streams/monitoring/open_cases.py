@@ -215,9 +215,9 @@ class SimulatedDueDiligence:
 
     With labels (order id -> ``{label, episode_start}``): a ``suspicious``
     order's case is REPORTED, and at once a limit is set for each reported
-    family at the registrant's pre-episode level (the largest learned month
-    of the family before the episode's month); with no such history (a new
-    pill mill) the relationship is TERMINATED. Any other order (``normal``, and
+    family at the registrant's pre-episode level (``limit_headroom``, 1.5, x the
+    largest learned month of the family before the episode's month, 0 if none); a registrant with
+    nothing learned before the episode (a new pill mill) is TERMINATED. Any other order (``normal``, and
     ``grey``: an analyst cannot tell the start of a ramp from growth) is
     RELEASED and learned. Without labels every case is RELEASED (the analyst
     found nothing), so unlabelled replays still show the rule's cost.
@@ -233,8 +233,10 @@ class SimulatedDueDiligence:
     """
 
     def __init__(self, monitor: Any, labels: Mapping[str, Mapping[str, Any]] | None = None,
-                 review_days: float = 2.0) -> None:
+                 review_days: float = 2.0, limit_headroom: float = 1.5) -> None:
         self.monitor = monitor
+        #: The limit is this multiple of the pre-episode month: an analyst leaves room for ordinary variation.
+        self.limit_headroom = limit_headroom
         self.labels = labels
         self.review_ms = int(review_days * MS_PER_DAY)
         self._due: dict[str, list[tuple[int, int, Mapping[str, Any]]]] = {}
@@ -275,15 +277,17 @@ class SimulatedDueDiligence:
         self.counts[REPORTED] += 1
         start = label.get("episode_start")
         before = month_of(to_ms(start)) if start is not None else month_of(to_ms(held["received_at"]))
+        if not any(m < before for f in base.family_names() for m in base.family(f).months.cells):  # type: ignore[union-attr]
+            # nothing learned before the episode: a new customer that was suspicious from the start
+            apply_outcome(dd, dict(common, decision_id=f"{oid}#terminated", outcome=TERMINATED))
+            self.counts[TERMINATED] += 1
+            return
         for fam in [f for f in families if f in dd["reported"]]:
             fb = base.family(fam)
-            level = max((u for m, u in fb.months.cells.items() if m < before), default=None) if fb else None
-            if level is None:
-                apply_outcome(dd, dict(common, decision_id=f"{oid}#terminated", outcome=TERMINATED))
-                self.counts[TERMINATED] += 1
-                return
+            # the family's largest learned month before the episode; none: the family is not allowed (limit 0)
+            level = max((u for m, u in fb.months.cells.items() if m < before), default=0) if fb else 0
             apply_outcome(dd, dict(common, decision_id=f"{oid}#limit-{fam}", outcome=SET_LIMIT,
-                                   drug_families=[fam], monthly_limit_units=int(level)))
+                                   drug_families=[fam], monthly_limit_units=int(level * self.limit_headroom)))
             self.counts[SET_LIMIT] += 1
 
 
