@@ -270,12 +270,14 @@ def checked_rows(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]
 
 #: Case events that decide a case: the actor is who decided.
 CLOSING_KINDS = frozenset({"RELEASED", "REPORTED", "CANCELLED"})
+#: Case events that do not change the case: a refused decision, and decisions about the registrant made from it.
+UNCHANGED_KINDS = frozenset({"REFUSED", "LIMIT_SET", "TERMINATED", "ONBOARDED"})
 
 
 def case_rows(rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
-    """A ``case_events`` row, and unless the event was refused (the case unchanged) a new ``cases`` version."""
+    """A ``case_events`` row, and unless the case is unchanged (:data:`UNCHANGED_KINDS`) a new ``cases`` version."""
     rows: dict[str, list[list[Any]]] = {"case_events": [[rec[c] for c in TABLE_COLUMNS["case_events"]]]}
-    if rec["kind"] != "REFUSED":
+    if rec["kind"] not in UNCHANGED_KINDS:
         closing = rec["kind"] in CLOSING_KINDS
         rows["cases"] = [[
             rec["order_id"], rec["order_number"], rec["purchaser_dea"], rec["status"], rec["version"], rec["at"],

@@ -46,6 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from streams.monitoring import Monitor, MonitorConfig
 from streams.monitoring.detectors import RECORDED_DETECTORS
+from streams.monitoring.open_cases import DUE_DILIGENCE_RULES, SimulatedDueDiligence, label_index
 from streams.monitoring.peers import PeerProfiles, build_profiles
 
 LEARNED = "learned"
@@ -65,20 +66,27 @@ def _sorted_stream(stream: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any
     return sorted(stream, key=lambda o: o["received_at"])
 
 
-def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor) -> list[dict[str, Any]]:
+def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor, labels: Any = None,
+               review_days: float = 2.0) -> list[dict[str, Any]]:
     """Replay ``orders`` (time order) through ``monitor``; learn only from released orders.
 
     Returns one decision per order: ``{order_id, held, fired}`` where ``fired`` is
     the set of detector names that fired (held or not). An order the monitor
-    cannot score is held (``monitor_error``), as in the agent.
+    cannot score is held (``monitor_error``), as in the agent. The open-case rule
+    applies with a simulated analyst deciding each held order ``review_days``
+    after its hold, from ``labels`` when given (see
+    :class:`streams.monitoring.open_cases.SimulatedDueDiligence`).
     """
     live: dict[str, Any] = {}
     out = []
+    analyst = SimulatedDueDiligence(monitor, label_index(labels), review_days)
     for o in orders:
         dea = str(o["purchaser_dea"])
         base = live.get(dea)
         if base is None:
             base = live[dea] = monitor.baselines(None, dea)
+        analyst.before(o, base)
+        v = None
         try:
             v = monitor.score(base, o, decided_at=o["received_at"])
             fired = {r["detector"] for r in v["reasons"] if r["fired"]}
@@ -88,6 +96,7 @@ def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor) -> list[di
             fired, seen, held = {"monitor_error"}, {"monitor_error"}, True
         if not held:
             monitor.learn_into(base, o)
+        analyst.after(o, base, v)
         out.append({"order_id": o["order_id"], "held": held, "fired": fired, "seen": seen})
     return out
 
@@ -111,15 +120,18 @@ def train_peers(seed: int, config: MonitorConfig | None = None, **scenario_overr
 
 
 def run_policies(orders: Sequence[Mapping[str, Any]], config: MonitorConfig | None = None,
-                 peers: PeerProfiles | None = None) -> tuple[dict[str, list[bool]], dict[str, Any]]:
+                 peers: PeerProfiles | None = None, labels: Any = None,
+                 review_days: float = 2.0) -> tuple[dict[str, list[bool]], dict[str, Any]]:
     """Decisions (held flags aligned with ``orders``) per policy, and how they were obtained.
 
     ``peers``: peer profiles every policy's monitor uses (cold start, ``peer_volume``).
     """
     cfg = config or MonitorConfig()
     t0 = time.perf_counter()
-    base_run = run_policy(orders, Monitor(cfg, peers=peers))
-    detectors = sorted({d for x in base_run for d in x["seen"]} - {"replay", "monitor_error"})
+    base_run = run_policy(orders, Monitor(cfg, peers=peers), labels, review_days)
+    # The open-case findings follow decisions; every policy applies them, none is a policy of its own.
+    detectors = sorted({d for x in base_run for d in x["seen"]} - {"replay", "monitor_error"}
+                       - set(DUE_DILIGENCE_RULES))
     static = [d for d in detectors if d.startswith(STATIC_PREFIX)]
     decisions: dict[str, list[bool]] = {LEARNED: [x["held"] for x in base_run]}
     policies: dict[str, tuple[str, ...]] = {d: (d,) for d in detectors}
@@ -132,7 +144,8 @@ def run_policies(orders: Sequence[Mapping[str, Any]], config: MonitorConfig | No
     real = supports_hold_detectors()
     for name, dets in policies.items():
         if real:
-            run = run_policy(orders, Monitor(dataclasses.replace(cfg, hold_detectors=dets), peers=peers))
+            run = run_policy(orders, Monitor(dataclasses.replace(cfg, hold_detectors=dets), peers=peers), labels,
+                             review_days)
             decisions[name] = [x["held"] for x in run]
         else:
             decisions[name] = [bool(x["fired"] & set(dets)) for x in base_run]
@@ -247,8 +260,10 @@ def evaluate(stream: Iterable[Mapping[str, Any]], labels: Any, out_dir: str | Pa
              config: MonitorConfig | None = None, title: str = "Suspicious order monitoring: evaluation",
              legit_kinds: Sequence[str] = ("surge_flu", "surge_expansion", "new_registrant"),
              episodes: Sequence[Mapping[str, Any]] | None = None,
-             peers: PeerProfiles | None = None) -> dict[str, Any]:
+             peers: PeerProfiles | None = None, review_days: float = 2.0) -> dict[str, Any]:
     """Evaluate every policy on a labeled stream; write the report files to ``out_dir``.
+
+    ``review_days``: the simulated analyst decides each held order this long after its hold (open-case rule).
 
     ``stream``: verified-order dicts (any order; replayed in ``received_at`` order).
     ``labels``: a mapping order_id -> label, or a sequence of labels with ``order_id``;
@@ -258,7 +273,7 @@ def evaluate(stream: Iterable[Mapping[str, Any]], labels: Any, out_dir: str | Pa
     """
     orders = _sorted_stream(stream)
     labs = _align(orders, labels)
-    decisions, info = run_policies(orders, config, peers)
+    decisions, info = run_policies(orders, config, peers, labs, review_days)
     metrics = {name: policy_metrics(orders, labs, held) for name, held in decisions.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

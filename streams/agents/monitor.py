@@ -115,6 +115,8 @@ class MonitorProcessor:
             if verdict["verdict"] == "RELEASE":
                 self._learn(dea, base, order)
                 learned = True
+            if self.monitor.note_verdict(base, order, verdict):  # a HOLD opens the family's case
+                self.state.mark_dirty(dea)
         except Exception as exc:  # noqa: BLE001 - fail closed: an order we cannot score, encode or learn is held
             log.exception("monitor failed on order %s", order.get("order_id"))
             try:
@@ -167,17 +169,23 @@ class MonitorProcessor:
         self.state.mark_dirty(dea)
 
     def learn_cleared(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
-        """Learn a held order that due diligence cleared and released, as if the monitor had released it.
+        """Act on a due-diligence outcome (``som.ClearedOrder``): learn a cleared order, update open cases.
 
-        Only clearances reach this topic (the case agent sends nothing for
-        reported or cancelled orders), so held orders never teach the baseline
-        unless a person vouched for them. Learning is idempotent per order id.
+        RELEASED: the held order is learned as if the monitor had released it,
+        and its open case (if it was one) closes. Only RELEASED teaches the
+        baselines, so held orders never do unless a person vouched for them.
+        REPORTED, CANCELLED and the registrant decisions (SET_LIMIT,
+        TERMINATED, ONBOARDED) only change the registrant's due-diligence state
+        (``streams.monitoring.open_cases``). Each is applied once per decision id.
         """
         cleared = self.emitter.decode_or_dead_letter(STAGE, "som.ClearedOrder", topic, partition, offset, key, value)
         if cleared is None:
             self.counts["dead_lettered"] += 1
             return
-        order = cleared["order"]
+        order = cleared.get("order")
+        if cleared.get("outcome", "RELEASED") != "RELEASED" or order is None:
+            self.apply_outcome(cleared, topic, partition, offset, key, value)
+            return
         dea = order["purchaser_dea"]
         position = (topic, partition, offset)
         if self._repeated(dea, order["order_id"], position, cleared=True):
@@ -190,11 +198,42 @@ class MonitorProcessor:
                 self.emitter.audit(STAGE, "order.learn_failed", "ERROR", order_id=order["order_id"],
                                    purchaser_dea=dea, detail={"error": f"{exc.__class__.__name__}: {exc}"})
                 return
+            self.monitor.apply_outcome(self.state.get(dea), cleared)  # its open case (if any) closes
             self.counts["learned_cleared"] = self.counts.get("learned_cleared", 0) + 1
             self.emitter.audit(STAGE, "order.learned_after_review", "LEARNED", order_id=order["order_id"],
                                purchaser_dea=dea, detail={"decision_id": cleared["decision_id"],
                                                           "cleared_by": cleared["cleared_by"]})
         self._record(dea, order["order_id"], "CLEARED", position, produced, learned=True)
+
+    def apply_outcome(self, outcome: dict[str, Any], topic: str, partition: int, offset: int, key: bytes | None,
+                      value: bytes) -> None:
+        """Apply a due-diligence outcome that teaches no baseline (report, cancel, limit, termination, onboarding).
+
+        Audited as ``due_diligence.applied`` (or ``.repeated`` for a decision id
+        already applied). One that cannot be applied is dead-lettered before
+        anything changes (``apply_outcome`` validates first), for a person to look at.
+        """
+        dea = outcome.get("purchaser_dea") or (outcome.get("order") or {}).get("purchaser_dea") or ""
+        kind = outcome.get("outcome", "RELEASED")
+        detail = {"decision_id": outcome["decision_id"], "case_id": outcome["order_id"], "decided_by":
+                  outcome["cleared_by"], "drug_families": list(outcome.get("drug_families") or []),
+                  "monthly_limit_units": outcome.get("monthly_limit_units")}
+        try:
+            if not dea:
+                raise ValueError("the outcome names no registrant (purchaser_dea)")
+            applied = self.monitor.apply_outcome(self.state.get(dea), outcome)
+        except Exception as exc:  # noqa: BLE001 - a bad outcome must not stop the monitor; it is kept for review
+            log.exception("monitor could not apply outcome %s", outcome.get("decision_id"))
+            self.counts["dead_lettered"] += 1
+            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
+                                     f"due-diligence outcome {kind} not applied: {exc.__class__.__name__}: {exc}")
+            return
+        if applied:
+            self.state.mark_dirty(dea)
+            self.counts["outcomes_applied"] = self.counts.get("outcomes_applied", 0) + 1
+        self.emitter.audit(STAGE, "due_diligence.applied" if applied else "due_diligence.repeated", kind,
+                           order_id=outcome["order_id"] or None, purchaser_dea=dea, detail=detail,
+                           actor=outcome["cleared_by"] or None)
 
     def _error_verdict(self, order: dict[str, Any], exc: Exception) -> dict[str, Any]:
         now = utcnow()
