@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from connectors import scenarios
-from connectors.arcos_replay import UNVERIFIED_SERIAL, publish_arcos, read_arcos
+from connectors.arcos_replay import METHADONE_SAMPLE, UNVERIFIED_SERIAL, arcos_data_dir, publish_arcos, read_arcos
 from streams.avro_codec import default_codec
 from streams.evaluation import LEARNED, evaluate, policy_metrics, run_policy, train_peers
 from streams.monitoring import Monitor
 from streams.monitoring.peers import PeerProfiles
 from streams.topic_names import VERIFIED
 
-ARCOS = Path("/work/shared/data/arcos/methadone-ma-2006-2014.csv.gz")
+ARCOS = (arcos_data_dir() or Path("missing-arcos-dir")) / METHADONE_SAMPLE
 SMALL_COUNTS = {"ramp": 3, "spike": 4, "burst": 3, "mme_shift": 3, "surge_flu": 3, "surge_expansion": 3,
                 "new_registrant": 4}
 
@@ -214,7 +214,7 @@ def test_publish_arcos_encodes_verified_orders_keyed_by_buyer(tmp_path: Path) ->
     decoded = [default_codec().decode(v, expect="csos.orders.VerifiedOrder")[1] for _, _, v in pub.sent]
     assert [k for _, k, _ in pub.sent] == [b"BK5697377", b"BE8821844"]  # date order
     first, second = decoded
-    assert first["order_number"] == "ARCOS-01172008" and first["lines"][0]["dosage_units"] == 400
+    assert first["order_number"] == "ARCOS-T4" and first["lines"][0]["dosage_units"] == 400
     assert len(second["lines"]) == 2 and second["lines"][1]["drug_family"] == "METHADONE"
     assert second["lines"][1]["mme"] == pytest.approx(3577.6) and second["lines"][1]["schedule"] == "2"
 
