@@ -228,10 +228,10 @@ def test_coverage_names_uncovered_families_and_groups_too_small(profiles: PeerPr
     """`csos peers build` says where the monitor has no peer baseline and falls back to fixed ceilings."""
     from streams.monitoring.peers import coverage, describe_coverage
     thin = build_profiles(peer_orders(20, 400) + peer_orders(3, 50, activity="HOSPITAL/CLINIC", prefix="FH",
-                                                             family="MORPHINE"), "test")
-    cov = coverage(thin, {"OXYCODONE", "MORPHINE", "FENTANYL"})
+                                                             family="HYDROCODONE"), "test")
+    cov = coverage(thin, {"OXYCODONE", "HYDROCODONE", "FENTANYL"})
     assert cov["covered_families"] == ["OXYCODONE"]
-    assert cov["uncovered_families"] == ["FENTANYL", "MORPHINE"]
-    assert cov["thin_groups"] == [("HOSPITAL/CLINIC", "MORPHINE", 3)]
+    assert cov["uncovered_families"] == ["FENTANYL", "HYDROCODONE"]
+    assert cov["thin_groups"] == [("HOSPITAL/CLINIC", "HYDROCODONE", 3)]
     text = describe_coverage(cov)
-    assert "FENTANYL, MORPHINE" in text and "HOSPITAL/CLINIC / MORPHINE: 3 registrant(s)" in text
+    assert "FENTANYL, HYDROCODONE" in text and "HOSPITAL/CLINIC / HYDROCODONE: 3 registrant(s)" in text
