@@ -615,10 +615,13 @@ class Verifier:
             listed = "; ".join(f"line {ln.line_no} NDC {ln.ndc}" for ln in unknown)
             raise _Fail(UNKNOWN_PRODUCT, "products", f"The order names product(s) the supplier does not know: {listed}.")
         ok(CheckResult("products", True, f"{len(products)} line(s) found in the product master"))
-        refused = [(ln, p) for ln, p in products if p.schedule not in chain.schedules]  # type: ignore[union-attr]
+        # The schedule in force on the signing date (a rescheduled product keeps its old schedule before).
+        on = signed_at
+        refused = [(ln, p) for ln, p in products
+                   if self.products.schedule(p, on) not in chain.schedules]  # type: ignore[arg-type]
         if refused:
-            listed = "; ".join(f"line {ln.line_no} NDC {ln.ndc} ({ln.product_name}) is schedule {p.schedule}"
-                               for ln, p in refused)  # type: ignore[union-attr]
+            listed = "; ".join(f"line {ln.line_no} NDC {ln.ndc} ({ln.product_name}) is schedule "
+                               f"{self.products.schedule(p, on)}" for ln, p in refused)  # type: ignore[arg-type]
             allowed = ", ".join(sorted(chain.schedules)) or "none"
             raise _Fail(SCHEDULE_NOT_AUTHORIZED, "schedules",
                         f"Your CSOS certificate does not authorize these item(s): {listed}. "
@@ -726,7 +729,7 @@ def enrich_lines(order: Order, products: ProductMaster) -> list[dict]:
             "package_quantity": ln.package_quantity,
             "packages": ln.packages,
             "dosage_units": units,
-            "schedule": p.schedule,
+            "schedule": products.schedule(p, order.signed_at),  # in force on the signing date
             "drug_family": p.drug_family,
             "base_weight_g": float(p.base_weight_g(units)),
             "mme": float(p.mme(units)),

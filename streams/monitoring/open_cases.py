@@ -257,9 +257,13 @@ class SimulatedDueDiligence:
             verdict = {"verdict": "HOLD", "reasons": [], "received_at": order["received_at"]}
         note_verdict(base.due_diligence, order, verdict)
         if verdict["verdict"] == "HOLD":
-            self._seq += 1
-            heapq.heappush(self._due.setdefault(str(order["purchaser_dea"]), []),
-                           (to_ms(order["received_at"]) + self.review_ms, self._seq, order))
+            self.schedule(order)
+
+    def schedule(self, order: Mapping[str, Any]) -> None:
+        """Put a held order on the analyst's desk: decided ``review_days`` after its receipt."""
+        self._seq += 1
+        heapq.heappush(self._due.setdefault(str(order["purchaser_dea"]), []),
+                       (to_ms(order["received_at"]) + self.review_ms, self._seq, order))
 
     def _decide(self, base: RegistrantBaselines, held: Mapping[str, Any], due_ms: int) -> None:
         label = (self.labels or {}).get(str(held["order_id"])) or {}
