@@ -1,8 +1,8 @@
-"""Two adjustments to faust-streaming's Kafka consumer: ``fetch_max_wait_ms``, and no lost inputs after recovery.
+"""Two adjustments to faust-streaming's Kafka consumer.
 
-The second is :class:`InputsHeldWhileSeeking` (see there).
+1. No input lost after a restart or rebalance: :class:`InputsHeldWhileSeeking`.
 
-One consumer setting faust-streaming does not expose: ``fetch_max_wait_ms``.
+2. One consumer setting faust-streaming does not expose: ``fetch_max_wait_ms``.
 
 faust-streaming 0.15 builds its aiokafka consumer with ``fetch_max_wait_ms=1500``
 hard-coded (faust/transport/drivers/aiokafka.py). When a fetch for the
@@ -50,10 +50,10 @@ class InputsHeldWhileSeeking(faust_driver.Consumer):  # type: ignore[misc]
     committed offsets and only then empties the agents' queues
     (``flow_control.resume()``). Its fetcher keeps running meanwhile (it was
     started to read the changelogs), so records fetched in that window are
-    put on the queues, marked read, and then thrown away; when the seek's
-    reset of Faust's read offset lands in the middle of that, the next
-    record looks like a gap in the log and Faust acknowledges the missing
-    range on the agents' behalf. Measured in ``tests/test_crash_safety.py``:
+    put on the queues, marked read, and then thrown away; and when the seek's
+    reset of Faust's read offset lands in the middle of that, Faust takes the
+    next record for a gap in the log and acknowledges the missing range on
+    the agents' behalf. Measured in ``tests/test_crash_safety.py``:
     after a kill -9 the restarted worker committed past ~70 orders per
     partition that no agent ever saw (no outcome, ever), or stopped
     committing a partition for good. Upstream: faust-streaming issue #596.
@@ -98,7 +98,7 @@ class InputsHeldWhileSeeking(faust_driver.Consumer):  # type: ignore[misc]
             self._held_at = {tp: self._read_offset.get(tp) for tp in self._held}
         except BaseException:
             self._seeking -= 1
-            self._release()  # as unpatched Faust would be: better than inputs held for good
+            self._release(reposition=False)  # as unpatched Faust would be: better than inputs held for good
             raise
         self._seeking -= 1
         if not self._seeking and self._resumed_while_seeking:
@@ -111,13 +111,13 @@ class InputsHeldWhileSeeking(faust_driver.Consumer):  # type: ignore[misc]
         else:
             self._release()
 
-    def _release(self) -> None:
-        """Hand the held input partitions back, reading from where the seek put them."""
+    def _release(self, *, reposition: bool = True) -> None:
+        """Hand the held input partitions back, reading from where the seek put them (``reposition``)."""
         self._resumed_while_seeking = False
         held, self._held = self._held, frozenset()
         if not held:
             return
-        for tp in held:  # nothing of theirs was handed out since the seek: its read offset stands
+        for tp in held if reposition else ():  # nothing of theirs was handed out since the seek
             if tp in self._held_at:
                 self._read_offset[tp] = self._held_at[tp]
         log.info("input partitions repositioned at their committed offsets; fetching again: %s",
