@@ -65,7 +65,7 @@ from .agents.verify import STAGE as VERIFY_STAGE
 from .agents.verify import VerifyProcessor
 from .config import Settings
 from .emit import Emitter
-from .faust_tuning import set_fetch_max_wait
+from .faust_tuning import hold_inputs_while_seeking, set_fetch_max_wait
 from .identifiers import is_valid_dea_number
 from .outcomes import OutcomeBook
 from .reference_data import ReferenceFeed, RegistrantDirectory, trace_group_config
@@ -223,6 +223,9 @@ def create_app(settings: Settings) -> faust.App:
         value_serializer="raw",
         **faust_app_kwargs(),  # SASL/TLS from KAFKA_SECURITY_PROTOCOL etc. (connectors.kafka_security)
     )
+    # No input lost after recovery: inputs are held while Faust seeks them back to the committed offsets
+    # (a restarted worker otherwise committed past orders it never read). See streams.faust_tuning.
+    hold_inputs_while_seeking(app)
     received = _raw_topic(app, t.RECEIVED)
     # Cleared orders are keyed by purchaser DEA like verified ones, so the monitor learns them in the same state.
     verified = _raw_topic(app, t.VERIFIED, t.CLEARED)
