@@ -60,7 +60,7 @@ def crl(pki: TestPKI):
 
 @pytest.fixture
 def verifier(pki: TestPKI, crl) -> Verifier:
-    return Verifier(pki.trust_anchors, pki.intermediates, [crl], PRODUCTS)
+    return Verifier(pki.trust_anchors, pki.intermediates, [crl, pki.root_crl], PRODUCTS)
 
 
 def make_order(signed_at: datetime = NOW - timedelta(hours=1), dea: str = DEA,
@@ -122,7 +122,7 @@ class TestPasses:
         ec_pki = TestPKI.create(now=NOW, reuse_keys=True, key_type="ec")
         c = ec_pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR, key_type="ec")
         v = Verifier(ec_pki.trust_anchors, ec_pki.intermediates,
-                     [ec_pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1))], PRODUCTS)
+                     [ec_pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1)), ec_pki.root_crl], PRODUCTS)
         assert_ok(v.verify(*signed(c), NOW))
 
     def test_rsa_pss(self, verifier: Verifier, cred: Credential) -> None:
@@ -134,7 +134,7 @@ class TestPasses:
     def test_chain_taken_from_the_signature(self, pki: TestPKI, crl, cred: Credential) -> None:
         # The verifier only knows the root; the sub-CA arrives inside the CMS. Its CRL
         # cannot be checked until the sub-CA is known, so the first order waits for it.
-        v = Verifier(pki.trust_anchors, [], [], PRODUCTS)
+        v = Verifier(pki.trust_anchors, [], [pki.root_crl], PRODUCTS)
         with pytest.raises(CRLError, match="not a known CA"):
             v.update_crl(crl)
         assert v.verify(*signed(cred), NOW).reason_code == V.REVOCATION_UNKNOWN
@@ -150,7 +150,7 @@ class TestPasses:
                .add_certificate(pki.sub_ca.cert)
                .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary]))
         v = Verifier(pki.trust_anchors, pki.intermediates,
-                     [pki.build_crl(now - timedelta(hours=1), now + timedelta(days=1))], PRODUCTS)
+                     [pki.build_crl(now - timedelta(hours=1), now + timedelta(days=1)), pki.root_crl], PRODUCTS)
         assert_ok(v.verify(None, sig, now + timedelta(minutes=1)))
 
     def test_no_signing_time_attribute_uses_order_date(self, pki: TestPKI, verifier: Verifier,
@@ -311,7 +311,7 @@ class TestRevocation:
         c = pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR)
         pki.revoke(c.serial, NOW - timedelta(days=5))
         v = Verifier(pki.trust_anchors, pki.intermediates,
-                     [pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1))], PRODUCTS)
+                     [pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1)), pki.root_crl], PRODUCTS)
         out = v.verify(*signed(c, make_order(signed_at=NOW - timedelta(days=1))), NOW)
         assert_fails(out, V.CERT_REVOKED, "revocation", format(c.serial, "x"))
 
@@ -320,7 +320,7 @@ class TestRevocation:
         c = pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR)
         pki.revoke(c.serial, NOW - timedelta(days=1))
         v = Verifier(pki.trust_anchors, pki.intermediates,
-                     [pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1))], PRODUCTS)
+                     [pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1)), pki.root_crl], PRODUCTS)
         out = v.verify(*signed(c, make_order(signed_at=NOW - timedelta(days=3))), NOW)
         assert_fails(out, V.CERT_REVOKED, "revocation")
 
@@ -331,7 +331,7 @@ class TestRevocation:
         assert_fails(v.verify(*signed(cred), NOW), V.CERT_REVOKED, "revocation", "CA certificate")
 
     def test_missing_crl(self, pki: TestPKI, cred: Credential) -> None:
-        v = Verifier(pki.trust_anchors, pki.intermediates, [], PRODUCTS)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [pki.root_crl], PRODUCTS)
         out = v.verify(*signed(cred), NOW)
         assert_fails(out, V.REVOCATION_UNKNOWN, "revocation")
         assert out.retryable
@@ -341,21 +341,25 @@ class TestRevocation:
 
     def test_stale_crl(self, pki: TestPKI, cred: Credential) -> None:
         stale = pki.build_crl(NOW - timedelta(days=10), NOW - timedelta(days=3))
-        v = Verifier(pki.trust_anchors, pki.intermediates, [stale], PRODUCTS)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [stale, pki.root_crl], PRODUCTS)
         out = v.verify(*signed(cred), NOW)
         assert_fails(out, V.REVOCATION_UNKNOWN, "revocation", "expired")
         assert out.retryable
 
-    def test_require_ca_crls(self, pki: TestPKI, crl, cred: Credential) -> None:
-        v = Verifier(pki.trust_anchors, pki.intermediates, [crl], PRODUCTS, require_ca_crls=True)
+    def test_ca_certificate_needs_a_crl_too(self, pki: TestPKI, crl, cred: Credential) -> None:
+        """Hard-fail for every certificate of the path: without the root's CRL the sub-CA's status is
+        unknown, so a leaf under a (possibly revoked) sub-CA does not pass."""
+        v = Verifier(pki.trust_anchors, pki.intermediates, [crl], PRODUCTS)
         assert_fails(v.verify(*signed(cred), NOW), V.REVOCATION_UNKNOWN, "revocation", "CA certificate")
 
 
 class TestCrlLoading:
-    def test_wrong_key_crl_refused_on_load(self, pki: TestPKI) -> None:
+    def test_wrong_key_crl_refused_on_load(self, pki: TestPKI, cred: Credential) -> None:
+        """A refused CRL is reported, never raised out of the constructor (the worker starts)."""
         bad = pki.crl_signed_by_wrong_key(NOW - timedelta(hours=1), NOW + timedelta(days=1))
-        with pytest.raises(CRLError, match="not signed by"):
-            Verifier(pki.trust_anchors, pki.intermediates, [bad], PRODUCTS)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [bad, pki.root_crl], PRODUCTS)
+        assert [(r.kind, "not signed by" in r.reason) for r in v.refusals] == [("crl", True)]
+        assert v.verify(*signed(cred), NOW).reason_code == V.REVOCATION_UNKNOWN
 
     def test_wrong_key_crl_refused_on_update(self, verifier: Verifier, pki: TestPKI, cred: Credential) -> None:
         bad = pki.crl_signed_by_wrong_key(NOW - timedelta(hours=1), NOW + timedelta(days=1))
@@ -375,12 +379,12 @@ class TestCrlLoading:
         before = pki.build_crl(NOW - timedelta(days=2), NOW + timedelta(days=5))
         pki.revoke(c.serial, NOW - timedelta(days=1))
         after = pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=5))
-        v = Verifier(pki.trust_anchors, pki.intermediates, [after], PRODUCTS)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [after, pki.root_crl], PRODUCTS)
         assert v.update_crl(before) is False
         assert_fails(v.verify(*signed(c), NOW), V.CERT_REVOKED, "revocation")
 
     def test_pem_bytes_accepted(self, pki: TestPKI, cred: Credential) -> None:
-        v = Verifier(pki.trust_anchors, pki.intermediates, [], PRODUCTS)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [pki.root_crl], PRODUCTS)
         crl = pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1))
         assert v.update_crl(crl.public_bytes(serialization.Encoding.PEM))
         assert_ok(v.verify(*signed(cred), NOW))
@@ -400,7 +404,7 @@ class TestDeaNumber:
         # The verifier looks for different OIDs than the PKI wrote: no DEA number found.
         other_oids = ExtensionOids(dea_number="2.25.1", schedules="2.25.2")
         c = pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR)
-        v = Verifier(pki.trust_anchors, pki.intermediates, [crl], PRODUCTS, other_oids)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [crl, pki.root_crl], PRODUCTS, other_oids)
         assert_fails(v.verify(*signed(c), NOW), V.DEA_MISMATCH, "dea_number", "no DEA number")
 
     def test_configured_oids_from_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -412,7 +416,7 @@ class TestDeaNumber:
         c = p.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR)
         assert c.cert.extensions.get_extension_for_oid(oids.dea_number_oid)
         v = Verifier(p.trust_anchors, p.intermediates,
-                     [p.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1))], PRODUCTS)
+                     [p.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1)), p.root_crl], PRODUCTS)
         assert_ok(v.verify(*signed(c), NOW))
 
 
