@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -141,6 +142,10 @@ ADVICE = {
 SIGNING_TIME_TOLERANCE = timedelta(hours=24)
 FUTURE_SKEW = timedelta(minutes=5)
 MAX_ORDER_AGE = timedelta(days=60)
+# pyhanko-certvalidator logs a refused CRL issuer path as a WARNING with a traceback; the same
+# reason is in the verifier's finding, and ``verify-offline`` must print no traceback.
+logging.getLogger("pyhanko_certvalidator.revinfo.validate_crl").setLevel(logging.ERROR)
+
 _PATH_CACHE_MAX = 100_000
 _NEG_CACHE_MAX = 10_000
 _MAX_PATHS = 8  # candidate paths validated per certificate (key rollover gives a few; more is an attack)
@@ -338,8 +343,8 @@ class Verifier:
         self.refusals: list[Refusal] = list(refusals)
         self._anchors = list(trust_anchors)
         self._intermediates = list(intermediates)
-        self._anchors_a = [asn1_x509.Certificate.load(_der(c)) for c in self._anchors]
-        self._intermediates_a = [asn1_x509.Certificate.load(_der(c)) for c in self._intermediates]
+        self._anchors_a = [_asn1_cert(_der(c)) for c in self._anchors]
+        self._intermediates_a = [_asn1_cert(_der(c)) for c in self._intermediates]
         self._known_fps = {_fp(_der(c)) for c in self._anchors + self._intermediates}
         self._anchor_fps = {_fp(_der(c)) for c in self._anchors}
         self._paths: OrderedDict[bytes, _Chain] = OrderedDict()
@@ -406,7 +411,7 @@ class Verifier:
             try:
                 certs = x509.load_pem_x509_certificates(Path(p).read_bytes())
                 for c in certs:
-                    asn1_x509.Certificate.load(_der(c)).native  # noqa: B018 - the path validator must read it too
+                    _asn1_cert(_der(c)).native  # noqa: B018 - the path validator must read it too
             except Exception as exc:  # noqa: BLE001 - one bad file is reported, the others still load
                 refusals.append(Refusal("certificate", str(p), f"unreadable certificate file ({_short(exc)})"))
                 continue
@@ -522,7 +527,7 @@ class Verifier:
         if fp not in self._ca_paths:
             try:
                 self._ca_paths[fp] = None
-                self._pkix(asn1_x509.Certificate.load(_der(ca)), [], moment)
+                self._pkix(_asn1_cert(_der(ca)), [], moment)
             except _Untrusted as exc:
                 self._ca_paths[fp] = str(exc)
         return self._ca_paths[fp]
@@ -596,15 +601,15 @@ class Verifier:
                      moment: datetime) -> _Chain:
         base = dict(subject=leaf.subject.rfc4514_string(), serial_hex=format(leaf.serial_number, "x"))
         try:
-            vpaths = self._pkix(asn1_x509.Certificate.load(leaf_der),
-                                [asn1_x509.Certificate.load(d) for d in extras], moment)
+            vpaths = self._pkix(_asn1_cert(leaf_der),
+                                [_asn1_cert(d) for d in extras], moment)
         except _Untrusted as exc:
             return _Chain(error=str(exc), **base)
         except Exception as exc:  # noqa: BLE001 - an unreadable certificate is untrusted, never a crash
             return _Chain(error=f"it cannot be read ({_short(exc)})", **base)
         paths = []
         for vp in vpaths:
-            certs = (leaf,) + tuple(x509.load_der_x509_certificate(c.dump())
+            certs = (leaf,) + tuple(x509.load_der_x509_certificate(_original_der(c))
                                     for c in list(vp.iter_certs(include_root=False))[::-1][1:])
             windows = tuple((c.not_valid_before_utc, c.not_valid_after_utc,
                              "your CSOS certificate" if i == 0 else f"the issuing CA certificate ({_cn(c.subject)})")
@@ -630,7 +635,7 @@ class Verifier:
             fp = _fp(_der(ca))
             if fp not in self._known_fps:
                 self._intermediates.append(ca)
-                self._intermediates_a.append(asn1_x509.Certificate.load(_der(ca)))
+                self._intermediates_a.append(_asn1_cert(_der(ca)))
                 self._ca_paths[fp] = None
                 self._known_fps.add(fp)
 
@@ -930,6 +935,33 @@ def _load_crl(data: bytes) -> x509.CertificateRevocationList:
     if data.lstrip().startswith(b"-----BEGIN"):
         return x509.load_pem_x509_crl(data)
     return x509.load_der_x509_crl(data)
+
+
+class _OriginalBytesCertificate(asn1_x509.Certificate):
+    """An asn1crypto certificate whose ``dump()`` is the bytes it was loaded from.
+
+    asn1crypto 1.5 takes a definite length whose last byte is 0x80 (e.g. a 896-byte certificate)
+    for an indefinite one and re-encodes the certificate on ``dump()``, which changes some (e.g.
+    ones with issuerUniqueID/subjectUniqueID) so that their signatures no longer verify
+    (NIST PKITS 4.3.6). pyhanko-certvalidator dumps certificates to fingerprint them.
+    """
+
+    _original: bytes | None = None
+
+    def dump(self, force: bool = False) -> bytes:
+        if self._original is not None and not force:
+            return self._original
+        return super().dump(force)
+
+
+def _asn1_cert(der: bytes) -> asn1_x509.Certificate:
+    cert = _OriginalBytesCertificate.load(der)
+    cert._original = der
+    return cert
+
+
+def _original_der(cert: asn1_x509.Certificate) -> bytes:
+    return cert.dump()
 
 
 def _short(exc: BaseException) -> str:
