@@ -218,6 +218,7 @@ class Outcome:
     signer_subject: str | None = None  # RFC 4514
     signed_at: datetime | None = None  # the signing time used (see module docstring)
     signer_cert_der: bytes | None = None  # to archive with the order (1311.55(c)(11))
+    refusals: list[Refusal] = field(default_factory=list)  # offline: trust material that could not be used
 
     @property
     def retryable(self) -> bool:
