@@ -20,8 +20,9 @@ Order of checks and reason codes::
                                                   critical extension
     certificate_validity  CERT_EXPIRED /          a certificate in the path not valid AT THE
                           CERT_NOT_YET_VALID      SIGNING TIME (1311.50), not at receipt
-    revocation            REVOCATION_UNKNOWN /    judged at receipt against the issuer's CRL;
-                          CERT_REVOKED            no CRL or a CRL past nextUpdate fails closed
+    revocation            REVOCATION_UNKNOWN /    RFC 5280 6.3 at receipt for EVERY certificate of
+                          CERT_REVOKED            the path (CAs too); no covering CRL or one past
+                                                  nextUpdate fails closed (no soft-fail)
     dea_number            DEA_MISMATCH            certificate DEA != purchaser DEA, or bad check digit
     products              UNKNOWN_PRODUCT         an NDC not in the product master
     schedules             SCHEDULE_NOT_AUTHORIZED a line's schedule not in the certificate (1311.55(c)(9))
@@ -40,11 +41,16 @@ Decisions worth knowing:
   "defective": :data:`RETRYABLE` lists them so the stream can park the order
   and retry when a fresh CRL / product master arrives, instead of rejecting.
 * Path validation (pyhanko-certvalidator) is cached per signer certificate and
-  done at an instant inside the validity windows of the path, so it does not
-  depend on the signing time or on CRLs; per order only the cheap checks run
-  (validity at signing time for each certificate in the path, CRL lookup).
-  The trust anchor's own validity is not checked (RFC 5280 6.1: an anchor is
-  a name and a key).
+  ignores validity periods, so it does not depend on the signing time or on
+  CRLs; validity is then judged per order at the signing time for each
+  certificate of the path. Revocation (pyhanko-certvalidator's RFC 5280 6.3 CRL
+  processing: scope, indirect and delta CRLs, separate CRL-signing keys) is
+  cached per signer for the current CRL set and the span of receipt times in
+  which no held CRL starts or stops being current. The trust anchor's own
+  validity is not checked (RFC 5280 6.1: an anchor is a name and a key).
+* A CRL that cannot be used never raises out of the constructor or
+  ``from_pki_dir``: it is listed in ``Verifier.refusals``; ``update_crl`` raises
+  ``CrlRefused`` (= ``CRLError``) for the stream, which audits it.
 """
 from __future__ import annotations
 
