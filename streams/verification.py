@@ -447,7 +447,8 @@ class Verifier:
 
         An admitted CRL fills the slot of its (issuer, signing key, issuingDistributionPoint scope,
         delta or not); it replaces the CRL in that slot only if it is newer (higher CRL number, or
-        later thisUpdate), so a replayed older CRL returns False and changes nothing. Which CRL
+        later thisUpdate), so a replayed older CRL returns False and changes nothing. The very
+        CRL already in force returns True (it is in force) without invalidating any cache. Which CRL
         covers which certificate (scope, indirect CRLs, deltas, separate CRL-signing keys) is
         decided per certificate by pyhanko-certvalidator (RFC 5280 6.3). A stale CRL is accepted
         here: orders received after its nextUpdate get REVOCATION_UNKNOWN.
@@ -496,7 +497,9 @@ class Verifier:
                            f"CRL; send the complete CRL first")
         slot = (issuer_der, key_fp, idp, base is not None)
         current = self._crls.get(slot)
-        if current is not None and (current.der == der or this_update < current.this_update or (
+        if current is not None and current.der == der:
+            return True  # already in force (a second copy from the topic): nothing changes, caches stay
+        if current is not None and (this_update < current.this_update or (
                 number is not None and current.number is not None and number <= current.number)):
             return False
         self._crls[slot] = _HeldCrl(der, asn1, issuer_name, number, this_update, next_update)
