@@ -686,7 +686,8 @@ def test_leaf_outside_its_issuers_validity_is_a_validity_failure(pki: TestPKI, v
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\x00" * 64, b"-----BEGIN CERTIFICATE-----\nZm9v\n-----END CERTIFICATE-----\n",
-                                     b"\x30\x82\xff\xff" + b"\x01" * 40, "é ü".encode("utf-16")])
+                                     b"\x30\x82\xff\xff" + b"\x01" * 40, "é ü".encode("utf-16")],
+                         ids=["empty", "zeros", "bad-pem", "bad-der-length", "utf16-text"])
 def test_verify_offline_never_prints_a_traceback(tmp_path: Path, pki: TestPKI, cred: Credential,
                                                  garbage: bytes) -> None:
     """Garbage as the signature, the document, a CRL, a trust certificate or the product master: a report
