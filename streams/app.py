@@ -284,8 +284,14 @@ def create_app(settings: Settings) -> faust.App:
                                  trace_group=f"{settings.app_id}-reference-trace",
                                  trace_config=trace_group_config(settings))
             feed.start()
+            verifier = Verifier.from_pki_dir(settings.pki_dir, products)
+            startup = Emitter(publisher, "verify-agent")  # unbuffered: no batch carries these
+            for refusal in verifier.refusals:  # a refused CRL or certificate file never stops the worker
+                log.error("%s %s refused: %s", refusal.kind, refusal.source, refusal.reason)
+                startup.audit(VERIFY_STAGE, "crl.refused" if refusal.kind == "crl" else "certificate.refused",
+                              "REFUSED", detail={"source": refusal.source, "reason": refusal.reason})
             parts["verify"] = VerifyProcessor(
-                Verifier.from_pki_dir(settings.pki_dir, products), products, emitter("verify-agent"),
+                verifier, products, emitter("verify-agent"),
                 durable[VERIFY_STAGE], RegistrantDirectory() if settings.require_registration else None, feed,
                 suppliers=suppliers, receipt_skew=timedelta(seconds=settings.receipt_skew_seconds),
                 outcomes=book(), barrier_seconds=settings.reference_barrier_seconds)

@@ -860,28 +860,51 @@ def archive_export(order_number: str, purchaser: str | None, out_dir: str) -> No
 @main.command("verify-offline")
 @click.option("--document", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The order document (omit when the signature carries it).")
-@click.option("--signature", type=click.Path(exists=True, dir_okay=False), required=True, help="CMS SignedData (DER).")
+@click.option("--signature", type=click.Path(exists=True, dir_okay=False), default=None, help="CMS SignedData (DER).")
+@click.option("--certificate", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Instead of an order: judge this certificate (DER or PEM) alone, path, validity and "
+                   "revocation at --received-at.")
 @click.option("--trust", "trust_dir", type=click.Path(exists=True, file_okay=False), required=True,
               help="Trust anchors (root*.pem) and intermediates (*.pem), or a PKI directory with trust/.")
 @click.option("--crl", "crls", type=click.Path(exists=True, dir_okay=False), multiple=True,
-              help="CRL current at receipt (repeatable).")
+              help="CRL current at receipt (repeatable): the sub-CA's and the root's.")
 @click.option("--received-at", required=True, help="When the order was received (ISO 8601, UTC if no zone).")
 @click.option("--format", "fmt", type=click.Choice(["csos-order/1", "x12-850"]), default="csos-order/1",
               show_default=True)
 @click.option("--products", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Product master CSV (default CSOS_PRODUCTS).")
-def verify_offline(document: str | None, signature: str, trust_dir: str, crls: tuple[str, ...], received_at: str,
-                   fmt: str, products: str | None) -> None:
-    """Re-verify one order offline and print every check with its result (exit 1 if invalid)."""
+def verify_offline(document: str | None, signature: str | None, certificate: str | None, trust_dir: str,
+                   crls: tuple[str, ...], received_at: str, fmt: str, products: str | None) -> None:
+    """Re-verify one order offline and print every check with its result (exit 1 if invalid).
+
+    Whatever the files hold, it prints a report (unusable CRLs and certificates as
+    "refused" lines) or a one-line error, exit status 2; never a traceback.
+    """
     from datetime import datetime, timezone
 
-    from .offline_verify import render, reverify
+    from .offline_verify import check_certificate_offline, render, render_certificate, reverify
 
-    at = datetime.fromisoformat(received_at)
+    if (signature is None) == (certificate is None):
+        raise click.UsageError("give --signature (an order) or --certificate (a certificate alone)")
+    try:
+        at = datetime.fromisoformat(received_at)
+    except ValueError:
+        raise click.BadParameter(f"{received_at!r} is not an ISO 8601 time", param_hint="--received-at") from None
     at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
-    outcome = reverify(Path(document).read_bytes() if document else None, Path(signature).read_bytes(),
-                       Path(trust_dir), [Path(c) for c in crls], Path(products) if products else _settings().products_path,
-                       at, fmt)
+    try:
+        if certificate is not None:
+            finding, refusals = check_certificate_offline(Path(certificate).read_bytes(), Path(trust_dir),
+                                                          [Path(c) for c in crls], at)
+            click.echo(render_certificate(finding, refusals, at=at))
+            sys.exit(0 if finding.ok else 1)
+        outcome = reverify(Path(document).read_bytes() if document else None, Path(signature).read_bytes(),
+                           Path(trust_dir), [Path(c) for c in crls],
+                           Path(products) if products else _settings().products_path, at, fmt)
+    except Exception as exc:  # noqa: BLE001 - any input gives a one-line error, never a traceback
+        lines = str(exc).strip().splitlines()
+        error = click.ClickException(f"cannot verify: {lines[0] if lines else exc.__class__.__name__}")
+        error.exit_code = 2  # 1 means "verified: invalid"
+        raise error from None
     click.echo(render(outcome, received_at=at))
     sys.exit(0 if outcome.ok else 1)
 

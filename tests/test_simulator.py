@@ -393,7 +393,7 @@ def test_expected_outcomes_match_the_verifier(requested, signed):
     verification = pytest.importorskip("streams.verification")
     from streams.avro_codec import DecodeError, default_codec
     pki, kit = signed
-    verifier = verification.Verifier(pki.trust_anchors, pki.intermediates, [pki.crl], requested.population.products)
+    verifier = verification.Verifier(pki.trust_anchors, pki.intermediates, [pki.crl, pki.root_crl], requested.population.products)
     mismatches = []
     for o in requested:
         if o.label == "normal" and o.seq % 5:
