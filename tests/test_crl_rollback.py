@@ -59,8 +59,8 @@ def history(pki: TestPKI, cred: Credential) -> dict[str, x509.CertificateRevocat
 
 
 def processor(pki: TestPKI, publisher: RecordingPublisher, feed: ReferenceFeed | None = None) -> VerifyProcessor:
-    """A worker's verify agent as it starts: no CRL in force yet."""
-    verifier = Verifier(pki.trust_anchors, pki.intermediates, [], PRODUCTS)
+    """A worker's verify agent as it starts: only the root's CRL (for the sub-CA), none of the sub-CA's yet."""
+    verifier = Verifier(pki.trust_anchors, pki.intermediates, [pki.root_crl], PRODUCTS)  # the root speaks for the sub-CA
     return VerifyProcessor(verifier, PRODUCTS, Emitter(publisher, "verify-agent"), {},
                            feed=feed or ReferenceFeed("unused:9092"))  # type: ignore[arg-type]
 

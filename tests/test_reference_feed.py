@@ -200,7 +200,8 @@ def test_a_batch_behind_the_published_reference_data_is_parked_then_judged_once_
     feed._advance(t.REGISTRANTS, 0, 2)
     feed.caught_up.set()
     verifier = Verifier(pki.trust_anchors, pki.intermediates,
-                        [pki.build_crl(NOW - timedelta(hours=3), NOW + timedelta(days=7), revoked={})], PRODUCTS)
+                        [pki.build_crl(NOW - timedelta(hours=3), NOW + timedelta(days=7), revoked={}), pki.root_crl],
+                        PRODUCTS)
     proc = VerifyProcessor(verifier, PRODUCTS, Emitter(pub, "verify-agent"), {}, feed=feed,  # type: ignore[arg-type]
                            suppliers={SUPPLIER.dea_number}, barrier_seconds=0.2)
     assert not proc.reference_barrier()
