@@ -118,6 +118,20 @@ class DueDiligenceReviewer:
         return None
 
 
+class NoReview:
+    """A :class:`Reviewer` that never decides: every case stays open, as in a pipeline no analyst works.
+
+    What a live run without due diligence does (e.g. a crash test's unfaulted
+    reference): a family held once holds its later orders for good.
+    """
+
+    def before_order(self, order: Mapping[str, Any], base: Any, monitor: Monitor) -> None:
+        return None
+
+    def held(self, order: Mapping[str, Any], verdict: Mapping[str, Any], base: Any, monitor: Monitor) -> str | None:
+        return None
+
+
 def analyst_factory(labels: Any = None, review_days: float = 2.0) -> ReviewerFactory:
     """A fresh simulated analyst for each policy run."""
     return lambda _policy: DueDiligenceReviewer(labels, review_days)
