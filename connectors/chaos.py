@@ -23,8 +23,7 @@ import random
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,10 @@ from streams.config import Settings
 from streams.processes import ChildProcess, sink_process, worker_process
 from streams.query import run_query
 
-from .broker import LocalBroker, free_port
+from .broker import free_port, running_broker
 from .feed import PreparedFeed
 from .kafka_io import consume_all
 from .kafka_security import client_config
-from .topics import ensure_topics
 
 #: Counters on /health that are not orders handled.
 _NOT_PROGRESS = {"batches"}
@@ -381,18 +379,6 @@ def render(counts: dict[str, int], restarts: list[Restart], takeovers: list[Take
 
 
 # --------------------------------------------------------------------------- the soak (csos chaos)
-@contextmanager
-def own_broker(data_dir: Path) -> Iterator[LocalBroker]:
-    """A broker of this soak's own, on free ports: its topics are not a developer's or another test's."""
-    b = LocalBroker(port=free_port(), data_dir=data_dir, controller_port=free_port())
-    b.start(timeout=180)
-    try:
-        ensure_topics(b.bootstrap)
-        yield b
-    finally:
-        b.stop()
-
-
 @dataclass
 class SoakResult:
     counts: dict[str, int]
@@ -408,7 +394,7 @@ def soak(data_dir: Path, *, orders: int, kills: int, seed: int = 5, registrants:
     from .feed import prepare_feed, publish, publish_reference_data, replay_settings
     from .kafka_io import Publisher
 
-    with own_broker(data_dir / "kafka") as broker:
+    with running_broker(data_dir / "kafka") as broker:
         settings = Settings.from_env().with_(
             kafka_bootstrap=broker.bootstrap, data_dir=data_dir, pki_dir=data_dir / "pki", clickhouse_url="",
             web_port=free_port(), sink_port=free_port(), app_id=f"csos-chaos-{uuid.uuid4().hex[:6]}")
