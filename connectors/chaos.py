@@ -171,12 +171,14 @@ def committed_and_ends(settings: Settings, partitions: list[int],
 
 
 def kill_for_good(worker: ChildProcess, name: str, settings: Settings, at_least: int, done: Callable[[], bool],
-                  timeout: float = 120.0) -> Takeover:
+                  timeout: float = 120.0, more: Callable[[], None] | None = None) -> Takeover:
     """Kill a busy worker of several and time until the others commit progress on each of its lagging partitions.
 
     Waits first until the worker holds partitions in a group where every member
     holds some (a rebalance still in flight would be timed too), then until
-    it handled ``at_least`` more orders.
+    it handled ``at_least`` more orders. ``more`` (publishing the rest of a
+    feed) runs right after the kill, so that the dead worker's partitions have
+    work waiting even when it had caught up with everything before it died.
     """
     me = worker.settings.group_instance_id(worker.settings.web_port)
     if me is None:  # dynamic members (CSOS_STATIC_MEMBERSHIP=0): no id names the owner; kill, time nothing
@@ -191,6 +193,8 @@ def kill_for_good(worker: ChildProcess, name: str, settings: Settings, at_least:
     wait_progress(worker, progress(worker.health()) + at_least, done, timeout)
     mine = group_partitions(settings, me)
     killed_at = sigkill(worker)
+    if more is not None:
+        more()
     before = committed_and_ends(settings, mine)
     lagging = [p for p, (offset, end) in before.items() if offset < end]
     if not lagging:
@@ -242,6 +246,48 @@ def wait_decided(settings: Settings, n: int, timeout: float, logs: Callable[[], 
     if strict:
         raise TimeoutError(f"{got} of {n} orders decided within {timeout:.0f}s\n{logs()}")
     return False
+
+
+def sink_lag(settings: Settings) -> int:
+    """Records on the topics the ClickHouse sink reads that its group has not committed yet (0: caught up)."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+
+    from .sink_service import EXPECTED
+
+    group = f"{settings.app_id}-clickhouse-sink"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, **client_config()})
+    listed = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group].result(timeout=30)
+    committed = {(tp.topic, tp.partition): tp.offset for tp in listed.topic_partitions}
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group, "enable.auto.commit": False,
+                  **client_config()})
+    try:
+        lag = 0
+        for topic, meta in c.list_topics(timeout=30).topics.items():
+            if topic not in EXPECTED:
+                continue
+            for p in meta.partitions:
+                low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                done = committed.get((topic, p), -1)
+                lag += high - (done if done >= 0 else low)
+        return lag
+    finally:
+        c.close()
+
+
+def wait_sink_caught_up(settings: Settings, timeout: float = 120.0) -> None:
+    """Wait until the sink has committed every record on its topics, twice in a row (the workers are idle).
+
+    Twice: a worker's last audit events may still be on their way when the
+    first check finds the sink caught up with what was there.
+    """
+    deadline = time.monotonic() + timeout
+    clean = 0
+    while time.monotonic() < deadline:
+        clean = clean + 1 if sink_lag(settings) == 0 else 0
+        if clean >= 2:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the ClickHouse sink still has {sink_lag(settings)} records to write after {timeout:.0f}s")
 
 
 OUTPUT_TOPICS = (t.VERIFIED, t.REJECTED, t.PENDING, t.VERDICTS, t.HOLD, t.RELEASE)
@@ -421,12 +467,14 @@ def soak(data_dir: Path, *, orders: int, kills: int, seed: int = 5, registrants:
             wait_decided(settings, len(first), 600, a.tail, strict=False)
             say(f"phase 2: two workers, one killed, over {len(rest)} orders")
             b.start()
-            publish(rest, Publisher(settings.kafka_bootstrap))
-            takeover = kill_for_good(a, "a", settings, max(20, len(rest) // 4),
-                                     lambda: decided(settings) >= len(feed.messages))
+            half = len(rest) // 2
+            publish(rest[:half], Publisher(settings.kafka_bootstrap))
+            takeover = kill_for_good(a, "a", settings, max(20, half // 4),
+                                     lambda: decided(settings) >= len(feed.messages),
+                                     more=lambda: publish(rest[half:], Publisher(settings.kafka_bootstrap)))
             a.start()  # back under its id: rejoins at once
             wait_decided(settings, len(feed.messages), 600, b.tail, strict=False)
-            time.sleep(2 * settings.sink_batch_seconds + 2)  # the sink's last audit batch
+            wait_sink_caught_up(settings)  # the sink's last audit batch
             counts = check_outcomes(settings, feed, [m.sim.sim_id for m in feed.messages])
             return SoakResult(counts, restarts, [takeover])
         finally:

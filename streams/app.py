@@ -65,7 +65,7 @@ from .agents.verify import STAGE as VERIFY_STAGE
 from .agents.verify import VerifyProcessor
 from .config import Settings
 from .emit import Emitter
-from .faust_tuning import hold_inputs_while_seeking, set_fetch_max_wait
+from .faust_tuning import gapless_inputs, set_fetch_max_wait
 from .identifiers import is_valid_dea_number
 from .outcomes import OutcomeBook
 from .reference_data import ReferenceFeed, RegistrantDirectory, trace_group_config
@@ -223,9 +223,9 @@ def create_app(settings: Settings) -> faust.App:
         value_serializer="raw",
         **faust_app_kwargs(),  # SASL/TLS from KAFKA_SECURITY_PROTOCOL etc. (connectors.kafka_security)
     )
-    # No input lost after recovery: inputs are held while Faust seeks them back to the committed offsets
-    # (a restarted worker otherwise committed past orders it never read). See streams.faust_tuning.
-    hold_inputs_while_seeking(app)
+    # No input lost: a committed offset never passes a record no agent acknowledged, and a record lost inside
+    # Faust's consumer (a restart or rebalance race) is read again. See streams.faust_tuning.GaplessInputs.
+    gapless_inputs(app)
     received = _raw_topic(app, t.RECEIVED)
     # Cleared orders are keyed by purchaser DEA like verified ones, so the monitor learns them in the same state.
     verified = _raw_topic(app, t.VERIFIED, t.CLEARED)
@@ -397,6 +397,7 @@ def create_app(settings: Settings) -> faust.App:
     async def health(web: Any, request: Any) -> Any:
         counts = {name: getattr(p, "counts", None) for name, p in parts.items() if hasattr(p, "counts")}
         return web.json({"status": "ok", "counts": counts,
+                         "consumer": {"lost_record_repairs": getattr(app.consumer, "repairs", 0)},
                          "verification": {"supplier_dea": sorted(suppliers),
                                           "receipt_skew_seconds": settings.receipt_skew_seconds}})
 

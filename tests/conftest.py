@@ -127,5 +127,7 @@ def streamed(pipeline: Pipeline) -> Pipeline:
         time.sleep(1)
     else:
         raise AssertionError(f"only {decided} of {total} orders decided; logs:\n{pipeline.processes.tail()}")
-    time.sleep(2 * pipeline.settings.sink_batch_seconds + 1)  # let the audit trail's last batch land
+    from connectors.chaos import wait_sink_caught_up
+
+    wait_sink_caught_up(pipeline.settings)  # the audit trail's last batch follows the outcomes
     return pipeline

@@ -29,7 +29,7 @@ import pytest
 
 from connectors.broker import LocalBroker, free_port
 from connectors.chaos import (Restart, Takeover, check_outcomes, decided, kill_for_good, kill_while_busy, problems,
-                              render, wait_decided, worker_settings)
+                              render, wait_decided, wait_sink_caught_up, worker_settings)
 from connectors.feed import PreparedFeed, prepare_feed, publish, publish_reference_data, replay_settings
 from connectors.kafka_io import Publisher
 from streams.config import Settings
@@ -103,21 +103,24 @@ def one_worker_killed(crash_pipeline: CrashPipeline) -> tuple[int, list[Restart]
 
 @pytest.fixture(scope="module")
 def second_worker_killed(crash_pipeline: CrashPipeline, one_worker_killed) -> Takeover:
-    """Phase 2: worker b joins; the rest of the feed; a killed for good while busy, restarted at the end."""
+    """Phase 2: worker b joins; half the rest of the feed; a killed for good while busy, then the other half
+    (so its partitions have work for b to take over); a restarted at the end."""
     p = crash_pipeline
     n = len(p.feed.messages)
     p.b.start()
-    publish(p.feed.messages[one_worker_killed[0]:], Publisher(p.settings.kafka_bootstrap))
-    takeover = kill_for_good(p.a, "a", p.settings, 50, lambda: decided(p.settings) >= n)
+    rest = p.feed.messages[one_worker_killed[0]:]
+    half = len(rest) // 2
+    publish(rest[:half], Publisher(p.settings.kafka_bootstrap))
+    # The second half goes out right after the kill: the dead worker's partitions then have work waiting.
+    takeover = kill_for_good(p.a, "a", p.settings, 50, lambda: decided(p.settings) >= n,
+                             more=lambda: publish(rest[half:], Publisher(p.settings.kafka_bootstrap)))
     wait_decided(p.settings, n, 240, strict=False)
     p.a.start()  # rejoins under its id; the survivors hand its partitions back
     return takeover
 
 
 def _checked(p: CrashPipeline, n: int) -> dict[str, int]:
-    import time
-
-    time.sleep(2 * p.settings.sink_batch_seconds + 2)  # the sink's last batch (audit events follow the outputs)
+    wait_sink_caught_up(p.settings)  # the sink's last batch (audit events follow the outputs)
     return check_outcomes(p.settings, p.feed, p.ids(n))
 
 

@@ -38,6 +38,28 @@ def outputs(streamed):
     }
 
 
+def test_the_worker_commits_every_input_it_decided(streamed):
+    """Committed offsets reach the end of each input: a restart resumes where the worker was, not from the start.
+
+    (A consumer that never commits still decides everything once; only a
+    restart shows it, by deciding the whole history again.)
+    """
+    import time
+
+    from connectors.chaos import committed_and_ends
+
+    partitions = list(range(streamed.settings.partitions))
+    deadline = time.monotonic() + 60
+    while True:
+        behind = {topic: {p: ce for p, ce in committed_and_ends(streamed.settings, partitions, topic).items()
+                          if ce[0] != ce[1]}
+                  for topic in (t.RECEIVED, t.VERIFIED)}
+        if not any(behind.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not any(behind.values()), f"(committed, end) per partition not caught up: {behind}"
+
+
 def test_feed_covers_every_kind(streamed):
     labels = Counter(m.sim.label for m in streamed.feed.messages)
     assert len(streamed.feed.messages) >= 1000

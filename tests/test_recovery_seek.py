@@ -1,15 +1,13 @@
-"""A restarted worker reads every input from its committed offset: nothing fetched during recovery is lost.
+"""The worker's consumer never commits past an input record no agent acknowledged, and re-reads a lost one.
 
-At the end of table recovery Faust seeks the agents' input partitions back
-to the committed offsets and then empties the agents' queues, while its
-fetcher keeps running. Unpatched, records fetched in between were queued,
-marked read and thrown away, and Faust then acknowledged them as a "gap":
-after a kill -9 the crash test found ~70 orders per partition that no agent
-ever saw (``tests/test_crash_safety.py``). The worker's consumer
-(``streams.faust_tuning.InputsHeldWhileSeeking``) holds the inputs in the
-Kafka client from the seek until Faust resumes the flow, after the queues
-are emptied. Here the consumer is Faust's own, with the Kafka client (which
-runs in Faust's consumer thread) replaced by a stand-in: no broker.
+faust-streaming 0.15 loses input records in three ways (all seen in
+``tests/test_crash_safety.py`` after a kill -9: a restarted worker committed
+past orders no agent ever saw): records thrown away with the agents' queues
+at the end of a seek; a jump in offsets taken for a gap in the log and
+acknowledged on the agents' behalf; a missing record at the head let through
+by an off-by-one. ``streams.faust_tuning.GaplessInputs`` closes each; here
+Faust's own consumer runs with the Kafka client stubbed out (no broker), and
+each test states what stock Faust would have committed.
 """
 from __future__ import annotations
 
@@ -18,107 +16,112 @@ import uuid
 from typing import Any
 
 import faust
-from aiokafka.structs import TopicPartition
 from faust.types import TP
+from faust.types.tuples import Message
 
-from streams.faust_tuning import hold_inputs_while_seeking
+from streams.faust_tuning import gapless_inputs
 
-ORDERS = "csos.orders.received"
-COMMITTED = {0: 74, 1: 12}
-
-
-class FakeClient:
-    """aiokafka's consumer as far as the seek and pause/resume go: what is paused, and when."""
-
-    def __init__(self, assigned: set[TopicPartition]) -> None:
-        self.assigned = assigned
-        self.paused: set[TopicPartition] = set()
-        self.paused_during_seek: set[TopicPartition] | None = None
-
-    def assignment(self) -> set[TopicPartition]:
-        return set(self.assigned)
-
-    def pause(self, *tps: TopicPartition) -> None:
-        assert all(isinstance(tp, TopicPartition) for tp in tps)
-        self.paused.update(tps)
-
-    def resume(self, *tps: TopicPartition) -> None:
-        assert all(isinstance(tp, TopicPartition) for tp in tps)
-        self.paused.difference_update(tps)
+ORDERS = TP("csos.orders.received", 0)
 
 
-def _worker_consumer(during_seek: Any = None) -> tuple[Any, FakeClient, faust.App, TopicPartition]:
+def _consumer(committed: int | None = 74) -> tuple[Any, list[tuple[TP, int]], str]:
+    """A worker consumer positioned at ``committed``; returns it, the seeks it makes, and a changelog topic."""
     app = faust.App(f"csos-test-{uuid.uuid4().hex[:6]}", broker="kafka://127.0.0.1:9", store="memory://")
     table = app.Table("state", default=None)
-    hold_inputs_while_seeking(app)
+    app.topics._acking_topics.add(ORDERS.topic)  # noqa: SLF001 - an agent's input, as the conductor marks it
+    gapless_inputs(app)
     consumer = app.consumer
-    changelog = TopicPartition(table.changelog_topic.get_topic_name(), 0)
-    client = FakeClient({TopicPartition(ORDERS, 0), TopicPartition(ORDERS, 1), changelog})
-    thread = consumer._thread  # noqa: SLF001 - the Kafka client lives in Faust's consumer thread
+    seeks: list[tuple[TP, int]] = []
 
-    async def call_thread(fun: Any, *args: Any) -> Any:
-        return fun(*args)
+    async def _seek(tp: TP, offset: int) -> None:
+        seeks.append((tp, offset))
 
-    async def seek_to_committed() -> dict[TP, int]:
-        client.paused_during_seek = set(client.paused)
-        if during_seek is not None:
-            during_seek(consumer)
-        return {TP(ORDERS, p): off for p, off in COMMITTED.items()}
-
-    thread._ensure_consumer = lambda: client  # noqa: SLF001
-    thread.call_thread = call_thread
-    thread.seek_to_committed = seek_to_committed
-    return consumer, client, app, changelog
+    consumer._seek = _seek  # noqa: SLF001 - the Kafka client's seek
+    consumer.assignment = lambda: {ORDERS}
+    if committed is not None:
+        consumer._committed_offset[ORDERS] = committed  # noqa: SLF001 - as perform_seek leaves it
+    return consumer, seeks, table.changelog_topic.get_topic_name()
 
 
-async def _settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
+def _message(offset: int, tp: TP = ORDERS) -> Message:
+    return Message(tp.topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp)
 
 
-def test_inputs_stay_held_from_the_seek_until_the_queues_are_emptied_and_the_flow_resumes() -> None:
+def _deliver(consumer: Any, offsets: range, acked: set[int]) -> list[Message]:
+    """Fetch records and hand them to the agents; acknowledge those in ``acked``; return them (still held)."""
+    kept = []
+    for offset in offsets:
+        message = _message(offset)
+        consumer.note_fetched(ORDERS, message)
+        consumer.track_message(message)
+        if offset in acked:
+            consumer.ack(message)
+        kept.append(message)
+    return kept
+
+
+def test_acknowledged_records_without_a_hole_are_committed() -> None:
+    consumer, _, _ = _consumer(74)
+    _deliver(consumer, range(74, 81), set(range(74, 81)))
+    assert consumer._new_offset(ORDERS) == 81  # noqa: SLF001
+
+
+def test_a_missing_record_at_the_head_stops_the_commit() -> None:
+    # Stock Faust commits 77 here: ``min(acked) - committed > 1`` lets exactly one missing record through.
+    consumer, _, _ = _consumer(74)
+    _deliver(consumer, range(75, 77), {75, 76})
+    assert consumer._new_offset(ORDERS) is None  # noqa: SLF001
+
+
+def test_with_nothing_committed_the_first_record_delivered_is_the_head() -> None:
+    # Stock Faust does not check the head of a partition with no committed offset: it would commit 5.
+    consumer, _, _ = _consumer(None)
+    _deliver(consumer, range(0, 5), {3, 4})
+    assert consumer._new_offset(ORDERS) is None  # noqa: SLF001
+
+
+def test_a_jump_in_offsets_is_not_acknowledged_as_a_gap_for_an_input_topic() -> None:
+    consumer, _, changelog = _consumer(74)
+    asyncio.run(consumer._add_gap(ORDERS, 75, 90))  # noqa: SLF001 - what the fetch loop calls on a jump
+    _deliver(consumer, [74, *range(91, 95)], {74, *range(91, 95)})  # type: ignore[arg-type]
+    assert consumer._new_offset(ORDERS) == 75  # noqa: SLF001 - stock Faust: 95, past 16 unread orders
+    # Changelogs are compacted: their gaps are real and keep Faust's handling.
+    log_tp = TP(changelog, 0)
+    consumer._committed_offset[log_tp] = 10  # noqa: SLF001
+    asyncio.run(consumer._add_gap(log_tp, 11, 20))  # noqa: SLF001
+    assert consumer._gap[log_tp]  # noqa: SLF001
+
+
+def test_a_record_lost_inside_the_consumer_is_read_again_from_its_offset() -> None:
     async def run() -> None:
-        consumer, client, app, changelog = _worker_consumer()
-        inputs = {TopicPartition(ORDERS, 0), TopicPartition(ORDERS, 1)}
-        # Faust's end of recovery: resume the inputs, seek them, empty the queues, resume the flow.
-        consumer.resume_partitions({TP(ORDERS, 0), TP(ORDERS, 1)})
-        await consumer.perform_seek()
-        assert client.paused_during_seek == inputs, "the fetcher could hand out inputs during the seek"
-        assert changelog not in client.paused_during_seek  # changelogs (standbys) keep being read
-        assert client.paused == inputs, "inputs fetchable before Faust emptied the queues"
-        consumer._read_offset[TP(ORDERS, 0)] = 100  # noqa: SLF001 - a record handed out just before the seek
-        app.flow_control.resume()  # empties the queues
-        consumer.resume_flow()
-        await _settle()
-        assert client.paused == set()
-        assert consumer._read_offset[TP(ORDERS, 0)] == COMMITTED[0]  # noqa: SLF001 - read again from there
-        assert consumer._read_offset[TP(ORDERS, 1)] == COMMITTED[1]  # noqa: SLF001
+        consumer, seeks, _ = _consumer(74)
+        # 74-76 were queued and thrown away (no reference left, never acknowledged); 77-80 were processed.
+        for offset in range(74, 77):
+            consumer.note_fetched(ORDERS, _message(offset))
+        kept = _deliver(consumer, range(77, 81), set(range(77, 81)))
+        assert consumer.lost_offsets() == {ORDERS: 74}
+        await consumer._repair_lost()  # noqa: SLF001 - first sight: could be a commit in progress
+        assert seeks == []
+        await consumer._repair_lost()  # noqa: SLF001 - seen again: repaired
+        assert seeks == [(ORDERS, 74)]
+        assert consumer._read_offset[ORDERS] == 74  # noqa: SLF001 - the fetch loop hands 74 on again
+        assert consumer.repairs == 1
+        del kept
 
     asyncio.run(run())
 
 
-def test_a_flow_resumed_during_the_seek_releases_the_inputs_once_the_seek_is_done() -> None:
+def test_records_still_with_an_agent_are_not_lost() -> None:
     async def run() -> None:
-        consumer, client, _, _ = _worker_consumer(during_seek=lambda c: c.resume_flow())
-        await consumer.perform_seek()
-        await _settle()
-        assert client.paused_during_seek == {TopicPartition(ORDERS, 0), TopicPartition(ORDERS, 1)}
-        assert client.paused == set(), "inputs left paused for good"
-
-    asyncio.run(run())
-
-
-def test_a_failed_seek_does_not_leave_the_inputs_paused() -> None:
-    async def run() -> None:
-        def fail(_: Any) -> None:
-            raise TimeoutError("coordinator not available")
-
-        consumer, client, _, _ = _worker_consumer(during_seek=fail)
-        try:
-            await consumer.perform_seek()
-        except TimeoutError:
-            pass
-        await _settle()
-        assert client.paused == set()
+        consumer, seeks, _ = _consumer(74)
+        in_flight = _deliver(consumer, range(74, 80), set(range(77, 80)))  # 74-76 still in the agent's batch
+        assert consumer.lost_offsets() == {}
+        await consumer._repair_lost()  # noqa: SLF001
+        await consumer._repair_lost()  # noqa: SLF001
+        assert seeks == []
+        assert consumer._new_offset(ORDERS) is None  # noqa: SLF001 - not acknowledged yet: nothing to commit
+        for message in in_flight[:3]:
+            consumer.ack(message)
+        assert consumer._new_offset(ORDERS) == 80  # noqa: SLF001
 
     asyncio.run(run())
