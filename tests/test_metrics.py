@@ -188,3 +188,55 @@ def test_worker_and_sink_expose_what_rules_and_panels_use(streamed):
     review_only = {"csos_cases_open", "csos_cases_open_past_due"}
     for where, names in used_names().items():
         assert not (names - exposed - review_only), (where, sorted(names - exposed))
+
+
+# --------------------------------------------------------------------------- counting at the emitter, no broker
+def test_the_emitter_counts_outcomes_once_delivered_and_bounds_dead_letter_reasons():
+    from datetime import datetime, timedelta, timezone
+
+    from prometheus_client import REGISTRY
+
+    from streams.emit import Emitter
+    from test_review import verdict, verified, line
+
+    class Broker:
+        def __init__(self) -> None:
+            self.sent: list[Any] = []
+
+        def publish(self, topic: str, key: Any, value: bytes) -> None:
+            self.sent.append(topic)
+
+        async def flush_async(self) -> None:
+            return None
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {"held": value("csos_orders_total", outcome="held"), "size": value("csos_holds_total", detector="size"),
+              "ref": value("csos_holds_total", detector="static_8000_du"),
+              "bad": value("csos_rejections_total", reason="BAD_SIGNATURE"),
+              "lat": value("csos_order_decision_seconds_count", outcome="held"),
+              "fast": value("csos_order_decision_seconds_bucket", outcome="held", le="5.0")}
+    received = datetime.now(timezone.utc) - timedelta(seconds=2)
+    held = verdict(verified("m1", received, [line(1, 5000)]), True)
+    held["decided_at"] = received + timedelta(seconds=2)
+    emitter = Emitter(Broker(), "monitor-agent", buffered=True)  # type: ignore[arg-type]
+    emitter.send(t.VERDICTS, "som.Verdict", "m1", held)
+    assert value("csos_orders_total", outcome="held") == before["held"]  # buffered: not delivered yet
+    assert asyncio.run(emitter.publish_pending()) == 1
+    assert value("csos_orders_total", outcome="held") == before["held"] + 1
+    assert value("csos_holds_total", detector="size") == before["size"] + 1
+    assert value("csos_holds_total", detector="static_8000_du") == before["ref"]  # fired but only recorded
+    assert value("csos_order_decision_seconds_count", outcome="held") == before["lat"] + 1
+    assert value("csos_order_decision_seconds_bucket", outcome="held", le="5.0") == before["fast"] + 1
+
+    now = Emitter(Broker(), "verify-agent")  # type: ignore[arg-type]  # immediate: counted as sent
+    now.send(t.REJECTED, "csos.orders.Rejection", "r1", {
+        "order_id": "r1", "received_at": received, "rejected_at": received, "reason_code": "BAD_SIGNATURE",
+        "reason": "x", "order_number": None, "purchaser_dea": None, "signer_subject": None, "checks": []})
+    assert value("csos_rejections_total", reason="BAD_SIGNATURE") == before["bad"] + 1
+    now.dead_letter("verify", t.RECEIVED, 0, 7, b"k", b"\x00", "undecodable ReceivedOrder: bad byte 0x00 at 7")
+    now.dead_letter("reference", t.CRL, 0, 8, b"k", b"\x00", "CRL from CN=Test CA 42 has nextUpdate 2026-01-01 "
+                                                              "00:00:00 not after thisUpdate")
+    assert value("csos_dead_letters_total", stage="verify", topic=t.RECEIVED, reason="undecodable ReceivedOrder") >= 1
+    assert value("csos_dead_letters_total", stage="reference", topic=t.CRL, reason="other") >= 1  # no CA names
