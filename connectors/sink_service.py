@@ -38,6 +38,7 @@ from streams import topic_names as t
 from streams.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.config import Settings
 from streams.emit import Emitter
+from streams import metrics
 from streams.query import sink_token_path
 
 from .audit_chain import sink_key
@@ -86,9 +87,10 @@ class SinkService:
         self.reader = open_client(settings, readonly=True)  # analysts' session, separate and read-only
         self.reader_lock = threading.Lock()
         self.emitter = Emitter(Publisher(settings.kafka_bootstrap), "clickhouse-sink")
+        self.group = f"{settings.app_id}-clickhouse-sink"
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{settings.app_id}-clickhouse-sink",
+            "group.id": self.group,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "enable.partition.eof": False,
@@ -162,7 +164,9 @@ class SinkService:
         while not self.stopping.is_set():
             try:
                 with self.lock:
-                    self.sink.write(records, reject=reject)
+                    started = time.monotonic()
+                    written = self.sink.write(records, reject=reject)
+                metrics.observe_sink_write(written, time.monotonic() - started)
                 return
             except Exception as exc:  # noqa: BLE001 - ClickHouse down: keep the batch, retry
                 log.warning("ClickHouse insert failed, retrying in %.1fs: %s", delay, exc)
@@ -173,9 +177,11 @@ class SinkService:
     def run(self) -> None:
         # Another sink may have extended an audit chain while it owned the partition: re-read the heads.
         self.consumer.subscribe(list(EXPECTED), on_assign=lambda _consumer, _partitions: self.sink.chains.forget())
+        lag = metrics.Every(1.0, metrics.confluent_lag(self.consumer, self.group))
         try:
             while not self.stopping.is_set():
                 messages = self.consumer.consume(self.settings.sink_batch_size, self.settings.sink_batch_seconds)
+                lag()  # in this thread: the consumer's position, at most once a second
                 good = []
                 for m in messages:
                     if m.error():
@@ -185,6 +191,7 @@ class SinkService:
                     good.append(m)
                 if not good:
                     continue
+                metrics.SINK_BATCH.observe(len(good))
                 records = self.decode(good)
                 self.emitter.publisher.flush()  # dead letters durable before their offsets are committed
                 if records:
@@ -250,10 +257,11 @@ def serve_http(service: Any, port: int, token: str) -> ThreadingHTTPServer:
         def log_message(self, fmt: str, *args: Any) -> None:  # quiet: access logs go to debug
             log.debug(fmt, *args)
 
-        def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None,
+                  content_type: str = "application/json") -> None:
             body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             for name, value in (headers or {}).items():
@@ -287,6 +295,9 @@ def serve_http(service: Any, port: int, token: str) -> ThreadingHTTPServer:
                 self._error(403, refusal)
             elif path == "/health":
                 self._send(200, service.health())
+            elif path == "/metrics":  # Prometheus (streams.metrics); the Host check above applies
+                body, content_type = metrics.exposition()
+                self._send(200, body, content_type=content_type)
             elif path == "/sql":
                 self._error(405, "POST the query as the request body (with Authorization: Bearer <token>)",
                             {"Allow": "POST"})
@@ -343,6 +354,8 @@ def run_sink(settings: Settings) -> None:
 
     service = SinkService(settings)
     server = serve_http(service, settings.sink_port, ensure_sink_token(settings))
+    metrics.set_refreshers()  # the sink's lag is refreshed from its consume loop (SinkService.run)
+    metrics.serve_extra(settings.metrics_addr)
     signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: service.stopping.set())
     log.warning("ClickHouse sink ready: %s, SQL on 127.0.0.1:%d, audit chain sealed with %s",

@@ -67,6 +67,7 @@ from .config import Settings
 from .emit import Emitter
 from .faust_tuning import gapless_inputs, set_fetch_max_wait
 from .identifiers import is_valid_dea_number
+from .metrics import crl_freshness, exposition, faust_lag, set_refreshers
 from .outcomes import OutcomeBook
 from .reference_data import ReferenceFeed, RegistrantDirectory, trace_group_config
 from .table_state import DurableTable
@@ -400,6 +401,15 @@ def create_app(settings: Settings) -> faust.App:
                          "consumer": {"lost_record_repairs": getattr(app.consumer, "repairs", 0)},
                          "verification": {"supplier_dea": sorted(suppliers),
                                           "receipt_skew_seconds": settings.receipt_skew_seconds}})
+
+    set_refreshers(faust_lag(app, settings.app_id, frozenset({t.RECEIVED, t.VERIFIED, t.CLEARED, t.HOLD, t.DECISIONS})),
+                   crl_freshness(lambda: parts["verify"].verifier if "verify" in parts else None))
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        """Prometheus exposition (streams.metrics; README "Metrics")."""
+        body, content_type = exposition()
+        return web.bytes(body, headers={"Content-Type": content_type})
 
     app.csos_components = components  # type: ignore[attr-defined]
     return app

@@ -307,6 +307,9 @@ def worker(loglevel: str, worker_id: str | None) -> None:
     except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind
         raise click.ClickException(str(exc)) from None
     sys.argv = sys.argv[:1]
+    from .metrics import serve_extra
+
+    serve_extra(s.metrics_addr)  # CSOS_METRICS_ADDR: /metrics beside the 127.0.0.1 web port
     profile = os.environ.get("CSOS_PROFILE")  # a path: write a cProfile of this worker there on exit
     if profile:
         import cProfile

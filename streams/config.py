@@ -64,6 +64,8 @@ class Settings:
     # -- issue 12 (CRL freshness barrier): how long the verify agent waits, per batch, for its reference reader
     # to reach what pki.crl and registrants held when the batch arrived; past it the batch's orders are parked.
     reference_barrier_seconds: float = 30.0
+    # -- issue 15 (Prometheus metrics): also serve /metrics alone on host:port (containers); empty: off
+    metrics_addr: str = ""
 
     @property
     def supplier_deas(self) -> frozenset[str]:
@@ -140,6 +142,8 @@ class Settings:
             # -- issue 12 (CRL freshness barrier)
             reference_barrier_seconds=float(_env("CSOS_REFERENCE_BARRIER_SECONDS",
                                                  str(cls.reference_barrier_seconds))),
+            # -- issue 15 (Prometheus metrics)
+            metrics_addr=_env("CSOS_METRICS_ADDR", ""),
         )
 
     def with_(self, **changes) -> "Settings":

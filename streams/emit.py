@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 from connectors.kafka_io import MessageTooLarge, Publisher
 
 from . import topic_names as t
+from .metrics import observe_published
 from .avro_codec import AvroCodec, DecodeError, default_codec
 
 
@@ -77,6 +78,7 @@ class Emitter:
             self.pending.append((topic, key, value))
         else:
             self.publisher.publish(topic, key, value)
+            observe_published(((topic, key, value),), self.codec)  # Prometheus counters (streams.metrics)
         for captured in self._captures:
             captured.append((topic, key, value))
 
@@ -119,6 +121,7 @@ class Emitter:
         except BaseException:
             self.pending = messages + self.pending  # not known to be delivered: still owed
             raise
+        observe_published(messages, self.codec)  # delivered: count the outcomes (streams.metrics)
         return len(messages)
 
     def audit(self, stage: str, action: str, outcome: str, *, order_id: str | None = None,

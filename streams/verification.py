@@ -506,6 +506,18 @@ class Verifier:
         self._crls_changed()
         return True
 
+    def crl_next_updates(self) -> dict[str, datetime]:
+        """Issuer name -> the nextUpdate of its complete CRL in force (the latest, if it has several).
+
+        Read by the worker's ``/metrics`` (``csos_crl_seconds_until_next_update``): past that time the
+        issuer's orders cannot be verified (fail closed), so operators are warned before it comes.
+        """
+        out: dict[str, datetime] = {}
+        for (_issuer, _key, _idp, delta), held in list(self._crls.items()):
+            if not delta and (held.issuer not in out or held.next_update > out[held.issuer]):
+                out[held.issuer] = held.next_update
+        return out
+
     def _crl_signer(self, crl: x509.CertificateRevocationList, issuer_name: str) -> x509.Certificate:
         """The known CA certificate (cRLSign, chaining to an anchor) whose key signed ``crl``."""
         candidates = [c for c in self._anchors + self._intermediates if c.subject == crl.issuer]

@@ -14,7 +14,9 @@ CREATE ROLE IF NOT EXISTS csos_analyst;
 GRANT SELECT ON csos.* TO csos_analyst;
 CREATE SETTINGS PROFILE IF NOT EXISTS csos_readonly SETTINGS
     readonly = 1,
-    max_execution_time = 60,
+    -- CHANGEABLE_IN_READONLY with MAX 60: a client may lower it, never raise it. Grafana's ClickHouse
+    -- plugin sets it on every query and fails under readonly=1 otherwise (needs constraints.xml).
+    max_execution_time = 60 MAX 60 CHANGEABLE_IN_READONLY,
     max_memory_usage = 2147483648,
     max_result_rows = 1000000,
     result_overflow_mode = 'throw',

@@ -41,6 +41,7 @@ from connectors.kafka_io import DeliveryFailed, Publisher
 from .. import topic_names as t
 from ..config import Settings
 from ..emit import Emitter
+from ..metrics import exposition, open_cases, set_refreshers
 from ..query import QueryError
 from .auth import User, UserStore
 from .security import (ADDRESS, FAILED_LOGIN_WINDOW, MAX_FAILED_LOGINS, MAX_FAILED_LOGINS_PER_ADDRESS,  # noqa: F401
@@ -289,7 +290,7 @@ async def security_headers(request: web.Request, handler: Callable[[web.Request]
     return response
 
 
-PUBLIC = {"/login", "/health", "/static/review.css"}
+PUBLIC = {"/login", "/health", "/static/review.css", "/metrics"}  # /metrics: counts only (README "Metrics")
 
 
 @web.middleware
@@ -312,6 +313,12 @@ async def require_login(request: web.Request, handler: Callable[[web.Request], A
 # ------------------------------------------------------------------ handlers
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    """Prometheus exposition; the open-case gauges query ClickHouse, so off the event loop."""
+    body, content_type = await asyncio.to_thread(exposition)
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def stylesheet(request: web.Request) -> web.FileResponse:
@@ -553,6 +560,8 @@ def create_review_app(settings: Settings, config: ReviewConfig, *, data: ReviewD
     app[CONFIG_KEY] = config
     app[SESSIONS_KEY] = SessionRegistry(config.sessions_path, timedelta(hours=SESSION_HOURS))
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_page)
+    set_refreshers(open_cases(app[DATA_KEY].held_cases))
     app.router.add_get("/static/review.css", stylesheet)
     app.router.add_get("/", index)
     app.router.add_get("/login", login_page)
