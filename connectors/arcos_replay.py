@@ -112,6 +112,13 @@ def arcos_data_dir() -> Path | None:
     return None
 
 
+#: The ARCOS columns of the Washington Post layout this reader uses, plus the context a reader shows (reporter,
+#: buyer, year), in the Post's order: the held-out generator writes exactly these.
+ARCOS_COLUMNS = ("REPORTER_DEA_NO", "REPORTER_BUS_ACT", "REPORTER_NAME", "BUYER_DEA_NO", "BUYER_BUS_ACT",
+                 "BUYER_NAME", "BUYER_CITY", "BUYER_STATE", "TRANSACTION_CODE", "DRUG_CODE", "NDC_NO", "DRUG_NAME",
+                 "QUANTITY", "ORDER_FORM_NO", "TRANSACTION_DATE", "CALC_BASE_WT_IN_GM", "DOSAGE_UNIT",
+                 "TRANSACTION_ID", "Product_Name", "Measure", "MME_Conversion_Factor", "dos_str", "MME", "year")
+
 #: ORDER_FORM_NO values ARCOS uses for "no order form" (schedule III-V shipments).
 NULL_FORMS = frozenset({"", "NULL", "NONE", "NA", "N/A"})
 _NULL_PREFIX = "\x00T"  # cannot occur in a real form number: keeps null-form keys apart from real forms
@@ -301,4 +308,4 @@ def publish_arcos(path: str | Path, publisher: Any, *, topic: str | None = None,
     return n
 
 
-__all__ = ["arcos_data_dir", "ARCOS_DIR_ENV", "METHADONE_SAMPLE", "read_arcos", "read_arcos_detailed", "ArcosRead", "NULL_FORMS", "iter_arcos", "publish_arcos", "UNVERIFIED_SERIAL"]
+__all__ = ["ARCOS_COLUMNS", "arcos_data_dir", "ARCOS_DIR_ENV", "METHADONE_SAMPLE", "read_arcos", "read_arcos_detailed", "ArcosRead", "NULL_FORMS", "iter_arcos", "publish_arcos", "UNVERIFIED_SERIAL"]
