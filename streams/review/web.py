@@ -415,12 +415,23 @@ async def case_page(request: web.Request) -> web.Response:
     return await _case_response(request, order_id)
 
 
-async def _refused(request: web.Request, user: Any, order_id: str, form: Any, action: str) -> web.Response | None:
-    """The checks every decision passes first: a real order id, this page's form, a role that may act.
+async def _admit(request: web.Request) -> tuple[str, Any, Any, str, web.Response | None]:
+    """A decision's post read, then the checks every decision passes first: a real order id, this page's form,
+    a role that may act.
 
     Both decision forms (the case's and the registrant's) go through here, so a
-    refusal reads and is audited (``decision.refused``) the same way. None: go on.
+    refusal reads and is audited (``decision.refused``) the same way. Returns
+    ``(order_id, user, form, action, refusal)``; the refusal page is None when admitted.
     """
+    order_id = request.match_info["order_id"]
+    user = await current_user(request)
+    assert user is not None  # require_login
+    form = await request.post()
+    action = str(form.get("action", ""))
+    return order_id, user, form, action, await _refusal(request, user, order_id, form, action)
+
+
+async def _refusal(request: web.Request, user: Any, order_id: str, form: Any, action: str) -> web.Response | None:
     if not valid_order_id(order_id):
         return await error_page(request, 404, "No such case", "That is not an order id.")
     if not await csrf_ok(request, form):
@@ -469,12 +480,7 @@ async def _submit(request: web.Request, user: Any, order_id: str, action: str, l
 
 async def decide(request: web.Request) -> web.Response:
     """Validate, publish a som.Decision, audit it, and redirect to the case (post/redirect/get)."""
-    order_id = request.match_info["order_id"]
-    user = await current_user(request)
-    assert user is not None  # require_login
-    form = await request.post()
-    action = str(form.get("action", ""))
-    refused = await _refused(request, user, order_id, form, action)
+    order_id, user, form, action, refused = await _admit(request)
     if refused is not None:
         return refused
     rationale = str(form.get("rationale", "")).strip()
@@ -503,12 +509,7 @@ async def decide(request: web.Request) -> web.Response:
 
 async def decide_registrant(request: web.Request) -> web.Response:
     """SET_LIMIT / TERMINATE / ONBOARDED from a case: a som.Decision naming the case's registrant (audited)."""
-    order_id = request.match_info["order_id"]
-    user = await current_user(request)
-    assert user is not None  # require_login
-    form = await request.post()
-    action = str(form.get("action", ""))
-    refused = await _refused(request, user, order_id, form, action)
+    order_id, user, form, action, refused = await _admit(request)
     if refused is not None:
         return refused
     detail = await asyncio.to_thread(request.app[DATA_KEY].detail, order_id)
