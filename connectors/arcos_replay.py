@@ -42,6 +42,7 @@ import gzip
 import io
 import os
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -172,13 +173,14 @@ class ArcosRead:
 
     def describe(self) -> str:
         """One sentence for the CLI: what was read and the quirks met."""
-        s = self.stats
-        return (f"{s.get('sales_rows', 0)} sales rows -> {s.get('orders', 0)} orders; "
-                f"{s.get('null_form_rows', 0)} rows with a 'null'/empty ORDER_FORM_NO (schedule III-V) became "
-                f"one order each; {s.get('lines_schedule_by_date', 0)} lines took an earlier schedule by date; "
-                f"{s.get('lines_without_master', 0)} lines not in the product master; "
-                f"{s.get('lines_dropped', 0)} lines dropped (no dosage units); "
-                f"{s.get('skipped_rows', 0)} rows skipped (no buyer, date or quantity)")
+        return _READ_SENTENCE.format_map(defaultdict(int, self.stats))
+
+
+_READ_SENTENCE = ("{sales_rows} sales rows -> {orders} orders; {null_form_rows} rows with a 'null'/empty "
+                  "ORDER_FORM_NO (schedule III-V) became one order each; {lines_schedule_by_date} lines took an "
+                  "earlier schedule by date; {lines_without_master} lines not in the product master; "
+                  "{lines_dropped} lines dropped (no dosage units); {skipped_rows} rows skipped (no buyer, date or "
+                  "quantity)")
 
 
 def _order_key(row: dict[str, str], buyer: str, index: int) -> tuple[tuple[str, str], bool]:

@@ -55,6 +55,7 @@ import csv
 import gzip
 import math
 import random
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -323,11 +324,14 @@ class Heldout:
     stats: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
-        s = self.stats
-        return (f"{s.get('buyers', 0)} buyers, {s.get('orders', 0)} orders, {s.get('transactions', 0)} ARCOS rows "
-                f"({s.get('null_form_rows', 0)} schedule III-V rows with ORDER_FORM_NO null), "
-                f"{s.get('suspicious_rows', 0)} suspicious and {s.get('grey_rows', 0)} grey rows in "
-                f"{len(self.episodes)} episodes; files: {', '.join(self.files.values())}")
+        """One sentence for the CLI: what was generated and where it was written."""
+        return _WRITTEN_SENTENCE.format_map(defaultdict(int, self.stats, episodes=len(self.episodes),
+                                                        files=", ".join(self.files.values())))
+
+
+_WRITTEN_SENTENCE = ("{buyers} buyers, {orders} orders, {transactions} ARCOS rows ({null_form_rows} schedule III-V "
+                     "rows with ORDER_FORM_NO null), {suspicious_rows} suspicious and {grey_rows} grey rows in "
+                     "{episodes} episodes; files: {files}")
 
 
 def generate_heldout(config: HeldoutConfig | None = None) -> Heldout:
