@@ -42,6 +42,7 @@ import gzip
 import io
 import os
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -112,6 +113,13 @@ def arcos_data_dir() -> Path | None:
     return None
 
 
+#: The ARCOS columns of the Washington Post layout this reader uses, plus the context a reader shows (reporter,
+#: buyer, year), in the Post's order: the held-out generator writes exactly these.
+ARCOS_COLUMNS = ("REPORTER_DEA_NO", "REPORTER_BUS_ACT", "REPORTER_NAME", "BUYER_DEA_NO", "BUYER_BUS_ACT",
+                 "BUYER_NAME", "BUYER_CITY", "BUYER_STATE", "TRANSACTION_CODE", "DRUG_CODE", "NDC_NO", "DRUG_NAME",
+                 "QUANTITY", "ORDER_FORM_NO", "TRANSACTION_DATE", "CALC_BASE_WT_IN_GM", "DOSAGE_UNIT",
+                 "TRANSACTION_ID", "Product_Name", "Measure", "MME_Conversion_Factor", "dos_str", "MME", "year")
+
 #: ORDER_FORM_NO values ARCOS uses for "no order form" (schedule III-V shipments).
 NULL_FORMS = frozenset({"", "NULL", "NONE", "NA", "N/A"})
 _NULL_PREFIX = "\x00T"  # cannot occur in a real form number: keeps null-form keys apart from real forms
@@ -165,13 +173,14 @@ class ArcosRead:
 
     def describe(self) -> str:
         """One sentence for the CLI: what was read and the quirks met."""
-        s = self.stats
-        return (f"{s.get('sales_rows', 0)} sales rows -> {s.get('orders', 0)} orders; "
-                f"{s.get('null_form_rows', 0)} rows with a 'null'/empty ORDER_FORM_NO (schedule III-V) became "
-                f"one order each; {s.get('lines_schedule_by_date', 0)} lines took an earlier schedule by date; "
-                f"{s.get('lines_without_master', 0)} lines not in the product master; "
-                f"{s.get('lines_dropped', 0)} lines dropped (no dosage units); "
-                f"{s.get('skipped_rows', 0)} rows skipped (no buyer, date or quantity)")
+        return _READ_SENTENCE.format_map(defaultdict(int, self.stats))
+
+
+_READ_SENTENCE = ("{sales_rows} sales rows -> {orders} orders; {null_form_rows} rows with a 'null'/empty "
+                  "ORDER_FORM_NO (schedule III-V) became one order each; {lines_schedule_by_date} lines took an "
+                  "earlier schedule by date; {lines_without_master} lines not in the product master; "
+                  "{lines_dropped} lines dropped (no dosage units); {skipped_rows} rows skipped (no buyer, date or "
+                  "quantity)")
 
 
 def _order_key(row: dict[str, str], buyer: str, index: int) -> tuple[tuple[str, str], bool]:
@@ -301,4 +310,4 @@ def publish_arcos(path: str | Path, publisher: Any, *, topic: str | None = None,
     return n
 
 
-__all__ = ["arcos_data_dir", "ARCOS_DIR_ENV", "METHADONE_SAMPLE", "read_arcos", "read_arcos_detailed", "ArcosRead", "NULL_FORMS", "iter_arcos", "publish_arcos", "UNVERIFIED_SERIAL"]
+__all__ = ["ARCOS_COLUMNS", "arcos_data_dir", "ARCOS_DIR_ENV", "METHADONE_SAMPLE", "read_arcos", "read_arcos_detailed", "ArcosRead", "NULL_FORMS", "iter_arcos", "publish_arcos", "UNVERIFIED_SERIAL"]

@@ -69,7 +69,6 @@ import re
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -611,22 +610,6 @@ def verify_store(query: Query, *, anchors: Mapping[str, tuple[int, str]] | None 
         problems.append(Problem("unsealed", "", None, f"{unsealed} audit rows carry no seal (not written by the "
                                                       "sink's sealing path)"))
     return AuditReport(reports, unsealed, problems)
-
-
-@contextmanager
-def open_reader(settings: "Settings") -> Iterator[Query]:
-    """The analysts' read-only path: the running sink's ``/sql`` (it owns the embedded store), else a read-only client."""
-    from connectors.clickhouse_sink import open_client, run_readonly_query
-    from streams.query import run_query, sink_is_up
-
-    if settings.embedded_clickhouse and sink_is_up(settings):
-        yield lambda sql: run_query(settings, sql)[1]
-        return
-    client = open_client(settings, readonly=True)
-    try:
-        yield lambda sql: run_readonly_query(client, sql)[1]
-    finally:
-        client.close()
 
 
 def render(report: AuditReport) -> str:

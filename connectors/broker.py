@@ -251,18 +251,19 @@ class LocalBroker:
 
 
 @contextmanager
-def running_broker(data_dir: Path) -> Iterator[LocalBroker]:
+def running_broker(data_dir: Path, partitions: int | None = None) -> Iterator[LocalBroker]:
     """A KRaft broker of its own on free ports with the pipeline's topics, stopped on exit.
 
     For whatever must not share topics with a developer's broker or another run:
     the test session, tests that need isolation, the crash and hostile soaks.
+    ``partitions``: of each topic (None: the catalogue's default, as ``ensure_topics``).
     """
     from .topics import ensure_topics
 
     b = LocalBroker(port=free_port(), data_dir=data_dir, controller_port=free_port())
     b.start(timeout=180)
     try:
-        ensure_topics(b.bootstrap)
+        ensure_topics(b.bootstrap, partitions)
         yield b
     finally:
         b.stop()

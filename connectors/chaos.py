@@ -35,7 +35,7 @@ from streams import topic_names as t
 from streams.avro_codec import default_codec
 from streams.config import Settings
 from streams.processes import ChildProcess, sink_process, worker_process
-from streams.query import run_query
+from streams.query import open_reader, run_query
 
 from .broker import free_port, running_broker
 from .feed import PreparedFeed
@@ -403,10 +403,10 @@ def _clickhouse_mismatches(settings: Settings, ids: set[str], verified: dict, re
 
 
 def _audit_problems(settings: Settings) -> int:
-    from connectors.audit_chain import KeyRing, open_reader, verify_store
+    from connectors.audit_chain import KeyRing, verify_store
 
-    with open_reader(settings) as query:
-        report = verify_store(query, keys=KeyRing.from_settings(settings))
+    with open_reader(settings) as read:
+        report = verify_store(lambda sql: read(sql)[1], keys=KeyRing.from_settings(settings))
     found = sum(len(c.problems) for c in report.chains)
     return found or (0 if report.ok else 1)  # not ok without a listed problem (e.g. unsealed rows): one
 

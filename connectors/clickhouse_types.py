@@ -15,7 +15,7 @@ COLUMN), so the DDL stays the one place they are written down.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from functools import lru_cache
@@ -57,39 +57,39 @@ _PARTITION = re.compile(r"\bPARTITION\s+BY\s+(.+?)(?=\s+(?:ORDER\s+BY|PRIMARY\s+
 _NOT_COLUMNS = {"INDEX", "PROJECTION", "CONSTRAINT"}
 
 
-def _closing(text: str, start: int) -> int:
-    """Index of the parenthesis closing the one at ``start`` (quotes respected)."""
+def _top_level(text: str, start: int = 0) -> Iterator[tuple[int, str, int]]:
+    """``(index, character, depth)`` of each character of ``text`` from ``start`` that is outside quotes.
+
+    The one scanner both helpers below use: quoted text (single, double or back quotes) is skipped
+    (a backslash escapes the quote), and ``depth`` is the parenthesis depth after the character.
+    """
     depth, quote = 0, ""
     for i in range(start, len(text)):
         c = text[i]
         if quote:
             if c == quote and text[i - 1] != "\\":
                 quote = ""
-        elif c in "'\"`":
+            continue
+        if c in "'\"`":
             quote = c
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth == 0:
-                return i
+            continue
+        depth += (c == "(") - (c == ")")
+        yield i, c, depth
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the parenthesis closing the one at ``start`` (quotes respected)."""
+    for i, c, depth in _top_level(text, start):
+        if c == ")" and depth == 0:
+            return i
     raise ValueError(f"unbalanced parentheses in {text[start:start + 60]!r}")
 
 
 def split_top(text: str, sep: str = ",") -> list[str]:
     """``text`` split at ``sep`` outside parentheses and quotes, pieces stripped."""
-    pieces, depth, quote, start = [], 0, "", 0
-    for i, c in enumerate(text):
-        if quote:
-            if c == quote and text[i - 1] != "\\":
-                quote = ""
-        elif c in "'\"`":
-            quote = c
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c == sep and depth == 0:
+    pieces, start = [], 0
+    for i, c, depth in _top_level(text):
+        if c == sep and depth == 0:
             pieces.append(text[start:i].strip())
             start = i + 1
     pieces.append(text[start:].strip())

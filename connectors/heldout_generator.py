@@ -55,6 +55,7 @@ import csv
 import gzip
 import math
 import random
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -62,14 +63,12 @@ from typing import Any, Callable
 
 from streams.products import Product, ProductMaster
 
+from .arcos_replay import ARCOS_COLUMNS
 from .product_catalog import DEFAULT_PATH, build_catalog
 
 START = date(2013, 1, 7)
-#: ARCOS columns written (a subset of the Washington Post layout that the reader uses, plus context).
-COLUMNS = ("REPORTER_DEA_NO", "REPORTER_BUS_ACT", "REPORTER_NAME", "BUYER_DEA_NO", "BUYER_BUS_ACT", "BUYER_NAME",
-           "BUYER_CITY", "BUYER_STATE", "TRANSACTION_CODE", "DRUG_CODE", "NDC_NO", "DRUG_NAME", "QUANTITY",
-           "ORDER_FORM_NO", "TRANSACTION_DATE", "CALC_BASE_WT_IN_GM", "DOSAGE_UNIT", "TRANSACTION_ID",
-           "Product_Name", "Measure", "MME_Conversion_Factor", "dos_str", "MME", "year")
+#: ARCOS columns written: the reader's (``connectors.arcos_replay.ARCOS_COLUMNS``), so what it writes is what it reads.
+COLUMNS = ARCOS_COLUMNS
 LABEL_COLUMNS = ("TRANSACTION_ID", "suspicious", "episode", "kind")
 SUSPICIOUS_KINDS = ("ramp", "spike", "burst", "strength_shift", "new_mill")
 LEGIT_KINDS = ("growth", "new_store", "season")
@@ -325,11 +324,14 @@ class Heldout:
     stats: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
-        s = self.stats
-        return (f"{s.get('buyers', 0)} buyers, {s.get('orders', 0)} orders, {s.get('transactions', 0)} ARCOS rows "
-                f"({s.get('null_form_rows', 0)} schedule III-V rows with ORDER_FORM_NO null), "
-                f"{s.get('suspicious_rows', 0)} suspicious and {s.get('grey_rows', 0)} grey rows in "
-                f"{len(self.episodes)} episodes; files: {', '.join(self.files.values())}")
+        """One sentence for the CLI: what was generated and where it was written."""
+        return _WRITTEN_SENTENCE.format_map(defaultdict(int, self.stats, episodes=len(self.episodes),
+                                                        files=", ".join(self.files.values())))
+
+
+_WRITTEN_SENTENCE = ("{buyers} buyers, {orders} orders, {transactions} ARCOS rows ({null_form_rows} schedule III-V "
+                     "rows with ORDER_FORM_NO null), {suspicious_rows} suspicious and {grey_rows} grey rows in "
+                     "{episodes} episodes; files: {files}")
 
 
 def generate_heldout(config: HeldoutConfig | None = None) -> Heldout:
@@ -518,8 +520,8 @@ def write_heldout(out_dir: str | Path, config: HeldoutConfig | None = None) -> H
     tx = 0
     with gzip.open(arcos, "wt", newline="", encoding="utf-8") as fa, open(labels, "w", newline="",
                                                                            encoding="utf-8") as fl:
-        wa, wl = csv.writer(fa), csv.writer(fl)
-        wa.writerow(COLUMNS)
+        wa, wl = csv.DictWriter(fa, fieldnames=COLUMNS), csv.writer(fl)
+        wa.writeheader()
         wl.writerow(LABEL_COLUMNS)
         for o in h.orders:
             b = o.buyer
@@ -538,11 +540,16 @@ def write_heldout(out_dir: str | Path, config: HeldoutConfig | None = None) -> H
                     form_no = "null"
                     stats["null_form_rows"] += 1
                 units = ln.packages * p.units_per_package
-                wa.writerow([rep[0], rep[1], rep[2], b.dea, b.activity, b.name, "", b.state, "S",
-                             DRUG_CODES.get(p.drug_family, "9999"), p.ndc.replace("-", ""), p.drug_family,
-                             ln.packages, form_no, day.strftime("%m%d%Y"), round(p.base_weight_g(units), 4), units,
-                             tx, p.product_name, p.dosage_form, p.mme_factor, p.strength, round(p.mme(units), 2),
-                             day.year])
+                wa.writerow({
+                    "REPORTER_DEA_NO": rep[0], "REPORTER_BUS_ACT": rep[1], "REPORTER_NAME": rep[2],
+                    "BUYER_DEA_NO": b.dea, "BUYER_BUS_ACT": b.activity, "BUYER_NAME": b.name, "BUYER_CITY": "",
+                    "BUYER_STATE": b.state, "TRANSACTION_CODE": "S", "DRUG_CODE": DRUG_CODES.get(p.drug_family, "9999"),
+                    "NDC_NO": p.ndc.replace("-", ""), "DRUG_NAME": p.drug_family, "QUANTITY": ln.packages,
+                    "ORDER_FORM_NO": form_no, "TRANSACTION_DATE": day.strftime("%m%d%Y"),
+                    "CALC_BASE_WT_IN_GM": round(p.base_weight_g(units), 4), "DOSAGE_UNIT": units,
+                    "TRANSACTION_ID": tx, "Product_Name": p.product_name, "Measure": p.dosage_form,
+                    "MME_Conversion_Factor": p.mme_factor, "dos_str": p.strength, "MME": round(p.mme(units), 2),
+                    "year": day.year})
                 wl.writerow([tx, ln.label, ln.episode, ln.kind])
                 stats["suspicious_rows"] += ln.label == "1"
                 stats["grey_rows"] += ln.label == "grey"

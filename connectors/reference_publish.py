@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from streams import topic_names as t
 from streams.avro_codec import default_codec
+from streams.crl import load_crl
 from streams.identifiers import is_valid_dea_number
 from streams.reference_data import crl_record_key
 
 from .kafka_io import Publisher
-from .pki import load_crl
 
 
 def publish_crls(publisher: Publisher, paths: list[Path]) -> list[str]:

@@ -48,8 +48,8 @@ from typing import Any, Callable, Mapping
 from streams.products import Product, ProductMaster
 
 from .simulator import (
-    SHIFT_FAMILIES, SUPPLIER, Population, Registrant, _at_hour, _normal_lines, _order_days,
-    default_product_master,
+    SHIFT_FAMILIES, SUPPLIER, Draft, Population, Registrant, default_product_master, habit_lines,
+    normal_timeline,
 )
 
 SUSPICIOUS = "suspicious"
@@ -118,16 +118,6 @@ class Scenario:
 
 
 # --------------------------------------------------------------------------- drafts
-@dataclass
-class _Draft:
-    reg: Registrant
-    t: datetime
-    lines: list[tuple[Product, int]]
-    label: str = NORMAL
-    kind: str = NORMAL
-    episode: str | None = None
-
-
 def _line_dicts(lines: list[tuple[Product, int]]) -> list[dict[str, Any]]:
     out = []
     merged: dict[str, list[Any]] = {}
@@ -161,22 +151,7 @@ def _scale_lines(lines: list[tuple[Product, int]], factor: Callable[[str], float
 def _family_lines(reg: Registrant, family: str, units: float, products: ProductMaster) -> list[tuple[Product, int]]:
     h = reg.habit(family)
     assert h is not None
-    out = []
-    for ndc, share in h.items:
-        p = products.get(ndc)
-        assert p is not None
-        out.append((p, max(1, round(units * share / p.units_per_package))))
-    return out
-
-
-def _normal_timeline(reg: Registrant, start: datetime, end: datetime, r: random.Random,
-                     products: ProductMaster) -> list[_Draft]:
-    drafts: list[_Draft] = []
-    for day in _order_days(reg, start, end, r):
-        t = _at_hour(day, reg, r)
-        if start <= t < end:
-            drafts.append(_Draft(reg, t, _normal_lines(reg, t, r, products, all_families=not drafts)))
-    return drafts
+    return habit_lines(h, units, products)
 
 
 def _main_opioid(reg: Registrant) -> str | None:
@@ -187,57 +162,57 @@ def _main_opioid(reg: Registrant) -> str | None:
 
 
 # --------------------------------------------------------------------------- episode injectors
-def _inject_ramp(ep: Episode, tl: list[_Draft], r: random.Random, products: ProductMaster) -> None:
+def _inject_ramp(ep: Episode, tl: list[Draft], r: random.Random, products: ProductMaster) -> None:
     growth = r.uniform(1.10, 1.25)
     cap = 12.0
     stop = ep.onset + timedelta(days=140)
     ep.detail.update(weekly_growth=round(growth, 3), cap=cap, weeks=20)
     # After 20 weeks the account is closed: the registrant's later orders are dropped.
-    tl[:] = [d for d in tl if d.t < stop]
+    tl[:] = [d for d in tl if d.signed_at < stop]
     for d in tl:
-        if d.t < ep.onset:
+        if d.signed_at < ep.onset:
             continue
-        f = min(cap, growth ** ((d.t - ep.onset).total_seconds() / (7 * 86400)))
+        f = min(cap, growth ** ((d.signed_at - ep.onset).total_seconds() / (7 * 86400)))
         if ep.family not in {p.drug_family for p, _ in d.lines}:
-            d.lines += _family_lines(d.reg, ep.family, d.reg.habit(ep.family).mean_units, products)
+            d.lines += _family_lines(d.registrant, ep.family, d.registrant.habit(ep.family).mean_units, products)
         d.lines = _scale_lines(d.lines, lambda fam: f if fam == ep.family else 1.0, r)
         d.kind, d.episode = "ramp", ep.episode_id
         if f >= 2.0:
             d.label = SUSPICIOUS
             if ep.start is None:
-                ep.start = d.t
+                ep.start = d.signed_at
         else:
             d.label = GREY
 
 
-def _inject_spike(ep: Episode, tl: list[_Draft], r: random.Random, products: ProductMaster) -> None:
-    d = next(x for x in tl if x.t >= ep.onset)
+def _inject_spike(ep: Episode, tl: list[Draft], r: random.Random, products: ProductMaster) -> None:
+    d = next(x for x in tl if x.signed_at >= ep.onset)
     mult = r.uniform(4.0, 8.0)
     ep.detail.update(multiple=round(mult, 2))
     d.lines = [x for x in d.lines if x[0].drug_family != ep.family]
-    d.lines += _family_lines(d.reg, ep.family, d.reg.habit(ep.family).mean_units * mult, products)
+    d.lines += _family_lines(d.registrant, ep.family, d.registrant.habit(ep.family).mean_units * mult, products)
     d.label, d.kind, d.episode = SUSPICIOUS, "spike", ep.episode_id
-    ep.start = d.t
+    ep.start = d.signed_at
 
 
-def _inject_burst(ep: Episode, tl: list[_Draft], r: random.Random, products: ProductMaster) -> list[_Draft]:
-    reg = tl[0].reg
+def _inject_burst(ep: Episode, tl: list[Draft], r: random.Random, products: ProductMaster) -> list[Draft]:
+    reg = tl[0].registrant
     n = r.randint(8, 14)
     ep.detail.update(orders=n)
     extra = []
     t = ep.onset
     for _ in range(n):
         units = reg.habit(ep.family).mean_units * r.uniform(0.3, 0.6)
-        extra.append(_Draft(reg, t, _family_lines(reg, ep.family, units, products),
-                            SUSPICIOUS, "burst", ep.episode_id))
+        extra.append(Draft(reg, t, _family_lines(reg, ep.family, units, products),
+                           label=SUSPICIOUS, kind="burst", episode=ep.episode_id))
         t += timedelta(minutes=r.uniform(90, 330))
     ep.start = ep.onset
     return extra
 
 
-def _inject_shift(ep: Episode, tl: list[_Draft], r: random.Random, products: ProductMaster,
+def _inject_shift(ep: Episode, tl: list[Draft], r: random.Random, products: ProductMaster,
                   by_family: dict[str, list[Product]]) -> None:
-    reg = tl[0].reg
+    reg = tl[0].registrant
     main = reg.habit(ep.detail["from_family"])
     forms = ("TAB", "CAP", "PATCH", "FILM")
     cands = [p for p in by_family[ep.family] if p.schedule in reg.schedules and p.dosage_form in forms]
@@ -245,17 +220,17 @@ def _inject_shift(ep: Episode, tl: list[_Draft], r: random.Random, products: Pro
     ep.detail.update(product=prod.ndc)
     end = ep.onset + timedelta(days=42)
     for d in tl:
-        if ep.onset <= d.t < end:
+        if ep.onset <= d.signed_at < end:
             units = main.mean_units * r.uniform(0.6, 1.0)
             d.lines = d.lines + [(prod, max(2, round(units / prod.units_per_package)))]
             d.label, d.kind, d.episode = SUSPICIOUS, "mme_shift", ep.episode_id
             if ep.start is None:
-                ep.start = d.t
+                ep.start = d.signed_at
 
 
-def _inject_surge(ep: Episode, tl: list[_Draft], r: random.Random, shape: Callable[[float], float]) -> None:
+def _inject_surge(ep: Episode, tl: list[Draft], r: random.Random, shape: Callable[[float], float]) -> None:
     for d in tl:
-        days = (d.t - ep.onset).total_seconds() / 86400
+        days = (d.signed_at - ep.onset).total_seconds() / 86400
         if days < 0 or (ep.kind == "surge_flu" and days >= 84):
             continue
         f = shape(days)
@@ -298,13 +273,13 @@ def generate(config: ScenarioConfig | None = None, **overrides: Any) -> Scenario
     pop = Population.generate(cfg.n_registrants, seed=cfg.seed, products=products)
     rng = random.Random(f"scenario:{cfg.seed}")
 
-    timelines: dict[str, list[_Draft]] = {}
+    timelines: dict[str, list[Draft]] = {}
     for reg in pop.registrants:
         r = random.Random(f"scenario-orders:{cfg.seed}:{reg.dea_number}")
-        timelines[reg.dea_number] = _normal_timeline(reg, start, end, r, products)
+        timelines[reg.dea_number] = normal_timeline(reg, start, end, r, products)
 
     episodes: dict[str, Episode] = {}
-    extra: list[_Draft] = []
+    extra: list[Draft] = []
     used: set[str] = set()
     earliest = start + timedelta(days=cfg.min_history_days)
 
@@ -387,34 +362,34 @@ def generate(config: ScenarioConfig | None = None, **overrides: Any) -> Scenario
             first = start + timedelta(days=rng.uniform(60, max(61, cfg.days - 60)))
             ep = new_ep("new_registrant", reg, "*", first, False)
             r = random.Random(f"scenario-orders:{cfg.seed}:new:{reg.dea_number}")
-            tl = _normal_timeline(reg, first, end, r, products)
+            tl = normal_timeline(reg, first, end, r, products)
             for d in tl:
                 d.kind, d.episode = "new_registrant", ep.episode_id
-            ep.start = tl[0].t if tl else first
+            ep.start = tl[0].signed_at if tl else first
             timelines[reg.dea_number] = tl
 
     drafts = [d for tl in timelines.values() for d in tl] + extra
-    drafts.sort(key=lambda d: (d.t, d.reg.dea_number))
+    drafts.sort(key=lambda d: (d.signed_at, d.registrant.dea_number))
     return _finalize(drafts, episodes, cfg, start, end)
 
 
-def _finalize(drafts: list[_Draft], episodes: dict[str, Episode], cfg: ScenarioConfig,
+def _finalize(drafts: list[Draft], episodes: dict[str, Episode], cfg: ScenarioConfig,
               start: datetime, end: datetime) -> Scenario:
     r = random.Random(f"scenario-final:{cfg.seed}")
     counters: dict[str, int] = {}
     orders, labels = [], []
     for d in drafts:
-        dea = d.reg.dea_number
+        dea = d.registrant.dea_number
         counters[dea] = counters.get(dea, r.randint(1, 400)) + 1
-        signed = d.t.replace(microsecond=0)
+        signed = d.signed_at.replace(microsecond=0)
         received = signed + timedelta(seconds=r.uniform(5, 300))
         oid = str(uuid.UUID(int=r.getrandbits(128), version=4))
         orders.append({
             "order_id": oid, "order_number": f"{signed.year % 100:02d}X{counters[dea]:06d}",
-            "purchaser_dea": dea, "purchaser_name": d.reg.name, "supplier_dea": SUPPLIER.dea_number,
+            "purchaser_dea": dea, "purchaser_name": d.registrant.name, "supplier_dea": SUPPLIER.dea_number,
             "signed_at": signed, "received_at": received, "verified_at": received + timedelta(milliseconds=50),
             "signer_serial": "5C", "signer_fingerprint": "00" * 32,
-            "business_activity": d.reg.business_activity, "purchaser_state": d.reg.state,
+            "business_activity": d.registrant.business_activity, "purchaser_state": d.registrant.state,
             "lines": _line_dicts(d.lines),
         })
         ep = episodes.get(d.episode) if d.episode else None

@@ -581,26 +581,40 @@ def _habits(kind: str, table: Mapping[str, _Fam], schedules: Sequence[str], r: r
 
 # ----------------------------------------------------------------------------- order generation
 @dataclass
-class _Draft:
+class Draft:
+    """An order before it is numbered and signed: who, when, which lines, and what the generator made of it.
+
+    The one draft both generators build on (this module's stream and the labelled
+    scenarios of ``connectors/scenarios.py``): the same normal timelines, then each
+    injects its episodes by changing drafts or adding some.
+    """
+
     registrant: Registrant
     signed_at: datetime
     lines: list[tuple[Product, int]]
     label: str = NORMAL
     detail: dict[str, Any] = field(default_factory=dict)
     purchaser_dea: str | None = None  # document purchaser, when not the registrant's (dea_mismatch)
+    kind: str = NORMAL  # the episode kind (labelled scenarios)
+    episode: str | None = None  # the episode id (labelled scenarios)
 
     @property
     def families(self) -> set[str]:
         return {p.drug_family for p, _ in self.lines}
 
 
-def _typical_packages(habit: FamilyHabit, products: ProductMaster) -> list[tuple[Product, int]]:
+def habit_lines(habit: FamilyHabit, units: float, products: ProductMaster) -> list[tuple[Product, int]]:
+    """``units`` dosage units of a family split over the habit's products (whole packages, at least one each)."""
     out = []
     for ndc, share in habit.items:
         p = products.get(ndc)
         assert p is not None, ndc
-        out.append((p, max(1, round(habit.mean_units * share / p.units_per_package))))
+        out.append((p, max(1, round(units * share / p.units_per_package))))
     return out
+
+
+def _typical_packages(habit: FamilyHabit, products: ProductMaster) -> list[tuple[Product, int]]:
+    return habit_lines(habit, habit.mean_units, products)
 
 
 def _normal_lines(reg: Registrant, t: datetime, r: random.Random, products: ProductMaster,
@@ -612,11 +626,7 @@ def _normal_lines(reg: Registrant, t: datetime, r: random.Random, products: Prod
     restock = r.uniform(1.5, 2.0) if r.random() < reg.restock_prob else 1.0
     lines = []
     for h in chosen:
-        units = h.mean_units * m * restock * math.exp(r.gauss(0.0, reg.noise_sigma))
-        for ndc, share in h.items:
-            p = products.get(ndc)
-            assert p is not None, ndc
-            lines.append((p, max(1, round(units * share / p.units_per_package))))
+        lines += habit_lines(h, h.mean_units * m * restock * math.exp(r.gauss(0.0, reg.noise_sigma)), products)
     return lines
 
 
@@ -650,6 +660,19 @@ def _order_days(reg: Registrant, start: datetime, end: datetime, r: random.Rando
     return days
 
 
+def normal_timeline(reg: Registrant, start: datetime, end: datetime, r: random.Random,
+                    products: ProductMaster) -> list[Draft]:
+    """The registrant's normal orders signed in [start, end), in time order, drawn from ``r``."""
+    drafts: list[Draft] = []
+    for day in _order_days(reg, start, end, r):
+        t = _at_hour(day, reg, r)
+        if start <= t < end:
+            # The first order of the period stocks every family the registrant carries, so a
+            # rarely ordered family never shows up later as "new" to the monitor.
+            drafts.append(Draft(reg, t, _normal_lines(reg, t, r, products, all_families=not drafts)))
+    return drafts
+
+
 def _distribute(total: int, kinds: Sequence[str], r: random.Random) -> dict[str, int]:
     kinds = list(kinds)
     if not kinds:
@@ -676,17 +699,8 @@ def generate_orders(population: Population, config: SimulationConfig | None = No
     start = end - timedelta(days=cfg.days)
 
     # 1. normal timelines, one RNG stream per registrant
-    timelines: list[list[_Draft]] = []
-    for reg in population.registrants:
-        r = random.Random(f"orders:{seed}:{reg.dea_number}")
-        drafts = []
-        for day in _order_days(reg, start, end, r):
-            t = _at_hour(day, reg, r)
-            if start <= t < end:
-                # The first order of the period stocks every family the registrant carries, so a
-                # rarely ordered family never shows up later as "new" to the monitor.
-                drafts.append(_Draft(reg, t, _normal_lines(reg, t, r, products, all_families=not drafts)))
-        timelines.append(drafts)
+    timelines = [normal_timeline(reg, start, end, random.Random(f"orders:{seed}:{reg.dea_number}"), products)
+                 for reg in population.registrants]
     n_normal = sum(len(t) for t in timelines)
 
     rng = random.Random(f"inject:{seed}")
@@ -735,9 +749,9 @@ def _check_config(cfg: SimulationConfig) -> None:
         raise ValueError("inject_after must be in [0, 1)")
 
 
-def _inject_suspicious(population: Population, timelines: list[list[_Draft]], counts: Mapping[str, int],
+def _inject_suspicious(population: Population, timelines: list[list[Draft]], counts: Mapping[str, int],
                        cfg: SimulationConfig, start: datetime, end: datetime, rng: random.Random,
-                       shortfall: dict[str, int]) -> list[_Draft]:
+                       shortfall: dict[str, int]) -> list[Draft]:
     """Convert some late normal orders into spikes/shifts and add bursts after others."""
     products = population.products
     late = start + timedelta(days=cfg.days * cfg.inject_after)
@@ -777,7 +791,7 @@ def _inject_suspicious(population: Population, timelines: list[list[_Draft]], co
         rng.shuffle(cands[k])
     cursor = {k: 0 for k in cands}
     events: dict[int, list[int]] = {}  # registrant index -> timeline indexes used
-    extras: list[_Draft] = []
+    extras: list[Draft] = []
 
     def free(ri: int, i: int) -> bool:
         used = events.get(ri, [])
@@ -846,7 +860,7 @@ def _inject_suspicious(population: Population, timelines: list[list[_Draft]], co
                 burst_id = f"burst-{reg.dea_number}-{i}"
                 r2 = random.Random(f"burst:{rng.random()}")
                 for n_in, t in enumerate(times, start=1):
-                    extras.append(_Draft(reg, t, _normal_lines(reg, t, r2, products), "frequency_burst",
+                    extras.append(Draft(reg, t, _normal_lines(reg, t, r2, products), "frequency_burst",
                                          {"burst": burst_id, "position": n_in, "burst_size": size,
                                           "after_normal_at": d.signed_at.isoformat(), "history": i}))
             events.setdefault(ri, []).append(i)
@@ -857,8 +871,8 @@ def _inject_suspicious(population: Population, timelines: list[list[_Draft]], co
     return extras
 
 
-def _make_bad(population: Population, timelines: list[list[_Draft]], counts: Mapping[str, int],
-              start: datetime, end: datetime, rng: random.Random, shortfall: dict[str, int]) -> list[_Draft]:
+def _make_bad(population: Population, timelines: list[list[Draft]], counts: Mapping[str, int],
+              start: datetime, end: datetime, rng: random.Random, shortfall: dict[str, int]) -> list[Draft]:
     """Extra orders, each to receive one defect at signing time."""
     products = population.products
     regs = population.registrants
@@ -866,7 +880,7 @@ def _make_bad(population: Population, timelines: list[list[_Draft]], counts: Map
     no_cii = [i for i, reg in enumerate(regs) if "2" not in reg.schedules]
     cii_products = sorted((p for p in products if p.schedule == "2" and p.dosage_form in ("TAB", "CAP")),
                           key=lambda p: p.ndc)
-    extras: list[_Draft] = []
+    extras: list[Draft] = []
     for kind in BAD_KINDS:
         for _ in range(counts.get(kind, 0)):
             if kind == "schedule_not_authorized":
@@ -888,7 +902,7 @@ def _make_bad(population: Population, timelines: list[list[_Draft]], counts: Map
                     break
             if t is None:
                 t = start + (end - start) * r.random()
-            d = _Draft(reg, t, _normal_lines(reg, t, r, products), kind)
+            d = Draft(reg, t, _normal_lines(reg, t, r, products), kind)
             if kind == "schedule_not_authorized":
                 p = r.choice(cii_products)
                 d.lines.append((p, r.randint(1, 3)))
@@ -913,7 +927,7 @@ def _fresh_dea(r: random.Random, avoid: set[str]) -> str:
             return dea
 
 
-def _finalize(drafts: list[_Draft], population: Population, cfg: SimulationConfig,
+def _finalize(drafts: list[Draft], population: Population, cfg: SimulationConfig,
               seed: int) -> list[SimulatedOrder]:
     r = random.Random(f"finalize:{seed}")
     counters: dict[str, int] = {}

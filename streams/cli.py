@@ -404,7 +404,9 @@ def audit_verify(as_json: bool, anchors_file: str | None, allow_unsealed: bool, 
     one whose key is not given is UNVERIFIABLE; with keys, one sealed without
     a key is UNKEYED. Reads like `csos sql`: through the running sink, else read-only.
     """
-    from connectors.audit_chain import AuditKeyError, KeyRing, load_anchors, open_reader, render, verify_store
+    from connectors.audit_chain import AuditKeyError, KeyRing, load_anchors, render, verify_store
+
+    from .query import open_reader
 
     settings = _settings()
     try:
@@ -414,8 +416,8 @@ def audit_verify(as_json: bool, anchors_file: str | None, allow_unsealed: bool, 
         sys.exit(2)
     anchors = load_anchors(json.loads(Path(anchors_file).read_text())) if anchors_file else None
     try:
-        with open_reader(settings) as query:
-            report = verify_store(query, anchors=anchors, page_size=page_size, allow_unsealed=allow_unsealed,
+        with open_reader(settings) as read:
+            report = verify_store(lambda sql: read(sql)[1], anchors=anchors, page_size=page_size, allow_unsealed=allow_unsealed,
                                   only=chains, keys=keys, allow_unkeyed=allow_unkeyed)
     except Exception as exc:  # noqa: BLE001 - store unreachable or locked: say so, exit 2
         click.echo(f"Error: cannot read the audit trail: {str(exc).strip().splitlines()[0]}", err=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Collection, Mapping
 from typing import Callable
 
 import click
@@ -67,17 +68,28 @@ def ground_truth(feed: PreparedFeed) -> str:
     return "\n".join(lines)
 
 
+#: Findings that hold an order only while due diligence is pending: such a hold is not a detector's false hold.
+WAITING_DETECTORS = ("open_case", "reported_pending_limit", "analyst_limit", "terminated_customer", "new_customer")
+
+
 def detection_report(settings: Settings, feed: PreparedFeed) -> str:
     """How the verdicts compare with what the simulator injected: episodes caught, false holds."""
-    from collections import defaultdict
-
     verdicts = dict(run_query(settings, "SELECT order_id, verdict FROM verdicts FINAL")[1])
     # Orders held by a detector of their own (not only because an earlier hold's case is still open, or a new
     # customer awaits onboarding: those wait for due diligence, which the demo's scripted analyst barely does).
+    waiting = ", ".join(f"'{d}'" for d in WAITING_DETECTORS)
     judged = {r[0] for r in run_query(settings, (
-        "SELECT DISTINCT order_id FROM verdict_reasons FINAL WHERE fired AND enforced AND detector NOT IN "
-        "('open_case', 'reported_pending_limit', 'analyst_limit', 'terminated_customer', 'new_customer')"))[1]}
+        f"SELECT DISTINCT order_id FROM verdict_reasons FINAL WHERE fired AND enforced AND detector NOT IN ({waiting})"
+    ))[1]}
     rejections = dict(run_query(settings, "SELECT order_id, reason_code FROM rejections FINAL")[1])
+    return compare_with_truth(feed, verdicts, judged, rejections)
+
+
+def compare_with_truth(feed: PreparedFeed, verdicts: Mapping[str, str], judged: Collection[str],
+                       rejections: Mapping[str, str]) -> str:
+    """The comparison the demo prints, from the outcomes alone (the demo reads them from ClickHouse,
+    ``streams.demo_core`` from the processors): ``verdicts`` order id -> HOLD/RELEASE, ``judged`` the
+    orders a detector of their own held, ``rejections`` order id -> reason code."""
     episodes: dict[tuple[str, str], list[str]] = defaultdict(list)
     normal_held = normal = normal_judged = 0
     wrong_rejections = 0

@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from connectors.broker import LocalBroker, free_port
+from connectors.broker import free_port, running_broker
 from connectors.feed import prepare_feed, publish, publish_reference_data
 from connectors.hostile import (
     HostileContext, SentMessage, collect_report, collect_traces, generate, publish_hostile, sentinel_order, untraced,
 )
 from connectors.kafka_io import Publisher
-from connectors.topics import ensure_topics
 
 from .config import Settings
 from .processes import ChildProcess, Pipeline
@@ -79,17 +78,14 @@ def run_soak(settings: Settings, *, count: int, seed: int, registrants: int = 30
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    broker = LocalBroker(port=free_port(), data_dir=data / "kafka", controller_port=free_port())
     echo(f"starting a broker of its own (data in {data}) ...")
-    broker.start(timeout=180)
-    settings = settings.with_(kafka_bootstrap=broker.bootstrap, pki_dir=data / "pki", web_port=free_port(),
-                              sink_port=free_port(), app_id=f"csos-hostile-soak-{seed}")
+    with running_broker(data / "kafka", settings.partitions) as broker:
+        settings = settings.with_(kafka_bootstrap=broker.bootstrap, pki_dir=data / "pki", web_port=free_port(),
+                                  sink_port=free_port(), app_id=f"csos-hostile-soak-{seed}")
 
-    def query(sql: str) -> list[list[Any]]:
-        return run_query(settings, sql)[1]
+        def query(sql: str) -> list[list[Any]]:
+            return run_query(settings, sql)[1]
 
-    try:
-        ensure_topics(broker.bootstrap, settings.partitions)
         feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days, bad_counts={},
                             suspicious_counts={})
         publish_reference_data(settings, Publisher(broker.bootstrap))
@@ -132,5 +128,3 @@ def run_soak(settings: Settings, *, count: int, seed: int, registrants: int = 30
             return all(checks.values())
         finally:
             pipeline.stop()
-    finally:
-        broker.stop()

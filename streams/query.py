@@ -14,6 +14,8 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,30 +56,59 @@ def sink_is_up(settings: Settings, timeout: float = 1.0) -> bool:
         return False
 
 
-def run_query(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
-    if settings.embedded_clickhouse and sink_is_up(settings):
-        req = urllib.request.Request(sink_url(settings) + "/sql", data=sql.encode("utf-8"), method="POST",
-                                     headers={"Authorization": f"Bearer {sink_token(settings)}",
-                                              "Content-Type": "text/plain; charset=utf-8"})
+Reader = Callable[[str], "tuple[list[str], list[list[Any]]]"]
+
+
+def _via_sink(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
+    """One query through the running sink's ``/sql`` (it owns the embedded store)."""
+    req = urllib.request.Request(sink_url(settings) + "/sql", data=sql.encode("utf-8"), method="POST",
+                                 headers={"Authorization": f"Bearer {sink_token(settings)}",
+                                          "Content-Type": "text/plain; charset=utf-8"})
+    try:
+        with urllib.request.urlopen(req, timeout=settings.sql_max_seconds + 60) as r:
+            payload = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
         try:
-            with urllib.request.urlopen(req, timeout=settings.sql_max_seconds + 60) as r:
-                payload = json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            body = exc.read()
-            try:
-                message = json.loads(body).get("error", str(exc))
-            except ValueError:
-                message = f"{exc}: {body[:200]!r}"
-            raise QueryError(message) from None
-        return payload["columns"], payload["rows"]
-    client = open_client(settings, readonly=True)
+            message = json.loads(body).get("error", str(exc))
+        except ValueError:
+            message = f"{exc}: {body[:200]!r}"
+        raise QueryError(message) from None
+    return payload["columns"], payload["rows"]
+
+
+def _via_client(client: Any, sql: str) -> tuple[list[str], list[list[Any]]]:
+    """One query on a read-only client of our own (no sink running, or a ClickHouse server)."""
     try:
         columns, rows = run_readonly_query(client, sql)
     except Exception as exc:  # noqa: BLE001
         raise QueryError(str(exc).splitlines()[0]) from None
+    return columns, [list(r) for r in rows]
+
+
+@contextmanager
+def open_reader(settings: Settings) -> Iterator[Reader]:
+    """The one read path: SQL -> (columns, rows) for the block, through the running sink or a read-only client.
+
+    Which way is chosen once, when the block opens: with the embedded engine and
+    a sink running, every query goes to its ``/sql``; otherwise one read-only
+    client serves the whole block (a long read such as ``csos audit verify``
+    pages through the store without reconnecting) and is closed after it.
+    """
+    if settings.embedded_clickhouse and sink_is_up(settings):
+        yield lambda sql: _via_sink(settings, sql)
+        return
+    client = open_client(settings, readonly=True)
+    try:
+        yield lambda sql: _via_client(client, sql)
     finally:
         client.close()
-    return columns, [list(r) for r in rows]
+
+
+def run_query(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
+    """One query on the read path of :func:`open_reader`."""
+    with open_reader(settings) as read:
+        return read(sql)
 
 
 def format_table(columns: list[str], rows: list[list[Any]]) -> str:

@@ -45,6 +45,7 @@ from connectors.kafka_security import client_config
 
 from . import topic_names as t
 from .avro_codec import AvroCodec, DecodeError, default_codec
+from .crl import load_crl
 from .identifiers import is_valid_dea_number
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -157,8 +158,6 @@ def _check_registrant(key: str, rec: dict[str, Any]) -> None:
 
 
 def _check_crl(key: str, rec: dict[str, Any]) -> None:
-    from connectors.pki import load_crl  # DER or PEM, as the verifier reads it
-
     try:
         load_crl(rec["crl_der"])
     except ValueError as exc:

@@ -82,6 +82,7 @@ from pyhanko_certvalidator.validate import async_validate_path
 
 from .cert_profile import CertProfileError, ExtensionOids, read_registration
 from .cms import ParsedSignature, SignatureError, check_algorithms, parse_signed_data, verify_signature
+from .crl import load_crl
 from .identifiers import is_valid_dea_number
 from .file_safety import ensure_private_to_owner
 from .model import Order
@@ -367,7 +368,7 @@ class Verifier:
         for c in crls:
             if isinstance(c, (bytes, bytearray)):
                 try:
-                    c = _load_crl(bytes(c))
+                    c = load_crl(bytes(c))
                 except Exception as exc:  # noqa: BLE001 - reported, never raised out of the constructor
                     self.refusals.append(Refusal("crl", "", f"unreadable CRL ({_short(exc)})"))
                     continue
@@ -426,7 +427,7 @@ class Verifier:
         crls: list[tuple[str, x509.CertificateRevocationList]] = []
         for p in crl_files:
             try:
-                crls.append((str(p), _load_crl(Path(p).read_bytes())))
+                crls.append((str(p), load_crl(Path(p).read_bytes())))
             except Exception as exc:  # noqa: BLE001
                 refusals.append(Refusal("crl", str(p), f"unreadable CRL ({_short(exc)})"))
         if not anchors:
@@ -455,7 +456,7 @@ class Verifier:
         """
         if isinstance(crl, (bytes, bytearray)):
             try:
-                crl = _load_crl(bytes(crl))
+                crl = load_crl(bytes(crl))
             except Exception as exc:  # noqa: BLE001 - garbage from the topic is refused, not raised raw
                 raise CRLError(f"unreadable CRL ({_short(exc)})") from None
         try:
@@ -954,12 +955,6 @@ def _pass_algorithms(sig_alg: str, sig_hash: str) -> CheckResult:
 def _finding(exc: SignatureError) -> str:
     msg = exc.message
     return f"{msg[0].upper()}{msg[1:]}."
-
-
-def _load_crl(data: bytes) -> x509.CertificateRevocationList:
-    if data.lstrip().startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_crl(data)
-    return x509.load_der_x509_crl(data)
 
 
 class _OriginalBytesCertificate(asn1_x509.Certificate):

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import re
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -19,13 +20,14 @@ from click.testing import CliRunner
 
 from connectors.audit_chain import (
     AUDIT_FIELDS, CHAIN_COLUMNS, GENESIS, AuditKey, AuditKeyError, AuditReport, ChainRow, ChainSealer, Head, KeyRing,
-    canonical, epoch_ms, key_id_of, load_anchors, open_reader, read_chain, render, seal, verify_rows, verify_store,
+    canonical, epoch_ms, key_id_of, load_anchors, read_chain, render, seal, verify_rows, verify_store,
 )
 from connectors.broker import free_port
 from connectors.clickhouse_sink import ClickHouseSink, SourceRecord, apply_ddl, open_client
 from streams.cli import main as cli
 from streams.config import Settings
 from streams.processes import settings_env
+from streams.query import open_reader
 from tests.conftest import TEST_AUDIT_KEY
 
 T0 = datetime(2026, 11, 20, 12, 0, 0, 123000, tzinfo=timezone.utc)
@@ -341,8 +343,15 @@ def write_chain(client, partition: int, n: int = 12) -> str:
     return f"audit.events/{partition}"
 
 
+@contextmanager
+def rows_reader(settings):
+    """The analysts' read path (``streams.query.open_reader``) as the SQL -> rows function verify_store reads."""
+    with open_reader(settings) as read:
+        yield lambda sql: read(sql)[1]
+
+
 def verify(client, chain: str, keys: KeyRing | None = None):
-    with open_reader(client.settings_for_cli) as query:
+    with rows_reader(client.settings_for_cli) as query:
         return verify_store(query, only=[chain], page_size=5, keys=keys)  # small pages: chains span several queries
 
 
@@ -464,7 +473,7 @@ def test_a_forged_far_away_seq_is_a_gap_and_costs_a_few_queries(store):
     chain = write_chain(store, 5)
     mutate(store, f"ALTER TABLE audit_events UPDATE chain_seq = 1000000000 WHERE chain = '{chain}' AND chain_seq = 11")
     queries = []
-    with open_reader(store.settings_for_cli) as query:
+    with rows_reader(store.settings_for_cli) as query:
         report = verify_store(lambda sql: queries.append(sql) or query(sql), only=[chain], page_size=5)
     assert problems(report) == [("gap", 11), ("edit", 1_000_000_000)]
     assert len(queries) < 10
@@ -472,7 +481,7 @@ def test_a_forged_far_away_seq_is_a_gap_and_costs_a_few_queries(store):
 
 def test_rows_inserted_around_the_sink_are_reported_as_unsealed(store):
     store.insert("audit_events", [[event(99)[c] for c in AUDIT_FIELDS]], column_names=list(AUDIT_FIELDS))
-    with open_reader(store.settings_for_cli) as query:
+    with rows_reader(store.settings_for_cli) as query:
         report = verify_store(query)
         assert report.unsealed == 1 and ("unsealed", None) in problems(report)
         assert verify_store(query, allow_unsealed=True).unsealed == 1
@@ -538,7 +547,7 @@ def test_the_audit_trail_of_a_real_run_is_sealed_and_verifies_clean(streamed, mo
     s = streamed.settings
     assert s.audit_key == TEST_AUDIT_KEY  # the session pipeline seals with a key (tests/conftest.py)
     key = AuditKey.parse(s.audit_key)
-    with open_reader(s) as query:  # through the running sink's /sql
+    with rows_reader(s) as query:  # through the running sink's /sql
         report = verify_store(query, keys=KeyRing.from_settings(s))
         unkeyed_view = verify_store(query)  # a verifier without the key cannot vouch for it
     assert report.ok, render(report)

@@ -46,10 +46,9 @@ import time
 from datetime import datetime, timedelta
 from typing import Any, Iterable, MutableMapping
 
-from connectors.pki import load_crl
-
 from .. import topic_names as t
 from ..avro_codec import AvroCodec, default_codec
+from ..crl import load_crl
 from ..emit import Emitter, Message, utcnow
 from ..outcomes import OutcomeBook, Position
 from ..products import ProductMaster

@@ -182,7 +182,38 @@ def ew_memory(alpha: float) -> int:
 # Small baselines, each with to_dict/from_dict
 # --------------------------------------------------------------------------
 
-class EWMeanBaseline:
+class _RiverEW:
+    """What the EW mean and EW variance baselines share: river does the arithmetic, with a warm-up.
+
+    Each value is learned by a river statistic resumed from the stored numbers
+    with the fading factor :func:`warmup_alpha` gives for the ``n``-th value;
+    the statistic is kept while that factor stays the same (after the warm-up,
+    for good), so a run of updates costs one import. Subclasses say how to
+    resume the statistic (``_resume``) and what to read back (``_read``).
+    """
+
+    __slots__ = ()
+    alpha: float
+    n: int
+    _stat: Any
+
+    def _resume(self, alpha: float) -> Any:
+        raise NotImplementedError
+
+    def _read(self, stat: Any) -> None:
+        raise NotImplementedError
+
+    def update(self, x: float) -> None:
+        a = warmup_alpha(self.alpha, self.n)
+        stat = self._stat
+        if stat is None or stat.fading_factor != a:
+            stat = self._stat = self._resume(a)
+        stat.update(float(x))
+        self.n += 1
+        self._read(stat)
+
+
+class EWMeanBaseline(_RiverEW):
     """``river.stats.EWMean`` plus the number of values it has seen (0 = no baseline yet).
 
     The stored numbers are river's own state (exported after each update); the
@@ -198,13 +229,10 @@ class EWMeanBaseline:
         self.n = int(n)
         self._stat: stats.EWMean | None = None
 
-    def update(self, x: float) -> None:
-        a = warmup_alpha(self.alpha, self.n)
-        stat = self._stat
-        if stat is None or stat.fading_factor != a:
-            stat = self._stat = ewmean_import(self.mean, self.n > 0, a)
-        stat.update(float(x))
-        self.n += 1
+    def _resume(self, alpha: float) -> stats.EWMean:
+        return ewmean_import(self.mean, self.n > 0, alpha)
+
+    def _read(self, stat: stats.EWMean) -> None:
         # river's get() is the mean itself; the full export (with its layout
         # checks) runs when the state is saved (to_dict), not on every update.
         self.mean = stat.get()
@@ -228,7 +256,7 @@ class EWMeanBaseline:
         return cls(alpha, d["mean"], d["n"])
 
 
-class EWVarBaseline:
+class EWVarBaseline(_RiverEW):
     """``river.stats.EWVar`` (as its two EW means) plus a count; used for ln(order size)."""
 
     __slots__ = ("alpha", "mean", "sq_mean", "n", "_stat")
@@ -240,13 +268,10 @@ class EWVarBaseline:
         self.n = int(n)
         self._stat: stats.EWVar | None = None
 
-    def update(self, x: float) -> None:
-        a = warmup_alpha(self.alpha, self.n)
-        stat = self._stat
-        if stat is None or stat.fading_factor != a:
-            stat = self._stat = ewvar_import(self.mean, self.sq_mean, self.n > 0, a)
-        stat.update(float(x))
-        self.n += 1
+    def _resume(self, alpha: float) -> stats.EWVar:
+        return ewvar_import(self.mean, self.sq_mean, self.n > 0, alpha)
+
+    def _read(self, stat: stats.EWVar) -> None:
         self.mean, self.sq_mean, _ = ewvar_export(stat)
 
     def var(self) -> float:

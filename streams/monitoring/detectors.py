@@ -744,7 +744,40 @@ class TimingDetector:
         return [reason(self.name, self.dimension, "*", value, share, threshold, window, fired, text)]
 
 
-class StaticAverageDetector(PerFamilyDetector):
+class TrailingMonthsRule(PerFamilyDetector):
+    """Static rule: this calendar month's units of a family against its trailing full months (``months`` of them).
+
+    The shape every trailing-months rule shares: the rule applies once
+    ``static_min_months`` of those months had orders (else "not applicable"),
+    and fires when the month's units (this order included) exceed the
+    threshold :meth:`_level` derives from the trailing months. A subclass says
+    only how (an average times a multiple, a maximum) and in what words.
+    """
+
+    dimension = "size"
+    months: int
+    rule: str  # the rule's name in "too little monthly history for the ... rule"
+    over: str  # how the window reads: "average over", "maximum of"
+
+    def _level(self, prior: tuple[int, ...]) -> tuple[float, float, str]:
+        """(reference level, threshold, the sentence stating both) for the trailing months ``prior``."""
+        raise NotImplementedError
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        m = state.monthly(f.family, order)
+        prior = m.trailing(self.months)
+        with_orders = m.months_with_orders(self.months)
+        level, threshold, stated = self._level(prior)
+        if with_orders < self.cfg.static_min_months:
+            return _not_applicable(self, f, m, self.months, self.rule, with_orders, level)
+        fired = m.current > threshold
+        window = (f"calendar month {month_name(m.month)}; {self.over} the trailing {len(prior)} months "
+                  f"({_months_span(m, self.months)})")
+        text = f"{_this_month(f.family, m)}; {stated}" + ("; exceeded." if fired else "; within it.")
+        return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
+
+
+class StaticAverageDetector(TrailingMonthsRule):
     """Static rule: this calendar month's units of a family > ``multiple`` x the trailing 12-month average.
 
     The average is over the trailing full months the history covers (at most
@@ -753,28 +786,20 @@ class StaticAverageDetector(PerFamilyDetector):
     "extraordinary" one.
     """
 
-    dimension = "size"
+    months = 12
+    over = "average over"
 
     def __init__(self, cfg: MonitorConfig, multiple: int) -> None:
         self.cfg = cfg
         self.multiple = multiple
         self.name = f"static_{multiple}x_12m"
+        self.rule = f"{multiple}x 12-month average"
 
-
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
-        m = state.monthly(f.family, order)
-        prior = m.trailing(12)
-        with_orders = m.months_with_orders(12)
+    def _level(self, prior: tuple[int, ...]) -> tuple[float, float, str]:
         avg = sum(prior) / len(prior) if prior else 0.0
-        if with_orders < self.cfg.static_min_months:
-            return _not_applicable(self, f, m, 12, f"{self.multiple}x 12-month average", with_orders, avg)
         threshold = self.multiple * avg
-        fired = m.current > threshold
-        window = (f"calendar month {month_name(m.month)}; average over the trailing {len(prior)} months "
-                  f"({_months_span(m, 12)})")
-        text = (f"{_this_month(f.family, m)}; trailing 12-month monthly average {fmt_n(avg)} ({len(prior)} months); "
-                f"rule: over {self.multiple}x = {fmt_n(threshold)}" + ("; exceeded." if fired else "; within it."))
-        return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
+        return avg, threshold, (f"trailing 12-month monthly average {fmt_n(avg)} ({len(prior)} months); "
+                                f"rule: over {self.multiple}x = {fmt_n(threshold)}")
 
 
 def _not_applicable(det: PerFamilyDetector, f: FamilyFacts, m: Monthly, months: int, rule: str, with_orders: int,
@@ -787,25 +812,17 @@ def _not_applicable(det: PerFamilyDetector, f: FamilyFacts, m: Monthly, months: 
     return reason(det.name, det.dimension, f.family, m.current, baseline, _MAX, window, False, text)
 
 
-class StaticMaxDetector(PerFamilyDetector):
+class StaticMaxDetector(TrailingMonthsRule):
     """Static rule: this calendar month's units of a family above the trailing 6-month monthly maximum."""
 
     name = "static_6m_max"
-    dimension = "size"
+    months = 6
+    rule = "6-month maximum"
+    over = "maximum of"
 
-
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
-        m = state.monthly(f.family, order)
-        prior = m.trailing(6)
-        with_orders = m.months_with_orders(6)
+    def _level(self, prior: tuple[int, ...]) -> tuple[float, float, str]:
         top = float(max(prior, default=0))
-        if with_orders < self.cfg.static_min_months:
-            return _not_applicable(self, f, m, 6, "6-month maximum", with_orders, top)
-        fired = m.current > top
-        window = f"calendar month {month_name(m.month)}; maximum of the trailing {len(prior)} months ({_months_span(m, 6)})"
-        text = (f"{_this_month(f.family, m)}; trailing 6-month monthly maximum {fmt_n(top)} ({len(prior)} months); "
-                f"rule: over the maximum" + ("; exceeded." if fired else "; within it."))
-        return reason(self.name, self.dimension, f.family, m.current, top, top, window, fired, text)
+        return top, top, f"trailing 6-month monthly maximum {fmt_n(top)} ({len(prior)} months); rule: over the maximum"
 
 
 class StaticCeilingDetector(PerFamilyDetector):
@@ -923,7 +940,7 @@ def default_detectors(cfg: MonitorConfig, peers: PeerProfiles | None = None) -> 
 
 __all__ = [
     "MonitorConfig", "Detector", "Reason", "SizeDetector", "VolumeDetector", "FrequencyDetector",
-    "NewFamilyDetector", "FamilyMixDetector", "TrendDetector", "StaticAverageDetector", "StaticMaxDetector",
+    "NewFamilyDetector", "FamilyMixDetector", "TrendDetector", "TrailingMonthsRule", "StaticAverageDetector", "StaticMaxDetector",
     "StaticCeilingDetector", "CustomerLimitDetector", "PeerVolumeDetector", "TimingDetector", "load_customer_limits",
     "default_detectors", "peer_group", "reason", "ew_memory", "LEARNED_DETECTORS", "RECORDED_DETECTORS",
     "STATIC_DETECTORS",

@@ -422,13 +422,23 @@ async def case_page(request: web.Request) -> web.Response:
     return await _case_response(request, order_id)
 
 
-async def decide(request: web.Request) -> web.Response:
-    """Validate, publish a som.Decision, audit it, and redirect to the case (post/redirect/get)."""
+async def _admit(request: web.Request) -> tuple[str, Any, Any, str, web.Response | None]:
+    """A decision's post read, then the checks every decision passes first: a real order id, this page's form,
+    a role that may act.
+
+    Both decision forms (the case's and the registrant's) go through here, so a
+    refusal reads and is audited (``decision.refused``) the same way. Returns
+    ``(order_id, user, form, action, refusal)``; the refusal page is None when admitted.
+    """
     order_id = request.match_info["order_id"]
     user = await current_user(request)
     assert user is not None  # require_login
     form = await request.post()
     action = str(form.get("action", ""))
+    return order_id, user, form, action, await _refusal(request, user, order_id, form, action)
+
+
+async def _refusal(request: web.Request, user: Any, order_id: str, form: Any, action: str) -> web.Response | None:
     if not valid_order_id(order_id):
         return await error_page(request, 404, "No such case", "That is not an order id.")
     if not await csrf_ok(request, form):
@@ -441,6 +451,45 @@ async def decide(request: web.Request) -> web.Response:
                     detail={"action": action, "role": user.role, "reason": f"role {user.role} may not act"})
         return await error_page(request, 403, "Not allowed",
                                 f"Your role ({user.role}) may read cases but not decide them.")
+    return None
+
+
+async def _submit(request: web.Request, user: Any, order_id: str, action: str, label: str, rationale: str, *,
+                  values: dict[str, str], fields: dict[str, Any], audited: dict[str, Any],
+                  after: str = "") -> web.Response:
+    """Publish a valid som.Decision and its audit event, wait for delivery, then redirect (post/redirect/get).
+
+    ``fields``: what the decision carries beyond the common ones; ``audited``: what the
+    audit event adds to them; ``after``: said in the flash after "Decision submitted".
+    Nothing is decided unless Kafka has the decision: on a delivery failure the case
+    page comes back (503) with the form as it was.
+    """
+    decision_id = str(uuid.uuid4())
+    decision = {"decision_id": decision_id, "order_id": order_id, "action": action, "actor": user.name,
+                "actor_role": user.role, "rationale": rationale, "decided_at": _now(), **fields}
+    pub = _publisher(request.app)
+    emitter = Emitter(pub, user.name)
+    emitter.send(t.DECISIONS, "som.Decision", order_id, decision)
+    emitter.audit(STAGE, "decision.submitted", action, order_id=order_id,
+                  detail={"decision_id": decision_id, "action": action, "role": user.role, "rationale": rationale,
+                          **audited, "remote": request.remote or ""})
+    try:
+        await asyncio.to_thread(pub.flush, 30.0)
+    except DeliveryFailed as exc:
+        log.error("decision %s not delivered: %s", decision_id, exc)
+        return await _case_response(request, order_id, status=503, form=values,
+                                    error="The decision could not be delivered to Kafka; nothing was decided. "
+                                          "Try again.")
+    session = await get_session(request)
+    session["flash"] = f"Decision submitted: {label} (decision {decision_id}).{after}"
+    raise web.HTTPSeeOther(f"/cases/{order_id}")
+
+
+async def decide(request: web.Request) -> web.Response:
+    """Validate, publish a som.Decision, audit it, and redirect to the case (post/redirect/get)."""
+    order_id, user, form, action, refused = await _admit(request)
+    if refused is not None:
+        return refused
     rationale = str(form.get("rationale", "")).strip()
     notes = str(form.get("evidence_notes", "")).strip()
     values = {"action": action, "rationale": rationale, "evidence_notes": notes}
@@ -460,44 +509,16 @@ async def decide(request: web.Request) -> web.Response:
     if problem:
         return await _case_response(request, order_id, status=409 if "no longer" in problem else 400,
                                     error=problem, form=values)
-
-    decision_id = str(uuid.uuid4())
-    decision = {"decision_id": decision_id, "order_id": order_id, "action": action, "actor": user.name,
-                "actor_role": user.role, "rationale": rationale, "evidence_notes": notes, "decided_at": _now()}
-    pub = _publisher(request.app)
-    emitter = Emitter(pub, user.name)
-    emitter.send(t.DECISIONS, "som.Decision", order_id, decision)
-    emitter.audit(STAGE, "decision.submitted", action, order_id=order_id,
-                  detail={"decision_id": decision_id, "action": action, "role": user.role, "rationale": rationale,
-                          "evidence_notes": notes, "remote": request.remote or ""})
-    try:
-        await asyncio.to_thread(pub.flush, 30.0)
-    except DeliveryFailed as exc:
-        log.error("decision %s not delivered: %s", decision_id, exc)
-        return await _case_response(request, order_id, status=503, form=values,
-                                    error="The decision could not be delivered to Kafka; nothing was decided. "
-                                          "Try again.")
-    session = await get_session(request)
-    session["flash"] = (f"Decision submitted: {ACTIONS[action]} (decision {decision_id}). The case agent applies "
-                        "it; the status on this page follows within seconds.")
-    raise web.HTTPSeeOther(f"/cases/{order_id}")
+    return await _submit(request, user, order_id, action, ACTIONS[action], rationale, values=values,
+                         fields={"evidence_notes": notes}, audited={"evidence_notes": notes},
+                         after=" The case agent applies it; the status on this page follows within seconds.")
 
 
 async def decide_registrant(request: web.Request) -> web.Response:
     """SET_LIMIT / TERMINATE / ONBOARDED from a case: a som.Decision naming the case's registrant (audited)."""
-    order_id = request.match_info["order_id"]
-    user = await current_user(request)
-    assert user is not None  # require_login
-    form = await request.post()
-    action = str(form.get("action", ""))
-    if not valid_order_id(order_id):
-        return await error_page(request, 404, "No such case", "That is not an order id.")
-    if not await csrf_ok(request, form) or not user.may_act:
-        reason = "missing or wrong CSRF token" if user.may_act else f"role {user.role} may not act"
-        await audit(request, user.name, "decision.refused", "REFUSED", order_id=order_id,
-                    detail={"action": action, "role": user.role, "reason": reason})
-        return await error_page(request, 403, "Not allowed", "Reload the case and try again; only an analyst may "
-                                                             "decide.")
+    order_id, user, form, action, refused = await _admit(request)
+    if refused is not None:
+        return refused
     detail = await asyncio.to_thread(request.app[DATA_KEY].detail, order_id)
     if detail is None:
         return await error_page(request, 404, "No such case", "There is no case for this order.")
@@ -520,27 +541,11 @@ async def decide_registrant(request: web.Request) -> web.Response:
             units = int(raw_units)
     if problem:
         return await _case_response(request, order_id, status=400, error=problem, form=values)
-    decision_id = str(uuid.uuid4())
-    decision = {"decision_id": decision_id, "order_id": order_id, "action": action, "actor": user.name,
-                "actor_role": user.role, "rationale": rationale, "evidence_notes": "", "decided_at": _now(),
-                "purchaser_dea": detail.case.purchaser_dea, "drug_family": family if units is not None else "",
-                "monthly_limit_units": units}
-    pub = _publisher(request.app)
-    emitter = Emitter(pub, user.name)
-    emitter.send(t.DECISIONS, "som.Decision", order_id, decision)
-    emitter.audit(STAGE, "decision.submitted", action, order_id=order_id,
-                  detail={"decision_id": decision_id, "action": action, "role": user.role, "rationale": rationale,
-                          "purchaser_dea": detail.case.purchaser_dea, "drug_family": family,
-                          "monthly_limit_units": units, "remote": request.remote or ""})
-    try:
-        await asyncio.to_thread(pub.flush, 30.0)
-    except DeliveryFailed as exc:
-        log.error("decision %s not delivered: %s", decision_id, exc)
-        return await _case_response(request, order_id, status=503, form=values,
-                                    error="The decision could not be delivered to Kafka; nothing was decided.")
-    session = await get_session(request)
-    session["flash"] = f"Decision submitted: {REGISTRANT_ACTIONS[action]} (decision {decision_id})."
-    raise web.HTTPSeeOther(f"/cases/{order_id}")
+    dea = detail.case.purchaser_dea
+    return await _submit(request, user, order_id, action, REGISTRANT_ACTIONS[action], rationale, values=values,
+                         fields={"evidence_notes": "", "purchaser_dea": dea,
+                                 "drug_family": family if units is not None else "", "monthly_limit_units": units},
+                         audited={"purchaser_dea": dea, "drug_family": family, "monthly_limit_units": units})
 
 
 # ------------------------------------------------------------------ the application
