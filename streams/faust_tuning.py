@@ -43,6 +43,10 @@ def set_fetch_max_wait(ms: int) -> None:
     faust_driver.aiokafka = module  # type: ignore[attr-defined]
 
 
+#: Fetches in a row that may skip the same expected offset before its records are taken as deleted by retention.
+MAX_REFETCH = 5
+
+
 class GaplessInputs(faust_driver.Consumer):  # type: ignore[misc]
     """Faust's consumer, with a committed offset that never passes an input record no agent acknowledged.
 
@@ -67,7 +71,11 @@ class GaplessInputs(faust_driver.Consumer):  # type: ignore[misc]
     The agents' input topics are delete-retention topics written without
     transactions, so their offsets have no holes: here
 
-    1. a gap is never acknowledged for them: a missing offset stays missing;
+    1. records are handed on in offset order without a jump: a fetch that
+       skips offsets is dropped and the partition fetched again from the
+       expected one (a skip seen ``MAX_REFETCH`` times in a row is taken for
+       records deleted by retention, logged as an error); and a gap is never
+       acknowledged for them: a missing offset stays missing;
     2. a commit goes only as far as the acknowledged offsets run without a
        hole from the committed offset (or, with none committed, from the
        first record delivered since the partition was positioned);
@@ -88,6 +96,8 @@ class GaplessInputs(faust_driver.Consumer):  # type: ignore[misc]
     _delivered: dict[TP, tuple[int, int]]  # per input partition: first and last offset handed to the agents
     _settled: dict[TP, int]  # per input partition: next offset after what _new_offset took, until it is committed
     _suspect: dict[TP, int]  # the lost offset seen on the last round (repaired if seen again)
+    _expected: dict[TP, int]  # per input partition: the next offset to hand on (after a seek: where it went)
+    _jumps: dict[tuple[TP, int], int]  # fetches that skipped past an expected offset, per (partition, offset)
     _fetched: dict[TP, weakref.WeakValueDictionary]  # offset -> record, while anything (a queue, an agent) holds it
     _repairs: int = 0
 
@@ -97,15 +107,53 @@ class GaplessInputs(faust_driver.Consumer):  # type: ignore[misc]
         self._settled = {}
         self._suspect = {}
         self._fetched = {}
+        self._expected = {}
+        self._jumps = {}
 
     def _gapless(self, tp: TP) -> bool:
         return tp.topic not in self.app.tables.changelog_topics
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
-        """Faust's fetch, noting every input record handed to its fetch loop (the loop may still drop it)."""
+        """Faust's fetch, with each input partition handed on in offset order and without a jump.
+
+        A record beyond the next expected offset (the fetch skipped some: a
+        stale fetch after a seek, a race in the client) is not handed on; the
+        partition is fetched again from the expected offset, so the agents
+        see every record, in order (the monitor's baselines depend on it).
+        """
+        jumped: set[TP] = set()
         async for tp, message in super().getmany(timeout):
-            self.note_fetched(tp, message)
+            if tp in jumped:
+                continue  # the rest of that partition's batch: fetched again after the seek
+            if self._gapless(tp):
+                expected = self._expected.get(tp)
+                if expected is not None and message.offset > expected and not self._give_up(tp, expected, message):
+                    jumped.add(tp)
+                    await self.seek(tp, expected)
+                    continue
+                if expected is None or message.offset >= expected:
+                    self._expected[tp] = message.offset + 1
+                self.note_fetched(tp, message)
             yield tp, message
+
+    def _give_up(self, tp: TP, expected: int, message: Any) -> bool:
+        """After a few fetches that skip the same records, take them for gone from the log (retention)."""
+        key = (tp, expected)
+        self._jumps[key] = tries = self._jumps.get(key, 0) + 1
+        if tries <= MAX_REFETCH:
+            log.warning("input %s[%d]: fetched %d while %d was expected; fetching again from %d",
+                        tp.topic, tp.partition, message.offset, expected, expected)
+            return False
+        log.error("input %s[%d]: records %d..%d were skipped by %d fetches in a row: taken as deleted from the log "
+                  "(retention); going on from %d", tp.topic, tp.partition, expected, message.offset - 1, tries,
+                  message.offset)
+        del self._jumps[key]
+        self._committed_offset[tp] = message.offset  # nothing below it can be read any more: commits start here
+        return True
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        await super().seek(partition, offset)
+        self._expected[partition] = offset
 
     def note_fetched(self, tp: TP, message: Any) -> None:
         """Remember that ``message`` of an input partition was fetched (weakly: held only while others hold it)."""
@@ -205,9 +253,15 @@ class GaplessInputs(faust_driver.Consumer):  # type: ignore[misc]
         self._fetched.clear()
         self._settled.clear()
         self._suspect.clear()
+        self._expected.clear()
+        self._jumps.clear()
         await super().perform_seek()
+        for tp, committed in list(self._committed_offset.items()):
+            if committed is not None and self._gapless(tp):
+                self._expected[tp] = committed
 
     def _forget(self, tp: TP) -> None:
+        self._expected.pop(tp, None)
         self._delivered.pop(tp, None)
         self._fetched.pop(tp, None)
         self._settled.pop(tp, None)

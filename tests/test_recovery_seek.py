@@ -19,7 +19,9 @@ import faust
 from faust.types import TP
 from faust.types.tuples import Message
 
-from streams.faust_tuning import gapless_inputs
+from faust.transport.drivers import aiokafka as faust_driver
+
+from streams.faust_tuning import MAX_REFETCH, gapless_inputs
 
 ORDERS = TP("csos.orders.received", 0)
 
@@ -125,3 +127,40 @@ def test_records_still_with_an_agent_are_not_lost() -> None:
         assert consumer._new_offset(ORDERS) == 80  # noqa: SLF001
 
     asyncio.run(run())
+
+
+def _fetch(consumer: Any, monkeypatch: Any, offsets: list[int]) -> list[int]:
+    """One fetch round returning records at ``offsets``; the offsets the consumer hands on to Faust's loop."""
+    batch = [(ORDERS, _message(o)) for o in offsets]
+
+    async def fetched(self: Any, timeout: float) -> Any:
+        for item in batch:
+            yield item
+
+    monkeypatch.setattr(faust_driver.Consumer, "getmany", fetched)
+
+    async def collect() -> list[int]:
+        return [m.offset async for _, m in consumer.getmany(1.0)]
+
+    return asyncio.run(collect())
+
+
+def test_a_fetch_that_skips_offsets_is_not_handed_on_and_the_partition_is_fetched_again(monkeypatch) -> None:
+    # Stock Faust hands 90 on, processes it before 76-89 (out of order) and acknowledges 76-89 as a "gap".
+    consumer, seeks, _ = _consumer(74)
+    consumer._expected[ORDERS] = 74  # noqa: SLF001 - as perform_seek leaves it
+    assert _fetch(consumer, monkeypatch, [74, 75, 90, 91]) == [74, 75]
+    assert seeks == [(ORDERS, 76)]
+    assert _fetch(consumer, monkeypatch, [76, 77, 78]) == [76, 77, 78]
+
+
+def test_records_gone_from_the_log_are_skipped_after_repeated_fetches(monkeypatch) -> None:
+    consumer, seeks, _ = _consumer(74)
+    consumer._expected[ORDERS] = 74  # noqa: SLF001 - committed 74, but retention deleted up to 100
+    for _ in range(MAX_REFETCH):
+        assert _fetch(consumer, monkeypatch, [100, 101]) == []
+    assert _fetch(consumer, monkeypatch, [100, 101]) == [100, 101]
+    assert len(seeks) == MAX_REFETCH
+    for offset in (100, 101):
+        consumer.ack(_message(offset))
+    assert consumer._new_offset(ORDERS) == 102  # noqa: SLF001 - commits go on from what the log still has
