@@ -139,18 +139,17 @@ GROUP BY day ORDER BY day
 #: family, business activity and state) over the same recent days. Registrants with no earlier history are left
 #: out of the own-history ranking (nothing to grow from) but count as peers.
 GROWTH = f"""
-SELECT purchaser_dea, drug_family, business_activity, purchaser_state, recent, baseline,
+SELECT purchaser_dea, drug_family, peer_activity, peer_state, recent, baseline,
        if(baseline > 0, recent / baseline, 0) AS own_ratio, peer_median,
        if(peer_median > 0, recent / peer_median, 0) AS peer_ratio, peers
 FROM
 (
-    SELECT purchaser_dea, drug_family, business_activity, purchaser_state, recent, baseline,
-           median(recent) OVER (PARTITION BY drug_family, business_activity, purchaser_state) AS peer_median,
-           count() OVER (PARTITION BY drug_family, business_activity, purchaser_state) AS peers
+    SELECT purchaser_dea, drug_family, peer_activity, peer_state, recent, baseline,
+           median(recent) OVER (PARTITION BY drug_family, peer_activity, peer_state) AS peer_median,
+           count() OVER (PARTITION BY drug_family, peer_activity, peer_state) AS peers
     FROM
     (
-        SELECT purchaser_dea, drug_family, any(business_activity) AS business_activity,
-               any(purchaser_state) AS purchaser_state,
+        SELECT purchaser_dea, drug_family, any(business_activity) AS peer_activity, any(purchaser_state) AS peer_state,
                sumIf(if(%(metric)s = 'mme', mme, toFloat64(dosage_units)),
                      day > toDate(%(end)s) - %(recent_days)s) AS recent,
                sumIf(if(%(metric)s = 'mme', mme, toFloat64(dosage_units)),
