@@ -49,7 +49,7 @@ def stacked_bars(chart_id: str, title: str, categories: Sequence[object], series
     """
     names = [n for n, vals in series.items() if any(vals)]
     totals = [sum(series[n][i] for n in names) for i in range(len(categories))]
-    top = _nice_max(max(totals, default=0))
+    top = max(4.0, _nice_max(max(totals, default=0)))  # at least 0..4, so count ticks are whole numbers
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     n = max(1, len(categories))
     slot = plot_w / n
