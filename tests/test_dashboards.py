@@ -280,3 +280,9 @@ def test_pages_need_a_login_refuse_bad_filters_and_allow_no_script(data, users):
             assert (await client.get("/dashboard/registrants/x'y")).status == 404
 
     asyncio.run(go())
+
+
+def test_the_demo_prints_where_the_dashboards_are(monkeypatch):
+    monkeypatch.setenv("CSOS_REVIEW_PORT", "7001")
+    monkeypatch.delenv("CSOS_REVIEW_HOST", raising=False)
+    assert d.dashboard_url() == "http://127.0.0.1:7001/dashboard"

@@ -8,6 +8,7 @@ ranking) against an embedded ClickHouse loaded with known rows, with no HTTP in 
 """
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -220,3 +221,9 @@ def registrant(run: Query, dea: str, filters: Filters) -> dict[str, Any]:
 
 def today_utc() -> date:
     return datetime.now(timezone.utc).date()
+
+
+def dashboard_url() -> str:
+    """Where ``csos review`` serves the dashboards with the current environment (CSOS_REVIEW_HOST, _PORT)."""
+    host = os.environ.get("CSOS_REVIEW_HOST") or "127.0.0.1"
+    return f"http://{host}:{int(os.environ.get('CSOS_REVIEW_PORT') or 6068)}/dashboard"
