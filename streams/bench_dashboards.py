@@ -130,7 +130,7 @@ def load(client: Any, lines: int, registrants: int, days: int, end: datetime) ->
                {at} + INTERVAL 1 DAY, 1, '00406-0512-01', 5
         FROM (SELECT number AS o FROM numbers({orders})) WHERE NOT {_HELD} AND NOT {_REJECTED}""")
     tables = ("order_lines", "verdicts", "verdict_reasons", "cases", "case_events", "suspicious_order_reports",
-              "rejections", "dead_letters", "shipments", "dash_family_day", "dash_verdict_day")
+              "rejections", "dead_letters", "shipments", "dash_volume_day", "dash_registrant_week", "dash_verdict_day")
     return {t: int(client.query(f"SELECT count() FROM {t}").result_rows[0][0]) for t in tables}
 
 
@@ -139,7 +139,7 @@ def cases(end: datetime, busiest_dea: str) -> list[tuple[str, str, dict[str, Any
     base = {"start": (end.date() - timedelta(days=89)).isoformat(), "end": end.date().isoformat(), "family": "",
             "state": "", "activity": ""}
     now = int(end.timestamp() * 1000)
-    growth = dict(base, metric="units", sort="own", recent_days=30, limit=25)
+    growth = dict(base, metric="units", sort="own", recent_weeks=4, limit=25)
     reg = dict(base, dea=busiest_dea, limit=200)
     out = [(name, name, dict(base, now=now, limit=25)) for name in
            ("FILTER_CHOICES", "VERDICTS_PER_DAY", "HOLDS_BY_DETECTOR", "VOLUME_PER_DAY", "REJECTIONS_PER_DAY",
@@ -184,7 +184,7 @@ def run(lines: int, *, registrants: int = 5000, days: int = 365, runs: int = 5, 
         t0 = time.perf_counter()
         counts = load(writer, lines, registrants, days, end)
         load_s = time.perf_counter() - t0
-        busiest = str(writer.query("SELECT purchaser_dea FROM dash_family_day GROUP BY purchaser_dea "
+        busiest = str(writer.query("SELECT purchaser_dea FROM dash_registrant_week GROUP BY purchaser_dea "
                                    "ORDER BY sum(orders) DESC LIMIT 1").result_rows[0][0])
     finally:
         writer.close()
@@ -203,8 +203,8 @@ def render(result: dict[str, Any], target_ms: float = 200.0) -> str:
     counts = result["counts"]
     head = (f"{result['lines']:,} order lines ({counts['verdicts']:,} verdicts, {result['registrants']:,} registrants, "
             f"{result['days']} days) generated in {result['load_s']:.0f} s; aggregates: "
-            f"dash_family_day {counts['dash_family_day']:,} rows, dash_verdict_day {counts['dash_verdict_day']:,} "
-            f"rows. Median of {result['runs']} runs after one warm-up, embedded engine, readonly client:")
+            f"dash_volume_day {counts['dash_volume_day']:,} rows, dash_registrant_week {counts['dash_registrant_week']:,}, "
+            f"dash_verdict_day {counts['dash_verdict_day']:,}. Median of {result['runs']} runs after one warm-up, embedded engine, readonly client:")
     width = max(len(t.name) for t in result["timings"])
     lines = [head, "", f"{'query':<{width}}  {'median ms':>9}  {'best ms':>7}  {'rows':>6}",
              "-" * (width + 30)]

@@ -75,19 +75,20 @@ def _case(order: dict[str, Any], kind: str, status: str, version: int, actor: st
 
 
 def _history() -> list[tuple[dict[str, Any], bool]]:
-    """90 days: every registrant orders every 6 days; the grower's OXYCODONE is 10x in the last 30 days, the
+    """90 days: every registrant orders every 6 days up to 33 days ago, then 20, 15, 9 and 3 days ago (inside the
+    growth ranking's last four weeks, whatever today's weekday); the grower's OXYCODONE is 10x in those, the
     hospital's HYDROCODONE 2x; the grower's order 2 days ago is held (size), as are four more for the cases."""
     orders: list[tuple[dict[str, Any], bool]] = []
-    for k in range(15):  # days 87, 81, ..., 3 before today
-        at = NOW - timedelta(days=87 - 6 * k)
-        recent = (NOW - at).days < 30
+    for k, days_ago in enumerate([87 - 6 * k for k in range(10)] + [20, 15, 9, 3]):
+        at = NOW - timedelta(days=days_ago)
+        recent = days_ago < 30
         orders.append((_order(f"g-{k}", GROWER, at, OXY, 1000 if recent else 100), False))
         orders.append((_order(f"s-{k}", STEADY, at, OXY, 100), False))
         orders.append((_order(f"t-{k}", STEADY2, at, OXY, 200), False))
         orders.append((_order(f"h-{k}", HOSPITAL, at, HYDRO, 200 if recent else 100), False))
     orders.append((_order(HELD_ID, GROWER, NOW - timedelta(days=2), OXY, 5000), True))
     orders.append((_order(OVERDUE_ID, STEADY, NOW - timedelta(days=9), OXY, 4000), True))
-    orders.append((_order(CLOSED_ID, HOSPITAL, NOW - timedelta(days=5), HYDRO, 3000), True))
+    orders.append((_order(CLOSED_ID, HOSPITAL, NOW - timedelta(days=5), HYDRO, 1000), True))
     orders.append((_order(REPORTED_ID, GROWER, NOW - timedelta(days=4), OXY, 6000), True))
     orders.append((_order(UNREPORTED_ID, GROWER, NOW - timedelta(days=4, hours=1), OXY, 6000), True))
     return orders
@@ -128,7 +129,7 @@ def _insert_small_tables(client: Any) -> None:
                                 "date_received", "reported_at", "reported_by", "circumstances", "line_no", "ndc",
                                 "product_name", "strength", "unit", "package_quantity", "quantity", "dosage_units",
                                 "drug_family", "schedule"])
-    client.insert("shipments", [["sh1", "s-14", "S-14", STEADY, "PK0070297", day(1), 1, "00406-0512-01", 1],
+    client.insert("shipments", [["sh1", "s-13", "S-13", STEADY, "PK0070297", day(1), 1, "00406-0512-01", 1],
                                 ["sh2", HELD_ID, HELD_ID.upper(), GROWER, "PK0070297", day(1), 1, "00406-0512-01", 50]],
                   column_names=["shipment_id", "order_id", "order_number", "purchaser_dea", "supplier_dea",
                                 "shipped_at", "line_no", "ndc", "packages_shipped"])
@@ -165,7 +166,7 @@ def filters(**kw: str) -> d.Filters:
 def test_every_query_is_one_guarded_select_with_bound_values():
     evil = "X' OR 1=1 --"
     params = dict(start="2026-01-01", end="2026-03-31", family=evil, state=evil, activity=evil, now=0, limit=5,
-                  metric="units", recent_days=30, sort="own", dea=evil)
+                  metric="units", recent_weeks=4, sort="own", dea=evil)
     for name, sql in dashboard_sql.ALL.items():
         text = finalize_query(sql, params)
         check_select(text)  # raises if the sink's /sql would refuse it
@@ -187,17 +188,17 @@ def test_filters_are_checked_and_default_to_the_last_90_days():
 def test_holds_and_releases_per_day_by_detector_and_family(run):
     view = d.overview(run, filters(), NOW, 7.0)
     assert view["verdicts"].total("HOLD") == 5
-    assert view["verdicts"].total("RELEASE") == 60
+    assert view["verdicts"].total("RELEASE") == 56
     assert dict(view["holds_by_family"]) == {("size", OXY): 4, ("size", HYDRO): 1}
     assert view["holds"].values["size"][-3] == 1  # the held order, two days ago
     hydro = d.overview(run, filters(family=HYDRO), NOW, 7.0)
-    assert (hydro["verdicts"].total("HOLD"), hydro["verdicts"].total("RELEASE")) == (1, 15)
+    assert (hydro["verdicts"].total("HOLD"), hydro["verdicts"].total("RELEASE")) == (1, 14)
     assert dict(hydro["holds_by_family"]) == {("size", HYDRO): 1}
 
 
 def test_date_range_state_and_activity_filter_the_volumes(run):
     everything = d.overview(run, filters(), NOW, 7.0)["volume"]
-    assert everything.total(HYDRO) == 10 * 100 + 5 * 200 + 3000
+    assert everything.total(HYDRO) == 10 * 100 + 4 * 200 + 1000
     last_week = d.overview(run, filters(start=(TODAY - timedelta(days=6)).isoformat()), NOW, 7.0)
     assert last_week["verdicts"].total("RELEASE") == 4  # the four registrants' orders 3 days ago
     texas = d.overview(run, filters(state="TX"), NOW, 7.0)["volume"]
@@ -223,22 +224,26 @@ def test_cases_decisions_reports_rejections_and_dead_letters(run):
 
 def test_growth_ranks_against_own_history_and_peers(run):
     own = d.growth(run, filters())
-    # Last 30 days against the 60 earlier days of the range scaled to 30: 22,000 / 500, 4,500 / 500 (its held
-    # order), 4,000 / 500, 1,000 / 1,000.
-    assert [(g.purchaser_dea, round(g.own_ratio)) for g in own] == [(GROWER, 44), (STEADY, 9), (HOSPITAL, 8),
-                                                                     (STEADY2, 1)]
+    # Last four weeks against the earlier weeks of the range, scaled to as many days (~0.4 of them): the grower
+    # 21,000 against ~400 a month, the steady pharmacy 4,400 (its held order) against ~400, the hospital 1,800
+    # against ~400, the other pharmacy 800 against ~800.
+    assert [(g.purchaser_dea, g.drug_family) for g in own] == [(GROWER, OXY), (STEADY, OXY), (HOSPITAL, HYDRO),
+                                                               (STEADY2, OXY)]
+    assert own[0].own_ratio > 30 and 7 < own[1].own_ratio < 16 and 2 < own[2].own_ratio < 7
+    assert 0.5 < own[3].own_ratio < 2
     top = own[0]
-    assert top.peers == 3 and top.peer_median == 4500 and top.business_activity == "RETAIL PHARMACY"
+    assert (top.recent, top.peers, top.peer_median) == (21000, 3, 4400)
+    assert top.business_activity == "RETAIL PHARMACY" and top.state == "TX"
     peer = d.growth(run, filters(), sort="peer")
-    assert peer[0].purchaser_dea == GROWER and peer[0].peer_ratio == pytest.approx(22000 / 4500)
+    assert peer[0].purchaser_dea == GROWER and peer[0].peer_ratio == pytest.approx(21000 / 4400)
     assert {g.purchaser_dea for g in d.growth(run, filters(state="CA"))} == {HOSPITAL}
-    assert d.growth(run, filters(family=HYDRO), metric="mme")[0].recent == pytest.approx(1.5 * (5 * 200 + 3000))
+    assert d.growth(run, filters(family=HYDRO), metric="mme")[0].recent == pytest.approx(1.5 * 1800)
 
 
 def test_registrant_page_has_points_holds_thresholds_cases_and_reports(run):
     page = d.registrant(run, GROWER, filters())
     points = page["points"][OXY]
-    assert len(points) == 18 and sum(p.verdict == "HOLD" for p in points) == 3
+    assert len(points) == 17 and sum(p.verdict == "HOLD" for p in points) == 3
     assert page["thresholds"] == {OXY: 700.0}
     assert [c["order_id"] for c in page["open"]] == [HELD_ID]
     assert {c["order_id"] for c in page["closed"]} == {REPORTED_ID, UNREPORTED_ID}

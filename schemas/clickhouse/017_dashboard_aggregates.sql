@@ -8,11 +8,11 @@
 -- dashboards are for trends; exact counts come from the source tables with FINAL (`csos sql`).
 -- Rows written before these views existed are not in them: the views start empty (see README, Dashboards).
 
--- Orders, dosage units and MME per registrant, drug family and day (with the registrant's peer group).
-CREATE TABLE IF NOT EXISTS dash_family_day
+-- Orders, dosage units and MME per day, drug family and peer group (business activity, state): the volume charts
+-- and the filters' choices. At most days x families x activities x states rows, whatever the number of orders.
+CREATE TABLE IF NOT EXISTS dash_volume_day
 (
     day                Date,
-    purchaser_dea      LowCardinality(String),
     drug_family        LowCardinality(String),
     business_activity  LowCardinality(String),
     purchaser_state    LowCardinality(String),
@@ -23,19 +23,49 @@ CREATE TABLE IF NOT EXISTS dash_family_day
 )
 ENGINE = SummingMergeTree
 PARTITION BY toYYYYMM(day)
-ORDER BY (purchaser_dea, drug_family, day, business_activity, purchaser_state);
+ORDER BY (day, drug_family, business_activity, purchaser_state);
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS dash_family_day_mv TO dash_family_day AS
-SELECT day, purchaser_dea, drug_family, business_activity, purchaser_state,
+CREATE MATERIALIZED VIEW IF NOT EXISTS dash_volume_day_mv TO dash_volume_day AS
+SELECT day, drug_family, business_activity, purchaser_state,
        count() AS orders, sum(n) AS lines, sum(units) AS dosage_units, sum(m) AS mme
 FROM
 (
-    SELECT toDate(received_at) AS day, purchaser_dea, drug_family, any(business_activity) AS business_activity,
+    SELECT toDate(received_at) AS day, drug_family, any(business_activity) AS business_activity,
            any(purchaser_state) AS purchaser_state, count() AS n, sum(dosage_units) AS units, sum(mme) AS m
     FROM order_lines
-    GROUP BY order_id, day, purchaser_dea, drug_family
+    GROUP BY order_id, day, drug_family
 )
-GROUP BY day, purchaser_dea, drug_family, business_activity, purchaser_state;
+GROUP BY day, drug_family, business_activity, purchaser_state;
+
+-- The same per registrant and week (Monday): growth against its own history and its peers, and the registrant
+-- page's totals. Weekly, because a registrant orders a few times a week: daily rows would be nearly one per order.
+CREATE TABLE IF NOT EXISTS dash_registrant_week
+(
+    week               Date,
+    purchaser_dea      LowCardinality(String),
+    drug_family        LowCardinality(String),
+    business_activity  LowCardinality(String),
+    purchaser_state    LowCardinality(String),
+    orders             UInt64,
+    lines              UInt64,
+    dosage_units       UInt64,
+    mme                Float64
+)
+ENGINE = SummingMergeTree
+PARTITION BY toYear(week)
+ORDER BY (purchaser_dea, drug_family, week, business_activity, purchaser_state);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS dash_registrant_week_mv TO dash_registrant_week AS
+SELECT week, purchaser_dea, drug_family, business_activity, purchaser_state,
+       count() AS orders, sum(n) AS lines, sum(units) AS dosage_units, sum(m) AS mme
+FROM
+(
+    SELECT toMonday(received_at) AS week, purchaser_dea, drug_family, any(business_activity) AS business_activity,
+           any(purchaser_state) AS purchaser_state, count() AS n, sum(dosage_units) AS units, sum(mme) AS m
+    FROM order_lines
+    GROUP BY order_id, week, purchaser_dea, drug_family
+)
+GROUP BY week, purchaser_dea, drug_family, business_activity, purchaser_state;
 
 -- Orders per day, verdict and drug family (families the monitor recorded a finding for: every family of an order
 -- when all detectors are recorded, SOM_RECORD_ALL=1, the default), and holds per detector that decided them.

@@ -24,8 +24,8 @@ Query = Callable[[str, dict[str, Any]], list[list[Any]]]
 
 DEFAULT_DAYS = 90
 MAX_DAYS = 3 * 366
-#: Growth compares the last RECENT_DAYS of the range with the same length of the registrant's earlier history.
-RECENT_DAYS = 30
+#: Growth compares the last RECENT_WEEKS weeks of the range with the registrant's earlier weeks in it.
+RECENT_WEEKS = 4
 TOP = 25
 #: Drug families, states and business activities as the reference data writes them; anything else is refused.
 _CHOICE_RE = re.compile(r"^[A-Z0-9][A-Z0-9 _./&()-]{0,59}$")
@@ -183,12 +183,13 @@ class Grower:
 
 
 def growth(run: Query, filters: Filters, *, metric: str = "units", sort: str = "own",
-           recent_days: int = RECENT_DAYS, limit: int = TOP) -> list[Grower]:
-    """Registrants whose ``metric`` grew most in the last ``recent_days`` of the range (``sort``: own or peer)."""
+           recent_weeks: int = RECENT_WEEKS, limit: int = TOP) -> list[Grower]:
+    """Registrants whose ``metric`` grew most in the last ``recent_weeks`` weeks of the range (``sort``: own or
+    peer). A range shorter than that compares the week holding ``end`` with the weeks before it."""
     if metric not in METRICS or sort not in SORTS:
         raise FilterError("Unknown measure or ranking.")
-    recent_days = max(1, min(recent_days, (filters.end - filters.start).days))
-    rows = run(q.GROWTH, dict(filters.params(), metric=metric, sort=sort, recent_days=recent_days, limit=limit))
+    recent_weeks = max(1, min(recent_weeks, (filters.end - filters.start).days // 7))
+    rows = run(q.GROWTH, dict(filters.params(), metric=metric, sort=sort, recent_weeks=recent_weeks, limit=limit))
     return [Grower(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]), float(r[5]), float(r[6]),
                    float(r[7]), float(r[8]), int(r[9])) for r in rows]
 

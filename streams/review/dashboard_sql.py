@@ -7,8 +7,8 @@ queries the page runs and the tests must check their aggregates, not copies. Eve
 user input is ever formatted into the text. Optional filters are written as ``(%(f)s = '' OR col = %(f)s)``
 so one text serves every combination.
 
-The volume charts read the aggregates that materialized views keep (``dash_family_day``,
-``dash_verdict_day``, ``schemas/clickhouse/017_dashboard_aggregates.sql``); the small tables (cases,
+The volume charts and the growth ranking read the aggregates that materialized views keep
+(``dash_volume_day``, ``dash_registrant_week``, ``dash_verdict_day``, ``schemas/clickhouse/017_dashboard_aggregates.sql``); the small tables (cases,
 rejections, dead letters, reports, shipments) are read directly with ``FINAL``. Every query passes
 ``connectors/sql_guard.py`` (one plain SELECT), since on the embedded engine it goes through the sink's ``/sql``.
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 #: Date range, shared by most queries: ``start`` and ``end`` are 'YYYY-MM-DD' (inclusive, UTC days).
 _DAYS = "day BETWEEN toDate(%(start)s) AND toDate(%(end)s)"
+#: The first Monday of the recent weeks the growth ranking compares (the week holding ``end`` is the last).
+_RECENT = "(toMonday(toDate(%(end)s)) - 7 * (%(recent_weeks)s - 1))"
 _PEERS = ("(%(state)s = '' OR purchaser_state = %(state)s) "
           "AND (%(activity)s = '' OR business_activity = %(activity)s)")
 
@@ -23,7 +25,7 @@ _PEERS = ("(%(state)s = '' OR purchaser_state = %(state)s) "
 FILTER_CHOICES = f"""
 SELECT arraySort(groupUniqArray(toString(drug_family))), arraySort(groupUniqArray(toString(purchaser_state))),
        arraySort(groupUniqArray(toString(business_activity)))
-FROM dash_family_day WHERE {_DAYS}
+FROM dash_volume_day WHERE {_DAYS}
 """
 
 #: Orders per day and verdict: all orders (no family chosen) or those with a finding for the family.
@@ -46,7 +48,7 @@ GROUP BY day, detector, drug_family ORDER BY day, detector, drug_family
 #: Orders, dosage units and MME per day and family (the peer-group filters apply).
 VOLUME_PER_DAY = f"""
 SELECT day, drug_family, sum(orders) AS orders, sum(dosage_units) AS units, sum(mme) AS mme
-FROM dash_family_day
+FROM dash_volume_day
 WHERE {_DAYS} AND (%(family)s = '' OR drug_family = %(family)s) AND {_PEERS}
 GROUP BY day, drug_family ORDER BY day, drug_family
 """
@@ -134,10 +136,11 @@ FROM
 GROUP BY day ORDER BY day
 """
 
-#: Registrants whose dosage units (or MME) of a family grew most: the last ``recent_days`` of the range against
-#: the same length of their own earlier history in the range, and against the median of their peers (same
-#: family, business activity and state) over the same recent days. Registrants with no earlier history are left
-#: out of the own-history ranking (nothing to grow from) but count as peers.
+#: Registrants whose dosage units (or MME) of a family grew most, in whole weeks (Monday to Sunday): the last
+#: ``recent_weeks`` weeks up to ``end`` against the earlier weeks of the range, scaled to the same number of days,
+#: and against the median of their peers (same family, business activity and state) over the same recent weeks.
+#: Registrants with no earlier history are left out of the own-history ranking (nothing to grow from) but count
+#: as peers.
 GROWTH = f"""
 SELECT purchaser_dea, drug_family, peer_activity, peer_state, recent, baseline,
        if(baseline > 0, recent / baseline, 0) AS own_ratio, peer_median,
@@ -150,13 +153,13 @@ FROM
     FROM
     (
         SELECT purchaser_dea, drug_family, any(business_activity) AS peer_activity, any(purchaser_state) AS peer_state,
-               sumIf(if(%(metric)s = 'mme', mme, toFloat64(dosage_units)),
-                     day > toDate(%(end)s) - %(recent_days)s) AS recent,
-               sumIf(if(%(metric)s = 'mme', mme, toFloat64(dosage_units)),
-                     day <= toDate(%(end)s) - %(recent_days)s) * %(recent_days)s
-                   / greatest(1, dateDiff('day', toDate(%(start)s), toDate(%(end)s) - %(recent_days)s + 1)) AS baseline
-        FROM dash_family_day
-        WHERE {_DAYS} AND (%(family)s = '' OR drug_family = %(family)s) AND {_PEERS}
+               sumIf(if(%(metric)s = 'mme', mme, toFloat64(dosage_units)), week >= {_RECENT}) AS recent,
+               sumIf(if(%(metric)s = 'mme', mme, toFloat64(dosage_units)), week < {_RECENT})
+                   * (dateDiff('day', {_RECENT}, toDate(%(end)s)) + 1)
+                   / greatest(1, dateDiff('day', toMonday(toDate(%(start)s)), {_RECENT})) AS baseline
+        FROM dash_registrant_week
+        WHERE week >= toMonday(toDate(%(start)s)) AND week <= toDate(%(end)s)
+          AND (%(family)s = '' OR drug_family = %(family)s) AND {_PEERS}
         GROUP BY purchaser_dea, drug_family
     )
 )
@@ -165,11 +168,12 @@ ORDER BY if(%(sort)s = 'peer', peer_ratio, own_ratio) DESC, recent DESC, purchas
 LIMIT %(limit)s
 """
 
-#: One registrant: what it ordered per family over all its history in the aggregates, and its peer group.
+#: One registrant: what it ordered per family over all its history in the aggregates (first and last week),
+#: and its peer group.
 REGISTRANT_FAMILIES = """
 SELECT drug_family, any(business_activity), any(purchaser_state), sum(orders), sum(dosage_units), sum(mme),
-       min(day), max(day)
-FROM dash_family_day
+       min(week), max(week)
+FROM dash_registrant_week
 WHERE purchaser_dea = %(dea)s
 GROUP BY drug_family ORDER BY drug_family
 """

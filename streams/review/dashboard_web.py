@@ -84,7 +84,7 @@ async def growth_page(request: web.Request) -> web.Response:
     if metric not in d.METRICS or sort not in d.SORTS:
         return await error_page(request, 400, "Filters not understood", "Unknown measure or ranking.")
     ctx = await _context(request, filters, lambda run: {"growers": d.growth(run, filters, metric=metric, sort=sort)})
-    ctx.update(metric=metric, sort=sort, metrics=d.METRICS, sorts=d.SORTS, recent_days=d.RECENT_DAYS)
+    ctx.update(metric=metric, sort=sort, metrics=d.METRICS, sorts=d.SORTS, recent_weeks=d.RECENT_WEEKS)
     return await render(request, "dash_growth.html", ctx)
 
 
