@@ -145,8 +145,9 @@ def overview(run: Query, filters: Filters, now: datetime, clock_days: float) -> 
 
 
 def report_status(run: Query, filters: Filters) -> list[dict[str, Any]]:
-    """Per day, newest first: the fill report's lines and exceptions and its send-by date; the suspicious-order
-    report's reported cases against orders in the report ("missing" when a REPORTED case has no report)."""
+    """Per day, newest first: the fill report's lines and exceptions and its send-by date (the last 14 days of
+    the range); the suspicious-order report's reported cases against orders in the report ("missing" when a
+    REPORTED case has no report)."""
     p = filters.params()
     days: dict[date, dict[str, Any]] = {}
     for r in run(q.FILL_REPORT_STATUS, p):
