@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 from aiohttp import web
@@ -86,7 +86,7 @@ def test_an_analyst_filters_to_a_family_and_follows_a_registrant_to_a_held_case(
     families = {page.locator("#holds-table tr[data-family]").nth(i).get_attribute("data-family")
                 for i in range(page.locator("#holds-table tr[data-family]").count())}
     assert families == {OXY}
-    assert page.locator(f"#chart-holds rect.bar").count() >= 1
+    assert page.locator("#chart-holds rect.bar").count() >= 1
     page.screenshot(path=str(tmp_path / "2-oxycodone.png"), full_page=True)
 
     page.locator(f"#oldest tr[data-order-id='{HELD_ID}'] a.registrant").click()
