@@ -146,6 +146,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "order_id", "order_number", "purchaser_dea", "purchaser_name", "supplier_dea", "signed_at",
         "received_at", "verified_at", "signer_serial", "line_no", "ndc", "product_name", "strength",
         "package_quantity", "packages", "dosage_units", "schedule", "drug_family", "base_weight_g", "mme",
+        "business_activity", "purchaser_state",  # the peer group, for the dashboards (017_dashboard_aggregates.sql)
     ),
     "verdicts": (
         "order_id", "order_number", "purchaser_dea", "verdict", "decided_at", "received_at", "signed_at",
@@ -209,7 +210,8 @@ def rows_for(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
                 rec["supplier_dea"], rec["signed_at"], rec["received_at"], rec["verified_at"], rec["signer_serial"]]
         return {"order_lines": [
             head + [ln["line_no"], ln["ndc"], ln["product_name"], ln["strength"], ln["package_quantity"],
-                    ln["packages"], ln["dosage_units"], ln["schedule"], ln["drug_family"], ln["base_weight_g"], ln["mme"]]
+                    ln["packages"], ln["dosage_units"], ln["schedule"], ln["drug_family"], ln["base_weight_g"], ln["mme"],
+                    rec.get("business_activity") or "", rec.get("purchaser_state") or ""]
             for ln in rec["lines"]
         ]}
     if schema == "som.Verdict":

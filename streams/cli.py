@@ -828,6 +828,21 @@ def bench_verify(n: int, rounds: int) -> None:
     click.echo(render(run(n, rounds=rounds)))
 
 
+@main.command("bench-dashboards")
+@click.option("--lines", default=10_000_000, show_default=True, help="Order lines generated inside ClickHouse.")
+@click.option("--registrants", default=5000, show_default=True)
+@click.option("--days", default=365, show_default=True, help="Days of history, ending now.")
+@click.option("--runs", default=5, show_default=True, help="Timed runs per query (the median is shown).")
+@click.option("--path", type=click.Path(path_type=Path), default=Path("var/bench-dashboards"), show_default=True,
+              help="Scratch embedded ClickHouse (deleted first, and after the run unless --keep).")
+@click.option("--keep", is_flag=True, help="Keep the scratch store (e.g. to run `csos sql` against it).")
+def bench_dashboards(lines: int, registrants: int, days: int, runs: int, path: Path, keep: bool) -> None:
+    """Every dashboard query timed against generated order lines on the embedded engine (target: 200 ms each)."""
+    from .bench_dashboards import render, run
+
+    click.echo(render(run(lines, registrants=registrants, days=days, runs=runs, path=path, keep=keep)))
+
+
 # --------------------------------------------------------------------------- archive and offline verification
 @main.group()
 def archive() -> None:

@@ -24,6 +24,7 @@ from .config import Settings
 from .query import run_query
 from .summary import Summary, fetch_summary
 from .processes import Pipeline
+from .review.dashboard import dashboard_url
 
 OWNED = ("kafka", "clickhouse", "pki", "faust", "labels.csv", "registrants.csv", "worker.log", "sink.log", "reports")
 
@@ -250,6 +251,8 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
         if keep_running:
             echo(f"\nBroker, worker and sink left running (logs in {settings.data_dir}); stop them with: "
                  "pkill -f 'streams.cli (worker|sink)'; csos broker stop")
+            echo(f"Dashboards: {dashboard_url()} (and the held orders at /cases) once the review page runs: "
+                 "csos review add-user alice --role analyst; csos review")
         else:
             if pipeline:
                 pipeline.stop()

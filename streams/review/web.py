@@ -576,6 +576,8 @@ def create_review_app(settings: Settings, config: ReviewConfig, *, data: ReviewD
     app.router.add_get("/cases/{order_id}", case_page)
     app.router.add_post("/cases/{order_id}/decision", decide)
     app.router.add_post("/cases/{order_id}/registrant-decision", decide_registrant)
+    from .dashboard_web import add_dashboard_routes  # here: that module imports this one
+    add_dashboard_routes(app)
     return app
 
 
