@@ -149,7 +149,9 @@ class MonitorConfig:
     ramp_unfocused_ratio: float = 4.0  # ... when every family grew alike (store expansion, season)
     ramp_focus_growth: float = 1.5  # focused: this family's growth >= this x the growth of the other families
     ramp_minor_share: float = 0.25  # other families below this share of the reference: a single-family buyer
-    ramp_noise_z: float = 3.0  # ... and above the reference + this many std of the months before the gap
+    ramp_min_share: float = 0.1  # focused also needs this family at >= this share of the registrant's 30-day units
+    ramp_noise_z: float = 5.0  # ... and above the reference + this many std of the months before the gap
+    ramp_min_months: int = 5  # trailing calendar months of history (of the family) before the rule applies
     # Strength shift, per family: mg of base drug per dosage unit of the order vs the usual (EW) mix.
     strength_ratio: float = 2.0  # x the usual mg per unit
     strength_min_history: int = 8  # learned orders with a strength before the usual mix is known
@@ -758,11 +760,13 @@ class RampDetector(PerFamilyDetector):
     ``ramp_ratio`` (2x) only when the growth is *focused*: this family grew at
     least ``ramp_focus_growth`` x as much as the registrant's other families
     together (a store expansion or a season grows them alike), or the other
-    families are minor (a single-family buyer); otherwise it is
+    families are minor (a single-family buyer), and the family is at least
+    ``ramp_min_share`` of the registrant's 30-day units; otherwise it is
     ``ramp_unfocused_ratio``. And never below the reference plus
     ``ramp_noise_z`` standard deviations of those earlier months, so an
     irregular family's ordinary lumpy month is not growth. It applies once
-    ``static_min_months`` of the trailing months had orders.
+    ``ramp_min_months`` trailing months are kept and ``static_min_months`` of
+    them had orders.
     """
 
     name = "ramp"
@@ -775,10 +779,10 @@ class RampDetector(PerFamilyDetector):
         with_orders = sum(1 for u in prior if u > 0)
         rolling = state.windows(f.family, order).units_30d
         value = float(max(rolling, m.current))
-        if with_orders < c.static_min_months:
+        if with_orders < c.static_min_months or len(prior) < c.ramp_min_months:
             return reason(self.name, self.dimension, f.family, value, 0.0, _MAX,
-                          f"not applicable: {with_orders} of the trailing months with orders (< {c.static_min_months})",
-                          False, "")
+                          f"not applicable: {len(prior)} trailing months of history (< {c.ramp_min_months}), "
+                          f"{with_orders} with orders (< {c.static_min_months})", False, "")
         ref, avg, pre, earlier = long_memory_level(prior, c.trend_gap_months)
         gap = c.trend_gap_months
         spread = statistics.pstdev(earlier) if len(earlier) >= 2 else 0.0
@@ -819,10 +823,18 @@ class RampDetector(PerFamilyDetector):
             return True, (f"Its other families are minor ({fmt_n(other_ref)} units a month): the growth is in "
                           f"{f.family}, so the focused ratio applies.")
         other_growth = other_now / other_ref
-        focused = growth >= c.ramp_focus_growth * other_growth
-        return focused, (f"Its other families together are at {other_growth:.1f}x their level, so the growth is "
-                         + (f"focused on {f.family} (at least {c.ramp_focus_growth:g}x theirs)." if focused else
-                            f"across the business (a store expansion or a season), not focused on {f.family}."))
+        own_now = u30.get(f.family, 0)
+        share = own_now / (own_now + other_now) if own_now + other_now > 0 else 0.0
+        focused = growth >= c.ramp_focus_growth * other_growth and share >= c.ramp_min_share
+        if growth < c.ramp_focus_growth * other_growth:
+            tail = f"across the business (a store expansion or a season), not focused on {f.family}."
+        elif not focused:
+            tail = (f"faster in {f.family}, but it is only {fmt_pct(share)} of its 30-day units (a minor family's "
+                    f"lumpy month, < {fmt_pct(c.ramp_min_share)}).")
+        else:
+            tail = (f"focused on {f.family} (at least {c.ramp_focus_growth:g}x theirs; {fmt_pct(share)} of its "
+                    f"30-day units).")
+        return focused, f"Its other families together are at {other_growth:.1f}x their level, so the growth is {tail}"
 
 
 class StrengthShiftDetector(PerFamilyDetector):
