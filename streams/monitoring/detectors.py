@@ -145,13 +145,14 @@ class MonitorConfig:
     # Ramp, per family, against the long memory (calendar months, not the EW statistics a ramp drags along):
     # the larger of the 30 days to the order and this calendar month, both including the order, against the
     # lower of the trailing 12-month average and the median month before the last trend_gap_months.
-    ramp_ratio: float = 2.0  # x that reference when the growth is focused on this family (the 2x-12m rule's 2x)
-    ramp_unfocused_ratio: float = 4.0  # ... when every family grew alike (store expansion, season)
-    ramp_focus_growth: float = 1.5  # focused: this family's growth >= this x the growth of the other families
+    ramp_ratio: float = 1.9  # x that reference when the growth is focused (under the 2x-12m rule's 2x: a margin for
+    # the months of a history that released other orders than the static rule would have)
+    ramp_unfocused_ratio: float = 5.0  # ... when every family grew alike (store expansion, season)
+    ramp_focus_growth: float = 1.9  # focused: this family's growth >= this x the growth of the other families
     ramp_minor_share: float = 0.25  # other families below this share of the reference: a single-family buyer
-    ramp_min_share: float = 0.1  # focused also needs this family at >= this share of the registrant's 30-day units
-    ramp_noise_z: float = 5.0  # ... and above the reference + this many std of the months before the gap
-    ramp_min_months: int = 5  # trailing calendar months of history (of the family) before the rule applies
+    ramp_min_share: float = 0.2  # focused also needs this family at >= this share of the registrant's 30-day units
+    ramp_noise_z: float = 6.0  # ... and above the reference + this many std of the months before the gap
+    ramp_min_months: int = 6  # trailing calendar months of history (of the family) before the rule applies
     # Strength shift, per family: mg of base drug per dosage unit of the order vs the usual (EW) mix.
     strength_ratio: float = 2.0  # x the usual mg per unit
     strength_min_history: int = 8  # learned orders with a strength before the usual mix is known
@@ -757,7 +758,7 @@ class RampDetector(PerFamilyDetector):
     the 2x-12-month rule fires, this value is over 2x this reference too.
 
     What keeps it from holding legitimate growth: the threshold is
-    ``ramp_ratio`` (2x) only when the growth is *focused*: this family grew at
+    ``ramp_ratio`` (1.9x, a margin under the 2x rule) only when the growth is *focused*: this family grew at
     least ``ramp_focus_growth`` x as much as the registrant's other families
     together (a store expansion or a season grows them alike), or the other
     families are minor (a single-family buyer), and the family is at least
