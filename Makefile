@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test install kafka browser bench clean
+.PHONY: demo test install kafka browser pkits bench clean
 
 install: $(STAMP)
 
@@ -28,10 +28,25 @@ kafka:
 browser:
 	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
 
+# NIST PKITS (RFC 5280 path and CRL conformance data) for tests/test_pkits.py: not in this repository;
+# taken from the pyhanko-certvalidator source distribution (the same version as the dependency), which ships
+# the PKITS certificates, CRLs and expected results under tests/fixtures/nist_pkits.
+PKITS_VERSION := 0.33.0
+PKITS := .cache/pkits/nist_pkits/pkits.json
+
+pkits: $(PKITS)
+
+$(PKITS): | $(STAMP)
+	mkdir -p .cache/pkits
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: pyhanko-certvalidator==$(PKITS_VERSION) -d .cache/pkits
+	tar xzf .cache/pkits/pyhanko_certvalidator-$(PKITS_VERSION).tar.gz -C .cache/pkits --strip-components=3 \
+	    pyhanko_certvalidator-$(PKITS_VERSION)/tests/fixtures/nist_pkits
+	test -f $@
+
 demo: install kafka
 	$(BIN)/csos demo
 
-test: install kafka browser
+test: install kafka browser pkits
 	$(BIN)/python -m pytest -q
 
 bench: install kafka

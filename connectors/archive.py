@@ -232,7 +232,7 @@ def export_order(client: Client, order_number: str, purchaser_dea: str | None, o
 def _reverify_hint(a: ArchivedOrder, doc_name: str | None, sig_name: str) -> str:
     doc = "" if a.attached or doc_name is None else f" --document {doc_name}"
     fmt = f" --format {a.format}" if a.format and a.format != "csos-order/1" else ""
-    return (f"csos verify-offline{doc} --signature {sig_name} --trust <trust dir> --crl <CRL current at receipt> "
+    return (f"csos verify-offline{doc} --signature {sig_name} --trust <trust dir> --crl <sub-CA CRL current at receipt> --crl <root CRL> "
             f"--received-at {a.received_at.isoformat()}{fmt}")
 
 

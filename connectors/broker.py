@@ -16,6 +16,8 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
@@ -246,3 +248,21 @@ class LocalBroker:
 
     def __repr__(self) -> str:
         return f"LocalBroker(bootstrap={self.bootstrap!r}, data_dir={str(self.data_dir)!r})"
+
+
+@contextmanager
+def running_broker(data_dir: Path) -> Iterator[LocalBroker]:
+    """A KRaft broker of its own on free ports with the pipeline's topics, stopped on exit.
+
+    For whatever must not share topics with a developer's broker or another run:
+    the test session, tests that need isolation, the crash and hostile soaks.
+    """
+    from .topics import ensure_topics
+
+    b = LocalBroker(port=free_port(), data_dir=data_dir, controller_port=free_port())
+    b.start(timeout=180)
+    try:
+        ensure_topics(b.bootstrap)
+        yield b
+    finally:
+        b.stop()

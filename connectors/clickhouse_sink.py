@@ -270,12 +270,14 @@ def checked_rows(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]
 
 #: Case events that decide a case: the actor is who decided.
 CLOSING_KINDS = frozenset({"RELEASED", "REPORTED", "CANCELLED"})
+#: Case events that do not change the case: a refused decision, and decisions about the registrant made from it.
+UNCHANGED_KINDS = frozenset({"REFUSED", "LIMIT_SET", "TERMINATED", "ONBOARDED"})
 
 
 def case_rows(rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
-    """A ``case_events`` row, and unless the event was refused (the case unchanged) a new ``cases`` version."""
+    """A ``case_events`` row, and unless the case is unchanged (:data:`UNCHANGED_KINDS`) a new ``cases`` version."""
     rows: dict[str, list[list[Any]]] = {"case_events": [[rec[c] for c in TABLE_COLUMNS["case_events"]]]}
-    if rec["kind"] != "REFUSED":
+    if rec["kind"] not in UNCHANGED_KINDS:
         closing = rec["kind"] in CLOSING_KINDS
         rows["cases"] = [[
             rec["order_id"], rec["order_number"], rec["purchaser_dea"], rec["status"], rec["version"], rec["at"],
@@ -401,6 +403,28 @@ def is_data_error(exc: BaseException) -> bool:
     return isinstance(exc, CLIENT_DATA_ERRORS)
 
 
+_EVENT_ID = AUDIT_FIELDS.index("event_id")
+#: How many sealed audit event ids the sink remembers between runs (older copies are looked up).
+RECENT_EVENT_IDS = 200_000
+
+
+class BoundedSet:
+    """A set that forgets its oldest members beyond ``limit`` (insertion order)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: dict[str, None] = {}
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def update(self, items: Iterable[str]) -> None:
+        for i in items:
+            self._items[i] = None
+        while len(self._items) > self.limit:
+            del self._items[next(iter(self._items))]
+
+
 class ClickHouseSink:
     """Batched, idempotent writer. Not thread-safe: call from one thread."""
 
@@ -412,6 +436,8 @@ class ClickHouseSink:
         self.chains = ChainSealer(clickhouse_head_loader(client), audit_key)
         self.max_partitions = max_partitions
         self._partition_of: dict[str, Callable[[list[Any]], Hashable]] = {}
+        #: Audit event ids sealed lately (a redelivered copy is recognised without a query).
+        self._recent_event_ids: BoundedSet = BoundedSet(RECENT_EVENT_IDS)
 
     def write(self, batch: Iterable[SourceRecord], reject: Reject | None = None) -> dict[str, int]:
         """Insert the batch's rows; return the rows written per table.
@@ -480,16 +506,48 @@ class ClickHouseSink:
             self._write_isolating(records[:mid], reject, written)
             self._write_isolating(records[mid:], reject, written)
 
+    def _stored_event_ids(self, batch: list[SourceRecord]) -> set[str]:
+        """Which of the run's audit event ids are already sealed and stored.
+
+        A worker that recovers from a crash publishes the outputs it recorded
+        for an order again, byte for byte (issue 10), so the same audit event
+        can arrive twice at different offsets. Sealing both would give the
+        second its own place in the chain, and the table's merge (one row per
+        event id) would later remove one of them: a gap in the chain. So an
+        event id is sealed once; a copy is skipped. Recent ids are remembered
+        here; older ones are looked up in ClickHouse, once per run.
+        """
+        ids = {r[_EVENT_ID] for item in batch for r in (item.rows or {}).get("audit_events", ())}
+        found = {i for i in ids if i in self._recent_event_ids}
+        unknown = ids - found
+        if unknown:
+            listed = ", ".join("'" + i.replace("\\", "\\\\").replace("'", "\\'") + "'" for i in sorted(unknown))
+            found |= {r[0] for r in self.client.query(
+                f"SELECT DISTINCT event_id FROM audit_events WHERE event_id IN ({listed})").result_rows}
+        return found
+
+    @staticmethod
+    def _first_copies(rows: list[list[Any]], sealed: set[str]) -> list[list[Any]]:
+        """The audit rows whose event id is not sealed yet (each id then counts as sealed for the run)."""
+        out = []
+        for row in rows:
+            if row[_EVENT_ID] not in sealed:
+                sealed.add(row[_EVENT_ID])
+                out.append(row)
+        return out
+
     def _write_run(self, batch: list[SourceRecord]) -> dict[str, int]:
         """One insert per table (the deduplication token is a function of the records: a retry repeats it)."""
         per_table: dict[str, list[list[Any]]] = defaultdict(list)
         ranges: dict[str, dict[tuple[str, int], list[int]]] = defaultdict(dict)
         self.chains.begin()
+        sealed = self._stored_event_ids(batch)
         for item in batch:
             mapped = item.rows if item.rows is not None else rows_for(item.schema, item.record)
             for table, rows in mapped.items():
                 if table == "audit_events":  # sealed in Kafka order; [] for an event already stored
-                    rows = self.chains.seal_rows(item.topic, item.partition, item.offset, rows)
+                    rows = self.chains.seal_rows(item.topic, item.partition, item.offset,
+                                                 self._first_copies(rows, sealed))
                 per_table[table].extend(rows)
                 span = ranges[table].setdefault((item.topic, item.partition), [item.offset, item.offset])
                 span[0] = min(span[0], item.offset)
@@ -504,6 +562,7 @@ class ClickHouseSink:
                                settings={"insert_deduplication_token": token})
             if table == "audit_events":
                 self.chains.commit()
+                self._recent_event_ids.update(r[_EVENT_ID] for r in rows)
             self.rows_written[table] += len(rows)
             written[table] = len(rows)
         return written

@@ -343,9 +343,23 @@ def _corrupt_subject_credential(b: _Builder, reg: Registrant) -> Credential:
 
 
 def _corrupt_signer_subject(b: _Builder, kind: str, expected: str, i: int) -> list[HostileMessage]:
+    """A validly signed order whose embedded signer certificate then has its subject bytes broken in place.
+
+    Patched after signing (same length, so the CMS stays well-formed DER): building the CMS
+    around an already broken certificate makes asn1crypto re-read the name on some inputs.
+    """
     reg = b.purchaser()
     order = b.order(reg, b.recent())
-    return [b.signed(kind, expected, reg, order, credential=_corrupt_subject_credential(b, reg))]
+    good = b.kit.credential(reg, b.ctx.now)
+    msg = b.signed(kind, expected, reg, order, credential=good)
+    broken = _corrupt_subject_credential(b, reg).cert.public_bytes(serialization.Encoding.DER)
+    _, envelope = b.codec.decode(msg.value)
+    whole = good.cert.public_bytes(serialization.Encoding.DER)
+    if whole not in envelope["signature"]:
+        raise ValueError(f"{reg.dea_number}: the signer certificate is not embedded in its signature")
+    envelope["signature"] = envelope["signature"].replace(whole, broken, 1)
+    value = b.codec.encode("csos.orders.ReceivedOrder", envelope)
+    return [HostileMessage(msg.topic, msg.key, value, kind, expected, msg.order_id, msg.order_number)]
 
 
 def _lookalike_intermediates(b: _Builder, kind: str, expected: str, i: int) -> list[HostileMessage]:

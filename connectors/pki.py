@@ -20,6 +20,8 @@ Directory layout written by :meth:`TestPKI.write_pki` and read by
     trust/root.pem                   trust anchor (self-signed root), PEM
     trust/csos-sub-ca.pem            intermediate CA certificate(s), PEM
     crl/csos-sub-ca.crl              the sub-CA's CRL, DER (the usual .crl encoding)
+    crl/root.crl                     the root's CRL (revoked CA certificates), DER: every certificate
+                                     of a path, CAs included, needs a current CRL (no soft-fail)
     registrants/<DEA>/cert.pem       registrant certificate, PEM
     registrants/<DEA>/key.pem        its private key, PKCS#8 PEM, UNENCRYPTED TEST KEY
     registrants/<DEA>/chain.pem      intermediates to send with a signature, PEM
@@ -163,6 +165,7 @@ class TestPKI:
         self.revoked: dict[int, datetime] = {}
         self.crl_number = 0
         self.crl: x509.CertificateRevocationList | None = None
+        self.root_crl: x509.CertificateRevocationList | None = None
         self._slots = itertools.count()
 
     # ------------------------------------------------------------------ creation
@@ -187,6 +190,7 @@ class TestPKI:
         sub_cert = _ca_cert(_name("CSOS TEST Subordinate CA"), sub_key, root, not_before=start,
                             not_after=start + sub_ca_validity, path_length=0)
         pki = cls(root, Credential(sub_cert, sub_key, (sub_cert,)), oids=oids, reuse_keys=reuse_keys)
+        pki.build_root_crl(now - timedelta(hours=1), now + timedelta(days=365))
         if dir is not None:
             pki.build_crl(now - timedelta(hours=1), now + timedelta(days=7))
             pki.write_pki(dir)
@@ -340,6 +344,26 @@ class TestPKI:
             self.crl = crl
         return crl
 
+    def build_root_crl(self, this_update: datetime | None = None, next_update: datetime | None = None, *,
+                       revoked: dict[int, datetime] | None = None) -> x509.CertificateRevocationList:
+        """The root's CRL (default: no CA revoked, valid a year); it becomes :attr:`root_crl`.
+
+        The verifier needs it: every CA certificate of a path must be covered by a current CRL.
+        """
+        now = _now()
+        this_update = _utc(this_update, now - timedelta(minutes=5))
+        crl = self.build_crl(this_update, _utc(next_update, this_update + timedelta(days=365)),
+                             issuer=self.root, revoked=revoked or {})
+        self.root_crl = crl
+        return crl
+
+    @property
+    def crls(self) -> list[x509.CertificateRevocationList]:
+        """The sub-CA's current CRL and the root's: what a verifier needs for our paths."""
+        # (``is None``, not ``or``: a CRL listing nobody has len() 0 and is falsy)
+        return [self.crl if self.crl is not None else self.build_crl(),
+                self.root_crl if self.root_crl is not None else self.build_root_crl()]
+
     def crl_signed_by_wrong_key(self, this_update: datetime | None = None,
                                 next_update: datetime | None = None) -> x509.CertificateRevocationList:
         """A CRL naming the sub-CA as issuer but signed by an unrelated key (must be refused)."""
@@ -357,8 +381,10 @@ class TestPKI:
             os.chmod(d / sub, 0o700 if sub == "private" else 0o755)
         _write(d / "trust" / "root.pem", _pem(self.root.cert))
         _write(d / "trust" / "csos-sub-ca.pem", _pem(self.sub_ca.cert))
-        crl = self.crl or self.build_crl()
+        crl = self.crl if self.crl is not None else self.build_crl()
         _write(d / "crl" / "csos-sub-ca.crl", crl.public_bytes(serialization.Encoding.DER))
+        root_crl = self.root_crl if self.root_crl is not None else self.build_root_crl()
+        _write(d / "crl" / "root.crl", root_crl.public_bytes(serialization.Encoding.DER))
         _write(d / "private" / "root-key.pem", _key_pem(self.root.key), private=True)
         _write(d / "private" / "csos-sub-ca-key.pem", _key_pem(self.sub_ca.key), private=True)
         for dea, cred in self.registrants.items():
@@ -396,6 +422,8 @@ def load_pki(dir: str | Path) -> TestPKI:
     crl_path = d / "crl" / "csos-sub-ca.crl"
     if crl_path.exists():
         pki.crl = load_crl(crl_path.read_bytes())
+    if (d / "crl" / "root.crl").exists():
+        pki.root_crl = load_crl((d / "crl" / "root.crl").read_bytes())
     reg_dir = d / "registrants"
     if reg_dir.is_dir():
         for rd in sorted(p for p in reg_dir.iterdir() if p.is_dir()):

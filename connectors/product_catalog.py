@@ -10,7 +10,8 @@ Provenance and simplifications (documented so nobody mistakes this for a
 regulatory NDC dictionary):
 
 * **Methadone** rows are the 20 most frequent NDCs of the real ARCOS sample
-  (``/work/shared/data/arcos``, 95.7% of its 37,214 transactions), with the
+  (``shared/data/arcos`` beside the repository, see ``connectors.arcos_replay.arcos_data_dir``;
+  95.7% of its 37,214 transactions), with the
   sample's dosage units per package, base weight (``CALC_BASE_WT_IN_GM`` /
   dosage units, e.g. 10 mg methadone HCl = 8.944 mg base) and its
   ``MME_Conversion_Factor`` (4 for 5/10 mg tablets, 8 for 40 mg dispersible
@@ -43,7 +44,19 @@ regulatory NDC dictionary):
   enough to rank orders, not for clinical use. Buprenorphine is 0 (CDC: no
   MME for buprenorphine products used for opioid use disorder); non-opioids 0.
 
-Run ``python -m connectors.product_catalog [path]`` to rewrite the CSV.
+Schedules change over time (DEA reschedules products). The master's
+``schedule`` column is the schedule in force now; ``schedule_changes.csv``
+next to it lists the earlier ones by date, and every lookup for a date
+(ARCOS replay, evaluation, the verifier with the order's signing date) uses
+:meth:`streams.products.ProductMaster.schedule`:
+
+* hydrocodone combination products (hydrocodone with acetaminophen,
+  ibuprofen, aspirin, homatropine, guaifenesin, chlorpheniramine,
+  pseudoephedrine...) were schedule III until 2014-10-06 and II from that day
+  (79 FR 49661, effective 2014-10-06). Single-entity hydrocodone was always II.
+
+Run ``python -m connectors.product_catalog [path]`` to rewrite the CSV (and
+the schedule changes next to it).
 """
 from __future__ import annotations
 
@@ -51,7 +64,9 @@ import sys
 from pathlib import Path
 
 from streams.identifiers import normalize_ndc
-from streams.products import Product, ProductMaster
+from datetime import date
+
+from streams.products import CHANGES_FILE, Product, ProductMaster, ScheduleChange, save_schedule_changes
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "product_master.csv"
 
@@ -86,7 +101,7 @@ _ROWS: list[tuple[str, str, str, str, str, str, int, float, float]] = [
     ("59011-410-10", "OXYCONTIN 10 MG EXTENDED-RELEASE TABLET", "10 MG", "OXYCODONE", "2", "TAB", 100, 10 * OXY, 1.5),
     ("59011-420-10", "OXYCONTIN 20 MG EXTENDED-RELEASE TABLET", "20 MG", "OXYCODONE", "2", "TAB", 100, 20 * OXY, 1.5),
     ("59011-440-10", "OXYCONTIN 40 MG EXTENDED-RELEASE TABLET", "40 MG", "OXYCODONE", "2", "TAB", 100, 40 * OXY, 1.5),
-    # --- HYDROCODONE (CII since 2014) ---
+    # --- HYDROCODONE (combinations: CIII until 2014-10-06, CII since; see SCHEDULE_CHANGES) ---
     ("0406-0365-05", "HYDROCODONE BITARTRATE AND ACETAMINOPHEN 5 MG/325 MG TABLET", "5 MG/325 MG", "HYDROCODONE", "2", "TAB", 500, 5 * HYC, 1.0),
     ("0406-0367-01", "HYDROCODONE BITARTRATE AND ACETAMINOPHEN 10 MG/325 MG TABLET", "10 MG/325 MG", "HYDROCODONE", "2", "TAB", 100, 10 * HYC, 1.0),
     ("0591-0853-05", "HYDROCODONE BITARTRATE AND ACETAMINOPHEN 10 MG/325 MG TABLET", "10 MG/325 MG", "HYDROCODONE", "2", "TAB", 500, 10 * HYC, 1.0),
@@ -180,6 +195,17 @@ _ROWS: list[tuple[str, str, str, str, str, str, int, float, float]] = [
 ]
 
 
+#: Hydrocodone combination products: another active ingredient named in the product name.
+HYDROCODONE_COMBINATION = (r"\b(ACETAMINOPHEN|APAP|IBUPROFEN|ASPIRIN|HOMATROPINE|GUAIFENESIN|CHLORPHENIRAMINE|"
+                           r"PSEUDOEPHEDRINE|PHENYLEPHRINE|CHLORPHEN|BROMPHENIRAMINE)\b|/")
+#: Schedules that applied before a rescheduling (the master holds the current schedule).
+SCHEDULE_CHANGES: list[ScheduleChange] = [
+    ScheduleChange(schedule="3", end=date(2014, 10, 6), drug_family="HYDROCODONE",
+                   product_pattern=HYDROCODONE_COMBINATION,
+                   note="hydrocodone combination products: schedule III until 2014-10-06 (79 FR 49661)"),
+]
+
+
 def build_catalog() -> list[Product]:
     """The catalog as ``Product`` rows (NDCs normalized, floats rounded)."""
     products = []
@@ -202,6 +228,7 @@ def write_product_master(path: str | Path = DEFAULT_PATH) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ProductMaster(build_catalog()).save(path)
+    save_schedule_changes(SCHEDULE_CHANGES, path.parent / CHANGES_FILE)
     return path
 
 

@@ -15,19 +15,25 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from streams import topic_names as t
 from streams.avro_codec import default_codec
 from streams.identifiers import is_valid_dea_number
+from streams.reference_data import crl_record_key
 
 from .kafka_io import Publisher
 from .pki import load_crl
 
 
 def publish_crls(publisher: Publisher, paths: list[Path]) -> list[str]:
-    """Publish each CRL file (DER or PEM) keyed by its issuer; returns the issuers."""
+    """Publish each CRL file (DER or PEM); returns the issuers.
+
+    Keyed by issuer, CRL number and digest (``crl_record_key``), not by issuer
+    alone: on the compacted topic every distinct CRL stays, so a later refused
+    or older record of the same issuer can never compact the CRL in force away.
+    """
     codec = default_codec()
     issuers = []
     for path in paths:
         crl = load_crl(Path(path).read_bytes())
         issuer = crl.issuer.rfc4514_string()
-        publisher.publish(t.CRL, issuer, codec.encode("pki.CrlPublished", {
+        publisher.publish(t.CRL, crl_record_key(crl), codec.encode("pki.CrlPublished", {
             "issuer": issuer, "crl_der": crl.public_bytes(Encoding.DER),
             "this_update": crl.last_update_utc, "next_update": crl.next_update_utc,
             "published_at": datetime.now(timezone.utc), "source": str(path),

@@ -69,6 +69,11 @@ EXPECTED = {
 NOT_DEAD_LETTERED = frozenset({t.DLQ, t.RECEIVED})
 
 
+def static_member(instance_id: str | None) -> dict[str, str]:
+    """librdkafka's ``group.instance.id`` when static membership is on (issue 10), else nothing."""
+    return {"group.instance.id": instance_id} if instance_id else {}
+
+
 class SinkService:
     def __init__(self, settings: Settings, codec: AvroCodec | None = None) -> None:
         self.settings = settings
@@ -87,6 +92,11 @@ class SinkService:
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "enable.partition.eof": False,
+            # Fast recovery (issue 10): a restarted sink rejoins under the same static id and gets its
+            # partitions back at once; a dead one's move to another sink after the session timeout.
+            **static_member(settings.group_instance_id(settings.sink_port)),
+            "session.timeout.ms": int(settings.session_timeout_seconds * 1000),
+            "heartbeat.interval.ms": int(settings.heartbeat_seconds * 1000),
             **client_config(),
         }, logger=logging.getLogger("connectors.sink_service.librdkafka"))
         self.stopping = threading.Event()

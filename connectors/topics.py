@@ -187,7 +187,7 @@ TOPICS: list[TopicSpec] = [
     TopicSpec(
         PKI_CRL,
         config=_compact(),
-        doc="Latest certificate revocation list per issuing CA (keyed by issuer), compacted state.",
+        doc="Every certificate revocation list published, one key per distinct CRL (issuer, number, digest).",
     ),
     TopicSpec(
         REGISTRANTS,

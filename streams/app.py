@@ -65,10 +65,10 @@ from .agents.verify import STAGE as VERIFY_STAGE
 from .agents.verify import VerifyProcessor
 from .config import Settings
 from .emit import Emitter
-from .faust_tuning import set_fetch_max_wait
+from .faust_tuning import hold_inputs_while_seeking, set_fetch_max_wait
 from .identifiers import is_valid_dea_number
 from .outcomes import OutcomeBook
-from .reference_data import ReferenceFeed, RegistrantDirectory
+from .reference_data import ReferenceFeed, RegistrantDirectory, trace_group_config
 from .table_state import DurableTable
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ async def decide_batch(proc: VerifyProcessor | MonitorProcessor | CaseProcessor,
     only after this returns; see the module docstring for each crash point.
     """
     stage = _STAGES[type(proc)]
+    if isinstance(proc, VerifyProcessor):  # freshness barrier: off the loop, which keeps the group's heartbeats
+        await asyncio.get_running_loop().run_in_executor(None, proc.reference_barrier)
     proc.begin_batch()  # the verify agent takes in reference data here: a timer step, settled as one
     await settle_timer_step(proc, table)
     proc.counts["batches"] = proc.counts.get("batches", 0) + 1
@@ -209,12 +211,21 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=8192,
+        # Fast recovery (issue 10): a static member id, so a restarted worker takes its partitions straight
+        # back (no wait for its old session to lapse), and a short session with frequent heartbeats, so a
+        # dead worker's partitions move to the survivors within seconds. See README "Restarts and takeover".
+        consumer_group_instance_id=settings.group_instance_id(settings.web_port),
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=settings.heartbeat_seconds,
         # Raw bytes everywhere: agents decode Avro themselves so that a bad
         # message becomes a dead letter instead of a Faust decode crash.
         key_serializer="raw",
         value_serializer="raw",
         **faust_app_kwargs(),  # SASL/TLS from KAFKA_SECURITY_PROTOCOL etc. (connectors.kafka_security)
     )
+    # No input lost after recovery: inputs are held while Faust seeks them back to the committed offsets
+    # (a restarted worker otherwise committed past orders it never read). See streams.faust_tuning.
+    hold_inputs_while_seeking(app)
     received = _raw_topic(app, t.RECEIVED)
     # Cleared orders are keyed by purchaser DEA like verified ones, so the monitor learns them in the same state.
     verified = _raw_topic(app, t.VERIFIED, t.CLEARED)
@@ -270,13 +281,20 @@ def create_app(settings: Settings) -> faust.App:
             # Its own producer: the feed flushes its dead letters from its thread, apart from the agents' batches.
             feed = ReferenceFeed(settings.kafka_bootstrap,
                                  emitter=Emitter(Publisher(settings.kafka_bootstrap), "reference-feed"),
-                                 trace_group=f"{settings.app_id}-reference-trace")
+                                 trace_group=f"{settings.app_id}-reference-trace",
+                                 trace_config=trace_group_config(settings))
             feed.start()
+            verifier = Verifier.from_pki_dir(settings.pki_dir, products)
+            startup = Emitter(publisher, "verify-agent")  # unbuffered: no batch carries these
+            for refusal in verifier.refusals:  # a refused CRL or certificate file never stops the worker
+                log.error("%s %s refused: %s", refusal.kind, refusal.source, refusal.reason)
+                startup.audit(VERIFY_STAGE, "crl.refused" if refusal.kind == "crl" else "certificate.refused",
+                              "REFUSED", detail={"source": refusal.source, "reason": refusal.reason})
             parts["verify"] = VerifyProcessor(
-                Verifier.from_pki_dir(settings.pki_dir, products), products, emitter("verify-agent"),
+                verifier, products, emitter("verify-agent"),
                 durable[VERIFY_STAGE], RegistrantDirectory() if settings.require_registration else None, feed,
                 suppliers=suppliers, receipt_skew=timedelta(seconds=settings.receipt_skew_seconds),
-                outcomes=book())
+                outcomes=book(), barrier_seconds=settings.reference_barrier_seconds)
             parts["monitor"] = MonitorProcessor(Monitor.from_env(), durable[MONITOR_STAGE],
                                                 emitter("monitor-agent"), outcomes=book())
             parts["cases"] = CaseProcessor(durable[CASE_STAGE], emitter("case-agent"),

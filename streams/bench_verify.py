@@ -74,7 +74,7 @@ def run(n: int = 2000, *, rounds: int = 5, signers: int = 4, distinct_orders: in
 
     pki = TestPKI.create(now=NOW, reuse_keys=True)
     crl = pki.build_crl(NOW - timedelta(hours=2), NOW + timedelta(days=7))
-    verifier = Verifier(pki.trust_anchors, pki.intermediates, [crl], ProductMaster([_OXY, _ALP]))
+    verifier = Verifier(pki.trust_anchors, pki.intermediates, [crl, pki.root_crl], ProductMaster([_OXY, _ALP]))
     creds = [(pki.issue_registrant(_dea("BP", 100 + k), f"Pharmacy {k}", _SCHEDULES, NOW - timedelta(days=365),
                                    NOW + timedelta(days=365)), _dea("BP", 100 + k)) for k in range(signers)]
     orders = [_signed(cred, i, dea) for i, (cred, dea) in

@@ -286,7 +286,10 @@ def simulate_publish(feed_path: str | None) -> None:
 # --------------------------------------------------------------------------- worker
 @main.command()
 @click.option("--loglevel", default="warning", show_default=True)
-def worker(loglevel: str) -> None:
+@click.option("--id", "worker_id", default=None,
+              help="This worker's stable name in the consumer group (default CSOS_WORKER_ID, else host-port). "
+                   "Give each worker its own and keep it across restarts: a restart then resumes at once.")
+def worker(loglevel: str, worker_id: str | None) -> None:
     """Run the verification and monitoring agents (Faust worker).
 
     Run as many as there are partitions to share; each reads the PKI
@@ -297,6 +300,8 @@ def worker(loglevel: str) -> None:
     from .app import create_app
 
     s = _settings()
+    if worker_id:
+        s = s.with_(worker_id=worker_id)
     try:
         app = create_app(s)
     except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind
@@ -437,6 +442,32 @@ def summary() -> None:
     from .summary import fetch_summary
 
     click.echo(fetch_summary(_settings()).render())
+
+
+@main.command()
+@click.option("--orders", default=10_000, show_default=True, help="About this many simulated orders.")
+@click.option("--kills", default=10, show_default=True, help="SIGKILLs of the single busy worker.")
+@click.option("--seed", default=5, show_default=True)
+@click.option("--dir", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Working directory (broker, store, logs); default a new temporary one, kept.")
+def chaos(orders: int, kills: int, seed: int, out_dir: str | None) -> None:
+    """Crash soak: kill -9 a busy worker again and again, then check every order's outcome (exit 1 on any problem).
+
+    Runs its own broker, sink and workers (nothing of yours is touched): a single worker killed
+    --kills times while busy, each kill after its own progress, then one of two workers killed
+    for good. Prints a table of counts (conflicting outcomes, contradicting hold/release
+    messages, ClickHouse against the topics, summary against the feed, audit chain, holds
+    against an unfaulted replay) and the restart and takeover times.
+    """
+    import tempfile
+
+    from connectors.chaos import problems, render, soak
+
+    where = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="csos-chaos-"))
+    result = soak(where, orders=orders, kills=kills, seed=seed, say=click.echo)
+    click.echo(render(result.counts, result.restarts, result.takeovers))
+    click.echo(f"(logs and store in {where})")
+    sys.exit(1 if problems(result.counts) else 0)
 
 
 # --------------------------------------------------------------------------- review page
@@ -587,21 +618,50 @@ def evaluate() -> None:
     """Evaluate the monitor's detectors (learned and static rules) offline, with reports to files."""
 
 
+class _Progress:
+    """A click progress bar on stderr whose length is known only once the data is read (``start(total)``)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar = None
+
+    def start(self, total: int):
+        self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
+        self.bar.__enter__()
+        return self.bar.update
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+_POLICY_HELP = ("Policy to run (repeatable): learned, static_2x_12m, static_3x_12m, static_6m_max, static_8000_du, "
+                "static_customer_limit, static_any, a detector name, learned+<detector>, or a,b (these detectors).")
+
+
 @evaluate.command("scenarios")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="var/evaluation", show_default=True)
 @click.option("--seed", default=7, show_default=True)
 @click.option("--registrants", default=150, show_default=True)
 @click.option("--peers/--no-peers", default=True, show_default=True,
               help="Learn peer profiles from another scenario run (seed + 1000) and use them.")
-def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool) -> None:
+@click.option("--policy", "policies", multiple=True, help=_POLICY_HELP + " Default: every policy.")
+def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool, policies: tuple[str, ...]) -> None:
     """Labeled scenarios (spikes, bursts, ramp-ups, MME shifts, legitimate surges, new customers), every policy.
 
-    Writes metrics.md/.csv (recall, precision, false holds per 1,000, time to
-    first hold) and report.html with charts. Takes a few minutes.
+    These are the scenarios the thresholds were tuned on. Writes
+    verdicts-<policy>.csv (one row per order line), metrics.md/.csv (recall,
+    precision, false holds per 1,000, time to first hold), kinds.csv,
+    episodes.csv and report.html with charts. Takes a few minutes.
     """
     from .evaluation import run_scenarios
 
-    run_scenarios(out_dir, seed=seed, peers=peers, n_registrants=registrants)
+    with _Progress("scoring orders") as bar:
+        run_scenarios(out_dir, seed=seed, peers=peers, n_registrants=registrants, policies=policies or None,
+                      progress=bar.start)
     click.echo((Path(out_dir) / "metrics.md").read_text())
     click.echo(f"report: {Path(out_dir) / 'report.html'}")
 
@@ -609,21 +669,59 @@ def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool) -
 @evaluate.command("arcos")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="var/evaluation-arcos", show_default=True)
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False),
+              help="Labels CSV: TRANSACTION_ID, suspicious (1/0/grey), episode[, kind]: score against them.")
+@click.option("--policy", "policies", multiple=True,
+              help=_POLICY_HELP + " Default: learned and the static rules.")
 @click.option("--peers", "peers_path", type=click.Path(exists=True, dir_okay=False),
               help="Peer profiles (csos peers build) for every policy's monitor.")
-def evaluate_arcos(path: str, out_dir: str, peers_path: str | None) -> None:
-    """Replay an ARCOS transaction file (Washington Post format) through every policy; hold rates per policy.
+@click.option("--buyers", type=int, default=None, help="Backtest a random sample of this many buyers (faster).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the buyer sample.")
+def evaluate_arcos(path: str, out_dir: str, labels_path: str | None, policies: tuple[str, ...],
+                   peers_path: str | None, buyers: int | None, seed: int) -> None:
+    """Backtest an ARCOS transaction file (Washington Post layout): a verdict per transaction and policy.
 
-    ARCOS records are shipped orders without signatures, so verification is
-    skipped explicitly and there are no labels (no recall or precision).
+    Writes verdicts-<policy>.csv (TRANSACTION_ID, order id, buyer, family,
+    verdict, detectors that fired, case id). With --labels: recall, precision,
+    false holds per 1,000 legitimate orders, episodes caught and days to first
+    hold per episode kind (metrics.md, kinds.csv, episodes.csv). Without:
+    holds per month, buyer and family (holds_by_month.csv). ARCOS records are
+    shipped orders without signatures, so verification is skipped explicitly.
     """
-    from .evaluation import run_arcos
-
+    from .evaluation import DEFAULT_POLICIES, run_arcos
     from .monitoring.peers import PeerProfiles
 
-    run_arcos(path, out_dir, peers=PeerProfiles.load(peers_path) if peers_path else None)
+    with _Progress("scoring orders") as bar:
+        try:
+            res = run_arcos(path, out_dir, peers=PeerProfiles.load(peers_path) if peers_path else None,
+                            labels=labels_path, policies=policies or DEFAULT_POLICIES, progress=bar.start,
+                            buyers=buyers, seed=seed)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
     click.echo((Path(out_dir) / "arcos.md").read_text())
-    click.echo(f"report: {Path(out_dir) / 'arcos_report.html'}")
+    click.echo(f"verdicts: {', '.join(v for k, v in res['files'].items() if k.startswith('verdicts_'))}")
+    click.echo(f"report: {Path(out_dir) / ('report.html' if labels_path else 'arcos_report.html')}")
+
+
+@evaluate.command("generate-heldout")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for heldout-arcos.csv.gz, heldout-labels.csv and heldout-episodes.csv.")
+@click.option("--seed", default=1, show_default=True, help="Same seed, same files.")
+@click.option("--buyers", default=300, show_default=True, help="Established buyers (new pill mills come on top).")
+@click.option("--days", default=730, show_default=True, help="Days of history.")
+def evaluate_generate_heldout(out_dir: str, seed: int, buyers: int, days: int) -> None:
+    """Write a labelled order history the thresholds were never tuned on (ARCOS layout + labels CSV).
+
+    An independent generator (connectors/heldout_generator.py): replenishment
+    ordering, other seasons and business mixes, ramps from 1.5x to 10x over
+    2-9 months, spikes, frequency bursts, shifts to the strongest strength,
+    new pill mills, legitimate growth. Score it with
+    `csos evaluate arcos OUT/heldout-arcos.csv.gz --labels OUT/heldout-labels.csv`.
+    """
+    from connectors.heldout_generator import HeldoutConfig, write_heldout
+
+    res = write_heldout(out_dir, HeldoutConfig(seed=seed, buyers=buyers, days=days))
+    click.echo(res.describe())
 
 
 @main.group()
@@ -636,16 +734,41 @@ def peers() -> None:
               help="Avro file to write (point SOM_PEER_PROFILES at it).")
 @click.option("--arcos", "arcos_path", type=click.Path(exists=True, dir_okay=False),
               help="Learn from an ARCOS transaction file (shipments) instead of ClickHouse.")
+@click.option("--released-from", "verdicts_csv", type=click.Path(exists=True, dir_okay=False),
+              help="With --arcos: learn only the orders this backtest verdict CSV released "
+                   "(verdicts-<policy>.csv of csos evaluate arcos).")
+@click.option("--released-only", is_flag=True,
+              help="With --arcos: run the default policy over the file first and learn only what it releases.")
 @click.option("--registrants", "registrants_csv", type=click.Path(exists=True, dir_okay=False),
               help="Registrant CSV giving business activity and state (needed with ClickHouse).")
 @click.option("--min-registrants", default=5, show_default=True, help="Smallest group used as a peer baseline.")
-def peers_build(out_path: str, arcos_path: str | None, registrants_csv: str | None, min_registrants: int) -> None:
-    """Learn peer profiles from shipped orders: ClickHouse order_lines released by the monitor, or ARCOS."""
-    from streams.monitoring.peers import build_profiles
+def peers_build(out_path: str, arcos_path: str | None, verdicts_csv: str | None, released_only: bool,
+                registrants_csv: str | None, min_registrants: int) -> None:
+    """Learn peer profiles from shipped orders: ClickHouse order_lines released by the monitor, or ARCOS.
 
+    Reports the drug families of the product master and the (business
+    activity, family) groups it could not cover: there the monitor falls back
+    to its fixed cold-start ceilings.
+    """
+    from streams.monitoring.peers import build_profiles, coverage, describe_coverage
+
+    if (verdicts_csv or released_only) and not arcos_path:
+        raise click.UsageError("--released-from / --released-only apply to --arcos")
     if arcos_path:
-        from connectors.arcos_replay import read_arcos
-        orders, source = read_arcos(arcos_path), f"ARCOS {Path(arcos_path).name}"
+        from connectors.arcos_replay import read_arcos_detailed
+        data = read_arcos_detailed(arcos_path)
+        click.echo(f"{Path(arcos_path).name}: {data.describe()}")
+        orders, source = data.orders, f"ARCOS {Path(arcos_path).name}"
+        if verdicts_csv:
+            from streams.evaluation import released_order_ids
+            keep = released_order_ids(verdicts_csv)
+            orders = [o for o in orders if o["order_id"] in keep]
+            source += f", {len(orders)} orders released in {Path(verdicts_csv).name}"
+        elif released_only:
+            from streams.evaluation import released_orders
+            from streams.monitoring import Monitor
+            orders = released_orders(orders, Monitor())
+            source += f", {len(orders)} orders released by the default policy"
     else:
         if not registrants_csv:
             raise click.UsageError("--registrants CSV is needed with ClickHouse (order lines carry no activity)")
@@ -656,6 +779,8 @@ def peers_build(out_path: str, arcos_path: str | None, registrants_csv: str | No
     usable = sum(1 for g in profiles.groups.values() if g.registrants >= min_registrants)
     click.echo(f"{out_path}: {len(profiles.groups)} peer groups ({usable} with >= {min_registrants} registrants) "
                f"from {source}, up to {profiles.built_at:%Y-%m-%d}")
+    from connectors.simulator import default_product_master
+    click.echo(describe_coverage(coverage(profiles, {p.drug_family for p in default_product_master()})))
 
 
 @main.command("replay-arcos")
@@ -666,7 +791,7 @@ def replay_arcos(path: str) -> None:
     from connectors.kafka_io import Publisher
 
     n = publish_arcos(path, Publisher(_settings().kafka_bootstrap))
-    click.echo(f"published {n} ARCOS orders to csos.orders.verified")
+    click.echo(f"published {n} ARCOS orders to csos.orders.verified ('null'/empty ORDER_FORM_NO rows: one order each)")
 
 
 @main.command("bench-monitor")
@@ -735,28 +860,51 @@ def archive_export(order_number: str, purchaser: str | None, out_dir: str) -> No
 @main.command("verify-offline")
 @click.option("--document", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The order document (omit when the signature carries it).")
-@click.option("--signature", type=click.Path(exists=True, dir_okay=False), required=True, help="CMS SignedData (DER).")
+@click.option("--signature", type=click.Path(exists=True, dir_okay=False), default=None, help="CMS SignedData (DER).")
+@click.option("--certificate", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Instead of an order: judge this certificate (DER or PEM) alone, path, validity and "
+                   "revocation at --received-at.")
 @click.option("--trust", "trust_dir", type=click.Path(exists=True, file_okay=False), required=True,
               help="Trust anchors (root*.pem) and intermediates (*.pem), or a PKI directory with trust/.")
 @click.option("--crl", "crls", type=click.Path(exists=True, dir_okay=False), multiple=True,
-              help="CRL current at receipt (repeatable).")
+              help="CRL current at receipt (repeatable): the sub-CA's and the root's.")
 @click.option("--received-at", required=True, help="When the order was received (ISO 8601, UTC if no zone).")
 @click.option("--format", "fmt", type=click.Choice(["csos-order/1", "x12-850"]), default="csos-order/1",
               show_default=True)
 @click.option("--products", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Product master CSV (default CSOS_PRODUCTS).")
-def verify_offline(document: str | None, signature: str, trust_dir: str, crls: tuple[str, ...], received_at: str,
-                   fmt: str, products: str | None) -> None:
-    """Re-verify one order offline and print every check with its result (exit 1 if invalid)."""
+def verify_offline(document: str | None, signature: str | None, certificate: str | None, trust_dir: str,
+                   crls: tuple[str, ...], received_at: str, fmt: str, products: str | None) -> None:
+    """Re-verify one order offline and print every check with its result (exit 1 if invalid).
+
+    Whatever the files hold, it prints a report (unusable CRLs and certificates as
+    "refused" lines) or a one-line error, exit status 2; never a traceback.
+    """
     from datetime import datetime, timezone
 
-    from .offline_verify import render, reverify
+    from .offline_verify import check_certificate_offline, render, render_certificate, reverify
 
-    at = datetime.fromisoformat(received_at)
+    if (signature is None) == (certificate is None):
+        raise click.UsageError("give --signature (an order) or --certificate (a certificate alone)")
+    try:
+        at = datetime.fromisoformat(received_at)
+    except ValueError:
+        raise click.BadParameter(f"{received_at!r} is not an ISO 8601 time", param_hint="--received-at") from None
     at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
-    outcome = reverify(Path(document).read_bytes() if document else None, Path(signature).read_bytes(),
-                       Path(trust_dir), [Path(c) for c in crls], Path(products) if products else _settings().products_path,
-                       at, fmt)
+    try:
+        if certificate is not None:
+            finding, refusals = check_certificate_offline(Path(certificate).read_bytes(), Path(trust_dir),
+                                                          [Path(c) for c in crls], at)
+            click.echo(render_certificate(finding, refusals, at=at))
+            sys.exit(0 if finding.ok else 1)
+        outcome = reverify(Path(document).read_bytes() if document else None, Path(signature).read_bytes(),
+                           Path(trust_dir), [Path(c) for c in crls],
+                           Path(products) if products else _settings().products_path, at, fmt)
+    except Exception as exc:  # noqa: BLE001 - any input gives a one-line error, never a traceback
+        lines = str(exc).strip().splitlines()
+        error = click.ClickException(f"cannot verify: {lines[0] if lines else exc.__class__.__name__}")
+        error.exit_code = 2  # 1 means "verified: invalid"
+        raise error from None
     click.echo(render(outcome, received_at=at))
     sys.exit(0 if outcome.ok else 1)
 

@@ -169,15 +169,39 @@ def sign_order(document: bytes, cert: x509.Certificate, key: Any, *, signing_tim
         "signature_algorithm": sig_alg,
         "signature": signature,
     })
-    certs = [a_cert] + [asn1_x509.Certificate.load(c.public_bytes(_DER)) for c in intermediates]
     signed_data = cms.SignedData({
         "version": "v3" if version == "v3" else "v1",
         "digest_algorithms": [{"algorithm": hash_name}],
         "encap_content_info": {"content_type": "data", "content": None if detached else document},
-        "certificates": [cms.CertificateChoices({"certificate": c}) for c in certs],
+        "certificates": _certificate_set([cert.public_bytes(_DER)] + [c.public_bytes(_DER) for c in intermediates]),
         "signer_infos": [signer_info],
     })
     return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+
+
+def _certificate_set(ders: list[bytes]) -> cms.CertificateSet:
+    """The CMS certificate set holding each certificate's exact bytes, in the order given.
+
+    asn1crypto's ``Certificate.load(der).dump()`` re-encodes some valid
+    certificates (e.g. a subjectUniqueID BIT STRING with unused bits, PKITS's
+    UIDCACert), which breaks their signature; a set built from the raw bytes
+    is written out as it was read.
+    """
+    return cms.CertificateSet.load(core.SetOf(contents=b"".join(ders)).dump())
+
+
+class _AnySet(core.SetOf):
+    """A SET OF read element by element as raw bytes, nothing re-encoded."""
+
+    _child_spec = core.Any
+
+
+def _certificate_ders(cert_set: Any) -> list[bytes]:
+    """The embedded certificates' bytes as sent (the ``certificate`` choice: a universal SEQUENCE)."""
+    if cert_set is None or isinstance(cert_set, core.Void):
+        return []
+    ders = (c.dump() for c in _AnySet(contents=cert_set.contents))
+    return [d for d in ders if d[:1] == b"\x30"]  # the other choices are context-tagged
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -362,7 +386,7 @@ def _walk_asn1crypto(der: bytes) -> _Raw:
     content = None if isinstance(raw_content, core.Void) else raw_content.native
     if content is not None and not isinstance(content, bytes):
         raise SignatureError(MALFORMED_SIGNATURE, "embedded content is not an OCTET STRING")
-    certs = [c.chosen.dump() for c in (sd["certificates"] or ()) if c.name == "certificate"]
+    certs = _certificate_ders(sd["certificates"])
     sis = sd["signer_infos"]
     if len(sis) != 1:
         return _Raw(eci["content_type"].dump(), content, certs, len(sis), b"", b"", None, b"", b"")

@@ -7,6 +7,7 @@ local ones: a broker on 127.0.0.1 and the embedded ClickHouse engine.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,11 +56,35 @@ class Settings:
     # -- issue 10 (crash-safe outcomes): how long an order id's decision is remembered by each agent, so that a
     # duplicate (a redelivery, or an upstream agent repeating its output after a crash) is not judged twice.
     dedup_days: float = 14.0
+    # -- issue 10 (fast recovery): static consumer-group membership and failure detection
+    worker_id: str = ""  # CSOS_WORKER_ID: this process's stable name in its consumer groups ('' = host + port)
+    session_timeout_seconds: float = 10.0  # CSOS_SESSION_TIMEOUT_SECONDS: a silent member's partitions move after
+    heartbeat_seconds: float = 1.0  # CSOS_HEARTBEAT_SECONDS: how often a member tells the broker it is alive
+    static_membership: bool = True  # CSOS_STATIC_MEMBERSHIP: 0 = dynamic members (ids not stable, e.g. autoscaled)
+    # -- issue 12 (CRL freshness barrier): how long the verify agent waits, per batch, for its reference reader
+    # to reach what pki.crl and registrants held when the batch arrived; past it the batch's orders are parked.
+    reference_barrier_seconds: float = 30.0
 
     @property
     def supplier_deas(self) -> frozenset[str]:
         """The DEA numbers an order may name as its supplier (empty: not configured)."""
         return frozenset(d.strip().upper() for d in self.supplier_dea.split(",") if d.strip())
+
+    def group_instance_id(self, port: int) -> str | None:
+        """This process's static member id (KIP-345) in its consumer groups: ``CSOS_WORKER_ID``, else host-port.
+
+        Why static: a worker restarted under the same id gets its partitions
+        back at once, without the group waiting for the dead process's session
+        to time out. The default (host name and this process's HTTP port) is
+        stable across restarts and differs between the processes of one host,
+        which cannot share a port. Ids are per consumer group, so a worker and
+        a sink may carry the same one. None with ``CSOS_STATIC_MEMBERSHIP=0``.
+        """
+        if not self.static_membership:
+            return None
+        if self.worker_id:
+            return self.worker_id
+        return f"{socket.gethostname()}-{port}"
 
     @property
     def effective_clickhouse_url(self) -> str:
@@ -107,6 +132,14 @@ class Settings:
             receipt_skew_seconds=float(_env("CSOS_RECEIPT_SKEW_SECONDS", str(cls.receipt_skew_seconds))),
             # -- issue 10 (crash-safe outcomes)
             dedup_days=float(_env("CSOS_DEDUP_DAYS", str(cls.dedup_days))),
+            # -- issue 10 (fast recovery)
+            worker_id=_env("CSOS_WORKER_ID", ""),
+            session_timeout_seconds=float(_env("CSOS_SESSION_TIMEOUT_SECONDS", str(cls.session_timeout_seconds))),
+            heartbeat_seconds=float(_env("CSOS_HEARTBEAT_SECONDS", str(cls.heartbeat_seconds))),
+            static_membership=_env("CSOS_STATIC_MEMBERSHIP", "1").lower() not in ("0", "false", "no"),
+            # -- issue 12 (CRL freshness barrier)
+            reference_barrier_seconds=float(_env("CSOS_REFERENCE_BARRIER_SECONDS",
+                                                 str(cls.reference_barrier_seconds))),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -72,9 +72,14 @@ def detection_report(settings: Settings, feed: PreparedFeed) -> str:
     from collections import defaultdict
 
     verdicts = dict(run_query(settings, "SELECT order_id, verdict FROM verdicts FINAL")[1])
+    # Orders held by a detector of their own (not only because an earlier hold's case is still open, or a new
+    # customer awaits onboarding: those wait for due diligence, which the demo's scripted analyst barely does).
+    judged = {r[0] for r in run_query(settings, (
+        "SELECT DISTINCT order_id FROM verdict_reasons FINAL WHERE fired AND enforced AND detector NOT IN "
+        "('open_case', 'reported_pending_limit', 'analyst_limit', 'terminated_customer', 'new_customer')"))[1]}
     rejections = dict(run_query(settings, "SELECT order_id, reason_code FROM rejections FINAL")[1])
     episodes: dict[tuple[str, str], list[str]] = defaultdict(list)
-    normal_held = normal = 0
+    normal_held = normal = normal_judged = 0
     wrong_rejections = 0
     for m in feed.messages:
         sim = m.sim
@@ -83,6 +88,7 @@ def detection_report(settings: Settings, feed: PreparedFeed) -> str:
         if sim.label == "normal":
             normal += 1
             normal_held += verdicts.get(sim.sim_id) == "HOLD"
+            normal_judged += verdicts.get(sim.sim_id) == "HOLD" and sim.sim_id in judged
         elif sim.is_suspicious:
             key = str(sim.detail.get("burst", sim.sim_id))
             episodes[(sim.label, key)].append(verdicts.get(sim.sim_id, "?"))
@@ -91,7 +97,10 @@ def detection_report(settings: Settings, feed: PreparedFeed) -> str:
         eps = [v for k, v in episodes.items() if k[0] == label]
         caught = sum(1 for v in eps if "HOLD" in v)
         lines.append(f"  {label:<16} episodes held: {caught} of {len(eps)}")
-    lines.append(f"  normal orders held (false holds): {normal_held} of {normal} ({normal_held / max(normal, 1):.2%})")
+    lines.append(f"  normal orders held by a detector (false holds): {normal_judged} of {normal} "
+                 f"({normal_judged / max(normal, 1):.2%})")
+    lines.append(f"  normal orders held in all, open cases and new-customer ceilings included (they wait for "
+                 f"due diligence): {normal_held}")
     lines.append(f"  bad orders rejected with the expected reason: "
                  f"{sum(1 for m in feed.messages if m.sim.reason_code) - wrong_rejections} of "
                  f"{sum(1 for m in feed.messages if m.sim.reason_code)}")

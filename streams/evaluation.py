@@ -42,10 +42,11 @@ import time
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from streams.monitoring import Monitor, MonitorConfig
-from streams.monitoring.detectors import RECORDED_DETECTORS
+from streams.monitoring.detectors import RECORDED_DETECTORS, STATIC_DETECTORS
+from streams.monitoring.open_cases import DUE_DILIGENCE_RULES, SimulatedDueDiligence, label_index
 from streams.monitoring.peers import PeerProfiles, build_profiles
 
 LEARNED = "learned"
@@ -65,36 +66,169 @@ def _sorted_stream(stream: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any
     return sorted(stream, key=lambda o: o["received_at"])
 
 
-def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor) -> list[dict[str, Any]]:
+class Reviewer(Protocol):
+    """A simulated analyst plugged into :func:`run_policy` (one per policy run).
+
+    The backtest calls :meth:`before_order` before each order is scored (in time
+    order: decide the cases that are due by then, e.g. release after N days and
+    ``monitor.learn_into(base, order)`` the released orders) and :meth:`held`
+    after each HOLD (open or join a case; return its case id, or None to keep
+    the verdict's own). :func:`run_policy` uses :class:`DueDiligenceReviewer`
+    (the open-case rule's simulated analyst) when none is given.
+    """
+
+    def before_order(self, order: Mapping[str, Any], base: Any, monitor: Monitor) -> None: ...
+
+    def held(self, order: Mapping[str, Any], verdict: Mapping[str, Any], base: Any,
+             monitor: Monitor) -> str | None: ...
+
+
+#: Makes the reviewer of one policy run (called with the policy name), e.g. an analyst who reads the labels.
+ReviewerFactory = Callable[[str], Reviewer]
+#: Called with the number of orders just scored (drives a progress bar).
+Progress = Callable[[int], None]
+
+
+class DueDiligenceReviewer:
+    """The default :class:`Reviewer`: the simulated analyst of the open-case rule.
+
+    It decides each held order ``review_days`` after its hold: from ``labels``
+    when given (a legitimate order is released and learned, a suspicious one
+    reported and the registrant limited), else it releases every case (see
+    :class:`streams.monitoring.open_cases.SimulatedDueDiligence`). Without an
+    analyst a registrant's first hold would hold all its later orders of the
+    family for good, which measures nothing a distributor would run.
+    """
+
+    def __init__(self, labels: Any = None, review_days: float = 2.0) -> None:
+        self.labels = label_index(labels) if labels is not None else None
+        self.review_days = review_days
+        self.analyst: SimulatedDueDiligence | None = None
+
+    def _for(self, monitor: Monitor) -> SimulatedDueDiligence:
+        if self.analyst is None:
+            self.analyst = SimulatedDueDiligence(monitor, self.labels, self.review_days)
+        return self.analyst
+
+    def before_order(self, order: Mapping[str, Any], base: Any, monitor: Monitor) -> None:
+        self._for(monitor).before(order, base)
+
+    def held(self, order: Mapping[str, Any], verdict: Mapping[str, Any], base: Any, monitor: Monitor) -> str | None:
+        self._for(monitor).schedule(order)
+        return None
+
+
+class NoReview:
+    """A :class:`Reviewer` that never decides: every case stays open, as in a pipeline no analyst works.
+
+    What a live run without due diligence does (e.g. a crash test's unfaulted
+    reference): a family held once holds its later orders for good.
+    """
+
+    def before_order(self, order: Mapping[str, Any], base: Any, monitor: Monitor) -> None:
+        return None
+
+    def held(self, order: Mapping[str, Any], verdict: Mapping[str, Any], base: Any, monitor: Monitor) -> str | None:
+        return None
+
+
+def analyst_factory(labels: Any = None, review_days: float = 2.0) -> ReviewerFactory:
+    """A fresh simulated analyst for each policy run."""
+    return lambda _policy: DueDiligenceReviewer(labels, review_days)
+
+
+def _case_id(verdict: Mapping[str, Any]) -> str | None:
+    """The case a held verdict belongs to, when the monitor names one (``case_id``, or an ``open_case`` finding)."""
+    if verdict.get("case_id"):
+        return str(verdict["case_id"])
+    for r in verdict.get("reasons", ()):
+        if r.get("fired") and r.get("case_id"):
+            return str(r["case_id"])
+    return None
+
+
+def _fired_by_family(reasons: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = defaultdict(set)
+    for r in reasons:
+        if r["fired"]:
+            out[str(r.get("drug_family") or "*")].add(r["detector"])
+    return dict(out)
+
+
+def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor, *, reviewer: Reviewer | None = None,
+               progress: Progress | None = None, progress_every: int = 500) -> list[dict[str, Any]]:
     """Replay ``orders`` (time order) through ``monitor``; learn only from released orders.
 
-    Returns one decision per order: ``{order_id, held, fired}`` where ``fired`` is
-    the set of detector names that fired (held or not). An order the monitor
-    cannot score is held (``monitor_error``), as in the agent.
+    Returns one decision per order: ``{order_id, held, fired, seen, by_family, case_id}``:
+    ``fired`` the detector names that fired (held or not), ``by_family`` the same
+    per drug family (``*`` = order-wide findings), ``case_id`` the case of a held
+    order (the verdict's, the reviewer's, else the order's own id: one case per
+    held order, as the case agent opens them). An order the monitor cannot score
+    is held (``monitor_error``), as in the agent.
     """
     live: dict[str, Any] = {}
     out = []
+    pending = 0
+    if reviewer is None:
+        reviewer = DueDiligenceReviewer()
     for o in orders:
         dea = str(o["purchaser_dea"])
         base = live.get(dea)
         if base is None:
             base = live[dea] = monitor.baselines(None, dea)
+        reviewer.before_order(o, base, monitor)
+        case = None
         try:
             v = monitor.score(base, o, decided_at=o["received_at"])
             fired = {r["detector"] for r in v["reasons"] if r["fired"]}
             seen = {r["detector"] for r in v["reasons"]}
+            by_family = _fired_by_family(v["reasons"])
             held = v["verdict"] == "HOLD"
         except Exception:  # noqa: BLE001 - same rule as the agent: cannot score -> hold
+            v = {"verdict": "HOLD", "reasons": []}
             fired, seen, held = {"monitor_error"}, {"monitor_error"}, True
-        if not held:
+            by_family = {"*": {"monitor_error"}}
+        if held:
+            case = _case_id(v)
+            case = reviewer.held(o, v, base, monitor) or case
+            case = case or str(o["order_id"])
+        else:
             monitor.learn_into(base, o)
-        out.append({"order_id": o["order_id"], "held": held, "fired": fired, "seen": seen})
+        try:  # the monitor's own case bookkeeping, as in the agent: a HOLD opens or joins the family's case
+            monitor.note_verdict(base, o, dict(v, received_at=o["received_at"]))
+        except Exception:  # noqa: BLE001 - an order that could not be scored opens no case of its own
+            pass
+        out.append({"order_id": o["order_id"], "held": held, "fired": fired, "seen": seen,
+                    "by_family": by_family, "case_id": case})
+        pending += 1
+        if progress is not None and pending >= progress_every:
+            progress(pending)
+            pending = 0
+    if progress is not None and pending:
+        progress(pending)
     return out
 
 
 def released_orders(orders: Sequence[Mapping[str, Any]], monitor: Monitor) -> list[Mapping[str, Any]]:
     """The orders ``monitor`` releases when it runs over ``orders``: what a peer profile may learn from."""
     return [o for o, d in zip(orders, run_policy(orders, monitor)) if not d["held"]]
+
+
+def released_order_ids(verdicts_csv: str | Path) -> set[str]:
+    """Order ids a backtest verdict CSV (``verdicts-<policy>.csv``) released: no transaction of theirs held.
+
+    What ``csos peers build --released-from`` learns from: peers must describe
+    what shipped, not what a policy would have stopped.
+    """
+    released, held = set(), set()
+    with open(verdicts_csv, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"order_id", "verdict"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{verdicts_csv}: not a verdict CSV (lacks {sorted(missing)})")
+        for row in reader:
+            (held if row["verdict"] == "HOLD" else released).add(row["order_id"])
+    return released - held
 
 
 def train_peers(seed: int, config: MonitorConfig | None = None, **scenario_overrides: Any) -> PeerProfiles:
@@ -110,16 +244,60 @@ def train_peers(seed: int, config: MonitorConfig | None = None, **scenario_overr
     return build_profiles(shipped, f"scenarios seed {seed}: {len(shipped)} released orders")
 
 
+#: The policies ``csos evaluate arcos`` runs by default: the learned monitor and the static reference rules.
+DEFAULT_POLICIES = (LEARNED, "static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", STATIC_ANY)
+
+
+def policy_detectors(name: str, config: MonitorConfig | None = None) -> tuple[str, ...]:
+    """The deciding detectors of a policy name.
+
+    ``learned`` (the default monitor), ``static_any`` (any static rule),
+    ``learned+<detector>`` (the default monitor enforcing one more detector),
+    ``a,b,...`` (exactly these detectors), or one detector name.
+    """
+    cfg = config or MonitorConfig()
+    name = name.strip()
+    if name == LEARNED:
+        return tuple(cfg.hold_detectors)
+    if name == STATIC_ANY:
+        return tuple(STATIC_DETECTORS)
+    if name.startswith(LEARNED + "+"):
+        return tuple(cfg.hold_detectors) + tuple(d for d in name[len(LEARNED) + 1:].split("+") if d)
+    return tuple(d.strip() for d in name.split(",") if d.strip())
+
+
+def decide_policies(orders: Sequence[Mapping[str, Any]], policies: Sequence[str], *,
+                    config: MonitorConfig | None = None, peers: PeerProfiles | None = None,
+                    reviewer_factory: ReviewerFactory | None = None,
+                    progress: Progress | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Each named policy as a real run of its own (learning only from its own releases): its decisions.
+
+    ``reviewer_factory``: a simulated analyst per run (see :class:`Reviewer`).
+    Raises ``ValueError`` for a policy naming an unknown detector.
+    """
+    cfg = config or MonitorConfig()
+    runs = {}
+    for name in policies:
+        monitor = Monitor(dataclasses.replace(cfg, hold_detectors=policy_detectors(name, cfg)), peers=peers)
+        runs[name] = run_policy(orders, monitor, reviewer=reviewer_factory(name) if reviewer_factory else None,
+                                progress=progress)
+    return runs
+
+
 def run_policies(orders: Sequence[Mapping[str, Any]], config: MonitorConfig | None = None,
-                 peers: PeerProfiles | None = None) -> tuple[dict[str, list[bool]], dict[str, Any]]:
+                 peers: PeerProfiles | None = None, labels: Any = None,
+                 review_days: float = 2.0) -> tuple[dict[str, list[bool]], dict[str, Any]]:
     """Decisions (held flags aligned with ``orders``) per policy, and how they were obtained.
 
     ``peers``: peer profiles every policy's monitor uses (cold start, ``peer_volume``).
     """
     cfg = config or MonitorConfig()
     t0 = time.perf_counter()
-    base_run = run_policy(orders, Monitor(cfg, peers=peers))
-    detectors = sorted({d for x in base_run for d in x["seen"]} - {"replay", "monitor_error"})
+    analysts = analyst_factory(labels, review_days)
+    base_run = run_policy(orders, Monitor(cfg, peers=peers), reviewer=analysts(LEARNED))
+    # The open-case findings follow decisions; every policy applies them, none is a policy of its own.
+    detectors = sorted({d for x in base_run for d in x["seen"]} - {"replay", "monitor_error"}
+                       - set(DUE_DILIGENCE_RULES))
     static = [d for d in detectors if d.startswith(STATIC_PREFIX)]
     decisions: dict[str, list[bool]] = {LEARNED: [x["held"] for x in base_run]}
     policies: dict[str, tuple[str, ...]] = {d: (d,) for d in detectors}
@@ -132,7 +310,8 @@ def run_policies(orders: Sequence[Mapping[str, Any]], config: MonitorConfig | No
     real = supports_hold_detectors()
     for name, dets in policies.items():
         if real:
-            run = run_policy(orders, Monitor(dataclasses.replace(cfg, hold_detectors=dets), peers=peers))
+            run = run_policy(orders, Monitor(dataclasses.replace(cfg, hold_detectors=dets), peers=peers),
+                             reviewer=analysts(name))
             decisions[name] = [x["held"] for x in run]
         else:
             decisions[name] = [bool(x["fired"] & set(dets)) for x in base_run]
@@ -247,8 +426,10 @@ def evaluate(stream: Iterable[Mapping[str, Any]], labels: Any, out_dir: str | Pa
              config: MonitorConfig | None = None, title: str = "Suspicious order monitoring: evaluation",
              legit_kinds: Sequence[str] = ("surge_flu", "surge_expansion", "new_registrant"),
              episodes: Sequence[Mapping[str, Any]] | None = None,
-             peers: PeerProfiles | None = None) -> dict[str, Any]:
+             peers: PeerProfiles | None = None, review_days: float = 2.0) -> dict[str, Any]:
     """Evaluate every policy on a labeled stream; write the report files to ``out_dir``.
+
+    ``review_days``: the simulated analyst decides each held order this long after its hold (open-case rule).
 
     ``stream``: verified-order dicts (any order; replayed in ``received_at`` order).
     ``labels``: a mapping order_id -> label, or a sequence of labels with ``order_id``;
@@ -258,7 +439,7 @@ def evaluate(stream: Iterable[Mapping[str, Any]], labels: Any, out_dir: str | Pa
     """
     orders = _sorted_stream(stream)
     labs = _align(orders, labels)
-    decisions, info = run_policies(orders, config, peers)
+    decisions, info = run_policies(orders, config, peers, labs, review_days)
     metrics = {name: policy_metrics(orders, labs, held) for name, held in decisions.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,6 +537,229 @@ def _write_labeled(out: Path, metrics: Mapping[str, Mapping[str, Any]], info: Ma
     return files
 
 
+# --------------------------------------------------------------------------- backtest: per transaction, labels
+#: ``suspicious`` column values in a labels CSV (anything else is an error).
+_TRUE = {"1", "true", "yes", "y", "suspicious"}
+_FALSE = {"0", "false", "no", "n", "normal", ""}
+#: The static rule a ramp's first hold is compared with (issue: never later than "2x the trailing 12 months").
+RAMP_REFERENCE = "static_2x_12m"
+
+#: Columns of the per-transaction verdict CSV.
+VERDICT_COLUMNS = ("TRANSACTION_ID", "order_id", "order_number", "buyer_dea", "date", "drug_family", "policy",
+                   "verdict", "detectors", "case_id")
+
+
+def read_labels_csv(path: str | Path) -> dict[str, dict[str, str]]:
+    """A labels CSV: ``TRANSACTION_ID, suspicious, episode[, kind]`` -> ``{TRANSACTION_ID: {label, episode, kind}}``.
+
+    ``suspicious`` is 1/0 (true/false, yes/no), or ``grey``: an early order of an
+    episode, neither a miss nor a false hold (a ramp below its suspicious level).
+    """
+    out: dict[str, dict[str, str]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"TRANSACTION_ID", "suspicious", "episode"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: labels lack columns {sorted(missing)} (need TRANSACTION_ID, suspicious, "
+                             f"episode[, kind])")
+        for n, row in enumerate(reader, start=2):
+            v = (row["suspicious"] or "").strip().lower()
+            if v in _TRUE:
+                label = SUSPICIOUS
+            elif v in _FALSE:
+                label = NORMAL
+            elif v == GREY:
+                label = GREY
+            else:
+                raise ValueError(f"{path} line {n}: suspicious={row['suspicious']!r} (expected 1, 0 or grey)")
+            out[row["TRANSACTION_ID"].strip()] = {"label": label, "episode": (row.get("episode") or "").strip(),
+                                                  "kind": (row.get("kind") or "").strip()}
+    return out
+
+
+def order_transactions(order: Mapping[str, Any]) -> list[tuple[str, int, str]]:
+    """Transactions of an order that has no ARCOS transaction list: one per line, ``<order_number>/<line_no>``."""
+    return [(f"{order['order_number']}/{ln['line_no']}", int(ln["line_no"]), str(ln["drug_family"]))
+            for ln in order["lines"]]
+
+
+_RANK = {NORMAL: 0, GREY: 1, SUSPICIOUS: 2}
+
+
+def order_labels(orders: Sequence[Mapping[str, Any]], transactions: Mapping[str, list[tuple[str, int, str]]],
+                 tx_labels: Mapping[str, Mapping[str, str]]) -> list[dict[str, Any]]:
+    """Per-order labels (the :func:`policy_metrics` format) from per-transaction labels, aligned with ``orders``.
+
+    An order is as suspicious as its most suspicious transaction (suspicious >
+    grey > normal) and belongs to that transaction's episode; an episode starts
+    at its first suspicious order. Transactions without a label count as normal.
+    """
+    labs = []
+    for o in orders:
+        best: dict[str, str] = {"label": NORMAL, "episode": "", "kind": ""}
+        for txid, _, _ in transactions.get(o["order_id"]) or order_transactions(o):
+            lab = tx_labels.get(txid)
+            if lab is None:
+                continue
+            rank, mine = _RANK[lab["label"]], _RANK[best["label"]]
+            if rank > mine or (rank == mine and not best["episode"] and lab.get("episode")):
+                best = dict(lab)
+        labs.append({"order_id": o["order_id"], "label": best["label"], "episode": best["episode"] or None,
+                     "kind": best["kind"] or best["label"]})
+    start: dict[str, datetime] = {}
+    for o, lab in zip(orders, labs):
+        if lab["episode"] and lab["label"] == SUSPICIOUS and lab["episode"] not in start:
+            start[lab["episode"]] = o["received_at"]
+    for o, lab in zip(orders, labs):
+        ep = lab["episode"]
+        if ep and ep not in start and lab["label"] == NORMAL:
+            start[ep] = o["received_at"]  # a legitimate episode (growth, season): starts at its first order
+        lab["episode_start"] = start.get(ep) if ep else None
+    return labs
+
+
+def _episode_rows(orders: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    eps: dict[str, dict[str, Any]] = {}
+    for o, lab in zip(orders, labels):
+        ep = lab.get("episode")
+        if not ep:
+            continue
+        e = eps.setdefault(ep, {"episode": ep, "kind": lab.get("kind") or "", "purchaser_dea": o["purchaser_dea"],
+                                "start": lab["episode_start"].isoformat() if lab.get("episode_start") else "",
+                                "orders": 0, "suspicious_orders": 0})
+        e["orders"] += 1
+        e["suspicious_orders"] += lab["label"] == SUSPICIOUS
+    return list(eps.values())
+
+
+def ramp_comparison(metrics: Mapping[str, Mapping[str, Any]], labels: Sequence[Mapping[str, Any]],
+                    policy: str = LEARNED, reference: str = RAMP_REFERENCE) -> dict[str, Any] | None:
+    """On every ramp episode: is ``policy``'s first hold no later than ``reference``'s (the 2x rule)?
+
+    A ramp the reference never holds counts as "no later" when ``policy`` holds it
+    at all. Returns counts and the ramps where ``policy`` was later (or never held).
+    """
+    if policy not in metrics or reference not in metrics:
+        return None
+    ramps = sorted({lab["episode"] for lab in labels if lab.get("episode") and "ramp" in (lab.get("kind") or "")
+                    and lab["label"] != NORMAL})
+    if not ramps:
+        return None
+    mine, ref = metrics[policy]["first_hold"], metrics[reference]["first_hold"]
+    later = []
+    for e in ramps:
+        a, b = mine.get(e), ref.get(e)
+        if (a is None and b is not None) or (a is not None and b is not None and a > b) or (a is None and b is None):
+            later.append({"episode": e, policy: a.isoformat() if a else "", reference: b.isoformat() if b else "",
+                          "days_later": round(_days(a, b), 1) if a and b else None})
+    return {"policy": policy, "reference": reference, "ramps": len(ramps), "no_later": len(ramps) - len(later),
+            "later_or_missed": later}
+
+
+def write_verdicts(path: Path, policy: str, orders: Sequence[Mapping[str, Any]], run: Sequence[Mapping[str, Any]],
+                   transactions: Mapping[str, list[tuple[str, int, str]]] | None = None) -> int:
+    """One row per transaction (ARCOS row, or order line) with its order's verdict under ``policy``.
+
+    ``detectors``: the detectors that fired for the transaction's drug family and
+    the order-wide ones (``;``-separated), whether or not they decided. A row
+    dropped from its order (no dosage units) has verdict ``SKIPPED``. Returns the row count.
+    """
+    n = 0
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(VERDICT_COLUMNS)
+        for o, d in zip(orders, run):
+            txs = (transactions or {}).get(o["order_id"]) or order_transactions(o)
+            by_family = d.get("by_family") or {}
+            for txid, line_no, family in txs:
+                fired = sorted(by_family.get(family, set()) | by_family.get("*", set()))
+                verdict = "SKIPPED" if line_no == 0 else "HOLD" if d["held"] else "RELEASE"
+                w.writerow([txid, o["order_id"], o["order_number"], o["purchaser_dea"],
+                            o["received_at"].date().isoformat(), family, policy, verdict, ";".join(fired),
+                            d.get("case_id") or "" if d["held"] else ""])
+                n += 1
+    return n
+
+
+def holds_by_month(orders: Sequence[Mapping[str, Any]], runs: Mapping[str, Sequence[Mapping[str, Any]]]
+                   ) -> list[dict[str, Any]]:
+    """Per policy, calendar month, buyer and drug family with at least one hold: orders and holds.
+
+    What a user reads without labels: where and when each policy would have
+    stopped shipments (an order of two families counts under both).
+    """
+    rows = []
+    for name, run in runs.items():
+        cells: dict[tuple[str, str, str], list[int]] = {}
+        for o, d in zip(orders, run):
+            month = o["received_at"].strftime("%Y-%m")
+            for fam in sorted({str(ln["drug_family"]) for ln in o["lines"]}):
+                c = cells.setdefault((month, o["purchaser_dea"], fam), [0, 0])
+                c[0] += 1
+                c[1] += bool(d["held"])
+        rows += [{"policy": name, "month": m, "buyer_dea": b, "drug_family": f, "orders": c[0], "held": c[1]}
+                 for (m, b, f), c in sorted(cells.items()) if c[1]]
+    return rows
+
+
+def backtest(orders: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
+             policies: Sequence[str] = DEFAULT_POLICIES,
+             transactions: Mapping[str, list[tuple[str, int, str]]] | None = None,
+             labels: Sequence[Mapping[str, Any]] | None = None, config: MonitorConfig | None = None,
+             peers: PeerProfiles | None = None, reviewer_factory: ReviewerFactory | None = None,
+             progress: Progress | None = None, title: str = "SOM backtest",
+             legit_kinds: Sequence[str] | None = None,
+             episodes: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Run ``policies`` over ``orders`` (time order) and write what a user checks, per transaction.
+
+    Always: ``verdicts-<policy>.csv`` (:data:`VERDICT_COLUMNS`). With ``labels``
+    (aligned with ``orders``, :func:`order_labels`): ``metrics.md/.csv``, ``kinds.csv``
+    (episodes caught and median days to first hold per kind), ``episodes.csv``
+    (first hold per policy) and ``report.html``; the ramp comparison with
+    :data:`RAMP_REFERENCE` is in the result and ``metrics.md``. Without labels:
+    ``holds_by_month.csv``. Returns ``{runs, policies (metrics), files, ramps, info}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if reviewer_factory is None:  # the open-case rule's analyst, reading the labels when there are some
+        reviewer_factory = analyst_factory(labels)
+    runs = decide_policies(orders, policies, config=config, peers=peers, reviewer_factory=reviewer_factory,
+                           progress=progress)
+    info = {"mode": "hold_detectors", "policies": {p: ",".join(policy_detectors(p, config)) for p in policies},
+            "mode_note": "each policy is its own run with MonitorConfig(hold_detectors=...), learning only from "
+                         "its own releases", "seconds": round(time.perf_counter() - t0, 1),
+            "peers": peers.source if peers is not None else "none",
+            "reviewer": "simulated analyst: each case decided 2 days after its hold "
+                        + ("from the labels" if labels is not None else "(released: no labels)")}
+    files = {}
+    for name, run in runs.items():
+        f = out / f"verdicts-{name.replace(',', '+')}.csv"
+        write_verdicts(f, name, orders, run, transactions)
+        files[f"verdicts_{name}"] = str(f)
+    res: dict[str, Any] = {"runs": runs, "info": info, "files": files, "orders": len(orders)}
+    if labels is None:
+        rows = holds_by_month(orders, runs)
+        _write_csv(out / "holds_by_month.csv", rows, ("policy", "month", "buyer_dea", "drug_family", "orders", "held"))
+        files["holds_by_month_csv"] = str(out / "holds_by_month.csv")
+        res["holds_by_month"] = rows
+        return res
+    metrics = {name: policy_metrics(orders, labels, [d["held"] for d in run]) for name, run in runs.items()}
+    if legit_kinds is None:
+        bad = {lab.get("kind") for lab in labels if lab["label"] != NORMAL}
+        legit_kinds = sorted({lab.get("kind") for lab in labels if lab.get("episode")} - bad - {None, ""})
+    files.update(_write_labeled(out, metrics, info, title, legit_kinds,
+                                episodes if episodes is not None else _episode_rows(orders, labels)))
+    ramps = ramp_comparison(metrics, labels)
+    if ramps is not None:
+        line = (f"\n## Ramps against {ramps['reference']}\n\nOn {ramps['no_later']} of {ramps['ramps']} ramp "
+                f"episodes the {ramps['policy']} policy's first hold is no later than {ramps['reference']}'s.\n")
+        with open(out / "metrics.md", "a", encoding="utf-8") as fh:
+            fh.write(line)
+    res.update(policies=metrics, ramps=ramps)
+    return res
+
+
 # --------------------------------------------------------------------------- HTML / SVG
 def _bar_chart(title: str, items: list[tuple[str, float | None]], fmt: str, vmax: float | None = None) -> str:
     """A horizontal bar chart as inline SVG (no dependency)."""
@@ -415,20 +819,36 @@ def _write_html(path: Path, title: str, info: Mapping[str, Any], rows: list[Mapp
 PEER_TRAINING_SEED_OFFSET = 1000
 
 
-def run_scenarios(out_dir: str | Path, seed: int = 7, peers: bool = True,
-                  **scenario_overrides: Any) -> dict[str, Any]:
-    """Generate the default labeled scenarios (:func:`connectors.scenarios.generate`) and evaluate them.
+def all_policies(peers: bool = True) -> tuple[str, ...]:
+    """Every policy worth a row: learned, each detector alone, the static rules, learned + each recorded detector."""
+    from streams.monitoring.detectors import LEARNED_DETECTORS
+    recorded = tuple(d for d in RECORDED_DETECTORS if peers or d != "peer_volume")
+    return ((LEARNED,) + tuple(LEARNED_DETECTORS) + recorded + tuple(STATIC_DETECTORS) + (STATIC_ANY,)
+            + tuple(f"{LEARNED}+{d}" for d in recorded))
+
+
+def run_scenarios(out_dir: str | Path, seed: int = 7, peers: bool = True, *,
+                  policies: Sequence[str] | None = None, progress: Callable[[int], Progress] | None = None,
+                  reviewer_factory: ReviewerFactory | None = None, **scenario_overrides: Any) -> dict[str, Any]:
+    """Generate the default labeled scenarios (:func:`connectors.scenarios.generate`) and backtest them.
 
     ``peers``: learn peer profiles from another scenario run (seed +
     :data:`PEER_TRAINING_SEED_OFFSET`, see :func:`train_peers`) and give them to
     every policy; they are written to ``peers.avro`` in ``out_dir``.
+    ``policies``: default :func:`all_policies`. Writes the files of :func:`backtest`
+    (``verdicts-<policy>.csv`` per order line, metrics, kinds, episodes).
     ``scenario_overrides`` are ``ScenarioConfig`` fields (e.g. ``n_registrants=60``).
+    These scenarios are the data the thresholds were tuned on.
     """
     from connectors.scenarios import LEGIT_KINDS, episodes_table, generate
     scn = generate(seed=seed, **scenario_overrides)
     profiles = train_peers(seed + PEER_TRAINING_SEED_OFFSET, **scenario_overrides) if peers else None
-    res = evaluate(scn.orders, scn.labels, out_dir, title=f"SOM evaluation: labeled scenarios (seed {seed})",
-                   legit_kinds=LEGIT_KINDS, episodes=episodes_table(scn), peers=profiles)
+    names = tuple(policies) if policies else all_policies(peers)
+    res = backtest(scn.orders, out_dir, policies=names, labels=scn.labels, peers=profiles,
+                   reviewer_factory=reviewer_factory,
+                   progress=progress(len(scn.orders) * len(names)) if progress else None,
+                   title=f"SOM evaluation: labeled scenarios (seed {seed})", legit_kinds=LEGIT_KINDS,
+                   episodes=episodes_table(scn))
     if profiles is not None:
         profiles.save(Path(out_dir) / "peers.avro")
         res["files"]["peers"] = str(Path(out_dir) / "peers.avro")
@@ -437,65 +857,104 @@ def run_scenarios(out_dir: str | Path, seed: int = 7, peers: bool = True,
     return res
 
 
-def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | None = None,
-              product_master: Any = None, peers: PeerProfiles | None = None) -> dict[str, Any]:
-    """Replay an ARCOS file through every policy. ARCOS has no labels: no recall or precision.
+def sample_buyers(orders: Sequence[Mapping[str, Any]], n: int | None, seed: int = 0) -> list[Mapping[str, Any]]:
+    """The orders of ``n`` buyers drawn at random (deterministic in ``seed``); all orders when ``n`` is None.
 
-    Reports per policy the orders held, the hold rate and the buyers with a hold,
-    and writes ``arcos_policies.csv``, ``arcos_held_by_both.csv`` (orders held by
-    the learned policy **and** by at least one static rule: the ones both agree
-    are suspicious), ``arcos.md`` and ``arcos_report.html``.
+    A backtest's cost is orders x policies; sampling whole buyers keeps every
+    sampled buyer's history (and so its baselines and episodes) intact.
     """
-    from connectors.arcos_replay import read_arcos
-    orders = _sorted_stream(read_arcos(path, product_master=product_master))
-    decisions, info = run_policies(orders, config, peers)
+    buyers = sorted({str(o["purchaser_dea"]) for o in orders})
+    if n is None or n >= len(buyers):
+        return list(orders)
+    import random
+    keep = set(random.Random(f"sample-buyers:{seed}").sample(buyers, n))
+    return [o for o in orders if o["purchaser_dea"] in keep]
+
+
+def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | None = None,
+              product_master: Any = None, peers: PeerProfiles | None = None, labels: str | Path | None = None,
+              policies: Sequence[str] = DEFAULT_POLICIES, reviewer_factory: ReviewerFactory | None = None,
+              progress: Callable[[int], Progress] | None = None, buyers: int | None = None,
+              seed: int = 0) -> dict[str, Any]:
+    """Backtest an ARCOS file: every policy's verdict per transaction, and scores when labels are given.
+
+    ``labels``: a CSV ``TRANSACTION_ID, suspicious, episode[, kind]`` (see
+    :func:`read_labels_csv`): recall, precision, false holds per 1,000
+    legitimate orders, episodes caught and days to first hold per kind.
+    Without labels: hold rates per policy, ``holds_by_month.csv`` and
+    ``arcos_held_by_both.csv`` (orders held by the learned policy **and** a
+    static rule). ``buyers``: sample that many buyers (seed ``seed``) to bound
+    the run time. ``progress(total_orders)`` returns a callback advanced by
+    the orders scored (a progress bar). Writes ``arcos.md`` (what was read,
+    the ARCOS quirks met, the tables) and the files of :func:`backtest`.
+    """
+    from connectors.arcos_replay import read_arcos_detailed
+    data = read_arcos_detailed(path, product_master=product_master)
+    orders = _sorted_stream(sample_buyers(data.orders, buyers, seed))
+    labs = order_labels(orders, data.transactions, read_labels_csv(labels)) if labels else None
+    n, n_buyers = len(orders), len({o["purchaser_dea"] for o in orders})
+    res = backtest(orders, out_dir, policies=policies, transactions=data.transactions, labels=labs, config=config,
+                   peers=peers, reviewer_factory=reviewer_factory,
+                   progress=progress(n * len(policies)) if progress else None,
+                   title=f"SOM backtest: {Path(path).name}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n = len(orders)
     rows = []
-    for name, held in decisions.items():
-        k = sum(held)
+    for name, run in res["runs"].items():
+        k = sum(d["held"] for d in run)
         rows.append({"policy": name, "orders": n, "held": k, "hold_rate": k / n if n else None,
                      "holds_per_1000": 1000.0 * k / n if n else None,
-                     "buyers_held": len({o["purchaser_dea"] for o, x in zip(orders, held) if x})})
+                     "buyers_held": len({o["purchaser_dea"] for o, d in zip(orders, run) if d["held"]})})
     cols = ("policy", "orders", "held", "hold_rate", "holds_per_1000", "buyers_held")
     _write_csv(out / "arcos_policies.csv", rows, cols)
-    static = [p for p in decisions if p.startswith(STATIC_PREFIX) and p != STATIC_ANY]
-    both = []
-    for i, o in enumerate(orders):
-        if decisions[LEARNED][i]:
-            agree = [p for p in static if decisions[p][i]]
-            if agree:
-                both.append({"order_id": o["order_id"], "purchaser_dea": o["purchaser_dea"],
-                             "business_activity": o.get("business_activity") or "",
-                             "received_at": o["received_at"].isoformat(), "order_number": o["order_number"],
-                             "dosage_units": sum(int(l["dosage_units"]) for l in o["lines"]),
-                             "static_rules": ",".join(agree)})
+    both = _held_by_both(orders, res["runs"])
     bcols = ("order_id", "purchaser_dea", "business_activity", "received_at", "order_number", "dosage_units",
              "static_rules")
     _write_csv(out / "arcos_held_by_both.csv", both, bcols)
-    note = ("ARCOS carries no labels (these are shipped orders): recall and precision cannot be computed; "
-            "the table shows how often each policy would have held. Verification was skipped (ARCOS has no "
-            "signatures).")
-    if not static:
-        note += (" No static_* detector was found in the verdict reasons yet, so 'held by both' is empty.")
-    md = ["# SOM on ARCOS replay\n", f"Source: `{path}`; {n} orders, "
-          f"{len({o['purchaser_dea'] for o in orders})} buyers.\n", note + "\n",
-          f"Mode: **{info['mode']}**: {info['mode_note']}.\n", markdown_table(rows, cols),
+    sampled = f" (a sample of {n_buyers} buyers, seed {seed})" if buyers else ""
+    read_note = f"Read: {data.describe()}."
+    note = ("Scored against the labels given." if labs is not None else
+            "No labels: recall and precision cannot be computed; the tables show how often each policy would "
+            "have held.") + " Verification was skipped (ARCOS has no signatures)."
+    md = ["# SOM on ARCOS replay\n", f"Source: `{Path(path).name}`; {n} orders, {n_buyers} buyers{sampled}.\n",
+          read_note + "\n", note + "\n", f"Peer profiles: {res['info']['peers']}.\n", markdown_table(rows, cols),
           f"\nOrders held by both the learned policy and a static rule: {len(both)}.\n"]
+    if labs is not None:
+        md.append("\n" + (out / "metrics.md").read_text(encoding="utf-8").split("\n", 1)[1])
     (out / "arcos.md").write_text("\n".join(md), encoding="utf-8")
     charts = [_bar_chart("Holds per 1,000 ARCOS orders", [(r["policy"], r["holds_per_1000"]) for r in rows],
                          "{:.1f}"),
               _bar_chart("Buyers with at least one hold", [(r["policy"], r["buyers_held"]) for r in rows], "{:.0f}")]
-    _write_html(out / "arcos_report.html", "SOM on ARCOS replay", info, rows, cols, both[:200], bcols, charts,
-                notes=[note, f"Orders held by both the learned policy and a static rule: {len(both)} "
-                             f"(first 200 listed)."])
-    return {"policies": {r["policy"]: r for r in rows}, "held_by_both": both, "info": info,
-            "orders": n, "buyers": len({o["purchaser_dea"] for o in orders}), "note": note,
-            "files": {k: str(out / v) for k, v in (("policies_csv", "arcos_policies.csv"),
-                                                    ("held_by_both_csv", "arcos_held_by_both.csv"),
-                                                    ("md", "arcos.md"), ("report_html", "arcos_report.html"))}}
+    _write_html(out / "arcos_report.html", "SOM on ARCOS replay", res["info"], rows, cols, both[:200], bcols, charts,
+                notes=[read_note, note, f"Orders held by both the learned policy and a static rule: {len(both)} "
+                                        f"(first 200 listed)."])
+    res["files"].update({k: str(out / v) for k, v in (("policies_csv", "arcos_policies.csv"),
+                                                       ("held_by_both_csv", "arcos_held_by_both.csv"),
+                                                       ("md", "arcos.md"), ("report_html", "arcos_report.html"))})
+    res.update(held=rows, held_by_both=both, buyers=n_buyers, note=note, read=data.stats, read_note=read_note)
+    return res
+
+
+def _held_by_both(orders: Sequence[Mapping[str, Any]], runs: Mapping[str, Sequence[Mapping[str, Any]]]
+                  ) -> list[dict[str, Any]]:
+    """Orders held by the learned policy and by at least one single static rule."""
+    if LEARNED not in runs:
+        return []
+    static = [p for p in runs if p.startswith(STATIC_PREFIX) and p != STATIC_ANY]
+    both = []
+    for i, o in enumerate(orders):
+        if runs[LEARNED][i]["held"]:
+            agree = [p for p in static if runs[p][i]["held"]]
+            if agree:
+                both.append({"order_id": o["order_id"], "purchaser_dea": o["purchaser_dea"],
+                             "business_activity": o.get("business_activity") or "",
+                             "received_at": o["received_at"].isoformat(), "order_number": o["order_number"],
+                             "dosage_units": sum(int(ln["dosage_units"]) for ln in o["lines"]),
+                             "static_rules": ",".join(agree)})
+    return both
 
 
 __all__ = ["evaluate", "run_scenarios", "run_arcos", "run_policy", "run_policies", "policy_metrics",
+           "backtest", "decide_policies", "released_order_ids", "policy_detectors", "read_labels_csv", "order_labels", "write_verdicts",
+           "holds_by_month", "ramp_comparison", "sample_buyers", "all_policies", "Reviewer", "ReviewerFactory", "DEFAULT_POLICIES",
+           "VERDICT_COLUMNS", "RAMP_REFERENCE",
            "supports_hold_detectors", "markdown_table", "LEARNED", "STATIC_ANY"]

@@ -21,11 +21,12 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from .cert_profile import ExtensionOids
 from .order_document import FORMAT
 from .products import ProductMaster
-from .verification import ADVICE, CHECKS, Outcome, Verifier
+from .verification import ADVICE, CHECKS, CertificateFinding, Outcome, Refusal, Verifier
 
 #: What each check establishes, in the order the verifier makes them.
 CHECK_DESCRIPTIONS: dict[str, str] = {
@@ -38,7 +39,8 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
     "certificate_path": "The certificate chains to the trusted CSOS root and is a registrant signing "
                         "certificate (RFC 5280; 1311.55)",
     "certificate_validity": "Every certificate in the path was valid on the date the order was signed (1311.50)",
-    "revocation": "The certificate is not on its issuer's current revocation list at receipt (1311.55)",
+    "revocation": "Every certificate of the path (yours and each CA's) is covered by a current revocation "
+                  "list and not on it at receipt (RFC 5280 6.3; 1311.55)",
     "dea_number": "The DEA number in the order is the one bound to the certificate (1311.55)",
     "products": "Every item (NDC) is in the supplier's product master",
     "schedules": "Every item's schedule is authorized by the certificate; otherwise the whole order is "
@@ -47,34 +49,28 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
 }
 
 
-def build_verifier(trust_dir: Path, crl_paths: list[Path], products_path: Path,
+def build_verifier(trust_dir: Path, crl_paths: list[Path], products_path: Path | None,
                    oids: ExtensionOids | None = None) -> Verifier:
     """A Verifier from a trust directory, CRL files and a product master.
 
     ``trust_dir``: PEM files; ``root*.pem`` are the trust anchors (the CSOS root),
     every other ``*.pem`` an intermediate CA (a PKI directory written by
     ``csos pki init`` is accepted too: its ``trust/`` is used). ``crl_paths``: CRL
-    files, DER or PEM; each must verify with a known CA's key. ``products_path``:
-    the product master CSV (NDC, schedule, ...).
+    files, DER or PEM, for the CSOS sub-CA and for the root (every certificate of
+    the path needs one). ``products_path``: the product master CSV (NDC, schedule,
+    ...); None for an empty one (certificate checks only).
+
+    A CRL or certificate file that cannot be used does not stop it: it is listed in
+    the verifier's ``refusals`` (printed by :func:`render`). Raises ``ValueError`` /
+    ``OSError`` only when nothing can be verified (no readable trust anchor).
     """
     d = Path(trust_dir)
     if (d / "trust").is_dir():
         d = d / "trust"
     if not d.is_dir():
         raise FileNotFoundError(f"trust directory {d} does not exist")
-    anchors: list[x509.Certificate] = []
-    inters: list[x509.Certificate] = []
-    for p in sorted(d.glob("*.pem")):
-        certs = x509.load_pem_x509_certificates(p.read_bytes())
-        (anchors if p.name.startswith("root") else inters).extend(certs)
-    if not anchors:
-        raise ValueError(f"no trust anchor in {d}: the CSOS root certificate must be in a file named root*.pem")
-    crls = []
-    for p in crl_paths:
-        data = Path(p).read_bytes()
-        crls.append(x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN")
-                    else x509.load_der_x509_crl(data))
-    return Verifier(anchors, inters, crls, ProductMaster.load(products_path), oids)
+    products = ProductMaster.load(products_path) if products_path is not None else ProductMaster([])
+    return Verifier.from_files(sorted(d.glob("*.pem")), [Path(p) for p in crl_paths], products, oids)
 
 
 def reverify(document: bytes | None, signature: bytes, trust_dir: Path, crl_paths: list[Path],
@@ -88,12 +84,56 @@ def reverify(document: bytes | None, signature: bytes, trust_dir: Path, crl_path
     ``products_path``: the product master CSV. ``received_at``: when the order was
     received (timezone-aware). ``fmt``: the document format (``csos-order/1`` or
     ``x12-850``). Returns the Outcome: ``ok``, ``reason_code``, ``reason`` and
-    every check made with its result.
+    every check made with its result; ``outcome.refusals`` lists the trust material
+    that could not be used.
     """
     if received_at.tzinfo is None:
         raise ValueError("received_at must include a time zone (e.g. 2026-03-02T12:00:00+00:00)")
     verifier = build_verifier(trust_dir, crl_paths, products_path)
-    return verifier.verify(document, signature, received_at, fmt)
+    outcome = verifier.verify(document, signature, received_at, fmt)
+    outcome.refusals = list(verifier.refusals)
+    return outcome
+
+
+def check_certificate_offline(certificate: bytes, trust_dir: Path, crl_paths: list[Path], at: datetime,
+                              received_at: datetime | None = None) -> tuple[CertificateFinding, list[Refusal]]:
+    """Judge one certificate without an order (``csos verify-offline --certificate``).
+
+    The verifier's checks 6-8 exactly as for an order: RFC 5280 path to the trust
+    anchors, validity of every certificate of the path at ``at`` (the signing time),
+    revocation of every certificate of the path at ``received_at`` (default ``at``)
+    against ``crl_paths``. For certificates whose private key you do not have (the
+    NIST PKITS conformance cases run this way). ``certificate``: DER or PEM.
+    """
+    if at.tzinfo is None or (received_at is not None and received_at.tzinfo is None):
+        raise ValueError("times must include a time zone (e.g. 2026-03-02T12:00:00+00:00)")
+    verifier = build_verifier(trust_dir, crl_paths, None)
+    if certificate.lstrip().startswith(b"-----BEGIN"):
+        try:
+            certificate = x509.load_pem_x509_certificate(certificate).public_bytes(serialization.Encoding.DER)
+        except ValueError:
+            pass  # judged (and reported unreadable) below
+    finding = verifier.check_certificate(certificate, signed_at=at, received_at=received_at or at)
+    return finding, list(verifier.refusals)
+
+
+def render_refusals(refusals: list[Refusal]) -> list[str]:
+    """One line per CRL or certificate file the verifier could not use."""
+    return [f"{'CRL' if r.kind == 'crl' else 'Certificate'} refused{f' ({r.source})' if r.source else ''}: "
+            f"{r.reason}" for r in refusals]
+
+
+def render_certificate(finding: CertificateFinding, refusals: list[Refusal], *, at: datetime) -> str:
+    """The certificate checks as a report, like :func:`render` for an order."""
+    out = ["CSOS certificate check (RFC 5280 path, validity, revocation)", "=" * 60, f"Judged at:        {at.isoformat()}"]
+    out += render_refusals(refusals)
+    out.append("")
+    for c in finding.checks:
+        out.append(f"    {c.check:<21} {'PASS' if c.passed else 'FAIL':<11} -> {c.detail}")
+    out.append("")
+    out.append("RESULT: VALID. The certificate path is trusted, valid and unrevoked." if finding.ok
+               else f"RESULT: INVALID ({finding.reason_code}).\nReason: {finding.reason}")
+    return "\n".join(out) + "\n"
 
 
 def render(outcome: Outcome, *, received_at: datetime | None = None) -> str:
@@ -115,6 +155,7 @@ def render(outcome: Outcome, *, received_at: datetime | None = None) -> str:
         out.append(f"Signer serial:    {outcome.signer_serial}")
     if outcome.signer_fingerprint:
         out.append(f"Signer SHA-256:   {outcome.signer_fingerprint}")
+    out += render_refusals(getattr(outcome, "refusals", []))
     out += ["", "Checks, in the order they are made (verification stops at the first failure):", ""]
     made = {c.check: c for c in outcome.checks}
     stopped = False
@@ -146,4 +187,5 @@ def render(outcome: Outcome, *, received_at: datetime | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-__all__ = ["CHECK_DESCRIPTIONS", "build_verifier", "render", "reverify"]
+__all__ = ["CHECK_DESCRIPTIONS", "build_verifier", "check_certificate_offline", "render", "render_certificate",
+           "render_refusals", "reverify"]

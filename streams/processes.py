@@ -52,6 +52,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         # -- issue 9 (hostile input), verify agent
         "CSOS_SUPPLIER_DEA": settings.supplier_dea,
         "CSOS_RECEIPT_SKEW_SECONDS": repr(settings.receipt_skew_seconds),
+        # -- issue 10 (fast recovery)
+        "CSOS_WORKER_ID": settings.worker_id,
+        "CSOS_SESSION_TIMEOUT_SECONDS": repr(settings.session_timeout_seconds),
+        "CSOS_HEARTBEAT_SECONDS": repr(settings.heartbeat_seconds),
+        "CSOS_STATIC_MEMBERSHIP": "1" if settings.static_membership else "0",
     })
     if settings.clickhouse_url:
         env["CLICKHOUSE_URL"] = settings.clickhouse_url

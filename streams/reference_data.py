@@ -1,11 +1,14 @@
 """Reference data every worker needs whole: CRLs and the registrant directory.
 
-Both arrive on compacted topics (``pki.crl`` keyed by issuer, ``registrants``
-keyed by DEA number) that each worker reads completely, from the beginning,
+Both arrive on compacted topics (``pki.crl`` keyed per distinct CRL, see
+``crl_record_key``; ``registrants`` keyed by DEA number) that each worker reads completely, from the beginning,
 without a consumer group: a CRL must reach every worker, not one of them.
 A background thread reads them with confluent-kafka and queues the records;
 the agent applies the queue between batches on its own thread, so the
-verifier's caches are never changed under a running verification.
+verifier's caches are never changed under a running verification. The
+reader also tells how far it has read each partition, so that the agent can
+wait, before judging a batch, until it has everything published before the
+batch arrived (the freshness barrier, ``end_offsets``/``wait_until``).
 
 Unusable records leave exactly one trace. Every worker re-reads both topics
 whole at every start, so a worker that dead-lettered what it read would trace
@@ -22,6 +25,7 @@ collapses in ``dead_letters FINAL``.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -29,9 +33,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from confluent_kafka import (OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException,
+                             TopicPartition)
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from connectors.kafka_security import client_config
 
@@ -157,6 +165,101 @@ def _check_crl(key: str, rec: dict[str, Any]) -> None:
         raise UnreadableReference(f"CRL of {key} is not a CRL: {exc}") from None
 
 
+def trace_group_config(settings: Any) -> dict[str, Any]:
+    """The tracing consumer's group settings (issue 10): static member id and short session, as the worker's.
+
+    Without them a restarted worker's tracer waits for the killed one's session
+    (librdkafka's default 45 s) before its reference partitions are traced again.
+    """
+    instance_id = settings.group_instance_id(settings.web_port)
+    return {**({"group.instance.id": instance_id} if instance_id else {}),
+            "session.timeout.ms": int(settings.session_timeout_seconds * 1000),
+            "heartbeat.interval.ms": int(settings.heartbeat_seconds * 1000)}
+
+
+# ------------------------------------------------------------------ CRL history: never rolled back
+class CrlRank(NamedTuple):
+    """Where a CRL stands in its issuer's history: its scope, and how new it is within that scope."""
+
+    scope: tuple[bytes, bytes, bytes, bool]  # issuer name, signing key id, issuingDistributionPoint, delta
+    number: int | None  # cRLNumber
+    this_update: datetime
+    digest: str  # SHA-256 of the DER: the CRL's identity
+
+    def newer_than(self, other: CrlRank) -> bool:
+        """A higher CRL number; without numbers on both, a later thisUpdate (RFC 5280 5.2.3)."""
+        if self.number is not None and other.number is not None:
+            return self.number > other.number
+        return self.this_update > other.this_update
+
+
+def crl_rank(crl: x509.CertificateRevocationList) -> CrlRank:
+    """The scope and rank of ``crl``.
+
+    The scope tells which CRLs replace each other: the same issuer name, the
+    same signing key (a CA's CRLs under its old and its new key are two
+    series, each numbered on its own), the same issuingDistributionPoint
+    (partition, reasons, indirect) and complete vs. delta.
+    """
+    def ext(cls: type) -> Any:
+        try:
+            return crl.extensions.get_extension_for_class(cls).value
+        except x509.ExtensionNotFound:
+            return None
+
+    aki = ext(x509.AuthorityKeyIdentifier)
+    idp = ext(x509.IssuingDistributionPoint)
+    number = ext(x509.CRLNumber)
+    scope = (crl.issuer.public_bytes(), (aki.key_identifier or b"") if aki is not None else b"",
+             idp.public_bytes() if idp is not None else b"", ext(x509.DeltaCRLIndicator) is not None)
+    der = crl.public_bytes(Encoding.DER)
+    return CrlRank(scope, number.crl_number if number is not None else None, crl.last_update_utc,
+                   hashlib.sha256(der).hexdigest())
+
+
+def crl_record_key(crl: x509.CertificateRevocationList) -> str:
+    """The ``pki.crl`` key of one CRL: issuer, CRL number (or thisUpdate) and SHA-256 of its DER.
+
+    One key per distinct CRL, so compaction only collapses re-publications of
+    the same CRL and can never drop the CRL in force for a later record of
+    the same issuer (a forged or an older one) that the workers refuse.
+    """
+    rank = crl_rank(crl)
+    at = f"number {rank.number}" if rank.number is not None else f"thisUpdate {rank.this_update:%Y-%m-%dT%H:%M:%SZ}"
+    return f"{crl.issuer.rfc4514_string()} | {at} | sha256 {rank.digest}"
+
+
+class CrlHistory:
+    """The CRL in force per scope, and what was decided about every CRL seen, whatever order they come in.
+
+    A CRL is offered to the verifier only if it is newer than the one in
+    force for its scope (:meth:`CrlRank.newer_than`), and becomes the one in
+    force only if the verifier installs it. So an older or a refused record,
+    read before or after the current one, after compaction or at a restart
+    (every worker reads the whole topic), never displaces it.
+    """
+
+    def __init__(self) -> None:
+        self._in_force: dict[tuple[bytes, bytes, bytes, bool], CrlRank] = {}
+        self._decided: dict[str, str] = {}  # digest -> "installed" | "superseded" | "refused: <why>"
+
+    def decided(self, rank: CrlRank) -> str | None:
+        """What became of this CRL when it was first seen (None: not seen yet)."""
+        return self._decided.get(rank.digest)
+
+    def supersedes(self, rank: CrlRank) -> bool:
+        current = self._in_force.get(rank.scope)
+        return current is None or rank.newer_than(current)
+
+    def in_force(self, rank: CrlRank) -> CrlRank | None:
+        return self._in_force.get(rank.scope)
+
+    def decide(self, rank: CrlRank, verdict: str) -> None:
+        self._decided[rank.digest] = verdict
+        if verdict == "installed":
+            self._in_force[rank.scope] = rank
+
+
 def dead_letter_id(topic: str, partition: int, offset: int) -> str:
     """The same id for the same message, whoever dead-letters it and however often."""
     return str(uuid.uuid5(DEAD_LETTER_NAMESPACE, f"{topic}/{partition}/{offset}"))
@@ -173,17 +276,24 @@ class ReferenceFeed(threading.Thread):
     TOPICS = (t.CRL, t.REGISTRANTS)
 
     def __init__(self, bootstrap: str, codec: AvroCodec | None = None, *, emitter: Emitter | None = None,
-                 trace_group: str = "csos-som-reference-trace") -> None:
+                 trace_group: str = "csos-som-reference-trace",
+                 trace_config: Mapping[str, Any] | None = None) -> None:
         super().__init__(name="reference-feed", daemon=True)
         self.bootstrap = bootstrap
         self.codec = codec or default_codec()
         self.emitter = emitter
         self.trace_group = trace_group
+        #: Extra librdkafka settings of the tracing group consumer, e.g. ``trace_group_config(settings)``.
+        self.trace_config = dict(trace_config or {})
         self.updates: queue.Queue[Update] = queue.Queue()
         self.caught_up = threading.Event()
         self.stopping = threading.Event()
         self.errors = 0
         self.dead_lettered = 0
+        # Freshness barrier: the next offset this worker's copy has read (and queued) per partition.
+        self._position: dict[tuple[str, int], int] = {}
+        self._progress = threading.Condition()
+        self._admin: AdminClient | None = None
 
     def _consumer(self) -> tuple[Consumer, dict[tuple[str, int], int]]:
         consumer = Consumer({
@@ -200,7 +310,8 @@ class ReferenceFeed(threading.Thread):
                 raise RuntimeError(f"topic {topic} is missing; run `csos topics`")
             for p in metadata.topics[topic].partitions:
                 partitions.append(TopicPartition(topic, p, OFFSET_BEGINNING))
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                low, high = _watermarks(consumer, TopicPartition(topic, p))
+                self._advance(topic, p, low)
                 if high > low:
                     ends[(topic, p)] = high
         consumer.assign(partitions)
@@ -216,6 +327,7 @@ class ReferenceFeed(threading.Thread):
             "auto.offset.reset": "earliest",  # a group's first member traces what is already there
             "enable.auto.commit": False,
             **client_config(),
+            **self.trace_config,
         }, logger=logging.getLogger("streams.reference_data.librdkafka"))
         consumer.subscribe(list(self.TOPICS))
         return consumer
@@ -242,6 +354,7 @@ class ReferenceFeed(threading.Thread):
         """Apply one message of the worker's own copy and note when every partition has been read."""
         if msg.error():
             if msg.error().code() == KafkaError._PARTITION_EOF:
+                self._advance(msg.topic(), msg.partition(), msg.offset())  # the offset the partition ends at
                 behind.pop((msg.topic(), msg.partition()), None)
                 if not behind:
                     self.caught_up.set()
@@ -249,6 +362,7 @@ class ReferenceFeed(threading.Thread):
                 log.warning("reference feed: %s", msg.error())
             return
         self._queue(msg)
+        self._advance(msg.topic(), msg.partition(), msg.offset() + 1)  # after queueing: drained with it
         if behind.get((msg.topic(), msg.partition()), -1) <= msg.offset() + 1:
             behind.pop((msg.topic(), msg.partition()), None)
             if not behind:
@@ -314,6 +428,50 @@ class ReferenceFeed(threading.Thread):
             self.updates.put(Update(topic, text, record, Trace(partition, offset)))
         return False
 
+    # ------------------------------------------------------------------ freshness barrier
+    def _advance(self, topic: str, partition: int, next_offset: int) -> None:
+        """Note that everything before ``next_offset`` of the partition is read and queued."""
+        with self._progress:
+            if next_offset > self._position.get((topic, partition), -1):
+                self._position[(topic, partition)] = next_offset
+                self._progress.notify_all()
+
+    def end_offsets(self, timeout: float) -> dict[tuple[str, int], int]:
+        """Where each partition of both topics ends now (read-committed): one ListOffsets request per broker.
+
+        Asked after a batch of orders was appended, the answer covers every
+        reference record published before any of them.
+        """
+        if self._admin is None:
+            self._admin = AdminClient({"bootstrap.servers": self.bootstrap, **client_config()},
+                                      logger=logging.getLogger("streams.reference_data.librdkafka"))
+        with self._progress:
+            known = list(self._position)
+        if not known:  # the reader has not started: ask the cluster which partitions there are
+            metadata = self._admin.list_topics(timeout=timeout)
+            known = [(topic, p) for topic in self.TOPICS if topic in metadata.topics
+                     for p in metadata.topics[topic].partitions]
+        futures = self._admin.list_offsets({TopicPartition(topic, p): OffsetSpec.latest() for topic, p in known},
+                                           isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout)
+        return {(tp.topic, tp.partition): f.result(timeout).offset for tp, f in futures.items()}
+
+    def behind(self, ends: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """The partitions this worker's copy has not read up to ``ends`` yet, with its position."""
+        with self._progress:
+            return {tp: self._position.get(tp, -1) for tp, end in ends.items() if self._position.get(tp, -1) < end}
+
+    def wait_until(self, ends: dict[tuple[str, int], int], timeout: float) -> bool:
+        """Wait until every partition is read (and queued) up to ``ends``; False on timeout or a dead reader."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while True:
+                if all(self._position.get(tp, -1) >= end for tp, end in ends.items()):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.is_alive():
+                    return False
+                self._progress.wait(min(left, 0.5))
+
     def drain(self) -> list[Update]:
         out = []
         while True:
@@ -328,6 +486,21 @@ class ReferenceFeed(threading.Thread):
             if self.caught_up.wait(0.2):
                 return True
         return self.caught_up.is_set()
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> tuple[int, int]:
+    """A partition's (low, high) offsets, asked again while its leader is still being elected (new topics)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=timeout)
+        except KafkaException as exc:
+            err = exc.args[0]
+            transient = err.retriable() or err.code() in (KafkaError.NOT_LEADER_FOR_PARTITION,
+                                                          KafkaError.LEADER_NOT_AVAILABLE)
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _timestamp(msg: Any) -> datetime | None:

@@ -7,25 +7,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from connectors.broker import LocalBroker, free_port
-from connectors.topics import ensure_topics
-
-
-@contextmanager
-def running_broker(data_dir: Path) -> Iterator[LocalBroker]:
-    """A KRaft broker on free ports with the pipeline's topics, stopped on exit."""
-    b = LocalBroker(port=free_port(), data_dir=data_dir, controller_port=free_port())
-    b.start(timeout=180)
-    try:
-        ensure_topics(b.bootstrap)
-        yield b
-    finally:
-        b.stop()
+from connectors.broker import LocalBroker, free_port, running_broker  # noqa: F401 - tests import it from here
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,7 @@ def cred(pki: TestPKI) -> Credential:
 @pytest.fixture
 def verifier(pki: TestPKI) -> Verifier:
     return Verifier(pki.trust_anchors, pki.intermediates,
-                    [pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=7))], PRODUCTS)
+                    [pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=7)), pki.root_crl], PRODUCTS)
 
 
 class Exploding:

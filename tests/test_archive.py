@@ -72,7 +72,8 @@ def material(pki: TestPKI, tmp_path_factory) -> dict[str, Path]:
     d = pki.write_pki(tmp_path_factory.mktemp("pki"))
     products = d / "products.csv"
     ProductMaster([OXY, ALPRAZOLAM]).save(products)
-    return {"trust": d / "trust", "crl": d / "crl" / "csos-sub-ca.crl", "products": products}
+    return {"trust": d / "trust", "crl": d / "crl" / "csos-sub-ca.crl", "root_crl": d / "crl" / "root.crl",
+            "products": products}
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_export_reverifies_offline(client, orders, material, tmp_path):
             assert hashlib.sha256((d / name).read_bytes()).hexdigest() == digest
         assert man["signature_attached"] is False and man["received_at"].startswith("2026-03-02T12:0")
         received_at = datetime.fromisoformat(man["received_at"])
-        out = reverify(doc, sig, material["trust"], [material["crl"]], material["products"], received_at)
+        out = reverify(doc, sig, material["trust"], [material["crl"], material["root_crl"]], material["products"], received_at)
         assert out.ok, out.checks
         text = render(out, received_at=received_at)
         assert "RESULT: VALID" in text and all(c in text for c in CHECKS)
@@ -213,7 +214,7 @@ def test_attached_export_reverifies_offline(client, orders, material, tmp_path):
     assert doc == orders["o-attached"][2]
     man = json.loads(next(p for p in files if p.name == "manifest.json").read_text())
     assert man["signature_attached"] is True and "--document" not in man["reverify"]
-    out = reverify(None, sig, material["trust"], [material["crl"]], material["products"], NOW)
+    out = reverify(None, sig, material["trust"], [material["crl"], material["root_crl"]], material["products"], NOW)
     assert out.ok, out.checks
 
 
@@ -224,7 +225,7 @@ def test_a_tampered_export_fails_with_every_check_listed(client, material, tmp_p
     tampered = doc_path.read_bytes().replace(b'"packages":2', b'"packages":9')
     assert tampered != doc_path.read_bytes()
     doc_path.write_bytes(tampered)
-    out = reverify(doc_path.read_bytes(), sig, material["trust"], [material["crl"]], material["products"], NOW)
+    out = reverify(doc_path.read_bytes(), sig, material["trust"], [material["crl"], material["root_crl"]], material["products"], NOW)
     assert not out.ok and out.reason_code == BAD_SIGNATURE
     text = render(out, received_at=NOW)
     assert f"RESULT: INVALID ({BAD_SIGNATURE})" in text and "altered" in text
@@ -243,7 +244,7 @@ def test_malformed_signature_exports_with_its_rejection(client, tmp_path, materi
     assert man["certificates"] == [] and man["signer_fingerprint_sha256"] is None
     sig = next(p for p in files if p.suffix == ".p7s").read_bytes()
     assert sig == orders["o-malformed"][1]
-    out = reverify(orders["o-malformed"][0], sig, material["trust"], [material["crl"]], material["products"], NOW)
+    out = reverify(orders["o-malformed"][0], sig, material["trust"], [material["crl"], material["root_crl"]], material["products"], NOW)
     assert out.reason_code == "MALFORMED_SIGNATURE"
     assert "RESULT: INVALID (MALFORMED_SIGNATURE)" in render(out)
 

@@ -405,6 +405,9 @@ def test_a_failed_insert_is_resealed_identically_on_retry(store):
                 raise ConnectionError("ClickHouse went away")
             return self.client.insert(table, *args, **kwargs)
 
+        def query(self, *args, **kwargs):
+            return self.client.query(*args, **kwargs)
+
     sink = ClickHouseSink(store)
     records = audit_records(6, 8)
     sink.write(records[:3])

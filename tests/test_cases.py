@@ -216,6 +216,8 @@ def test_refused_decision_changes_nothing_and_is_visible(agent) -> None:
     feed(proc, t.HOLD, "som.Hold", hold)
     feed(proc, t.DECISIONS, "som.Decision", a_decision(hold, "CANCEL", actor="bob"))
     pub.take(t.CASES), pub.take(t.AUDIT)
+    [(_, cancelled)] = pub.take(t.CLEARED)  # the monitor hears the case closed (its open case ends)
+    assert (cancelled["outcome"], cancelled["order_id"]) == ("CANCELLED", hold["order_id"])
     feed(proc, t.DECISIONS, "som.Decision", a_decision(hold, "RELEASE", actor="mallory"))
     assert pub.take(t.RELEASE) == [] and pub.take(t.CLEARED) == []
     [(_, ev)] = pub.take(t.CASES)
@@ -237,7 +239,9 @@ def test_report_decision_emits_the_report(agent) -> None:
     feed(proc, t.DECISIONS, "som.Decision", a_decision(hold, "REPORT", actor="carol"))
     [(key, rep)] = pub.take(t.REPORTS)
     assert key == hold["order_id"] and rep["reported_by"] == "carol" and len(rep["lines"]) == 2
-    assert pub.take(t.RELEASE) == [] and pub.take(t.CLEARED) == []
+    assert pub.take(t.RELEASE) == []
+    [(key, reported)] = pub.take(t.CLEARED)  # for the monitor: the family waits for a new limit; nothing learned
+    assert (key, reported["outcome"], reported["cleared_by"]) == (hold["purchaser_dea"], "REPORTED", "carol")
 
 
 def test_clock_escalates_lapsed_cases_once(agent) -> None:

@@ -307,3 +307,46 @@ def test_signature_is_deterministic_structure(rsa_cred: Credential) -> None:
     before = datetime.now(timezone.utc) - timedelta(days=1)
     p = parse_signed_data(sign_order(DOC, rsa_cred.cert, rsa_cred.key, signing_time=SIGNED))
     assert p.signing_time == SIGNED < before
+
+
+def _with_subject_unique_id(cred: Credential, issuer: Credential) -> bytes:
+    """``cred``'s certificate re-issued by ``issuer`` with a subjectUniqueID whose BIT STRING has 5 unused
+    bits, sized so that the certificate's DER length ends in a 0x80 byte (like PKITS's UIDCACert, 0x0380).
+
+    asn1crypto mistakes that length byte for BER's indefinite-length marker and re-encodes the whole
+    certificate, normalising the BIT STRING: the bytes change and the issuer's signature no longer verifies.
+    """
+    from asn1crypto import core
+    from asn1crypto import x509 as ax
+
+    tbs = ax.Certificate.load(cred.cert.public_bytes(serialization.Encoding.DER))["tbs_certificate"]
+    head = b"".join(tbs[name].dump() for name in ("version", "serial_number", "signature", "issuer", "validity",
+                                                  "subject", "subject_public_key_info"))
+    extensions = tbs["extensions"].dump()  # with its [3] EXPLICIT tag, as read
+    sig_alg = ax.SignedDigestAlgorithm({"algorithm": "sha256_rsa"}).dump()
+    for n in range(1, 400):
+        uid = core.OctetString(b"\x05" + b"\xa5" * n + b"\x20").retag({"implicit": 2}).dump()  # [2] BIT STRING
+        tbs_der = core.Sequence(contents=head + uid + extensions).dump()
+        signature = issuer.key.sign(tbs_der, padding.PKCS1v15(), hashes.SHA256())
+        der = core.Sequence(contents=tbs_der + sig_alg + core.OctetBitString(signature).dump()).dump()
+        if der[3] == 0x80:
+            return der
+    raise AssertionError("no subjectUniqueID length gives a length byte of 0x80")
+
+
+def test_embedded_certificates_are_their_original_bytes(pki: TestPKI, rsa_cred: Credential) -> None:
+    """A certificate asn1crypto would re-encode is embedded (and read back) byte for byte, so it still verifies."""
+    from asn1crypto import x509 as ax
+    from cryptography import x509
+
+    der = _with_subject_unique_id(rsa_cred, pki.sub_ca)
+    assert ax.Certificate.load(der).dump() != der  # the re-encoding that corrupted it
+    cert = x509.load_der_x509_certificate(der)
+    cert.verify_directly_issued_by(pki.sub_ca.cert)
+    signed = sign_order(DOC, cert, rsa_cred.key, signing_time=SIGNED, intermediates=[pki.sub_ca.cert])
+    p = parse_signed_data(signed)
+    assert p.signer_cert_der == der
+    p.signer_cert.verify_directly_issued_by(pki.sub_ca.cert)
+    verify_signature(p)
+    slow = cms._walk_asn1crypto(signed)  # the fallback parser (BER input) reads the same bytes
+    assert slow.cert_ders == [der, pki.sub_ca.cert.public_bytes(serialization.Encoding.DER)]

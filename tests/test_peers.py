@@ -221,3 +221,17 @@ def test_released_clickhouse_rows_become_orders_with_activity_and_state(tmp_path
     assert orders[1]["business_activity"] is None  # not in the directory: no peer group
     p = build_profiles(orders, "ch", min_registrants=1)
     assert set(p.groups) == {("RETAIL PHARMACY", r, f) for r in (ANY_REGION, "OH") for f in ("OXYCODONE", "ALPRAZOLAM")}
+
+
+# --------------------------------------------------------------------------- coverage (csos peers build)
+def test_coverage_names_uncovered_families_and_groups_too_small(profiles: PeerProfiles) -> None:
+    """`csos peers build` says where the monitor has no peer baseline and falls back to fixed ceilings."""
+    from streams.monitoring.peers import coverage, describe_coverage
+    thin = build_profiles(peer_orders(20, 400) + peer_orders(3, 50, activity="HOSPITAL/CLINIC", prefix="FH",
+                                                             family="HYDROCODONE"), "test")
+    cov = coverage(thin, {"OXYCODONE", "HYDROCODONE", "FENTANYL"})
+    assert cov["covered_families"] == ["OXYCODONE"]
+    assert cov["uncovered_families"] == ["FENTANYL", "HYDROCODONE"]
+    assert cov["thin_groups"] == [("HOSPITAL/CLINIC", "HYDROCODONE", 3)]
+    text = describe_coverage(cov)
+    assert "FENTANYL, HYDROCODONE" in text and "HOSPITAL/CLINIC / HYDROCODONE: 3 registrant(s)" in text

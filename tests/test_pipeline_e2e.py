@@ -11,6 +11,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
+from streams.monitoring.open_cases import DUE_DILIGENCE_RULES
+
 from streams import topic_names as t
 from streams.avro_codec import default_codec
 
@@ -94,8 +96,15 @@ def test_size_spikes_are_held_and_the_same_registrants_normal_orders_released(st
     normal = [m.sim for m in streamed.feed.messages
               if m.sim.label == "normal" and m.sim.registrant.dea_number in spiked]
     assert normal
-    held = [s.sim_id for s in normal if verdicts[s.sim_id]["verdict"] != "RELEASE"]
-    assert held == [], f"{len(held)} of {len(normal)} normal orders of spiked registrants held"
+    # An open case holds the registrant's later orders of the family until due diligence decides, and a new
+    # customer's months above the ceiling wait for onboarding (issue 11): those are policy holds. No statistical
+    # detector holds a normal order of theirs.
+    policy = set(DUE_DILIGENCE_RULES) | {"new_customer"}
+    held = [verdicts[s.sim_id] for s in normal if verdicts[s.sim_id]["verdict"] != "RELEASE"]
+    for v in held:
+        deciding = {r["detector"] for r in v["reasons"] if r["fired"] and r.get("enforced", True)}
+        assert deciding and deciding <= policy, (v["order_id"], deciding)
+    assert len(held) < len(normal)
 
 
 def test_other_suspicious_episodes_are_held(streamed, outputs):
@@ -112,9 +121,15 @@ def test_other_suspicious_episodes_are_held(streamed, outputs):
 
 
 def test_normal_orders_are_overwhelmingly_released(streamed, outputs):
-    verdicts = {v["order_id"]: v["verdict"] for v in outputs["verdicts"]}
+    verdicts = {v["order_id"]: v for v in outputs["verdicts"]}
     normal = [m.sim.sim_id for m in streamed.feed.messages if m.sim.label == "normal"]
-    false_holds = sum(1 for oid in normal if verdicts[oid] == "HOLD")
+
+    def judged_suspicious(v: dict) -> bool:
+        """Held by a detector of its own, not only because an earlier hold's case is still open (issue 11)."""
+        deciding = {r["detector"] for r in v["reasons"] if r["fired"] and r.get("enforced", True)}
+        return v["verdict"] == "HOLD" and bool(deciding - set(DUE_DILIGENCE_RULES))
+
+    false_holds = sum(1 for oid in normal if judged_suspicious(verdicts[oid]))
     assert false_holds / len(normal) < 0.01, f"{false_holds} of {len(normal)} normal orders held"
 
 
@@ -229,4 +244,8 @@ def test_baselines_survive_a_worker_restart(streamed, outputs):
     spike = verdicts[spike_id]
     assert spike["verdict"] == "HOLD", spike["reasons"]
     assert any(r["fired"] and r["detector"] == "size" for r in spike["reasons"])
-    assert verdicts[normal_id]["verdict"] == "RELEASE", verdicts[normal_id]["reasons"]
+    # The next ordinary order is not suspicious by the recovered baseline: it is held only because the
+    # spike's case is open (issue 11: an open case holds the family's later orders until due diligence).
+    normal = verdicts[normal_id]
+    deciding = {r["detector"] for r in normal["reasons"] if r["fired"] and r.get("enforced", True)}
+    assert normal["verdict"] == "HOLD" and deciding == {"open_case"}, normal["reasons"]

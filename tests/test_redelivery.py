@@ -163,11 +163,15 @@ def monitor(table: DurableTable, emitter: Emitter) -> MonitorProcessor:
 
 
 def monitor_feed() -> list[Any]:
-    """A steady registrant (42 released orders), a spike (held) and two more normal orders, as one batch."""
+    """A steady registrant (42 released orders), a spike (held) and two more normal orders, as one batch.
+
+    The spike is a first-ever high-risk family, so its open case holds later orders of that family only
+    and the two normal OXYCODONE orders are released (the open-case rule: tests/test_open_cases.py).
+    """
     start = NOW - timedelta(days=130)
     orders = [verified_order(MON_DEA, start + timedelta(days=3 * i), {"OXYCODONE": 380 + (i % 5) * 10})
               for i in range(42)]
-    orders.append(verified_order(MON_DEA, NOW - timedelta(days=2), {"OXYCODONE": 4000}))
+    orders.append(verified_order(MON_DEA, NOW - timedelta(days=2), {"FENTANYL": 4000}))
     orders += [verified_order(MON_DEA, NOW - timedelta(days=1, hours=h), {"OXYCODONE": 400}) for h in (2, 1)]
     return [event(t.VERIFIED, i, MON_DEA, codec.encode("csos.orders.VerifiedOrder", o)) for i, o in enumerate(orders)]
 

@@ -182,3 +182,45 @@ def test_garbage_on_both_topics_is_dead_lettered_once_by_two_workers_and_after_a
     assert sum(f.dead_lettered for f in first) == 2 and sum(f.dead_lettered for f in restarted) == 1
     for f in restarted:
         f.stopping.set()
+
+
+# ------------------------------------------------------------------ the freshness barrier (no broker)
+def test_a_batch_behind_the_published_reference_data_is_parked_then_judged_once_caught_up(pki, monkeypatch):
+    """Fail closed: a batch is never judged on a view known to be behind; its orders wait, then are judged."""
+    from tests.test_agents_hostile import message
+    from tests.test_verification import ALL_SCHEDULES, SUPPLIER, signed
+
+    cred = pki.issue_registrant(DEA, "Acme Pharmacy", ALL_SCHEDULES, NOW - timedelta(days=30),
+                                NOW + timedelta(days=300))
+    pub = RecordingPublisher()
+    feed = feed_with(pub)
+    ends = {(t.CRL, 0): 5, (t.REGISTRANTS, 0): 2}
+    monkeypatch.setattr(feed, "end_offsets", lambda timeout: ends)
+    feed._advance(t.CRL, 0, 3)  # the reader has not yet read the CRL published at offset 4
+    feed._advance(t.REGISTRANTS, 0, 2)
+    feed.caught_up.set()
+    verifier = Verifier(pki.trust_anchors, pki.intermediates,
+                        [pki.build_crl(NOW - timedelta(hours=3), NOW + timedelta(days=7), revoked={}), pki.root_crl],
+                        PRODUCTS)
+    proc = VerifyProcessor(verifier, PRODUCTS, Emitter(pub, "verify-agent"), {}, feed=feed,  # type: ignore[arg-type]
+                           suppliers={SUPPLIER.dea_number}, barrier_seconds=0.2)
+    assert not proc.reference_barrier()
+    proc.begin_batch()
+    proc.handle(t.RECEIVED, 0, 0, DEA.encode(), message(signed(cred)[1], received_at=NOW - timedelta(minutes=59)))
+    proc.end_batch()
+    pending = [r for topic, _, r, _ in pub.sent if topic == t.PENDING]
+    assert [p["reason_code"] for p in pending] == ["REVOCATION_UNKNOWN"] and "caught up" in pending[0]["reason"]
+    assert not [r for topic, _, r, _ in pub.sent if topic in (t.VERIFIED, t.REJECTED)]
+
+    # The revoking CRL arrives (offset 4) but the reader is not at 5 yet: still parked.
+    pki.revoke(cred.serial, NOW - timedelta(hours=2))
+    der = pki.build_crl(NOW - timedelta(minutes=30), NOW + timedelta(days=7)).public_bytes(Encoding.DER)
+    feed.updates.put(Update(t.CRL, "k", read_reference(codec, t.CRL, b"k", crl_message(der))[1]))
+    feed._advance(t.CRL, 0, 4)
+    proc.tick()
+    assert not [r for topic, _, r, _ in pub.sent if topic in (t.VERIFIED, t.REJECTED)]
+    feed._advance(t.CRL, 0, 5)
+    proc.tick()  # now judged, on the view that includes the revocation
+    rejected = [r for topic, _, r, _ in pub.sent if topic == t.REJECTED]
+    assert [r["reason_code"] for r in rejected] == ["CERT_REVOKED"]
+    assert proc.reference_barrier()  # and the next batch is judged at once

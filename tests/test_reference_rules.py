@@ -12,7 +12,7 @@ from connectors.clickhouse_sink import rows_for
 from streams.avro_codec import AvroCodec
 from streams.monitoring import Monitor, MonitorConfig
 from streams.monitoring import baselines as bl
-from streams.monitoring.detectors import LEARNED_DETECTORS, default_detectors
+from streams.monitoring.detectors import LEARNED_DETECTORS
 
 from test_monitoring import avro_roundtrip, order
 
@@ -360,7 +360,7 @@ def test_old_verdict_and_hold_records_decode_with_enforced_true() -> None:
 def test_score_cost_of_the_reference_detectors() -> None:
     cfg = MonitorConfig()
     full = Monitor(cfg)
-    learned = Monitor(cfg, [d for d in default_detectors(cfg) if d.name in LEARNED_DETECTORS])
+    learned = Monitor(cfg, [d for d in full.detectors if d.name in LEARNED_DETECTORS])
     state = five_family_state(full)
     probe = order(DEA, NOW + timedelta(days=3), {"OXYCODONE": 420, "HYDROCODONE": 430, "TRAMADOL": 440})
 

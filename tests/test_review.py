@@ -101,7 +101,13 @@ def seed_records() -> list[SourceRecord]:
     records: list[SourceRecord] = []
     for i, (order, hold) in enumerate(orders + [(held2, True), (closed, True)]):
         records.append(SourceRecord(t.VERIFIED, 0, i, "csos.orders.VerifiedOrder", order))
-        records.append(SourceRecord(t.VERDICTS, 0, i, "som.Verdict", verdict(order, hold)))
+        v = verdict(order, hold)
+        if order is held2:  # held because an earlier case of the registrant is open (the open-case rule)
+            v["reasons"].append({"detector": "open_case", "dimension": "pattern", "drug_family": "FENTANYL",
+                                 "value": 2.0, "baseline": 0.0, "threshold": 0.0, "window": f"case {HELD}",
+                                 "fired": True, "enforced": True,
+                                 "explanation": f"FENTANYL: joins open case {HELD}; later orders are held."})
+        records.append(SourceRecord(t.VERDICTS, 0, i, "som.Verdict", v))
     events = [case_event(held, "OPENED", "HELD", 1, held_at=held_at),
               case_event(held2, "OPENED", "HELD", 1, held_at=NOW - timedelta(hours=5)),
               case_event(closed, "OPENED", "HELD", 1, held_at=NOW - timedelta(days=2)),
@@ -334,7 +340,7 @@ def test_the_case_page_shows_reasons_chart_lines_and_the_overdue_deadline(data, 
         assert "Ordered 10,000 dosage units of OXYCODONE" in html
         assert "1 reference rule finding also fired" in html and html.count("<table class=\"reasons") == 2
         assert html.count('class="pt ') == EXPECTED_POINTS and 'class="pt current"' in html
-        assert html.count('<form method="post" action="/cases/') == 3
+        assert html.count('<form method="post" action="/cases/') == 6  # 3 case decisions, 3 about the registrant
         assert (await page.client.get("/cases/nope")).status == 404
         assert (await page.client.get("/cases/x'%20OR%201=1")).status == 404
 
@@ -393,8 +399,35 @@ def test_an_analyst_decision_needs_csrf_and_a_rationale_and_a_held_case(data, us
     assert decision["actor_role"] == "analyst" and decision["rationale"] == "Pharmacist confirmed <b>flu</b> clinic"
     assert decision["evidence_notes"] == "Call 2026-11-20"
     key = next(k for topic, k, _, _ in pub.sent if topic == t.DECISIONS)
-    assert key == HELD  # keyed by order id
+    assert key in (HELD, HELD.encode())  # keyed by order id (the emitter passes keys on as bytes)
     [submitted] = pub.audits("decision.submitted")
     assert submitted["actor"] == "alice" and submitted["outcome"] == "RELEASE" and submitted["stage"] == "review"
     assert json.loads(submitted["detail"])["decision_id"] == decision["decision_id"]
     assert len(pub.audits("decision.refused")) == 2  # the two CSRF failures
+
+
+def test_a_case_names_the_open_case_it_joined_and_an_analyst_can_set_a_limit(data, users):
+    async def body(page: Page, pub: RecordingPublisher) -> None:
+        await page.login("alice", PASSWORD)
+        html = await (await page.client.get(f"/cases/{HELD2}")).text()
+        assert f'This order joined <a href="/cases/{HELD}"' in html
+        token = await page.token(f"/cases/{HELD}")
+        r = await page.client.post(f"/cases/{HELD}/registrant-decision", data={
+            "csrf_token": token, "action": "SET_LIMIT", "rationale": "Reported; limit at its 2025 level",
+            "drug_family": FAMILY, "monthly_limit_units": "lots"})
+        assert r.status == 400 and "whole number" in await r.text()
+        r = await page.client.post(f"/cases/{HELD}/registrant-decision", data={
+            "csrf_token": token, "action": "SET_LIMIT", "rationale": "Reported; limit at its 2025 level",
+            "drug_family": FAMILY, "monthly_limit_units": "4000"}, allow_redirects=False)
+        assert r.status == 303
+        r = await page.client.post(f"/cases/{HELD}/registrant-decision", data={
+            "csrf_token": token, "action": "TERMINATE", "rationale": "Pill mill: DEA order to show cause"},
+            allow_redirects=False)
+        assert r.status == 303
+
+    pub = run_app(data, users, body)
+    limit, term = pub.decisions()
+    assert (limit["action"], limit["drug_family"], limit["monthly_limit_units"], limit["purchaser_dea"]) == (
+        "SET_LIMIT", FAMILY, 4000, DEA)
+    assert (term["action"], term["order_id"], term["actor"]) == ("TERMINATE", HELD, "alice")
+    assert [json.loads(a["detail"])["action"] for a in pub.audits("decision.submitted")] == ["SET_LIMIT", "TERMINATE"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.arcos_replay import METHADONE_SAMPLE, arcos_data_dir
 from connectors.product_catalog import DEFAULT_PATH, build_catalog, write_product_master
 from connectors.simulator import (
     BAD_KINDS, BUSINESS_ACTIVITIES, EXPECTED_OUTCOME, LABELS, SUSPICIOUS_KINDS, MalformedBytes, Population,
@@ -23,7 +24,7 @@ from streams.order_document import DocumentError, encode_order, parse_order
 from streams.products import SCHEDULES, ProductMaster
 
 END = datetime(2026, 11, 1, tzinfo=timezone.utc)
-ARCOS = Path("/work/shared/data/arcos/methadone-ma-2006-2014.csv.gz")
+ARCOS = (arcos_data_dir() or Path("missing-arcos-dir")) / METHADONE_SAMPLE
 ALL_BAD = {k: 3 for k in BAD_KINDS}
 ALL_SUSPICIOUS = {"size_spike": 3, "frequency_burst": 9, "family_shift": 3}
 
@@ -392,7 +393,7 @@ def test_expected_outcomes_match_the_verifier(requested, signed):
     verification = pytest.importorskip("streams.verification")
     from streams.avro_codec import DecodeError, default_codec
     pki, kit = signed
-    verifier = verification.Verifier(pki.trust_anchors, pki.intermediates, [pki.crl], requested.population.products)
+    verifier = verification.Verifier(pki.trust_anchors, pki.intermediates, [pki.crl, pki.root_crl], requested.population.products)
     mismatches = []
     for o in requested:
         if o.label == "normal" and o.seq % 5:

@@ -246,3 +246,23 @@ def test_the_publisher_names_a_message_too_large_for_the_producer():
     publisher = Publisher("127.0.0.1:1")  # refused before any broker is contacted
     with pytest.raises(MessageTooLarge, match="1100000 bytes"):
         publisher.publish(t.DLQ, None, b"x" * 1_100_000)
+
+
+def test_an_audit_event_repeated_at_a_new_offset_is_sealed_once(service, client):
+    """A worker recovering from a crash publishes its recorded outputs again, byte for byte: the same event id
+    at a later offset. Sealing both would leave a gap once the table keeps one row per event id."""
+    first = [msg(t.AUDIT, i, "audit.AuditEvent", audit(i)) for i in range(4)]
+    service.write(service.decode(first))
+    repeats = [msg(t.AUDIT, 4 + i, "audit.AuditEvent", audit(i)) for i in (1, 2)]  # ev-1, ev-2 again
+    later = [msg(t.AUDIT, 6, "audit.AuditEvent", audit(6))]
+    service.write(service.decode(repeats + later))
+    client.command("OPTIMIZE TABLE audit_events FINAL")
+    assert count(client, "SELECT count() FROM audit_events") == 5
+    report = verify_store(lambda q: client.query(q).result_rows)
+    assert report.ok, report.problems
+    assert client.query("SELECT chain_seq, chain_offset FROM audit_events WHERE event_id = 'ev-6'").result_rows \
+        == [(4, 6)]
+    # A sink that restarts has forgotten what it sealed: ClickHouse still knows.
+    fresh = ClickHouseSink(client)
+    fresh.write(service.decode([msg(t.AUDIT, 7, "audit.AuditEvent", audit(3))]))
+    assert count(client, "SELECT count() FROM audit_events") == 5

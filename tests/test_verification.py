@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import fastavro
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.oid import NameOID
 
 from connectors.pki import Credential, TestPKI, load_pki, pooled_key
 from streams import verification as V
@@ -60,7 +63,7 @@ def crl(pki: TestPKI):
 
 @pytest.fixture
 def verifier(pki: TestPKI, crl) -> Verifier:
-    return Verifier(pki.trust_anchors, pki.intermediates, [crl], PRODUCTS)
+    return Verifier(pki.trust_anchors, pki.intermediates, [crl, pki.root_crl], PRODUCTS)
 
 
 def make_order(signed_at: datetime = NOW - timedelta(hours=1), dea: str = DEA,
@@ -122,7 +125,7 @@ class TestPasses:
         ec_pki = TestPKI.create(now=NOW, reuse_keys=True, key_type="ec")
         c = ec_pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR, key_type="ec")
         v = Verifier(ec_pki.trust_anchors, ec_pki.intermediates,
-                     [ec_pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1))], PRODUCTS)
+                     [ec_pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1)), ec_pki.root_crl], PRODUCTS)
         assert_ok(v.verify(*signed(c), NOW))
 
     def test_rsa_pss(self, verifier: Verifier, cred: Credential) -> None:
@@ -134,7 +137,7 @@ class TestPasses:
     def test_chain_taken_from_the_signature(self, pki: TestPKI, crl, cred: Credential) -> None:
         # The verifier only knows the root; the sub-CA arrives inside the CMS. Its CRL
         # cannot be checked until the sub-CA is known, so the first order waits for it.
-        v = Verifier(pki.trust_anchors, [], [], PRODUCTS)
+        v = Verifier(pki.trust_anchors, [], [pki.root_crl], PRODUCTS)
         with pytest.raises(CRLError, match="not a known CA"):
             v.update_crl(crl)
         assert v.verify(*signed(cred), NOW).reason_code == V.REVOCATION_UNKNOWN
@@ -150,7 +153,7 @@ class TestPasses:
                .add_certificate(pki.sub_ca.cert)
                .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary]))
         v = Verifier(pki.trust_anchors, pki.intermediates,
-                     [pki.build_crl(now - timedelta(hours=1), now + timedelta(days=1))], PRODUCTS)
+                     [pki.build_crl(now - timedelta(hours=1), now + timedelta(days=1)), pki.root_crl], PRODUCTS)
         assert_ok(v.verify(None, sig, now + timedelta(minutes=1)))
 
     def test_no_signing_time_attribute_uses_order_date(self, pki: TestPKI, verifier: Verifier,
@@ -311,7 +314,7 @@ class TestRevocation:
         c = pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR)
         pki.revoke(c.serial, NOW - timedelta(days=5))
         v = Verifier(pki.trust_anchors, pki.intermediates,
-                     [pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1))], PRODUCTS)
+                     [pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1)), pki.root_crl], PRODUCTS)
         out = v.verify(*signed(c, make_order(signed_at=NOW - timedelta(days=1))), NOW)
         assert_fails(out, V.CERT_REVOKED, "revocation", format(c.serial, "x"))
 
@@ -320,7 +323,7 @@ class TestRevocation:
         c = pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR)
         pki.revoke(c.serial, NOW - timedelta(days=1))
         v = Verifier(pki.trust_anchors, pki.intermediates,
-                     [pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1))], PRODUCTS)
+                     [pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1)), pki.root_crl], PRODUCTS)
         out = v.verify(*signed(c, make_order(signed_at=NOW - timedelta(days=3))), NOW)
         assert_fails(out, V.CERT_REVOKED, "revocation")
 
@@ -331,7 +334,7 @@ class TestRevocation:
         assert_fails(v.verify(*signed(cred), NOW), V.CERT_REVOKED, "revocation", "CA certificate")
 
     def test_missing_crl(self, pki: TestPKI, cred: Credential) -> None:
-        v = Verifier(pki.trust_anchors, pki.intermediates, [], PRODUCTS)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [pki.root_crl], PRODUCTS)
         out = v.verify(*signed(cred), NOW)
         assert_fails(out, V.REVOCATION_UNKNOWN, "revocation")
         assert out.retryable
@@ -341,21 +344,25 @@ class TestRevocation:
 
     def test_stale_crl(self, pki: TestPKI, cred: Credential) -> None:
         stale = pki.build_crl(NOW - timedelta(days=10), NOW - timedelta(days=3))
-        v = Verifier(pki.trust_anchors, pki.intermediates, [stale], PRODUCTS)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [stale, pki.root_crl], PRODUCTS)
         out = v.verify(*signed(cred), NOW)
         assert_fails(out, V.REVOCATION_UNKNOWN, "revocation", "expired")
         assert out.retryable
 
-    def test_require_ca_crls(self, pki: TestPKI, crl, cred: Credential) -> None:
-        v = Verifier(pki.trust_anchors, pki.intermediates, [crl], PRODUCTS, require_ca_crls=True)
+    def test_ca_certificate_needs_a_crl_too(self, pki: TestPKI, crl, cred: Credential) -> None:
+        """Hard-fail for every certificate of the path: without the root's CRL the sub-CA's status is
+        unknown, so a leaf under a (possibly revoked) sub-CA does not pass."""
+        v = Verifier(pki.trust_anchors, pki.intermediates, [crl], PRODUCTS)
         assert_fails(v.verify(*signed(cred), NOW), V.REVOCATION_UNKNOWN, "revocation", "CA certificate")
 
 
 class TestCrlLoading:
-    def test_wrong_key_crl_refused_on_load(self, pki: TestPKI) -> None:
+    def test_wrong_key_crl_refused_on_load(self, pki: TestPKI, cred: Credential) -> None:
+        """A refused CRL is reported, never raised out of the constructor (the worker starts)."""
         bad = pki.crl_signed_by_wrong_key(NOW - timedelta(hours=1), NOW + timedelta(days=1))
-        with pytest.raises(CRLError, match="not signed by"):
-            Verifier(pki.trust_anchors, pki.intermediates, [bad], PRODUCTS)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [bad, pki.root_crl], PRODUCTS)
+        assert [(r.kind, "not signed by" in r.reason) for r in v.refusals] == [("crl", True)]
+        assert v.verify(*signed(cred), NOW).reason_code == V.REVOCATION_UNKNOWN
 
     def test_wrong_key_crl_refused_on_update(self, verifier: Verifier, pki: TestPKI, cred: Credential) -> None:
         bad = pki.crl_signed_by_wrong_key(NOW - timedelta(hours=1), NOW + timedelta(days=1))
@@ -375,12 +382,12 @@ class TestCrlLoading:
         before = pki.build_crl(NOW - timedelta(days=2), NOW + timedelta(days=5))
         pki.revoke(c.serial, NOW - timedelta(days=1))
         after = pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=5))
-        v = Verifier(pki.trust_anchors, pki.intermediates, [after], PRODUCTS)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [after, pki.root_crl], PRODUCTS)
         assert v.update_crl(before) is False
         assert_fails(v.verify(*signed(c), NOW), V.CERT_REVOKED, "revocation")
 
     def test_pem_bytes_accepted(self, pki: TestPKI, cred: Credential) -> None:
-        v = Verifier(pki.trust_anchors, pki.intermediates, [], PRODUCTS)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [pki.root_crl], PRODUCTS)
         crl = pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1))
         assert v.update_crl(crl.public_bytes(serialization.Encoding.PEM))
         assert_ok(v.verify(*signed(cred), NOW))
@@ -400,7 +407,7 @@ class TestDeaNumber:
         # The verifier looks for different OIDs than the PKI wrote: no DEA number found.
         other_oids = ExtensionOids(dea_number="2.25.1", schedules="2.25.2")
         c = pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR)
-        v = Verifier(pki.trust_anchors, pki.intermediates, [crl], PRODUCTS, other_oids)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [crl, pki.root_crl], PRODUCTS, other_oids)
         assert_fails(v.verify(*signed(c), NOW), V.DEA_MISMATCH, "dea_number", "no DEA number")
 
     def test_configured_oids_from_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -412,7 +419,7 @@ class TestDeaNumber:
         c = p.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR)
         assert c.cert.extensions.get_extension_for_oid(oids.dea_number_oid)
         v = Verifier(p.trust_anchors, p.intermediates,
-                     [p.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1))], PRODUCTS)
+                     [p.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=1)), p.root_crl], PRODUCTS)
         assert_ok(v.verify(*signed(c), NOW))
 
 
@@ -568,3 +575,155 @@ class TestCertProfile:
             cp.read_registration(cert, oids)
         bad = Credential(cert, good.key, good.chain)
         assert_fails(verifier.verify(*signed(bad), NOW), V.DEA_MISMATCH, "dea_number", "unreadable")
+
+
+# ---------------------------------------------------------------------------- issue 12: nothing crashes
+def _crl_builder(issuer_cred: Credential, number: int = 900) -> x509.CertificateRevocationListBuilder:
+    return (x509.CertificateRevocationListBuilder().issuer_name(issuer_cred.cert.subject)
+            .last_update(NOW - timedelta(hours=1)).next_update(NOW + timedelta(days=1))
+            .add_extension(x509.CRLNumber(number), critical=False))
+
+
+def _ca_without_crl_sign(pki: TestPKI, cn: str = "CSOS TEST No-CRL-Sign CA") -> Credential:
+    """A sub-CA under our root that may sign certificates but not CRLs."""
+    key = pooled_key("rsa", slot=cn)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(pki.root.cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - YEAR).not_valid_after(NOW + YEAR)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .sign(pki.root.key, hashes.SHA256()))
+    return Credential(cert, key, (cert,))
+
+
+class TestRefusedCrlsAreReported:
+    """A CRL the verifier cannot use is a line in ``refusals`` (audited as crl.refused by the worker,
+    printed by verify-offline), never an exception out of the constructor."""
+
+    def test_every_kind_of_refusal_is_reported_and_the_rest_still_loads(self, pki: TestPKI, crl,
+                                                                          cred: Credential) -> None:
+        no_sign = _ca_without_crl_sign(pki)
+        delta = (_crl_builder(pki.sub_ca, 901).add_extension(x509.DeltaCRLIndicator(899), critical=True)
+                 .sign(pki.sub_ca.key, hashes.SHA256()))
+        stranger = _ca_without_crl_sign(pki, "CSOS TEST Unknown CA")  # never given to the verifier
+        refused = {
+            "not a known CA": _crl_builder(stranger).sign(stranger.key, hashes.SHA256()),
+            "no cRLSign": _crl_builder(no_sign).sign(no_sign.key, hashes.SHA256()),
+            "without its base": delta,
+            "not signed by": pki.crl_signed_by_wrong_key(NOW - timedelta(hours=1), NOW + timedelta(days=1)),
+            "unreadable": b"\x30\x03\x02\x01\x00",
+        }
+        v = Verifier(pki.trust_anchors, pki.intermediates + [no_sign.cert],
+                     [*refused.values(), crl, pki.root_crl], PRODUCTS)
+        reasons = [r.reason for r in v.refusals]
+        assert len(reasons) == len(refused), reasons
+        for expected in refused:
+            assert any(expected in r for r in reasons), (expected, reasons)
+        assert_ok(v.verify(*signed(cred), NOW))  # the good CRLs took effect
+
+    def test_update_crl_raises_the_refusal_class(self, verifier: Verifier) -> None:
+        with pytest.raises(V.CrlRefused, match="unreadable"):
+            verifier.update_crl(b"garbage")
+
+    def test_delta_crl_after_its_base_applies(self, pki: TestPKI, cred: Credential) -> None:
+        """Delta CRLs are supported (RFC 5280 5.2.6): a base CRL that announces deltas (freshestCRL) and
+        a delta listing the signer revoke it."""
+        c = pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR, record=False)
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.sub_ca.key.public_key())
+        freshest = x509.FreshestCRL([x509.DistributionPoint(
+            [x509.UniformResourceIdentifier("http://crl.example/csos-delta.crl")], None, None, None)])
+        base = (_crl_builder(pki.sub_ca, 950).add_extension(aki, critical=False)
+                .add_extension(freshest, critical=False).sign(pki.sub_ca.key, hashes.SHA256()))
+        delta = (_crl_builder(pki.sub_ca, 951).add_extension(aki, critical=False)
+                 .add_extension(x509.DeltaCRLIndicator(950), critical=True)
+                 .add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(c.serial)
+                                          .revocation_date(NOW - timedelta(hours=2)).build())
+                 .sign(pki.sub_ca.key, hashes.SHA256()))
+        v = Verifier(pki.trust_anchors, pki.intermediates, [delta, base, pki.root_crl], PRODUCTS)
+        assert v.refusals == []
+        assert_fails(v.verify(*signed(c), NOW), V.CERT_REVOKED, "revocation")
+        assert_ok(v.verify(*signed(cred), NOW))
+
+    def test_unreadable_certificate_in_the_trust_directory_is_reported(self, tmp_path: Path, pki: TestPKI,
+                                                                      cred: Credential) -> None:
+        pki.write_pki(tmp_path)
+        (tmp_path / "trust" / "broken.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        os.chmod(tmp_path / "trust" / "broken.pem", 0o644)
+        (tmp_path / "crl" / "junk.crl").write_bytes(b"not a CRL")
+        v = Verifier.from_pki_dir(tmp_path, PRODUCTS)
+        assert {(r.kind, Path(r.source).name) for r in v.refusals} == {("certificate", "broken.pem"),
+                                                                        ("crl", "junk.crl")}
+        assert_ok(v.verify(*signed(cred), NOW))
+
+
+class TestRevocationCache:
+    def test_new_crl_invalidates_a_cached_pass(self, pki: TestPKI, crl) -> None:
+        c = pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR, record=False)
+        v = Verifier(pki.trust_anchors, pki.intermediates, [crl, pki.root_crl], PRODUCTS)
+        assert_ok(v.verify(*signed(c), NOW))
+        later = pki.build_crl(NOW - timedelta(minutes=30), NOW + timedelta(days=7), revoked={c.serial: NOW})
+        assert v.update_crl(later)
+        assert_fails(v.verify(*signed(c), NOW), V.CERT_REVOKED, "revocation")
+
+    def test_cached_pass_does_not_outlive_the_crl(self, verifier: Verifier, cred: Credential) -> None:
+        assert_ok(verifier.verify(*signed(cred), NOW))
+        late = NOW + timedelta(days=8)  # past the CRL's nextUpdate (NOW + 7 days)
+        out = verifier.verify(*signed(cred, make_order(signed_at=late - timedelta(hours=1))), late)
+        assert_fails(out, V.REVOCATION_UNKNOWN, "revocation", "expired")
+
+
+def test_leaf_outside_its_issuers_validity_is_a_validity_failure(pki: TestPKI, verifier: Verifier) -> None:
+    """A leaf whose validity does not overlap its issuer's: CERT_NOT_YET_VALID / CERT_EXPIRED, not untrusted."""
+    ca_end = pki.sub_ca.cert.not_valid_after_utc
+    c = pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, ca_end + timedelta(days=1), ca_end + YEAR, record=False)
+    assert_fails(verifier.verify(*signed(c), NOW), V.CERT_NOT_YET_VALID, "certificate_validity")
+    early = pki.issue_registrant(DEA, "Acme", ALL_SCHEDULES, pki.sub_ca.cert.not_valid_before_utc - 2 * YEAR,
+                                 pki.sub_ca.cert.not_valid_before_utc - YEAR, record=False)
+    assert_fails(verifier.verify(*signed(early), NOW), V.CERT_EXPIRED, "certificate_validity")
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x00" * 64, b"-----BEGIN CERTIFICATE-----\nZm9v\n-----END CERTIFICATE-----\n",
+                                     b"\x30\x82\xff\xff" + b"\x01" * 40, "é ü".encode("utf-16")],
+                         ids=["empty", "zeros", "bad-pem", "bad-der-length", "utf16-text"])
+def test_verify_offline_never_prints_a_traceback(tmp_path: Path, pki: TestPKI, cred: Credential,
+                                                 garbage: bytes) -> None:
+    """Garbage as the signature, the document, a CRL, a trust certificate or the product master: a report
+    or a one-line error, non-zero status, no traceback."""
+    from click.testing import CliRunner
+
+    from streams.cli import main
+
+    d = pki.write_pki(tmp_path / "pki")
+    products = tmp_path / "products.csv"
+    PRODUCTS.save(products)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(garbage)
+    _, sig = signed(cred)
+    sig_path = tmp_path / "sig.p7s"
+    sig_path.write_bytes(sig)
+    bad_trust = tmp_path / "trust"
+    bad_trust.mkdir()
+    (bad_trust / "root.pem").write_bytes(garbage)
+    base = ["verify-offline", "--received-at", NOW.isoformat()]
+    runs = {
+        "signature": base + ["--signature", str(junk), "--trust", str(d), "--products", str(products)],
+        "document": base + ["--signature", str(junk), "--document", str(junk), "--trust", str(d),
+                            "--products", str(products)],
+        "crl": base + ["--signature", str(sig_path), "--trust", str(d), "--crl", str(junk),
+                       "--products", str(products)],
+        "trust": base + ["--signature", str(sig_path), "--trust", str(bad_trust), "--products", str(products)],
+        "products": base + ["--signature", str(sig_path), "--trust", str(d), "--products", str(junk)],
+        "certificate": base + ["--certificate", str(junk), "--trust", str(d)],
+    }
+    for what, args in runs.items():
+        result = CliRunner().invoke(main, args)
+        text = result.output
+        assert result.exit_code != 0, (what, text)
+        assert "Traceback" not in text and (result.exception is None or isinstance(result.exception, SystemExit)), \
+            (what, text, result.exception)
+        assert "RESULT: INVALID" in text or len(text.strip().splitlines()) == 1, (what, text)
+    crl_run = CliRunner().invoke(main, runs["crl"])
+    assert "CRL refused" in crl_run.output

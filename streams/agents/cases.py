@@ -40,6 +40,7 @@ from ..cases.machine import (
     CANCELLED, HELD, RELEASED, REPORTED, Case, DecisionRefused, decide, escalate, is_repeat, open_case,
 )
 from ..cases.sor import report_for
+from ..cases import registrant_decisions as registrant
 from ..emit import Emitter, utcnow
 from ..outcomes import OutcomeBook, Position, decision_id, records_outputs_pruned
 from ..table_state import CachedTable
@@ -146,7 +147,10 @@ class CaseProcessor:
     def on_decision(self, decision: dict[str, Any], position: Position | None = None) -> Case | None:
         """Apply an analyst's decision; returns the decided case (None: repeated or refused)."""
         oid = decision["order_id"]
-        case = self.state.get(oid)
+        case = self.state.get(oid) if oid else None
+        if decision["action"] in registrant.REGISTRANT_ACTIONS:
+            self.on_registrant_decision(case, decision)
+            return None
         if is_repeat(case, decision):
             same_input = case.outcome is not None and position is not None and \
                 (case.outcome["topic"], case.outcome["partition"], case.outcome["offset"]) == tuple(position)
@@ -172,6 +176,29 @@ class CaseProcessor:
         self.counts[decided.status.lower()] += 1
         self._closing_outputs(decided)
         return decided
+
+    def on_registrant_decision(self, case: Case | None, decision: dict[str, Any]) -> None:
+        """Check a SET_LIMIT / TERMINATE / ONBOARDED decision and hand it to the monitor; the case is unchanged.
+
+        Sent again, it is sent again (the monitor applies a decision id once).
+        """
+        try:
+            dea, family, units = registrant.check(case, decision)
+        except DecisionRefused as refused:
+            self._refuse(case, decision, refused)
+            return
+        outcome = registrant.outcome_for(case, decision, dea, family, units)
+        self.emitter.send(t.CLEARED, "som.ClearedOrder", dea, outcome)
+        kind = registrant.EVENT_KINDS[decision["action"]]
+        self.counts[kind.lower()] = self.counts.get(kind.lower(), 0) + 1
+        self.emitter.audit(STAGE, f"registrant.{kind.lower()}", kind, order_id=decision["order_id"] or None,
+                           purchaser_dea=dea, at=decision["decided_at"], actor=decision["actor"],
+                           detail={"decision_id": decision["decision_id"], "rationale": decision["rationale"],
+                                   "evidence_notes": decision.get("evidence_notes") or "",
+                                   "drug_family": family, "monthly_limit_units": units})
+        if case is not None:  # the case's history says what was decided from it (no new version: it is not changed)
+            self._case_event(case, kind, at=decision["decided_at"], actor=decision["actor"], decision=decision,
+                             event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"csos-decision:{decision['decision_id']}")))
 
     def tick(self, now: datetime | None = None, keys: Iterable[str] | None = None) -> int:
         """Escalate every owned case whose due-diligence clock lapsed; returns how many.
@@ -227,21 +254,37 @@ class CaseProcessor:
                 "decision_version": REVIEWED_DECISION_VERSION,
             })
             if order:
-                self.emitter.send(t.CLEARED, "som.ClearedOrder", hold["purchaser_dea"], {
-                    "order_id": case.order_id, "decision_id": case.decision_id, "cleared_by": case.decided_by,
-                    "cleared_at": case.decided_at, "order": order,
-                })
+                self._outcome_to_monitor(case, "RELEASED")
             else:  # a v2 hold: the warehouse may ship, but there is nothing for the monitor to learn from
                 self.emitter.audit(STAGE, "case.not_learned", "SKIPPED", order_id=case.order_id,
                                    purchaser_dea=hold["purchaser_dea"],
                                    detail={"reason": "the hold does not carry the order (written before v3)"})
         elif case.status == REPORTED:
+            self._outcome_to_monitor(case, "REPORTED")
             report = report_for(case, self.reporting_dea)
             self.emitter.send(t.REPORTS, "som.SuspiciousOrderReport", case.order_id, report)
             self.emitter.audit(STAGE, "report.created", "REPORTED", order_id=case.order_id,
                                purchaser_dea=hold["purchaser_dea"],
                                detail={"report_id": report["report_id"], "lines": len(report["lines"])},
                                actor=case.decided_by)
+
+        elif case.status == CANCELLED:
+            self._outcome_to_monitor(case, "CANCELLED")
+
+    def _outcome_to_monitor(self, case: Case, outcome: str) -> None:
+        """The closed case for the monitor (``som.ClearedOrder`` on ``som.cleared``, keyed by purchaser DEA).
+
+        RELEASED: it learns the order; every outcome: the open case of the
+        order's families closes (REPORTED: they wait for a new limit).
+        """
+        hold, order = case.hold, case.hold.get("order")
+        families = sorted({str(ln["drug_family"]).strip().upper() for ln in order["lines"]}) if order else sorted(
+            {str(r["drug_family"]).upper() for r in hold["reasons"]} - {"*"})
+        self.emitter.send(t.CLEARED, "som.ClearedOrder", hold["purchaser_dea"], {
+            "order_id": case.order_id, "decision_id": case.decision_id, "cleared_by": case.decided_by,
+            "cleared_at": case.decided_at, "order": order, "outcome": outcome,
+            "purchaser_dea": hold["purchaser_dea"], "drug_families": families, "rationale": case.rationale,
+        })
 
     def _refuse(self, case: Case | None, decision: dict[str, Any], refused: DecisionRefused) -> None:
         self.counts["refused"] += 1
@@ -259,9 +302,9 @@ class CaseProcessor:
                          decision=decision)
 
     def _case_event(self, case: Case, kind: str, *, at: datetime, actor: str, error: str = "",
-                    decision: dict[str, Any] | None = None) -> None:
+                    decision: dict[str, Any] | None = None, event_id: str | None = None) -> None:
         hold = case.hold
-        if decision is not None:  # REFUSED: the refused decision's particulars, not the case's
+        if decision is not None:  # REFUSED or a registrant decision: that decision's particulars, not the case's
             decision_id, rationale, notes = decision["decision_id"], decision["rationale"], decision["evidence_notes"]
         elif kind in KIND_FOR.values():
             decision_id, rationale, notes = case.decision_id, case.rationale, case.evidence_notes
@@ -271,7 +314,7 @@ class CaseProcessor:
         lines = order["lines"] if order else []
         families = {ln["drug_family"] for ln in lines} or {r["drug_family"] for r in hold["reasons"]} - {"*"}
         self.emitter.send(t.CASES, "som.CaseEvent", case.order_id, {
-            "event_id": str(uuid.uuid4()), "order_id": case.order_id, "order_number": hold["order_number"],
+            "event_id": event_id or str(uuid.uuid4()), "order_id": case.order_id, "order_number": hold["order_number"],
             "purchaser_dea": hold["purchaser_dea"], "kind": kind, "status": case.status, "version": case.version,
             "at": at, "held_at": case.held_at, "due_at": case.due_at, "escalated_at": case.escalated_at,
             "actor": actor, "decision_id": decision_id, "rationale": rationale, "evidence_notes": notes,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any, MutableMapping
+from typing import Any, Callable, MutableMapping
 
 from .. import topic_names as t
 from ..avro_codec import AvroCodec, default_codec
@@ -41,7 +41,9 @@ class MonitorProcessor:
         self.codec = codec or default_codec()
         self.outcomes = outcomes or OutcomeBook()
         self.counts = {"released": 0, "held": 0, "dead_lettered": 0, "repeated": 0}
-        self._learned: dict[str, list[dict[str, Any]]] = {}  # this batch's learned orders, per registrant
+        #: What this batch changed in each registrant's state, in order (learning, case bookkeeping), so that a
+        #: failure on one order can drop the half-updated state and replay the others' changes (see ``_restore``).
+        self._steps: dict[str, list[Callable[[RegistrantBaselines], Any]]] = {}
         self._recorded: dict[str, dict[str, dict[str, Any]]] = {}  # this batch's outcome records, per registrant
         self.state: CachedTable[RegistrantBaselines] = CachedTable(
             table,
@@ -52,12 +54,12 @@ class MonitorProcessor:
 
     def begin_batch(self) -> None:
         """A new batch: nothing learned in it yet (see ``_restore``)."""
-        self._learned.clear()
+        self._steps.clear()
         self._recorded.clear()
 
     def end_batch(self) -> int:
         """Write every registrant learned from in this batch to the table (one changelog record each)."""
-        self._learned.clear()
+        self._steps.clear()
         self._recorded.clear()
         return self.state.flush()
 
@@ -115,6 +117,9 @@ class MonitorProcessor:
             if verdict["verdict"] == "RELEASE":
                 self._learn(dea, base, order)
                 learned = True
+            if self.monitor.note_verdict(base, order, verdict):  # a HOLD opens the family's case
+                self.state.mark_dirty(dea)
+                self._step(dea, lambda b, o=order, v=verdict: self.monitor.note_verdict(b, o, v))
         except Exception as exc:  # noqa: BLE001 - fail closed: an order we cannot score, encode or learn is held
             log.exception("monitor failed on order %s", order.get("order_id"))
             try:
@@ -138,46 +143,54 @@ class MonitorProcessor:
             self._restore(dea)
             raise
         self.state.mark_dirty(dea)
-        self._learned.setdefault(dea, []).append(order)
+        self._step(dea, lambda b, o=order: self.monitor.learn_into(b, o))
+
+    def _step(self, dea: str, change: Callable[[RegistrantBaselines], Any]) -> None:
+        self._steps.setdefault(dea, []).append(change)
 
     def _restore(self, dea: str) -> None:
         """Undo a failed learning step and nothing else.
 
         The baselines a failure may have half-updated are dropped (the table
-        keeps the last flushed ones) and the orders this batch already
-        learned for the registrant are learned again, so one bad order never
-        undoes what the others taught.
+        keeps the last flushed ones) and what this batch already changed for
+        the registrant (orders learned, cases opened or closed) is applied
+        again in the same order, so one bad order never undoes the others.
         """
         self.state.forget(dea)
-        earlier = self._learned.get(dea, [])
+        earlier = self._steps.get(dea, [])
         recorded = self._recorded.get(dea, {})
         if not earlier and not recorded:
             return
         base = self.state.get(dea)
         try:
-            for o in earlier:
-                self.monitor.learn_into(base, o)
+            for change in earlier:
+                change(base)
             base.outcomes.update(recorded)  # this batch's decisions stand (after learning: it skips learned ids)
         except Exception:  # noqa: BLE001 - cannot happen unless learning is not deterministic; say so
-            log.exception("could not re-learn %d order(s) of this batch for %s; they are not learned", len(earlier),
-                          dea)
+            log.exception("could not replay %d change(s) of this batch for %s; they are dropped", len(earlier), dea)
             self.state.forget(dea)
-            self._learned.pop(dea, None)
+            self._steps.pop(dea, None)
             return
         self.state.mark_dirty(dea)
 
     def learn_cleared(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
-        """Learn a held order that due diligence cleared and released, as if the monitor had released it.
+        """Act on a due-diligence outcome (``som.ClearedOrder``): learn a cleared order, update open cases.
 
-        Only clearances reach this topic (the case agent sends nothing for
-        reported or cancelled orders), so held orders never teach the baseline
-        unless a person vouched for them. Learning is idempotent per order id.
+        RELEASED: the held order is learned as if the monitor had released it,
+        and its open case (if it was one) closes. Only RELEASED teaches the
+        baselines, so held orders never do unless a person vouched for them.
+        REPORTED, CANCELLED and the registrant decisions (SET_LIMIT,
+        TERMINATED, ONBOARDED) only change the registrant's due-diligence state
+        (``streams.monitoring.open_cases``). Each is applied once per decision id.
         """
         cleared = self.emitter.decode_or_dead_letter(STAGE, "som.ClearedOrder", topic, partition, offset, key, value)
         if cleared is None:
             self.counts["dead_lettered"] += 1
             return
-        order = cleared["order"]
+        order = cleared.get("order")
+        if cleared.get("outcome", "RELEASED") != "RELEASED" or order is None:
+            self.apply_outcome(cleared, topic, partition, offset, key, value)
+            return
         dea = order["purchaser_dea"]
         position = (topic, partition, offset)
         if self._repeated(dea, order["order_id"], position, cleared=True):
@@ -190,11 +203,44 @@ class MonitorProcessor:
                 self.emitter.audit(STAGE, "order.learn_failed", "ERROR", order_id=order["order_id"],
                                    purchaser_dea=dea, detail={"error": f"{exc.__class__.__name__}: {exc}"})
                 return
+            self.monitor.apply_outcome(self.state.get(dea), cleared)  # its open case (if any) closes
+            self._step(dea, lambda b, c=cleared: self.monitor.apply_outcome(b, c))
             self.counts["learned_cleared"] = self.counts.get("learned_cleared", 0) + 1
             self.emitter.audit(STAGE, "order.learned_after_review", "LEARNED", order_id=order["order_id"],
                                purchaser_dea=dea, detail={"decision_id": cleared["decision_id"],
                                                           "cleared_by": cleared["cleared_by"]})
         self._record(dea, order["order_id"], "CLEARED", position, produced, learned=True)
+
+    def apply_outcome(self, outcome: dict[str, Any], topic: str, partition: int, offset: int, key: bytes | None,
+                      value: bytes) -> None:
+        """Apply a due-diligence outcome that teaches no baseline (report, cancel, limit, termination, onboarding).
+
+        Audited as ``due_diligence.applied`` (or ``.repeated`` for a decision id
+        already applied). One that cannot be applied is dead-lettered before
+        anything changes (``apply_outcome`` validates first), for a person to look at.
+        """
+        dea = outcome.get("purchaser_dea") or (outcome.get("order") or {}).get("purchaser_dea") or ""
+        kind = outcome.get("outcome", "RELEASED")
+        detail = {"decision_id": outcome["decision_id"], "case_id": outcome["order_id"], "decided_by":
+                  outcome["cleared_by"], "drug_families": list(outcome.get("drug_families") or []),
+                  "monthly_limit_units": outcome.get("monthly_limit_units")}
+        try:
+            if not dea:
+                raise ValueError("the outcome names no registrant (purchaser_dea)")
+            applied = self.monitor.apply_outcome(self.state.get(dea), outcome)
+        except Exception as exc:  # noqa: BLE001 - a bad outcome must not stop the monitor; it is kept for review
+            log.exception("monitor could not apply outcome %s", outcome.get("decision_id"))
+            self.counts["dead_lettered"] += 1
+            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
+                                     f"due-diligence outcome {kind} not applied: {exc.__class__.__name__}: {exc}")
+            return
+        if applied:
+            self.state.mark_dirty(dea)
+            self._step(dea, lambda b, o=outcome: self.monitor.apply_outcome(b, o))
+            self.counts["outcomes_applied"] = self.counts.get("outcomes_applied", 0) + 1
+        self.emitter.audit(STAGE, "due_diligence.applied" if applied else "due_diligence.repeated", kind,
+                           order_id=outcome["order_id"] or None, purchaser_dea=dea, detail=detail,
+                           actor=outcome["cleared_by"] or None)
 
     def _error_verdict(self, order: dict[str, Any], exc: Exception) -> dict[str, Any]:
         now = utcnow()

@@ -42,17 +42,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from datetime import datetime, timedelta
 from typing import Any, Iterable, MutableMapping
+
+from connectors.pki import load_crl
 
 from .. import topic_names as t
 from ..avro_codec import AvroCodec, default_codec
 from ..emit import Emitter, Message, utcnow
 from ..outcomes import OutcomeBook, Position
 from ..products import ProductMaster
-from ..reference_data import REGISTRANT_UNKNOWN, ReferenceFeed, RegistrantDirectory
+from ..reference_data import (REGISTRANT_UNKNOWN, CrlHistory, CrlRank, ReferenceFeed, RegistrantDirectory, Trace,
+                              crl_rank)
 from ..table_state import CachedTable
-from ..verification import RETRYABLE, Outcome, Verifier, enrich_lines
+from ..verification import RETRYABLE, REVOCATION_UNKNOWN, Outcome, Verifier, enrich_lines
 
 log = logging.getLogger(__name__)
 STAGE = "verify"
@@ -70,6 +74,8 @@ DEFAULT_RECEIPT_SKEW = timedelta(seconds=300)
 #: after signing, so a replay of the same signed order is refused as expired
 #: afterwards anyway; the margin covers clock skew and late receipt.
 REMEMBER = timedelta(days=400)
+REFERENCE_BEHIND = ("The supplier's copy of the certificate revocation lists and registrations had not yet caught up "
+                    "with what was published before the order arrived.")
 PARK_ADVICE = ("The order is not filled yet: it is held and will be verified as soon as the supplier has the "
                "missing data; no action is needed unless it stays pending.")
 
@@ -91,10 +97,11 @@ class VerifyProcessor:
                  table: MutableMapping[bytes, bytes], directory: RegistrantDirectory | None = None,
                  feed: ReferenceFeed | None = None, codec: AvroCodec | None = None, *,
                  suppliers: Iterable[str] | None = None, receipt_skew: timedelta = DEFAULT_RECEIPT_SKEW,
-                 outcomes: OutcomeBook | None = None) -> None:
+                 outcomes: OutcomeBook | None = None, barrier_seconds: float = 30.0) -> None:
         """``suppliers``: the DEA numbers an order may be addressed to (None: not checked, for tools and
         tests; the worker always passes CSOS_SUPPLIER_DEA). ``receipt_skew``: see the module docstring.
-        ``outcomes``: how long decided order ids are remembered (``CSOS_DEDUP_DAYS``)."""
+        ``outcomes``: how long decided order ids are remembered (``CSOS_DEDUP_DAYS``).
+        ``barrier_seconds``: the freshness barrier's wait per batch (``CSOS_REFERENCE_BARRIER_SECONDS``)."""
         self.outcomes = outcomes or OutcomeBook()
         self._decision = ""  # what the order being handled came to (VERIFIED, REJECTED:<code>, ...)
         self.verifier = verifier
@@ -104,9 +111,17 @@ class VerifyProcessor:
         self.emitter = emitter
         self.directory = directory  # None: registration status is not checked
         self.feed = feed
+        self.crls = CrlHistory()  # the CRL in force per issuer and scope: never rolled back
+        self.barrier_seconds = barrier_seconds
+        self._fresh = True  # the batch being judged sees all reference data published before it arrived
+        # Parked orders are re-verified only once the reader has made its first full read of both topics (a
+        # restart never re-verifies on a partial view) and reached what they were parked behind.
+        self._parked_behind: dict[tuple[str, int], int] = {}
+        self._parked_blind = False  # parked behind unknown end offsets: wait for a barrier that succeeds
+        self._recheck_owed = False
         self.codec = codec or default_codec()
         self.counts = {"verified": 0, "rejected": 0, "dead_lettered": 0, "parked": 0, "rerouted": 0,
-                       "receipt_corrected": 0, "redelivered": 0}
+                       "receipt_corrected": 0, "redelivered": 0, "reference_behind": 0}
         self.state: CachedTable[dict[str, Any]] = CachedTable(
             table,
             load=lambda raw, dea: (self.codec.decode(raw, expect=STATE_SCHEMA)[1] if raw is not None
@@ -124,23 +139,98 @@ class VerifyProcessor:
             if topic == t.CRL:
                 if record is None:
                     continue  # a CRL is never withdrawn by a tombstone; a newer one replaces it
-                try:
-                    if self.verifier.update_crl(record["crl_der"]):
-                        applied += 1
-                        if trace is None:  # each worker audits its own load; the traced copy is a second look
-                            self.emitter.audit(STAGE, "crl.loaded", "LOADED", detail={
-                                "issuer": record["issuer"], "next_update": record["next_update"],
-                                "source": record["source"]})
-                except Exception as exc:  # noqa: BLE001 - a bad CRL is refused, loudly, never applied
-                    log.error("CRL from %s refused: %s", record.get("source"), exc)
-                    if trace is not None:  # audited once, by the worker tracing its partition (reference_data)
-                        self.emitter.audit(STAGE, "crl.refused", "REFUSED", detail={
-                            "issuer": record.get("issuer"), "source": record.get("source"), "reason": str(exc),
-                            "partition": trace.partition, "offset": trace.offset})
+                applied += self._apply_crl(record, trace)
             elif self.directory is not None:
                 self.directory.apply(key, record)
                 applied += 1
         return applied
+
+    def reference_barrier(self) -> bool:
+        """Block until the reference reader has applied everything published before the batch just taken.
+
+        Called (off the event loop) after a batch of orders was taken and
+        before it is judged: the topics' end offsets asked now cover every CRL
+        and registration published before the orders were appended, so a
+        revocation published before receipt always applies. One ListOffsets
+        round trip per batch; no wait when the reader is already there. If it
+        cannot get there within ``barrier_seconds`` the batch is judged
+        behind: its orders are parked (REVOCATION_UNKNOWN), never verified on
+        a view known to be stale, and re-verified once the reader has caught up.
+        """
+        if self.feed is None:
+            return True
+        started = time.monotonic()
+        try:
+            ends = self.feed.end_offsets(self.barrier_seconds)
+            self._fresh = self.feed.wait_until(ends, self.barrier_seconds - (time.monotonic() - started))
+        except Exception as exc:  # noqa: BLE001 - broker unreachable: fail closed for this batch
+            log.warning("reference data end offsets unknown (%s); this batch's orders are parked", exc)
+            ends, self._fresh = None, False
+        if not self._fresh:
+            self.counts["reference_behind"] += 1
+            log.warning("reference data not read up to %s within %.0f s (reader at %s); this batch's orders are "
+                        "parked", ends, self.barrier_seconds, self.feed.behind(ends or {}))
+            if ends is None:
+                self._parked_blind = True
+            else:
+                self._parked_behind = {tp: max(o, self._parked_behind.get(tp, 0)) for tp, o in ends.items()}
+        else:
+            self._parked_blind = False  # the reader is past any earlier batch's ends
+        return self._fresh
+
+    def _parked_may_recheck(self) -> bool:
+        """Whether parked orders see a view at least as new as the one they were parked behind."""
+        if self.feed is None:
+            return True
+        return self.feed.caught_up.is_set() and not self._parked_blind and not self.feed.behind(self._parked_behind)
+
+    def _apply_crl(self, record: dict[str, Any], trace: Trace | None) -> bool:
+        """Offer one CRL record to the verifier under the history rule; True if it took effect now.
+
+        Each distinct CRL is judged once (the worker's own copy and the traced
+        copy may come in either order); the traced copy leaves the one audit
+        trace of a CRL that was refused or superseded (``crl.refused``,
+        ``crl.superseded``), the install is audited by every worker (``crl.loaded``).
+        """
+        try:
+            rank = crl_rank(load_crl(record["crl_der"]))  # readable: the feed checked it
+        except ValueError as exc:
+            log.error("CRL from %s unreadable, not applied: %s", record.get("source"), exc)
+            return False
+        verdict = self.crls.decided(rank)
+        installed = verdict is None and self._judge_crl(record, rank) == "installed"
+        verdict = self.crls.decided(rank)
+        if trace is not None and verdict != "installed":
+            where = {"issuer": record.get("issuer"), "source": record.get("source"), "crl_number": rank.number,
+                     "partition": trace.partition, "offset": trace.offset}
+            if verdict == "superseded":
+                current = self.crls.in_force(rank)
+                self.emitter.audit(STAGE, "crl.superseded", "SUPERSEDED", detail={
+                    **where, "in_force_crl_number": current.number if current else None,
+                    "reason": "not newer than the CRL in force for its issuer and scope"})
+            else:
+                self.emitter.audit(STAGE, "crl.refused", "REFUSED", detail={
+                    **where, "reason": (verdict or "").removeprefix("refused: ")})
+        return installed
+
+    def _judge_crl(self, record: dict[str, Any], rank: CrlRank) -> str:
+        """Install the CRL if it is newer than the one in force and the verifier takes it; the verdict."""
+        if not self.crls.supersedes(rank):
+            log.info("CRL from %s (number %s) is not newer than the one in force; ignored",
+                     record.get("source"), rank.number)
+            verdict = "superseded"
+        else:
+            try:
+                verdict = "installed" if self.verifier.update_crl(record["crl_der"]) else "superseded"
+            except Exception as exc:  # noqa: BLE001 - a bad CRL is refused, loudly, never applied
+                log.error("CRL from %s refused: %s", record.get("source"), exc)
+                verdict = f"refused: {exc}"
+        self.crls.decide(rank, verdict)
+        if verdict == "installed":  # each worker audits its own load
+            self.emitter.audit(STAGE, "crl.loaded", "LOADED", detail={
+                "issuer": record["issuer"], "next_update": record["next_update"], "source": record["source"],
+                "crl_number": rank.number})
+        return verdict
 
     def recheck_parked(self) -> int:
         """Re-verify every parked order this worker holds; returns how many left the parking."""
@@ -185,9 +275,20 @@ class VerifyProcessor:
         self.state.flush()
 
     def tick(self) -> int:
-        """Take in reference data and, if it changed, retry parked orders; returns how much happened."""
+        """Take in reference data and, if it changed, retry parked orders; returns how much happened.
+
+        Parked orders wait until the reader has reached what they were parked
+        behind (see ``reference_barrier``); a recheck skipped for that is owed.
+        """
         applied = self.apply_reference_updates()
-        resolved = self.recheck_parked() if applied else 0
+        resolved = 0
+        if applied or self._recheck_owed:
+            if self._parked_may_recheck():
+                self._recheck_owed = False
+                self._parked_behind.clear()
+                resolved = self.recheck_parked()
+            else:
+                self._recheck_owed = True
         self.state.flush()
         return applied + resolved
 
@@ -312,6 +413,9 @@ class VerifyProcessor:
         """Judge one order. Returns False only when it stays (or becomes) parked."""
         outcome = self.verifier.verify(rec["document"], rec["signature"], rec["received_at"], rec["format"])
         order = outcome.order
+        if not parked and not self._fresh:
+            self._recheck_owed = True
+            return self._park(rec, routing_key, raw, REVOCATION_UNKNOWN, REFERENCE_BEHIND, outcome, parked=False)
         if not outcome.ok:
             if outcome.reason_code in RETRYABLE:
                 return self._park(rec, routing_key, raw, outcome.reason_code, outcome.reason or "", outcome,

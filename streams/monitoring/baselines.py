@@ -710,7 +710,19 @@ def new_state(purchaser_dea: str) -> dict[str, Any]:
         "families": {},
         "timing": {"hours": [], "weekdays": []},
         "outcomes": {},
+        "due_diligence": _new_due_diligence(),
     }
+
+
+def _new_due_diligence() -> dict[str, Any]:
+    from .open_cases import new_due_diligence  # the sub-record is that module's; imported late (no cycle)
+    return new_due_diligence()
+
+
+def _copy_due_diligence(dd: Mapping[str, Any]) -> dict[str, Any]:
+    """A private copy of a stored ``due_diligence`` sub-record (the stored state is never mutated)."""
+    return {**dd, "open": {f: dict(c, pending=list(c["pending"])) for f, c in dd["open"].items()},
+            "reported": dict(dd["reported"]), "limits": dict(dd["limits"]), "applied": list(dd["applied"])}
 
 
 def migrate_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -763,6 +775,9 @@ class RegistrantBaselines:
         self.timing = TimingProfile.from_dict(state.get("timing"))
         # Order id -> the monitor's outcome (``csos.state.OrderOutcome``), kept and pruned by the agent.
         self.outcomes: dict[str, dict[str, Any]] = dict(state.get("outcomes") or {})
+        # Open cases, reports, analyst limits, termination, new-customer period (``open_cases``), mutable in place.
+        dd = state.get("due_diligence")
+        self.due_diligence: dict[str, Any] = _copy_due_diligence(dd) if dd else _new_due_diligence()
         self._families: dict[str, FamilyBaseline] = {}
         self._windows: dict[tuple[Any, ...], Any] = {}  # per-order caches: Windows, Monthly
 
@@ -889,4 +904,5 @@ class RegistrantBaselines:
             "families": families,
             "timing": self.timing.to_dict(),
             "outcomes": self.outcomes,
+            "due_diligence": self.due_diligence,
         }

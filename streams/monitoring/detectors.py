@@ -53,7 +53,7 @@ DETECTORS_VERSION = "4"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
-                     "ramp", "strength_shift")
+                     "ramp", "strength_shift", "new_customer")
 #: Learned detectors that run and are recorded but do not decide unless named in ``hold_detectors``.
 RECORDED_DETECTORS = ("peer_volume", "timing", "anomaly")
 #: The static reference rules: recorded on every order, deciding only when named in ``hold_detectors``.
@@ -170,6 +170,15 @@ class MonitorConfig:
     # Run and record every detector (true), or only the deciding ones (false: same verdicts, less evidence,
     # less CPU; env SOM_RECORD_ALL).
     record_all: bool = True
+
+    # New customers (issue 11, streams/monitoring/onboarding.py): for its first new_customer_months months, or
+    # until an analyst's onboarding review (ONBOARDED), a registrant's calendar-month units per family are held
+    # above new_customer_peer_ratio x its peers' new_customer_peer_quantile month (peer profiles), else above
+    # new_customer_max_monthly_units. 0 months = no new-customer period.
+    new_customer_months: int = 3
+    new_customer_peer_quantile: float = 0.9
+    new_customer_peer_ratio: float = 2.0
+    new_customer_max_monthly_units: int = 16000  # 2x the static 8,000-unit reference, as the peer ratio
 
     def __post_init__(self) -> None:
         # A set, spelled one way, so the fingerprint (model_version) names what decides.

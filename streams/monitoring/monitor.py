@@ -28,6 +28,8 @@ from .baselines import (
 from .detectors import DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, reason
 from .anomaly import AnomalyCombiner
 from .peers import PeerProfiles
+from . import open_cases
+from .onboarding import NewCustomerDetector
 
 
 def _closeness(r: Mapping[str, Any]) -> float:
@@ -79,7 +81,8 @@ class Monitor:
             peers = load_peers(self.config.peer_profiles)
         #: Peer profiles (reference data, read-only): cold start and peer deviation. None = fixed ceilings.
         self.peers = peers
-        self.detectors = detectors if detectors is not None else default_detectors(self.config, peers)
+        self.detectors = detectors if detectors is not None else (
+            default_detectors(self.config, peers) + [NewCustomerDetector(self.config, peers)])
         #: Combines the learned findings of each order into ``anomaly`` findings (after the detectors run).
         self.combiner: AnomalyCombiner | None = AnomalyCombiner(self.config)
         names = [d.name for d in self.detectors] + ([self.combiner.name] if self.combiner else [])
@@ -158,6 +161,8 @@ class Monitor:
             for r in self.combiner.score(reasons):
                 r["enforced"] = enforced
                 reasons.append(r)
+        # Decisions already taken (open case, report, analyst limit, termination): always enforced.
+        reasons.extend(open_cases.findings(base, facts))
         replay = base.has_learned(facts.order_id)
         if replay:
             r = reason("replay", "pattern", "*", 1.0, 0.0, 0.0, "last orders learned", False,
@@ -194,6 +199,17 @@ class Monitor:
     def learn_into(self, base: RegistrantBaselines, order: Mapping[str, Any]) -> None:
         """Fold a RELEASED order into live baselines (mutates ``base``); export with ``base.to_state()``."""
         self._baselines(base, order).learn(order_facts(order))
+
+    def note_verdict(self, base: RegistrantBaselines, order: Mapping[str, Any], verdict: Mapping[str, Any]) -> bool:
+        """Record a verdict in the registrant's due-diligence state (a HOLD opens a case); True if it changed.
+
+        Call it for every verdict the caller acts on (after ``score``, and after ``learn_into`` for a release).
+        """
+        return open_cases.note_verdict(self._baselines(base, order).due_diligence, order, verdict)
+
+    def apply_outcome(self, base: RegistrantBaselines, outcome: Mapping[str, Any]) -> bool:
+        """Apply a due-diligence outcome (``som.ClearedOrder``) to live baselines; False if already applied."""
+        return open_cases.apply_outcome(base.due_diligence, outcome)
 
     @staticmethod
     def summary(verdict: Mapping[str, Any]) -> str:

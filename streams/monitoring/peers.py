@@ -250,5 +250,37 @@ def build_profiles(orders: Iterable[Mapping[str, Any]], source: str, min_registr
     return b.build(source)
 
 
-__all__ = ["LogHistogram", "PeerGroup", "PeerProfiles", "PeerProfileBuilder", "build_profiles", "order_region",
+def coverage(profiles: PeerProfiles, families: Iterable[str] = ()) -> dict[str, Any]:
+    """What the profiles cannot judge: there the monitor falls back to its fixed cold-start ceilings.
+
+    ``families``: the drug families that matter (the product master's).
+    Returns ``covered_families``; ``uncovered_families`` (in ``families`` with no
+    usable group for any business activity); ``thin_groups`` (business
+    activity x family groups, all regions, seen but with fewer than
+    ``min_registrants`` registrants: ``(activity, family, registrants)``);
+    ``activities`` seen.
+    """
+    usable = {k for k, g in profiles.groups.items() if g.registrants >= profiles.min_registrants}
+    covered = sorted({fam for (_, _, fam) in usable})
+    thin = sorted((act, fam, g.registrants) for (act, reg, fam), g in profiles.groups.items()
+                  if reg == ANY_REGION and (act, reg, fam) not in usable)
+    return {"covered_families": covered,
+            "uncovered_families": sorted({f.strip().upper() for f in families} - set(covered)),
+            "thin_groups": thin, "activities": sorted({act for (act, _, _) in profiles.groups}),
+            "min_registrants": profiles.min_registrants}
+
+
+def describe_coverage(cov: Mapping[str, Any]) -> str:
+    """The coverage report as text for the CLI."""
+    lines = [f"covered drug families: {', '.join(cov['covered_families']) or 'none'}"]
+    if cov["uncovered_families"]:
+        lines.append(f"not covered (no group of >= {cov['min_registrants']} registrants; fixed ceilings apply): "
+                     + ", ".join(cov["uncovered_families"]))
+    if cov["thin_groups"]:
+        lines.append(f"groups too small to be a peer baseline (< {cov['min_registrants']} registrants):")
+        lines += [f"  {act} / {fam}: {n} registrant(s)" for act, fam, n in cov["thin_groups"]]
+    return "\n".join(lines)
+
+
+__all__ = ["coverage", "describe_coverage", "LogHistogram", "PeerGroup", "PeerProfiles", "PeerProfileBuilder", "build_profiles", "order_region",
            "ANY_REGION", "BIN_WIDTH", "PROFILE_SCHEMA"]

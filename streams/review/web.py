@@ -59,6 +59,12 @@ ACTIONS = {
     "REPORT": "Report as suspicious",
     "CANCEL": "Cancel",
 }
+#: Decisions about the registrant, made from one of its cases (streams/cases/registrant_decisions.py).
+REGISTRANT_ACTIONS = {
+    "SET_LIMIT": "Set a monthly limit",
+    "TERMINATE": "End the relationship",
+    "ONBOARDED": "Onboarding review done",
+}
 MAX_TEXT = 4000
 SESSION_HOURS = 8
 CSRF_FIELD = "csrf_token"
@@ -393,9 +399,13 @@ async def _case_response(request: web.Request, order_id: str, *, status: int = 2
               for family, points in detail.history.items()}
     session = await get_session(request)
     flash = session.pop("flash", None)
+    # The case this order joined (open case) or that was reported before it: named in the finding's window.
+    joined = sorted({r.window[len("case "):] for r in detail.reasons
+                     if r.detector in ("open_case", "reported_pending_limit") and r.window.startswith("case ")})
     return await render(request, "case.html", {
         "d": detail, "c": detail.case, "charts": charts, "actions": ACTIONS, "error": error,
-        "flash": flash, "form": form or {}, "max_text": MAX_TEXT}, status=status)
+        "flash": flash, "form": form or {}, "max_text": MAX_TEXT, "joined": joined,
+        "registrant_actions": REGISTRANT_ACTIONS}, status=status)
 
 
 async def case_page(request: web.Request) -> web.Response:
@@ -466,6 +476,66 @@ async def decide(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther(f"/cases/{order_id}")
 
 
+async def decide_registrant(request: web.Request) -> web.Response:
+    """SET_LIMIT / TERMINATE / ONBOARDED from a case: a som.Decision naming the case's registrant (audited)."""
+    order_id = request.match_info["order_id"]
+    user = await current_user(request)
+    assert user is not None  # require_login
+    form = await request.post()
+    action = str(form.get("action", ""))
+    if not valid_order_id(order_id):
+        return await error_page(request, 404, "No such case", "That is not an order id.")
+    if not await csrf_ok(request, form) or not user.may_act:
+        reason = "missing or wrong CSRF token" if user.may_act else f"role {user.role} may not act"
+        await audit(request, user.name, "decision.refused", "REFUSED", order_id=order_id,
+                    detail={"action": action, "role": user.role, "reason": reason})
+        return await error_page(request, 403, "Not allowed", "Reload the case and try again; only an analyst may "
+                                                             "decide.")
+    detail = await asyncio.to_thread(request.app[DATA_KEY].detail, order_id)
+    if detail is None:
+        return await error_page(request, 404, "No such case", "There is no case for this order.")
+    rationale = str(form.get("rationale", "")).strip()
+    family = str(form.get("drug_family", "")).strip().upper()
+    raw_units = str(form.get("monthly_limit_units", "")).strip()
+    values = {"action": action, "rationale": rationale, "drug_family": family, "monthly_limit_units": raw_units}
+    units: int | None = None
+    problem = ""
+    if action not in REGISTRANT_ACTIONS:
+        problem = "Choose one of the registrant decisions."
+    elif not rationale or len(rationale) > MAX_TEXT:
+        problem = f"{REGISTRANT_ACTIONS[action]}: a rationale (up to {MAX_TEXT:,} characters) is required."
+    elif action == "SET_LIMIT":
+        if family not in detail.case.drug_families:
+            problem = "Choose the drug family of the limit (one of this order's)."
+        elif not raw_units.isdigit():
+            problem = "The monthly limit is a whole number of dosage units (0 or more)."
+        else:
+            units = int(raw_units)
+    if problem:
+        return await _case_response(request, order_id, status=400, error=problem, form=values)
+    decision_id = str(uuid.uuid4())
+    decision = {"decision_id": decision_id, "order_id": order_id, "action": action, "actor": user.name,
+                "actor_role": user.role, "rationale": rationale, "evidence_notes": "", "decided_at": _now(),
+                "purchaser_dea": detail.case.purchaser_dea, "drug_family": family if units is not None else "",
+                "monthly_limit_units": units}
+    pub = _publisher(request.app)
+    emitter = Emitter(pub, user.name)
+    emitter.send(t.DECISIONS, "som.Decision", order_id, decision)
+    emitter.audit(STAGE, "decision.submitted", action, order_id=order_id,
+                  detail={"decision_id": decision_id, "action": action, "role": user.role, "rationale": rationale,
+                          "purchaser_dea": detail.case.purchaser_dea, "drug_family": family,
+                          "monthly_limit_units": units, "remote": request.remote or ""})
+    try:
+        await asyncio.to_thread(pub.flush, 30.0)
+    except DeliveryFailed as exc:
+        log.error("decision %s not delivered: %s", decision_id, exc)
+        return await _case_response(request, order_id, status=503, form=values,
+                                    error="The decision could not be delivered to Kafka; nothing was decided.")
+    session = await get_session(request)
+    session["flash"] = f"Decision submitted: {REGISTRANT_ACTIONS[action]} (decision {decision_id})."
+    raise web.HTTPSeeOther(f"/cases/{order_id}")
+
+
 # ------------------------------------------------------------------ the application
 def create_review_app(settings: Settings, config: ReviewConfig, *, data: ReviewData | None = None,
                       publisher: Any = None) -> web.Application:
@@ -491,6 +561,7 @@ def create_review_app(settings: Settings, config: ReviewConfig, *, data: ReviewD
     app.router.add_get("/cases", cases_page)
     app.router.add_get("/cases/{order_id}", case_page)
     app.router.add_post("/cases/{order_id}/decision", decide)
+    app.router.add_post("/cases/{order_id}/registrant-decision", decide_registrant)
     return app
 
 

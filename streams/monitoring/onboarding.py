@@ -1,0 +1,86 @@
+"""The new-customer period: a new registrant is judged against its peers' months, not its own history.
+
+Why: a new pill mill orders under the cold-start ceilings, its released
+orders become its own baseline, and from then on the learned detectors judge
+it by what it has been doing since it arrived. For its first
+``new_customer_months`` months (``SOM_NEW_CUSTOMER_MONTHS``, 3 by default;
+from the first order the monitor scored), or until an analyst records the
+onboarding review (decision ONBOARDED, audited), each family's units in the
+calendar month, this order included, are held above a ceiling that does not
+come from the registrant:
+
+* with peer profiles (``SOM_PEER_PROFILES``) and a peer group with at least
+  ``peer_min_months`` registrant-months: ``new_customer_peer_ratio`` x the
+  peers' ``new_customer_peer_quantile`` month;
+* otherwise the fixed ``new_customer_max_monthly_units``.
+
+Its own learned thresholds still apply; holding when either fires is the
+same as capping them with the ceiling. After the period its own history
+counts, as for every registrant.
+"""
+from __future__ import annotations
+
+from .baselines import MS_PER_DAY, FamilyFacts, OrderFacts, RegistrantBaselines, month_name
+from .detectors import MonitorConfig, PerFamilyDetector, Reason, _MAX, fmt_n, peer_group, reason
+from .peers import PeerProfiles
+
+#: Length of a month in the period's arithmetic (the mean Gregorian month).
+MONTH_MS = int(30.436875 * MS_PER_DAY)
+
+
+def period_start_ms(base: RegistrantBaselines, order: OrderFacts) -> int:
+    """When the registrant's relationship began: first scored order, else first learned one, else this order."""
+    return base.due_diligence["first_seen_ms"] or base.first_order_ms or order.at_ms
+
+
+def in_new_customer_period(base: RegistrantBaselines, order: OrderFacts, months: int) -> bool:
+    """Whether ``order`` falls in the registrant's new-customer period (not onboarded, within ``months``)."""
+    if months <= 0 or base.due_diligence["onboarded_ms"]:
+        return False
+    return order.at_ms - period_start_ms(base, order) < months * MONTH_MS
+
+
+class NewCustomerDetector(PerFamilyDetector):
+    """Size/volume of a new customer: the calendar month's units of a family against a peer (or fixed) ceiling."""
+
+    name = "new_customer"
+    dimension = "size"
+
+    def __init__(self, cfg: MonitorConfig, peers: PeerProfiles | None = None) -> None:
+        self.cfg = cfg
+        self.peers = peers
+
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+        # Outside the period nothing is recorded: an established registrant pays nothing for this rule.
+        if not in_new_customer_period(state, order, self.cfg.new_customer_months):
+            return []
+        return [self._one(state, order, f) for f in order.families.values()]
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        c = self.cfg
+        m = state.monthly(f.family, order)
+        start = period_start_ms(state, order)
+        days = (order.at_ms - start) / MS_PER_DAY
+        peer = peer_group(self.peers, order, f.family)
+        if peer is not None and peer.monthly_units.n >= c.peer_min_months:
+            level = peer.monthly_units.quantile(c.new_customer_peer_quantile)
+            threshold = c.new_customer_peer_ratio * level
+            pct = f"{100 * c.new_customer_peer_quantile:g}th percentile"
+            source = (f"{c.new_customer_peer_ratio:g}x the {pct} month of its peers, {peer.describe()} "
+                      f"({fmt_n(level)})")
+            window = f"calendar month {month_name(m.month)}; new customer (day {days:.0f}); peers"
+        else:
+            level = threshold = float(c.new_customer_max_monthly_units)
+            source = "the fixed new-customer ceiling"
+            window = f"calendar month {month_name(m.month)}; new customer (day {days:.0f}); fixed ceiling"
+        if threshold <= 0:
+            return reason(self.name, self.dimension, f.family, m.current, 0.0, _MAX, "not applicable", False, "")
+        fired = m.current > threshold
+        text = (f"{f.family} in {month_name(m.month)}: {fmt_n(m.current)} dosage units with this order, by a new "
+                f"customer (first order {days:.0f} days ago, no onboarding review yet); its own history is not a "
+                f"baseline yet, so the ceiling is {source}: {fmt_n(threshold)}"
+                + ("; exceeded." if fired else "; within it."))
+        return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
+
+
+__all__ = ["NewCustomerDetector", "in_new_customer_period", "period_start_ms", "MONTH_MS"]
