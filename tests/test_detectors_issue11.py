@@ -182,3 +182,35 @@ def test_burst_at_a_small_buyer_is_held_on_its_cadence() -> None:
     assert tail < 1e-4
     assert f"probability of {tail:.1e}" in r["explanation"]
     assert f"the threshold is {r['threshold']:,.1f} orders" in r["explanation"]
+
+
+def test_state_written_with_the_open_case_layout_decodes_keeps_its_open_case_and_migrates() -> None:
+    """A state written by the monitor before mg_per_unit (schema history v5) is still read: no replay needed."""
+    import io
+
+    import fastavro
+
+    from streams.avro_codec import MAGIC, default_codec
+
+    rng = random.Random(5)
+    dea = "BS3333336"
+    history = normal_orders(dea, [Habit("OXYCODONE", 300, 3, restock_p=0)], 40, rng, START)
+    monitor = Monitor()
+    state, _ = run(monitor, history)
+    state["due_diligence"]["open"]["OXYCODONE"] = {"case_id": "HELD-1", "opened_ms": 1, "joined": 2, "pending": []}
+    old = dict(state, version=3, families={f: {k: v for k, v in fb.items() if k != "mg_per_unit"}
+                                           for f, fb in state["families"].items()})
+    codec = default_codec()
+    writer = next(s for s in codec.catalog.by_fingerprint.values()
+                  if s.source.name == "som.state.RegistrantState.v5.avsc")
+    buf = io.BytesIO()
+    buf.write(MAGIC + writer.fingerprint)
+    fastavro.schemaless_writer(buf, writer.parsed, old)
+    _, decoded = codec.decode(buf.getvalue(), expect="som.state.RegistrantState")
+    migrated = migrate_state(decoded)
+    assert migrated["version"] == 4
+    assert migrated["due_diligence"]["open"]["OXYCODONE"]["case_id"] == "HELD-1"
+    assert migrated["families"]["OXYCODONE"]["mg_per_unit"] == {"mean": 0.0, "n": 0}
+    probe = order(dea, history[-1]["received_at"] + timedelta(days=1), {"OXYCODONE": 300})
+    v = monitor.score(migrated, probe)
+    assert v["verdict"] == "HOLD" and "open_case" in fired_detectors(v)
