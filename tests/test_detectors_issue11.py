@@ -95,12 +95,19 @@ def with_strength(o: dict[str, Any], mg: float) -> dict[str, Any]:
     return o
 
 
-def test_shift_to_30_mg_at_the_same_unit_count_is_held_with_numbers() -> None:
+def test_shift_to_30_mg_at_the_same_unit_count_is_recorded_by_default_and_held_when_enforced() -> None:
     rng = random.Random(2)
     dea = "BS1111114"
     history = [with_strength(o, 5.0) for o in
                normal_orders(dea, [Habit("OXYCODONE", 500, 3, sigma=0.12, restock_p=0)], 90, rng, START)]
-    monitor = Monitor()
+    probe = with_strength(order(dea, history[-1]["received_at"] + timedelta(days=3), {"OXYCODONE": 500}), 30.0)
+    default = Monitor()
+    state, _ = run(default, history)
+    recorded = default.score(state, probe)
+    assert recorded["verdict"] == "RELEASE"  # recorded, not deciding, by default (held-out data: README)
+    shift = next(r for r in recorded["reasons"] if r["detector"] == "strength_shift")
+    assert shift["fired"] and not shift["enforced"] and "30.00 mg per unit" in shift["explanation"]
+    monitor = Monitor(MonitorConfig(hold_detectors=MonitorConfig().hold_detectors + ("strength_shift",)))
     state, verdicts = run(monitor, history)
     assert all(v["verdict"] == "RELEASE" for v in verdicts)
     last = history[-1]["received_at"]

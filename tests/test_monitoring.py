@@ -280,7 +280,7 @@ def test_ten_x_spike_is_held_with_consistent_size_reason() -> None:
         "static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit"}
     assert {r["detector"] for r in v["reasons"] if r["enforced"]} == {
         "size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend", "ramp",
-        "strength_shift", "new_customer"}
+        "new_customer"}
     assert Monitor.summary(v).startswith("Held for due diligence: Ordered 5,000")
 
 

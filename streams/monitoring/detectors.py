@@ -53,9 +53,11 @@ DETECTORS_VERSION = "4"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
-                     "ramp", "strength_shift", "new_customer")
+                     "ramp", "new_customer")
 #: Learned detectors that run and are recorded but do not decide unless named in ``hold_detectors``.
-RECORDED_DETECTORS = ("peer_volume", "timing", "anomaly")
+#: ``strength_shift`` is recorded only: on held-out and real ARCOS data one order's mg per unit swings past 2x the
+#: usual mix whenever a multi-strength buyer restocks one product (methadone clinics: half the learned holds).
+RECORDED_DETECTORS = ("peer_volume", "timing", "anomaly", "strength_shift")
 #: The static reference rules: recorded on every order, deciding only when named in ``hold_detectors``.
 STATIC_DETECTORS = ("static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit")
 
