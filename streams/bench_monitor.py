@@ -7,6 +7,7 @@ state with the changelog's Avro schema and reports its size.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -15,12 +16,15 @@ from .monitoring.detectors import MonitorConfig
 from .monitoring.monitor import Monitor
 
 
-def run(registrants: int = 150, seed: int = 7, peers: bool = True, record_all: bool = True) -> dict[str, Any]:
+def run(registrants: int = 150, seed: int = 7, peers: bool = True, record_all: bool = True,
+        without: tuple[str, ...] = ()) -> dict[str, Any]:
     """Time the monitor over the seed's scenarios; ``peers``: with peer profiles learned from seed + 1000.
 
     Peers are on by default because the evaluation's learned policy uses them
     (cold start and the focused trend look them up on every order).
     ``record_all=False`` runs only the deciding detectors (``SOM_RECORD_ALL=0``).
+    ``without`` leaves those detectors out (not run, not deciding): the "before" of a
+    cost comparison, e.g. without the issue-11 detectors, measured in the same process.
     """
     from connectors.scenarios import generate
 
@@ -28,9 +32,9 @@ def run(registrants: int = 150, seed: int = 7, peers: bool = True, record_all: b
 
     orders = sorted(generate(seed=seed, n_registrants=registrants).orders, key=lambda o: o["received_at"])
     profiles = train_peers(seed + PEER_TRAINING_SEED_OFFSET, n_registrants=registrants) if peers else None
-    monitor = Monitor(MonitorConfig(record_all=record_all), peers=profiles)
+    monitor = _monitor(MonitorConfig(record_all=record_all), profiles, without)
     live: dict[str, Any] = {}
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time of this process: a loaded shared machine inflates wall time
     for o in orders:
         dea = o["purchaser_dea"]
         base = live.get(dea)
@@ -38,7 +42,7 @@ def run(registrants: int = 150, seed: int = 7, peers: bool = True, record_all: b
             base = live[dea] = monitor.baselines(None, dea)
         if monitor.score(base, o)["verdict"] == "RELEASE":
             monitor.learn_into(base, o)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     codec = default_codec()
     sizes, per_family = [], []
     for base in live.values():
@@ -58,6 +62,34 @@ def run(registrants: int = 150, seed: int = 7, peers: bool = True, record_all: b
         "model_version": monitor.model_version,
         "peer_groups": len(profiles.groups) if profiles else 0,
     }
+
+
+def _monitor(cfg: MonitorConfig, profiles: Any, without: tuple[str, ...]) -> Monitor:
+    """The default monitor, or one without the named detectors (which then do not decide either)."""
+    if not without:
+        return Monitor(cfg, peers=profiles)
+    full = Monitor(cfg, peers=profiles)
+    unknown = sorted(set(without) - {d.name for d in full.detectors})
+    if unknown:
+        raise ValueError(f"no detector named {', '.join(unknown)}; known: {', '.join(d.name for d in full.detectors)}")
+    cfg = dataclasses.replace(cfg, hold_detectors=tuple(n for n in cfg.hold_detectors if n not in without))
+    return Monitor(cfg, [d for d in full.detectors if d.name not in without], peers=profiles)
+
+
+def compare_without(registrants: int, seed: int, peers: bool, without: tuple[str, ...],
+                    rounds: int = 3) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(with every detector, without ``without``): the fastest of ``rounds`` interleaved runs of each.
+
+    Interleaved and best-of, so a neighbour's load on a shared machine hits both
+    sides alike instead of whichever ran second.
+    """
+    best: dict[bool, dict[str, Any]] = {}
+    for _ in range(rounds):
+        for leave_out in (False, True):
+            r = run(registrants, seed, peers, without=without if leave_out else ())
+            if leave_out not in best or r["us_per_order"] < best[leave_out]["us_per_order"]:
+                best[leave_out] = r
+    return best[False], best[True]
 
 
 def render(r: dict[str, Any]) -> str:

@@ -806,10 +806,21 @@ def replay_arcos(path: str) -> None:
               help="With peer profiles learned from another scenario run (seed + 1000), as the evaluation.")
 @click.option("--compare-lean", is_flag=True,
               help="Also run with only the deciding detectors (SOM_RECORD_ALL=0) and print the cost ratio.")
-def bench_monitor(registrants: int, seed: int, peers: bool, compare_lean: bool) -> None:
+@click.option("--compare-without", default="", metavar="DETECTORS",
+              help="Comma list of detectors (e.g. ramp,strength_shift,new_customer): also time the monitor "
+                   "without them, interleaved with the full one (best of 3 each), and print the cost increase.")
+def bench_monitor(registrants: int, seed: int, peers: bool, compare_lean: bool, compare_without: str) -> None:
     """Monitoring cost: score + learn per order, and state bytes per registrant and drug family."""
-    from .bench_monitor import render, run
+    from .bench_monitor import compare_without as compare, render, run
 
+    if compare_without:
+        without = tuple(n.strip() for n in compare_without.split(",") if n.strip())
+        full, before = compare(registrants, seed, peers, without)
+        click.echo(render(full))
+        click.echo(f"without {', '.join(without)}: {before['us_per_order']:.0f} us per order; with them "
+                   f"{full['us_per_order']:.0f} us: {100 * (full['us_per_order'] / before['us_per_order'] - 1):+.1f} % "
+                   "(best of 3 interleaved runs each)")
+        return
     full = run(registrants, seed, peers)
     click.echo(render(full))
     if compare_lean:

@@ -303,7 +303,7 @@ def test_old_state_records_decode_and_migrate() -> None:
         v = score(monitor, st, 500)
         assert finding(v, "static_2x_12m")["threshold"] == MAX
         new = monitor.learn(st, order(DEA, NOW, {"OXYCODONE": 500}))
-        assert new["version"] == bl.STATE_VERSION == 3
+        assert new["version"] == bl.STATE_VERSION == 4
         assert new["families"]["OXYCODONE"]["months"] == {"month": [2026 * 12 + 2], "units": [500]}
         assert sum(new["timing"]["hours"]) == 1 and new["timing"]["weekdays"][NOW.weekday()] == 1
         assert codec.decode(codec.encode("som.state.RegistrantState", new))[1] == new
@@ -319,14 +319,17 @@ def test_v2_state_records_decode_and_migrate_with_empty_timing() -> None:
     name, rec = codec.decode(codec.encode_with(v2, old))
     assert name == "som.state.RegistrantState" and rec["version"] == 2
     assert rec["timing"] == {"hours": [], "weekdays": []}
-    assert rec["families"] == state["families"]  # nothing else is lost
+    # nothing else is lost; the usual strength (v4) starts empty in a v2 record
+    assert {f: {k: v for k, v in fb.items() if k != "mg_per_unit"} for f, fb in rec["families"].items()} == {
+        f: {k: v for k, v in fb.items() if k != "mg_per_unit"} for f, fb in state["families"].items()}
+    assert all(fb["mg_per_unit"] == {"mean": 0.0, "n": 0} for fb in rec["families"].values())
     for st in (rec, old):
         # same verdict numbers as the current state, except that timing has no history yet
         v, v_now = score(monitor, st, 2500), score(monitor, state, 2500)
         assert finding(v, "static_2x_12m") == finding(v_now, "static_2x_12m")
         assert finding(v, "timing", "*")["window"].startswith("not applicable")
         new = monitor.learn(st, order(DEA, NOW, {"OXYCODONE": 500}))
-        assert new["version"] == 3 and sum(new["timing"]["hours"]) == 1
+        assert new["version"] == 4 and sum(new["timing"]["hours"]) == 1
 
 
 def test_old_verdict_and_hold_records_decode_with_enforced_true() -> None:

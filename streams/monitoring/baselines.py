@@ -40,8 +40,13 @@ of a burst cannot raise the threshold that is meant to stop the burst.
 * ``timing`` (per registrant, not per family): learned orders per UTC hour of
   day (24 counts) and per weekday (7 counts), halved whenever they reach
   :data:`TIMING_CAP` orders, for the unusual-timing detector.
+* ``mg_per_unit``: EW mean of the order's mg of base drug per dosage unit of
+  the family (its usual strength mix), for the strength-shift detector: 30 mg
+  tablets instead of 5 mg ones at the same unit count are invisible to unit
+  counts, not to this.
 * ``months``: dosage units per UTC calendar month, the current month and the
-  12 before it, for the static reference rules ("Rafalski" flags: over 2x / 3x
+  12 before it: the long memory the ramp detector compares with (a slow ramp
+  cannot drag it as it drags the EW statistics) and the static reference rules ("Rafalski" flags: over 2x / 3x
   the trailing 12-month average, over the trailing 6-month maximum, over
   8,000 units a month, over a customer's fixed monthly limit).
 
@@ -63,7 +68,7 @@ from river import stats
 
 #: Version of the state dict / ``som.state.RegistrantState`` layout. Bump it and
 #: add a step to :func:`migrate_state` whenever the layout changes.
-STATE_VERSION = 3
+STATE_VERSION = 4
 
 MS_PER_DAY = 86_400_000
 WINDOW_24H_MS = MS_PER_DAY
@@ -549,6 +554,7 @@ class FamilyBaseline:
         self.count_24h = EWMeanBaseline(a)
         self.count_7d = EWMeanBaseline(a)
         self.units_30d = EWMeanBaseline(a)
+        self.mg_per_unit = EWMeanBaseline(a)
         self.recent = RecentOrders(cap=s.recent_max)
         self.days = DailyRing()
         self.months = MonthRing()
@@ -568,7 +574,8 @@ class FamilyBaseline:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""
         return self.orders > 0 and at_ms - self.first_order_ms >= days * MS_PER_DAY
 
-    def learn(self, at_ms: int, units: int) -> None:
+    def learn(self, at_ms: int, units: int, base_mg: float = 0.0) -> None:
+        """Fold one released order of ``units`` dosage units (``base_mg`` mg of base drug) in."""
         w = self.windows(at_ms, units)
         if self.covers(at_ms, 1):
             self.count_24h.update(_clip_count(w.orders_24h, self.count_24h))
@@ -579,6 +586,8 @@ class FamilyBaseline:
         u = max(units, 1)
         self.log_units.update(math.log(u))
         self.units.update(u)
+        if base_mg > 0 and units > 0:  # lines without a strength (no product master entry) teach nothing
+            self.mg_per_unit.update(base_mg / units)
         if self.orders and at_ms >= self.last_order_ms:
             self.gap_days.update((at_ms - self.last_order_ms) / MS_PER_DAY)
         if not self.orders or at_ms < self.first_order_ms:
@@ -600,6 +609,7 @@ class FamilyBaseline:
             "count_24h": self.count_24h.to_dict(),
             "count_7d": self.count_7d.to_dict(),
             "units_30d": self.units_30d.to_dict(),
+            "mg_per_unit": self.mg_per_unit.to_dict(),
             "recent_ms": self.recent.to_dict(),
             "days": self.days.to_dict(),
             "months": self.months.to_dict(),
@@ -619,6 +629,7 @@ class FamilyBaseline:
         fb.count_24h = EWMeanBaseline.from_dict(d["count_24h"], a)
         fb.count_7d = EWMeanBaseline.from_dict(d["count_7d"], a)
         fb.units_30d = EWMeanBaseline.from_dict(d["units_30d"], a)
+        fb.mg_per_unit = EWMeanBaseline.from_dict(d.get("mg_per_unit") or {"mean": 0.0, "n": 0}, a)
         fb.recent = RecentOrders(d["recent_ms"], cap=s.recent_max)
         fb.days = DailyRing(d["days"])
         fb.months = MonthRing(d.get("months"))
@@ -747,6 +758,8 @@ def migrate_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
     already fills it when a v1 record is decoded with the current schema).
     v2 -> v3: the registrant gains ``timing`` (orders per hour and weekday),
     empty: the timing history starts with the next learned order.
+    v3 -> v4: families gain ``mg_per_unit`` (usual strength), empty: the
+    strength-shift detector applies once enough orders are learned again.
     Each later layout adds a step here, so a changelog written by an older
     worker is still usable after a deploy.
     """
@@ -758,7 +771,11 @@ def migrate_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
                     for fam, fb in state["families"].items()}
         state, version = dict(state, version=2, families=families), 2
     if version == 2:
-        return dict(state, version=3, timing=state.get("timing") or {"hours": [], "weekdays": []})
+        state, version = dict(state, version=3, timing=state.get("timing") or {"hours": [], "weekdays": []}), 3
+    if version == 3:
+        families = {fam: dict(fb, mg_per_unit=fb.get("mg_per_unit") or {"mean": 0.0, "n": 0})
+                    for fam, fb in state["families"].items()}
+        return dict(state, version=4, families=families)
     raise StateVersionError(f"SOM state version {version!r} is not supported (expected {STATE_VERSION})")
 
 
@@ -873,7 +890,7 @@ class RegistrantBaselines:
             if fb is None:
                 fb = self._families[fam] = FamilyBaseline(self.settings)
                 self._raw_families[fam] = {}
-            fb.learn(order.at_ms, facts.units)
+            fb.learn(order.at_ms, facts.units, facts.base_weight_g * 1000.0)
         self.mix.learn({f: x.units for f, x in order.families.items()})
         self.timing.learn(order.at_ms)
         if not self.total_orders or order.at_ms < self.first_order_ms:
