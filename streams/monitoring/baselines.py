@@ -13,7 +13,7 @@ as bincode bytes (``__getstate__``). This module reads and writes those bytes
 field by field against the layout of river's ``rust_src`` (``RsEWMean`` =
 ``{EWMean{mean, alpha, one_minus_alpha, initialized}, alpha}``). Any change of
 that layout in a river upgrade raises :class:`RiverStateError` instead of
-silently decoding garbage, and ``tests/test_monitoring.py`` checks the round trip.
+silently decoding garbage, and ``tests/unit/test_monitoring.py`` checks the round trip.
 
 Why these quantities (21 CFR 1301.74(b): unusual size, frequency, pattern):
 
@@ -71,7 +71,7 @@ WINDOW_7D_DAYS = 7
 WINDOW_30D_DAYS = 30
 MONTHS_KEPT = 13  # the current calendar month and the 12 full months before it
 #: Legacy guard (the last few learned order ids, as CRCs); the authority on what was learned is the
-#: per-order-id ``outcomes`` record, kept CSOS_DEDUP_DAYS (``streams.outcomes``).
+#: per-order-id ``outcomes`` record, kept CSOS_DEDUP_DAYS (``streams.pipeline.outcomes``).
 LEARNED_IDS_KEPT = 8
 #: Timing counts are halved when their total reaches this: bounded ints, recent habits weigh more.
 TIMING_CAP = 256
@@ -704,7 +704,7 @@ def new_state(purchaser_dea: str) -> dict[str, Any]:
 
 
 def _new_due_diligence() -> dict[str, Any]:
-    from .open_cases import new_due_diligence  # the sub-record is that module's; imported late (no cycle)
+    from streams.monitoring.open_cases import new_due_diligence  # the sub-record is that module's; imported late (no cycle)
     return new_due_diligence()
 
 

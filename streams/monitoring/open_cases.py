@@ -40,8 +40,8 @@ import heapq
 from datetime import datetime, timezone
 from typing import Any, Mapping, MutableMapping
 
-from .baselines import MS_PER_DAY, RegistrantBaselines, month_name, month_of, to_ms
-from .detectors import Reason, fmt_n, reason
+from streams.monitoring.baselines import MS_PER_DAY, RegistrantBaselines, month_name, month_of, to_ms
+from streams.monitoring.detectors import Reason, fmt_n, reason
 
 OPEN_CASE = "open_case"
 REPORTED_PENDING_LIMIT = "reported_pending_limit"
@@ -222,7 +222,7 @@ class SimulatedDueDiligence:
     RELEASED and learned. Without labels every case is RELEASED (the analyst
     found nothing), so unlabelled replays still show the rule's cost.
 
-    Use (see ``streams.evaluation.run_policy``)::
+    Use (see ``streams.tools.evaluation.run_policy``)::
 
         dd = SimulatedDueDiligence(monitor, labels, review_days)
         for order in orders:
