@@ -104,7 +104,7 @@ def arcos_data_dir() -> Path | None:
     env = os.environ.get(ARCOS_DIR_ENV, "").strip()
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     for up in repo.parents:
         cand = up / "shared" / "data" / "arcos"
         if cand.is_dir():

@@ -32,7 +32,7 @@ from fastavro.validation import ValidationError, validate
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas" / "avro"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas" / "avro"
 
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 

@@ -28,7 +28,7 @@ __all__ = ["LocalBroker", "wait_until_ready", "free_port", "REPO_ROOT", "KAFKA_S
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SH = REPO_ROOT / "deploy" / "kafka" / "kafka.sh"
 
 # The first start on a fresh clone downloads ~45 MB of jars with Maven; that
