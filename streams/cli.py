@@ -840,7 +840,7 @@ def archive_export(order_number: str, purchaser: str | None, out_dir: str) -> No
     admits one process); with CLICKHOUSE_URL it runs any time.
     """
     from streams.apps.archive import ArchiveNotFound, export_order
-    from connectors.clickhouse.sink import open_client
+    from connectors.clickhouse.client import open_client
 
     s = _settings()
     try:

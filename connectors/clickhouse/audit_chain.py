@@ -616,7 +616,7 @@ def verify_store(query: Query, *, anchors: Mapping[str, tuple[int, str]] | None 
 @contextmanager
 def open_reader(settings: "Settings") -> Iterator[Query]:
     """The analysts' read-only path: the running sink's ``/sql`` (it owns the embedded store), else a read-only client."""
-    from connectors.clickhouse.sink import open_client, run_readonly_query
+    from connectors.clickhouse.client import open_client, run_readonly_query
     from connectors.clickhouse.query import run_query, sink_is_up
 
     if settings.embedded_clickhouse and sink_is_up(settings):

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from connectors.clickhouse.sink import open_client, run_readonly_query
+from connectors.clickhouse.client import open_client, run_readonly_query
 
 from streams.core.config import Settings
 

@@ -43,7 +43,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from connectors.kafka.security import client_config
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.domain.identifiers import is_valid_dea_number
 
@@ -157,7 +157,7 @@ def _check_registrant(key: str, rec: dict[str, Any]) -> None:
 
 
 def _check_crl(key: str, rec: dict[str, Any]) -> None:
-    from streams.tools.pki import load_crl  # DER or PEM, as the verifier reads it
+    from streams.domain.crl import load_crl  # DER or PEM, as the verifier reads it
 
     try:
         load_crl(rec["crl_der"])

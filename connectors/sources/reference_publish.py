@@ -12,13 +12,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import default_codec
 from streams.domain.identifiers import is_valid_dea_number
 from connectors.sources.reference_data import crl_record_key
 
 from connectors.kafka.io import Publisher
-from streams.tools.pki import load_crl
+from streams.domain.crl import load_crl
 
 
 def publish_crls(publisher: Publisher, paths: list[Path]) -> list[str]:

@@ -699,13 +699,15 @@ def new_state(purchaser_dea: str) -> dict[str, Any]:
         "families": {},
         "timing": {"hours": [], "weekdays": []},
         "outcomes": {},
-        "due_diligence": _new_due_diligence(),
+        "due_diligence": new_due_diligence(),
     }
 
 
-def _new_due_diligence() -> dict[str, Any]:
-    from streams.monitoring.open_cases import new_due_diligence  # the sub-record is that module's; imported late (no cycle)
-    return new_due_diligence()
+def new_due_diligence() -> dict[str, Any]:
+    """An empty ``som.state.DueDiligence`` (also what older states read as); here, with the state it is part
+    of, so that ``open_cases`` (which fills it) imports this module and never the other way round."""
+    return {"first_seen_ms": 0, "onboarded_ms": 0, "onboarded_by": "", "open": {}, "reported": {}, "limits": {},
+            "terminated": None, "applied": []}
 
 
 def _copy_due_diligence(dd: Mapping[str, Any]) -> dict[str, Any]:
@@ -760,7 +762,7 @@ class RegistrantBaselines:
         self.outcomes: dict[str, dict[str, Any]] = dict(state.get("outcomes") or {})
         # Open cases, reports, analyst limits, termination, new-customer period (``open_cases``), mutable in place.
         dd = state.get("due_diligence")
-        self.due_diligence: dict[str, Any] = _copy_due_diligence(dd) if dd else _new_due_diligence()
+        self.due_diligence: dict[str, Any] = _copy_due_diligence(dd) if dd else new_due_diligence()
         self._families: dict[str, FamilyBaseline] = {}
         self._windows: dict[tuple[Any, ...], Any] = {}  # per-order caches: Windows, Monthly
 

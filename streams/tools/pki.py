@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from streams.domain.crl import load_crl
 from streams.domain.cert_profile import ExtensionOids, read_registration, registration_extensions
 
 KeyType = Literal["rsa", "ec"]
@@ -433,13 +434,6 @@ def load_pki(dir: str | Path) -> TestPKI:
                 and chain_path.stat().st_size else (sub_cert,)
             pki.registrants[rd.name] = Credential(cert, _load_key(rd / "key.pem"), chain)
     return pki
-
-
-def load_crl(data: bytes) -> x509.CertificateRevocationList:
-    """Load a CRL in DER or PEM (detected by the PEM armour)."""
-    if data.lstrip().startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_crl(data)
-    return x509.load_der_x509_crl(data)
 
 
 def write_pki(pki: TestPKI, dir: str | Path) -> Path:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.clickhouse.sink import ClickHouseSink, SourceRecord, apply_ddl, open_client, run_readonly_query
+from connectors.clickhouse.sink import ClickHouseSink, SourceRecord
+from connectors.clickhouse.client import apply_ddl, open_client, run_readonly_query
 from streams.core.config import Settings
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)

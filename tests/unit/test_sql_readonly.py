@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from streams.tools.broker import free_port
-from connectors.clickhouse.sink import apply_ddl, open_client, run_readonly_query
+from connectors.clickhouse.client import apply_ddl, open_client, run_readonly_query
 from streams.tools.pki import TestPKI
 from streams.pipeline.sink_service import ensure_sink_token, serve_http
 from connectors.clickhouse.sql_guard import RefusedQuery

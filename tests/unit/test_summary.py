@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.clickhouse.sink import apply_ddl, open_client
+from connectors.clickhouse.client import apply_ddl, open_client
 from streams.core.config import Settings
 from streams.apps.summary import fetch_summary
 

@@ -46,9 +46,9 @@ import time
 from datetime import datetime, timedelta
 from typing import Any, Iterable, MutableMapping
 
-from streams.tools.pki import load_crl
+from streams.domain.crl import load_crl
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, default_codec
 from connectors.kafka.emit import Emitter, Message, utcnow
 from streams.pipeline.outcomes import OutcomeBook, Position
