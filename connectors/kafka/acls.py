@@ -45,7 +45,7 @@ from confluent_kafka.admin import (
     UserScramCredentialUpsertion,
 )
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 
 __all__ = ["ROLES", "Grant", "grants", "acl_bindings", "apply_acls", "upsert_scram_users", "passwords_from_env"]
 

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 
 from connectors.kafka.io import MessageTooLarge, Publisher
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
 
 
@@ -65,6 +65,11 @@ class Emitter:
         self._captures: list[list[Message]] = []
 
     def send(self, topic: str, schema: str, key: str | bytes | None, record: dict[str, Any]) -> None:
+        """Encode ``record`` as ``schema`` and produce it; the catalogue says which record a topic carries, so a
+        record of another schema on a catalogue topic is a programming error, raised before anything is sent."""
+        expected = t.schema_of(topic)
+        if expected is not None and schema != expected:
+            raise ValueError(f"topic {topic} carries {expected} records (connectors.kafka.catalogue), not {schema}")
         self.publish(topic, key, self.codec.encode(schema, record))
 
     def publish(self, topic: str, key: str | bytes | None, value: bytes) -> None:

@@ -1,11 +1,11 @@
-"""The pipeline's Kafka topic catalogue and idempotent topic administration.
+"""Idempotent topic administration: create and align the topics of the catalogue (``connectors.kafka.catalogue``).
 
 Why explicit creation: the local broker runs with
 ``auto.create.topics.enable=false`` (as production clusters usually do), so a
 misspelt topic name fails loudly instead of silently creating an empty topic
 with default settings. Faust creates only its *internal* topics (table
 changelogs, the assignor leader topic, repartition topics) through the admin
-API; every topic listed here must exist before a worker starts, which is what
+API; every catalogue topic must exist before a worker starts, which is what
 :func:`ensure_topics` is for.
 
 Partition counts matter beyond throughput: Faust tables are co-partitioned
@@ -20,181 +20,24 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic, ResourceType
 
-from connectors.kafka import topic_names as _names
-
+from connectors.kafka.catalogue import DEFAULT_PARTITIONS, TOPICS, TopicSpec
 from connectors.kafka.security import client_config
 
 __all__ = [
-    "TopicSpec",
-    "TOPICS",
-    "ORDERS_RECEIVED",
-    "ORDERS_VERIFIED",
-    "ORDERS_REJECTED",
-    "ORDERS_PENDING",
-    "SOM_VERDICTS",
-    "SOM_HOLD",
-    "SOM_RELEASE",
-    "AUDIT_EVENTS",
-    "DLQ",
-    "PKI_CRL",
-    "REGISTRANTS",
-    "SOM_DECISIONS",
-    "SOM_CASES",
-    "SOM_CLEARED",
-    "SOM_REPORTS",
-    "WAREHOUSE_SHIPMENTS",
-    "DEFAULT_PARTITIONS",
     "default_partitions",
     "replication_factor",
     "topic_config",
     "ensure_topics",
+    "align_configs",
     "delete_topics",
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PARTITIONS = 4
-
-_DAY_MS = 24 * 60 * 60 * 1000
-# Kafka is the transport, ClickHouse the long-term store: 30 days on the topic
-# is enough to replay or re-derive anything the sink has not yet persisted.
-_RETENTION_30D = str(30 * _DAY_MS)
-
-# The names themselves live in connectors.kafka.topic_names (the agents' interface); aliased here.
-ORDERS_RECEIVED = _names.RECEIVED
-ORDERS_VERIFIED = _names.VERIFIED
-ORDERS_REJECTED = _names.REJECTED
-ORDERS_PENDING = _names.PENDING
-SOM_VERDICTS = _names.VERDICTS
-SOM_HOLD = _names.HOLD
-SOM_RELEASE = _names.RELEASE
-AUDIT_EVENTS = _names.AUDIT
-DLQ = _names.DLQ
-PKI_CRL = _names.CRL
-REGISTRANTS = _names.REGISTRANTS
-SOM_DECISIONS = _names.DECISIONS
-SOM_CASES = _names.CASES
-SOM_CLEARED = _names.CLEARED
-SOM_REPORTS = _names.REPORTS
-WAREHOUSE_SHIPMENTS = _names.SHIPMENTS
-_RETENTION_2Y = str(2 * 366 * _DAY_MS)
-
-
-@dataclass(frozen=True)
-class TopicSpec:
-    """How one topic should look on the cluster.
-
-    ``partitions`` ``None`` means "the catalogue default" (see
-    :func:`default_partitions`); ``config`` holds topic-level overrides
-    (string values, as Kafka expects them); ``doc`` says what flows through it.
-    """
-
-    name: str
-    partitions: int | None = None
-    config: Mapping[str, str] = field(default_factory=dict)
-    doc: str = ""
-
-
-def _delete(retention_ms: str = _RETENTION_30D) -> dict[str, str]:
-    return {"cleanup.policy": "delete", "retention.ms": retention_ms}
-
-
-def _compact() -> dict[str, str]:
-    # Compacted topics keep the latest value per key forever (until a null
-    # tombstone); every record on them must have a key.
-    return {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1"}
-
-
-TOPICS: list[TopicSpec] = [
-    TopicSpec(
-        ORDERS_RECEIVED,
-        # The broker stamps each record with its append time: the one receipt time a sender cannot
-        # write (the verifier overrules a stated received_at far from it, streams.pipeline.agents.verify).
-        config={**_delete(), "message.timestamp.type": "LogAppendTime"},
-        doc="Signed CSOS orders (electronic DEA Form 222) as received, before any check.",
-    ),
-    TopicSpec(
-        ORDERS_VERIFIED,
-        config=_delete(),
-        doc="Orders whose signature, certificate chain, revocation and registrant checks passed.",
-    ),
-    TopicSpec(
-        ORDERS_REJECTED,
-        config=_delete(),
-        doc="Orders that failed verification, with the reasons.",
-    ),
-    TopicSpec(
-        ORDERS_PENDING,
-        config=_delete(),
-        doc="Orders parked until reference data (CRL, registrant, product) arrives; re-verified then.",
-    ),
-    TopicSpec(
-        SOM_VERDICTS,
-        config=_delete(),
-        doc="Suspicious-order-monitoring verdict for every verified order (score, rules hit).",
-    ),
-    TopicSpec(
-        SOM_HOLD,
-        config=_delete(),
-        doc="Orders held as suspicious; they must not ship until reviewed.",
-    ),
-    TopicSpec(
-        SOM_RELEASE,
-        config=_delete(),
-        doc="Orders cleared to ship: not suspicious, or released by a reviewer.",
-    ),
-    TopicSpec(
-        AUDIT_EVENTS,
-        config=_delete(),
-        doc="Append-only audit trail of every decision, sunk to ClickHouse.",
-    ),
-    TopicSpec(
-        DLQ,
-        config=_delete(),
-        doc="Records no stage could process (undecodable, schema errors), for investigation.",
-    ),
-    TopicSpec(
-        SOM_DECISIONS,
-        config=_delete(_RETENTION_2Y),
-        doc="Analysts' due-diligence decisions on held orders (release, report, cancel), with actor and rationale.",
-    ),
-    TopicSpec(
-        SOM_CASES,
-        config=_delete(_RETENTION_2Y),
-        doc="Case lifecycle per held order: opened, escalated when the due-diligence clock lapses, closed, refused.",
-    ),
-    TopicSpec(
-        SOM_CLEARED,
-        config=_delete(),
-        doc="Held orders released after due diligence, keyed by purchaser DEA, for the monitor to learn.",
-    ),
-    TopicSpec(
-        SOM_REPORTS,
-        config=_delete(_RETENTION_2Y),
-        doc="Suspicious order reports for DEA, one per reported case.",
-    ),
-    TopicSpec(
-        WAREHOUSE_SHIPMENTS,
-        config=_delete(),
-        doc="Shipment confirmations from the warehouse: the source of the CSOS fill report (1305.29).",
-    ),
-    TopicSpec(
-        PKI_CRL,
-        config=_compact(),
-        doc="Every certificate revocation list published, one key per distinct CRL (issuer, number, digest).",
-    ),
-    TopicSpec(
-        REGISTRANTS,
-        config=_compact(),
-        doc="Latest DEA registrant record per registration number, compacted state.",
-    ),
-]
 
 
 def default_partitions() -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from connectors.kafka.emit import Emitter
 
 from connectors.kafka.io import Publisher

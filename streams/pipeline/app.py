@@ -56,7 +56,7 @@ from connectors.kafka.io import Publisher
 from connectors.kafka.security import faust_app_kwargs
 from connectors.kafka.topics import replication_factor
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.pipeline.agents.cases import STAGE as CASE_STAGE
 from streams.pipeline.agents.cases import CaseProcessor, key_partition
 from streams.pipeline.agents.monitor import STAGE as MONITOR_STAGE

@@ -34,16 +34,15 @@ from urllib.parse import urlparse
 
 from confluent_kafka import Consumer, KafkaError
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.core.config import Settings
 from connectors.kafka.emit import Emitter
 from connectors.clickhouse.query import sink_token_path
 
 from connectors.clickhouse.audit_chain import sink_key
-from connectors.clickhouse.sink import (
-    ClickHouseSink, SourceRecord, apply_ddl, checked_rows, open_client, run_readonly_query, to_json_rows,
-)
+from connectors.clickhouse.sink import ClickHouseSink, SourceRecord, checked_rows, to_json_rows
+from connectors.clickhouse.client import apply_ddl, open_client, run_readonly_query
 from connectors.clickhouse.column_types import RowRejected
 from connectors.kafka.io import Publisher
 from connectors.kafka.security import client_config
@@ -51,18 +50,8 @@ from connectors.kafka.security import client_config
 log = logging.getLogger(__name__)
 STAGE = "sink"
 
-EXPECTED = {
-    t.RECEIVED: "csos.orders.ReceivedOrder",  # -> order_archive (1311.55(c)(11))
-    t.VERIFIED: "csos.orders.VerifiedOrder",
-    t.REJECTED: "csos.orders.Rejection",
-    t.PENDING: "csos.orders.PendingOrder",
-    t.VERDICTS: "som.Verdict",
-    t.AUDIT: "audit.AuditEvent",
-    t.DLQ: "dlq.DeadLetter",
-    t.CASES: "som.CaseEvent",
-    t.REPORTS: "som.SuspiciousOrderReport",
-    t.SHIPMENTS: "warehouse.ShipmentConfirmation",
-}
+#: The topics the sink stores and the Avro record each carries: the catalogue's ``sunk`` topics.
+EXPECTED = t.sunk_topics()
 #: Topics whose undecodable messages the sink logs and skips instead of dead-lettering: the dead-letter
 #: topic itself, and the received topic, whose unreadable messages the verify agent already dead-letters
 #: (their bytes are then in ``dead_letters``); a second dead letter would count them twice.

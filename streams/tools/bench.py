@@ -21,7 +21,7 @@ from streams.tools.feed import prepare_feed, publish, publish_reference_data, re
 from connectors.kafka.io import Publisher, consume_all
 from connectors.kafka.topics import ensure_topics
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import default_codec
 from streams.core.config import Settings
 from connectors.clickhouse.query import run_query

@@ -31,7 +31,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import default_codec
 from streams.core.config import Settings
 from streams.tools.processes import ChildProcess, sink_process, worker_process

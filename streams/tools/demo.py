@@ -120,7 +120,7 @@ def due_diligence(settings: Settings, timeout: float = 120.0) -> str:
 
     from streams.tools.warehouse import released_orders, ship
 
-    from connectors.kafka import topic_names as t
+    from connectors.kafka import catalogue as t
     from streams.core.avro_codec import default_codec
     from streams.apps.reports import write_fill_report, write_suspicious_order_report
 

@@ -46,7 +46,7 @@ from confluent_kafka import Producer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.domain.cms import sign_order
 from streams.domain.identifiers import make_dea_number

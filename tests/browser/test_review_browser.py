@@ -25,7 +25,7 @@ from cryptography.fernet import Fernet
 from streams.tools.broker import free_port
 from connectors.sources.intake import OrderIntake
 from connectors.kafka.io import Publisher, consume_all
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import default_codec
 from streams.domain.cms import sign_order
 from streams.domain.model import Order

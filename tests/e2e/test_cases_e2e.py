@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from connectors.kafka.io import Publisher, consume_all
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import default_codec
 from tests.conftest import DUE_DILIGENCE_SECONDS
 

@@ -13,7 +13,7 @@ import pytest
 
 from streams.monitoring.open_cases import DUE_DILIGENCE_RULES
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import default_codec
 
 pytestmark = pytest.mark.kafka

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from connectors.sources.intake import OrderIntake
 from connectors.kafka.io import Publisher, consume_all
 from connectors.sources.reference_publish import publish_crls, publish_registrants
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import default_codec
 from streams.domain.cms import sign_order
 from streams.domain.identifiers import make_dea_number

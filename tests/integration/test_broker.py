@@ -13,15 +13,8 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from streams.tools.broker import LocalBroker
-from connectors.kafka.topics import (
-    ORDERS_RECEIVED,
-    PKI_CRL,
-    REGISTRANTS,
-    TOPICS,
-    TopicSpec,
-    delete_topics,
-    ensure_topics,
-)
+from connectors.kafka.catalogue import CRL, RECEIVED, REGISTRANTS, TOPICS, TopicSpec
+from connectors.kafka.topics import delete_topics, ensure_topics
 
 pytestmark = pytest.mark.kafka
 
@@ -45,14 +38,14 @@ def test_ensure_topics_creates_catalogue_idempotently(broker: LocalBroker) -> No
 def test_compacted_topic_config(broker: LocalBroker) -> None:
     ensure_topics(broker.bootstrap)
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    resources = [ConfigResource("topic", PKI_CRL), ConfigResource("topic", REGISTRANTS), ConfigResource("topic", ORDERS_RECEIVED)]
+    resources = [ConfigResource("topic", CRL), ConfigResource("topic", REGISTRANTS), ConfigResource("topic", RECEIVED)]
     configs = {res.name: fut.result(timeout=10) for res, fut in admin.describe_configs(resources).items()}
-    assert configs[PKI_CRL]["cleanup.policy"].value == "compact"
+    assert configs[CRL]["cleanup.policy"].value == "compact"
     assert configs[REGISTRANTS]["cleanup.policy"].value == "compact"
-    assert configs[ORDERS_RECEIVED]["cleanup.policy"].value == "delete"
-    assert configs[ORDERS_RECEIVED]["retention.ms"].value == str(30 * 24 * 3600 * 1000)
+    assert configs[RECEIVED]["cleanup.policy"].value == "delete"
+    assert configs[RECEIVED]["retention.ms"].value == str(30 * 24 * 3600 * 1000)
     # Single broker: min.insync.replicas is left at the broker default.
-    assert configs[ORDERS_RECEIVED]["min.insync.replicas"].value == "1"
+    assert configs[RECEIVED]["min.insync.replicas"].value == "1"
 
 
 def test_idempotent_produce_and_consume(broker: LocalBroker) -> None:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from connectors.kafka.io import Publisher
 from streams.tools.pki import Credential, TestPKI, generate_key
 from connectors.sources.reference_publish import publish_crls
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.pipeline.agents.verify import VerifyProcessor
 from streams.core.avro_codec import default_codec
 from connectors.kafka.emit import Emitter

@@ -29,7 +29,7 @@ from connectors.kafka.acls import ROLES, acl_bindings, upsert_scram_users
 from connectors.kafka.io import PRODUCER_DEFAULTS, Publisher
 from connectors.kafka.security import KafkaSecurity
 from connectors.kafka.topics import ensure_topics
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.cli import main as cli_main
 from streams.core.config import Settings
 from streams.tools.processes import sink_process, worker_process

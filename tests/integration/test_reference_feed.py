@@ -14,14 +14,14 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from streams.tools.pki import TestPKI, generate_key
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.pipeline.agents.verify import VerifyProcessor
 from streams.core.avro_codec import default_codec
 from connectors.kafka.emit import Emitter
 from connectors.sources.reference_data import (ReferenceFeed, Trace, UnreadableReference, Update, dead_letter_id,
                                     read_reference)
 from streams.verification import Verifier
-from tests.unit.test_review import RecordingPublisher
+from connectors.kafka.testing import MemoryPublisher
 from tests.unit.test_verification import NOW, PRODUCTS
 
 codec = default_codec()
@@ -45,7 +45,7 @@ def pki() -> TestPKI:
     return TestPKI.create(now=NOW, reuse_keys=True)
 
 
-def feed_with(publisher: RecordingPublisher) -> ReferenceFeed:
+def feed_with(publisher: MemoryPublisher) -> ReferenceFeed:
     return ReferenceFeed("unused:9092", emitter=Emitter(publisher, "reference-feed"))  # type: ignore[arg-type]
 
 
@@ -76,12 +76,12 @@ def test_usable_records_and_tombstones_are_read(pki):
 
 # ------------------------------------------------------------------ the feed's two readers
 def test_the_tracing_reader_dead_letters_with_an_id_that_repeats_collapse_on():
-    pub = RecordingPublisher()
+    pub = MemoryPublisher()
     feed = feed_with(pub)
     at = datetime(2026, 2, 1, tzinfo=timezone.utc)
     assert feed.trace(t.REGISTRANTS, 2, 7, DEA.encode(), b"\x00garbage", at)
     assert feed.trace(t.REGISTRANTS, 2, 7, DEA.encode(), b"\x00garbage", at)  # e.g. redelivered after a crash
-    dead = [r for topic, _, r, _ in pub.sent if topic == t.DLQ]
+    dead = pub.records(t.DLQ)
     assert len(dead) == 2 and dead[0] == dead[1]  # identical rows: one in dead_letters FINAL
     assert dead[0]["dead_letter_id"] == dead_letter_id(t.REGISTRANTS, 2, 7)
     assert dead[0]["stage"] == "reference" and dead[0]["source_offset"] == 7 and dead[0]["failed_at"] == at
@@ -101,11 +101,11 @@ def test_every_workers_reader_skips_unusable_records_without_a_trace():
         def key(self) -> bytes: return DEA.encode()
         def value(self) -> bytes: return self._value
 
-    pub = RecordingPublisher()
+    pub = MemoryPublisher()
     feed = feed_with(pub)
     feed._queue(Msg(b"\x00garbage"))
     feed._queue(Msg(codec.encode("csos.registry.Registrant", registrant())))
-    assert feed.errors == 1 and not pub.sent
+    assert feed.errors == 1 and not pub.messages
     assert [(u.key, u.trace) for u in feed.drain()] == [(DEA, None)]
 
 
@@ -113,7 +113,7 @@ def test_a_refused_crl_is_audited_only_from_the_traced_copy(pki):
     """Every worker refuses a forged CRL; only the worker tracing its partition audits it (crl.refused)."""
     forged = pki.build_crl(NOW - timedelta(hours=1), NOW + timedelta(days=7), signer=generate_key())
     der = forged.public_bytes(Encoding.DER)
-    pub = RecordingPublisher()
+    pub = MemoryPublisher()
     feed = feed_with(pub)
     proc = VerifyProcessor(Verifier(pki.trust_anchors, pki.intermediates, [], PRODUCTS),
                            PRODUCTS, Emitter(pub, "verify-agent"), {}, feed=feed)  # type: ignore[arg-type]
@@ -192,7 +192,7 @@ def test_a_batch_behind_the_published_reference_data_is_parked_then_judged_once_
 
     cred = pki.issue_registrant(DEA, "Acme Pharmacy", ALL_SCHEDULES, NOW - timedelta(days=30),
                                 NOW + timedelta(days=300))
-    pub = RecordingPublisher()
+    pub = MemoryPublisher()
     feed = feed_with(pub)
     ends = {(t.CRL, 0): 5, (t.REGISTRANTS, 0): 2}
     monkeypatch.setattr(feed, "end_offsets", lambda timeout: ends)
@@ -208,9 +208,9 @@ def test_a_batch_behind_the_published_reference_data_is_parked_then_judged_once_
     proc.begin_batch()
     proc.handle(t.RECEIVED, 0, 0, DEA.encode(), message(signed(cred)[1], received_at=NOW - timedelta(minutes=59)))
     proc.end_batch()
-    pending = [r for topic, _, r, _ in pub.sent if topic == t.PENDING]
+    pending = pub.records(t.PENDING)
     assert [p["reason_code"] for p in pending] == ["REVOCATION_UNKNOWN"] and "caught up" in pending[0]["reason"]
-    assert not [r for topic, _, r, _ in pub.sent if topic in (t.VERIFIED, t.REJECTED)]
+    assert not pub.records(t.VERIFIED) + pub.records(t.REJECTED)
 
     # The revoking CRL arrives (offset 4) but the reader is not at 5 yet: still parked.
     pki.revoke(cred.serial, NOW - timedelta(hours=2))
@@ -218,9 +218,9 @@ def test_a_batch_behind_the_published_reference_data_is_parked_then_judged_once_
     feed.updates.put(Update(t.CRL, "k", read_reference(codec, t.CRL, b"k", crl_message(der))[1]))
     feed._advance(t.CRL, 0, 4)
     proc.tick()
-    assert not [r for topic, _, r, _ in pub.sent if topic in (t.VERIFIED, t.REJECTED)]
+    assert not pub.records(t.VERIFIED) + pub.records(t.REJECTED)
     feed._advance(t.CRL, 0, 5)
     proc.tick()  # now judged, on the view that includes the revocation
-    rejected = [r for topic, _, r, _ in pub.sent if topic == t.REJECTED]
+    rejected = pub.records(t.REJECTED)
     assert [r["reason_code"] for r in rejected] == ["CERT_REVOKED"]
     assert proc.reference_barrier()  # and the next batch is judged at once

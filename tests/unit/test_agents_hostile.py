@@ -19,8 +19,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from streams.tools.pki import Credential, TestPKI, pooled_key
-from connectors.kafka.topics import TOPICS, topic_config
-from connectors.kafka import topic_names as t
+from connectors.kafka.catalogue import TOPICS
+from connectors.kafka.testing import MemoryPublisher
+from connectors.kafka.topics import topic_config
+from connectors.kafka import catalogue as t
 from streams.pipeline.agents.monitor import MonitorProcessor
 from streams.pipeline.agents.verify import VerifyProcessor
 from streams.pipeline.app import handle_event, require_supplier_dea
@@ -34,7 +36,6 @@ from streams.monitoring import Monitor
 from streams.domain.order_document import encode_order, parse_order
 from streams.verification import Verifier
 from streams.domain.x12_850 import encode_x12_850, parse_x12_850
-from tests.unit.test_cases import CapturingPublisher
 from tests.unit.test_monitoring import order as verified_order
 from tests.unit.test_verification import ALL_SCHEDULES, OXY, OXY_LINE, PRODUCTS
 
@@ -92,8 +93,8 @@ def message(sig: bytes, *, order_id: str | None = None, received_at: datetime = 
         "format": "csos-order/1", "document": None, "signature": sig})
 
 
-def verify_agent(verifier: Any, table: dict[bytes, bytes] | None = None) -> tuple[VerifyProcessor, CapturingPublisher]:
-    pub = CapturingPublisher()
+def verify_agent(verifier: Any, table: dict[bytes, bytes] | None = None) -> tuple[VerifyProcessor, MemoryPublisher]:
+    pub = MemoryPublisher()
     proc = VerifyProcessor(verifier, PRODUCTS, Emitter(pub, "verify-agent"),  # type: ignore[arg-type]
                            {} if table is None else table, suppliers={SUPPLIER.dea_number})
     return proc, pub
@@ -107,10 +108,10 @@ def feed(proc: VerifyProcessor, *messages: bytes, appended_at: datetime | None =
     proc.end_batch()
 
 
-def outcomes(pub: CapturingPublisher) -> list[tuple[str, str]]:
+def outcomes(pub: MemoryPublisher) -> list[tuple[str, str]]:
     """(topic, order_id or reason) per decision, in order."""
     out = []
-    for topic, _, value in pub.sent:
+    for topic, value in ((m.topic(), m.value()) for m in pub.messages):
         if topic in (t.VERIFIED, t.REJECTED):
             rec = codec.decode(value)[1]
             out.append((topic, rec.get("reason_code") or "VERIFIED"))
@@ -177,8 +178,8 @@ def test_an_order_id_reused_for_other_bytes_is_dead_lettered_not_judged(verifier
     feed(proc, message(signature(make_order(7), cred), order_id="order-6"))
     (first, _), (dlq, reason) = outcomes(pub)
     assert first == t.VERIFIED and dlq == t.DLQ and reason.startswith("DUPLICATE_ORDER_ID: order id order-6")
-    assert not [s for s in pub.sent if s[0] == t.REJECTED]  # nothing keyed order-6 overwrites the first order
-    audits = [codec.decode(v)[1] for tp, _, v in pub.sent if tp == t.AUDIT]
+    assert not pub.on(t.REJECTED)  # nothing keyed order-6 overwrites the first order
+    audits = [r for r in pub.records(t.AUDIT)]
     assert any(a["outcome"] == "DUPLICATE_ORDER_ID" and a["order_id"] == "order-6" for a in audits)
 
 
@@ -195,10 +196,10 @@ def test_a_backdated_receipt_is_overruled_by_the_broker_append_time(verifier: Ve
     proc, pub = verify_agent(verifier)
     feed(proc, forged, appended_at=NOW)
     assert outcomes(pub) == [(t.REJECTED, "ORDER_EXPIRED")]
-    rejection = codec.decode(next(v for tp, _, v in pub.sent if tp == t.REJECTED))[1]
+    rejection = pub.records(t.REJECTED)[0]
     assert rejection["received_at"] == NOW
     assert rejection["checks"][0]["check"] == "receipt_time" and "append time" in rejection["checks"][0]["detail"]
-    audits = [codec.decode(v)[1] for tp, _, v in pub.sent if tp == t.AUDIT]
+    audits = [r for r in pub.records(t.AUDIT)]
     assert [a["action"] for a in audits] == ["order.receipt_time_overruled", "order.rejected"]
 
 
@@ -206,7 +207,7 @@ def test_a_receipt_within_the_skew_is_the_sender_s(verifier: Verifier, cred: Cre
     proc, pub = verify_agent(verifier)
     stated = NOW - timedelta(minutes=59)
     feed(proc, message(signature(make_order(9), cred), received_at=stated), appended_at=stated + timedelta(seconds=90))
-    [(_, _, value)] = [s for s in pub.sent if s[0] == t.VERIFIED]
+    [value] = [m.value() for m in pub.on(t.VERIFIED)]
     assert codec.decode(value)[1]["received_at"] == stated
 
 
@@ -284,8 +285,8 @@ def test_quantities_that_would_overflow_downstream_are_a_defective_order(field: 
 
 
 # ---------------------------------------------------------------------------- the monitor
-def monitor_agent() -> tuple[MonitorProcessor, CapturingPublisher, dict[bytes, bytes]]:
-    pub, table = CapturingPublisher(), {}
+def monitor_agent() -> tuple[MonitorProcessor, MemoryPublisher, dict[bytes, bytes]]:
+    pub, table = MemoryPublisher(), {}
     return MonitorProcessor(Monitor(), table, Emitter(pub, "monitor-agent")), pub, table  # type: ignore[arg-type]
 
 
@@ -299,12 +300,12 @@ def test_monitor_decides_every_order_of_a_batch_with_a_huge_quantity_in_it() -> 
     for i, o in enumerate([normal[0], huge, normal[1]]):
         proc.handle(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o))
     proc.end_batch()
-    verdicts = [codec.decode(v)[1]["order_id"] for tp, _, v in pub.sent if tp == t.VERDICTS]
+    verdicts = [r["order_id"] for r in pub.records(t.VERDICTS)]
     assert verdicts == [normal[0]["order_id"], normal[1]["order_id"]]
-    [dead] = [codec.decode(v)[1] for tp, _, v in pub.sent if tp == t.DLQ]
+    [dead] = [r for r in pub.records(t.DLQ)]
     # Refused where it enters (the codec range-checks every int), so no stage ever has to carry it.
     assert "csos.orders.OrderLine.packages = 1099511627776" in dead["reason"]
-    released = [codec.decode(v)[1]["order_id"] for tp, _, v in pub.sent if tp == t.RELEASE]
+    released = [r["order_id"] for r in pub.records(t.RELEASE)]
     assert huge["order_id"] not in released
 
 
@@ -326,9 +327,9 @@ def test_monitor_dead_letters_an_order_whose_hold_cannot_be_written(monkeypatch:
     for i, o in enumerate(orders):
         proc.handle(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o))
     proc.end_batch()
-    [dead] = [codec.decode(v)[1] for tp, _, v in pub.sent if tp == t.DLQ]
+    [dead] = [r for r in pub.records(t.DLQ)]
     assert dead["reason"].startswith("monitor_error: ") and "not released" in dead["reason"]
-    released = [codec.decode(v)[1]["order_id"] for tp, _, v in pub.sent if tp == t.RELEASE]
+    released = [r["order_id"] for r in pub.records(t.RELEASE)]
     assert released == [orders[0]["order_id"]]
 
 
@@ -353,7 +354,7 @@ def test_monitor_holds_an_order_it_cannot_learn_and_keeps_what_the_batch_learned
     for i, o in enumerate((first, bad)):
         proc.handle(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o))
     proc.end_batch()
-    verdicts = {codec.decode(v)[1]["order_id"]: codec.decode(v)[1] for tp, _, v in pub.sent if tp == t.VERDICTS}
+    verdicts = {r["order_id"]: r for r in pub.records(t.VERDICTS)}
     assert verdicts[first["order_id"]]["verdict"] == "RELEASE"
     assert verdicts[bad["order_id"]]["verdict"] == "HOLD"
     assert [r["detector"] for r in verdicts[bad["order_id"]]["reasons"]] == ["monitor_error"]
@@ -367,7 +368,7 @@ def test_monitor_holds_an_order_it_cannot_learn_and_keeps_what_the_batch_learned
 
 # ---------------------------------------------------------------------------- the agent loop
 def test_an_exception_escaping_a_processor_dead_letters_that_event_only() -> None:
-    pub = CapturingPublisher()
+    pub = MemoryPublisher()
 
     class Fragile:
         emitter = Emitter(pub, "verify-agent")  # type: ignore[arg-type]
@@ -386,6 +387,6 @@ def test_an_exception_escaping_a_processor_dead_letters_that_event_only() -> Non
                                                         value=b"v", timestamp=NOW.timestamp(), timestamp_type=1))
         handle_event(proc, "verify", event)  # type: ignore[arg-type]
     assert proc.seen == [0, 1, 2]
-    [dead] = [codec.decode(v)[1] for tp, _, v in pub.sent if tp == t.DLQ]
+    [dead] = [r for r in pub.records(t.DLQ)]
     assert (dead["source_offset"], dead["reason"]) == (1, "unhandled: KeyError: 'surprise'")
     assert proc.counts["unhandled"] == 1

@@ -16,9 +16,12 @@ from cryptography.hazmat.primitives import serialization
 
 from streams.pipeline import sink_service
 from streams.apps.archive import ArchiveNotFound, archived_by_id, export_order, find_archived
-from connectors.clickhouse.sink import ClickHouseSink, SourceRecord, apply_ddl, archive_row, open_client, rows_for
+from connectors.clickhouse.sink import ClickHouseSink, SourceRecord, archive_row, rows_for
+from connectors.clickhouse.client import apply_ddl, open_client
 from streams.tools.pki import Credential, TestPKI
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
+from connectors.kafka.emit import Emitter
+from connectors.kafka.testing import MemoryMessage, MemoryPublisher
 from streams.core.avro_codec import default_codec
 from streams.domain.cms import sign_order
 from streams.core.config import Settings
@@ -255,58 +258,14 @@ def test_export_of_an_unknown_order_is_a_clear_error(client, tmp_path):
 
 
 # ---------------------------------------------------------------------------- the sink service
-class _Msg:
-    def __init__(self, topic: str, value: bytes) -> None:
-        self._topic, self._value = topic, value
-
-    def topic(self): return self._topic
-    def value(self): return self._value
-    def partition(self): return 0
-    def offset(self): return 7
-    def key(self): return None
-
-
-class _Emitter:
-    def __init__(self) -> None:
-        self.dead_letters: list[tuple] = []
-
-    def dead_letter(self, *args) -> None:
-        self.dead_letters.append(args)
-
-
 def test_sink_consumes_received_but_does_not_dead_letter_it_twice(orders):
     assert sink_service.EXPECTED[t.RECEIVED] == SCHEMA
     svc = object.__new__(sink_service.SinkService)  # decode() only: no broker, no ClickHouse
-    svc.codec, svc.emitter, svc.dead_lettered = default_codec(), _Emitter(), 0
+    publisher = MemoryPublisher()
+    svc.codec, svc.emitter, svc.dead_lettered = default_codec(), Emitter(publisher, "clickhouse-sink"), 0
     good = default_codec().encode(SCHEMA, received("o-x", *orders["o-detached"][:2]))
-    records = svc.decode([_Msg(t.RECEIVED, b"\x00garbage"), _Msg(t.RECEIVED, good),
-                          _Msg(t.VERIFIED, b"\x00garbage")])
+    records = svc.decode([MemoryMessage(t.RECEIVED, 0, 7, None, b"\x00garbage"),
+                          MemoryMessage(t.RECEIVED, 0, 8, None, good), MemoryMessage(t.VERIFIED, 0, 7, None, b"\x00garbage")])
     assert [r.schema for r in records] == [SCHEMA]
     # the verify agent dead-letters the unreadable received message; the sink only dead-letters its own topics
-    assert [d[1] for d in svc.emitter.dead_letters] == [t.VERIFIED] and svc.dead_lettered == 1
-
-
-# ---------------------------------------------------------------------------- the running pipeline
-def test_pipeline_archives_every_received_order(streamed):
-    """End to end: the sink archives every readable received order, accepted or rejected, and adds no
-    dead letter of its own for the unreadable ones (the verify agent already dead-lettered them)."""
-    import time
-
-    missing_sql = ("SELECT count() FROM (SELECT order_id FROM rejections FINAL UNION ALL "
-                   "SELECT order_id FROM verdicts FINAL) WHERE order_id NOT IN (SELECT order_id FROM order_archive)")
-    deadline = time.monotonic() + 60
-    while int(streamed.sql(missing_sql)[0][0]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert int(streamed.sql(missing_sql)[0][0]) == 0
-    readable = len([m for m in streamed.feed.messages if not m.malformed]) + len(streamed.extra_received)
-    assert int(streamed.sql("SELECT count() FROM order_archive FINAL")[0][0]) == readable
-    for oid in streamed.extra_received:  # garbage signature: archived, no certificates
-        rows = streamed.sql(f"SELECT length(certificates), signer_fingerprint FROM order_archive FINAL "
-                            f"WHERE order_id = '{oid}'")
-        assert [list(r) for r in rows] == [[0, ""]]
-    tampered = [m.sim.sim_id for m in streamed.feed.messages if m.sim.label == "tampered"]
-    rows = streamed.sql("SELECT min(length(certificates)), countIf(signer_fingerprint = '') FROM order_archive "
-                        "FINAL WHERE order_id IN (" + ",".join(f"'{o}'" for o in tampered) + ")")
-    assert int(rows[0][0]) >= 1 and int(rows[0][1]) == 0  # rejected, yet archived with the signer's certificate
-    assert int(streamed.sql("SELECT count() FROM dead_letters FINAL WHERE stage = 'sink' "
-                            "AND source_topic = 'csos.orders.received'")[0][0]) == 0
+    assert [d["source_topic"] for d in publisher.records(t.DLQ)] == [t.VERIFIED] and svc.dead_lettered == 1

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from connectors.kafka import topic_names as t
+from connectors.kafka.testing import MemoryPublisher
+
+from connectors.kafka import catalogue as t
 from streams.pipeline.agents.cases import CaseProcessor
 from streams.pipeline.agents.monitor import MonitorProcessor
 from streams.core.avro_codec import default_codec
@@ -27,24 +29,6 @@ from tests.unit.test_monitoring import order
 codec = default_codec()
 T0 = datetime(2026, 11, 2, 15, 0, tzinfo=timezone.utc)
 DEA = "BP1234563"
-
-
-class CapturingPublisher:
-    """Records what would be published, as the Avro bytes the real publisher would send."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, str, bytes]] = []
-
-    def publish(self, topic: str, key: bytes | str | None, value: bytes) -> None:
-        self.sent.append((topic, key.decode() if isinstance(key, bytes) else str(key), value))
-
-    async def flush_async(self) -> None:
-        pass
-
-    def take(self, topic: str) -> list[tuple[str, dict[str, Any]]]:
-        out = [(k, codec.decode(v)[1]) for tp, k, v in self.sent if tp == topic]
-        self.sent = [s for s in self.sent if s[0] != topic]
-        return out
 
 
 def a_hold(at: datetime = T0, dea: str = DEA, units: int = 9000) -> dict[str, Any]:
@@ -170,8 +154,8 @@ def test_report_has_deas_fields_for_every_line() -> None:
 
 # --------------------------------------------------------------------------- the case agent
 @pytest.fixture
-def agent() -> tuple[CaseProcessor, CapturingPublisher, dict]:
-    pub = CapturingPublisher()
+def agent() -> tuple[CaseProcessor, MemoryPublisher, dict]:
+    pub = MemoryPublisher()
     table: dict[bytes, bytes] = {}
     return CaseProcessor(table, Emitter(pub, "case-agent"), due_days=7), pub, table  # type: ignore[arg-type]
 
@@ -267,7 +251,7 @@ def test_clock_escalates_lapsed_cases_once(agent) -> None:
 
 def test_clock_leaves_cases_this_worker_does_not_own(agent) -> None:
     _, _, table = agent
-    pub = CapturingPublisher()
+    pub = MemoryPublisher()
     proc = CaseProcessor(table, Emitter(pub, "case-agent"), owns=lambda oid: False)  # type: ignore[arg-type]
     feed(proc, t.HOLD, "som.Hold", a_hold())
     assert proc.tick(T0 + timedelta(days=30)) == 0
@@ -289,7 +273,7 @@ def test_hostile_input_is_dead_lettered_and_the_agent_carries_on(agent) -> None:
 
 # --------------------------------------------------------------------------- the learner
 def test_cleared_order_is_learned_once_and_held_ones_never() -> None:
-    pub = CapturingPublisher()
+    pub = MemoryPublisher()
     monitor = Monitor()
     table: dict[bytes, bytes] = {}
     mon = MonitorProcessor(monitor, table, Emitter(pub, "monitor-agent"))  # type: ignore[arg-type]

@@ -12,7 +12,8 @@ from streams.core.avro_codec import default_codec
 from streams.tools.evaluation import LEARNED, evaluate, policy_metrics, run_policy, train_peers
 from streams.monitoring import Monitor
 from streams.monitoring.peers import PeerProfiles
-from connectors.kafka.topic_names import VERIFIED
+from connectors.kafka.catalogue import VERIFIED
+from connectors.kafka.testing import MemoryPublisher
 
 ARCOS = (arcos_data_dir() or Path("missing-arcos-dir")) / METHADONE_SAMPLE
 SMALL_COUNTS = {"ramp": 3, "spike": 4, "burst": 3, "mme_shift": 3, "surge_flu": 3, "surge_expansion": 3,
@@ -187,18 +188,6 @@ def test_arcos_replay_reads_real_sample() -> None:
     assert all(l["dosage_units"] > 0 and l["mme"] > 0 for o in raw for l in o["lines"])
 
 
-class _FakePublisher:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bytes]] = []
-        self.flushed = False
-
-    def publish(self, topic, key, value) -> None:
-        self.sent.append((topic, key, value))
-
-    def flush(self, timeout: float = 60.0) -> None:
-        self.flushed = True
-
-
 def test_publish_arcos_encodes_verified_orders_keyed_by_buyer(tmp_path: Path) -> None:
     src = tmp_path / "arcos.csv"
     src.write_text(
@@ -208,11 +197,11 @@ def test_publish_arcos_encodes_verified_orders_keyed_by_buyer(tmp_path: Path) ->
         "BE8821844,RETAIL PHARMACY,A DRUG,PK0070297,S,9250B,99999999901,METHADONE,2,09X000090,06252009,0.8944,200,2,3577.6,5\n"
         "BE8821844,RETAIL PHARMACY,A DRUG,PK0070297,P,9250B,00054457025,METHADONE,1,09X000091,06262009,0.4472,100,3,1788.8,5\n"
         "BK5697377,CHAIN PHARMACY,B DRUG,PK0070297,S,9250B,00406577101,METHADONE,4,,01172008,3.5776,400,4,14310.4,10\n")
-    pub = _FakePublisher()
+    pub = MemoryPublisher()
     assert publish_arcos(src, pub) == 2
-    assert pub.flushed and {t for t, _, _ in pub.sent} == {VERIFIED}
-    decoded = [default_codec().decode(v, expect="csos.orders.VerifiedOrder")[1] for _, _, v in pub.sent]
-    assert [k for _, k, _ in pub.sent] == [b"BK5697377", b"BE8821844"]  # date order
+    assert pub.delivered == pub.messages and pub.topics() == [VERIFIED]
+    decoded = [default_codec().decode(m.value(), expect="csos.orders.VerifiedOrder")[1] for m in pub.messages]
+    assert [m.key() for m in pub.messages] == [b"BK5697377", b"BE8821844"]  # date order
     first, second = decoded
     assert first["order_number"] == "ARCOS-T4" and first["lines"][0]["dosage_units"] == 400
     assert len(second["lines"]) == 2 and second["lines"][1]["drug_family"] == "METHADONE"

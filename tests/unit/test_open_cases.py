@@ -9,7 +9,7 @@ import random
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.pipeline.agents.cases import CaseProcessor
 from streams.pipeline.agents.monitor import MonitorProcessor
 from streams.core.avro_codec import default_codec
@@ -17,7 +17,8 @@ from connectors.kafka.emit import Emitter
 from streams.monitoring import Monitor, MonitorConfig
 from streams.monitoring.open_cases import SimulatedDueDiligence
 from streams.monitoring.peers import build_profiles
-from tests.unit.test_cases import CapturingPublisher, a_decision
+from connectors.kafka.testing import MemoryPublisher
+from tests.unit.test_cases import a_decision
 from tests.unit.test_monitoring import order
 
 codec = default_codec()
@@ -29,7 +30,7 @@ class Pipeline:
     """The monitor agent and the case agent, each message handed on as the broker would."""
 
     def __init__(self, monitor: Monitor | None = None) -> None:
-        self.pub = CapturingPublisher()
+        self.pub = MemoryPublisher()
         self.table: dict[bytes, bytes] = {}
         self.mon = MonitorProcessor(monitor or Monitor(), self.table, Emitter(self.pub, "monitor-agent"))  # type: ignore[arg-type]
         self.cases = CaseProcessor({}, Emitter(self.pub, "case-agent"))  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 
 from connectors.kafka.io import DeliveryFailed
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.pipeline.agents.cases import CaseProcessor
 from streams.pipeline.agents.monitor import MonitorProcessor
 from streams.pipeline.agents.verify import VerifyProcessor

@@ -19,8 +19,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.fernet import Fernet
 
-from connectors.clickhouse.sink import ClickHouseSink, SourceRecord, apply_ddl, open_client, run_readonly_query
-from connectors.kafka import topic_names as t
+from connectors.clickhouse.sink import ClickHouseSink, SourceRecord
+from connectors.clickhouse.client import apply_ddl, open_client, run_readonly_query
+from connectors.kafka import catalogue as t
+from connectors.kafka.testing import MemoryPublisher
 from streams.core.avro_codec import default_codec
 from streams.core.config import Settings
 from streams.apps.review.auth import UserError, UserStore, hash_password, verify_password
@@ -139,26 +141,6 @@ def data(store) -> ReviewData:
     return ReviewData(settings, runner=lambda _s, sql: run_readonly_query(reader, sql))
 
 
-class RecordingPublisher:
-    """Stands in for connectors.kafka.io.Publisher: keeps what would have been sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, Any, dict[str, Any], str]] = []
-
-    def publish(self, topic: str, key: Any, value: bytes) -> None:
-        name, rec = codec.decode(value)
-        self.sent.append((topic, key, rec, name))
-
-    def flush(self, timeout: float = 60.0) -> None:
-        pass
-
-    def audits(self, action: str) -> list[dict[str, Any]]:
-        return [r for topic, _, r, _ in self.sent if topic == t.AUDIT and r["action"] == action]
-
-    def decisions(self) -> list[dict[str, Any]]:
-        return [r for topic, _, r, _ in self.sent if topic == t.DECISIONS]
-
-
 # ------------------------------------------------------------------ passwords and users
 def test_password_hash_is_salted_scrypt_and_checked_in_full():
     a, b = hash_password(PASSWORD), hash_password(PASSWORD)
@@ -269,8 +251,8 @@ class Page:
                                                       "password": password}, allow_redirects=False)
 
 
-def run_app(data: ReviewData, users: Path, body) -> RecordingPublisher:
-    publisher = RecordingPublisher()
+def run_app(data: ReviewData, users: Path, body) -> MemoryPublisher:
+    publisher = MemoryPublisher()
     config = ReviewConfig(port=0, users_path=users, secret=Fernet.generate_key().decode())
 
     async def go() -> None:
@@ -292,7 +274,7 @@ def users(tmp_path_factory) -> Path:
 
 
 def test_login_refuses_wrong_passwords_and_missing_csrf_and_audits_them(data, users):
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         r = await page.client.get("/cases", allow_redirects=False)
         assert r.status == 303 and r.headers["Location"] == "/login"
         r = await page.login("alice", "wrong password")
@@ -318,7 +300,7 @@ def test_login_refuses_wrong_passwords_and_missing_csrf_and_audits_them(data, us
 
 
 def test_repeated_failed_logins_lock_the_user_name_for_a_while(data, users):
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         for _ in range(5):
             assert (await page.login("victor", "guess")).status == 401
         r = await page.login("victor", PASSWORD)  # even the right password, for now
@@ -330,7 +312,7 @@ def test_repeated_failed_logins_lock_the_user_name_for_a_while(data, users):
 
 
 def test_the_case_page_shows_reasons_chart_lines_and_the_overdue_deadline(data, users):
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         await page.login("alice", PASSWORD)
         html = await (await page.client.get("/cases")).text()
         row = re.search(rf'<tr class="case([^"]*)" data-order-id="{HELD}"', html)
@@ -348,7 +330,7 @@ def test_the_case_page_shows_reasons_chart_lines_and_the_overdue_deadline(data, 
 
 
 def test_a_viewer_reads_but_cannot_act(data, users):
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         await page.login("victor", PASSWORD)
         r = await page.client.get(f"/cases/{HELD}")
         html = await r.text()
@@ -360,14 +342,14 @@ def test_a_viewer_reads_but_cannot_act(data, users):
         assert r.status == 403
 
     pub = run_app(data, users, body)
-    assert pub.decisions() == []
+    assert pub.records(t.DECISIONS) == []
     refused = pub.audits("decision.refused")
     assert len(refused) == 1 and refused[0]["actor"] == "victor" and refused[0]["order_id"] == HELD
     assert "viewer" in json.loads(refused[0]["detail"])["reason"]
 
 
 def test_an_analyst_decision_needs_csrf_and_a_rationale_and_a_held_case(data, users):
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         await page.login("alice", PASSWORD)
         r = await page.client.post(f"/cases/{HELD}/decision", data={"action": "RELEASE", "rationale": "x"})
         assert r.status == 403  # no CSRF token
@@ -384,7 +366,7 @@ def test_an_analyst_decision_needs_csrf_and_a_rationale_and_a_held_case(data, us
         r = await page.client.post(f"/cases/{CLOSED}/decision", data={
             "csrf_token": token, "action": "CANCEL", "rationale": "changed my mind"})
         assert r.status == 409 and "RELEASED, not HELD" in await r.text()
-        assert pub.decisions() == []
+        assert pub.records(t.DECISIONS) == []
         r = await page.client.post(f"/cases/{HELD}/decision", data={
             "csrf_token": token, "action": "RELEASE", "rationale": "Pharmacist confirmed <b>flu</b> clinic",
             "evidence_notes": "Call 2026-11-20"}, allow_redirects=False)
@@ -394,11 +376,11 @@ def test_an_analyst_decision_needs_csrf_and_a_rationale_and_a_held_case(data, us
         assert "Decision submitted" not in await (await page.client.get(f"/cases/{HELD}")).text()  # shown once
 
     pub = run_app(data, users, body)
-    [decision] = pub.decisions()
+    [decision] = pub.records(t.DECISIONS)
     assert decision["order_id"] == HELD and decision["action"] == "RELEASE" and decision["actor"] == "alice"
     assert decision["actor_role"] == "analyst" and decision["rationale"] == "Pharmacist confirmed <b>flu</b> clinic"
     assert decision["evidence_notes"] == "Call 2026-11-20"
-    key = next(k for topic, k, _, _ in pub.sent if topic == t.DECISIONS)
+    key = pub.on(t.DECISIONS)[0].key()
     assert key in (HELD, HELD.encode())  # keyed by order id (the emitter passes keys on as bytes)
     [submitted] = pub.audits("decision.submitted")
     assert submitted["actor"] == "alice" and submitted["outcome"] == "RELEASE" and submitted["stage"] == "review"
@@ -407,7 +389,7 @@ def test_an_analyst_decision_needs_csrf_and_a_rationale_and_a_held_case(data, us
 
 
 def test_a_case_names_the_open_case_it_joined_and_an_analyst_can_set_a_limit(data, users):
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         await page.login("alice", PASSWORD)
         html = await (await page.client.get(f"/cases/{HELD2}")).text()
         assert f'This order joined <a href="/cases/{HELD}"' in html
@@ -426,7 +408,7 @@ def test_a_case_names_the_open_case_it_joined_and_an_analyst_can_set_a_limit(dat
         assert r.status == 303
 
     pub = run_app(data, users, body)
-    limit, term = pub.decisions()
+    limit, term = pub.records(t.DECISIONS)
     assert (limit["action"], limit["drug_family"], limit["monthly_limit_units"], limit["purchaser_dea"]) == (
         "SET_LIMIT", FAMILY, 4000, DEA)
     assert (term["action"], term["order_id"], term["actor"]) == ("TERMINATE", HELD, "alice")

@@ -21,7 +21,8 @@ from streams.apps.review.auth import UserStore
 from streams.apps.review.data import ReviewData
 from streams.apps.review.security import MAX_FAILED_LOGINS, MAX_FAILED_LOGINS_PER_ADDRESS, parse_proxies
 from streams.apps.review.web import SESSION_COOKIE, ReviewConfig, create_review_app
-from tests.unit.test_review import PASSWORD, Page, RecordingPublisher
+from connectors.kafka.testing import MemoryPublisher
+from tests.unit.test_review import PASSWORD, Page
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 HEADERS = ("Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options", "Referrer-Policy")
@@ -44,12 +45,12 @@ def users(tmp_path: Path) -> Path:
     return path
 
 
-def serve(users: Path, body: Callable[[Page, RecordingPublisher], Awaitable[None]], *, secret: str | None = None,
-          sessions: Path | None = None, **config: Any) -> RecordingPublisher:
+def serve(users: Path, body: Callable[[Page, MemoryPublisher], Awaitable[None]], *, secret: str | None = None,
+          sessions: Path | None = None, **config: Any) -> MemoryPublisher:
     """Run ``body`` against a fresh app (fresh lockout state); the same ``secret`` and ``sessions``
     file across two calls stand for a restart of the review process."""
     settings = Settings()
-    publisher = RecordingPublisher()
+    publisher = MemoryPublisher()
     cfg = ReviewConfig(port=0, users_path=users, secret=secret or Fernet.generate_key().decode(),
                        sessions_path=sessions, **config)
 
@@ -73,7 +74,7 @@ def _use_counting_store(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_concurrent_guesses_get_no_more_password_checks_than_the_limit(users, monkeypatch):
     _use_counting_store(monkeypatch)
 
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         token = await page.token("/login")
 
         async def guess(password: str) -> int:
@@ -95,7 +96,7 @@ def test_concurrent_guesses_get_no_more_password_checks_than_the_limit(users, mo
 def test_one_address_guessing_many_names_is_locked_too(users, monkeypatch):
     _use_counting_store(monkeypatch)
 
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         token = await page.token("/login")
 
         async def guess(name: str, password: str = "guess") -> Any:
@@ -128,7 +129,7 @@ async def _get_with_cookie(page: Page, cookie: str, path: str = "/cases") -> Any
 
 
 def test_a_cookie_from_before_logout_is_refused_after_it(users):
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         cookie = await _login(page)
         assert (await _get_with_cookie(page, cookie, "/nope"))[0] == 404  # the copy works while logged in
         token = await page.token("/cases")
@@ -143,14 +144,14 @@ def test_a_logout_outlives_a_restart_when_the_cookie_key_does(users, tmp_path):
     secret, sessions = Fernet.generate_key().decode(), tmp_path / "review-sessions.json"
     kept: dict[str, str] = {}
 
-    async def before(page: Page, pub: RecordingPublisher) -> None:
+    async def before(page: Page, pub: MemoryPublisher) -> None:
         kept["other"] = await _login(page)  # a second session of the same user, still logged in
         page.client.session.cookie_jar.clear()
         kept["old"] = await _login(page)
         r = await page.client.post("/logout", data={"csrf_token": await page.token("/cases")}, allow_redirects=False)
         assert r.status == 303
 
-    async def after(page: Page, pub: RecordingPublisher) -> None:
+    async def after(page: Page, pub: MemoryPublisher) -> None:
         assert (await _get_with_cookie(page, kept["other"], "/nope"))[0] == 404  # still valid after the restart
         assert await _get_with_cookie(page, kept["old"], "/nope") == (303, "/login")  # still logged out
 
@@ -161,7 +162,7 @@ def test_a_logout_outlives_a_restart_when_the_cookie_key_does(users, tmp_path):
 
 # ------------------------------------------------------------------ headers on every response
 def test_error_responses_carry_the_security_headers(users):
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         await _login(page)
         for method, path, status in (("GET", "/no/such/page", 404), ("GET", "/logout", 405),
                                      ("GET", "/cases/not%20an%20id", 404), ("GET", "/", 303)):
@@ -188,7 +189,7 @@ def _set_cookie(r: Any) -> str:
     ({"secure_cookies": "0", "trusted_proxies": parse_proxies("127.0.0.0/8")}, {"X-Forwarded-Proto": "https"}, False),
 ])
 def test_the_session_cookie_is_secure_behind_tls_and_always_httponly_and_strict(users, config, headers, secure):
-    async def body(page: Page, pub: RecordingPublisher) -> None:
+    async def body(page: Page, pub: MemoryPublisher) -> None:
         r = await page.client.get("/login", headers=headers)
         token_cookie = _set_cookie(r)
         assert token_cookie and "HttpOnly" in token_cookie and "SameSite=Strict" in token_cookie

@@ -17,19 +17,20 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from streams.pipeline import sink_service
 from connectors.clickhouse.audit_chain import verify_store
-from connectors.clickhouse.sink import ClickHouseSink, SourceRecord, apply_ddl, is_data_error, open_client
+from connectors.clickhouse.sink import ClickHouseSink, SourceRecord, is_data_error
+from connectors.clickhouse.client import apply_ddl, open_client
 from connectors.kafka.io import MessageTooLarge, Publisher
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import DecodeError, check_ranges, default_codec
 from streams.core.config import Settings
 from connectors.kafka.emit import MAX_DEAD_LETTER_PAYLOAD, Emitter
+from connectors.kafka.testing import PRODUCER_LIMIT, MemoryMessage, MemoryPublisher
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
 CODEC = default_codec()
 LINE = {"line_no": 1, "ndc": "00406-0512-01", "product_name": "OXYCODONE HCL 10MG TAB", "strength": "10 MG",
         "package_quantity": 100, "packages": 3, "dosage_units": 300, "schedule": "2", "drug_family": "OXYCODONE",
         "base_weight_g": 2.69, "mme": 4035.0}
-PRODUCER_LIMIT = 1_000_000  # librdkafka's message.max.bytes default
 
 
 def verified(oid: str, **line: Any) -> dict[str, Any]:
@@ -49,39 +50,8 @@ def audit(i: int, occurred_at: datetime = NOW, detail: str = "{}") -> dict[str, 
             "order_id": f"o-{i}", "purchaser_dea": "BE8821844", "outcome": "HOLD", "detail": detail, "actor": "t"}
 
 
-class _Msg:
-    """A consumed Kafka message (what ``SinkService.decode`` reads)."""
-
-    def __init__(self, topic: str, offset: int, value: bytes, key: bytes | None = None) -> None:
-        self._topic, self._offset, self._value, self._key = topic, offset, value, key
-
-    def topic(self) -> str: return self._topic
-    def partition(self) -> int: return 0
-    def offset(self) -> int: return self._offset
-    def key(self) -> bytes | None: return self._key
-    def value(self) -> bytes: return self._value
-
-
-class _Publisher:
-    """Keeps what is published; refuses, as librdkafka does, a message over ``limit`` bytes."""
-
-    def __init__(self, limit: int = PRODUCER_LIMIT) -> None:
-        self.limit, self.sent = limit, []
-
-    def publish(self, topic: str, key: bytes | str | None, value: bytes) -> None:
-        if len(value) + len(key or b"") > self.limit:
-            raise MessageTooLarge(f"{topic}: {len(value)} bytes")
-        self.sent.append((topic, key, value))
-
-    def flush(self) -> None:
-        pass
-
-    def on(self, topic: str) -> list[dict[str, Any]]:
-        return [CODEC.decode(v)[1] for tp, _, v in self.sent if tp == topic]
-
-
-def msg(topic: str, offset: int, schema: str, record: dict[str, Any]) -> _Msg:
-    return _Msg(topic, offset, CODEC.encode(schema, record))
+def msg(topic: str, offset: int, schema: str, record: dict[str, Any]) -> MemoryMessage:
+    return MemoryMessage(topic, 0, offset, None, CODEC.encode(schema, record))
 
 
 @pytest.fixture()
@@ -97,7 +67,7 @@ def service(client):
     """The sink service's decode and write over a real store, its dead letters caught by a fake publisher."""
     svc = object.__new__(sink_service.SinkService)  # no broker: decode() and write() only
     svc.codec, svc.dead_lettered, svc.lock, svc.stopping = CODEC, 0, threading.Lock(), threading.Event()
-    svc.emitter = Emitter(_Publisher(), "clickhouse-sink")
+    svc.emitter = Emitter(MemoryPublisher(), "clickhouse-sink")
     svc.sink = ClickHouseSink(client)
     # Without the fix write() retries a refused batch forever: stop it (it then raises) instead of hanging.
     guard = threading.Timer(30, svc.stopping.set)
@@ -115,11 +85,11 @@ def test_an_int_beyond_32_bits_is_refused_at_decode_and_dead_lettered(service):
     data = CODEC.encode("csos.orders.VerifiedOrder", verified("o-big", packages=2 ** 40))  # fastavro writes it
     with pytest.raises(DecodeError, match=r"OrderLine\.packages = 1099511627776"):
         CODEC.decode(data)
-    assert service.decode([_Msg(t.VERIFIED, 3, data)]) == []
-    [dl] = service.emitter.publisher.on(t.DLQ)
+    assert service.decode([MemoryMessage(t.VERIFIED, 0, 3, None, data)]) == []
+    [dl] = service.emitter.publisher.records(t.DLQ)
     assert (dl["source_topic"], dl["source_offset"], dl["payload"]) == (t.VERIFIED, 3, data)
     assert "packages" in dl["reason"]
-    assert [a["action"] for a in service.emitter.publisher.on(t.AUDIT)] == ["message.dead_lettered"]
+    assert [a["action"] for a in service.emitter.publisher.records(t.AUDIT)] == ["message.dead_lettered"]
 
 
 def test_a_long_beyond_64_bits_is_out_of_range():
@@ -144,11 +114,11 @@ def test_values_their_columns_cannot_hold_are_dead_lettered_and_the_rest_written
     service.write(records)
     assert sorted(r[0] for r in client.query("SELECT order_id FROM order_lines").result_rows) == ["o-ok-1", "o-ok-2"]
     assert client.query("SELECT shipment_id FROM shipments").result_rows == [("s-ok",)]
-    reasons = {(d["source_topic"], d["source_offset"]): d["reason"] for d in service.emitter.publisher.on(t.DLQ)}
+    reasons = {(d["source_topic"], d["source_offset"]): d["reason"] for d in service.emitter.publisher.records(t.DLQ)}
     assert set(reasons) == {(t.VERIFIED, 1), (t.SHIPMENTS, 0)}
     assert "order_lines.line_no = 70000" in reasons[(t.VERIFIED, 1)] and "UInt16" in reasons[(t.VERIFIED, 1)]
     assert "shipments.packages_shipped = -5" in reasons[(t.SHIPMENTS, 0)]
-    assert len(service.emitter.publisher.on(t.AUDIT)) == 2 and service.dead_lettered == 2
+    assert len(service.emitter.publisher.records(t.AUDIT)) == 2 and service.dead_lettered == 2
 
 
 def test_a_batch_spanning_120_months_is_written_whole(client):
@@ -175,9 +145,9 @@ def test_a_batch_clickhouse_refuses_is_bisected_and_only_the_refused_messages_de
     service.write(service.decode(messages))
     assert count(client, "SELECT count() FROM shipments") == 7
     assert count(client, "SELECT count() FROM audit_events") == 11
-    refused = sorted((d["source_topic"], d["source_offset"]) for d in service.emitter.publisher.on(t.DLQ))
+    refused = sorted((d["source_topic"], d["source_offset"]) for d in service.emitter.publisher.records(t.DLQ))
     assert refused == sorted([(t.AUDIT, 5), (t.SHIPMENTS, 2)])
-    assert all("VIOLATED_CONSTRAINT" in d["reason"] or "469" in d["reason"] for d in service.emitter.publisher.on(t.DLQ))
+    assert all("VIOLATED_CONSTRAINT" in d["reason"] or "469" in d["reason"] for d in service.emitter.publisher.records(t.DLQ))
     # The refused audit event leaves no hole: the next one was sealed after the last one stored.
     report = verify_store(lambda q: client.query(q).result_rows)
     assert report.ok, report.problems
@@ -204,7 +174,7 @@ def test_an_outage_is_retried_not_dead_lettered(service, client):
         service.write(service.decode([msg(t.SHIPMENTS, 0, "warehouse.ShipmentConfirmation", shipment("s1"))]))
     finally:
         service.sink.client.insert = insert
-    assert count(client, "SELECT count() FROM shipments") == 1 and service.emitter.publisher.sent == []
+    assert count(client, "SELECT count() FROM shipments") == 1 and service.emitter.publisher.messages == []
 
 
 def test_outages_and_data_errors_are_told_apart():
@@ -221,23 +191,23 @@ def test_outages_and_data_errors_are_told_apart():
 # ------------------------------------------------------------------------------------------ dead letters
 def test_a_dead_letter_of_a_huge_message_is_cut_to_fit_and_the_sink_writes_it(service, client):
     payload = bytes(range(256)) * (1_200_000 // 256)
-    publisher = _Publisher()
+    publisher = MemoryPublisher()
     Emitter(publisher, "verify").dead_letter("verify", t.RECEIVED, 0, 9, b"k", payload, "undecodable")
-    [(topic, _key, value)] = [m for m in publisher.sent if m[0] == t.DLQ]
+    [(topic, value)] = [(m.topic(), m.value()) for m in publisher.on(t.DLQ)]
     assert len(value) < PRODUCER_LIMIT
     dl = CODEC.decode(value)[1]
     assert dl["payload"] == payload[:MAX_DEAD_LETTER_PAYLOAD]
     assert f"of {len(payload)} bytes" in dl["reason"] and hashlib.sha256(payload).hexdigest() in dl["reason"]
-    service.write(service.decode([_Msg(t.DLQ, 0, value)]))
+    service.write(service.decode([MemoryMessage(t.DLQ, 0, 0, None, value)]))
     assert client.query("SELECT source_offset, length(base64Decode(payload_base64)), position(reason, 'SHA-256') > 0 "
                         "FROM dead_letters").result_rows == [(9, MAX_DEAD_LETTER_PAYLOAD, True)]
 
 
 def test_a_dead_letter_the_producer_still_refuses_keeps_its_reason_size_and_hash():
     payload = b"x" * 300_000
-    publisher = _Publisher(limit=100_000)  # a producer configured below the dead letters' margin
+    publisher = MemoryPublisher(limit=100_000)  # a producer configured below the dead letters' margin
     Emitter(publisher, "verify").dead_letter("verify", t.RECEIVED, 0, 9, None, payload, "undecodable")
-    [dl] = publisher.on(t.DLQ)
+    [dl] = publisher.records(t.DLQ)
     assert dl["payload"] == b"" and "300000 bytes" in dl["reason"]
     assert hashlib.sha256(payload).hexdigest() in dl["reason"]
 

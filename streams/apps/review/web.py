@@ -38,7 +38,7 @@ from markupsafe import Markup
 
 from connectors.kafka.io import DeliveryFailed, Publisher
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.config import Settings
 from connectors.kafka.emit import Emitter
 from connectors.clickhouse.query import QueryError

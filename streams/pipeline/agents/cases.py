@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, MutableMapping
 
 from aiokafka.partitioner import murmur2
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.cases.machine import (
     CANCELLED, HELD, RELEASED, REPORTED, Case, DecisionRefused, decide, escalate, is_repeat, open_case,

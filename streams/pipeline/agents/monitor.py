@@ -18,7 +18,7 @@ import logging
 from datetime import datetime
 from typing import Any, Callable, MutableMapping
 
-from connectors.kafka import topic_names as t
+from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, default_codec
 from connectors.kafka.emit import Emitter, utcnow
 from streams.monitoring.baselines import RegistrantBaselines
