@@ -28,7 +28,7 @@ class Settings:
     clickhouse_user: str = "default"
     clickhouse_password: str = field(default="", repr=False)
     pki_dir: Path = REPO_ROOT / "var" / "pki"
-    products_path: Path = REPO_ROOT / "connectors" / "data" / "product_master.csv"
+    products_path: Path = REPO_ROOT / "streams" / "tools" / "data" / "product_master.csv"
     app_id: str = "csos-som"
     partitions: int = 4
     web_port: int = 6066

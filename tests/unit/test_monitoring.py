@@ -19,7 +19,7 @@ from river import stats
 from streams.monitoring import Monitor, MonitorConfig, StateVersionError
 from streams.monitoring import baselines as bl
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas" / "avro"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas" / "avro"
 T0 = datetime(2026, 1, 5, 14, 0, tzinfo=timezone.utc)
 
 # family -> (schedule, mg base per unit, MME factor)

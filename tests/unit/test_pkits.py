@@ -38,7 +38,7 @@ from streams.apps.offline_verify import check_certificate_offline
 from streams.domain.products import ProductMaster
 from streams.verification import Verifier
 
-PKITS = Path(os.environ.get("CSOS_PKITS_DIR", Path(__file__).resolve().parent.parent / ".cache/pkits/nist_pkits"))
+PKITS = Path(os.environ.get("CSOS_PKITS_DIR", Path(__file__).resolve().parents[2] / ".cache/pkits/nist_pkits"))
 #: Inside every PKITS certificate's and CRL's validity (the data runs 2010-2030).
 AT = datetime(2022, 5, 1, tzinfo=timezone.utc)
 DSA_CASES = {"40104", "40105", "40106"}

@@ -514,7 +514,7 @@ def test_enrich_lines_matches_avro_schema(verifier: Verifier, cred: Credential) 
     out = verifier.verify(*signed(cred), NOW)
     assert out.order is not None
     lines = enrich_lines(out.order, PRODUCTS)
-    schema_path = Path(__file__).resolve().parents[1] / "schemas" / "avro" / "order_line.avsc"
+    schema_path = Path(__file__).resolve().parents[2] / "schemas" / "avro" / "order_line.avsc"
     schema = fastavro.parse_schema(json.loads(schema_path.read_text()))
     for rec in lines:
         fastavro.validation.validate(rec, schema, raise_errors=True)
