@@ -11,17 +11,31 @@ import os
 import sys
 from datetime import date as _date
 from pathlib import Path
+from typing import Any
 
 import click
 
 from streams.core.config import Settings
+from streams.core.errors import CsosError
 
 
 def _settings() -> Settings:
     return Settings.from_env()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Csos(click.Group):
+    """The one place where an error becomes a message and an exit code: any :class:`CsosError` that a command
+    does not handle itself is printed as ``error [CODE]: message`` with the error's exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CsosError as exc:
+            click.echo(f"error {exc.report()}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Csos, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug output.")
 def main(verbose: bool) -> None:
     """Receive signed CSOS orders, verify them, and hold suspicious ones before they ship.

@@ -73,6 +73,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
+from streams.core.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from streams.core.config import Settings
@@ -97,8 +98,9 @@ _KEY_ID_LABEL = b"csos-som audit-chain key-id v1\x00"
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
 
-class AuditKeyError(ValueError):
+class AuditKeyError(ConfigError, ValueError):
     """A configured audit key is malformed (the message never contains the key)."""
+    code = "AUDIT_KEY"
 
 
 @dataclass(frozen=True)

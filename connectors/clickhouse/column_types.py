@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from streams.core.config import REPO_ROOT
+from streams.core.errors import CsosError
 
 DDL_DIR = REPO_ROOT / "schemas" / "clickhouse"
 
@@ -30,8 +31,9 @@ DDL_DIR = REPO_ROOT / "schemas" / "clickhouse"
 Check = Callable[[Any], "str | None"]
 
 
-class RowRejected(ValueError):
+class RowRejected(CsosError, ValueError):
     """A row has a value its ClickHouse column cannot hold: the message is dead-lettered, not inserted."""
+    code = "ROW_REJECTED"
 
     def __init__(self, table: str, column: str, value: Any, problem: str) -> None:
         shown = repr(value)

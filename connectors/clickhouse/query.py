@@ -20,9 +20,11 @@ from typing import Any
 from connectors.clickhouse.client import open_client, run_readonly_query
 
 from streams.core.config import Settings
+from streams.core.errors import CsosError
 
 
-class QueryError(RuntimeError):
+class QueryError(CsosError, RuntimeError):
+    code = "QUERY"
     pass
 
 

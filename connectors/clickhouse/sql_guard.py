@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from streams.core.errors import CsosError
 
 
-class RefusedQuery(ValueError):
+class RefusedQuery(CsosError, ValueError):
     """The query is not one plain SELECT; the message names what was refused."""
+    code = "SQL_REFUSED"
 
 
 @dataclass(frozen=True)

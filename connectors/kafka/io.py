@@ -16,6 +16,7 @@ from typing import Any, Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from connectors.kafka.security import client_config
+from streams.core.errors import CsosError
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
@@ -29,8 +30,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 
-class DeliveryFailed(RuntimeError):
+class DeliveryFailed(CsosError, RuntimeError):
     """A message could not be written; the caller must not ack its input."""
+    code = "KAFKA_DELIVERY"
 
 
 class MessageTooLarge(DeliveryFailed):
@@ -40,6 +42,7 @@ class MessageTooLarge(DeliveryFailed):
     never succeed, so the caller must make it smaller (dead letters are cut to
     fit, see ``connectors.kafka.emit``) or fail visibly.
     """
+    code = "KAFKA_MESSAGE_TOO_LARGE"
 
 
 class Publisher:

@@ -28,6 +28,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from streams.core.errors import ConfigError
 
 __all__ = ["KafkaSecurity", "PROTOCOLS", "MECHANISMS", "client_config", "faust_app_kwargs"]
 
@@ -36,8 +37,9 @@ MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
 DEFAULT_MECHANISM = "SCRAM-SHA-512"
 
 
-class KafkaSecurityError(ValueError):
+class KafkaSecurityError(ConfigError, ValueError):
     """The KAFKA_* security variables are inconsistent; the process must not start."""
+    code = "KAFKA_SECURITY"
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from connectors.kafka.security import client_config
 from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.domain.identifiers import is_valid_dea_number
+from streams.core.errors import CsosError
 
 if TYPE_CHECKING:  # pragma: no cover
     from connectors.kafka.emit import Emitter
@@ -99,8 +100,9 @@ class RegistrantDirectory:
         return RegistrationFinding(None, f"registration {dea} active ({rec['name']})")
 
 
-class UnreadableReference(ValueError):
+class UnreadableReference(CsosError, ValueError):
     """A reference record no worker can use; the message says why (it becomes the dead letter's reason)."""
+    code = "REFERENCE_UNREADABLE"
 
 
 class Trace(NamedTuple):

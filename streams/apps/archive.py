@@ -33,6 +33,7 @@ from clickhouse_connect.driver.client import Client
 from cryptography import x509
 
 from streams.domain.cms import SignatureError, parse_signed_data
+from streams.core.errors import CsosError
 
 ARCHIVE_TABLE = "order_archive"
 _BYTES = {"document": "bytes", "signature": "bytes", "certificates": "bytes"}
@@ -40,8 +41,9 @@ _COLUMNS = ("order_id", "received_at", "source", "format", "document", "signatur
             "signer_fingerprint", "order_number", "purchaser_dea", "archived_at")
 
 
-class ArchiveNotFound(LookupError):
+class ArchiveNotFound(CsosError, LookupError):
     """No archived order matches the order number (and purchaser DEA number)."""
+    code = "ARCHIVE_NOT_FOUND"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
+from streams.core.errors import CsosError
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -37,8 +38,9 @@ SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas" / "avro"
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 
 
-class DecodeError(ValueError):
+class DecodeError(CsosError, ValueError):
     """A message is not a readable Avro single-object record."""
+    code = "AVRO_DECODE"
 
 
 @dataclass(frozen=True)

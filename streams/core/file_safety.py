@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from streams.core.errors import ConfigError
 
 
-class UnsafeFileError(RuntimeError):
+class UnsafeFileError(ConfigError, RuntimeError):
     """A security-relevant file or directory is writable by others or owned by another user."""
+    code = "UNSAFE_FILE"
 
 
 def ensure_private_to_owner(path: Path, what: str) -> None:

@@ -31,6 +31,7 @@ from asn1crypto import core
 from cryptography import x509
 
 from streams.domain.products import SCHEDULES
+from streams.core.errors import CsosError
 
 #: Project default OID for the DEA-number extension (2.25 + a fixed random UUID).
 DEFAULT_DEA_NUMBER_OID = "2.25.192769421410897970566556369581090180994"
@@ -43,8 +44,9 @@ ENV_SCHEDULES_OID = "CSOS_SCHEDULES_OID"
 _OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 
 
-class CertProfileError(ValueError):
+class CertProfileError(CsosError, ValueError):
     """A CSOS extension is present but its value is not in the expected encoding."""
+    code = "CERT_PROFILE"
 
 
 class _Schedules(core.SequenceOf):

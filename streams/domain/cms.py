@@ -35,6 +35,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from streams.core.errors import CsosError
 
 MALFORMED_SIGNATURE = "MALFORMED_SIGNATURE"
 WEAK_ALGORITHM = "WEAK_ALGORITHM"
@@ -69,8 +70,9 @@ MAX_DOCUMENT_BYTES = 256 * 1024
 MAX_EMBEDDED_CERTS = 10
 
 
-class SignatureError(Exception):
+class SignatureError(CsosError):
     """The CMS signature is unusable; ``code`` is the verification reason code."""
+    code = "SIGNATURE"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")

@@ -18,6 +18,7 @@ from typing import Any
 
 from streams.domain.identifiers import is_valid_dea_number, is_valid_order_number, normalize_ndc
 from streams.domain.model import Order, OrderLine, Party
+from streams.core.errors import CsosError
 
 FORMAT = "csos-order/1"
 MAX_LINES = 1000
@@ -31,8 +32,9 @@ MAX_QUANTITY = 1_000_000
 MAX_TEXT = 500
 
 
-class DocumentError(ValueError):
+class DocumentError(CsosError, ValueError):
     """The order document is missing an element or has a malformed one."""
+    code = "DOCUMENT"
 
     def __init__(self, element: str, message: str) -> None:
         super().__init__(f"{element}: {message}")

@@ -60,6 +60,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 
 from river import stats
+from streams.core.errors import CsosError
 
 #: Version of the state dict / ``som.state.RegistrantState`` layout. Bump it and
 #: add a step to :func:`migrate_state` whenever the layout changes.
@@ -79,12 +80,14 @@ TIMING_CAP = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-class RiverStateError(RuntimeError):
+class RiverStateError(CsosError, RuntimeError):
     """river's internal state is not laid out as this module expects (river upgrade?)."""
+    code = "RIVER_STATE"
 
 
-class StateVersionError(ValueError):
+class StateVersionError(CsosError, ValueError):
     """The stored state has a version this code cannot read or migrate."""
+    code = "STATE_VERSION"
 
 
 # --------------------------------------------------------------------------

@@ -88,6 +88,7 @@ from streams.domain.model import Order
 from streams.domain.documents import parse_document
 from streams.domain.order_document import FORMAT as CANONICAL_FORMAT, DocumentError
 from streams.domain.products import ProductMaster
+from streams.core.errors import CsosError
 
 # ---------------------------------------------------------------------------- reason codes
 MALFORMED_SIGNATURE = "MALFORMED_SIGNATURE"
@@ -172,9 +173,10 @@ _CRL_REQUIRED = CertRevTrustPolicy(RevocationCheckingPolicy(RevocationCheckingRu
 
 
 
-class CRLError(ValueError):
+class CRLError(CsosError, ValueError):
     """A CRL was refused: unreadable, unknown issuer, not signed by that issuer's key, issuer without
     cRLSign, delta CRL without its base, weak signature hash, unknown critical extension."""
+    code = "CRL_REFUSED"
 
 
 #: The name the stream side uses for a refused CRL (the same class: ``except CrlRefused`` catches both).

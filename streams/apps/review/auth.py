@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streams.core.file_safety import ensure_private_to_owner
+from streams.core.errors import CsosError
 
 ANALYST = "analyst"
 VIEWER = "viewer"
@@ -35,8 +36,9 @@ USERNAME_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
 _DUMMY_HASH: str | None = None
 
 
-class UserError(ValueError):
+class UserError(CsosError, ValueError):
     """A user name, role or password that cannot be accepted."""
+    code = "REVIEW_USER"
 
 
 @dataclass(frozen=True)
