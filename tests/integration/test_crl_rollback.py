@@ -31,7 +31,7 @@ from streams.core.avro_codec import default_codec
 from connectors.kafka.emit import Emitter
 from connectors.sources.reference_data import ReferenceFeed, Trace, Update, crl_rank, crl_record_key, read_reference
 from streams.verification import Verifier
-from tests.unit.test_review import RecordingPublisher
+from connectors.kafka.testing import MemoryPublisher
 from tests.unit.test_verification import ALL_SCHEDULES, DEA, NOW, PRODUCTS, YEAR, signed
 
 codec = default_codec()
@@ -58,7 +58,7 @@ def history(pki: TestPKI, cred: Credential) -> dict[str, x509.CertificateRevocat
     return {"current": current, "forged": forged, "older": older}
 
 
-def processor(pki: TestPKI, publisher: RecordingPublisher, feed: ReferenceFeed | None = None) -> VerifyProcessor:
+def processor(pki: TestPKI, publisher: MemoryPublisher, feed: ReferenceFeed | None = None) -> VerifyProcessor:
     """A worker's verify agent as it starts: only the root's CRL (for the sub-CA), none of the sub-CA's yet."""
     verifier = Verifier(pki.trust_anchors, pki.intermediates, [pki.root_crl], PRODUCTS)  # the root speaks for the sub-CA
     return VerifyProcessor(verifier, PRODUCTS, Emitter(publisher, "verify-agent"), {},
@@ -81,7 +81,7 @@ def record(crl: x509.CertificateRevocationList, source: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ the rule, in every arrival order
 @pytest.mark.parametrize("order", list(itertools.permutations(["current", "forged", "older"])))
 def test_the_newest_valid_crl_stays_in_force_whatever_the_arrival_order(pki, cred, history, order):
-    pub = RecordingPublisher()
+    pub = MemoryPublisher()
     proc = processor(pki, pub)
     for i, name in enumerate(order):
         proc.feed.updates.put(Update(t.CRL, "k", record(history[name], f"{name}.crl")))  # the worker's copy
@@ -105,7 +105,7 @@ def test_a_crl_with_the_same_number_does_not_replace_the_one_in_force(pki, cred,
     pki.crl_number = number - 1  # the next CRL the test PKI builds reuses the number
     same_number = pki.build_crl(NOW - timedelta(minutes=10), NOW + timedelta(days=7), revoked={})
     pki.crl_number = max(pki.crl_number, number + 10)
-    proc = processor(pki, RecordingPublisher())
+    proc = processor(pki, MemoryPublisher())
     for crl in (current, same_number):
         proc.feed.updates.put(Update(t.CRL, "k", record(crl, "x.crl")))
     proc.apply_reference_updates()
@@ -198,7 +198,7 @@ def test_after_compaction_and_a_restart_the_revoked_certificate_stays_revoked(ow
         feed = ReferenceFeed(own_broker.bootstrap)
         feed.start()
         assert feed.wait_caught_up(60)
-        proc = processor(pki, RecordingPublisher(), feed)
+        proc = processor(pki, MemoryPublisher(), feed)
         proc.apply_reference_updates()
         return proc, feed
 
