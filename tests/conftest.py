@@ -14,6 +14,21 @@ import pytest
 from streams.tools.broker import LocalBroker, free_port, running_broker  # noqa: F401 - tests import it from here
 
 
+#: Test folders by kind, in the order they run: fast and self-contained first.
+KIND_ORDER = {"unit": 0, "integration": 1, "e2e": 2, "browser": 2}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit, then integration, then the tests that share the session pipeline (e2e and browser) in order of
+    their file names, whatever their folder: each of those leaves orders, cases and baselines in the one
+    pipeline, and the later ones were written against what the earlier ones leave (as when the tests
+    were one folder)."""
+    def rank(item: pytest.Item) -> tuple[int, str]:
+        path = Path(str(item.fspath))
+        return KIND_ORDER.get(path.parent.name, 1), path.name
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     with running_broker(tmp_path_factory.mktemp("kafka")) as b:
