@@ -23,12 +23,12 @@ $(STAMP): pyproject.toml
 kafka:
 	bash deploy/kafka/kafka.sh fetch
 
-# Debian's Chromium and its driver for the review page's browser test (tests/test_review_browser.py).
+# Debian's Chromium and its driver for the review page's browser test (tests/browser/test_review_browser.py).
 # Playwright drives /usr/bin/chromium; it never downloads a browser of its own. Needs root (apt-get).
 browser:
 	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
 
-# NIST PKITS (RFC 5280 path and CRL conformance data) for tests/test_pkits.py: not in this repository;
+# NIST PKITS (RFC 5280 path and CRL conformance data) for tests/unit/test_pkits.py: not in this repository;
 # taken from the pyhanko-certvalidator source distribution (the same version as the dependency), which ships
 # the PKITS certificates, CRLs and expected results under tests/fixtures/nist_pkits.
 PKITS_VERSION := 0.33.0

@@ -1,2 +1,2 @@
-"""What brings data into the pipeline and out of it: test PKI, simulator,
-Kafka producers and topic admin, the ClickHouse sink."""
+"""The I/O edges: Kafka (``kafka``: topic catalogue, producer/consumer, emit), ClickHouse (``clickhouse``: client,
+query, sink writer, audit chain) and the sources that bring data in (``sources``: intake, reference data, ARCOS)."""

@@ -1,6 +1,6 @@
-"""Stream processing for CSOS order receipt and suspicious order monitoring.
+"""Stream processing for CSOS order receipt and suspicious order monitoring, in layers (README "Layout").
 
-Pure logic (identifiers, order documents, verification, monitoring) lives in
-modules with no Kafka or Faust imports, so the same code runs in the stream,
-in the offline CLI, in the benchmark and in tests.
+Pure logic (``domain``, ``verification``, ``monitoring``, ``cases``) has no Kafka or Faust imports, so the
+same code runs in the stream, in the offline CLI, in the benchmark and in tests; ``pipeline`` runs it on
+Kafka, ``apps`` serve analysts, ``tools`` are not production, ``cli`` is the ``csos`` command.
 """

@@ -1,6 +1,6 @@
 """``csos``: one entry point for operators, analysts and the demo.
 
-Every subcommand reads the same environment (see ``streams.config``), so a
+Every subcommand reads the same environment (see ``streams.core.config``), so a
 deployment is configured once; ``csos <command> --help`` explains each.
 """
 from __future__ import annotations
@@ -11,17 +11,31 @@ import os
 import sys
 from datetime import date as _date
 from pathlib import Path
+from typing import Any
 
 import click
 
-from .config import Settings
+from streams.core.config import Settings
+from streams.core.errors import CsosError
 
 
 def _settings() -> Settings:
     return Settings.from_env()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Csos(click.Group):
+    """The one place where an error becomes a message and an exit code: any :class:`CsosError` that a command
+    does not handle itself is printed as ``error [CODE]: message`` with the error's exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CsosError as exc:
+            click.echo(f"error {exc.report()}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Csos, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug output.")
 def main(verbose: bool) -> None:
     """Receive signed CSOS orders, verify them, and hold suspicious ones before they ship.
@@ -32,7 +46,7 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not verbose:  # librdkafka reports transient broker states (e.g. coordinator loading) as warnings
-        logging.getLogger("connectors.kafka_io.librdkafka").setLevel(logging.ERROR)
+        logging.getLogger("connectors.kafka.io.librdkafka").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- broker / topics
@@ -42,7 +56,7 @@ def broker() -> None:
 
 
 def _local_broker():
-    from connectors.broker import LocalBroker
+    from streams.tools.broker import LocalBroker
 
     s = _settings()
     port = int(s.kafka_bootstrap.rsplit(":", 1)[1])
@@ -76,7 +90,7 @@ def broker_status() -> None:
 @click.option("--partitions", type=int, default=None, help="Partitions per topic (default CSOS_PARTITIONS).")
 def topics(partitions: int | None) -> None:
     """Create the pipeline's topics (idempotent), with explicit partitions and configs."""
-    from connectors.topics import ensure_topics
+    from connectors.kafka.topics import ensure_topics
 
     s = _settings()
     created = ensure_topics(s.kafka_bootstrap, partitions or s.partitions)
@@ -94,8 +108,8 @@ def acls(dry_run: bool) -> None:
     """
     from confluent_kafka.admin import AdminClient
 
-    from connectors.kafka_acls import acl_bindings, apply_acls, passwords_from_env, upsert_scram_users
-    from connectors.kafka_security import client_config
+    from connectors.kafka.acls import acl_bindings, apply_acls, passwords_from_env, upsert_scram_users
+    from connectors.kafka.security import client_config
 
     s = _settings()
     if dry_run:
@@ -120,7 +134,7 @@ def pki() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing PKI in CSOS_PKI_DIR.")
 def pki_init(force: bool) -> None:
     """Create a root CA and a CSOS sub-CA with an empty CRL in CSOS_PKI_DIR."""
-    from connectors.pki import TestPKI
+    from streams.tools.pki import TestPKI
 
     s = _settings()
     if (s.pki_dir / "trust" / "root.pem").exists() and not force:
@@ -139,9 +153,9 @@ def pki_issue(dea_number: str, name: str, schedules: str, days: int, key_type: s
     """Issue a registrant certificate carrying the DEA number and schedules in the configured extensions."""
     from datetime import datetime, timedelta, timezone
 
-    from connectors.pki import load_pki
+    from streams.tools.pki import load_pki
 
-    from .identifiers import is_valid_dea_number
+    from streams.domain.identifiers import is_valid_dea_number
 
     if not is_valid_dea_number(dea_number):
         raise click.ClickException(f"{dea_number} is not a valid DEA number (format or check digit)")
@@ -159,7 +173,7 @@ def pki_issue(dea_number: str, name: str, schedules: str, days: int, key_type: s
 @click.option("--dea", "dea_number", required=True, help="Revoke this registrant's certificate.")
 def pki_revoke(dea_number: str) -> None:
     """Revoke a registrant certificate and publish a new CRL file (workers read CRLs at start)."""
-    from connectors.pki import load_pki
+    from streams.tools.pki import load_pki
 
     s = _settings()
     p = load_pki(s.pki_dir)
@@ -184,8 +198,8 @@ def crl_publish(files: tuple[str, ...]) -> None:
     With no FILES, publishes CSOS_PKI_DIR/crl/*.crl. Orders parked for
     "revocation status unknown" are re-verified against the new CRL.
     """
-    from connectors.kafka_io import Publisher
-    from connectors.reference_publish import publish_crls
+    from connectors.kafka.io import Publisher
+    from connectors.sources.reference_publish import publish_crls
 
     s = _settings()
     paths = [Path(f) for f in files] or sorted((s.pki_dir / "crl").glob("*.crl"))
@@ -210,8 +224,8 @@ def registrants_load(file: str) -> None:
     directory are parked until they are loaded (CSOS_REQUIRE_REGISTRATION=0
     turns the check off).
     """
-    from connectors.kafka_io import Publisher
-    from connectors.reference_publish import publish_registrants, read_registrant_file
+    from connectors.kafka.io import Publisher
+    from connectors.sources.reference_publish import publish_registrants, read_registrant_file
 
     records, refused = read_registrant_file(Path(file))
     for line in refused:
@@ -242,8 +256,8 @@ def simulate() -> None:
 @click.option("--suspicious-fraction", default=0.02, show_default=True, help="Share of suspicious orders.")
 def simulate_prepare(registrants: int, days: int, seed: int, bad_fraction: float, suspicious_fraction: float) -> None:
     """Generate and sign the feed; write the PKI, registrants.csv, labels.csv and feed.avro to CSOS_DATA_DIR."""
-    from connectors.feed import prepare_feed, replay_settings, save_feed
-    from connectors.pki import load_pki
+    from streams.tools.feed import prepare_feed, replay_settings, save_feed
+    from streams.tools.pki import load_pki
 
     s = _settings()
     existing = load_pki(s.pki_dir) if (s.pki_dir / "trust" / "root.pem").exists() else None
@@ -268,8 +282,8 @@ def simulate_prepare(registrants: int, days: int, seed: int, bad_fraction: float
               help="Feed file (default CSOS_DATA_DIR/feed.avro).")
 def simulate_publish(feed_path: str | None) -> None:
     """Publish the simulated CRL and registrant file, then stream the prepared feed onto csos.orders.received."""
-    from connectors.feed import load_feed, publish, publish_reference_data
-    from connectors.kafka_io import Publisher
+    from streams.tools.feed import load_feed, publish, publish_reference_data
+    from connectors.kafka.io import Publisher
 
     s = _settings()
     path = Path(feed_path) if feed_path else s.data_dir / "feed.avro"
@@ -297,7 +311,7 @@ def worker(loglevel: str, worker_id: str | None) -> None:
     """
     from faust import Worker
 
-    from .app import create_app
+    from streams.pipeline.app import create_app
 
     s = _settings()
     if worker_id:
@@ -307,7 +321,7 @@ def worker(loglevel: str, worker_id: str | None) -> None:
     except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind
         raise click.ClickException(str(exc)) from None
     sys.argv = sys.argv[:1]
-    from .metrics import serve_extra
+    from connectors.kafka.metrics import serve_extra
 
     serve_extra(s.metrics_addr)  # CSOS_METRICS_ADDR: /metrics beside the 127.0.0.1 web port
     profile = os.environ.get("CSOS_PROFILE")  # a path: write a cProfile of this worker there on exit
@@ -334,8 +348,8 @@ def sink() -> None:
     for `csos sql`. With CLICKHOUSE_URL pointing at a server, run several.
     With CSOS_AUDIT_KEY set, audit events are sealed with HMAC-SHA256 under that key.
     """
-    from connectors.audit_chain import AuditKeyError
-    from connectors.sink_service import run_sink
+    from connectors.clickhouse.audit_chain import AuditKeyError
+    from streams.pipeline.sink_service import run_sink
 
     logging.getLogger().setLevel(logging.INFO)
     try:
@@ -359,7 +373,7 @@ def sql(query: str, fmt: str) -> None:
     Tables use ReplacingMergeTree: add FINAL for exact counts, e.g.
     csos sql "SELECT verdict, count() FROM verdicts FINAL GROUP BY verdict"
     """
-    from .query import QueryError, format_table, run_query
+    from connectors.clickhouse.query import QueryError, format_table, run_query
 
     try:
         columns, rows = run_query(_settings(), query)
@@ -404,9 +418,9 @@ def audit_verify(as_json: bool, anchors_file: str | None, allow_unsealed: bool, 
     one whose key is not given is UNVERIFIABLE; with keys, one sealed without
     a key is UNKEYED. Reads like `csos sql`: through the running sink, else read-only.
     """
-    from connectors.audit_chain import AuditKeyError, KeyRing, load_anchors, render, verify_store
+    from connectors.clickhouse.audit_chain import AuditKeyError, KeyRing, load_anchors, render, verify_store
 
-    from .query import open_reader
+    from connectors.clickhouse.query import open_reader
 
     settings = _settings()
     try:
@@ -434,7 +448,7 @@ def audit_new_key() -> None:
     rotate: move the current key to CSOS_AUDIT_OLD_KEYS (verifiers only),
     set the new one and restart the sink.
     """
-    from connectors.audit_chain import AuditKey, new_key
+    from connectors.clickhouse.audit_chain import AuditKey, new_key
 
     key = new_key()
     click.echo(key)
@@ -444,7 +458,7 @@ def audit_new_key() -> None:
 @main.command()
 def summary() -> None:
     """Print what happened to every order: received, verified, rejected by reason, released, held by reason."""
-    from .summary import fetch_summary
+    from streams.apps.summary import fetch_summary
 
     click.echo(fetch_summary(_settings()).render())
 
@@ -466,7 +480,7 @@ def chaos(orders: int, kills: int, seed: int, out_dir: str | None) -> None:
     """
     import tempfile
 
-    from connectors.chaos import problems, render, soak
+    from streams.tools.chaos import problems, render, soak
 
     where = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="csos-chaos-"))
     result = soak(where, orders=orders, kills=kills, seed=seed, say=click.echo)
@@ -487,7 +501,8 @@ def review(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from .review.web import ReviewConfig, run_review
+    from streams.apps.review.server import run_review
+    from streams.apps.review.web import ReviewConfig
 
     logging.getLogger().setLevel(logging.INFO)
     s = _settings()
@@ -499,8 +514,8 @@ def review(ctx: click.Context) -> None:
 
 
 def _review_store():
-    from .review.auth import UserStore
-    from .review.web import users_path
+    from streams.apps.review.auth import UserStore
+    from streams.apps.review.web import users_path
 
     return UserStore(users_path(_settings()))
 
@@ -511,7 +526,7 @@ def _review_store():
               help="analyst: may release, report and cancel; viewer: read only.")
 def review_add_user(name: str, role: str) -> None:
     """Create NAME (or replace its role and password). The password comes from CSOS_REVIEW_PASSWORD, else a prompt."""
-    from .review.auth import UserError
+    from streams.apps.review.auth import UserError
 
     password = os.environ.get("CSOS_REVIEW_PASSWORD") or click.prompt(
         f"Password for {name}", hide_input=True, confirmation_prompt=True)
@@ -563,7 +578,7 @@ def demo(registrants: int, days: int, seed: int, keep_running: bool) -> None:
     prints what happened to each - next to the simulator's ground truth.
     Afterwards `csos sql` queries the results (stored under CSOS_DATA_DIR).
     """
-    from .demo import run_demo
+    from streams.tools.demo import run_demo
 
     run_demo(_settings(), registrants=registrants, seed=seed, days=days, keep_running=keep_running)
 
@@ -584,7 +599,7 @@ def bench(registrants: int, days: int, seed: int, rate: float | None) -> None:
     and sink's CPU time (lines per CPU-second: comparable on a shared machine).
     With --rate the feed is paced, so the latency is that of an unsaturated pipeline.
     """
-    from .bench import run_bench
+    from streams.tools.bench import run_bench
 
     s = _settings()
     s = s.with_(data_dir=s.data_dir / "bench", pki_dir=s.data_dir / "bench" / "pki")
@@ -611,7 +626,7 @@ def hostile_soak(count: int, seed: int, registrants: int, timeout: float) -> Non
     prints per class: sent, traced, released, dead-lettered, rejected, held,
     parked, failing; exits 1 if a check fails.
     """
-    from .hostile_soak import run_soak
+    from streams.tools.hostile_soak import run_soak
 
     s = _settings()
     s = s.with_(data_dir=s.data_dir / "hostile", pki_dir=s.data_dir / "hostile" / "pki")
@@ -662,7 +677,7 @@ def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool, p
     precision, false holds per 1,000, time to first hold), kinds.csv,
     episodes.csv and report.html with charts. Takes a few minutes.
     """
-    from .evaluation import run_scenarios
+    from streams.tools.evaluation import run_scenarios
 
     with _Progress("scoring orders") as bar:
         run_scenarios(out_dir, seed=seed, peers=peers, n_registrants=registrants, policies=policies or None,
@@ -693,8 +708,8 @@ def evaluate_arcos(path: str, out_dir: str, labels_path: str | None, policies: t
     holds per month, buyer and family (holds_by_month.csv). ARCOS records are
     shipped orders without signatures, so verification is skipped explicitly.
     """
-    from .evaluation import DEFAULT_POLICIES, run_arcos
-    from .monitoring.peers import PeerProfiles
+    from streams.tools.evaluation import DEFAULT_POLICIES, run_arcos
+    from streams.monitoring.peers import PeerProfiles
 
     with _Progress("scoring orders") as bar:
         try:
@@ -717,13 +732,13 @@ def evaluate_arcos(path: str, out_dir: str, labels_path: str | None, policies: t
 def evaluate_generate_heldout(out_dir: str, seed: int, buyers: int, days: int) -> None:
     """Write a labelled order history the thresholds were never tuned on (ARCOS layout + labels CSV).
 
-    An independent generator (connectors/heldout_generator.py): replenishment
+    An independent generator (streams/tools/heldout_generator.py): replenishment
     ordering, other seasons and business mixes, ramps from 1.5x to 10x over
     2-9 months, spikes, frequency bursts, shifts to the strongest strength,
     new pill mills, legitimate growth. Score it with
     `csos evaluate arcos OUT/heldout-arcos.csv.gz --labels OUT/heldout-labels.csv`.
     """
-    from connectors.heldout_generator import HeldoutConfig, write_heldout
+    from streams.tools.heldout_generator import HeldoutConfig, write_heldout
 
     res = write_heldout(out_dir, HeldoutConfig(seed=seed, buyers=buyers, days=days))
     click.echo(res.describe())
@@ -760,31 +775,31 @@ def peers_build(out_path: str, arcos_path: str | None, verdicts_csv: str | None,
     if (verdicts_csv or released_only) and not arcos_path:
         raise click.UsageError("--released-from / --released-only apply to --arcos")
     if arcos_path:
-        from connectors.arcos_replay import read_arcos_detailed
+        from connectors.sources.arcos_replay import read_arcos_detailed
         data = read_arcos_detailed(arcos_path)
         click.echo(f"{Path(arcos_path).name}: {data.describe()}")
         orders, source = data.orders, f"ARCOS {Path(arcos_path).name}"
         if verdicts_csv:
-            from streams.evaluation import released_order_ids
+            from streams.tools.evaluation import released_order_ids
             keep = released_order_ids(verdicts_csv)
             orders = [o for o in orders if o["order_id"] in keep]
             source += f", {len(orders)} orders released in {Path(verdicts_csv).name}"
         elif released_only:
-            from streams.evaluation import released_orders
+            from streams.tools.evaluation import released_orders
             from streams.monitoring import Monitor
             orders = released_orders(orders, Monitor())
             source += f", {len(orders)} orders released by the default policy"
     else:
         if not registrants_csv:
             raise click.UsageError("--registrants CSV is needed with ClickHouse (order lines carry no activity)")
-        from connectors.peer_history import released_orders_from_clickhouse
+        from streams.apps.peer_history import released_orders_from_clickhouse
         orders, source = released_orders_from_clickhouse(_settings(), registrants_csv), "ClickHouse released orders"
     profiles = build_profiles(orders, source, min_registrants)
     profiles.save(out_path)
     usable = sum(1 for g in profiles.groups.values() if g.registrants >= min_registrants)
     click.echo(f"{out_path}: {len(profiles.groups)} peer groups ({usable} with >= {min_registrants} registrants) "
                f"from {source}, up to {profiles.built_at:%Y-%m-%d}")
-    from connectors.simulator import default_product_master
+    from streams.tools.simulator import default_product_master
     click.echo(describe_coverage(coverage(profiles, {p.drug_family for p in default_product_master()})))
 
 
@@ -792,8 +807,8 @@ def peers_build(out_path: str, arcos_path: str | None, verdicts_csv: str | None,
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def replay_arcos(path: str) -> None:
     """Stream an ARCOS file onto csos.orders.verified (skipping verification: ARCOS has no signatures)."""
-    from connectors.arcos_replay import publish_arcos
-    from connectors.kafka_io import Publisher
+    from connectors.sources.arcos_replay import publish_arcos
+    from connectors.kafka.io import Publisher
 
     n = publish_arcos(path, Publisher(_settings().kafka_bootstrap))
     click.echo(f"published {n} ARCOS orders to csos.orders.verified ('null'/empty ORDER_FORM_NO rows: one order each)")
@@ -811,7 +826,7 @@ def replay_arcos(path: str) -> None:
                    "without them, interleaved with the full one (best of 3 each), and print the cost increase.")
 def bench_monitor(registrants: int, seed: int, peers: bool, compare_lean: bool, compare_without: str) -> None:
     """Monitoring cost: score + learn per order, and state bytes per registrant and drug family."""
-    from .bench_monitor import compare_without as compare, render, run
+    from streams.tools.bench_monitor import compare_without as compare, render, run
 
     if compare_without:
         without = tuple(n.strip() for n in compare_without.split(",") if n.strip())
@@ -834,7 +849,7 @@ def bench_monitor(registrants: int, seed: int, peers: bool, compare_lean: bool, 
 @click.option("--rounds", default=5, show_default=True, help="Interleaved rounds; the best of each is kept.")
 def bench_verify(n: int, rounds: int) -> None:
     """Verification cost: orders/s through the verifier next to bare RSA verifies/s, in one run."""
-    from .bench_verify import render, run
+    from streams.tools.bench_verify import render, run
 
     click.echo(render(run(n, rounds=rounds)))
 
@@ -849,7 +864,7 @@ def bench_verify(n: int, rounds: int) -> None:
 @click.option("--keep", is_flag=True, help="Keep the scratch store (e.g. to run `csos sql` against it).")
 def bench_dashboards(lines: int, registrants: int, days: int, runs: int, path: Path, keep: bool) -> None:
     """Every dashboard query timed against generated order lines on the embedded engine (target: 200 ms each)."""
-    from .bench_dashboards import render, run
+    from streams.tools.bench_dashboards import render, run
 
     click.echo(render(run(lines, registrants=registrants, days=days, runs=runs, path=path, keep=keep)))
 
@@ -870,8 +885,8 @@ def archive_export(order_number: str, purchaser: str | None, out_dir: str) -> No
     With the embedded engine run it while `csos sink` is stopped (the engine
     admits one process); with CLICKHOUSE_URL it runs any time.
     """
-    from connectors.archive import ArchiveNotFound, export_order
-    from connectors.clickhouse_sink import open_client
+    from streams.apps.archive import ArchiveNotFound, export_order
+    from connectors.clickhouse.client import open_client
 
     s = _settings()
     try:
@@ -913,7 +928,7 @@ def verify_offline(document: str | None, signature: str | None, certificate: str
     """
     from datetime import datetime, timezone
 
-    from .offline_verify import check_certificate_offline, render, render_certificate, reverify
+    from streams.apps.offline_verify import check_certificate_offline, render, render_certificate, reverify
 
     if (signature is None) == (certificate is None):
         raise click.UsageError("give --signature (an order) or --certificate (a certificate alone)")
@@ -966,8 +981,8 @@ _out_option = click.option("--out", "out_dir", type=click.Path(file_okay=False),
 @_out_option
 def reports_suspicious(day: str | None, out_dir: str) -> None:
     """Write suspicious-orders-DAY.csv and .json: every order reported to DEA on DAY, line by line."""
-    from .query import run_query
-    from .reports import write_suspicious_order_report
+    from connectors.clickhouse.query import run_query
+    from streams.apps.reports import write_suspicious_order_report
 
     s = _settings()
     w = write_suspicious_order_report(lambda sql: run_query(s, sql), _report_day(day), Path(out_dir))
@@ -979,8 +994,8 @@ def reports_suspicious(day: str | None, out_dir: str) -> None:
 @_out_option
 def reports_fills(day: str | None, out_dir: str) -> None:
     """Write csos-fill-report-DAY.csv and .json: every order line shipped on DAY (exit 1 if any is an exception)."""
-    from .query import run_query
-    from .reports import business_days_after, write_fill_report
+    from connectors.clickhouse.query import run_query
+    from streams.apps.reports import business_days_after, write_fill_report
 
     s = _settings()
     d = _report_day(day)
@@ -999,8 +1014,8 @@ def warehouse() -> None:
 @warehouse.command("ship")
 def warehouse_ship() -> None:
     """Confirm a full shipment of every order released so far (on warehouse.shipments)."""
-    from connectors.kafka_io import Publisher
-    from connectors.warehouse import released_orders, ship
+    from connectors.kafka.io import Publisher
+    from streams.tools.warehouse import released_orders, ship
 
     s = _settings()
     n = ship(Publisher(s.kafka_bootstrap), released_orders(s.kafka_bootstrap))

@@ -10,5 +10,5 @@ for _ in $(seq "$(nproc)"); do
   .venv/bin/python -c 'while True: pass' &
   hogs+=($!)
 done
-CSOS_TEST_BARRIER_RUNS="$runs" .venv/bin/python -m pytest -q tests/test_verify_e2e.py \
+CSOS_TEST_BARRIER_RUNS="$runs" .venv/bin/python -m pytest -q tests/e2e/test_verify_e2e.py \
   -k "revocation_published_just_before_receipt or revoked_after_signing or inactive_registration"

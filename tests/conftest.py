@@ -11,7 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from connectors.broker import LocalBroker, free_port, running_broker  # noqa: F401 - tests import it from here
+from streams.tools.broker import LocalBroker, free_port, running_broker  # noqa: F401 - tests import it from here
+
+
+#: Test folders by kind, in the order they run: fast and self-contained first.
+KIND_ORDER = {"unit": 0, "integration": 1, "e2e": 2, "browser": 2}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit, then integration, then the tests that share the session pipeline (e2e and browser) in order of
+    their file names, whatever their folder: each of those leaves orders, cases and baselines in the one
+    pipeline, and the later ones were written against what the earlier ones leave (as when the tests
+    were one folder)."""
+    def rank(item: pytest.Item) -> tuple[int, str]:
+        path = Path(str(item.fspath))
+        return KIND_ORDER.get(path.parent.name, 1), path.name
+    items.sort(key=rank)  # stable: a file's tests keep their order
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +40,11 @@ import uuid  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
-from connectors.feed import PreparedFeed, prepare_feed, publish, publish_reference_data, replay_settings  # noqa: E402
-from connectors.kafka_io import Publisher, consume_all  # noqa: E402
-from streams.config import Settings  # noqa: E402
-from streams.query import run_query  # noqa: E402
-from streams.processes import Pipeline as Processes  # noqa: E402
+from streams.tools.feed import PreparedFeed, prepare_feed, publish, publish_reference_data, replay_settings  # noqa: E402
+from connectors.kafka.io import Publisher, consume_all  # noqa: E402
+from streams.core.config import Settings  # noqa: E402
+from connectors.clickhouse.query import run_query  # noqa: E402
+from streams.tools.processes import Pipeline as Processes  # noqa: E402
 
 #: Exact counts of every bad kind, so the suite always exercises each one.
 E2E_BAD_COUNTS = {"tampered": 6, "wrong_key": 6, "expired_cert": 6, "revoked_cert": 6, "dea_mismatch": 6,
@@ -74,9 +89,9 @@ def pipeline(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> I
     settings = Settings.from_env().with_(
         kafka_bootstrap=broker.bootstrap, data_dir=data, pki_dir=data / "pki", clickhouse_url="",
         web_port=free_port(), sink_port=free_port(), app_id=f"csos-test-{uuid.uuid4().hex[:6]}",
-        # Held orders' due-diligence clocks lapse within the session (tests/test_cases_e2e.py).
+        # Held orders' due-diligence clocks lapse within the session (tests/e2e/test_cases_e2e.py).
         due_diligence_days=DUE_DILIGENCE_SECONDS / 86400, case_clock_seconds=1.0,
-        audit_key=TEST_AUDIT_KEY,  # the sink seals the audit chain with HMAC (tests/test_audit_chain.py)
+        audit_key=TEST_AUDIT_KEY,  # the sink seals the audit chain with HMAC (tests/unit/test_audit_chain.py)
     )
     feed = prepare_feed(settings, registrants=40, seed=11, days=120, bad_counts=E2E_BAD_COUNTS,
                         suspicious_counts=E2E_SUSPICIOUS_COUNTS)
@@ -93,8 +108,8 @@ def pipeline(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> I
 @pytest.fixture(scope="session")
 def streamed(pipeline: Pipeline) -> Pipeline:
     """The feed plus hostile extras, published once, with every outcome in ClickHouse."""
-    from streams.avro_codec import default_codec
-    from connectors.intake import OrderIntake
+    from streams.core.avro_codec import default_codec
+    from connectors.sources.intake import OrderIntake
 
     publisher = Publisher(pipeline.settings.kafka_bootstrap)
     publish(pipeline.feed.messages, publisher)
@@ -127,7 +142,7 @@ def streamed(pipeline: Pipeline) -> Pipeline:
         time.sleep(1)
     else:
         raise AssertionError(f"only {decided} of {total} orders decided; logs:\n{pipeline.processes.tail()}")
-    from connectors.chaos import wait_sink_caught_up
+    from streams.tools.chaos import wait_sink_caught_up
 
     wait_sink_caught_up(pipeline.settings)  # the audit trail's last batch follows the outcomes
     return pipeline

@@ -230,7 +230,7 @@ listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 
 log.dirs=${PARTITIONS_DIR}
 
-# Topics are created explicitly (connectors/topics.py; Faust creates its own
+# Topics are created explicitly (connectors/kafka/topics.py; Faust creates its own
 # internal topics through the admin API), so a typo'd topic name fails loudly
 # instead of silently creating a topic.
 auto.create.topics.enable=${KAFKA_AUTO_CREATE_TOPICS}

@@ -5,7 +5,7 @@
 --               the content). Nullable, not '' : a detached signature with an empty document is a
 --               different message from an attached one, and re-verification must see exactly what arrived.
 --               ClickHouse String holds arbitrary bytes; clickhouse-connect inserts Python bytes as-is
---               and returns them as bytes with column_formats={'document': 'bytes'} (tests/test_archive.py).
+--               and returns them as bytes with column_formats={'document': 'bytes'} (tests/unit/test_archive.py).
 -- signature     the DER CMS SignedData as received.
 -- certificates  DER of every certificate in the CMS, the signer's first when it could be identified;
 --               empty when the signature is unreadable (the signature bytes are still kept).

@@ -1,4 +1,4 @@
--- The audit trail's hash chain (connectors/audit_chain.py): one chain per partition of audit.events.
+-- The audit trail's hash chain (connectors/clickhouse/audit_chain.py): one chain per partition of audit.events.
 -- event_hash = SHA-256(prev_hash || canonical(chain, chain_seq, chain_offset, the event's fields)), hex;
 -- chain_seq is dense per chain (0, 1, 2, ...), chain_offset the event's Kafka offset. Rows written before
 -- chaining keep chain = '' (unsealed; `csos audit verify --allow-unsealed` accepts them).

@@ -1,4 +1,4 @@
--- Aggregates behind the analysts' dashboards (streams/review/dashboard_sql.py), kept up to date at insert time by
+-- Aggregates behind the analysts' dashboards (streams/apps/review/dashboard_sql.py), kept up to date at insert time by
 -- materialized views, so a dashboard reads thousands of rows per day instead of every order line.
 --
 -- Each view groups the inserted block by order first, then sums: an order's rows always arrive in one insert

@@ -23,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Mapping
+from streams.core.errors import CsosError
 
 HELD, RELEASED, REPORTED, CANCELLED = "HELD", "RELEASED", "REPORTED", "CANCELLED"
 #: What each analyst action does to a HELD case.
@@ -32,8 +33,9 @@ DECIDING_ROLE = "analyst"
 DEFAULT_DUE_DAYS = 7.0
 
 
-class DecisionRefused(Exception):
+class DecisionRefused(CsosError):
     """A decision that cannot be applied; the case is unchanged. ``code`` is stable, the message is for people."""
+    code = "DECISION_REFUSED"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

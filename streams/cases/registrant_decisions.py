@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .machine import DECIDING_ROLE, Case, DecisionRefused
+from streams.cases.machine import DECIDING_ROLE, Case, DecisionRefused
 
 #: Registrant decision action -> the ``som.CaseOutcome`` the monitor applies, and its case-event kind.
 REGISTRANT_ACTIONS = {"SET_LIMIT": "SET_LIMIT", "TERMINATE": "TERMINATED", "ONBOARDED": "ONBOARDED"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from .machine import REPORTED, Case
+from streams.cases.machine import REPORTED, Case
 
 
 def circumstances(case: Case) -> str:

@@ -4,9 +4,9 @@
 are what the monitor agent calls; the state is a plain dict that round-trips
 through ``schemas/avro/som_registrant_state.avsc`` (``som.state.RegistrantState``).
 """
-from .baselines import STATE_VERSION, RiverStateError, StateVersionError, migrate_state, new_state
-from .detectors import MonitorConfig, default_detectors
-from .monitor import Monitor
+from streams.monitoring.baselines import STATE_VERSION, RiverStateError, StateVersionError, migrate_state, new_state
+from streams.monitoring.detectors import MonitorConfig, default_detectors
+from streams.monitoring.monitor import Monitor
 
 __all__ = [
     "Monitor", "MonitorConfig", "default_detectors", "new_state", "migrate_state",

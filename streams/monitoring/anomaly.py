@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from .detectors import _MAX, MonitorConfig, Reason, reason
+from streams.monitoring.detectors import _MAX, MonitorConfig, Reason, reason
 
 #: The learned per-family detectors whose findings are combined (static rules and new_family are not features).
 FEATURES = ("size", "volume_30d", "frequency_24h", "frequency_7d", "family_mix", "trend", "peer_volume")

@@ -13,7 +13,7 @@ as bincode bytes (``__getstate__``). This module reads and writes those bytes
 field by field against the layout of river's ``rust_src`` (``RsEWMean`` =
 ``{EWMean{mean, alpha, one_minus_alpha, initialized}, alpha}``). Any change of
 that layout in a river upgrade raises :class:`RiverStateError` instead of
-silently decoding garbage, and ``tests/test_monitoring.py`` checks the round trip.
+silently decoding garbage, and ``tests/unit/test_monitoring.py`` checks the round trip.
 
 Why these quantities (21 CFR 1301.74(b): unusual size, frequency, pattern):
 
@@ -65,6 +65,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 
 from river import stats
+from streams.core.errors import CsosError
 
 #: Version of the state dict / ``som.state.RegistrantState`` layout. Bump it and
 #: add a step to :func:`migrate_state` whenever the layout changes.
@@ -76,7 +77,7 @@ WINDOW_7D_DAYS = 7
 WINDOW_30D_DAYS = 30
 MONTHS_KEPT = 13  # the current calendar month and the 12 full months before it
 #: Legacy guard (the last few learned order ids, as CRCs); the authority on what was learned is the
-#: per-order-id ``outcomes`` record, kept CSOS_DEDUP_DAYS (``streams.outcomes``).
+#: per-order-id ``outcomes`` record, kept CSOS_DEDUP_DAYS (``streams.pipeline.outcomes``).
 LEARNED_IDS_KEPT = 8
 #: Timing counts are halved when their total reaches this: bounded ints, recent habits weigh more.
 TIMING_CAP = 256
@@ -84,12 +85,14 @@ TIMING_CAP = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-class RiverStateError(RuntimeError):
+class RiverStateError(CsosError, RuntimeError):
     """river's internal state is not laid out as this module expects (river upgrade?)."""
+    code = "RIVER_STATE"
 
 
-class StateVersionError(ValueError):
+class StateVersionError(CsosError, ValueError):
     """The stored state has a version this code cannot read or migrate."""
+    code = "STATE_VERSION"
 
 
 # --------------------------------------------------------------------------
@@ -735,13 +738,15 @@ def new_state(purchaser_dea: str) -> dict[str, Any]:
         "families": {},
         "timing": {"hours": [], "weekdays": []},
         "outcomes": {},
-        "due_diligence": _new_due_diligence(),
+        "due_diligence": new_due_diligence(),
     }
 
 
-def _new_due_diligence() -> dict[str, Any]:
-    from .open_cases import new_due_diligence  # the sub-record is that module's; imported late (no cycle)
-    return new_due_diligence()
+def new_due_diligence() -> dict[str, Any]:
+    """An empty ``som.state.DueDiligence`` (also what older states read as); here, with the state it is part
+    of, so that ``open_cases`` (which fills it) imports this module and never the other way round."""
+    return {"first_seen_ms": 0, "onboarded_ms": 0, "onboarded_by": "", "open": {}, "reported": {}, "limits": {},
+            "terminated": None, "applied": []}
 
 
 def _copy_due_diligence(dd: Mapping[str, Any]) -> dict[str, Any]:
@@ -802,7 +807,7 @@ class RegistrantBaselines:
         self.outcomes: dict[str, dict[str, Any]] = dict(state.get("outcomes") or {})
         # Open cases, reports, analyst limits, termination, new-customer period (``open_cases``), mutable in place.
         dd = state.get("due_diligence")
-        self.due_diligence: dict[str, Any] = _copy_due_diligence(dd) if dd else _new_due_diligence()
+        self.due_diligence: dict[str, Any] = _copy_due_diligence(dd) if dd else new_due_diligence()
         self._families: dict[str, FamilyBaseline] = {}
         self._windows: dict[tuple[Any, ...], Any] = {}  # per-order caches: Windows, Monthly
 

@@ -41,10 +41,10 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from .baselines import (
+from streams.monitoring.baselines import (
     TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name,
 )
-from .peers import PeerGroup, PeerProfiles
+from streams.monitoring.peers import PeerGroup, PeerProfiles
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from .baselines import (
+from streams.monitoring.baselines import (
     STATE_VERSION, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
 )
-from .detectors import DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, reason
-from .anomaly import AnomalyCombiner
-from .peers import PeerProfiles
-from . import open_cases
-from .onboarding import NewCustomerDetector
+from streams.monitoring.detectors import DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, reason
+from streams.monitoring.anomaly import AnomalyCombiner
+from streams.monitoring.peers import PeerProfiles
+from streams.monitoring import open_cases
+from streams.monitoring.onboarding import NewCustomerDetector
 
 
 def _closeness(r: Mapping[str, Any]) -> float:

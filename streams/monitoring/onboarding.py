@@ -20,9 +20,9 @@ counts, as for every registrant.
 """
 from __future__ import annotations
 
-from .baselines import MS_PER_DAY, FamilyFacts, OrderFacts, RegistrantBaselines, month_name
-from .detectors import MonitorConfig, PerFamilyDetector, Reason, _MAX, fmt_n, peer_group, reason
-from .peers import PeerProfiles
+from streams.monitoring.baselines import MS_PER_DAY, FamilyFacts, OrderFacts, RegistrantBaselines, month_name
+from streams.monitoring.detectors import MonitorConfig, PerFamilyDetector, Reason, _MAX, fmt_n, peer_group, reason
+from streams.monitoring.peers import PeerProfiles
 
 #: Length of a month in the period's arithmetic (the mean Gregorian month).
 MONTH_MS = int(30.436875 * MS_PER_DAY)

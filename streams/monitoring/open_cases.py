@@ -40,8 +40,9 @@ import heapq
 from datetime import datetime, timezone
 from typing import Any, Mapping, MutableMapping
 
-from .baselines import MS_PER_DAY, RegistrantBaselines, month_name, month_of, to_ms
-from .detectors import Reason, fmt_n, reason
+from streams.monitoring.baselines import (  # noqa: F401 - new_due_diligence: re-exported, open cases fill it
+    MS_PER_DAY, RegistrantBaselines, month_name, month_of, new_due_diligence, to_ms)
+from streams.monitoring.detectors import Reason, fmt_n, reason
 
 OPEN_CASE = "open_case"
 REPORTED_PENDING_LIMIT = "reported_pending_limit"
@@ -56,12 +57,6 @@ OUTCOMES = (RELEASED, REPORTED, CANCELLED, SET_LIMIT, TERMINATED, ONBOARDED)
 #: Bounds that keep the sub-record small whatever happens.
 PENDING_KEPT = 16
 APPLIED_KEPT = 32
-
-
-def new_due_diligence() -> dict[str, Any]:
-    """An empty ``som.state.DueDiligence`` (also what older states read as)."""
-    return {"first_seen_ms": 0, "onboarded_ms": 0, "onboarded_by": "", "open": {}, "reported": {}, "limits": {},
-            "terminated": None, "applied": []}
 
 
 def _case_text(case_id: str) -> str:
@@ -222,7 +217,7 @@ class SimulatedDueDiligence:
     RELEASED and learned. Without labels every case is RELEASED (the analyst
     found nothing), so unlabelled replays still show the rule's cost.
 
-    Use (see ``streams.evaluation.run_policy``)::
+    Use (see ``streams.tools.evaluation.run_policy``)::
 
         dd = SimulatedDueDiligence(monitor, labels, review_days)
         for order in orders:

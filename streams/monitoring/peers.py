@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .baselines import month_of, order_facts
+from streams.monitoring.baselines import month_of, order_facts
 
 #: Bin width on the ln(units) scale: a quantile is exact to within ~10.5 %.
 BIN_WIDTH = 0.1
@@ -161,12 +161,12 @@ class PeerProfiles:
         return cls(groups, rec["built_at"], rec["source"], int(rec["min_registrants"]))
 
     def save(self, path: str | Path) -> None:
-        from streams.avro_codec import default_codec
+        from streams.core.avro_codec import default_codec
         Path(path).write_bytes(default_codec().encode(PROFILE_SCHEMA, self.to_record()))
 
     @classmethod
     def load(cls, path: str | Path) -> "PeerProfiles":
-        from streams.avro_codec import default_codec
+        from streams.core.avro_codec import default_codec
         return cls.from_record(default_codec().decode(Path(path).read_bytes(), expect=PROFILE_SCHEMA)[1])
 
 

@@ -1,0 +1,1 @@
+"""Everything ClickHouse: client and read-only query, SQL guard, the sink's writer, the audit chain."""

@@ -1,0 +1,1 @@
+"""What brings data in: order intake, reference data (publish and consume), ARCOS replay."""
