@@ -22,7 +22,7 @@ from cryptography.fernet import Fernet
 from streams.tools.broker import free_port
 from streams.apps.review.server import create_app as create_review_app
 from streams.apps.review.web import ReviewConfig
-from test_dashboards import GROWER, HELD_ID, HYDRO, OXY, PASSWORD, RecordingPublisher, data, store, users  # noqa: F401
+from tests.unit.test_dashboards import GROWER, HELD_ID, HYDRO, OXY, PASSWORD, RecordingPublisher, data, store, users  # noqa: F401
 from test_review_browser import browser_context, sync_api  # noqa: F401 - fixtures and the skip if no Chromium
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")

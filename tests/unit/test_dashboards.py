@@ -31,7 +31,7 @@ from streams.apps.review.auth import UserStore
 from streams.apps.review.data import ReviewData
 from streams.apps.review.server import create_app as create_review_app
 from streams.apps.review.web import ReviewConfig
-from test_review import RecordingPublisher  # the review tests' stand-in for Kafka (logins are audited)
+from connectors.kafka.testing import MemoryPublisher as RecordingPublisher  # Kafka in memory (logins are audited)
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
