@@ -9,7 +9,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from connectors.clickhouse.audit_chain import AuditKey, KeyRing, open_reader, render, verify_store
+from connectors.clickhouse.audit_chain import AuditKey, KeyRing, render, verify_store
+from connectors.clickhouse.query import open_reader
 from streams.cli import main as cli
 from tests.conftest import TEST_AUDIT_KEY
 
