@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 from streams.apps.reports import business_days_after
 from streams.apps.review import dashboard_sql as q
 from streams.apps.review.data import HistoryPoint, from_ms
+from streams.core.errors import CsosError
 
 Query = Callable[[str, dict[str, Any]], list[list[Any]]]
 
@@ -34,8 +35,10 @@ METRICS = {"units": "dosage units", "mme": "MME"}
 SORTS = {"own": "against its own history", "peer": "against its peers"}
 
 
-class FilterError(ValueError):
+class FilterError(CsosError, ValueError):
     """A filter value the dashboards cannot use; the message says which and why."""
+
+    code = "DASHBOARD_FILTER"
 
 
 @dataclass(frozen=True)
