@@ -4,7 +4,6 @@ and the ClickHouse sink.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import click
@@ -112,7 +111,7 @@ def worker(loglevel: str, worker_id: str | None) -> None:
     from connectors.kafka.metrics import serve_extra
 
     serve_extra(s.metrics_addr)  # CSOS_METRICS_ADDR: /metrics beside the 127.0.0.1 web port
-    profile = os.environ.get("CSOS_PROFILE")  # a path: write a cProfile of this worker there on exit
+    profile = s.profile_path  # CSOS_PROFILE: a path, write a cProfile of this worker there on exit
     if profile:
         import cProfile
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import click
 
@@ -48,7 +47,7 @@ def review_add_user(name: str, role: str) -> None:
     """Create NAME (or replace its role and password). The password comes from CSOS_REVIEW_PASSWORD, else a prompt."""
     from streams.apps.review.auth import UserError
 
-    password = os.environ.get("CSOS_REVIEW_PASSWORD") or click.prompt(
+    password = settings().review.password or click.prompt(
         f"Password for {name}", hide_input=True, confirmation_prompt=True)
     store = _review_store()
     try:
