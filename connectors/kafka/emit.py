@@ -24,7 +24,7 @@ from connectors.kafka.io import MessageTooLarge, Publisher
 
 from connectors.kafka import catalogue as t
 from connectors.kafka.metrics import observe_published
-from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
+from streams.core.avro_codec import AvroCodec, default_codec
 
 
 #: Bytes of a message's payload a dead letter keeps. The producer refuses messages over 1,000,000 bytes
@@ -145,16 +145,6 @@ class Emitter:
             "actor": actor or self.actor,
         }
         self.send(t.AUDIT, "audit.AuditEvent", order_id or event["event_id"], event)
-
-    def decode_or_dead_letter(self, stage: str, expect: str, topic: str, partition: int, offset: int,
-                              key: bytes | None, value: bytes) -> dict[str, Any] | None:
-        """The record, or None after dead-lettering a message that is not a readable ``expect``."""
-        try:
-            return self.codec.decode(value, expect=expect)[1]
-        except DecodeError as exc:
-            self.dead_letter(stage, topic, partition, offset, key, value,
-                             f"undecodable {expect.rsplit('.', 1)[-1]}: {exc}")
-            return None
 
     def dead_letter(self, stage: str, topic: str, partition: int, offset: int,
                     key: bytes | None, payload: bytes, reason: str, *, dead_letter_id: str | None = None,

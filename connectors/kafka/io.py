@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any, Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from connectors.kafka.security import client_config
+from streams.core.config import KafkaSettings
 from streams.core.errors import CsosError
 
+#: The producer settings that do not depend on the environment; ``producer_defaults`` adds the rest.
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
     "acks": "all",
     "partitioner": "murmur2_random",
     "linger.ms": 5,
     "batch.num.messages": 10000,
-    # lz4 by default (cheap, and it matters on real networks); `none` saves CPU on loopback.
-    "compression.type": os.environ.get("KAFKA_COMPRESSION") or "lz4",
     "queue.buffering.max.messages": 500000,
 }
+
+
+def producer_defaults(kafka: KafkaSettings | None = None) -> dict[str, Any]:
+    """Every producer's settings: ``PRODUCER_DEFAULTS`` and the compression of ``kafka`` (default: the
+    environment's, ``KAFKA_COMPRESSION``, read now rather than when this module was imported)."""
+    kafka = kafka or KafkaSettings.from_env()
+    return dict(PRODUCER_DEFAULTS, **{"compression.type": kafka.compression})
 
 
 class DeliveryFailed(CsosError, RuntimeError):
@@ -49,7 +55,7 @@ class Publisher:
     """An idempotent producer that reports delivery failures instead of dropping them."""
 
     def __init__(self, bootstrap: str, **overrides: Any) -> None:
-        conf = dict(PRODUCER_DEFAULTS, **{"bootstrap.servers": bootstrap}, **client_config(), **overrides)
+        conf = dict(producer_defaults(), **{"bootstrap.servers": bootstrap}, **client_config(), **overrides)
         # librdkafka's own log lines (e.g. transient "coordinator load in progress") go to logging.
         self._producer = Producer(conf, logger=logging.getLogger("connectors.kafka.io.librdkafka"))
         self._errors: list[str] = []

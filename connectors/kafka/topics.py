@@ -17,7 +17,6 @@ equal to :func:`default_partitions` so source topics and changelogs line up.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -25,8 +24,9 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic, ResourceType
 
-from connectors.kafka.catalogue import DEFAULT_PARTITIONS, TOPICS, TopicSpec
+from connectors.kafka.catalogue import TOPICS, TopicSpec
 from connectors.kafka.security import client_config
+from streams.core.config import KafkaSettings, Settings
 
 __all__ = [
     "default_partitions",
@@ -46,12 +46,12 @@ def default_partitions() -> int:
     The same variable sets the Faust app's ``topic_partitions`` (streams.core.config),
     so table changelogs always line up with their source topics.
     """
-    return int(os.environ.get("CSOS_PARTITIONS") or DEFAULT_PARTITIONS)
+    return Settings.from_env().partitions
 
 
 def replication_factor() -> int:
     """Replicas per topic: ``$KAFKA_REPLICATION_FACTOR`` or 1 (local single broker)."""
-    rf = int(os.environ.get("KAFKA_REPLICATION_FACTOR", "1"))
+    rf = KafkaSettings.from_env().replication_factor
     if rf < 1:
         raise ValueError(f"KAFKA_REPLICATION_FACTOR must be >= 1, got {rf}")
     return rf

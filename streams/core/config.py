@@ -1,5 +1,9 @@
 """Settings from the environment (12-factor): nothing secret lives in files.
 
+This is the one module that reads the environment for settings: ``Settings.from_env``
+once per process (a command, a worker), areas as sections (``kafka``, ``review``);
+nothing is read at import time, so a test or a tool that sets a variable is heard.
+
 Every process (worker, CLI, demo, tests) reads the same variables, so one
 ``export`` block configures a whole deployment. Defaults are the zero-setup
 local ones: a broker on 127.0.0.1 and the embedded ClickHouse engine.
@@ -17,6 +21,40 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Producer and topic settings every Kafka client of the project shares (a section of ``Settings``)."""
+
+    compression: str = "lz4"  # KAFKA_COMPRESSION: lz4 (cheap, and it matters on real networks); none on loopback
+    replication_factor: int = 1  # KAFKA_REPLICATION_FACTOR: replicas per topic (1: the local single broker)
+
+    @classmethod
+    def from_env(cls) -> "KafkaSettings":
+        return cls(compression=_env("KAFKA_COMPRESSION", cls.compression),
+                   replication_factor=int(_env("KAFKA_REPLICATION_FACTOR", str(cls.replication_factor))))
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    """The review page's settings (a section of ``Settings``); ``streams.apps.review.web.ReviewConfig`` checks them."""
+
+    port: int = 6068  # CSOS_REVIEW_PORT
+    host: str = "127.0.0.1"  # CSOS_REVIEW_HOST: loopback unless a container sits behind a TLS proxy
+    secret: str = field(default="", repr=False)  # CSOS_REVIEW_SECRET: Fernet key sealing the session cookies
+    users: str = ""  # CSOS_REVIEW_USERS: the users file ('' = review-users.json in the data directory)
+    secure_cookies: str = "auto"  # CSOS_REVIEW_SECURE_COOKIES: 1, 0 or auto
+    trusted_proxies: str = ""  # CSOS_REVIEW_TRUSTED_PROXIES: addresses or networks, comma-separated
+    password: str = field(default="", repr=False)  # CSOS_REVIEW_PASSWORD: for `csos review add-user` (else a prompt)
+
+    @classmethod
+    def from_env(cls) -> "ReviewSettings":
+        return cls(port=int(_env("CSOS_REVIEW_PORT", str(cls.port))), host=_env("CSOS_REVIEW_HOST", cls.host),
+                   secret=_env("CSOS_REVIEW_SECRET", ""), users=_env("CSOS_REVIEW_USERS", ""),
+                   secure_cookies=_env("CSOS_REVIEW_SECURE_COOKIES", cls.secure_cookies).strip().lower(),
+                   trusted_proxies=_env("CSOS_REVIEW_TRUSTED_PROXIES", ""),
+                   password=_env("CSOS_REVIEW_PASSWORD", ""))
 
 
 @dataclass(frozen=True)
@@ -66,6 +104,10 @@ class Settings:
     reference_barrier_seconds: float = 30.0
     # -- issue 15 (Prometheus metrics): also serve /metrics alone on host:port (containers); empty: off
     metrics_addr: str = ""
+    # -- issue 13 (configuration read once, in sections): what modules used to read from os.environ themselves
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    review: ReviewSettings = field(default_factory=ReviewSettings)
+    profile_path: str = ""  # CSOS_PROFILE: write a cProfile of `csos worker` to this path on exit ('' = off)
 
     @property
     def supplier_deas(self) -> frozenset[str]:
@@ -144,6 +186,10 @@ class Settings:
                                                  str(cls.reference_barrier_seconds))),
             # -- issue 15 (Prometheus metrics)
             metrics_addr=_env("CSOS_METRICS_ADDR", ""),
+            # -- issue 13 (configuration in sections)
+            kafka=KafkaSettings.from_env(),
+            review=ReviewSettings.from_env(),
+            profile_path=_env("CSOS_PROFILE", ""),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -4,7 +4,7 @@ Why a root: callers (the CLI, the sink's /sql, an operator's log search) need to
 configuration is wrong, here is why" from a bug. Every error class the project raises on purpose derives
 from :class:`CsosError` (besides the builtin it always was, e.g. ``ValueError``, so existing ``except``
 clauses keep working), names a stable ``code`` (what a log search or a script matches on, unchanged when
-the wording of a message changes) and an ``exit_code`` for the CLI. ``streams.cli`` turns any
+the wording of a message changes) and an ``exit_code`` for the CLI. ``streams.cli.root`` turns any
 ``CsosError`` that reaches it into ``error [CODE]: message`` on stderr and that exit code.
 """
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Transport (Faust/aiokafka in, confluent-kafka out), serialization (Avro
 single-object, ``streams.core.avro_codec``) and processing (the processors in
 ``streams.pipeline.agents``) are kept apart, as in quix-streams and bytewax: Faust
-hands raw bytes to a processor, which decodes, decides and emits.
+hands raw bytes to a processor, which decodes, decides and emits. Each event
+becomes an ``InputMessage`` and goes to the processor through the interface
+written in ``streams.pipeline.processor``.
 
 Delivery is at-least-once, outcomes are exactly-once per order id. Each
 agent takes a batch of events (``take_events``) and, holding its lock
@@ -59,6 +61,7 @@ from connectors.kafka.topics import replication_factor
 from connectors.kafka import catalogue as t
 from streams.pipeline.agents.cases import STAGE as CASE_STAGE
 from streams.pipeline.agents.cases import CaseProcessor, key_partition
+from streams.pipeline.processor import InputMessage, Processor
 from streams.pipeline.agents.monitor import STAGE as MONITOR_STAGE
 from streams.pipeline.agents.monitor import MonitorProcessor
 from streams.pipeline.agents.verify import STAGE as VERIFY_STAGE
@@ -87,9 +90,10 @@ def _raw_topic(app: faust.App, *names: str) -> Any:
 LOG_APPEND_TIME = 1
 
 
-def _event_tuple(event: Any) -> tuple[str, int, int, bytes | None, bytes]:
+def input_message(event: Any) -> InputMessage:
+    """A Faust event as the processors take it: where it was, its bytes and the broker's append time."""
     m = event.message
-    return m.topic, m.partition, m.offset, m.key, m.value
+    return InputMessage(m.topic, m.partition, m.offset, m.key, m.value, appended_at=_appended_at(event))
 
 
 def _appended_at(event: Any) -> datetime:
@@ -111,7 +115,6 @@ def _appended_at(event: Any) -> datetime:
 
 
 _warned_create_time: set[str] = set()
-_STAGES = {VerifyProcessor: VERIFY_STAGE, MonitorProcessor: MONITOR_STAGE, CaseProcessor: CASE_STAGE}
 #: How often the agents learn the group's committed offsets (to prune outputs recorded for redelivery).
 COMMITTED_REFRESH_SECONDS = 2.0
 
@@ -127,7 +130,7 @@ def committed_offsets(app: faust.App) -> dict[tuple[str, int], int]:
     return {(tp.topic, tp.partition): off for tp, off in list(known.items()) if off is not None}
 
 
-async def settle_timer_step(proc: VerifyProcessor | MonitorProcessor | CaseProcessor, table: DurableTable) -> None:
+async def settle_timer_step(proc: Processor, table: DurableTable) -> None:
     """After a step that no input offset will repeat (a timer): publish its outputs, then write its state."""
     proc.state.flush()
     if proc.emitter.pending:
@@ -136,37 +139,33 @@ async def settle_timer_step(proc: VerifyProcessor | MonitorProcessor | CaseProce
         await table.write_durable()
 
 
-def handle_event(proc: VerifyProcessor | MonitorProcessor | CaseProcessor, stage: str, event: Any) -> None:
+def handle_event(proc: Processor, event: Any) -> None:
     """Give one event an outcome: the processor's, or a dead letter (``unhandled: ...``, audited) if it raised.
 
     Raises only when even the dead letter cannot be written; the batch is
     then not acknowledged and is delivered again.
     """
-    topic, partition, offset, key, value = _event_tuple(event)
+    message = input_message(event)
     try:
-        proc.handle(topic, partition, offset, key, value, appended_at=_appended_at(event))
+        proc.handle(message)
     except Exception as exc:  # noqa: BLE001 - one event must not stop the others
-        log.exception("%s agent: unhandled error on %s[%d]@%d", stage, topic, partition, offset)
-        proc.counts["unhandled"] = proc.counts.get("unhandled", 0) + 1
-        proc.emitter.dead_letter(stage, topic, partition, offset, key, value or b"",
-                                 f"unhandled: {exc.__class__.__name__}: {exc}")
+        log.exception("%s agent: unhandled error on %s[%d]@%d", proc.stage, message.topic, message.partition,
+                      message.offset)
+        proc.unhandled(message, exc)
 
 
-async def decide_batch(proc: VerifyProcessor | MonitorProcessor | CaseProcessor, table: DurableTable,
-                       events: list[Any]) -> None:
+async def decide_batch(proc: Processor, table: DurableTable, events: list[Any]) -> None:
     """One batch, durable state first: decide every event, write the state and wait for the broker, then publish.
 
     The caller holds the agent's lock and lets Faust acknowledge the events
     only after this returns; see the module docstring for each crash point.
     """
-    stage = _STAGES[type(proc)]
     if isinstance(proc, VerifyProcessor):  # freshness barrier: off the loop, which keeps the group's heartbeats
         await asyncio.get_running_loop().run_in_executor(None, proc.reference_barrier)
-    proc.begin_batch()  # the verify agent takes in reference data here: a timer step, settled as one
+    proc.begin_batch()  # counts the batch; the verify agent takes in reference data here: a timer step, settled as one
     await settle_timer_step(proc, table)
-    proc.counts["batches"] = proc.counts.get("batches", 0) + 1
     for event in events:
-        handle_event(proc, stage, event)
+        handle_event(proc, event)
     proc.end_batch()  # changed state into the table's store
     await table.write_durable()  # ... and on the broker
     await proc.emitter.publish_pending()  # then the outputs that state records
@@ -327,7 +326,7 @@ def create_app(settings: Settings) -> faust.App:
 
     ready: set[Any] = set()
 
-    async def process_batches(stream: Any, proc: VerifyProcessor | MonitorProcessor | CaseProcessor) -> None:
+    async def process_batches(stream: Any, proc: Processor) -> None:
         """Take a batch, give each event an outcome, make the state durable, then publish; only then is it acked.
 
         The order of the steps and what a crash at each leaves are in the
@@ -337,10 +336,9 @@ def create_app(settings: Settings) -> faust.App:
         failure to write even that, the state or the outputs stops the agent,
         before anything is acknowledged.
         """
-        stage = _STAGES[type(proc)]
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
-            async with locks[stage]:
-                await decide_batch(proc, durable[stage], events)
+            async with locks[proc.stage]:
+                await decide_batch(proc, durable[proc.stage], events)
 
     @app.agent(received)
     async def verify_agent(stream: Any) -> None:

@@ -251,7 +251,7 @@ def run_demo(settings: Settings, *, registrants: int, seed: int, days: int, keep
         if keep_running:
             echo(f"\nBroker, worker and sink left running (logs in {settings.data_dir}); stop them with: "
                  "pkill -f 'streams.cli (worker|sink)'; csos broker stop")
-            echo(f"Dashboards: {dashboard_url()} (and the held orders at /cases) once the review page runs: "
+            echo(f"Dashboards: {dashboard_url(settings)} (and the held orders at /cases) once the review page runs: "
                  "csos review add-user alice --role analyst; csos review")
         else:
             if pipeline:

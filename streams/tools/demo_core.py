@@ -37,6 +37,7 @@ from connectors.sources.reference_publish import read_registrant_file
 from connectors.kafka import catalogue as t
 from streams.pipeline.agents.monitor import MonitorProcessor
 from streams.pipeline.agents.verify import VerifyProcessor
+from streams.pipeline.processor import InputMessage
 from streams.core.avro_codec import default_codec
 from streams.core.config import Settings
 from streams.tools.demo import WAITING_DETECTORS, compare_with_truth, ground_truth
@@ -54,7 +55,7 @@ REGISTRANTS = 12
 DAYS = 150
 END = datetime(2026, 3, 2, tzinfo=timezone.utc)
 #: Where the expected rendering is kept.
-EXPECTED = Path(__file__).resolve().parent.parent / "tests" / "data" / "demo-core-summary.txt"
+EXPECTED = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo-core-summary.txt"
 
 
 class MemoryPublisher:
@@ -143,10 +144,10 @@ def run_core(data_dir: Path, *, seed: int = SEED, registrants: int = REGISTRANTS
                              Emitter(out, "verify-agent"), {}, _directory(data_dir),  # type: ignore[arg-type]
                              suppliers={feed.result.population.supplier.dea_number})
     for offset, (key, value) in enumerate(received.on(t.RECEIVED)):
-        verify.handle(t.RECEIVED, 0, offset, key, value)
+        verify.handle(InputMessage(t.RECEIVED, 0, offset, key, value))
     monitor = MonitorProcessor(Monitor(MonitorConfig()), {}, Emitter(out, "monitor-agent"))  # type: ignore[arg-type]
     for offset, (key, value) in enumerate(out.on(t.VERIFIED)):
-        monitor.handle(t.VERIFIED, 0, offset, key, value)
+        monitor.handle(InputMessage(t.VERIFIED, 0, offset, key, value))
     codec = default_codec()
     run = CoreRun(feed)
     for topic, _, value in out.messages:

@@ -54,7 +54,7 @@ from streams.domain.model import Order, OrderLine, Party
 from streams.domain.order_document import encode_order
 from streams.domain.products import Product, ProductMaster
 
-from connectors.kafka.io import PRODUCER_DEFAULTS, consume_all
+from connectors.kafka.io import consume_all, producer_defaults
 from connectors.kafka.security import client_config
 from streams.tools.pki import Credential, TestPKI, pooled_key
 from streams.tools.simulator import Registrant, SigningKit
@@ -632,7 +632,7 @@ def publish_hostile(bootstrap: str, messages: Sequence[HostileMessage], timeout:
 
     Raises if one could not be written: a message the broker refused has no trace to look for.
     """
-    producer = Producer(dict(PRODUCER_DEFAULTS, **{"bootstrap.servers": bootstrap}, **client_config()))
+    producer = Producer(dict(producer_defaults(), **{"bootstrap.servers": bootstrap}, **client_config()))
     placed: dict[int, tuple[int, int]] = {}
     errors: list[str] = []
 

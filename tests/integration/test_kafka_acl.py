@@ -26,7 +26,7 @@ from confluent_kafka.admin import AclBindingFilter, AclOperation, AclPermissionT
 from streams.tools.broker import LocalBroker, free_port
 from streams.tools.feed import prepare_feed, publish, publish_reference_data, replay_settings
 from connectors.kafka.acls import ROLES, acl_bindings, upsert_scram_users
-from connectors.kafka.io import PRODUCER_DEFAULTS, Publisher
+from connectors.kafka.io import Publisher, producer_defaults
 from connectors.kafka.security import KafkaSecurity
 from connectors.kafka.topics import ensure_topics
 from connectors.kafka import catalogue as t
@@ -103,7 +103,7 @@ def _can_log_in(secured: SecuredBroker, user: str) -> bool:
 def _produce_error(conf: dict[str, str]) -> KafkaError | None:
     """Produce one order-shaped message to csos.orders.received; the delivery error (None if written)."""
     errors: list[KafkaError | None] = []
-    producer = Producer({**PRODUCER_DEFAULTS, "message.timeout.ms": 15000, **conf})
+    producer = Producer({**producer_defaults(), "message.timeout.ms": 15000, **conf})
     producer.produce(t.RECEIVED, key=b"BX0000000", value=b"forged", on_delivery=lambda err, _msg: errors.append(err))
     assert producer.flush(30) == 0
     return errors[0]

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from streams.tools.pki import TestPKI, generate_key
 from connectors.kafka import catalogue as t
 from streams.pipeline.agents.verify import VerifyProcessor
+from streams.pipeline.processor import InputMessage
 from streams.core.avro_codec import default_codec
 from connectors.kafka.emit import Emitter
 from connectors.sources.reference_data import (ReferenceFeed, Trace, UnreadableReference, Update, dead_letter_id,
@@ -206,7 +207,8 @@ def test_a_batch_behind_the_published_reference_data_is_parked_then_judged_once_
                            suppliers={SUPPLIER.dea_number}, barrier_seconds=0.2)
     assert not proc.reference_barrier()
     proc.begin_batch()
-    proc.handle(t.RECEIVED, 0, 0, DEA.encode(), message(signed(cred)[1], received_at=NOW - timedelta(minutes=59)))
+    proc.handle(InputMessage(t.RECEIVED, 0, 0, DEA.encode(),
+                             message(signed(cred)[1], received_at=NOW - timedelta(minutes=59))))
     proc.end_batch()
     pending = pub.records(t.PENDING)
     assert [p["reason_code"] for p in pending] == ["REVOCATION_UNKNOWN"] and "caught up" in pending[0]["reason"]

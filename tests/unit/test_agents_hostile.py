@@ -26,6 +26,7 @@ from connectors.kafka import catalogue as t
 from streams.pipeline.agents.monitor import MonitorProcessor
 from streams.pipeline.agents.verify import VerifyProcessor
 from streams.pipeline.app import handle_event, require_supplier_dea
+from streams.pipeline.processor import InputMessage, ProcessorBase
 from streams.core.avro_codec import MAGIC, default_codec
 from streams.domain.cms import MAX_EMBEDDED_CERTS, sign_order
 from streams.core.config import Settings
@@ -104,7 +105,7 @@ def feed(proc: VerifyProcessor, *messages: bytes, appended_at: datetime | None =
     """One batch: every message keyed by the purchaser, as intake sends them."""
     proc.begin_batch()
     for offset, raw in enumerate(messages):
-        proc.handle(t.RECEIVED, 0, offset, DEA.encode(), raw, appended_at=appended_at)
+        proc.handle(InputMessage(t.RECEIVED, 0, offset, DEA.encode(), raw, appended_at=appended_at))
     proc.end_batch()
 
 
@@ -298,7 +299,7 @@ def test_monitor_decides_every_order_of_a_batch_with_a_huge_quantity_in_it() -> 
     normal = [verified_order("BP1234563", at + timedelta(minutes=i), {"OXYCODONE": 400}) for i in (1, 2)]
     proc.begin_batch()
     for i, o in enumerate([normal[0], huge, normal[1]]):
-        proc.handle(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o))
+        proc.handle(InputMessage(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o)))
     proc.end_batch()
     verdicts = [r["order_id"] for r in pub.records(t.VERDICTS)]
     assert verdicts == [normal[0]["order_id"], normal[1]["order_id"]]
@@ -325,7 +326,7 @@ def test_monitor_dead_letters_an_order_whose_hold_cannot_be_written(monkeypatch:
     monkeypatch.setattr(proc, "_outputs", outputs)
     proc.begin_batch()
     for i, o in enumerate(orders):
-        proc.handle(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o))
+        proc.handle(InputMessage(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o)))
     proc.end_batch()
     [dead] = [r for r in pub.records(t.DLQ)]
     assert dead["reason"].startswith("monitor_error: ") and "not released" in dead["reason"]
@@ -338,7 +339,8 @@ def test_monitor_holds_an_order_it_cannot_learn_and_keeps_what_the_batch_learned
     at = NOW - timedelta(days=1)
     first, bad = (verified_order("BP1234563", at + timedelta(hours=h), {"OXYCODONE": 400}) for h in (0, 1))
     reference, _, ref_table = monitor_agent()
-    reference.handle(t.VERIFIED, 0, 0, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", first))
+    reference.handle(InputMessage(t.VERIFIED, 0, 0, b"BP1234563",
+                                  codec.encode("csos.orders.VerifiedOrder", first)))
     reference.end_batch()
 
     proc, pub, table = monitor_agent()
@@ -352,7 +354,7 @@ def test_monitor_holds_an_order_it_cannot_learn_and_keeps_what_the_batch_learned
     monkeypatch.setattr(proc.monitor, "learn_into", learn_into)
     proc.begin_batch()
     for i, o in enumerate((first, bad)):
-        proc.handle(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o))
+        proc.handle(InputMessage(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o)))
     proc.end_batch()
     verdicts = {r["order_id"]: r for r in pub.records(t.VERDICTS)}
     assert verdicts[first["order_id"]]["verdict"] == "RELEASE"
@@ -370,22 +372,22 @@ def test_monitor_holds_an_order_it_cannot_learn_and_keeps_what_the_batch_learned
 def test_an_exception_escaping_a_processor_dead_letters_that_event_only() -> None:
     pub = MemoryPublisher()
 
-    class Fragile:
+    class Fragile(ProcessorBase):
+        stage = "verify"
         emitter = Emitter(pub, "verify-agent")  # type: ignore[arg-type]
         counts: dict[str, int] = {}
         seen: list[int] = []
 
-        def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes, *,
-                   appended_at: datetime | None = None) -> None:
-            self.seen.append(offset)
-            if offset == 1:
+        def handle(self, message: InputMessage) -> None:
+            self.seen.append(message.offset)
+            if message.offset == 1:
                 raise KeyError("surprise")
 
     proc = Fragile()
     for offset in range(3):
         event = SimpleNamespace(message=SimpleNamespace(topic=t.RECEIVED, partition=0, offset=offset, key=b"k",
                                                         value=b"v", timestamp=NOW.timestamp(), timestamp_type=1))
-        handle_event(proc, "verify", event)  # type: ignore[arg-type]
+        handle_event(proc, event)  # type: ignore[arg-type]
     assert proc.seen == [0, 1, 2]
     [dead] = [r for r in pub.records(t.DLQ)]
     assert (dead["source_offset"], dead["reason"]) == (1, "unhandled: KeyError: 'surprise'")

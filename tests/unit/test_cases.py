@@ -17,6 +17,7 @@ from connectors.kafka.testing import MemoryPublisher
 from connectors.kafka import catalogue as t
 from streams.pipeline.agents.cases import CaseProcessor
 from streams.pipeline.agents.monitor import MonitorProcessor
+from streams.pipeline.processor import InputMessage
 from streams.core.avro_codec import default_codec
 from streams.cases.machine import (
     CANCELLED, HELD, RELEASED, REPORTED, DecisionRefused, decide, escalate, is_repeat, open_case,
@@ -161,7 +162,7 @@ def agent() -> tuple[CaseProcessor, MemoryPublisher, dict]:
 
 
 def feed(proc: CaseProcessor, topic: str, schema: str, rec: dict[str, Any], offset: int = 0) -> None:
-    proc.handle(topic, 0, offset, rec["order_id"].encode(), codec.encode(schema, rec))
+    proc.handle(InputMessage(topic, 0, offset, rec["order_id"].encode(), codec.encode(schema, rec)))
     proc.end_batch()
 
 
@@ -259,10 +260,10 @@ def test_clock_leaves_cases_this_worker_does_not_own(agent) -> None:
 
 def test_hostile_input_is_dead_lettered_and_the_agent_carries_on(agent) -> None:
     proc, pub, _ = agent
-    proc.handle(t.DECISIONS, 0, 5, b"k", b"\x00 not avro")
+    proc.handle(InputMessage(t.DECISIONS, 0, 5, b"k", b"\x00 not avro"))
     wrong = codec.encode("som.Release", {"order_id": "x", "order_number": "x", "purchaser_dea": DEA,
                                          "released_at": T0, "released_by": "x", "lines": []})
-    proc.handle(t.DECISIONS, 0, 6, b"k", wrong)
+    proc.handle(InputMessage(t.DECISIONS, 0, 6, b"k", wrong))
     dead = pub.take(t.DLQ)
     assert [d["source_offset"] for _, d in dead] == [5, 6]
     assert "expected one of som.Hold, som.Decision, got som.Release" in dead[1][1]["reason"]
@@ -280,10 +281,10 @@ def test_cleared_order_is_learned_once_and_held_ones_never() -> None:
     cases = CaseProcessor({}, Emitter(pub, "case-agent"))  # type: ignore[arg-type]
     for i in range(40):  # a steady history of ~400 units every 3 days
         o = order(DEA, T0 - timedelta(days=120 - 3 * i), {"OXYCODONE": 380 + (i % 5) * 10})
-        mon.handle(t.VERIFIED, 0, i, DEA.encode(), codec.encode("csos.orders.VerifiedOrder", o))
+        mon.handle(InputMessage(t.VERIFIED, 0, i, DEA.encode(), codec.encode("csos.orders.VerifiedOrder", o)))
     mon.end_batch()
     spike = order(DEA, T0, {"OXYCODONE": 4000})
-    mon.handle(t.VERIFIED, 0, 99, DEA.encode(), codec.encode("csos.orders.VerifiedOrder", spike))
+    mon.handle(InputMessage(t.VERIFIED, 0, 99, DEA.encode(), codec.encode("csos.orders.VerifiedOrder", spike)))
     mon.end_batch()
     [(_, hold)] = pub.take(t.HOLD)
     assert hold["order"]["order_id"] == spike["order_id"]
@@ -292,13 +293,13 @@ def test_cleared_order_is_learned_once_and_held_ones_never() -> None:
         return codec.decode(table[DEA.encode()], expect="som.state.RegistrantState")[1]["total_orders"]
 
     assert learned() == 40  # held: not learned
-    cases.handle(t.HOLD, 0, 0, hold["order_id"].encode(), codec.encode("som.Hold", hold))
-    cases.handle(t.DECISIONS, 0, 1, hold["order_id"].encode(),
-                 codec.encode("som.Decision", a_decision(hold, "RELEASE")))
+    cases.handle(InputMessage(t.HOLD, 0, 0, hold["order_id"].encode(), codec.encode("som.Hold", hold)))
+    cases.handle(InputMessage(t.DECISIONS, 0, 1, hold["order_id"].encode(),
+                              codec.encode("som.Decision", a_decision(hold, "RELEASE"))))
     [(key, cleared)] = pub.take(t.CLEARED)
     raw = codec.encode("som.ClearedOrder", cleared)
     for offset in (0, 1):  # duplicated: learned once
-        mon.handle(t.CLEARED, 0, offset, key.encode(), raw)
+        mon.handle(InputMessage(t.CLEARED, 0, offset, key.encode(), raw))
         mon.end_batch()
     assert learned() == 41
     actions = [a["action"] for _, a in pub.take(t.AUDIT)]

@@ -12,6 +12,7 @@ from typing import Any
 from connectors.kafka import catalogue as t
 from streams.pipeline.agents.cases import CaseProcessor
 from streams.pipeline.agents.monitor import MonitorProcessor
+from streams.pipeline.processor import InputMessage
 from streams.core.avro_codec import default_codec
 from connectors.kafka.emit import Emitter
 from streams.monitoring import Monitor, MonitorConfig
@@ -42,23 +43,25 @@ class Pipeline:
 
     def submit(self, o: dict[str, Any]) -> dict[str, Any]:
         """Score one verified order; its hold (if any) opens a case. Returns the verdict."""
-        self.mon.handle(t.VERIFIED, 0, self._next(), o["purchaser_dea"].encode(),
-                        codec.encode("csos.orders.VerifiedOrder", o))
+        self.mon.handle(InputMessage(t.VERIFIED, 0, self._next(), o["purchaser_dea"].encode(),
+                                     codec.encode("csos.orders.VerifiedOrder", o)))
         self.mon.end_batch()
         [(_, verdict)] = self.pub.take(t.VERDICTS)
         for _, hold in self.pub.take(t.HOLD):
-            self.cases.handle(t.HOLD, 0, self._next(), hold["order_id"].encode(), codec.encode("som.Hold", hold))
+            self.cases.handle(InputMessage(t.HOLD, 0, self._next(), hold["order_id"].encode(),
+                                           codec.encode("som.Hold", hold)))
             self.cases.end_batch()
         self.pub.take(t.RELEASE)
         return verdict
 
     def decide(self, decision: dict[str, Any]) -> None:
         """An analyst's decision through the case agent; what it sends the monitor reaches the monitor."""
-        self.cases.handle(t.DECISIONS, 0, self._next(), (decision["order_id"] or decision["purchaser_dea"]).encode(),
-                          codec.encode("som.Decision", decision))
+        key = (decision["order_id"] or decision["purchaser_dea"]).encode()
+        self.cases.handle(InputMessage(t.DECISIONS, 0, self._next(), key, codec.encode("som.Decision", decision)))
         self.cases.end_batch()
         for key, rec in self.pub.take(t.CLEARED):
-            self.mon.handle(t.CLEARED, 0, self._next(), key.encode(), codec.encode("som.ClearedOrder", rec))
+            self.mon.handle(InputMessage(t.CLEARED, 0, self._next(), key.encode(),
+                                         codec.encode("som.ClearedOrder", rec)))
             self.mon.end_batch()
 
     def state(self, dea: str = DEA) -> dict[str, Any]:

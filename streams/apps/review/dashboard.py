@@ -8,7 +8,6 @@ ranking) against an embedded ClickHouse loaded with known rows, with no HTTP in 
 """
 from __future__ import annotations
 
-import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from urllib.parse import urlencode
 from streams.apps.reports import business_days_after
 from streams.apps.review import dashboard_sql as q
 from streams.apps.review.data import HistoryPoint, from_ms
+from streams.core.config import Settings
+from streams.core.errors import CsosError
 
 Query = Callable[[str, dict[str, Any]], list[list[Any]]]
 
@@ -34,8 +35,10 @@ METRICS = {"units": "dosage units", "mme": "MME"}
 SORTS = {"own": "against its own history", "peer": "against its peers"}
 
 
-class FilterError(ValueError):
+class FilterError(CsosError, ValueError):
     """A filter value the dashboards cannot use; the message says which and why."""
+
+    code = "DASHBOARD_FILTER"
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,8 @@ def today_utc() -> date:
     return datetime.now(timezone.utc).date()
 
 
-def dashboard_url() -> str:
-    """Where ``csos review`` serves the dashboards with the current environment (CSOS_REVIEW_HOST, _PORT)."""
-    host = os.environ.get("CSOS_REVIEW_HOST") or "127.0.0.1"
-    return f"http://{host}:{int(os.environ.get('CSOS_REVIEW_PORT') or 6068)}/dashboard"
+def dashboard_url(settings: Settings | None = None) -> str:
+    """Where ``csos review`` serves the dashboards with these settings (default: the environment's;
+    CSOS_REVIEW_HOST, _PORT)."""
+    review = (settings or Settings.from_env()).review
+    return f"http://{review.host}:{review.port}/dashboard"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import secrets
 import uuid
 import warnings
@@ -116,25 +115,25 @@ class ReviewConfig:
 
     @classmethod
     def from_env(cls, settings: Settings) -> "ReviewConfig":
-        """From ``CSOS_REVIEW_PORT``, ``_USERS``, ``_SECRET``, ``_HOST``, ``_SECURE_COOKIES``, ``_TRUSTED_PROXIES``.
+        """From the settings' review section (``CSOS_REVIEW_PORT``, ``_USERS``, ``_SECRET``, ``_HOST``,
+        ``_SECURE_COOKIES``, ``_TRUSTED_PROXIES``; ``streams.core.config.ReviewSettings``).
 
         Without a secret a random one is made: sessions then end when the process does, which is
         safe but logs everyone out at a restart, hence the warning.
         """
-        secret = os.environ.get("CSOS_REVIEW_SECRET", "")
+        review = settings.review
+        secret = review.secret
         if not secret:
             log.warning("CSOS_REVIEW_SECRET is not set: using a random key; sessions end at restart")
             secret = Fernet.generate_key().decode("ascii")
-        return cls(port=int(os.environ.get("CSOS_REVIEW_PORT") or 6068), users_path=users_path(settings),
-                   secret=secret, host=os.environ.get("CSOS_REVIEW_HOST") or "127.0.0.1",
+        return cls(port=review.port, users_path=users_path(settings), secret=secret, host=review.host,
                    sessions_path=Path(settings.data_dir) / "review-sessions.json",
-                   secure_cookies=(os.environ.get("CSOS_REVIEW_SECURE_COOKIES") or "auto").strip().lower(),
-                   trusted_proxies=parse_proxies(os.environ.get("CSOS_REVIEW_TRUSTED_PROXIES") or ""))
+                   secure_cookies=review.secure_cookies, trusted_proxies=parse_proxies(review.trusted_proxies))
 
 
 def users_path(settings: Settings) -> Path:
     """``CSOS_REVIEW_USERS``, else ``review-users.json`` in the data directory."""
-    return Path(os.environ.get("CSOS_REVIEW_USERS") or settings.data_dir / "review-users.json")
+    return Path(settings.review.users or settings.data_dir / "review-users.json")
 
 
 # ------------------------------------------------------------------ helpers

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, MutableMapping
 from aiokafka.partitioner import murmur2
 
 from connectors.kafka import catalogue as t
-from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
+from streams.core.avro_codec import AvroCodec, default_codec
 from streams.cases.machine import (
     CANCELLED, HELD, RELEASED, REPORTED, Case, DecisionRefused, decide, escalate, is_repeat, open_case,
 )
@@ -43,6 +43,7 @@ from streams.cases.sor import report_for
 from streams.cases import registrant_decisions as registrant
 from connectors.kafka.emit import Emitter, utcnow
 from streams.pipeline.outcomes import OutcomeBook, Position, decision_id, records_outputs_pruned
+from streams.pipeline.processor import InputMessage, ProcessorBase, decode
 from streams.pipeline.table_state import CachedTable
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,13 @@ def key_partition(key: str, partitions: int) -> int:
     return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partitions
 
 
-class CaseProcessor:
-    """Applies holds, decisions and the due-diligence clock to the case table, one event at a time."""
+class CaseProcessor(ProcessorBase):
+    """Applies holds, decisions and the due-diligence clock to the case table, one event at a time.
+
+    The processor interface (message, batch, counters) is ``streams.pipeline.processor``.
+    """
+
+    stage = STAGE
 
     def __init__(self, table: MutableMapping[bytes, bytes], emitter: Emitter, *, due_days: float = 7.0,
                  reporting_dea: str = "", owns: Callable[[str], bool] | None = None,
@@ -85,25 +91,18 @@ class CaseProcessor:
             dump=lambda case: self.codec.encode(STATE_SCHEMA, case.to_state()),
         )
 
-    # -- batch protocol shared with the other agents (streams.pipeline.app.process_batches)
-    def begin_batch(self) -> None:
-        """Nothing to refresh."""
+    # -- the processor interface (streams.pipeline.processor); begin_batch (counting it) is ProcessorBase's
+    def end_batch(self) -> None:
+        self.state.flush()
 
-    def end_batch(self) -> int:
-        return self.state.flush()
-
-    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes, *,
-               appended_at: datetime | None = None) -> None:
-        """Apply one hold or decision; ``appended_at`` (the broker's append time) is not used here."""
-        try:
-            name, rec = self.codec.decode(value)
-            if name not in INPUTS:
-                raise DecodeError(f"expected one of {', '.join(INPUTS)}, got {name}")
-        except DecodeError as exc:
-            self.counts["dead_lettered"] += 1
-            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value, f"undecodable case input: {exc}")
+    def handle(self, message: InputMessage) -> None:
+        """Apply one hold or decision; the append time is not used here."""
+        decoded = decode(self.codec, message, INPUTS, label="case input")
+        if not decoded.ok:
+            self.dead_letter(message, decoded.error or "")
             return
-        position = (topic, partition, offset)
+        name, rec = decoded.schema, decoded.record or {}
+        position = message.position
         with self.emitter.capture() as produced:
             try:
                 changed = self.on_hold(rec, position) if name == "som.Hold" else self.on_decision(rec, position)
@@ -117,9 +116,7 @@ class CaseProcessor:
             exc = changed
             log.exception("case agent failed on %s for order %s", name, rec.get("order_id"), exc_info=exc)
             self.state.forget(str(rec.get("order_id")))
-            self.counts["dead_lettered"] += 1
-            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
-                                     f"case agent could not apply {name}: {exc.__class__.__name__}: {exc}")
+            self.dead_letter(message, f"case agent could not apply {name}: {exc.__class__.__name__}: {exc}")
 
     # -- inputs
     def on_hold(self, hold: dict[str, Any], position: Position | None = None) -> Case | None:
@@ -190,7 +187,7 @@ class CaseProcessor:
         outcome = registrant.outcome_for(case, decision, dea, family, units)
         self.emitter.send(t.CLEARED, "som.ClearedOrder", dea, outcome)
         kind = registrant.EVENT_KINDS[decision["action"]]
-        self.counts[kind.lower()] = self.counts.get(kind.lower(), 0) + 1
+        self.count(kind.lower())
         self.emitter.audit(STAGE, f"registrant.{kind.lower()}", kind, order_id=decision["order_id"] or None,
                            purchaser_dea=dea, at=decision["decided_at"], actor=decision["actor"],
                            detail={"decision_id": decision["decision_id"], "rationale": decision["rationale"],

@@ -15,7 +15,6 @@ or learned again.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Any, Callable, MutableMapping
 
 from connectors.kafka import catalogue as t
@@ -24,6 +23,7 @@ from connectors.kafka.emit import Emitter, utcnow
 from streams.monitoring.baselines import RegistrantBaselines
 from streams.monitoring.monitor import Monitor
 from streams.pipeline.outcomes import OutcomeBook, Position, decision_id
+from streams.pipeline.processor import InputMessage, ProcessorBase, decode
 from streams.pipeline.table_state import CachedTable
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,13 @@ STAGE = "monitor"
 STATE_SCHEMA = "som.state.RegistrantState"
 
 
-class MonitorProcessor:
-    """Scores each verified order against live baselines kept per registrant (see ``CachedTable``)."""
+class MonitorProcessor(ProcessorBase):
+    """Scores each verified order against live baselines kept per registrant (see ``CachedTable``).
+
+    The processor interface (message, batch, counters) is ``streams.pipeline.processor``.
+    """
+
+    stage = STAGE
 
     def __init__(self, monitor: Monitor, table: MutableMapping[bytes, bytes], emitter: Emitter,
                  codec: AvroCodec | None = None, outcomes: OutcomeBook | None = None) -> None:
@@ -53,33 +58,33 @@ class MonitorProcessor:
         )
 
     def begin_batch(self) -> None:
-        """A new batch: nothing learned in it yet (see ``_restore``)."""
+        """A new batch (counted): nothing learned in it yet (see ``_restore``)."""
+        super().begin_batch()
         self._steps.clear()
         self._recorded.clear()
 
-    def end_batch(self) -> int:
+    def end_batch(self) -> None:
         """Write every registrant learned from in this batch to the table (one changelog record each)."""
         self._steps.clear()
         self._recorded.clear()
-        return self.state.flush()
+        self.state.flush()
 
-    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes, *,
-               appended_at: datetime | None = None) -> None:
-        """Decide one verified order (or learn one cleared order); ``appended_at`` is not used here."""
-        if topic == t.CLEARED:
-            self.learn_cleared(topic, partition, offset, key, value)
+    def handle(self, message: InputMessage) -> None:
+        """Decide one verified order (or learn one cleared order); the append time is not used here."""
+        if message.topic == t.CLEARED:
+            self.learn_cleared(message)
             return
-        order = self.emitter.decode_or_dead_letter(STAGE, "csos.orders.VerifiedOrder", topic, partition, offset,
-                                                   key, value)
-        if order is None:
-            self.counts["dead_lettered"] += 1
+        decoded = decode(self.codec, message, "csos.orders.VerifiedOrder")
+        if not decoded.ok:
+            self.dead_letter(message, decoded.error or "")
             return
+        order: dict[str, Any] = decoded.record  # type: ignore[assignment]
         dea = order["purchaser_dea"]
-        position = (topic, partition, offset)
+        position = message.position
         if self._repeated(dea, order["order_id"], position):
             return
         with self.emitter.capture() as produced:
-            learned = self._decide(dea, order, topic, partition, offset, key, value)
+            learned = self._decide(dea, order, message)
         if learned is not None:
             self._record(dea, order["order_id"], learned[0], position, produced, learned=learned[1])
 
@@ -106,8 +111,7 @@ class MonitorProcessor:
         except Exception:  # noqa: BLE001 - the decision stands; only its record is missing
             log.exception("outcome of order %s could not be recorded", order_id)
 
-    def _decide(self, dea: str, order: dict[str, Any], topic: str, partition: int, offset: int,
-                key: bytes | None, value: bytes) -> tuple[str, bool] | None:
+    def _decide(self, dea: str, order: dict[str, Any], message: InputMessage) -> tuple[str, bool] | None:
         """Score, publish and (if released) learn one order; returns (decision, learned), None if dead-lettered."""
         learned = False
         try:
@@ -127,10 +131,8 @@ class MonitorProcessor:
                 outputs = self._outputs(order, verdict)
             except Exception as again:  # noqa: BLE001 - not even a hold can carry it: keep the message whole
                 log.exception("no error verdict could be written for order %s", order.get("order_id"))
-                self.counts["dead_lettered"] += 1
-                self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
-                                         f"monitor_error: {exc.__class__.__name__}: {exc}; no verdict could be "
-                                         f"written ({again.__class__.__name__}: {again}); the order is not released")
+                self.dead_letter(message, f"monitor_error: {exc.__class__.__name__}: {exc}; no verdict could be "
+                                          f"written ({again.__class__.__name__}: {again}); the order is not released")
                 return None
         self._publish(order, verdict, outputs)
         return verdict["verdict"], learned
@@ -173,7 +175,7 @@ class MonitorProcessor:
             return
         self.state.mark_dirty(dea)
 
-    def learn_cleared(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+    def learn_cleared(self, message: InputMessage) -> None:
         """Act on a due-diligence outcome (``som.ClearedOrder``): learn a cleared order, update open cases.
 
         RELEASED: the held order is learned as if the monitor had released it,
@@ -183,16 +185,17 @@ class MonitorProcessor:
         TERMINATED, ONBOARDED) only change the registrant's due-diligence state
         (``streams.monitoring.open_cases``). Each is applied once per decision id.
         """
-        cleared = self.emitter.decode_or_dead_letter(STAGE, "som.ClearedOrder", topic, partition, offset, key, value)
-        if cleared is None:
-            self.counts["dead_lettered"] += 1
+        decoded = decode(self.codec, message, "som.ClearedOrder")
+        if not decoded.ok:
+            self.dead_letter(message, decoded.error or "")
             return
+        cleared: dict[str, Any] = decoded.record  # type: ignore[assignment]
         order = cleared.get("order")
         if cleared.get("outcome", "RELEASED") != "RELEASED" or order is None:
-            self.apply_outcome(cleared, topic, partition, offset, key, value)
+            self.apply_outcome(cleared, message)
             return
         dea = order["purchaser_dea"]
-        position = (topic, partition, offset)
+        position = message.position
         if self._repeated(dea, order["order_id"], position, cleared=True):
             return  # learned once per order id, however often the clearance comes
         with self.emitter.capture() as produced:
@@ -205,14 +208,13 @@ class MonitorProcessor:
                 return
             self.monitor.apply_outcome(self.state.get(dea), cleared)  # its open case (if any) closes
             self._step(dea, lambda b, c=cleared: self.monitor.apply_outcome(b, c))
-            self.counts["learned_cleared"] = self.counts.get("learned_cleared", 0) + 1
+            self.count("learned_cleared")
             self.emitter.audit(STAGE, "order.learned_after_review", "LEARNED", order_id=order["order_id"],
                                purchaser_dea=dea, detail={"decision_id": cleared["decision_id"],
                                                           "cleared_by": cleared["cleared_by"]})
         self._record(dea, order["order_id"], "CLEARED", position, produced, learned=True)
 
-    def apply_outcome(self, outcome: dict[str, Any], topic: str, partition: int, offset: int, key: bytes | None,
-                      value: bytes) -> None:
+    def apply_outcome(self, outcome: dict[str, Any], message: InputMessage) -> None:
         """Apply a due-diligence outcome that teaches no baseline (report, cancel, limit, termination, onboarding).
 
         Audited as ``due_diligence.applied`` (or ``.repeated`` for a decision id
@@ -230,14 +232,12 @@ class MonitorProcessor:
             applied = self.monitor.apply_outcome(self.state.get(dea), outcome)
         except Exception as exc:  # noqa: BLE001 - a bad outcome must not stop the monitor; it is kept for review
             log.exception("monitor could not apply outcome %s", outcome.get("decision_id"))
-            self.counts["dead_lettered"] += 1
-            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
-                                     f"due-diligence outcome {kind} not applied: {exc.__class__.__name__}: {exc}")
+            self.dead_letter(message, f"due-diligence outcome {kind} not applied: {exc.__class__.__name__}: {exc}")
             return
         if applied:
             self.state.mark_dirty(dea)
             self._step(dea, lambda b, o=outcome: self.monitor.apply_outcome(b, o))
-            self.counts["outcomes_applied"] = self.counts.get("outcomes_applied", 0) + 1
+            self.count("outcomes_applied")
         self.emitter.audit(STAGE, "due_diligence.applied" if applied else "due_diligence.repeated", kind,
                            order_id=outcome["order_id"] or None, purchaser_dea=dea, detail=detail,
                            actor=outcome["cleared_by"] or None)

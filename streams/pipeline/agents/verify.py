@@ -52,6 +52,7 @@ from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, default_codec
 from connectors.kafka.emit import Emitter, Message, utcnow
 from streams.pipeline.outcomes import OutcomeBook, Position
+from streams.pipeline.processor import InputMessage, ProcessorBase, decode
 from streams.domain.products import ProductMaster
 from connectors.sources.reference_data import (REGISTRANT_UNKNOWN, CrlHistory, CrlRank, ReferenceFeed, RegistrantDirectory, Trace,
                               crl_rank)
@@ -92,7 +93,11 @@ def order_digest(rec: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-class VerifyProcessor:
+class VerifyProcessor(ProcessorBase):
+    """Decides each received order (see the module docstring); the processor interface is ``streams.pipeline.processor``."""
+
+    stage = STAGE
+
     def __init__(self, verifier: Verifier, products: ProductMaster, emitter: Emitter,
                  table: MutableMapping[bytes, bytes], directory: RegistrantDirectory | None = None,
                  feed: ReferenceFeed | None = None, codec: AvroCodec | None = None, *,
@@ -256,19 +261,19 @@ class VerifyProcessor:
 
     def _fail_parked(self, order_id: str, raw: bytes, dea: str, exc: Exception) -> bool:
         """A parked order that fails on re-verification is decided (rejected, or dead-lettered) and unparked."""
+        parked = InputMessage(VERIFY_STATE_SOURCE, -1, -1, dea.encode(), raw)  # not a topic: the agent's own state
         try:
             rec = self.codec.decode(raw, expect=RECEIVED_SCHEMA)[1]
         except Exception as bad:  # noqa: BLE001 - state we wrote ourselves, but never trust it blindly
-            self.counts["dead_lettered"] += 1
             self._decision = "DEAD_LETTER"
-            self.emitter.dead_letter(STAGE, VERIFY_STATE_SOURCE, -1, -1, dea.encode(), raw,
-                                     f"parked order {order_id} unreadable: {bad.__class__.__name__}: {bad}")
+            self.dead_letter(parked, f"parked order {order_id} unreadable: {bad.__class__.__name__}: {bad}")
             return True
-        self._fail(rec, exc, VERIFY_STATE_SOURCE, -1, -1, dea.encode(), raw)
+        self._fail(rec, exc, parked)
         return True
 
     def begin_batch(self) -> None:
-        """The newest CRLs and registrations before judging a batch."""
+        """Count the batch and take in the newest CRLs and registrations before judging it."""
+        super().begin_batch()
         self.tick()
 
     def end_batch(self) -> None:
@@ -293,16 +298,16 @@ class VerifyProcessor:
         return applied + resolved
 
     # ------------------------------------------------------------------ orders
-    def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes, *,
-               appended_at: datetime | None = None) -> None:
-        """Decide one received message. ``appended_at`` is the broker's append time of the message
+    def handle(self, message: InputMessage) -> None:
+        """Decide one received message. Its ``appended_at`` is the broker's append time of the message
         (None: unknown, the stated receipt is used as it is)."""
-        rec = self.emitter.decode_or_dead_letter(STAGE, RECEIVED_SCHEMA, topic, partition, offset, key, value)
-        if rec is None:
-            self.counts["dead_lettered"] += 1
+        decoded = decode(self.codec, message, RECEIVED_SCHEMA)
+        if not decoded.ok:
+            self.dead_letter(message, decoded.error or "")
             return
-        routing_key = (key or b"").decode("utf-8", errors="replace")
-        position = (topic, partition, offset)
+        rec: dict[str, Any] = decoded.record  # type: ignore[assignment]
+        routing_key = (message.key or b"").decode("utf-8", errors="replace")
+        position = message.position
         digest = bytes.fromhex(order_digest(rec))
         try:
             if self._repeated(rec, routing_key, digest, position):
@@ -312,8 +317,8 @@ class VerifyProcessor:
         self._decision = ""
         with self.emitter.capture() as produced:
             try:
-                rec, raw = self._judge_receipt(rec, value, appended_at)
-                if self._order_id_reused(rec, routing_key, topic, partition, offset, key, value):
+                rec, raw = self._judge_receipt(rec, message.value, message.appended_at)
+                if self._order_id_reused(rec, routing_key, message):
                     return  # not recorded: the order id stays the accepted order's
                 self._verify(rec, routing_key, raw, parked=False)
             except Exception as exc:  # noqa: BLE001 - hostile input must not kill the agent
@@ -323,7 +328,7 @@ class VerifyProcessor:
                 # not yet published are taken back: the order gets one outcome, not half of two.
                 self.emitter.discard(produced)
                 del produced[:]
-                self._fail(rec, exc, topic, partition, offset, key, value)
+                self._fail(rec, exc, message)
         self._record(routing_key, rec["order_id"], digest, position, produced)
 
     def _repeated(self, rec: dict[str, Any], routing_key: str, digest: bytes, position: Position) -> bool:
@@ -348,8 +353,7 @@ class VerifyProcessor:
         except Exception:  # noqa: BLE001 - the outcome stands; only its record is missing (judged again if redelivered)
             log.exception("outcome of order %s could not be recorded", order_id)
 
-    def _fail(self, rec: dict[str, Any], exc: Exception, topic: str, partition: int, offset: int,
-              key: bytes | None, value: bytes) -> None:
+    def _fail(self, rec: dict[str, Any], exc: Exception, message: InputMessage) -> None:
         """Reject an order the verifier could not judge; dead-letter it if even that cannot be written."""
         try:
             self._reject(rec, VERIFICATION_ERROR,
@@ -357,11 +361,9 @@ class VerifyProcessor:
                          [], None, None, None)
         except Exception as again:  # noqa: BLE001 - e.g. a field no rejection can carry
             log.exception("rejection of order %s could not be written", rec.get("order_id"))
-            self.counts["dead_lettered"] += 1
             self._decision = "DEAD_LETTER"
-            self.emitter.dead_letter(STAGE, topic, partition, offset, key, value,
-                                     f"{VERIFICATION_ERROR}: {exc.__class__.__name__}: {exc}; the rejection could "
-                                     f"not be written either ({again.__class__.__name__}: {again})")
+            self.dead_letter(message, f"{VERIFICATION_ERROR}: {exc.__class__.__name__}: {exc}; the rejection could "
+                                      f"not be written either ({again.__class__.__name__}: {again})")
 
     def _judge_receipt(self, rec: dict[str, Any], raw: bytes,
                        appended_at: datetime | None) -> tuple[dict[str, Any], bytes]:
@@ -389,8 +391,7 @@ class VerifyProcessor:
                                    "skew_seconds": self.receipt_skew.total_seconds(), "note": note})
         return judged, raw
 
-    def _order_id_reused(self, rec: dict[str, Any], routing_key: str, topic: str, partition: int, offset: int,
-                         key: bytes | None, value: bytes) -> bool:
+    def _order_id_reused(self, rec: dict[str, Any], routing_key: str, message: InputMessage) -> bool:
         """Dead-letter (and return True) a message reusing the id of another accepted order.
 
         Not a rejection: ClickHouse keys an order's rows by its id, so a
@@ -403,8 +404,7 @@ class VerifyProcessor:
             return False
         reason = (f"{DUPLICATE_ORDER_ID}: order id {rec['order_id']} already names order {known['order_number']} "
                   f"accepted from {routing_key}; this message has different bytes and is not judged under that id")
-        self.counts["dead_lettered"] += 1
-        self.emitter.dead_letter(STAGE, topic, partition, offset, key, value, reason)
+        self.dead_letter(message, reason)
         self.emitter.audit(STAGE, "order.duplicate_order_id", DUPLICATE_ORDER_ID, order_id=rec["order_id"],
                            purchaser_dea=routing_key, detail={"order_number": known["order_number"], "reason": reason})
         return True
