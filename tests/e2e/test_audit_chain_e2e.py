@@ -20,7 +20,8 @@ def test_the_audit_trail_of_a_real_run_is_sealed_and_verifies_clean(streamed, mo
     s = streamed.settings
     assert s.audit_key == TEST_AUDIT_KEY  # the session pipeline seals with a key (tests/conftest.py)
     key = AuditKey.parse(s.audit_key)
-    with open_reader(s) as query:  # through the running sink's /sql
+    with open_reader(s) as read:  # through the running sink's /sql
+        query = lambda sql: read(sql)[1]  # noqa: E731 - SQL -> rows, what verify_store reads
         report = verify_store(query, keys=KeyRing.from_settings(s))
         unkeyed_view = verify_store(query)  # a verifier without the key cannot vouch for it
     assert report.ok, render(report)

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-DASHBOARDS = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards"
+DASHBOARDS = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards"
 CLICKHOUSE = "grafana-clickhouse-datasource"
 #: Panels the session's feed always gives rows (the others may be empty: no analyst decides there).
 ALWAYS_DATA = {"Holds per day by detector", "Holds per day by drug family", "Releases per day by drug family",

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.kafka import catalogue as t
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 OPERATORS = ROOT / "deploy" / "grafana" / "dashboards" / "operators.json"
 METRIC = re.compile(r"\bcsos_[a-z0-9_]+")

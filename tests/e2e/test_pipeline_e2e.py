@@ -110,7 +110,8 @@ def test_size_spikes_are_held_and_the_same_registrants_normal_orders_released(st
         v = verdicts[sim.sim_id]
         assert v["verdict"] == "HOLD"
         fired = [r for r in v["reasons"] if r["fired"] and r["dimension"] == "size"]
-        assert fired, "a size spike must be held for its size"
+        assert fired, ("a size spike must be held for its size", sim.sim_id,
+                       [(r["detector"], r["value"], r["threshold"]) for r in v["reasons"] if r["fired"]])
         for r in fired:
             assert r["value"] > r["threshold"] >= r["baseline"] > 0
             assert f"{r['value']:,.0f}" in r["explanation"]  # the numbers an analyst reads are the numbers
