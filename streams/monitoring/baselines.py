@@ -359,12 +359,28 @@ class DailyRing:
             units -= exclude_units
         return max(orders, 0), max(units, 0)
 
+    def week_and_month(self, at_ms: int, exclude_units: int | None = None) -> tuple[int, int]:
+        """(orders over 7 days, units over 30 days) as :meth:`totals` gives them, in one pass over the cells."""
+        today = day_of(at_ms)
+        week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
+        orders = units = 0
+        for day, (o, u) in self.cells.items():
+            if month < day <= today:
+                units += u
+                if day > week:
+                    orders += o
+        if exclude_units is not None and today in self.cells:
+            orders -= 1
+            units -= exclude_units
+        return max(orders, 0), max(units, 0)
+
     def add(self, at_ms: int, units: int, newest_ms: int) -> None:
         cell = self.cells.setdefault(day_of(at_ms), [0, 0])
         cell[0] += 1
         cell[1] += int(units)
         oldest = day_of(newest_ms) - WINDOW_30D_DAYS
-        self.cells = {d: c for d, c in self.cells.items() if d > oldest}
+        if min(self.cells) <= oldest:
+            self.cells = {d: c for d, c in self.cells.items() if d > oldest}
 
     def to_dict(self) -> dict[str, list[int]]:
         days = sorted(self.cells)
@@ -406,6 +422,15 @@ class MonthRing:
         oldest = month_of(newest_ms) - MONTHS_KEPT
         if len(self.cells) > MONTHS_KEPT or min(self.cells) <= oldest:
             self.cells = {k: v for k, v in self.cells.items() if k > oldest}
+
+    def monthly(self, at_ms: int, units: int, replay: bool) -> "Monthly":
+        """The calendar months up to ``at_ms``'s month with an order of ``units`` added (not when a ``replay``)."""
+        cur = month_of(at_ms)
+        cells = self.cells
+        current = cells.get(cur, 0) + (0 if replay else units)
+        known = [k for k in cells if k < cur]
+        start = max(cur - 12, min(known)) if known else cur
+        return Monthly(cur, current, tuple(cells.get(k, 0) for k in range(start, cur)))
 
     def to_dict(self) -> dict[str, list[int]]:
         months = sorted(self.cells)
@@ -569,8 +594,7 @@ class FamilyBaseline:
         earlier contribution is taken out before it is added back once.
         """
         c24 = self.recent.count(at_ms, exclude=at_ms if exclude_self else None)
-        c7, _ = self.days.totals(at_ms, WINDOW_7D_DAYS, exclude_units=units if exclude_self else None)
-        _, u30 = self.days.totals(at_ms, WINDOW_30D_DAYS, exclude_units=units if exclude_self else None)
+        c7, u30 = self.days.week_and_month(at_ms, exclude_units=units if exclude_self else None)
         return Windows(c24 + 1, c7 + 1, u30 + units)
 
     def covers(self, at_ms: int, days: float) -> bool:
@@ -809,7 +833,12 @@ class RegistrantBaselines:
         dd = state.get("due_diligence")
         self.due_diligence: dict[str, Any] = _copy_due_diligence(dd) if dd else new_due_diligence()
         self._families: dict[str, FamilyBaseline] = {}
-        self._windows: dict[tuple[Any, ...], Any] = {}  # per-order caches: Windows, Monthly
+        # Per-order caches (every detector reads the same windows and months of a family): valid for one
+        # OrderFacts object, held here so that it cannot be freed and its id reused; ``learn`` drops them.
+        self._cached_for: OrderFacts | None = None
+        self._replay = False
+        self._windows: dict[str, Windows] = {}
+        self._monthly: dict[str, Monthly] = {}
 
     @classmethod
     def new(cls, purchaser_dea: str, s: BaselineSettings) -> "RegistrantBaselines":
@@ -840,34 +869,37 @@ class RegistrantBaselines:
         known = self.outcomes.get(order_id)
         return bool(known and known.get("learned")) or order_key(order_id) in self.learned_ids
 
+    def _for_order(self, order: OrderFacts) -> None:
+        """Start the per-order caches for ``order`` (whether it is a replay is looked up once, not per read)."""
+        if self._cached_for is not order:
+            self._cached_for = order
+            self._replay = self.has_learned(order.order_id)
+            self._windows = {}
+            self._monthly = {}
+
     def windows(self, family: str, order: OrderFacts) -> Windows:
         """Activity of ``family`` in the windows ending at ``order``, the order included."""
-        units = order.families[family].units if family in order.families else 0
-        replay = self.has_learned(order.order_id)
-        key = (family, order.at_ms, units, replay)
-        w = self._windows.get(key)
+        self._for_order(order)
+        w = self._windows.get(family)
         if w is None:
+            f = order.families.get(family)
+            units = f.units if f is not None else 0
             fb = self.family(family)
-            w = fb.windows(order.at_ms, units, exclude_self=replay) if fb else Windows(1, 1, units)
-            self._windows[key] = w
+            w = fb.windows(order.at_ms, units, exclude_self=self._replay) if fb else Windows(1, 1, units)
+            self._windows[family] = w
         return w
 
     def monthly(self, family: str, order: OrderFacts) -> Monthly:
         """Units of ``family`` per calendar month up to ``order``'s month, the order included."""
-        units = order.families[family].units if family in order.families else 0
-        replay = self.has_learned(order.order_id)
-        key = ("months", family, order.at_ms, units, replay)
-        m = self._windows.get(key)  # type: ignore[arg-type]
+        self._for_order(order)
+        m = self._monthly.get(family)
         if m is None:
-            cur = month_of(order.at_ms)
+            f = order.families.get(family)
+            units = f.units if f is not None else 0
             fb = self.family(family)
-            cells = fb.months.cells if fb else {}
-            current = cells.get(cur, 0) + (0 if replay else units)
-            known = [k for k in cells if k < cur]
-            start = max(cur - 12, min(known)) if known else cur
-            m = Monthly(cur, current, tuple(cells.get(k, 0) for k in range(start, cur)))
-            self._windows[key] = m  # type: ignore[index]
-        return m  # type: ignore[return-value]
+            m = self._monthly[family] = (fb.months.monthly(order.at_ms, units, self._replay) if fb
+                                         else Monthly(month_of(order.at_ms), 0 if self._replay else units, ()))
+        return m
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
         """Units per family over the 30 UTC days ending at ``order``, the order included."""
@@ -903,7 +935,7 @@ class RegistrantBaselines:
         self.total_orders += 1
         self.last_order_ms = max(self.last_order_ms, order.at_ms)
         self.learned_ids = (self.learned_ids + [key])[-LEARNED_IDS_KEPT:]
-        self._windows.clear()
+        self._cached_for = None
         self._forget_stale()
 
     def _forget_stale(self) -> None:
