@@ -715,8 +715,10 @@ class FamilyMix:
     def __init__(self, alpha: float, means: dict[str, EWMeanBaseline] | None = None) -> None:
         self.alpha = alpha
         self.means = means if means is not None else {}
+        self._shares: dict[str, float] | None = None  # read on every order, changed only by learn/drop
 
     def learn(self, units_by_family: Mapping[str, int]) -> None:
+        self._shares = None
         seen = max((m.n for m in self.means.values()), default=0)
         for fam in units_by_family:
             if fam not in self.means:
@@ -726,6 +728,11 @@ class FamilyMix:
             m.update(units_by_family.get(fam, 0))
 
     def shares(self) -> dict[str, float]:
+        if self._shares is None:
+            self._shares = self._compute_shares()
+        return dict(self._shares)
+
+    def _compute_shares(self) -> dict[str, float]:
         total = sum(m.get() for m in self.means.values())
         if total <= 0:
             return {fam: 0.0 for fam in self.means}
@@ -738,6 +745,7 @@ class FamilyMix:
         return f"EW share of dosage units over ~{ew_memory(self.alpha)} released orders"
 
     def drop(self, families: Iterable[str]) -> None:
+        self._shares = None
         for fam in families:
             self.means.pop(fam, None)
 
@@ -839,6 +847,7 @@ class RegistrantBaselines:
         self._replay = False
         self._windows: dict[str, Windows] = {}
         self._monthly: dict[str, Monthly] = {}
+        self._units_30d_all: dict[str, int] | None = None
 
     @classmethod
     def new(cls, purchaser_dea: str, s: BaselineSettings) -> "RegistrantBaselines":
@@ -876,6 +885,7 @@ class RegistrantBaselines:
             self._replay = self.has_learned(order.order_id)
             self._windows = {}
             self._monthly = {}
+            self._units_30d_all: dict[str, int] | None = None
 
     def windows(self, family: str, order: OrderFacts) -> Windows:
         """Activity of ``family`` in the windows ending at ``order``, the order included."""
@@ -902,7 +912,13 @@ class RegistrantBaselines:
         return m
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
-        """Units per family over the 30 UTC days ending at ``order``, the order included."""
+        """Units per family over the 30 UTC days ending at ``order``, the order included (a copy: callers own it)."""
+        self._for_order(order)
+        if self._units_30d_all is None:
+            self._units_30d_all = self._units_30d_by_family(order)
+        return dict(self._units_30d_all)
+
+    def _units_30d_by_family(self, order: OrderFacts) -> dict[str, int]:
         out = {}
         for fam in set(self._raw_families) | set(order.families):
             if fam in order.families:

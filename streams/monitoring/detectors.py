@@ -1009,15 +1009,19 @@ class TrailingMonthsRule(PerFamilyDetector):
     rule: str  # the rule's name in "too little monthly history for the ... rule"
     over: str  # how the window reads: "average over", "maximum of"
 
-    def _level(self, prior: tuple[int, ...]) -> tuple[float, float, str]:
-        """(reference level, threshold, the sentence stating both) for the trailing months ``prior``."""
+    def _level(self, prior: tuple[int, ...]) -> tuple[float, float]:
+        """(reference level, threshold) for the trailing months ``prior``."""
+        raise NotImplementedError
+
+    def _stated(self, prior: tuple[int, ...], level: float, threshold: float) -> str:
+        """The sentence stating the level and threshold (written only for a finding that fires)."""
         raise NotImplementedError
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         m = state.monthly(f.family, order)
         prior = m.trailing(self.months)
         with_orders = m.months_with_orders(self.months)
-        level, threshold, stated = self._level(prior)
+        level, threshold = self._level(prior)
         if with_orders < self.cfg.static_min_months:
             return _not_applicable(self, f, m, self.months, self.rule, with_orders, level)
         fired = m.current > threshold
@@ -1025,7 +1029,7 @@ class TrailingMonthsRule(PerFamilyDetector):
                   f"({_months_span(m, self.months)})")
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
-        text = f"{_this_month(f.family, m)}; {stated}" + ("; exceeded." if fired else "; within it.")
+        text = f"{_this_month(f.family, m)}; {self._stated(prior, level, threshold)}; exceeded."
         return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
 
 
@@ -1047,11 +1051,13 @@ class StaticAverageDetector(TrailingMonthsRule):
         self.name = f"static_{multiple}x_12m"
         self.rule = f"{multiple}x 12-month average"
 
-    def _level(self, prior: tuple[int, ...]) -> tuple[float, float, str]:
+    def _level(self, prior: tuple[int, ...]) -> tuple[float, float]:
         avg = sum(prior) / len(prior) if prior else 0.0
-        threshold = self.multiple * avg
-        return avg, threshold, (f"trailing 12-month monthly average {fmt_n(avg)} ({len(prior)} months); "
-                                f"rule: over {self.multiple}x = {fmt_n(threshold)}")
+        return avg, self.multiple * avg
+
+    def _stated(self, prior: tuple[int, ...], level: float, threshold: float) -> str:
+        return (f"trailing 12-month monthly average {fmt_n(level)} ({len(prior)} months); "
+                f"rule: over {self.multiple}x = {fmt_n(threshold)}")
 
 
 def _not_applicable(det: PerFamilyDetector, f: FamilyFacts, m: Monthly, months: int, rule: str, with_orders: int,
@@ -1070,9 +1076,12 @@ class StaticMaxDetector(TrailingMonthsRule):
     rule = "6-month maximum"
     over = "maximum of"
 
-    def _level(self, prior: tuple[int, ...]) -> tuple[float, float, str]:
+    def _level(self, prior: tuple[int, ...]) -> tuple[float, float]:
         top = float(max(prior, default=0))
-        return top, top, f"trailing 6-month monthly maximum {fmt_n(top)} ({len(prior)} months); rule: over the maximum"
+        return top, top
+
+    def _stated(self, prior: tuple[int, ...], level: float, threshold: float) -> str:
+        return f"trailing 6-month monthly maximum {fmt_n(level)} ({len(prior)} months); rule: over the maximum"
 
 
 class StaticCeilingDetector(PerFamilyDetector):

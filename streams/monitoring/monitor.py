@@ -48,14 +48,19 @@ def evidence(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     analyst reads). This keeps a verdict ~1 KB instead of ~12 KB on every topic
     and table it flows through.
     """
-    fired = [r for r in reasons if r["fired"]]
-    closest: dict[str, dict[str, Any]] = {}
+    fired = []
+    closest: dict[str, tuple[float, dict[str, Any]]] = {}  # detector -> (closeness, finding); the first wins a tie
     for r in reasons:
-        if not r["fired"] and (r["detector"] not in closest or _closeness(r) > _closeness(closest[r["detector"]])):
-            closest[r["detector"]] = r
-    for r in closest.values():
+        if r["fired"]:
+            fired.append(r)
+            continue
+        near = _closeness(r)
+        best = closest.get(r["detector"])
+        if best is None or near > best[0]:
+            closest[r["detector"]] = (near, r)
+    for _, r in closest.values():
         r["explanation"] = ""
-    return fired + [closest[d] for d in sorted(closest)]
+    return fired + [closest[d][1] for d in sorted(closest)]
 
 
 def load_peers(path: str) -> PeerProfiles:
@@ -152,15 +157,17 @@ class Monitor:
         hold = self.hold_detectors
         reasons = []
         for d in self.detectors:
-            enforced = d.name in hold
-            for r in d.score_one(base, facts):
-                r["enforced"] = enforced
-                reasons.append(r)
+            found = d.score_one(base, facts)
+            if d.name not in hold:  # reason() marks every finding enforced; most detectors' are
+                for r in found:
+                    r["enforced"] = False
+            reasons += found
         if self.combiner is not None:
-            enforced = self.combiner.name in hold
-            for r in self.combiner.score(reasons):
-                r["enforced"] = enforced
-                reasons.append(r)
+            found = self.combiner.score(reasons)
+            if self.combiner.name not in hold:
+                for r in found:
+                    r["enforced"] = False
+            reasons += found
         # Decisions already taken (open case, report, analyst limit, termination): always enforced.
         reasons.extend(open_cases.findings(base, facts))
         replay = base.has_learned(facts.order_id)
