@@ -212,7 +212,7 @@ class _RiverEW:
         raise NotImplementedError
 
     def update(self, x: float) -> None:
-        a = warmup_alpha(self.alpha, self.n)
+        a = max(self.alpha, 1.0 / (self.n + 1))  # warmup_alpha, inlined: ~50 updates per learned order
         stat = self._stat
         if stat is None or stat.fading_factor != a:
             stat = self._stat = self._resume(a)
@@ -601,9 +601,12 @@ class FamilyBaseline:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""
         return self.orders > 0 and at_ms - self.first_order_ms >= days * MS_PER_DAY
 
-    def learn(self, at_ms: int, units: int, base_mg: float = 0.0) -> None:
-        """Fold one released order of ``units`` dosage units (``base_mg`` mg of base drug) in."""
-        w = self.windows(at_ms, units)
+    def learn(self, at_ms: int, units: int, base_mg: float = 0.0, windows: Windows | None = None) -> None:
+        """Fold one released order of ``units`` dosage units (``base_mg`` mg of base drug) in.
+
+        ``windows``: this order's :meth:`windows` if the caller has them already (scoring computed them).
+        """
+        w = windows or self.windows(at_ms, units)
         if self.covers(at_ms, 1):
             self.count_24h.update(_clip_count(w.orders_24h, self.count_24h))
         if self.covers(at_ms, WINDOW_7D_DAYS):
@@ -943,7 +946,9 @@ class RegistrantBaselines:
             if fb is None:
                 fb = self._families[fam] = FamilyBaseline(self.settings)
                 self._raw_families[fam] = {}
-            fb.learn(order.at_ms, facts.units, facts.base_weight_g * 1000.0)
+            # The windows scoring computed for this very order (not a replay) are the ones learning needs.
+            scored = self._windows.get(fam) if self._cached_for is order and not self._replay else None
+            fb.learn(order.at_ms, facts.units, facts.base_weight_g * 1000.0, scored)
         self.mix.learn({f: x.units for f, x in order.families.items()})
         self.timing.learn(order.at_ms)
         if not self.total_orders or order.at_ms < self.first_order_ms:

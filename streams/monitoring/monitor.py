@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from streams.monitoring.baselines import (
-    STATE_VERSION, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
+    STATE_VERSION, OrderFacts, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
 )
 from streams.monitoring.detectors import DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, reason
 from streams.monitoring.anomaly import AnomalyCombiner
@@ -108,7 +108,21 @@ class Monitor:
         tags = "".join(f".{t}" for d in self.detectors if (t := getattr(d, "version_tag", "")))
         if peers is not None:
             tags += f".{peers.digest()}"
+        self._last_facts: tuple[Any, ...] | None = None  # (order, (id, received_at), lines, facts)
         self.model_version = f"som/{DETECTORS_VERSION}.s{STATE_VERSION}+{self.config.fingerprint()}{tags}"
+
+    def _facts(self, order: Mapping[str, Any]) -> OrderFacts:
+        """``order_facts(order)``, reused when ``learn_into`` follows ``score`` on the same, unchanged order.
+
+        Reusing the very object also lets the baselines reuse the windows scoring computed for it.
+        """
+        key = (order["order_id"], order["received_at"], order["lines"])
+        cached = self._last_facts
+        if cached is not None and cached[0] is order and cached[1] == key[:2] and cached[2] is key[2]:
+            return cached[3]
+        facts = order_facts(order)
+        self._last_facts = (order, key[:2], key[2], facts)
+        return facts
 
     @classmethod
     def from_env(cls) -> "Monitor":
@@ -152,7 +166,7 @@ class Monitor:
         already learned (a redelivery after its RELEASE was acted on) gets
         RELEASE again: the first decision stands and was already shipped on.
         """
-        facts = order_facts(order)
+        facts = self._facts(order)
         base = self._baselines(state, order)
         hold = self.hold_detectors
         reasons = []
@@ -205,7 +219,7 @@ class Monitor:
 
     def learn_into(self, base: RegistrantBaselines, order: Mapping[str, Any]) -> None:
         """Fold a RELEASED order into live baselines (mutates ``base``); export with ``base.to_state()``."""
-        self._baselines(base, order).learn(order_facts(order))
+        self._baselines(base, order).learn(self._facts(order))
 
     def note_verdict(self, base: RegistrantBaselines, order: Mapping[str, Any], verdict: Mapping[str, Any]) -> bool:
         """Record a verdict in the registrant's due-diligence state (a HOLD opens a case); True if it changed.
