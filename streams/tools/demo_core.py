@@ -54,7 +54,7 @@ REGISTRANTS = 12
 DAYS = 150
 END = datetime(2026, 3, 2, tzinfo=timezone.utc)
 #: Where the expected rendering is kept.
-EXPECTED = Path(__file__).resolve().parent.parent / "tests" / "data" / "demo-core-summary.txt"
+EXPECTED = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo-core-summary.txt"
 
 
 class MemoryPublisher:
