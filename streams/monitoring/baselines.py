@@ -250,9 +250,7 @@ class EWMeanBaseline(_RiverEW):
 
     def window(self) -> str:
         """What the baseline covers, for the verdict's ``window`` field."""
-        if self.n < round(1.0 / self.alpha):
-            return f"mean over {self.n} released orders"
-        return f"EW mean over ~{ew_memory(self.alpha)} released orders"
+        return _ew_window(self.alpha, self.n)
 
     def to_dict(self) -> dict[str, Any]:
         if self._stat is not None and self.n:
@@ -262,6 +260,14 @@ class EWMeanBaseline(_RiverEW):
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], alpha: float) -> "EWMeanBaseline":
         return cls(alpha, d["mean"], d["n"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _ew_window(alpha: float, n: int) -> str:
+    """:meth:`EWMeanBaseline.window`: the same few sentences on every order, written once."""
+    if n < round(1.0 / alpha):
+        return f"mean over {n} released orders"
+    return f"EW mean over ~{ew_memory(alpha)} released orders"
 
 
 class EWVarBaseline(_RiverEW):
@@ -719,9 +725,10 @@ class FamilyMix:
         self.alpha = alpha
         self.means = means if means is not None else {}
         self._shares: dict[str, float] | None = None  # read on every order, changed only by learn/drop
+        self._window: str | None = None
 
     def learn(self, units_by_family: Mapping[str, int]) -> None:
-        self._shares = None
+        self._shares = self._window = None
         seen = max((m.n for m in self.means.values()), default=0)
         for fam in units_by_family:
             if fam not in self.means:
@@ -742,13 +749,18 @@ class FamilyMix:
         return {fam: m.get() / total for fam, m in self.means.items()}
 
     def window(self) -> str:
+        if self._window is None:
+            self._window = self._describe()
+        return self._window
+
+    def _describe(self) -> str:
         n = max((m.n for m in self.means.values()), default=0)
         if n < round(1.0 / self.alpha):
             return f"share of dosage units over {n} released orders"
         return f"EW share of dosage units over ~{ew_memory(self.alpha)} released orders"
 
     def drop(self, families: Iterable[str]) -> None:
-        self._shares = None
+        self._shares = self._window = None
         for fam in families:
             self.means.pop(fam, None)
 
