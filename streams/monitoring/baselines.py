@@ -395,7 +395,13 @@ class DailyRing:
 
 def month_of(ms: int) -> int:
     """UTC calendar month index: year * 12 + (month - 1)."""
-    d = _EPOCH + timedelta(milliseconds=ms)
+    return _month_of_day(ms // MS_PER_DAY)
+
+
+@functools.lru_cache(maxsize=4096)
+def _month_of_day(day: int) -> int:
+    """:func:`month_of` per UTC day: orders of the same days are scored and learned over and over."""
+    d = _EPOCH + timedelta(days=day)
     return d.year * 12 + d.month - 1
 
 
@@ -413,11 +419,14 @@ class MonthRing:
     month after. Months without learned orders have no cell.
     """
 
-    __slots__ = ("cells",)
+    __slots__ = ("cells", "_trailing")
 
     def __init__(self, cells: Mapping[str, Iterable[int]] | None = None) -> None:
         cells = cells or {"month": (), "units": ()}
         self.cells: dict[int, int] = {int(m): int(u) for m, u in zip(cells["month"], cells["units"])}
+        # (month, the full months before it as Monthly.prior): read by ~8 detectors per family and order, and
+        # unchanged by learning orders of that month or later, so it survives most learned orders.
+        self._trailing: tuple[int, tuple[int, ...]] | None = None
 
     def units(self, month: int) -> int:
         return self.cells.get(month, 0)
@@ -425,18 +434,24 @@ class MonthRing:
     def add(self, at_ms: int, units: int, newest_ms: int) -> None:
         m = month_of(at_ms)
         self.cells[m] = self.cells.get(m, 0) + int(units)
+        if self._trailing is not None and m < self._trailing[0]:
+            self._trailing = None  # a late order of an earlier month: the trailing months changed
         oldest = month_of(newest_ms) - MONTHS_KEPT
         if len(self.cells) > MONTHS_KEPT or min(self.cells) <= oldest:
             self.cells = {k: v for k, v in self.cells.items() if k > oldest}
+            self._trailing = None
 
     def monthly(self, at_ms: int, units: int, replay: bool) -> "Monthly":
         """The calendar months up to ``at_ms``'s month with an order of ``units`` added (not when a ``replay``)."""
         cur = month_of(at_ms)
         cells = self.cells
         current = cells.get(cur, 0) + (0 if replay else units)
-        known = [k for k in cells if k < cur]
-        start = max(cur - 12, min(known)) if known else cur
-        return Monthly(cur, current, tuple(cells.get(k, 0) for k in range(start, cur)))
+        cached = self._trailing
+        if cached is None or cached[0] != cur:
+            known = [k for k in cells if k < cur]
+            start = max(cur - 12, min(known)) if known else cur
+            cached = self._trailing = (cur, tuple(cells.get(k, 0) for k in range(start, cur)))
+        return Monthly(cur, current, cached[1])
 
     def to_dict(self) -> dict[str, list[int]]:
         months = sorted(self.cells)
