@@ -651,8 +651,13 @@ class FamilyMixDetector:
 # --------------------------------------------------------------------------
 
 def _months_span(m: Monthly, months: int) -> str:
-    n = len(m.trailing(months))
-    return f"{month_name(m.month - n)}..{month_name(m.month - 1)}" if n else "none"
+    return _span(m.month, len(m.trailing(months)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _span(month: int, n: int) -> str:
+    """The ``n`` months before ``month``, as a window reads them (the same few on every order: written once)."""
+    return f"{month_name(month - n)}..{month_name(month - 1)}" if n else "none"
 
 
 def _this_month(f: str, m: Monthly) -> str:
