@@ -212,7 +212,7 @@ class _RiverEW:
         raise NotImplementedError
 
     def update(self, x: float) -> None:
-        a = warmup_alpha(self.alpha, self.n)
+        a = max(self.alpha, 1.0 / (self.n + 1))  # warmup_alpha, inlined: ~50 updates per learned order
         stat = self._stat
         if stat is None or stat.fading_factor != a:
             stat = self._stat = self._resume(a)
@@ -250,9 +250,7 @@ class EWMeanBaseline(_RiverEW):
 
     def window(self) -> str:
         """What the baseline covers, for the verdict's ``window`` field."""
-        if self.n < round(1.0 / self.alpha):
-            return f"mean over {self.n} released orders"
-        return f"EW mean over ~{ew_memory(self.alpha)} released orders"
+        return _ew_window(self.alpha, self.n)
 
     def to_dict(self) -> dict[str, Any]:
         if self._stat is not None and self.n:
@@ -262,6 +260,14 @@ class EWMeanBaseline(_RiverEW):
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], alpha: float) -> "EWMeanBaseline":
         return cls(alpha, d["mean"], d["n"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _ew_window(alpha: float, n: int) -> str:
+    """:meth:`EWMeanBaseline.window`: the same few sentences on every order, written once."""
+    if n < round(1.0 / alpha):
+        return f"mean over {n} released orders"
+    return f"EW mean over ~{ew_memory(alpha)} released orders"
 
 
 class EWVarBaseline(_RiverEW):
@@ -359,12 +365,28 @@ class DailyRing:
             units -= exclude_units
         return max(orders, 0), max(units, 0)
 
+    def week_and_month(self, at_ms: int, exclude_units: int | None = None) -> tuple[int, int]:
+        """(orders over 7 days, units over 30 days) as :meth:`totals` gives them, in one pass over the cells."""
+        today = day_of(at_ms)
+        week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
+        orders = units = 0
+        for day, (o, u) in self.cells.items():
+            if month < day <= today:
+                units += u
+                if day > week:
+                    orders += o
+        if exclude_units is not None and today in self.cells:
+            orders -= 1
+            units -= exclude_units
+        return max(orders, 0), max(units, 0)
+
     def add(self, at_ms: int, units: int, newest_ms: int) -> None:
         cell = self.cells.setdefault(day_of(at_ms), [0, 0])
         cell[0] += 1
         cell[1] += int(units)
         oldest = day_of(newest_ms) - WINDOW_30D_DAYS
-        self.cells = {d: c for d, c in self.cells.items() if d > oldest}
+        if min(self.cells) <= oldest:
+            self.cells = {d: c for d, c in self.cells.items() if d > oldest}
 
     def to_dict(self) -> dict[str, list[int]]:
         days = sorted(self.cells)
@@ -373,7 +395,13 @@ class DailyRing:
 
 def month_of(ms: int) -> int:
     """UTC calendar month index: year * 12 + (month - 1)."""
-    d = _EPOCH + timedelta(milliseconds=ms)
+    return _month_of_day(ms // MS_PER_DAY)
+
+
+@functools.lru_cache(maxsize=4096)
+def _month_of_day(day: int) -> int:
+    """:func:`month_of` per UTC day: orders of the same days are scored and learned over and over."""
+    d = _EPOCH + timedelta(days=day)
     return d.year * 12 + d.month - 1
 
 
@@ -391,11 +419,14 @@ class MonthRing:
     month after. Months without learned orders have no cell.
     """
 
-    __slots__ = ("cells",)
+    __slots__ = ("cells", "_trailing")
 
     def __init__(self, cells: Mapping[str, Iterable[int]] | None = None) -> None:
         cells = cells or {"month": (), "units": ()}
         self.cells: dict[int, int] = {int(m): int(u) for m, u in zip(cells["month"], cells["units"])}
+        # (month, the full months before it as Monthly.prior): read by ~8 detectors per family and order, and
+        # unchanged by learning orders of that month or later, so it survives most learned orders.
+        self._trailing: tuple[int, tuple[int, ...]] | None = None
 
     def units(self, month: int) -> int:
         return self.cells.get(month, 0)
@@ -403,9 +434,24 @@ class MonthRing:
     def add(self, at_ms: int, units: int, newest_ms: int) -> None:
         m = month_of(at_ms)
         self.cells[m] = self.cells.get(m, 0) + int(units)
+        if self._trailing is not None and m < self._trailing[0]:
+            self._trailing = None  # a late order of an earlier month: the trailing months changed
         oldest = month_of(newest_ms) - MONTHS_KEPT
         if len(self.cells) > MONTHS_KEPT or min(self.cells) <= oldest:
             self.cells = {k: v for k, v in self.cells.items() if k > oldest}
+            self._trailing = None
+
+    def monthly(self, at_ms: int, units: int, replay: bool) -> "Monthly":
+        """The calendar months up to ``at_ms``'s month with an order of ``units`` added (not when a ``replay``)."""
+        cur = month_of(at_ms)
+        cells = self.cells
+        current = cells.get(cur, 0) + (0 if replay else units)
+        cached = self._trailing
+        if cached is None or cached[0] != cur:
+            known = [k for k in cells if k < cur]
+            start = max(cur - 12, min(known)) if known else cur
+            cached = self._trailing = (cur, tuple(cells.get(k, 0) for k in range(start, cur)))
+        return Monthly(cur, current, cached[1])
 
     def to_dict(self) -> dict[str, list[int]]:
         months = sorted(self.cells)
@@ -569,17 +615,19 @@ class FamilyBaseline:
         earlier contribution is taken out before it is added back once.
         """
         c24 = self.recent.count(at_ms, exclude=at_ms if exclude_self else None)
-        c7, _ = self.days.totals(at_ms, WINDOW_7D_DAYS, exclude_units=units if exclude_self else None)
-        _, u30 = self.days.totals(at_ms, WINDOW_30D_DAYS, exclude_units=units if exclude_self else None)
+        c7, u30 = self.days.week_and_month(at_ms, exclude_units=units if exclude_self else None)
         return Windows(c24 + 1, c7 + 1, u30 + units)
 
     def covers(self, at_ms: int, days: float) -> bool:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""
         return self.orders > 0 and at_ms - self.first_order_ms >= days * MS_PER_DAY
 
-    def learn(self, at_ms: int, units: int, base_mg: float = 0.0) -> None:
-        """Fold one released order of ``units`` dosage units (``base_mg`` mg of base drug) in."""
-        w = self.windows(at_ms, units)
+    def learn(self, at_ms: int, units: int, base_mg: float = 0.0, windows: Windows | None = None) -> None:
+        """Fold one released order of ``units`` dosage units (``base_mg`` mg of base drug) in.
+
+        ``windows``: this order's :meth:`windows` if the caller has them already (scoring computed them).
+        """
+        w = windows or self.windows(at_ms, units)
         if self.covers(at_ms, 1):
             self.count_24h.update(_clip_count(w.orders_24h, self.count_24h))
         if self.covers(at_ms, WINDOW_7D_DAYS):
@@ -691,8 +739,11 @@ class FamilyMix:
     def __init__(self, alpha: float, means: dict[str, EWMeanBaseline] | None = None) -> None:
         self.alpha = alpha
         self.means = means if means is not None else {}
+        self._shares: dict[str, float] | None = None  # read on every order, changed only by learn/drop
+        self._window: str | None = None
 
     def learn(self, units_by_family: Mapping[str, int]) -> None:
+        self._shares = self._window = None
         seen = max((m.n for m in self.means.values()), default=0)
         for fam in units_by_family:
             if fam not in self.means:
@@ -702,18 +753,29 @@ class FamilyMix:
             m.update(units_by_family.get(fam, 0))
 
     def shares(self) -> dict[str, float]:
+        if self._shares is None:
+            self._shares = self._compute_shares()
+        return dict(self._shares)
+
+    def _compute_shares(self) -> dict[str, float]:
         total = sum(m.get() for m in self.means.values())
         if total <= 0:
             return {fam: 0.0 for fam in self.means}
         return {fam: m.get() / total for fam, m in self.means.items()}
 
     def window(self) -> str:
+        if self._window is None:
+            self._window = self._describe()
+        return self._window
+
+    def _describe(self) -> str:
         n = max((m.n for m in self.means.values()), default=0)
         if n < round(1.0 / self.alpha):
             return f"share of dosage units over {n} released orders"
         return f"EW share of dosage units over ~{ew_memory(self.alpha)} released orders"
 
     def drop(self, families: Iterable[str]) -> None:
+        self._shares = self._window = None
         for fam in families:
             self.means.pop(fam, None)
 
@@ -809,7 +871,13 @@ class RegistrantBaselines:
         dd = state.get("due_diligence")
         self.due_diligence: dict[str, Any] = _copy_due_diligence(dd) if dd else new_due_diligence()
         self._families: dict[str, FamilyBaseline] = {}
-        self._windows: dict[tuple[Any, ...], Any] = {}  # per-order caches: Windows, Monthly
+        # Per-order caches (every detector reads the same windows and months of a family): valid for one
+        # OrderFacts object, held here so that it cannot be freed and its id reused; ``learn`` drops them.
+        self._cached_for: OrderFacts | None = None
+        self._replay = False
+        self._windows: dict[str, Windows] = {}
+        self._monthly: dict[str, Monthly] = {}
+        self._units_30d_all: dict[str, int] | None = None
 
     @classmethod
     def new(cls, purchaser_dea: str, s: BaselineSettings) -> "RegistrantBaselines":
@@ -840,37 +908,47 @@ class RegistrantBaselines:
         known = self.outcomes.get(order_id)
         return bool(known and known.get("learned")) or order_key(order_id) in self.learned_ids
 
+    def _for_order(self, order: OrderFacts) -> None:
+        """Start the per-order caches for ``order`` (whether it is a replay is looked up once, not per read)."""
+        if self._cached_for is not order:
+            self._cached_for = order
+            self._replay = self.has_learned(order.order_id)
+            self._windows = {}
+            self._monthly = {}
+            self._units_30d_all: dict[str, int] | None = None
+
     def windows(self, family: str, order: OrderFacts) -> Windows:
         """Activity of ``family`` in the windows ending at ``order``, the order included."""
-        units = order.families[family].units if family in order.families else 0
-        replay = self.has_learned(order.order_id)
-        key = (family, order.at_ms, units, replay)
-        w = self._windows.get(key)
+        self._for_order(order)
+        w = self._windows.get(family)
         if w is None:
+            f = order.families.get(family)
+            units = f.units if f is not None else 0
             fb = self.family(family)
-            w = fb.windows(order.at_ms, units, exclude_self=replay) if fb else Windows(1, 1, units)
-            self._windows[key] = w
+            w = fb.windows(order.at_ms, units, exclude_self=self._replay) if fb else Windows(1, 1, units)
+            self._windows[family] = w
         return w
 
     def monthly(self, family: str, order: OrderFacts) -> Monthly:
         """Units of ``family`` per calendar month up to ``order``'s month, the order included."""
-        units = order.families[family].units if family in order.families else 0
-        replay = self.has_learned(order.order_id)
-        key = ("months", family, order.at_ms, units, replay)
-        m = self._windows.get(key)  # type: ignore[arg-type]
+        self._for_order(order)
+        m = self._monthly.get(family)
         if m is None:
-            cur = month_of(order.at_ms)
+            f = order.families.get(family)
+            units = f.units if f is not None else 0
             fb = self.family(family)
-            cells = fb.months.cells if fb else {}
-            current = cells.get(cur, 0) + (0 if replay else units)
-            known = [k for k in cells if k < cur]
-            start = max(cur - 12, min(known)) if known else cur
-            m = Monthly(cur, current, tuple(cells.get(k, 0) for k in range(start, cur)))
-            self._windows[key] = m  # type: ignore[index]
-        return m  # type: ignore[return-value]
+            m = self._monthly[family] = (fb.months.monthly(order.at_ms, units, self._replay) if fb
+                                         else Monthly(month_of(order.at_ms), 0 if self._replay else units, ()))
+        return m
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
-        """Units per family over the 30 UTC days ending at ``order``, the order included."""
+        """Units per family over the 30 UTC days ending at ``order``, the order included (a copy: callers own it)."""
+        self._for_order(order)
+        if self._units_30d_all is None:
+            self._units_30d_all = self._units_30d_by_family(order)
+        return dict(self._units_30d_all)
+
+    def _units_30d_by_family(self, order: OrderFacts) -> dict[str, int]:
         out = {}
         for fam in set(self._raw_families) | set(order.families):
             if fam in order.families:
@@ -895,7 +973,9 @@ class RegistrantBaselines:
             if fb is None:
                 fb = self._families[fam] = FamilyBaseline(self.settings)
                 self._raw_families[fam] = {}
-            fb.learn(order.at_ms, facts.units, facts.base_weight_g * 1000.0)
+            # The windows scoring computed for this very order (not a replay) are the ones learning needs.
+            scored = self._windows.get(fam) if self._cached_for is order and not self._replay else None
+            fb.learn(order.at_ms, facts.units, facts.base_weight_g * 1000.0, scored)
         self.mix.learn({f: x.units for f, x in order.families.items()})
         self.timing.learn(order.at_ms)
         if not self.total_orders or order.at_ms < self.first_order_ms:
@@ -903,7 +983,7 @@ class RegistrantBaselines:
         self.total_orders += 1
         self.last_order_ms = max(self.last_order_ms, order.at_ms)
         self.learned_ids = (self.learned_ids + [key])[-LEARNED_IDS_KEPT:]
-        self._windows.clear()
+        self._cached_for = None
         self._forget_stale()
 
     def _forget_stale(self) -> None:

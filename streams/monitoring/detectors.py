@@ -315,6 +315,8 @@ class SizeDetector:
         pct = f"{100 * c.peer_cold_quantile:g}th percentile"
         window = (f"cold start: {n} prior orders of {f.family} (< {c.size_min_history}); peers: "
                   f"{pct} of {peer.order_units.n} orders of {peer.describe()}")
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, f.units, q, threshold, window, False, "")
         text = (f"Ordered {fmt_n(f.units)} dosage units of {f.family}; this registrant has {n} prior released "
                 f"orders of it ({c.size_min_history} needed for its own baseline), so it is judged against its "
                 f"peers, {peer.describe()}: their {pct} order is {fmt_n(q)} dosage units, the threshold "
@@ -334,6 +336,8 @@ class SizeDetector:
             threshold = float(c.cold_start_max_units)
             fired = f.units > threshold
             window = f"cold start: {n} prior orders of {f.family} (< {c.size_min_history}); absolute ceiling"
+            if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+                return reason(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
             text = (f"Ordered {fmt_n(f.units)} dosage units of {f.family}; this registrant has {n} prior "
                     f"released orders of it ({c.size_min_history} needed for a baseline), so only the ceiling "
                     f"of {fmt_n(threshold)} dosage units per order applies"
@@ -349,6 +353,8 @@ class SizeDetector:
         z = (math.log(max(f.units, 1)) - m) / s
         multiple = f.units / usual if usual > 0 else float("inf")
         window = fb.units.window()
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
         head = (f"Ordered {fmt_n(f.units)} dosage units of {f.family}; this registrant's usual order is "
                 f"{fmt_n(usual)} ({window}), the threshold is {fmt_n(threshold)}")
         basis = (f"the larger of {c.size_ratio:g}x the usual order and {c.size_z:g} standard deviations "
@@ -383,14 +389,13 @@ class VolumeDetector(PerFamilyDetector):
             usual = fb.units_30d.get() if fb else 0.0
             window = (f"cold start: {samples} 30-day samples of {f.family} (< {c.volume_min_history}); "
                       f"not judged")
-            text = (f"Including this order, {fmt_n(value)} dosage units of {f.family} in the last 30 days; "
-                    f"too little history for a 30-day baseline (the per-order ceiling and the frequency "
-                    f"ceilings apply meanwhile).")
-            return reason(self.name, self.dimension, f.family, value, usual, _MAX, window, False, text)
+            return reason(self.name, self.dimension, f.family, value, usual, _MAX, window, False, "")
         usual = fb.units_30d.get()
         threshold = c.volume_ratio * usual
         fired = value > threshold
         window = fb.units_30d.window() + " (30-day units at each order)"
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         text = (f"Including this order, {fmt_n(value)} dosage units of {f.family} in the last 30 days; "
                 f"usually {fmt_n(usual)} ({window}), the threshold is {fmt_n(threshold)} "
                 f"({c.volume_ratio:g}x usual)" + ("." if fired else "; within it."))
@@ -499,9 +504,11 @@ class FrequencyDetector(PerFamilyDetector):
             threshold = float(cold)
             fired = value > threshold
             window = f"cold start: {samples} samples of {f.family} (< {c.freq_min_history}); absolute ceiling"
+            usual = base.get() if base else 0.0
+            if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+                return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
             text = (f"This is order {value} of {f.family} in {span}; too little history for a baseline, "
                     f"so only the ceiling of {cold} orders applies" + ("; exceeded." if fired else "; within it."))
-            usual = base.get() if base else 0.0
             return reason(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
         rate = round(self.rate(fb), 2)
         limit = poisson_quantile(rate, p)
@@ -562,14 +569,10 @@ class NewFamilyDetector:
         if fb is not None:
             # Usual quantity in the value's unit: usual units, at this order's MME per unit for opioids.
             usual = fb.units.get() * (f.mme / f.units if unit == "MME" and f.units else 1.0)
-            text = (f"{f.family} is not new: {fb.orders} of this registrant's {total} released orders "
-                    f"contained it.")
-            return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, text)
-        if total < c.new_family_min_orders:
-            text = (f"First order of {f.family} (schedule {sched}); the registrant has only {total} released "
-                    f"orders ({c.new_family_min_orders} needed before a new family stands out).")
-            return reason(self.name, self.dimension, f.family, value, 0.0, threshold, window, False, text)
-        fired = value > threshold
+            return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
+        fired = total >= c.new_family_min_orders and value > threshold
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, value, 0.0, threshold, window, False, "")
         if risky:
             why = "a new family of a high-risk schedule or on the high-risk list is held at any quantity"
         else:
@@ -622,15 +625,14 @@ class FamilyMixDetector:
         usual = shares.get(f.family, 0.0)
         window = state.mix.window() + "; value over the last 30 days"
         if state.total_orders < c.mix_min_orders or fb is None or fb.units_30d.n < c.volume_min_history:
-            text = (f"{f.family} would be {fmt_pct(value)} of this registrant's dosage units over the last "
-                    f"30 days; too little history ({state.total_orders} released orders, {c.mix_min_orders} "
-                    f"needed, and a 30-day baseline of the family) to judge the family mix.")
-            return reason(self.name, self.dimension, f.family, value, usual, 1.0, window, False, text)
+            return reason(self.name, self.dimension, f.family, value, usual, 1.0, window, False, "")
         threshold = max(_from_odds(c.mix_odds_ratio * _odds(usual)), c.mix_min_share)
         usual_volume = fb.units_30d.get()
         volume = u30[f.family]
         volume_ok = volume >= c.mix_min_volume_ratio * usual_volume
         fired = value > threshold and volume_ok
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         text = (f"{f.family} would be {fmt_pct(value)} of this registrant's dosage units over the last 30 days, "
                 f"usually {fmt_pct(usual)} ({state.mix.window()}); the threshold is {fmt_pct(threshold)} "
                 f"({c.mix_odds_ratio:g}x the usual odds, at least {fmt_pct(c.mix_min_share)})")
@@ -649,8 +651,13 @@ class FamilyMixDetector:
 # --------------------------------------------------------------------------
 
 def _months_span(m: Monthly, months: int) -> str:
-    n = len(m.trailing(months))
-    return f"{month_name(m.month - n)}..{month_name(m.month - 1)}" if n else "none"
+    return _span(m.month, len(m.trailing(months)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _span(month: int, n: int) -> str:
+    """The ``n`` months before ``month``, as a window reads them (the same few on every order: written once)."""
+    return f"{month_name(month - n)}..{month_name(month - 1)}" if n else "none"
 
 
 def _this_month(f: str, m: Monthly) -> str:
@@ -734,6 +741,8 @@ class TrendDetector(PerFamilyDetector):
         threshold = ratio * level
         fired = level > 0 and value > threshold
         window = f"median month of the {len(earlier)} full months ending {gap} months ago; 30 days to this order"
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, value, level, threshold, window, False, "")
         text = (f"{f.family} in the last 30 days: {fmt_n(value)} dosage units; this registrant's monthly level "
                 f"before the last {gap} months was {fmt_n(level)} (median of {len(earlier)} months); the threshold "
                 f"is {fmt_n(threshold)} ({ratio:g}x): sustained growth far beyond its own history.{focus_text}")
@@ -1005,21 +1014,27 @@ class TrailingMonthsRule(PerFamilyDetector):
     rule: str  # the rule's name in "too little monthly history for the ... rule"
     over: str  # how the window reads: "average over", "maximum of"
 
-    def _level(self, prior: tuple[int, ...]) -> tuple[float, float, str]:
-        """(reference level, threshold, the sentence stating both) for the trailing months ``prior``."""
+    def _level(self, prior: tuple[int, ...]) -> tuple[float, float]:
+        """(reference level, threshold) for the trailing months ``prior``."""
+        raise NotImplementedError
+
+    def _stated(self, prior: tuple[int, ...], level: float, threshold: float) -> str:
+        """The sentence stating the level and threshold (written only for a finding that fires)."""
         raise NotImplementedError
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         m = state.monthly(f.family, order)
         prior = m.trailing(self.months)
         with_orders = m.months_with_orders(self.months)
-        level, threshold, stated = self._level(prior)
+        level, threshold = self._level(prior)
         if with_orders < self.cfg.static_min_months:
             return _not_applicable(self, f, m, self.months, self.rule, with_orders, level)
         fired = m.current > threshold
         window = (f"calendar month {month_name(m.month)}; {self.over} the trailing {len(prior)} months "
                   f"({_months_span(m, self.months)})")
-        text = f"{_this_month(f.family, m)}; {stated}" + ("; exceeded." if fired else "; within it.")
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
+        text = f"{_this_month(f.family, m)}; {self._stated(prior, level, threshold)}; exceeded."
         return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
 
 
@@ -1041,11 +1056,13 @@ class StaticAverageDetector(TrailingMonthsRule):
         self.name = f"static_{multiple}x_12m"
         self.rule = f"{multiple}x 12-month average"
 
-    def _level(self, prior: tuple[int, ...]) -> tuple[float, float, str]:
+    def _level(self, prior: tuple[int, ...]) -> tuple[float, float]:
         avg = sum(prior) / len(prior) if prior else 0.0
-        threshold = self.multiple * avg
-        return avg, threshold, (f"trailing 12-month monthly average {fmt_n(avg)} ({len(prior)} months); "
-                                f"rule: over {self.multiple}x = {fmt_n(threshold)}")
+        return avg, self.multiple * avg
+
+    def _stated(self, prior: tuple[int, ...], level: float, threshold: float) -> str:
+        return (f"trailing 12-month monthly average {fmt_n(level)} ({len(prior)} months); "
+                f"rule: over {self.multiple}x = {fmt_n(threshold)}")
 
 
 def _not_applicable(det: PerFamilyDetector, f: FamilyFacts, m: Monthly, months: int, rule: str, with_orders: int,
@@ -1053,9 +1070,7 @@ def _not_applicable(det: PerFamilyDetector, f: FamilyFacts, m: Monthly, months: 
     """A trailing-months rule's finding when too few of those months had orders of the family to apply it."""
     need = det.cfg.static_min_months
     window = f"not applicable: {with_orders} of the trailing {months} months with orders of {f.family} (< {need})"
-    text = (f"{_this_month(f.family, m)}; too little monthly history for the {rule} rule "
-            f"({with_orders} prior months with orders, {need} needed).")
-    return reason(det.name, det.dimension, f.family, m.current, baseline, _MAX, window, False, text)
+    return reason(det.name, det.dimension, f.family, m.current, baseline, _MAX, window, False, "")
 
 
 class StaticMaxDetector(TrailingMonthsRule):
@@ -1066,9 +1081,12 @@ class StaticMaxDetector(TrailingMonthsRule):
     rule = "6-month maximum"
     over = "maximum of"
 
-    def _level(self, prior: tuple[int, ...]) -> tuple[float, float, str]:
+    def _level(self, prior: tuple[int, ...]) -> tuple[float, float]:
         top = float(max(prior, default=0))
-        return top, top, f"trailing 6-month monthly maximum {fmt_n(top)} ({len(prior)} months); rule: over the maximum"
+        return top, top
+
+    def _stated(self, prior: tuple[int, ...], level: float, threshold: float) -> str:
+        return f"trailing 6-month monthly maximum {fmt_n(level)} ({len(prior)} months); rule: over the maximum"
 
 
 class StaticCeilingDetector(PerFamilyDetector):
@@ -1083,6 +1101,8 @@ class StaticCeilingDetector(PerFamilyDetector):
         threshold = float(self.cfg.static_max_monthly_units)
         fired = m.current > threshold
         window = f"calendar month {month_name(m.month)}; fixed ceiling"
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, m.current, threshold, threshold, window, False, "")
         text = (f"{_this_month(f.family, m)}; rule: over {fmt_n(threshold)} dosage units of one family a month"
                 + ("; exceeded." if fired else "; within it."))
         # A fixed rule has no learned baseline: its reference level is the ceiling itself.
@@ -1150,11 +1170,13 @@ class CustomerLimitDetector(PerFamilyDetector):
         limit = None if self.limits is None else self.limits.get((order.purchaser_dea.upper(), f.family))
         if limit is None:
             why = "no customer limits file" if self.limits is None else f"no limit for this customer and {f.family}"
-            text = f"{_this_month(f.family, m)}; {why}, the customer-limit rule does not apply."
             return reason(self.name, self.dimension, f.family, m.current, 0.0, _MAX, f"not applicable: {why}",
-                          False, text)
+                          False, "")
         fired = m.current > limit
         window = f"calendar month {month_name(m.month)}; customer's monthly limit"
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, m.current, float(limit), float(limit), window, False,
+                          "")
         text = (f"{_this_month(f.family, m)}; this customer's monthly limit for {f.family} is {fmt_n(limit)}"
                 + ("; exceeded." if fired else "; within it."))
         return reason(self.name, self.dimension, f.family, m.current, float(limit), float(limit), window, fired, text)

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from streams.monitoring.baselines import (
-    STATE_VERSION, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
+    STATE_VERSION, OrderFacts, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
 )
 from streams.monitoring.detectors import DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, reason
 from streams.monitoring.anomaly import AnomalyCombiner
@@ -48,14 +48,19 @@ def evidence(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     analyst reads). This keeps a verdict ~1 KB instead of ~12 KB on every topic
     and table it flows through.
     """
-    fired = [r for r in reasons if r["fired"]]
-    closest: dict[str, dict[str, Any]] = {}
+    fired = []
+    closest: dict[str, tuple[float, dict[str, Any]]] = {}  # detector -> (closeness, finding); the first wins a tie
     for r in reasons:
-        if not r["fired"] and (r["detector"] not in closest or _closeness(r) > _closeness(closest[r["detector"]])):
-            closest[r["detector"]] = r
-    for r in closest.values():
+        if r["fired"]:
+            fired.append(r)
+            continue
+        near = _closeness(r)
+        best = closest.get(r["detector"])
+        if best is None or near > best[0]:
+            closest[r["detector"]] = (near, r)
+    for _, r in closest.values():
         r["explanation"] = ""
-    return fired + [closest[d] for d in sorted(closest)]
+    return fired + [closest[d][1] for d in sorted(closest)]
 
 
 def load_peers(path: str) -> PeerProfiles:
@@ -103,7 +108,21 @@ class Monitor:
         tags = "".join(f".{t}" for d in self.detectors if (t := getattr(d, "version_tag", "")))
         if peers is not None:
             tags += f".{peers.digest()}"
+        self._last_facts: tuple[Any, ...] | None = None  # (order, (id, received_at), lines, facts)
         self.model_version = f"som/{DETECTORS_VERSION}.s{STATE_VERSION}+{self.config.fingerprint()}{tags}"
+
+    def _facts(self, order: Mapping[str, Any]) -> OrderFacts:
+        """``order_facts(order)``, reused when ``learn_into`` follows ``score`` on the same, unchanged order.
+
+        Reusing the very object also lets the baselines reuse the windows scoring computed for it.
+        """
+        key = (order["order_id"], order["received_at"], order["lines"])
+        cached = self._last_facts
+        if cached is not None and cached[0] is order and cached[1] == key[:2] and cached[2] is key[2]:
+            return cached[3]
+        facts = order_facts(order)
+        self._last_facts = (order, key[:2], key[2], facts)
+        return facts
 
     @classmethod
     def from_env(cls) -> "Monitor":
@@ -147,20 +166,22 @@ class Monitor:
         already learned (a redelivery after its RELEASE was acted on) gets
         RELEASE again: the first decision stands and was already shipped on.
         """
-        facts = order_facts(order)
+        facts = self._facts(order)
         base = self._baselines(state, order)
         hold = self.hold_detectors
         reasons = []
         for d in self.detectors:
-            enforced = d.name in hold
-            for r in d.score_one(base, facts):
-                r["enforced"] = enforced
-                reasons.append(r)
+            found = d.score_one(base, facts)
+            if d.name not in hold:  # reason() marks every finding enforced; most detectors' are
+                for r in found:
+                    r["enforced"] = False
+            reasons += found
         if self.combiner is not None:
-            enforced = self.combiner.name in hold
-            for r in self.combiner.score(reasons):
-                r["enforced"] = enforced
-                reasons.append(r)
+            found = self.combiner.score(reasons)
+            if self.combiner.name not in hold:
+                for r in found:
+                    r["enforced"] = False
+            reasons += found
         # Decisions already taken (open case, report, analyst limit, termination): always enforced.
         reasons.extend(open_cases.findings(base, facts))
         replay = base.has_learned(facts.order_id)
@@ -198,7 +219,7 @@ class Monitor:
 
     def learn_into(self, base: RegistrantBaselines, order: Mapping[str, Any]) -> None:
         """Fold a RELEASED order into live baselines (mutates ``base``); export with ``base.to_state()``."""
-        self._baselines(base, order).learn(order_facts(order))
+        self._baselines(base, order).learn(self._facts(order))
 
     def note_verdict(self, base: RegistrantBaselines, order: Mapping[str, Any], verdict: Mapping[str, Any]) -> bool:
         """Record a verdict in the registrant's due-diligence state (a HOLD opens a case); True if it changed.

@@ -76,6 +76,8 @@ class NewCustomerDetector(PerFamilyDetector):
         if threshold <= 0:
             return reason(self.name, self.dimension, f.family, m.current, 0.0, _MAX, "not applicable", False, "")
         fired = m.current > threshold
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
         text = (f"{f.family} in {month_name(m.month)}: {fmt_n(m.current)} dosage units with this order, by a new "
                 f"customer (first order {days:.0f} days ago, no onboarding review yet); its own history is not a "
                 f"baseline yet, so the ceiling is {source}: {fmt_n(threshold)}"

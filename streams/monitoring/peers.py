@@ -47,24 +47,34 @@ class LogHistogram:
     value, so it is within half a bin (~5 %) of the exact sample quantile.
     """
 
-    __slots__ = ("bins", "n")
+    __slots__ = ("bins", "n", "_quantiles")
 
     def __init__(self, bins: Mapping[int, int] | None = None) -> None:
         self.bins: dict[int, int] = dict(bins or {})
         self.n = sum(self.bins.values())
+        # Peer profiles are read-only reference data: the monitor asks the same few quantiles on every order.
+        self._quantiles: dict[float, float] = {}
 
     def learn_one(self, x: float) -> None:
         b = int(math.floor(math.log(max(float(x), 1.0)) / BIN_WIDTH))
         self.bins[b] = self.bins.get(b, 0) + 1
         self.n += 1
+        self._quantiles.clear()
 
     def merge(self, other: "LogHistogram") -> "LogHistogram":
         for b, c in other.bins.items():
             self.bins[b] = self.bins.get(b, 0) + c
         self.n += other.n
+        self._quantiles.clear()
         return self
 
     def quantile(self, q: float) -> float:
+        value = self._quantiles.get(q)
+        if value is None:
+            value = self._quantiles[q] = self._quantile(q)
+        return value
+
+    def _quantile(self, q: float) -> float:
         if not self.n:
             return 0.0
         rank = q * (self.n - 1)
