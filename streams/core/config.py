@@ -96,7 +96,7 @@ class Settings:
     dedup_days: float = 14.0
     # -- issue 10 (fast recovery): static consumer-group membership and failure detection
     worker_id: str = ""  # CSOS_WORKER_ID: this process's stable name in its consumer groups ('' = host + port)
-    session_timeout_seconds: float = 10.0  # CSOS_SESSION_TIMEOUT_SECONDS: a silent member's partitions move after
+    session_timeout_seconds: float = 6.0  # CSOS_SESSION_TIMEOUT_SECONDS: a silent member's partitions move after
     heartbeat_seconds: float = 1.0  # CSOS_HEARTBEAT_SECONDS: how often a member tells the broker it is alive
     static_membership: bool = True  # CSOS_STATIC_MEMBERSHIP: 0 = dynamic members (ids not stable, e.g. autoscaled)
     # -- issue 12 (CRL freshness barrier): how long the verify agent waits, per batch, for its reference reader
