@@ -15,6 +15,7 @@ driver only; every other argument is Faust's own.
 from __future__ import annotations
 
 import logging
+import time
 import types
 import weakref
 from collections.abc import AsyncIterator
@@ -42,6 +43,9 @@ def set_fetch_max_wait(ms: int) -> None:
     module.AIOKafkaConsumer = Consumer  # type: ignore[attr-defined]
     faust_driver.aiokafka = module  # type: ignore[attr-defined]
 
+
+#: Seconds between two scans for lost records (a loss is repaired when two scans in a row see it).
+REPAIR_CHECK_SECONDS = 1.0
 
 #: Fetches in a row that may skip the same expected offset before its records are taken as deleted by retention.
 MAX_REFETCH = 5
@@ -79,7 +83,7 @@ class GaplessInputs(faust_driver.Consumer):  # type: ignore[misc]
     2. a commit goes only as far as the acknowledged offsets run without a
        hole from the committed offset (or, with none committed, from the
        first record delivered since the partition was positioned);
-    3. every commit round looks for *lost* records: offsets fetched for the
+    3. about once a second, a commit looks for *lost* records: offsets fetched for the
        agents since the committed offset that are neither acknowledged nor
        still held by anything (a queue, a stream, an agent's batch: the
        consumer keeps each fetched record by weak reference). A loss
@@ -100,6 +104,7 @@ class GaplessInputs(faust_driver.Consumer):  # type: ignore[misc]
     _jumps: dict[tuple[TP, int], int]  # fetches that skipped past an expected offset, per (partition, offset)
     _fetched: dict[TP, weakref.WeakValueDictionary]  # offset -> record, while anything (a queue, an agent) holds it
     _repairs: int = 0
+    _next_repair_check: float = 0.0  # monotonic time of the next scan for lost records
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -224,7 +229,11 @@ class GaplessInputs(faust_driver.Consumer):  # type: ignore[misc]
         return lost
 
     async def commit(self, *args: Any, **kwargs: Any) -> bool:
-        if self.flow_active and not self.app.rebalancing:
+        # Agents commit after every batch: the scan for lost records (a walk over each partition's uncommitted
+        # offsets) runs at most once a REPAIR_CHECK_SECONDS, not on every one of those commits.
+        now = time.monotonic()
+        if self.flow_active and not self.app.rebalancing and now >= self._next_repair_check:
+            self._next_repair_check = now + REPAIR_CHECK_SECONDS
             await self._repair_lost()
         return await super().commit(*args, **kwargs)
 
