@@ -2,14 +2,15 @@
 #   make demo   - install, start a local Kafka broker, run the whole pipeline on simulated orders, print the summary
 #   make test   - install, then run the whole test suite against a real broker and the embedded ClickHouse engine
 # Everything is installed by these targets: Python packages into .venv/, Kafka into .cache/, and (make test
-# only) Debian's chromium package for the browser test, with apt-get.
+# only) Debian's chromium package for the browser test and Debian's prometheus package for the metrics tests,
+# with apt-get.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test install kafka browser pkits bench clean
+.PHONY: demo test install kafka browser prometheus pkits bench clean
 
 install: $(STAMP)
 
@@ -27,6 +28,13 @@ kafka:
 # Playwright drives /usr/bin/chromium; it never downloads a browser of its own. Needs root (apt-get).
 browser:
 	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
+
+# Debian's Prometheus (2.42, with promtool) for tests/unit/test_prometheus_files.py (promtool checks deploy/prometheus)
+# and tests/e2e/test_metrics.py (a real Prometheus scrapes the session's worker and sink and evaluates the alert
+# rules). Installed the same way as chromium: Debian's package, with apt-get (needs root). The package's service
+# is not used: the test starts its own server on a free port.
+prometheus:
+	command -v promtool >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
 
 # NIST PKITS (RFC 5280 path and CRL conformance data) for tests/unit/test_pkits.py: not in this repository;
 # taken from the pyhanko-certvalidator source distribution (the same version as the dependency), which ships
@@ -46,7 +54,7 @@ $(PKITS): | $(STAMP)
 demo: install kafka
 	$(BIN)/csos demo
 
-test: install kafka browser pkits
+test: install kafka browser prometheus pkits
 	$(BIN)/python -m pytest -q
 
 bench: install kafka
