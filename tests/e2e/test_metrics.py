@@ -3,17 +3,22 @@
 The live test scrapes ``/metrics`` from the session pipeline's worker and sink (``streamed``: the
 feed and the hostile extras have flowed) and compares them with what ClickHouse recorded. The rule
 and dashboard test reads ``deploy/prometheus/alerts.yml`` and the operators' Grafana dashboard and
-checks every ``csos_*`` series they use is in what the three processes expose.
+checks every ``csos_*`` series they use is in what the three processes expose. The Prometheus test
+runs a real Prometheus (Debian's package, ``make prometheus``; skipped when the binary is absent) against the
+same worker and sink with the alert rules loaded, and reads what it scraped and evaluated through its HTTP API.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import shutil
+import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -120,6 +125,101 @@ def test_scraped_counts_agree_with_what_the_pipeline_did(streamed):
     assert total(sink, "csos_sink_rows_written_total", table="verdicts") >= stored["held"] + stored["released"]
     assert total(sink, "csos_sink_rows_written_total", table="rejections") >= stored["rejected"]
     assert time.time() - total(sink, "csos_sink_last_write_timestamp_seconds") < 600
+
+
+# --------------------------------------------------------------------------- a real Prometheus scrapes them
+PROMETHEUS = shutil.which("prometheus")
+
+
+def prometheus_api(port: int, path: str, **params: str) -> Any:
+    """``data`` of a Prometheus HTTP API answer (fails on an API error)."""
+    url = f"http://127.0.0.1:{port}/api/v1/{path}"
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=10) as r:
+        answer = json.loads(r.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def prometheus_config(worker_port: int, sink_port: int) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml's jobs and rules, aimed at the session's processes, scraping every second.
+
+    Written as JSON (YAML's subset): no YAML library needed."""
+    return {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [{"job_name": "csos-worker", "static_configs": [{"targets": [f"127.0.0.1:{worker_port}"]}]},
+                               {"job_name": "csos-sink", "static_configs": [{"targets": [f"127.0.0.1:{sink_port}"]}]}]}
+
+
+@pytest.fixture
+def prometheus(streamed, tmp_path: Path) -> Iterator[int]:
+    """A real Prometheus (Debian's 2.42) on a free port scraping the session's worker and sink; yields its port."""
+    if PROMETHEUS is None:
+        pytest.skip("prometheus binary not installed (`make prometheus` installs Debian's prometheus package)")
+    from streams.tools.broker import free_port
+
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps(prometheus_config(streamed.settings.web_port, streamed.settings.sink_port)))
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if proc.returncode not in (0, -15):
+            print((tmp_path / "prometheus.log").read_text()[-4000:])
+
+
+@pytest.mark.kafka
+def test_prometheus_scrapes_the_pipeline_and_evaluates_every_alert_rule(streamed, prometheus):
+    """What an operator's Prometheus sees: both targets up, orders by outcome equal to the orders sent, and every
+    rule of deploy/prometheus/alerts.yml loaded and evaluated without error."""
+    port = prometheus
+
+    def api(path: str, **params: str) -> Any:
+        try:
+            return prometheus_api(port, path, **params)
+        except OSError:  # not listening yet
+            return None
+
+    targets = eventually(lambda: api("targets", state="active"),
+                         lambda d: d is not None and len(d["activeTargets"]) == 2
+                         and all(t["health"] == "up" for t in d["activeTargets"]), what="both targets up")
+    assert {t["labels"]["job"] for t in targets["activeTargets"]} == {"csos-worker", "csos-sink"}
+
+    sent = len(streamed.feed.messages) + len(streamed.extra_raw) + len(streamed.extra_received)
+    worker = samples(scrape_text(streamed.settings.web_port))
+    direct = {o: total(worker, "csos_orders_total", outcome=o) for o in ("released", "held", "rejected")}
+    dead = total(worker, "csos_dead_letters_total", stage="verify", topic=t.RECEIVED)
+
+    def outcomes() -> dict[str, float] | None:
+        data = api("query", query='sum by (outcome) (csos_orders_total{job="csos-worker"})')
+        return None if data is None else {r["metric"]["outcome"]: float(r["value"][1]) for r in data["result"]}
+
+    queried = eventually(outcomes, lambda o: o is not None and {k: o.get(k, 0.0) for k in direct} == direct,
+                         what="Prometheus's orders by outcome == the worker's /metrics")
+    assert sum(queried.values()) + dead == sent, (queried, dead, sent)
+    assert all(queried[o] > 0 for o in ("released", "held", "rejected")), queried
+
+    expected = set(alert_rules())
+
+    def rules() -> dict[str, dict[str, Any]] | None:
+        data = api("rules", type="alert")
+        return None if data is None else {r["name"]: r for g in data["groups"] for r in g["rules"]}
+
+    loaded = eventually(rules, lambda r: r is not None and set(r) == expected
+                        and all(rule["health"] != "unknown" for rule in r.values()), what="every rule evaluated")
+    errors = {name: rule.get("lastError") for name, rule in loaded.items() if rule["health"] != "ok"}
+    assert not errors, errors
 
 
 # --------------------------------------------------------------------------- rules and panels name real series
