@@ -295,3 +295,49 @@ def test_the_demo_prints_where_the_dashboards_are(monkeypatch):
     monkeypatch.setenv("CSOS_REVIEW_PORT", "7001")
     monkeypatch.delenv("CSOS_REVIEW_HOST", raising=False)
     assert d.dashboard_url() == "http://127.0.0.1:7001/dashboard"
+
+
+#: The fill report's status as a plain query over the base tables (shipments deduplicated by FINAL, releases read
+#: from every verdict): what FILL_REPORT_STATUS must equal while it reads ``dash_released_orders`` instead.
+FILL_REFERENCE = """
+SELECT toDate(shipped_at) AS ship_day, count() AS lines, uniqExact(order_id) AS orders,
+       countIf(order_id NOT IN (SELECT order_id FROM verdicts WHERE verdict = 'RELEASE'
+                                  AND received_at >= greatest(toDate(%(start)s), toDate(%(end)s) - 13) - 60))
+FROM shipments FINAL
+WHERE shipped_at >= greatest(toDate(%(start)s), toDate(%(end)s) - 13) AND shipped_at < toDate(%(end)s) + 1
+GROUP BY ship_day ORDER BY ship_day
+"""
+
+
+def test_fill_status_from_released_orders_equals_the_plain_query_also_after_an_upgrade(store):
+    """Releases stored before 018_dashboard_fast_paths.sql existed (copied once when it is applied: here the
+    table is emptied and the DDL applied again, as on a store upgraded to this version) and after (its
+    materialized view); orders shipped on several days, some lines delivered twice, some orders held, unknown or
+    released too long ago: the fast query and the plain one agree on every day."""
+    settings, reader = store
+    writer = open_client(settings)
+    try:
+        writer.command("TRUNCATE TABLE dash_released_orders")
+        apply_ddl(writer)  # the upgrade: 018 copies the releases already stored
+        apply_ddl(writer)  # applied again (every start): the table is no longer empty, nothing is copied
+        copied = writer.query("SELECT count() FROM dash_released_orders").result_rows[0][0]
+        assert copied == writer.query("SELECT count() FROM verdicts WHERE verdict = 'RELEASE'").result_rows[0][0]
+        long_ago = _order("old-1", STEADY, NOW - timedelta(days=100), OXY, 100)
+        fresh = _order("new-1", STEADY, NOW - timedelta(days=1), OXY, 100)
+        ClickHouseSink(writer).write([SourceRecord(t.VERDICTS, 1, i, "som.Verdict", _verdict(o, False))
+                                      for i, o in enumerate((long_ago, fresh))])  # through the view
+        shipped = [o for o, _ in _history()] + [long_ago, fresh, _order("unknown-1", STEADY, NOW, OXY, 100)]
+        rows = [[f"sh-{i}", o["order_id"], o["order_number"], o["purchaser_dea"], "PK0070297",
+                 NOW - timedelta(days=i % 16, hours=i % 5), line, "00406-0512-01", 1]
+                for i, o in enumerate(shipped) for line in (1, 2)]
+        columns = ["shipment_id", "order_id", "order_number", "purchaser_dea", "supplier_dea", "shipped_at",
+                   "line_no", "ndc", "packages_shipped"]
+        writer.insert("shipments", rows, column_names=columns)
+        writer.insert("shipments", rows[::3], column_names=columns)  # redelivered lines: exact copies
+    finally:
+        writer.close()
+    params = {"start": (TODAY - timedelta(days=89)).isoformat(), "end": TODAY.isoformat()}
+    fast = run_readonly_query(reader, finalize_query(dashboard_sql.FILL_REPORT_STATUS, params))[1]
+    plain = run_readonly_query(reader, finalize_query(FILL_REFERENCE, params))[1]
+    assert fast == plain
+    assert len(fast) >= 13 and sum(r[3] for r in fast) >= 6  # held, unknown and released-long-ago lines
