@@ -41,7 +41,7 @@ _DEA = "concat('AB', leftPad(toString(o % {registrants}), 7, '0'))"
 _AT = ("toDateTime64(toDateTime({end}) - toIntervalSecond(intHash32(o) % ({days} * 86400)), 3, 'UTC')")
 _HELD = "(o % 100 = 0)"
 _REJECTED = "(o % 50 = 1)"
-AGGREGATES = ("dash_volume_day", "dash_registrant_week", "dash_verdict_day", "dash_released_orders")
+AGGREGATES = ("dash_volume_day", "dash_registrant_week", "dash_verdict_day", "dash_growth", "dash_released_orders")
 
 
 @dataclass(frozen=True)

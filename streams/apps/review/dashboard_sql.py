@@ -9,7 +9,7 @@ so one text serves every combination.
 
 The volume charts and the growth ranking read the aggregates that materialized views keep
 (``dash_volume_day``, ``dash_registrant_week``, ``dash_verdict_day``, ``schemas/clickhouse/017_dashboard_aggregates.sql``),
-and the fill report reads ``dash_released_orders`` (``018_dashboard_fast_paths.sql``); the small tables (cases,
+the growth ranking ``dash_growth`` and the fill report ``dash_released_orders`` (``018_dashboard_fast_paths.sql``); the small tables (cases,
 rejections, dead letters, reports, shipments) are read directly with ``FINAL``. Every query passes
 ``connectors/clickhouse/sql_guard.py`` (one plain SELECT), since on the embedded engine it goes through the sink's ``/sql``.
 """
@@ -19,6 +19,12 @@ from __future__ import annotations
 _DAYS = "day BETWEEN toDate(%(start)s) AND toDate(%(end)s)"
 #: The first Monday of the recent weeks the growth ranking compares (the week holding ``end`` is the last).
 _RECENT = "(toMonday(toDate(%(end)s)) - 7 * (%(recent_weeks)s - 1))"
+#: The growth ranking's first week, the first 4-week block starting on or after it, and the end of the last block
+#: ending on or before the recent weeks (blocks are aligned on Monday 1970-01-05, day 4: 018_dashboard_fast_paths.sql).
+#: When no whole block fits, _BLOCKS_END <= _FIRST_BLOCK and every week is read as a weekly row.
+_FIRST_WEEK = "toMonday(toDate(%(start)s))"
+_FIRST_BLOCK = f"({_FIRST_WEEK} + modulo(28 - modulo(toUInt32({_FIRST_WEEK}) - 4, 28), 28))"
+_BLOCKS_END = f"({_RECENT} - modulo(toUInt32({_RECENT}) - 4, 28))"
 _PEERS = ("(%(state)s = '' OR purchaser_state = %(state)s) "
           "AND (%(activity)s = '' OR business_activity = %(activity)s)")
 
@@ -151,7 +157,9 @@ GROUP BY day ORDER BY day
 #: ``recent_weeks`` weeks up to ``end`` against the earlier weeks of the range, scaled to the same number of days,
 #: and against the median of their peers (same family, business activity and state) over the same recent weeks.
 #: Registrants with no earlier history are left out of the own-history ranking (nothing to grow from) but count
-#: as peers.
+#: as peers. Read from ``dash_growth`` (018_dashboard_fast_paths.sql): the baseline's whole 4-week blocks as one row
+#: each (counted as their first Monday, always before the recent weeks), the other weeks (at most three at each end
+#: of the baseline, and the recent weeks) as weekly rows; the same sums as ``dash_registrant_week``'s weeks.
 GROWTH = f"""
 SELECT purchaser_dea, drug_family, peer_activity, peer_state, recent, baseline,
        if(baseline > 0, recent / baseline, 0) AS own_ratio, peer_median,
@@ -167,9 +175,10 @@ FROM
                sumIf(if(%(metric)s = 'mme', mme, toFloat64(dosage_units)), week >= {_RECENT}) AS recent,
                sumIf(if(%(metric)s = 'mme', mme, toFloat64(dosage_units)), week < {_RECENT})
                    * (dateDiff('day', {_RECENT}, toDate(%(end)s)) + 1)
-                   / greatest(1, dateDiff('day', toMonday(toDate(%(start)s)), {_RECENT})) AS baseline
-        FROM dash_registrant_week
-        WHERE week >= toMonday(toDate(%(start)s)) AND week <= toDate(%(end)s)
+                   / greatest(1, dateDiff('day', {_FIRST_WEEK}, {_RECENT})) AS baseline
+        FROM dash_growth
+        WHERE week >= {_FIRST_WEEK} AND week <= toDate(%(end)s)
+          AND if(week >= {_FIRST_BLOCK} AND week < {_BLOCKS_END}, weeks = 4, weeks = 1)
           AND (%(family)s = '' OR drug_family = %(family)s) AND {_PEERS}
         GROUP BY purchaser_dea, drug_family
     )
