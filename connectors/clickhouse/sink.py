@@ -478,8 +478,9 @@ class ClickHouseSink:
                 continue
             token = table + "|" + ",".join(
                 f"{t}:{p}:{lo}-{hi}" for (t, p), (lo, hi) in sorted(ranges[table].items()))
-            self.client.insert(table, rows, column_names=list(TABLE_COLUMNS[table]),
-                               settings={"insert_deduplication_token": token})
+            # Column-oriented: one C-level transpose here instead of the driver's row-by-row one.
+            self.client.insert(table, list(zip(*rows)), column_names=list(TABLE_COLUMNS[table]),
+                               column_oriented=True, settings={"insert_deduplication_token": token})
             if table == "audit_events":
                 self.chains.commit()
                 self._recent_event_ids.update(r[_EVENT_ID] for r in rows)
