@@ -21,6 +21,7 @@ import struct
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from clickhouse_connect.driver.client import Client
@@ -28,9 +29,8 @@ from clickhouse_connect.driver.exceptions import DatabaseError, DataError, Opera
 from cryptography.hazmat.primitives import serialization
 
 from streams.domain.cms import SignatureError, parse_signed_data
-from streams.domain.documents import parse_document
 from streams.domain.order_document import FORMAT as CANONICAL_FORMAT
-from streams.domain.order_document import DocumentError
+from streams.domain.x12_850 import FORMAT as X12_850_FORMAT, claimed_identifiers
 
 from connectors.clickhouse.audit_chain import AUDIT_FIELDS, CHAIN_COLUMNS, AuditKey, ChainSealer, clickhouse_head_loader
 from connectors.clickhouse.column_types import check_rows, partition_key
@@ -267,17 +267,20 @@ def extract_certificates(document: bytes | None, signature: bytes) -> tuple[list
 
 
 def lookup_fields(content: bytes | None, fmt: str = CANONICAL_FORMAT) -> tuple[str | None, str | None]:
-    """(order number, purchaser DEA number) from the signed content, best effort; NULLs if unreadable."""
+    """(order number, purchaser DEA number) from the signed content, best effort; NULLs if unreadable.
+
+    Not validated (the verdict is in ``rejections``/``verdicts``): read directly, since a full parse of every
+    order was the largest part of the sink's work per order.
+    """
     if not content:
         return None, None
+    if fmt == X12_850_FORMAT:  # the two elements, not a full parse (valid: the same values; defective: as claimed)
+        number, dea = claimed_identifiers(content)
+        return (number if number is not None and len(number) <= 64 else None,
+                dea if dea is not None and len(dea) <= 64 else None)
+    # The canonical JSON: a valid document's number and DEA number are its fields exactly as written (the parser
+    # validates, never rewrites them), and a defective one is filed under the fields it claims; so no full parse.
     try:
-        order = parse_document(bytes(content), fmt)
-        return order.order_number, order.purchaser.dea_number
-    except DocumentError:
-        pass
-    except Exception:  # noqa: BLE001
-        return None, None
-    try:  # defective order (e.g. no lines): still file it under the number and DEA it claims
         doc = json.loads(bytes(content).decode("utf-8"))
         number = doc.get("order_number") if isinstance(doc, dict) else None
         purchaser = doc.get("purchaser") if isinstance(doc, dict) else None
@@ -324,6 +327,21 @@ def is_data_error(exc: BaseException) -> bool:
 
 
 _EVENT_ID = AUDIT_FIELDS.index("event_id")
+_OCCURRED_AT = AUDIT_FIELDS.index("occurred_at")
+#: Event ids per look-up query: about 50 bytes each, far below the 256 KiB a query may have.
+LOOKUP_SLICE = 2000
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _day(value: Any) -> str:
+    """The UTC date of a DateTime64 value (a datetime, naive = UTC, or epoch milliseconds), as ClickHouse's toDate."""
+    if isinstance(value, datetime):
+        value = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc).date().isoformat()
+    return datetime.fromtimestamp(int(value) / 1000, timezone.utc).date().isoformat()
 #: How many sealed audit event ids the sink remembers between runs (older copies are looked up).
 RECENT_EVENT_IDS = 200_000
 
@@ -437,13 +455,19 @@ class ClickHouseSink:
         event id is sealed once; a copy is skipped. Recent ids are remembered
         here; older ones are looked up in ClickHouse, once per run.
         """
-        ids = {r[_EVENT_ID] for item in batch for r in (item.rows or {}).get("audit_events", ())}
-        found = {i for i in ids if i in self._recent_event_ids}
-        unknown = ids - found
-        if unknown:
-            listed = ", ".join("'" + i.replace("\\", "\\\\").replace("'", "\\'") + "'" for i in sorted(unknown))
+        day_of = {r[_EVENT_ID]: _day(r[_OCCURRED_AT])
+                  for item in batch for r in (item.rows or {}).get("audit_events", ())}
+        found = {i for i in day_of if i in self._recent_event_ids}
+        unknown = sorted(set(day_of) - found)
+        # In slices (a query is limited to 256 KiB), and restricted to the events' days: the sorting key starts
+        # with toDate(occurred_at), so only those days' parts are read, not every event ever stored.
+        for start in range(0, len(unknown), LOOKUP_SLICE):
+            ids = unknown[start:start + LOOKUP_SLICE]
+            days = ", ".join(sorted({f"'{day_of[i]}'" for i in ids}))
+            listed = ", ".join(_quoted(i) for i in ids)
             found |= {r[0] for r in self.client.query(
-                f"SELECT DISTINCT event_id FROM audit_events WHERE event_id IN ({listed})").result_rows}
+                f"SELECT DISTINCT event_id FROM audit_events WHERE toDate(occurred_at) IN ({days}) "
+                f"AND event_id IN ({listed})").result_rows}
         return found
 
     @staticmethod

@@ -179,7 +179,7 @@ def measure(messages: list[BenchMessage], store: Path, *, batch_size: int, profi
     text = ""
     if profiler:
         buf = io.StringIO()
-        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler, stream=buf).sort_stats("cumtime").print_stats(45)
         text = buf.getvalue()
     return SinkBench(len(messages), lines, len(batches), batch_size, cpu, wall, decode_cpu, write_cpu, rows, text)
 
