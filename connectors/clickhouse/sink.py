@@ -376,6 +376,43 @@ class ClickHouseSink:
         self._partition_of: dict[str, Callable[[list[Any]], Hashable]] = {}
         #: Audit event ids sealed lately (a redelivered copy is recognised without a query).
         self._recent_event_ids: BoundedSet = BoundedSet(RECENT_EVENT_IDS)
+        #: (topic, partition) -> highest offset stored in every table (``sink_progress``); None until read.
+        self._stored: dict[tuple[str, int], int] | None = None
+
+    def forget(self) -> None:
+        """Re-read what is stored before writing again (partitions were reassigned: another sink may have
+        written meanwhile): the audit chains' heads and the ``sink_progress`` offsets."""
+        self.chains.forget()
+        self._stored = None
+
+    def stored_offset(self, topic: str, partition: int) -> int:
+        """The highest offset of ``topic``/``partition`` whose rows are all stored (-1: none)."""
+        if self._stored is None:
+            self._stored = {(t, int(p)): int(o) for t, p, o in self.client.query(
+                "SELECT topic, partition, max(stored_offset) FROM sink_progress GROUP BY topic, partition").result_rows}
+        return self._stored.get((topic, partition), -1)
+
+    def already_stored(self, item: SourceRecord) -> bool:
+        """True for a message re-delivered after its batch was stored but not committed to Kafka (a crash
+        between the two): its rows are in every table already, so writing them again would count it twice
+        in the dashboards' aggregates, whose sums do not collapse copies as ``FINAL`` does on the tables."""
+        return item.offset <= self.stored_offset(item.topic, item.partition)
+
+    def _record_progress(self, items: list[SourceRecord]) -> None:
+        """Remember, in ClickHouse, the highest offset of each partition of a batch now stored in full."""
+        highest: dict[tuple[str, int], int] = {}
+        for item in items:
+            key = (item.topic, item.partition)
+            highest[key] = max(highest.get(key, -1), item.offset)
+        if not highest:
+            return
+        rows = [[t, p, o] for (t, p), o in sorted(highest.items())]
+        self.client.insert("sink_progress", list(zip(*rows)), column_names=["topic", "partition", "stored_offset"],
+                           column_oriented=True)
+        stored = self._stored if self._stored is not None else {}
+        for key, offset in highest.items():
+            stored[key] = max(stored.get(key, -1), offset)
+        self._stored = stored
 
     def write(self, batch: Iterable[SourceRecord], reject: Reject | None = None) -> dict[str, int]:
         """Insert the batch's rows; return the rows written per table.
@@ -392,7 +429,11 @@ class ClickHouseSink:
         An outage error propagates even with ``reject``.
         """
         items = []
+        skipped = 0
         for item in batch:
+            if self.already_stored(item):
+                skipped += 1
+                continue
             if item.rows is None:
                 try:
                     item = replace(item, rows=checked_rows(item.schema, item.record))
@@ -402,9 +443,12 @@ class ClickHouseSink:
                     reject(item, exc)
                     continue
             items.append(item)
+        if skipped:
+            log.info("%d re-delivered messages skipped: already stored (sink_progress)", skipped)
         written: dict[str, int] = defaultdict(int)
         for run in self._runs(items):
             self._write_isolating(run, reject, written)
+        self._record_progress(items)
         return dict(written)
 
     def _partition(self, table: str) -> Callable[[list[Any]], Hashable]:

@@ -202,8 +202,8 @@ class SinkService:
         raise RuntimeError("stopped before the batch was written; it will be re-read")
 
     def run(self) -> None:
-        # Another sink may have extended an audit chain while it owned the partition: re-read the heads.
-        self.consumer.subscribe(list(EXPECTED), on_assign=lambda _consumer, _partitions: self.sink.chains.forget())
+        # Another sink may have written a partition while it owned it: re-read the chain heads and stored offsets.
+        self.consumer.subscribe(list(EXPECTED), on_assign=lambda _consumer, _partitions: self.sink.forget())
         lag = metrics.Every(1.0, metrics.confluent_lag(self.consumer, self.group))
         try:
             while not self.stopping.is_set():
@@ -219,7 +219,8 @@ class SinkService:
                 if not good:
                     continue
                 metrics.SINK_BATCH.observe(len(good))
-                records = self.decode(good)
+                # Stored before a crash but not committed: not decoded, archived or dead-lettered again.
+                records = self.decode([m for m in good if m.offset() > self.sink.stored_offset(m.topic(), m.partition())])
                 self.emitter.publisher.flush()  # dead letters durable before their offsets are committed
                 if records:
                     self.write(records)
