@@ -147,7 +147,10 @@ def bench_dashboards(lines: int, registrants: int, days: int, runs: int, path: P
 @click.option("--seed", default=3, show_default=True)
 @click.option("--batch-size", type=int, default=None, help="Messages per batch (default CSOS_SINK_BATCH_SIZE).")
 @click.option("--profile", is_flag=True, help="Print the 25 costliest functions (cProfile, own time).")
-def bench_sink(registrants: int, days: int, seed: int, batch_size: int | None, profile: bool) -> None:
+@click.option("--messages", "messages_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Pickle of the generated messages: loaded if it exists, else written (same input run to run).")
+def bench_sink(registrants: int, days: int, seed: int, batch_size: int | None, profile: bool,
+               messages_file: Path | None) -> None:
     """The sink alone: order lines per sink CPU-second through decode -> rows -> insert (target: 20,000).
 
     Every message a simulated run publishes on the sink's topics, pre-encoded, fed in batches to the
@@ -155,7 +158,8 @@ def bench_sink(registrants: int, days: int, seed: int, batch_size: int | None, p
     """
     from streams.tools.bench_sink import run
 
-    click.echo(run(registrants=registrants, days=days, seed=seed, batch_size=batch_size, profile=profile).render())
+    click.echo(run(registrants=registrants, days=days, seed=seed, batch_size=batch_size, profile=profile,
+                   messages_file=messages_file).render())
 
 
 #: The top-level commands of this module, added to ``csos`` by ``streams.cli``.

@@ -94,11 +94,7 @@ def static_member(instance_id: str | None) -> dict[str, str]:
 
 
 class SinkService:
-    """Kafka -> ClickHouse. ``emitter`` and ``connect=False`` let a benchmark drive the decode -> rows -> insert
-    path without a broker (``streams.tools.bench_sink``); the service then has no consumer."""
-
-    def __init__(self, settings: Settings, codec: AvroCodec | None = None, *, emitter: Emitter | None = None,
-                 connect: bool = True) -> None:
+    def __init__(self, settings: Settings, codec: AvroCodec | None = None) -> None:
         self.settings = settings
         self.codec = codec or default_codec()
         self.audit_key = sink_key(settings)  # a malformed CSOS_AUDIT_KEY stops the sink before it writes anything
@@ -108,16 +104,9 @@ class SinkService:
         self.lock = threading.Lock()  # one thread at a time in the ClickHouse client
         self.reader = open_client(settings, readonly=True)  # analysts' session, separate and read-only
         self.reader_lock = threading.Lock()
-        self.emitter = emitter or Emitter(Publisher(settings.kafka_bootstrap), "clickhouse-sink")
+        self.emitter = Emitter(Publisher(settings.kafka_bootstrap), "clickhouse-sink")
         self.group = f"{settings.app_id}-clickhouse-sink"
-        self.stopping = threading.Event()
-        self.dead_lettered = 0
-        self.batches = 0
-        if connect:
-            self.consumer = self._consumer(settings)
-
-    def _consumer(self, settings: Settings) -> Consumer:
-        return Consumer({
+        self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
             "group.id": self.group,
             "auto.offset.reset": "earliest",
@@ -130,6 +119,9 @@ class SinkService:
             "heartbeat.interval.ms": int(settings.heartbeat_seconds * 1000),
             **client_config(),
         }, logger=logging.getLogger("streams.pipeline.sink_service.librdkafka"))
+        self.stopping = threading.Event()
+        self.dead_lettered = 0
+        self.batches = 0
 
     def decode(self, messages: list[Any]) -> list[SourceRecord]:
         records = []

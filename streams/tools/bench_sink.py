@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import cProfile
 import io
+import pickle
 import pstats
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from connectors.kafka import catalogue as t
 from connectors.kafka.emit import Emitter
@@ -141,16 +143,33 @@ class SinkBench:
         return "\n".join(out)
 
 
-def measure(messages: list[BenchMessage], store: Path, *, batch_size: int, profile: bool = False) -> SinkBench:
-    """Feed ``messages`` through a fresh sink on an embedded engine at ``store``; time its CPU."""
+def offline_service(settings: Settings) -> Any:
+    """A ``SinkService`` whose ``decode`` and ``write`` run as in the sink process, without a broker: dead letters
+    go to memory. Built field by field (as the sink's unit tests do) so that the same benchmark runs against
+    earlier versions of the sink too (a before/after comparison on the same messages)."""
+    import threading
+
+    from connectors.clickhouse.client import apply_ddl, open_client
+    from connectors.clickhouse.sink import ClickHouseSink
     from streams.core.avro_codec import default_codec
     from streams.pipeline.sink_service import SinkService
 
+    client = open_client(settings)
+    apply_ddl(client)
+    service = object.__new__(SinkService)
+    service.settings, service.codec, service.dead_lettered, service.batches = settings, default_codec(), 0, 0
+    service.lock, service.stopping = threading.Lock(), threading.Event()
+    service.emitter = Emitter(MemoryPublisher(), "clickhouse-sink")  # type: ignore[arg-type]
+    service.sink = ClickHouseSink(client)
+    return service
+
+
+def measure(messages: list[BenchMessage], store: Path, *, batch_size: int, profile: bool = False) -> SinkBench:
+    """Feed ``messages`` through a fresh sink on an embedded engine at ``store``; time its CPU."""
+    from streams.core.avro_codec import default_codec
+
     shutil.rmtree(store, ignore_errors=True)
-    settings = Settings().with_(data_dir=store, clickhouse_url=f"chdb://{store / 'clickhouse'}",
-                                sink_batch_size=batch_size)
-    service = SinkService(settings, emitter=Emitter(MemoryPublisher(), "clickhouse-sink"),  # type: ignore[arg-type]
-                          connect=False)
+    service = offline_service(Settings().with_(data_dir=store, clickhouse_url=f"chdb://{store / 'clickhouse'}"))
     codec = default_codec()
     # Warm-up, not timed: imports, the engine's first queries, caches (a running sink is past them).
     warm = len(messages) // 20
@@ -174,20 +193,25 @@ def measure(messages: list[BenchMessage], store: Path, *, batch_size: int, profi
         profiler.disable()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     rows = dict(service.sink.rows_written)
-    service.client.close()
-    service.reader.close()
+    service.sink.client.close()
     text = ""
     if profiler:
         buf = io.StringIO()
-        pstats.Stats(profiler, stream=buf).sort_stats("cumtime").print_stats(45)
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
         text = buf.getvalue()
     return SinkBench(len(messages), lines, len(batches), batch_size, cpu, wall, decode_cpu, write_cpu, rows, text)
 
 
 def run(*, registrants: int = 40, days: int = 120, seed: int = 3, batch_size: int | None = None,
-        profile: bool = False, work_dir: Path | None = None) -> SinkBench:
-    """Generate the messages (not timed), then measure the sink on them."""
+        profile: bool = False, messages_file: Path | None = None) -> SinkBench:
+    """Generate the messages (not timed; or load them from ``messages_file``, saved there if absent), then
+    measure the sink on them."""
     batch_size = batch_size or Settings.from_env().sink_batch_size
-    with tempfile.TemporaryDirectory(prefix="csos-bench-sink-", dir=work_dir) as tmp:
-        messages = interleave(pipeline_messages(Path(tmp) / "feed", registrants=registrants, days=days, seed=seed))
-        return measure(messages, Path(tmp) / "store", batch_size=batch_size, profile=profile)
+    with tempfile.TemporaryDirectory(prefix="csos-bench-sink-") as tmp:
+        if messages_file is not None and messages_file.exists():
+            raw = pickle.loads(messages_file.read_bytes())
+        else:
+            raw = pipeline_messages(Path(tmp) / "feed", registrants=registrants, days=days, seed=seed)
+            if messages_file is not None:
+                messages_file.write_bytes(pickle.dumps(raw))
+        return measure(interleave(raw), Path(tmp) / "store", batch_size=batch_size, profile=profile)
