@@ -20,6 +20,7 @@ also serves read-only SQL on 127.0.0.1 (``POST /sql`` with a bearer token, see
 """
 from __future__ import annotations
 
+import gc
 import hmac
 import io
 import json
@@ -193,6 +194,27 @@ class SinkService:
                 delay = min(delay * 2, 30.0)
         raise RuntimeError("stopped before the batch was written; it will be re-read")
 
+    def handle_batch(self, messages: list[Any]) -> None:
+        """Store a batch of messages (each dead-lettered instead if it cannot be): all done when it returns.
+
+        Python's cyclic garbage collector is paused meanwhile: a batch holds some hundred thousand decoded
+        objects, and the collections their allocation triggers walked them all again and again (10-20 % of
+        the sink's CPU in ``csos bench-sink``); they hold no reference cycles, so reference counting frees them.
+        """
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            # Stored before a crash but not committed: not decoded, archived or dead-lettered again.
+            records = self.decode([m for m in messages
+                                   if m.offset() > self.sink.stored_offset(m.topic(), m.partition())])
+            self.emitter.publisher.flush()  # dead letters durable before their offsets are committed
+            if records:
+                self.write(records)
+                self.emitter.publisher.flush()  # and those of rows ClickHouse refused
+        finally:
+            if paused:
+                gc.enable()
+
     def run(self) -> None:
         # Another sink may have written a partition while it owned it: re-read the chain heads and stored offsets.
         self.consumer.subscribe(list(EXPECTED), on_assign=lambda _consumer, _partitions: self.sink.forget())
@@ -211,12 +233,7 @@ class SinkService:
                 if not good:
                     continue
                 metrics.SINK_BATCH.observe(len(good))
-                # Stored before a crash but not committed: not decoded, archived or dead-lettered again.
-                records = self.decode([m for m in good if m.offset() > self.sink.stored_offset(m.topic(), m.partition())])
-                self.emitter.publisher.flush()  # dead letters durable before their offsets are committed
-                if records:
-                    self.write(records)
-                    self.emitter.publisher.flush()  # and those of rows ClickHouse refused
+                self.handle_batch(good)
                 self.consumer.commit(asynchronous=False)
                 self.batches += 1
         finally:
