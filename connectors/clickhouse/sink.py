@@ -548,13 +548,24 @@ class ClickHouseSink:
                 f"{t}:{p}:{lo}-{hi}" for (t, p), (lo, hi) in sorted(ranges[table].items()))
             # Column-oriented: one C-level transpose here instead of the driver's row-by-row one.
             self.client.insert(table, list(zip(*rows)), column_names=list(TABLE_COLUMNS[table]),
-                               column_oriented=True, settings={"insert_deduplication_token": token})
+                               column_oriented=True, settings=insert_settings(token))
             if table == "audit_events":
                 self.chains.commit()
                 self._recent_event_ids.update(r[_EVENT_ID] for r in rows)
             self.rows_written[table] += len(rows)
             written[table] = len(rows)
         return written
+
+
+def insert_settings(token: str) -> dict[str, Any]:
+    """An insert's settings: its deduplication token, carried to the materialized views too.
+
+    A retried insert (same token) is dropped by its table, but its block still reaches the table's views
+    (the dashboards' aggregates, 017); with ``deduplicate_blocks_in_dependent_materialized_views`` each
+    view's block gets a token derived from this one, and the aggregate tables' deduplication window (019)
+    drops the copy. Tested in ``tests/unit/test_dashboard_aggregates.py``.
+    """
+    return {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
 
 
 def to_json_rows(columns: list[str], rows: list[tuple]) -> str:

@@ -3,7 +3,7 @@
 --
 -- Each view groups the inserted block by order first, then sums: an order's rows always arrive in one insert
 -- block (one message -> one batch), so "orders" counts each order once per day and family. A block the server
--- drops as a retry (same insert_deduplication_token) is not pushed to the views either. A batch re-formed
+-- drops as a retry (same insert_deduplication_token) is dropped by these tables too (019). A batch re-formed
 -- differently after a crash (other tokens) would be counted twice here, where FINAL on the source collapses it:
 -- so the sink never inserts it again (it skips what sink_progress, 018, says is stored; connectors/clickhouse/sink.py).
 -- Rows stored before these tables existed are filled in once, when this file creates them, by

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from clickhouse_connect.driver.exceptions import OperationalError
 
 from connectors.clickhouse.client import DDL_DIR, apply_ddl, open_client
 from connectors.clickhouse.sink import ClickHouseSink, SourceRecord
@@ -116,6 +117,35 @@ def test_a_batch_re_delivered_after_a_crash_counts_once(client):
     # the tables themselves hold each row once, without FINAL
     assert int(client.query("SELECT count() FROM order_lines").result_rows[0][0]) == 32
     assert int(client.query("SELECT count() FROM verdicts").result_rows[0][0]) == 16
+
+
+class TimesOutAfterStoring:
+    """A ClickHouse client whose first insert into ``table`` is stored but reported as a timeout (as a server
+    does when the connection drops after it wrote the block): the sink retries the batch with the same tokens."""
+
+    def __init__(self, client, table: str) -> None:
+        self.client, self.table, self.failed = client, table, False
+
+    def insert(self, table, *args, **kwargs):
+        result = self.client.insert(table, *args, **kwargs)
+        if table == self.table and not self.failed:
+            self.failed = True
+            raise OperationalError("timed out (the block was stored)")
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_an_insert_retried_after_a_timeout_counts_once(client):
+    apply_ddl(client)
+    flaky = TimesOutAfterStoring(client, "order_lines")
+    sink = ClickHouseSink(flaky)  # type: ignore[arg-type]
+    batch = orders(0, 9)
+    with pytest.raises(OperationalError):
+        sink.write(batch)
+    sink.write(batch)  # the sink service's retry: the same batch, so the same tokens
+    assert dashboard_totals(client) == expected(9)
 
 
 def test_a_sink_assigned_partitions_rereads_what_another_stored(client):
