@@ -5,6 +5,7 @@ chain's verifier, ``csos sql``, the review page - and none of them should have t
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -83,15 +84,40 @@ def _apply_limits_if_allowed(client: Client, limits: dict[str, Any]) -> None:
 
 
 def apply_ddl(client: Client, ddl_dir: Path = DDL_DIR) -> list[str]:
-    """Apply every DDL file in order; each is idempotent (IF NOT EXISTS)."""
+    """Apply every DDL file in order; each is idempotent (IF NOT EXISTS).
+
+    A file may have a backfill of the same name in ``backfill/``: INSERT ... SELECT statements that fill the
+    tables the file creates from rows stored before (e.g. the dashboards' aggregates, whose materialized views
+    only see rows inserted after they exist). It runs once: when none of the tables it inserts into existed
+    before the file was applied. ``{cut}`` in it is the engine's clock read just before the file was applied,
+    so that rows ingested after it, which the new views count, are not counted twice (POPULATE would lose
+    the rows inserted while it runs).
+    """
     applied = []
     for path in sorted(ddl_dir.glob("*.sql")):
-        sql = "\n".join(l for l in path.read_text().splitlines() if not l.lstrip().startswith("--"))
-        for statement in (s.strip() for s in sql.split(";")):
-            if statement:
-                client.command(statement)
+        backfill = ddl_dir / "backfill" / path.name
+        cut = _backfill_cut(client, backfill) if backfill.is_file() else None
+        for statement in _statements(path):
+            client.command(statement)
+        if cut is not None:
+            for statement in _statements(backfill):
+                client.command(statement.replace("{cut}", cut))
         applied.append(path.name)
     return applied
+
+
+def _statements(path: Path) -> list[str]:
+    sql = "\n".join(l for l in path.read_text().splitlines() if not l.lstrip().startswith("--"))
+    return [s for s in (s.strip() for s in sql.split(";")) if s]
+
+
+def _backfill_cut(client: Client, backfill: Path) -> str | None:
+    """The cut (a DateTime64 literal, now) if the backfill must run: none of its target tables exists yet."""
+    targets = set(re.findall(r"\bINSERT\s+INTO\s+`?(\w+)`?", backfill.read_text(), re.I))
+    if not targets or any(int(client.command(f"EXISTS TABLE {t}")) for t in sorted(targets)):
+        return None
+    now = client.command("SELECT toString(now64(3, 'UTC'))")
+    return f"toDateTime64('{now}', 3, 'UTC')"
 
 
 def run_readonly_query(client: Client, sql: str) -> tuple[list[str], list[tuple]]:

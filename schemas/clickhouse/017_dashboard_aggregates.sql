@@ -3,10 +3,11 @@
 --
 -- Each view groups the inserted block by order first, then sums: an order's rows always arrive in one insert
 -- block (one message -> one batch), so "orders" counts each order once per day and family. A block the server
--- drops as a retry (same insert_deduplication_token) is not pushed to the views either. A batch re-formed
--- differently after a crash (issue 10) is counted twice here, where FINAL on the source collapses it: the
--- dashboards are for trends; exact counts come from the source tables with FINAL (`csos sql`).
--- Rows written before these views existed are not in them: the views start empty (see README, Dashboards).
+-- drops as a retry (same insert_deduplication_token) is dropped by these tables too (019). A batch re-formed
+-- differently after a crash (other tokens) would be counted twice here, where FINAL on the source collapses it:
+-- so the sink never inserts it again (it skips what sink_progress, 018, says is stored; connectors/clickhouse/sink.py).
+-- Rows stored before these tables existed are filled in once, when this file creates them, by
+-- backfill/017_dashboard_aggregates.sql (run by apply_ddl; see README, Dashboards).
 
 -- Orders, dosage units and MME per day, drug family and peer group (business activity, state): the volume charts
 -- and the filters' choices. At most days x families x activities x states rows, whatever the number of orders.

@@ -141,5 +141,26 @@ def bench_dashboards(lines: int, registrants: int, days: int, runs: int, path: P
     click.echo(render(run(lines, registrants=registrants, days=days, runs=runs, path=path, keep=keep)))
 
 
+@click.command("bench-sink")
+@click.option("--registrants", default=40, show_default=True, help="Simulated customers (messages scale with it).")
+@click.option("--days", default=120, show_default=True, help="Days of order history.")
+@click.option("--seed", default=3, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Messages per batch (default CSOS_SINK_BATCH_SIZE).")
+@click.option("--profile", is_flag=True, help="Print the 25 costliest functions (cProfile, own time).")
+@click.option("--messages", "messages_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Pickle of the generated messages: loaded if it exists, else written (same input run to run).")
+def bench_sink(registrants: int, days: int, seed: int, batch_size: int | None, profile: bool,
+               messages_file: Path | None) -> None:
+    """The sink alone: order lines per sink CPU-second through decode -> rows -> insert (target: 20,000).
+
+    Every message a simulated run publishes on the sink's topics, pre-encoded, fed in batches to the
+    sink's own code against a scratch embedded ClickHouse; no broker.
+    """
+    from streams.tools.bench_sink import run
+
+    click.echo(run(registrants=registrants, days=days, seed=seed, batch_size=batch_size, profile=profile,
+                   messages_file=messages_file).render())
+
+
 #: The top-level commands of this module, added to ``csos`` by ``streams.cli``.
-COMMANDS = [chaos, bench, hostile, bench_monitor, bench_verify, bench_dashboards]
+COMMANDS = [chaos, bench, hostile, bench_monitor, bench_verify, bench_dashboards, bench_sink]

@@ -366,3 +366,27 @@ def encode_x12_850(order: Order, *, sender_id: str = "PURCHASER", receiver_id: s
     envelope_tail = [["GE", "1", str(control_number)], ["IEA", "1", f"{control_number:09d}"]]
     out = "".join(e.join(s) + sep["segment"] + "\n" for s in envelope_head + segments + envelope_tail)
     return out.encode("ascii")
+
+
+def claimed_identifiers(data: bytes) -> tuple[str | None, str | None]:
+    """(BEG03 order number, N1*BY N104 purchaser DEA number) as the interchange claims them, without validating it.
+
+    Why: the ClickHouse sink files every received order under these for lookup, best effort, and a full
+    :func:`parse_x12_850` (envelopes, every line) cost it more than all its other work on that order. For a
+    valid interchange the values are those ``parse_x12_850`` returns (the first BEG, the N1 loop whose entity
+    is ``BY`` with the DEA qualifier); a defective one is still filed under what it claims, as a defective
+    JSON order is. None where the element is absent.
+    """
+    data = bytes(data)
+    if len(data) < 106 or not data.startswith(b"ISA"):
+        return None, None
+    element, terminator = chr(data[3]), chr(data[105])
+    number = dea = None
+    for segment in data.decode("ascii", errors="replace").split(terminator):
+        parts = segment.strip().split(element)
+        if parts[0] == "BEG" and number is None:
+            number = _el(parts[1:], 3) or None
+        elif parts[0] == "N1" and dea is None and _el(parts[1:], 1) == PURCHASER_ENTITY \
+                and _el(parts[1:], 3) == DEA_QUALIFIER:
+            dea = _el(parts[1:], 4) or None
+    return number, dea
