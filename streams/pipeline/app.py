@@ -8,7 +8,7 @@ becomes an ``InputMessage`` and goes to the processor through the interface
 written in ``streams.pipeline.processor``.
 
 Delivery is at-least-once, outcomes are exactly-once per order id. Each
-agent takes a batch of events (``take_events``) and, holding its lock
+agent takes a batch of what is ready (``streams.pipeline.batching.take_ready``) and, holding its lock
 (timers that touch the same state wait):
 
 1. handles every event: state changes in its cache, outputs *buffered* as
@@ -69,6 +69,7 @@ from streams.pipeline.agents.verify import VerifyProcessor
 from streams.core.config import Settings
 from connectors.kafka.emit import Emitter
 from connectors.kafka.metrics import crl_freshness, exposition, faust_lag, set_refreshers
+from streams.pipeline.batching import take_ready
 from streams.pipeline.faust_tuning import gapless_inputs, set_fetch_max_wait
 from streams.domain.identifiers import is_valid_dea_number
 from streams.pipeline.outcomes import OutcomeBook
@@ -336,13 +337,19 @@ def create_app(settings: Settings) -> faust.App:
         failure to write even that, the state or the outputs stops the agent,
         before anything is acknowledged.
         """
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
+        batches = (stream.take_events(settings.batch_size, within=settings.batch_seconds)
+                   if settings.batch_seconds > 0 else take_ready(stream, settings.batch_size))
+        async for events in batches:
             # The previous batch was acknowledged when this one was taken: commit it now, from the agent itself.
             # The 1 s commit timer alone falls seconds behind while a busy agent holds the event loop (measured:
-            # a survivor's first commits on a dead worker's partitions 10 s after it had them).
-            await app.consumer.commit()
-            async with locks[proc.stage]:
-                await decide_batch(proc, durable[proc.stage], events)
+            # a survivor's first commits on a dead worker's partitions 10 s after it had them). The commit's
+            # round trip overlaps this batch's work: it covers only events acknowledged before it started.
+            commit = asyncio.ensure_future(app.consumer.commit())
+            try:
+                async with locks[proc.stage]:
+                    await decide_batch(proc, durable[proc.stage], events)
+            finally:
+                await commit
 
     @app.agent(received)
     async def verify_agent(stream: Any) -> None:
