@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -116,6 +117,8 @@ def _appended_at(event: Any) -> datetime:
 
 
 _warned_create_time: set[str] = set()
+#: A batch slower than this is logged with where its time went (barrier, decide, state write, publish).
+SLOW_BATCH_SECONDS = 0.5
 #: How often the agents learn the group's committed offsets (to prune outputs recorded for redelivery).
 COMMITTED_REFRESH_SECONDS = 2.0
 
@@ -161,15 +164,23 @@ async def decide_batch(proc: Processor, table: DurableTable, events: list[Any]) 
     The caller holds the agent's lock and lets Faust acknowledge the events
     only after this returns; see the module docstring for each crash point.
     """
+    marks = [time.monotonic()]
     if isinstance(proc, VerifyProcessor):  # freshness barrier: off the loop, which keeps the group's heartbeats
         await asyncio.get_running_loop().run_in_executor(None, proc.reference_barrier)
     proc.begin_batch()  # counts the batch; the verify agent takes in reference data here: a timer step, settled as one
     await settle_timer_step(proc, table)
+    marks.append(time.monotonic())
     for event in events:
         handle_event(proc, event)
     proc.end_batch()  # changed state into the table's store
+    marks.append(time.monotonic())
     await table.write_durable()  # ... and on the broker
+    marks.append(time.monotonic())
     await proc.emitter.publish_pending()  # then the outputs that state records
+    marks.append(time.monotonic())
+    if marks[-1] - marks[0] > SLOW_BATCH_SECONDS:
+        log.info("%s agent: slow batch of %d events: %s", proc.stage, len(events), ", ".join(
+            f"{name} {b - a:.3f} s" for name, a, b in zip(("barrier", "decide", "state", "publish"), marks, marks[1:])))
 
 
 def require_supplier_dea(settings: Settings) -> frozenset[str]:
