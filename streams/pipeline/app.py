@@ -117,6 +117,8 @@ def _appended_at(event: Any) -> datetime:
 
 
 _warned_create_time: set[str] = set()
+#: Events an agent decides between two turns of the event loop for the other agents.
+YIELD_EVERY = 16
 #: A batch slower than this is logged with where its time went (barrier, decide, state write, publish).
 SLOW_BATCH_SECONDS = 0.5
 #: How often the agents learn the group's committed offsets (to prune outputs recorded for redelivery).
@@ -170,8 +172,13 @@ async def decide_batch(proc: Processor, table: DurableTable, events: list[Any]) 
     proc.begin_batch()  # counts the batch; the verify agent takes in reference data here: a timer step, settled as one
     await settle_timer_step(proc, table)
     marks.append(time.monotonic())
-    for event in events:
+    for i, event in enumerate(events, 1):
         handle_event(proc, event)
+        if i % YIELD_EVERY == 0:
+            # Let the other agents' I/O (state acks, fetches, deliveries) and the heartbeats run: deciding a
+            # large batch on a starved CPU held the event loop for seconds and stalled every other agent's
+            # waits. Only this agent's lock is held; its state is touched by nothing else meanwhile.
+            await asyncio.sleep(0)
     proc.end_batch()  # changed state into the table's store
     marks.append(time.monotonic())
     await table.write_durable()  # ... and on the broker
