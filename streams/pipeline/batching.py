@@ -31,9 +31,8 @@ IDLE_ROUNDS = 2
 async def take_ready(stream: Any, max_: int) -> AsyncIterator[list[Any]]:
     """Yield lists of at most ``max_`` Faust events: each as soon as one is there, with what is already queued.
 
-    Events are acknowledged once the consumer of the generator asks for the
-    next batch (or stops), never before; like ``take_events``, acks are the
-    caller's job only in that sense.
+    A batch's events are acknowledged when the caller asks for the next
+    batch, never before, and never if the caller's handling of it raised.
     """
     if max_ < 1:
         raise ValueError(f"batch size must be at least 1, not {max_}")
@@ -69,11 +68,11 @@ async def take_ready(stream: Any, max_: int) -> AsyncIterator[list[Any]]:
         if not buffer:
             ready.clear()
         room.set()
-        try:
-            yield batch
-        finally:
-            for event in batch:
-                await stream.ack(event)
+        yield batch
+        # Only here, when the caller asks for the next batch: a batch whose handling raised is never
+        # acknowledged (Faust's take_events acks it in a ``finally``), so it is read again, not skipped.
+        for event in batch:
+            await stream.ack(event)
 
 
 async def _take_queued(buffer: list[Any], queue: Any, max_: int) -> None:

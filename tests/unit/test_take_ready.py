@@ -74,3 +74,28 @@ def test_a_backlog_is_taken_in_full_batches_not_one_by_one() -> None:
     assert [len(b) for b in batches[1:]] == [100, 100, 50]
     assert [v for b in batches for v in b] == list(range(251))
     assert acked == [False]
+
+
+def test_a_batch_whose_handling_failed_is_not_acknowledged() -> None:
+    """An agent that fails on a batch leaves it unacknowledged: committed offsets never pass it."""
+    async def run() -> list[bool]:
+        channel, stream = _stream()
+        taken: list[Any] = []
+        batches = take_ready(stream, 10)
+
+        async def agent() -> None:
+            async for events in batches:
+                taken.extend(events)
+                raise RuntimeError("the state could not be written")
+
+        task = asyncio.ensure_future(agent())
+        await channel.send(value=1)
+        try:
+            await asyncio.wait_for(task, HANG)
+        except RuntimeError:
+            pass
+        await batches.aclose()  # what the event loop's finalizer does to an abandoned generator
+        await stream.stop()
+        return [e.message.acked for e in taken]
+
+    assert asyncio.run(run()) == [False]
