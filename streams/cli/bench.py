@@ -46,7 +46,9 @@ def chaos(orders: int, kills: int, seed: int, out_dir: str | None) -> None:
 @click.option("--compare-bare", is_flag=True,
               help="Then run the same feed through a plain confluent-kafka loop with the same processors and state "
                    "order (streams.tools.bare_loop) and print the worker's lines per CPU-second as a ratio of it.")
-def bench(registrants: int, days: int, seed: int, rate: float | None, compare_bare: bool) -> None:
+@click.option("--workers", default=1, show_default=True,
+              help="Worker processes in the group; their CPU-seconds are summed (scale-out per CPU-second).")
+def bench(registrants: int, days: int, seed: int, rate: float | None, compare_bare: bool, workers: int) -> None:
     """Measure end-to-end throughput and latency of one worker on the local broker.
 
     Uses its own data directory (CSOS_DATA_DIR/bench) and a fresh broker on
@@ -61,7 +63,7 @@ def bench(registrants: int, days: int, seed: int, rate: float | None, compare_ba
     s = settings()
     s = s.with_(data_dir=s.data_dir / "bench", pki_dir=s.data_dir / "bench" / "pki")
     click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate,
-                         compare_bare=compare_bare).render())
+                         compare_bare=compare_bare, workers=workers).render())
 
 
 @click.group()

@@ -21,7 +21,7 @@ from typing import Callable
 
 import click
 
-from streams.tools.broker import LocalBroker
+from streams.tools.broker import LocalBroker, free_port
 from streams.tools.feed import prepare_feed, publish, publish_reference_data, replay_settings
 from connectors.kafka.io import Publisher, consume_all
 from connectors.kafka.topics import ensure_topics
@@ -31,7 +31,7 @@ from streams.core.avro_codec import default_codec
 from streams.core.config import Settings
 from connectors.clickhouse.query import run_query
 from streams.tools.bare_loop import STATUS_FILE
-from streams.tools.processes import Pipeline, settings_env
+from streams.tools.processes import Pipeline, settings_env, worker_process
 
 
 def cpu_seconds(pid: int) -> float:
@@ -52,6 +52,7 @@ class BenchResult:
     broker_cpu_seconds: float = float("nan")
     bench_cpu_seconds: float = float("nan")
     bare: "BareResult | None" = None
+    workers: int = 1
 
     def pct(self, p: float) -> float:
         xs = sorted(self.latencies_ms)
@@ -68,10 +69,10 @@ class BenchResult:
             f"produce: {self.publish_seconds:.2f}s ({self.orders / self.publish_seconds:,.0f} orders/s)",
             f"end to end (first produce -> last outcome in ClickHouse): {wall:.2f}s",
             f"throughput: {self.lines / wall:,.0f} order lines/s, "
-            f"{self.orders / wall:,.0f} orders/s (one worker process, one sink process)",
+            f"{self.orders / wall:,.0f} orders/s ({self.workers} worker process(es), one sink process)",
             f"received -> verdict latency: p50 {self.pct(50):,.0f} ms, p95 {self.pct(95):,.0f} ms, "
             f"p99 {self.pct(99):,.0f} ms (n={len(self.latencies_ms)})",
-            f"worker CPU: {self.worker_cpu_seconds:.1f}s = {self.lines_per_worker_cpu:,.0f} order lines "
+            f"worker CPU (all workers): {self.worker_cpu_seconds:.1f}s = {self.lines_per_worker_cpu:,.0f} order lines "
             f"per worker CPU-second ({self.worker_cpu_seconds / wall:.0%} of a core busy)",
             f"sink CPU: {self.sink_cpu_seconds:.1f}s = {self.lines / self.sink_cpu_seconds:,.0f} order lines "
             f"per sink CPU-second",
@@ -184,8 +185,11 @@ def _timed_stream(warm: list, timed: list, publisher: Publisher, rate: float | N
 
 
 def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rate: float | None = None,
-              timeout: float = 1800, compare_bare: bool = False) -> BenchResult:
+              timeout: float = 1800, compare_bare: bool = False, workers: int = 1) -> BenchResult:
+    """``workers``: worker processes in the group (their CPU-seconds are summed: lines per worker CPU-second
+    compares scale-out on a machine whose cores are shared)."""
     echo = click.echo
+    extra_workers: list = []
     for sub in ("kafka", "clickhouse", "pki", "faust"):
         shutil.rmtree(settings.data_dir / sub, ignore_errors=True)
     broker = _fresh_broker(settings)
@@ -197,6 +201,11 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
         pipeline = Pipeline(settings)
         publish_reference_data(settings, Publisher(broker.bootstrap))
         pipeline.start()
+        for i in range(1, workers):  # more workers in the same group: each its own port and member id
+            extra = worker_process(settings.with_(web_port=free_port(), worker_id=f"bench-worker-{i + 1}"))
+            extra.log_path = settings.data_dir / f"worker-{i + 1}.log"
+            extra.start()
+            extra_workers.append(extra)
         # Warm-up (not timed): the consumer group forms, partitions are assigned,
         # certificate paths are validated and cached, ClickHouse tables are touched.
         n_warm = max(1, len(feed.messages) // 20)
@@ -204,9 +213,11 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
         total = len(timed)
         lines = sum(len(m.sim.order.lines) for m in timed if not m.malformed)
         echo(f"streaming {total} orders ({lines} lines) after {n_warm} warm-up orders ...")
-        pids = {"worker": pipeline.worker.proc.pid, "sink": pipeline.sink.proc.pid, "broker": _broker_pid(settings)}
+        pids = {"worker": pipeline.worker.proc.pid, "sink": pipeline.sink.proc.pid, "broker": _broker_pid(settings),
+                **{f"worker-{i + 2}": w.proc.pid for i, w in enumerate(extra_workers)}}
         t_pub, elapsed, used = _timed_stream(warm, timed, Publisher(broker.bootstrap), rate,
                                              lambda: _count_decided(settings), pids, timeout)
+        used["worker"] = sum(cpu for name, cpu in used.items() if name.startswith("worker"))
         echo(f"worker counts: {pipeline.worker.health()}")
         # Latency: Kafka timestamp of the received message -> decision time.
         codec = default_codec()
@@ -221,7 +232,7 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
                                       "UNION ALL SELECT order_id, toUnixTimestamp64Milli(rejected_at) FROM rejections")[1]
         lat = [int(ms) - received_ts[oid] * 1000.0 for oid, ms in decided if oid in received_ts and oid in timed_ids]
         result = BenchResult(total, lines, t_pub, elapsed, lat, used["worker"], used["sink"], used["broker"],
-                             used["bench"])
+                             used["bench"], workers=workers)
         if compare_bare:
             pipeline.stop()
             broker.stop()
@@ -230,6 +241,8 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
             result.bare = run_bare(settings, broker, warm, timed, lines, timeout)
         return result
     finally:
+        for w in extra_workers:
+            w.stop()
         pipeline.stop()
         broker.stop()
 
