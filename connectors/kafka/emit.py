@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 from connectors.kafka.io import MessageTooLarge, Publisher
 
 from connectors.kafka import catalogue as t
-from connectors.kafka.metrics import observe_published
+from connectors.kafka.metrics import OUTCOME_TOPICS, observe_published
 from streams.core.avro_codec import AvroCodec, default_codec
 
 
@@ -63,6 +63,9 @@ class Emitter:
         self.codec = codec or default_codec()
         self.buffered = buffered
         self.pending: list[Message] = []  # buffered mode: produced by ``publish_pending``
+        #: id(pending message) -> the record it was encoded from, for outcome topics: counted by the metrics
+        #: at delivery without decoding the bytes again (connectors.kafka.metrics.observe_published).
+        self._records: dict[int, dict[str, Any]] = {}
         self._captures: list[list[Message]] = []
 
     def send(self, topic: str, schema: str, key: str | bytes | None, record: dict[str, Any]) -> None:
@@ -71,21 +74,30 @@ class Emitter:
         expected = t.schema_of(topic)
         if expected is not None and schema != expected:
             raise ValueError(f"topic {topic} carries {expected} records (connectors.kafka.catalogue), not {schema}")
-        self.publish(topic, key, self.codec.encode(schema, record))
+        self.publish(topic, key, self.codec.encode(schema, record), record=record)
 
-    def publish(self, topic: str, key: str | bytes | None, value: bytes) -> None:
-        """Produce an already encoded message (now, or at ``publish_pending`` when buffered)."""
+    def publish(self, topic: str, key: str | bytes | None, value: bytes, *,
+                record: dict[str, Any] | None = None) -> None:
+        """Produce an already encoded message (now, or at ``publish_pending`` when buffered).
+
+        ``record``: the record ``value`` was encoded from, if the caller has it; the metrics count an
+        outcome from it instead of decoding the bytes again. It must not change once published.
+        """
         key = key.encode() if isinstance(key, str) else key
+        message = (topic, key, value)
         if self.buffered:
             if len(value) + len(key or b"") > MAX_MESSAGE_BYTES:
                 raise MessageTooLarge(f"{topic}: message of {len(value)} bytes (key {len(key or b'')} bytes) "
                                       "exceeds the producer's size limit")
-            self.pending.append((topic, key, value))
+            self.pending.append(message)
+            if record is not None and topic in OUTCOME_TOPICS:
+                self._records[id(message)] = record
         else:
             self.publisher.publish(topic, key, value)
-            observe_published(((topic, key, value),), self.codec)  # Prometheus counters (connectors.kafka.metrics)
+            # Prometheus counters (connectors.kafka.metrics)
+            observe_published((message,), self.codec, {id(message): record} if record is not None else None)
         for captured in self._captures:
-            captured.append((topic, key, value))
+            captured.append(message)
 
     def republish(self, messages: Iterable[Message]) -> None:
         """Produce recorded messages again, byte for byte (a redelivered input repeats its outputs)."""
@@ -110,6 +122,8 @@ class Emitter:
         drop = {id(m) for m in messages}
         before = len(self.pending)
         self.pending = [m for m in self.pending if id(m) not in drop]
+        for gone in drop:
+            self._records.pop(gone, None)
         return before - len(self.pending)
 
     async def publish_pending(self) -> int:
@@ -126,7 +140,8 @@ class Emitter:
         except BaseException:
             self.pending = messages + self.pending  # not known to be delivered: still owed
             raise
-        observe_published(messages, self.codec)  # delivered: count the outcomes (connectors.kafka.metrics)
+        records, self._records = self._records, {}
+        observe_published(messages, self.codec, records)  # delivered: count the outcomes (connectors.kafka.metrics)
         return len(messages)
 
     def audit(self, stage: str, action: str, outcome: str, *, order_id: str | None = None,

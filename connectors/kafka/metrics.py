@@ -7,8 +7,9 @@ declared once here and the processes only count.
 How outcomes are counted without touching the agents' logic: every message an agent sends goes
 through an :class:`connectors.kafka.emit.Emitter`, which calls :func:`observe_published` with the messages
 once the broker has them (a buffered emitter after ``publish_pending``, an immediate one as it
-sends). Only the outcome topics are decoded (verdicts, rejections, dead letters, case events); the
-rest are skipped at the cost of a set lookup. A redelivered input whose recorded outputs are sent
+sends). Only the outcome topics are counted (verdicts, rejections, dead letters, case events), from
+the records they were encoded from when the emitter has them (not decoded again); the rest are
+skipped at the cost of a set lookup. A redelivered input whose recorded outputs are sent
 again after a crash counts again: the counters count deliveries, the ClickHouse tables count orders.
 
 Each process has its own registry (the default one); ``exposition`` renders it for ``GET /metrics``
@@ -72,7 +73,8 @@ for _outcome in ("released", "held", "rejected"):  # present at 0 from the start
     ORDERS.labels(_outcome)
     DECISION_LATENCY.labels(_outcome)
 
-_OUTCOME_TOPICS = frozenset({t.VERDICTS, t.REJECTED, t.DLQ, t.CASES})
+#: The topics whose messages are counted (decided orders, dead letters, case events).
+OUTCOME_TOPICS = frozenset({t.VERDICTS, t.REJECTED, t.DLQ, t.CASES})
 _REASON_CLASS = re.compile(r"^[A-Za-z_][A-Za-z_ .\-]{0,47}$")
 
 
@@ -124,13 +126,21 @@ def _read_own(codec: Any, value: bytes) -> dict[str, Any]:
     return fastavro.schemaless_reader(io.BytesIO(memoryview(value)[HEADER_LEN:]), writer.parsed, None)
 
 
-def observe_published(messages: Iterable[tuple[str, bytes | None, bytes]], codec: Any) -> None:
-    """Count the outcomes among messages the broker accepted. Never raises: metrics must not stop a stage."""
-    for topic, _key, value in messages:
-        if topic not in _OUTCOME_TOPICS:
+def observe_published(messages: Iterable[tuple[str, bytes | None, bytes]], codec: Any,
+                      records: Mapping[int, Mapping[str, Any]] | None = None) -> None:
+    """Count the outcomes among messages the broker accepted. Never raises: metrics must not stop a stage.
+
+    ``records`` maps ``id(message)`` to the record its bytes were encoded from, when the sender still has
+    it (an ``Emitter`` keeps those of outcome topics): counted from it, the message is not decoded again
+    on the hot path. Others (re-published recorded outputs) are read back from their bytes.
+    """
+    for message in messages:
+        topic = message[0]
+        if topic not in OUTCOME_TOPICS:
             continue
         try:
-            _count(topic, _read_own(codec, value))
+            rec = records.get(id(message)) if records else None
+            _count(topic, rec if rec is not None else _read_own(codec, message[2]))
         except Exception:  # noqa: BLE001 - a counting bug is logged, the pipeline goes on
             log.exception("metrics: could not count a message on %s", topic)
 

@@ -43,7 +43,12 @@ def chaos(orders: int, kills: int, seed: int, out_dir: str | None) -> None:
 @click.option("--seed", default=1, show_default=True)
 @click.option("--rate", type=float, default=None,
               help="Publish at this many orders/s (latency below saturation); default: all at once (throughput).")
-def bench(registrants: int, days: int, seed: int, rate: float | None) -> None:
+@click.option("--compare-bare", is_flag=True,
+              help="Then run the same feed through a plain confluent-kafka loop with the same processors and state "
+                   "order (streams.tools.bare_loop) and print the worker's lines per CPU-second as a ratio of it.")
+@click.option("--workers", default=1, show_default=True,
+              help="Worker processes in the group; their CPU-seconds are summed (scale-out per CPU-second).")
+def bench(registrants: int, days: int, seed: int, rate: float | None, compare_bare: bool, workers: int) -> None:
     """Measure end-to-end throughput and latency of one worker on the local broker.
 
     Uses its own data directory (CSOS_DATA_DIR/bench) and a fresh broker on
@@ -51,12 +56,14 @@ def bench(registrants: int, days: int, seed: int, rate: float | None) -> None:
     in ClickHouse), received-to-verdict latency percentiles, and the worker's
     and sink's CPU time (lines per CPU-second: comparable on a shared machine).
     With --rate the feed is paced, so the latency is that of an unsaturated pipeline.
+    With --compare-bare the framework's cost is measured against a loop without Faust, on the same feed.
     """
     from streams.tools.bench import run_bench
 
     s = settings()
     s = s.with_(data_dir=s.data_dir / "bench", pki_dir=s.data_dir / "bench" / "pki")
-    click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate).render())
+    click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate,
+                         compare_bare=compare_bare, workers=workers).render())
 
 
 @click.group()

@@ -74,7 +74,7 @@ class Settings:
     fetch_max_wait_ms: int = 100
     require_registration: bool = True
     batch_size: int = 2000
-    batch_seconds: float = 0.1
+    batch_seconds: float = 0.0  # 0: take what is ready (streams.pipeline.batching); > 0: Faust's windowed take
     sink_batch_size: int = 5000
     sink_batch_seconds: float = 0.5
     due_diligence_days: float = 7.0  # calendar days a held order may wait before its case is escalated

@@ -8,7 +8,7 @@ becomes an ``InputMessage`` and goes to the processor through the interface
 written in ``streams.pipeline.processor``.
 
 Delivery is at-least-once, outcomes are exactly-once per order id. Each
-agent takes a batch of events (``take_events``) and, holding its lock
+agent takes a batch of what is ready (``streams.pipeline.batching.take_ready``) and, holding its lock
 (timers that touch the same state wait):
 
 1. handles every event: state changes in its cache, outputs *buffered* as
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -69,6 +70,7 @@ from streams.pipeline.agents.verify import VerifyProcessor
 from streams.core.config import Settings
 from connectors.kafka.emit import Emitter
 from connectors.kafka.metrics import crl_freshness, exposition, faust_lag, set_refreshers
+from streams.pipeline.batching import take_ready
 from streams.pipeline.faust_tuning import gapless_inputs, set_fetch_max_wait
 from streams.domain.identifiers import is_valid_dea_number
 from streams.pipeline.outcomes import OutcomeBook
@@ -115,6 +117,10 @@ def _appended_at(event: Any) -> datetime:
 
 
 _warned_create_time: set[str] = set()
+#: Events an agent decides between two turns of the event loop for the other agents.
+YIELD_EVERY = 16
+#: A batch slower than this is logged with where its time went (barrier, decide, state write, publish).
+SLOW_BATCH_SECONDS = 0.5
 #: How often the agents learn the group's committed offsets (to prune outputs recorded for redelivery).
 COMMITTED_REFRESH_SECONDS = 2.0
 
@@ -160,15 +166,28 @@ async def decide_batch(proc: Processor, table: DurableTable, events: list[Any]) 
     The caller holds the agent's lock and lets Faust acknowledge the events
     only after this returns; see the module docstring for each crash point.
     """
+    marks = [time.monotonic()]
     if isinstance(proc, VerifyProcessor):  # freshness barrier: off the loop, which keeps the group's heartbeats
         await asyncio.get_running_loop().run_in_executor(None, proc.reference_barrier)
     proc.begin_batch()  # counts the batch; the verify agent takes in reference data here: a timer step, settled as one
     await settle_timer_step(proc, table)
-    for event in events:
+    marks.append(time.monotonic())
+    for i, event in enumerate(events, 1):
         handle_event(proc, event)
+        if i % YIELD_EVERY == 0:
+            # Let the other agents' I/O (state acks, fetches, deliveries) and the heartbeats run: deciding a
+            # large batch on a starved CPU held the event loop for seconds and stalled every other agent's
+            # waits. Only this agent's lock is held; its state is touched by nothing else meanwhile.
+            await asyncio.sleep(0)
     proc.end_batch()  # changed state into the table's store
+    marks.append(time.monotonic())
     await table.write_durable()  # ... and on the broker
+    marks.append(time.monotonic())
     await proc.emitter.publish_pending()  # then the outputs that state records
+    marks.append(time.monotonic())
+    if marks[-1] - marks[0] > SLOW_BATCH_SECONDS:
+        log.info("%s agent: slow batch of %d events: %s", proc.stage, len(events), ", ".join(
+            f"{name} {b - a:.3f} s" for name, a, b in zip(("barrier", "decide", "state", "publish"), marks, marks[1:])))
 
 
 def require_supplier_dea(settings: Settings) -> frozenset[str]:
@@ -336,13 +355,19 @@ def create_app(settings: Settings) -> faust.App:
         failure to write even that, the state or the outputs stops the agent,
         before anything is acknowledged.
         """
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
+        batches = (stream.take_events(settings.batch_size, within=settings.batch_seconds)
+                   if settings.batch_seconds > 0 else take_ready(stream, settings.batch_size))
+        async for events in batches:
             # The previous batch was acknowledged when this one was taken: commit it now, from the agent itself.
             # The 1 s commit timer alone falls seconds behind while a busy agent holds the event loop (measured:
-            # a survivor's first commits on a dead worker's partitions 10 s after it had them).
-            await app.consumer.commit()
-            async with locks[proc.stage]:
-                await decide_batch(proc, durable[proc.stage], events)
+            # a survivor's first commits on a dead worker's partitions 10 s after it had them). The commit's
+            # round trip overlaps this batch's work: it covers only events acknowledged before it started.
+            commit = asyncio.ensure_future(app.consumer.commit())
+            try:
+                async with locks[proc.stage]:
+                    await decide_batch(proc, durable[proc.stage], events)
+            finally:
+                await commit
 
     @app.agent(received)
     async def verify_agent(stream: Any) -> None:

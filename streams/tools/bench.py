@@ -9,14 +9,19 @@ purchasers' cost, not the distributor's.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import click
 
-from streams.tools.broker import LocalBroker
+from streams.tools.broker import LocalBroker, free_port
 from streams.tools.feed import prepare_feed, publish, publish_reference_data, replay_settings
 from connectors.kafka.io import Publisher, consume_all
 from connectors.kafka.topics import ensure_topics
@@ -25,7 +30,8 @@ from connectors.kafka import catalogue as t
 from streams.core.avro_codec import default_codec
 from streams.core.config import Settings
 from connectors.clickhouse.query import run_query
-from streams.tools.processes import Pipeline
+from streams.tools.bare_loop import STATUS_FILE
+from streams.tools.processes import Pipeline, settings_env, worker_process
 
 
 def cpu_seconds(pid: int) -> float:
@@ -43,25 +49,60 @@ class BenchResult:
     latencies_ms: list[float]
     worker_cpu_seconds: float = float("nan")
     sink_cpu_seconds: float = float("nan")
+    broker_cpu_seconds: float = float("nan")
+    bench_cpu_seconds: float = float("nan")
+    bare: "BareResult | None" = None
+    workers: int = 1
 
     def pct(self, p: float) -> float:
         xs = sorted(self.latencies_ms)
         return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
+    @property
+    def lines_per_worker_cpu(self) -> float:
+        return self.lines / self.worker_cpu_seconds
+
     def render(self) -> str:
-        return "\n".join([
+        wall = self.end_to_end_seconds
+        out = [
             f"orders: {self.orders}   order lines: {self.lines}",
             f"produce: {self.publish_seconds:.2f}s ({self.orders / self.publish_seconds:,.0f} orders/s)",
-            f"end to end (first produce -> last outcome in ClickHouse): {self.end_to_end_seconds:.2f}s",
-            f"throughput: {self.lines / self.end_to_end_seconds:,.0f} order lines/s, "
-            f"{self.orders / self.end_to_end_seconds:,.0f} orders/s (one worker process, one sink process)",
+            f"end to end (first produce -> last outcome in ClickHouse): {wall:.2f}s",
+            f"throughput: {self.lines / wall:,.0f} order lines/s, "
+            f"{self.orders / wall:,.0f} orders/s ({self.workers} worker process(es), one sink process)",
             f"received -> verdict latency: p50 {self.pct(50):,.0f} ms, p95 {self.pct(95):,.0f} ms, "
             f"p99 {self.pct(99):,.0f} ms (n={len(self.latencies_ms)})",
-            f"worker CPU: {self.worker_cpu_seconds:.1f}s = {self.lines / self.worker_cpu_seconds:,.0f} order lines "
-            f"per worker CPU-second ({self.worker_cpu_seconds / self.end_to_end_seconds:.0%} of a core busy)",
+            f"worker CPU (all workers): {self.worker_cpu_seconds:.1f}s = {self.lines_per_worker_cpu:,.0f} order lines "
+            f"per worker CPU-second ({self.worker_cpu_seconds / wall:.0%} of a core busy)",
             f"sink CPU: {self.sink_cpu_seconds:.1f}s = {self.lines / self.sink_cpu_seconds:,.0f} order lines "
             f"per sink CPU-second",
-        ])
+            "where the cores went (CPU-seconds, share of the run's wall time): "
+            + ", ".join(f"{name} {cpu:.1f}s ({cpu / wall:.0%})" for name, cpu in (
+                ("worker", self.worker_cpu_seconds), ("sink", self.sink_cpu_seconds),
+                ("broker", self.broker_cpu_seconds), ("producer + bench", self.bench_cpu_seconds))),
+        ]
+        if self.bare is not None:
+            b = self.bare
+            out += [
+                f"bare confluent-kafka loop (same processors, state before outputs, no Faust): {b.lines} lines in "
+                f"{b.seconds:.2f}s = {b.lines / b.seconds:,.0f} lines/s; CPU {b.cpu_seconds:.1f}s = "
+                f"{b.lines_per_cpu:,.0f} order lines per CPU-second",
+                f"Faust worker / bare loop, order lines per CPU-second: {self.lines_per_worker_cpu / b.lines_per_cpu:.2f}",
+            ]
+        return "\n".join(out)
+
+
+@dataclass
+class BareResult:
+    """The plain confluent-kafka loop's figures (``streams.tools.bare_loop``) on the same feed."""
+
+    lines: int
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def lines_per_cpu(self) -> float:
+        return self.lines / self.cpu_seconds
 
 
 def _count_decided(settings: Settings) -> int:
@@ -82,62 +123,107 @@ def paced_publish(messages: list, publisher: Publisher, rate: float) -> None:
         publish(messages[i:i + per_slice], publisher)
 
 
-def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rate: float | None = None,
-              timeout: float = 1800) -> BenchResult:
-    echo = click.echo
-    for sub in ("kafka", "clickhouse", "pki", "faust"):
-        shutil.rmtree(settings.data_dir / sub, ignore_errors=True)
+def _fresh_broker(settings: Settings) -> LocalBroker:
+    """A new, empty broker on KAFKA_BOOTSTRAP's port with the catalogue's topics."""
+    shutil.rmtree(settings.data_dir / "kafka", ignore_errors=True)
     port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
     broker = LocalBroker(port=port, data_dir=settings.data_dir / "kafka")
     broker.start()
+    ensure_topics(broker.bootstrap, settings.partitions)
+    return broker
+
+
+def _broker_pid(settings: Settings) -> int | None:
+    try:
+        return int((settings.data_dir / "kafka" / "kafka.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_decided(count: Callable[[], int], total: int, timeout: float, label: str) -> None:
+    with click.progressbar(length=total, label=label, show_pos=True) as bar:
+        done = 0
+        deadline = time.monotonic() + timeout
+        while done < total and time.monotonic() < deadline:
+            now_done = count()
+            bar.update(now_done - done)
+            done = now_done
+            if done < total:
+                time.sleep(0.2)
+    if done < total:
+        raise click.ClickException(f"only {done} of {total} orders decided within {timeout:.0f}s")
+
+
+def _timed_stream(warm: list, timed: list, publisher: Publisher, rate: float | None, decided: Callable[[], int],
+                  pids: dict[str, int | None], timeout: float) -> tuple[float, float, dict[str, float]]:
+    """Warm up (not timed), then stream ``timed`` until every order is decided.
+
+    Returns (publish seconds, end-to-end seconds, CPU-seconds used per named process; "bench" is this one).
+    """
+    publish(warm, publisher)
+    deadline = time.monotonic() + 300
+    while decided() < len(warm) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    def cpu() -> dict[str, float]:
+        out = {name: cpu_seconds(pid) if pid else float("nan") for name, pid in pids.items()}
+        out["bench"] = time.process_time()
+        return out
+
+    cpu0 = cpu()
+    t0 = time.monotonic()
+    if rate:
+        paced_publish(timed, publisher, rate)
+    else:
+        publish(timed, publisher)
+    t_pub = time.monotonic() - t0
+    n_warm = len(warm)
+    _wait_decided(lambda: decided() - n_warm, len(timed), timeout, "decided")
+    elapsed = time.monotonic() - t0
+    cpu1 = cpu()
+    return t_pub, elapsed, {name: cpu1[name] - cpu0[name] for name in cpu1}
+
+
+def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rate: float | None = None,
+              timeout: float = 1800, compare_bare: bool = False, workers: int = 1) -> BenchResult:
+    """``workers``: worker processes in the group (their CPU-seconds are summed: lines per worker CPU-second
+    compares scale-out on a machine whose cores are shared)."""
+    echo = click.echo
+    extra_workers: list = []
+    for sub in ("kafka", "clickhouse", "pki", "faust"):
+        shutil.rmtree(settings.data_dir / sub, ignore_errors=True)
+    broker = _fresh_broker(settings)
     pipeline = Pipeline(settings)
     try:
-        ensure_topics(broker.bootstrap, settings.partitions)
         echo("preparing and signing the feed (not timed) ...")
         feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days)
         settings = replay_settings(settings, feed)
         pipeline = Pipeline(settings)
         publish_reference_data(settings, Publisher(broker.bootstrap))
         pipeline.start()
+        for i in range(1, workers):  # more workers in the same group: each its own port and member id
+            extra = worker_process(settings.with_(web_port=free_port(), worker_id=f"bench-worker-{i + 1}"))
+            extra.log_path = settings.data_dir / f"worker-{i + 1}.log"
+            extra.start()
+            extra_workers.append(extra)
         # Warm-up (not timed): the consumer group forms, partitions are assigned,
         # certificate paths are validated and cached, ClickHouse tables are touched.
         n_warm = max(1, len(feed.messages) // 20)
         warm, timed = feed.messages[:n_warm], feed.messages[n_warm:]
-        publisher = Publisher(broker.bootstrap)
-        publish(warm, publisher)
-        deadline = time.monotonic() + 300
-        while _count_decided(settings) < n_warm and time.monotonic() < deadline:
-            time.sleep(0.2)
         total = len(timed)
         lines = sum(len(m.sim.order.lines) for m in timed if not m.malformed)
-        echo(f"warmed up with {n_warm} orders; streaming {total} orders ({lines} lines) ...")
-        cpu0 = cpu_seconds(pipeline.worker.proc.pid), cpu_seconds(pipeline.sink.proc.pid)
-        t0 = time.monotonic()
-        if rate:
-            paced_publish(timed, publisher, rate)
-        else:
-            publish(timed, publisher)
-        t_pub = time.monotonic() - t0
-        total_all = n_warm + total
-        with click.progressbar(length=total, label="decided", show_pos=True) as bar:
-            done = 0
-            deadline = time.monotonic() + timeout
-            while done < total and time.monotonic() < deadline:
-                now_done = _count_decided(settings) - n_warm
-                bar.update(now_done - done)
-                done = now_done
-                if done < total:
-                    time.sleep(0.2)
-        elapsed = time.monotonic() - t0
-        cpu1 = cpu_seconds(pipeline.worker.proc.pid), cpu_seconds(pipeline.sink.proc.pid)
+        echo(f"streaming {total} orders ({lines} lines) after {n_warm} warm-up orders ...")
+        pids = {"worker": pipeline.worker.proc.pid, "sink": pipeline.sink.proc.pid, "broker": _broker_pid(settings),
+                **{f"worker-{i + 2}": w.proc.pid for i, w in enumerate(extra_workers)}}
+        t_pub, elapsed, used = _timed_stream(warm, timed, Publisher(broker.bootstrap), rate,
+                                             lambda: _count_decided(settings), pids, timeout)
+        used["worker"] = sum(cpu for name, cpu in used.items() if name.startswith("worker"))
         echo(f"worker counts: {pipeline.worker.health()}")
-        if done < total:
-            raise click.ClickException(f"only {done} of {total} orders decided within {timeout:.0f}s")
         # Latency: Kafka timestamp of the received message -> decision time.
         codec = default_codec()
         received_ts = {}
         timed_ids = {m.sim.sim_id for m in timed}
-        for m in consume_all(broker.bootstrap, [t.RECEIVED], until=lambda ms: len(ms) >= total_all):
+        for m in consume_all(broker.bootstrap, [t.RECEIVED], until=lambda ms: len(ms) >= n_warm + total):
             try:
                 received_ts[codec.decode(m.value())[1]["order_id"]] = m.timestamp()[1] / 1000.0
             except Exception:  # noqa: BLE001 - the malformed ones in the feed
@@ -145,7 +231,50 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
         decided = run_query(settings, "SELECT order_id, toUnixTimestamp64Milli(decided_at) FROM verdicts "
                                       "UNION ALL SELECT order_id, toUnixTimestamp64Milli(rejected_at) FROM rejections")[1]
         lat = [int(ms) - received_ts[oid] * 1000.0 for oid, ms in decided if oid in received_ts and oid in timed_ids]
-        return BenchResult(total, lines, t_pub, elapsed, lat, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
+        result = BenchResult(total, lines, t_pub, elapsed, lat, used["worker"], used["sink"], used["broker"],
+                             used["bench"], workers=workers)
+        if compare_bare:
+            pipeline.stop()
+            broker.stop()
+            echo("the same feed through the bare confluent-kafka loop (fresh broker) ...")
+            broker = _fresh_broker(settings)
+            result.bare = run_bare(settings, broker, warm, timed, lines, timeout)
+        return result
     finally:
+        for w in extra_workers:
+            w.stop()
         pipeline.stop()
         broker.stop()
+
+
+def run_bare(settings: Settings, broker: LocalBroker, warm: list, timed: list, lines: int,
+             timeout: float) -> BareResult:
+    """The timed part of the feed through ``streams.tools.bare_loop`` (a child process), as the worker had it."""
+    publish_reference_data(settings, Publisher(broker.bootstrap))
+    status = settings.data_dir / STATUS_FILE
+    status.unlink(missing_ok=True)
+    log = open(settings.data_dir / "bare.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "streams.tools.bare_loop"], env=settings_env(settings),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def decided() -> int:
+        if proc.poll() is not None:
+            raise click.ClickException(f"the bare loop exited with {proc.returncode}; see {log.name}")
+        try:
+            return int(json.loads(status.read_text())["decided"])
+        except (OSError, ValueError, KeyError):
+            return 0
+    try:
+        deadline = time.monotonic() + 120
+        while not status.exists() and time.monotonic() < deadline:
+            decided()
+            time.sleep(0.2)
+        _, elapsed, used = _timed_stream(warm, timed, Publisher(broker.bootstrap), None, decided,
+                                         {"bare": proc.pid}, timeout)
+        return BareResult(lines, elapsed, used["bare"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

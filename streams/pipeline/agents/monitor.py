@@ -282,8 +282,8 @@ class MonitorProcessor(ProcessorBase):
         return out
 
     def _publish(self, order: dict[str, Any], verdict: dict[str, Any], outputs: list[tuple[str, str, bytes]]) -> None:
-        for topic, key, payload in outputs:
-            self.emitter.publish(topic, key, payload)
+        for topic, key, payload in outputs:  # the verdict's record spares the metrics a decode
+            self.emitter.publish(topic, key, payload, record=verdict if topic == t.VERDICTS else None)
         fired = [r for r in verdict["reasons"] if r["fired"] and r.get("enforced", True)]
         if verdict["verdict"] == "HOLD":
             self.counts["held"] += 1

@@ -568,7 +568,7 @@ class VerifyProcessor(ProcessorBase):
             "purchaser_dea": purchaser_dea, "signer_subject": signer_subject, "checks": checks,
         }
         payload = self.codec.encode("csos.orders.Rejection", rejection)  # fails here, before any output
-        self.emitter.publish(t.REJECTED, rec["order_id"], payload)
+        self.emitter.publish(t.REJECTED, rec["order_id"], payload, record=rejection)
         self.emitter.audit(STAGE, "order.rejected", code, order_id=rec["order_id"], purchaser_dea=purchaser_dea,
                            detail=detail)
         self.counts["rejected"] += 1
