@@ -63,24 +63,43 @@ class FakeFaustTable:
     def partition_for_key(self, key: bytes) -> None:
         return None
 
-    def send_changelog(self, partition: int | None, key: bytes, value: bytes | None, **_: Any) -> _Future:
-        fut = _Future()
-        fut.message = SimpleNamespace(partition=0)
-        if self.fail:  # the worker dies before the broker has it
-            fut.set_exception(ConnectionError("killed before the changelog was acknowledged"))
-            return fut
-        if value is None:
-            self.broker.pop(key, None)
-        else:
-            self.broker[key] = value
-        self.ops.append(("state acked", key))
-        fut.set_result(None)
-        return fut
+    key_serializer = value_serializer = None
+
+    def _on_changelog_sent(self, fut: _Future) -> None:
+        pass
+
+    @property
+    def changelog_topic(self) -> "FakeChangelogTopic":
+        return FakeChangelogTopic(self)
 
     def _maybe_set_key_ttl(self, key: bytes, partition: int) -> None:
         pass
 
     _maybe_del_key_ttl = _maybe_set_key_ttl
+
+
+class FakeChangelogTopic:
+    """The two calls ``DurableTable.write_durable`` makes on the changelog topic: build a record, hand it over."""
+
+    def __init__(self, table: FakeFaustTable) -> None:
+        self.table = table
+
+    def as_future_message(self, *, key: bytes, value: bytes | None, **_: Any) -> _Future:
+        fut = _Future()
+        fut.message = SimpleNamespace(partition=0, key=key, value=value)
+        return fut
+
+    async def publish_message(self, fut: _Future, wait: bool = False) -> None:
+        table, key, value = self.table, fut.message.key, fut.message.value
+        if table.fail:  # the worker dies before the broker has it
+            fut.set_exception(ConnectionError("killed before the changelog was acknowledged"))
+            return
+        if value is None:
+            table.broker.pop(key, None)
+        else:
+            table.broker[key] = value
+        table.ops.append(("state acked", key))
+        fut.set_result(None)
 
 
 class FakePublisher:
