@@ -49,11 +49,11 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "4"
+DETECTORS_VERSION = "5"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
-                     "ramp", "new_customer")
+                     "ramp", "ramp_2x", "new_customer")
 #: Learned detectors that run and are recorded but do not decide unless named in ``hold_detectors``.
 #: ``strength_shift`` is recorded only: on held-out and real ARCOS data one order's mg per unit swings past 2x the
 #: usual mix whenever a multi-strength buyer restocks one product (methadone clinics: half the learned holds).
@@ -181,6 +181,14 @@ class MonitorConfig:
     new_customer_peer_quantile: float = 0.9
     new_customer_peer_ratio: float = 2.0
     new_customer_max_monthly_units: int = 16000  # 2x the static 8,000-unit reference, as the peer ratio
+
+    # Issue 11, long-memory guard (ramp_2x, RampGuardDetector): hold a family whose calendar month exceeds
+    # ramp_2x_ratio x its trailing 12-month average (the 2x rule's test), except that once an analyst RELEASED a
+    # held order of the family, only above ramp_2x_cleared_ratio x the cleared month's learned units, for
+    # ramp_2x_cleared_months months. Chosen on the tuning scenarios (seed 7).
+    ramp_2x_ratio: float = 2.0
+    ramp_2x_cleared_ratio: float = 1.5
+    ramp_2x_cleared_months: int = 12
 
     def __post_init__(self) -> None:
         # A set, spelled one way, so the fingerprint (model_version) names what decides.
@@ -866,6 +874,59 @@ class RampDetector(PerFamilyDetector):
         return focused, f"Its other families together are at {other_growth:.1f}x their level, so the growth is {tail}"
 
 
+class RampGuardDetector(PerFamilyDetector):
+    """Long-memory guard: a family's calendar month over ``ramp_2x_ratio`` x its trailing 12-month average.
+
+    Why: ``ramp`` and ``trend`` are built to spare legitimate growth, and on held-out ramps they held
+    later than the plain 2x-12-month rule about half the time. This guard applies that rule's test
+    (same months, learned from released orders only, same ``static_min_months``), so the learned
+    policy is never later than the rule on a ramp. What keeps its false holds down is the analyst:
+    once a held order of the family is RELEASED, its month's volume counts as cleared (due-diligence
+    state ``cleared``) and the guard holds again only above ``ramp_2x_cleared_ratio`` x that month's
+    learned units, for ``ramp_2x_cleared_months`` months. A store that grew is held once per growth
+    step, not on every order until its average catches up.
+    """
+
+    name = "ramp_2x"
+    dimension = "pattern"
+
+    def _cleared_level(self, state: RegistrantBaselines, family: str, month: int) -> tuple[int, float] | None:
+        """(cleared month, its learned units) when an analyst cleared the family recently enough, else None."""
+        cleared = state.due_diligence.get("cleared") or {}
+        at = cleared.get(family)
+        if at is None or month - at >= self.cfg.ramp_2x_cleared_months:
+            return None
+        fb = state.family(family)
+        return at, float(fb.months.cells.get(at, 0)) if fb else 0.0
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        c = self.cfg
+        m = state.monthly(f.family, order)
+        prior = m.trailing(12)
+        with_orders = m.months_with_orders(12)
+        avg = sum(prior) / len(prior) if prior else 0.0
+        if with_orders < c.static_min_months:
+            return _not_applicable(self, f, m, 12, f"{c.ramp_2x_ratio:g}x 12-month average", with_orders, avg)
+        threshold = c.ramp_2x_ratio * avg
+        window = f"calendar month {month_name(m.month)}; average over the trailing {len(prior)} months"
+        if m.current <= threshold:  # cannot fire, cleared or not: the analyst's clearance need not be read
+            return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
+        cleared = self._cleared_level(state, f.family, m.month)
+        if cleared is not None:
+            threshold = max(threshold, c.ramp_2x_cleared_ratio * cleared[1])
+            window += f"; cleared by an analyst in {month_name(cleared[0])}"
+        fired = m.current > threshold
+        if not fired:
+            return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
+        text = (f"{_this_month(f.family, m)}; its trailing {len(prior)}-month average is {fmt_n(avg)} a month, "
+                f"{c.ramp_2x_ratio:g}x that is {fmt_n(c.ramp_2x_ratio * avg)}")
+        if cleared is not None:
+            text += (f"; an analyst cleared {fmt_n(cleared[1])} units in {month_name(cleared[0])}, "
+                     f"{c.ramp_2x_cleared_ratio:g}x that is {fmt_n(c.ramp_2x_cleared_ratio * cleared[1])}")
+        text += f": the month is {m.current / avg:.1f}x its long-memory level; exceeded." if avg > 0 else "; exceeded."
+        return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
+
+
 class StrengthShiftDetector(PerFamilyDetector):
     """Deviation from pattern: a shift to stronger products inside one family (30 mg tablets instead of 5 mg).
 
@@ -1197,6 +1258,7 @@ def default_detectors(cfg: MonitorConfig, peers: PeerProfiles | None = None) -> 
         FamilyMixDetector(cfg),
         TrendDetector(cfg, peers),
         RampDetector(cfg),
+        RampGuardDetector(cfg),
         StrengthShiftDetector(cfg),
         PeerVolumeDetector(cfg, peers),
         TimingDetector(cfg),
@@ -1210,7 +1272,8 @@ def default_detectors(cfg: MonitorConfig, peers: PeerProfiles | None = None) -> 
 
 __all__ = [
     "MonitorConfig", "Detector", "Reason", "SizeDetector", "VolumeDetector", "FrequencyDetector",
-    "NewFamilyDetector", "FamilyMixDetector", "TrendDetector", "RampDetector", "StrengthShiftDetector",
+    "NewFamilyDetector", "FamilyMixDetector", "TrendDetector", "RampDetector", "RampGuardDetector",
+    "StrengthShiftDetector",
     "TrailingMonthsRule", "StaticAverageDetector", "StaticMaxDetector",
     "StaticCeilingDetector", "CustomerLimitDetector", "PeerVolumeDetector", "TimingDetector", "load_customer_limits",
     "default_detectors", "peer_group", "reason", "ew_memory", "LEARNED_DETECTORS", "RECORDED_DETECTORS",
