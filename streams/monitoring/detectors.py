@@ -185,10 +185,21 @@ class MonitorConfig:
     # Issue 11, long-memory guard (ramp_2x, RampGuardDetector): hold a family whose calendar month exceeds
     # ramp_2x_ratio x its trailing 12-month average (the 2x rule's test), except that once an analyst RELEASED a
     # held order of the family, only above ramp_2x_cleared_ratio x the cleared month's learned units, for
-    # ramp_2x_cleared_months months. Chosen on the tuning scenarios (seed 7).
+    # ramp_2x_cleared_months months; only for an opioid month above ramp_2x_min_mme MME of a family that is at
+    # least ramp_2x_min_share of the registrant's 30-day units (minor families' lumpy months held 10 per 1,000
+    # legitimate orders on the tuning scenarios). Chosen on the tuning scenarios (seed 7).
     ramp_2x_ratio: float = 2.0
     ramp_2x_cleared_ratio: float = 1.5
     ramp_2x_cleared_months: int = 12
+    ramp_2x_min_mme: float = 10000.0  # the month's MME (units x this order's MME per unit) must exceed this; 0 = any
+    ramp_2x_min_share: float = 0.2  # ... and the family this share of the registrant's 30-day units; 0 = any
+    # Issue 11, new customers without peer profiles: the calendar month's units of one family are held above the
+    # ceiling of the registrant's business activity ("ACTIVITY=units" items; env comma-separated), else above
+    # new_customer_max_monthly_units. After an analyst RELEASED a held order of the family, above the larger of
+    # that and ramp_2x_cleared_ratio x the cleared month's units (a legitimate new store is held once).
+    # Defaults: the 99th percentile of a family's month among the tuning scenarios' established registrants.
+    new_customer_activity_units: tuple[str, ...] = ("RETAIL PHARMACY=7300", "CHAIN PHARMACY=15900",
+                                                    "HOSPITAL/CLINIC=2325", "PRACTITIONER=1980")
 
     def __post_init__(self) -> None:
         # A set, spelled one way, so the fingerprint (model_version) names what decides.
@@ -874,6 +885,19 @@ class RampDetector(PerFamilyDetector):
         return focused, f"Its other families together are at {other_growth:.1f}x their level, so the growth is {tail}"
 
 
+def cleared_level(state: RegistrantBaselines, family: str, month: int, months: int) -> tuple[int, float] | None:
+    """(month, its learned units) an analyst cleared for ``family`` less than ``months`` months ago, else None.
+
+    An analyst clears a month by RELEASING a held order of the family (``open_cases``); the units are
+    read from the learned calendar months, so they include every order released in that month.
+    """
+    at = (state.due_diligence.get("cleared") or {}).get(family)
+    if at is None or month - at >= months:
+        return None
+    fb = state.family(family)
+    return at, float(fb.months.cells.get(at, 0)) if fb else 0.0
+
+
 class RampGuardDetector(PerFamilyDetector):
     """Long-memory guard: a family's calendar month over ``ramp_2x_ratio`` x its trailing 12-month average.
 
@@ -890,15 +914,6 @@ class RampGuardDetector(PerFamilyDetector):
     name = "ramp_2x"
     dimension = "pattern"
 
-    def _cleared_level(self, state: RegistrantBaselines, family: str, month: int) -> tuple[int, float] | None:
-        """(cleared month, its learned units) when an analyst cleared the family recently enough, else None."""
-        cleared = state.due_diligence.get("cleared") or {}
-        at = cleared.get(family)
-        if at is None or month - at >= self.cfg.ramp_2x_cleared_months:
-            return None
-        fb = state.family(family)
-        return at, float(fb.months.cells.get(at, 0)) if fb else 0.0
-
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         c = self.cfg
         m = state.monthly(f.family, order)
@@ -911,7 +926,22 @@ class RampGuardDetector(PerFamilyDetector):
         window = f"calendar month {month_name(m.month)}; average over the trailing {len(prior)} months"
         if m.current <= threshold:  # cannot fire, cleared or not: the analyst's clearance need not be read
             return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
-        cleared = self._cleared_level(state, f.family, m.month)
+        mme_per_unit = f.mme / f.units if f.units > 0 else 0.0
+        if c.ramp_2x_min_mme > 0:
+            # Only an opioid month of some weight: a small or non-opioid family's lumpy month is left to the
+            # other detectors (the floor in units: the month's units at this order's MME per unit).
+            floor = c.ramp_2x_min_mme / mme_per_unit if mme_per_unit > 0 else _MAX
+            threshold = max(threshold, floor)
+            window += f"; only above {fmt_n(c.ramp_2x_min_mme)} MME a month"
+        share = 1.0
+        if c.ramp_2x_min_share > 0:
+            u30 = state.units_30d_all(order)
+            total = sum(u30.values())
+            share = u30.get(f.family, 0) / total if total > 0 else 1.0
+            if share < c.ramp_2x_min_share:  # a minor family's lumpy month: left to the other detectors
+                threshold = _MAX
+                window += f"; {fmt_pct(share)} of its 30-day units (< {fmt_pct(c.ramp_2x_min_share)})"
+        cleared = cleared_level(state, f.family, m.month, c.ramp_2x_cleared_months)
         if cleared is not None:
             threshold = max(threshold, c.ramp_2x_cleared_ratio * cleared[1])
             window += f"; cleared by an analyst in {month_name(cleared[0])}"
@@ -923,6 +953,9 @@ class RampGuardDetector(PerFamilyDetector):
         if cleared is not None:
             text += (f"; an analyst cleared {fmt_n(cleared[1])} units in {month_name(cleared[0])}, "
                      f"{c.ramp_2x_cleared_ratio:g}x that is {fmt_n(c.ramp_2x_cleared_ratio * cleared[1])}")
+        if c.ramp_2x_min_mme > 0:
+            text += (f"; the month is {fmt_n(m.current * mme_per_unit)} MME (at least {fmt_n(c.ramp_2x_min_mme)} "
+                     f"for this guard)")
         text += f": the month is {m.current / avg:.1f}x its long-memory level; exceeded." if avg > 0 else "; exceeded."
         return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
 
@@ -1276,6 +1309,6 @@ __all__ = [
     "StrengthShiftDetector",
     "TrailingMonthsRule", "StaticAverageDetector", "StaticMaxDetector",
     "StaticCeilingDetector", "CustomerLimitDetector", "PeerVolumeDetector", "TimingDetector", "load_customer_limits",
-    "default_detectors", "peer_group", "reason", "ew_memory", "LEARNED_DETECTORS", "RECORDED_DETECTORS",
+    "default_detectors", "peer_group", "reason", "cleared_level", "ew_memory", "LEARNED_DETECTORS", "RECORDED_DETECTORS",
     "STATIC_DETECTORS",
 ]
