@@ -808,13 +808,14 @@ def new_due_diligence() -> dict[str, Any]:
     """An empty ``som.state.DueDiligence`` (also what older states read as); here, with the state it is part
     of, so that ``open_cases`` (which fills it) imports this module and never the other way round."""
     return {"first_seen_ms": 0, "onboarded_ms": 0, "onboarded_by": "", "open": {}, "reported": {}, "limits": {},
-            "terminated": None, "applied": []}
+            "terminated": None, "applied": [], "cleared": {}}
 
 
 def _copy_due_diligence(dd: Mapping[str, Any]) -> dict[str, Any]:
     """A private copy of a stored ``due_diligence`` sub-record (the stored state is never mutated)."""
     return {**dd, "open": {f: dict(c, pending=list(c["pending"])) for f, c in dd["open"].items()},
-            "reported": dict(dd["reported"]), "limits": dict(dd["limits"]), "applied": list(dd["applied"])}
+            "reported": dict(dd["reported"]), "limits": dict(dd["limits"]), "applied": list(dd["applied"]),
+            "cleared": dict(dd.get("cleared") or {})}  # absent in states written before issue 11's cleared level
 
 
 def migrate_state(state: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -49,11 +49,11 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "4"
+DETECTORS_VERSION = "5"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
-                     "ramp", "new_customer")
+                     "ramp", "ramp_2x", "new_customer")
 #: Learned detectors that run and are recorded but do not decide unless named in ``hold_detectors``.
 #: ``strength_shift`` is recorded only: on held-out and real ARCOS data one order's mg per unit swings past 2x the
 #: usual mix whenever a multi-strength buyer restocks one product (methadone clinics: half the learned holds).
@@ -181,6 +181,25 @@ class MonitorConfig:
     new_customer_peer_quantile: float = 0.9
     new_customer_peer_ratio: float = 2.0
     new_customer_max_monthly_units: int = 16000  # 2x the static 8,000-unit reference, as the peer ratio
+
+    # Issue 11, long-memory guard (ramp_2x, RampGuardDetector): hold a family whose calendar month exceeds
+    # ramp_2x_ratio x its trailing 12-month average (the 2x rule's test), except that once an analyst RELEASED a
+    # held order of the family, only above ramp_2x_cleared_ratio x the cleared month's learned units, for
+    # ramp_2x_cleared_months months; only for an opioid month above ramp_2x_min_mme MME of a family that is at
+    # least ramp_2x_min_share of the registrant's 30-day units (minor families' lumpy months held 10 per 1,000
+    # legitimate orders on the tuning scenarios). Chosen on the tuning scenarios (seed 7).
+    ramp_2x_ratio: float = 2.0
+    ramp_2x_cleared_ratio: float = 1.5
+    ramp_2x_cleared_months: int = 12
+    ramp_2x_min_mme: float = 10000.0  # the month's MME (units x this order's MME per unit) must exceed this; 0 = any
+    ramp_2x_min_share: float = 0.2  # ... and the family this share of the registrant's 30-day units; 0 = any
+    # Issue 11, new customers without peer profiles: the calendar month's units of one family are held above the
+    # ceiling of the registrant's business activity ("ACTIVITY=units" items; env comma-separated), else above
+    # new_customer_max_monthly_units. After an analyst RELEASED a held order of the family, above the larger of
+    # that and ramp_2x_cleared_ratio x the cleared month's units (a legitimate new store is held once).
+    # Defaults: the 99th percentile of a family's month among the tuning scenarios' established registrants.
+    new_customer_activity_units: tuple[str, ...] = ("RETAIL PHARMACY=7300", "CHAIN PHARMACY=15900",
+                                                    "HOSPITAL/CLINIC=2325", "PRACTITIONER=1980")
 
     def __post_init__(self) -> None:
         # A set, spelled one way, so the fingerprint (model_version) names what decides.
@@ -866,6 +885,81 @@ class RampDetector(PerFamilyDetector):
         return focused, f"Its other families together are at {other_growth:.1f}x their level, so the growth is {tail}"
 
 
+def cleared_level(state: RegistrantBaselines, family: str, month: int, months: int) -> tuple[int, float] | None:
+    """(month, its learned units) an analyst cleared for ``family`` less than ``months`` months ago, else None.
+
+    An analyst clears a month by RELEASING a held order of the family (``open_cases``); the units are
+    read from the learned calendar months, so they include every order released in that month.
+    """
+    at = (state.due_diligence.get("cleared") or {}).get(family)
+    if at is None or month - at >= months:
+        return None
+    fb = state.family(family)
+    return at, float(fb.months.cells.get(at, 0)) if fb else 0.0
+
+
+class RampGuardDetector(PerFamilyDetector):
+    """Long-memory guard: a family's calendar month over ``ramp_2x_ratio`` x its trailing 12-month average.
+
+    Why: ``ramp`` and ``trend`` are built to spare legitimate growth, and on held-out ramps they held
+    later than the plain 2x-12-month rule about half the time. This guard applies that rule's test
+    (same months, learned from released orders only, same ``static_min_months``), so the learned
+    policy is never later than the rule on a ramp. What keeps its false holds down is the analyst:
+    once a held order of the family is RELEASED, its month's volume counts as cleared (due-diligence
+    state ``cleared``) and the guard holds again only above ``ramp_2x_cleared_ratio`` x that month's
+    learned units, for ``ramp_2x_cleared_months`` months. A store that grew is held once per growth
+    step, not on every order until its average catches up.
+    """
+
+    name = "ramp_2x"
+    dimension = "pattern"
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        c = self.cfg
+        m = state.monthly(f.family, order)
+        prior = m.trailing(12)
+        with_orders = m.months_with_orders(12)
+        avg = sum(prior) / len(prior) if prior else 0.0
+        if with_orders < c.static_min_months:
+            return _not_applicable(self, f, m, 12, f"{c.ramp_2x_ratio:g}x 12-month average", with_orders, avg)
+        threshold = c.ramp_2x_ratio * avg
+        window = f"calendar month {month_name(m.month)}; average over the trailing {len(prior)} months"
+        if m.current <= threshold:  # cannot fire, cleared or not: the analyst's clearance need not be read
+            return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
+        mme_per_unit = f.mme / f.units if f.units > 0 else 0.0
+        if c.ramp_2x_min_mme > 0:
+            # Only an opioid month of some weight: a small or non-opioid family's lumpy month is left to the
+            # other detectors (the floor in units: the month's units at this order's MME per unit).
+            floor = c.ramp_2x_min_mme / mme_per_unit if mme_per_unit > 0 else _MAX
+            threshold = max(threshold, floor)
+            window += f"; only above {fmt_n(c.ramp_2x_min_mme)} MME a month"
+        share = 1.0
+        if c.ramp_2x_min_share > 0:
+            u30 = state.units_30d_all(order)
+            total = sum(u30.values())
+            share = u30.get(f.family, 0) / total if total > 0 else 1.0
+            if share < c.ramp_2x_min_share:  # a minor family's lumpy month: left to the other detectors
+                threshold = _MAX
+                window += f"; {fmt_pct(share)} of its 30-day units (< {fmt_pct(c.ramp_2x_min_share)})"
+        cleared = cleared_level(state, f.family, m.month, c.ramp_2x_cleared_months)
+        if cleared is not None:
+            threshold = max(threshold, c.ramp_2x_cleared_ratio * cleared[1])
+            window += f"; cleared by an analyst in {month_name(cleared[0])}"
+        fired = m.current > threshold
+        if not fired:
+            return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
+        text = (f"{_this_month(f.family, m)}; its trailing {len(prior)}-month average is {fmt_n(avg)} a month, "
+                f"{c.ramp_2x_ratio:g}x that is {fmt_n(c.ramp_2x_ratio * avg)}")
+        if cleared is not None:
+            text += (f"; an analyst cleared {fmt_n(cleared[1])} units in {month_name(cleared[0])}, "
+                     f"{c.ramp_2x_cleared_ratio:g}x that is {fmt_n(c.ramp_2x_cleared_ratio * cleared[1])}")
+        if c.ramp_2x_min_mme > 0:
+            text += (f"; the month is {fmt_n(m.current * mme_per_unit)} MME (at least {fmt_n(c.ramp_2x_min_mme)} "
+                     f"for this guard)")
+        text += f": the month is {m.current / avg:.1f}x its long-memory level; exceeded." if avg > 0 else "; exceeded."
+        return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
+
+
 class StrengthShiftDetector(PerFamilyDetector):
     """Deviation from pattern: a shift to stronger products inside one family (30 mg tablets instead of 5 mg).
 
@@ -1197,6 +1291,7 @@ def default_detectors(cfg: MonitorConfig, peers: PeerProfiles | None = None) -> 
         FamilyMixDetector(cfg),
         TrendDetector(cfg, peers),
         RampDetector(cfg),
+        RampGuardDetector(cfg),
         StrengthShiftDetector(cfg),
         PeerVolumeDetector(cfg, peers),
         TimingDetector(cfg),
@@ -1210,9 +1305,10 @@ def default_detectors(cfg: MonitorConfig, peers: PeerProfiles | None = None) -> 
 
 __all__ = [
     "MonitorConfig", "Detector", "Reason", "SizeDetector", "VolumeDetector", "FrequencyDetector",
-    "NewFamilyDetector", "FamilyMixDetector", "TrendDetector", "RampDetector", "StrengthShiftDetector",
+    "NewFamilyDetector", "FamilyMixDetector", "TrendDetector", "RampDetector", "RampGuardDetector",
+    "StrengthShiftDetector",
     "TrailingMonthsRule", "StaticAverageDetector", "StaticMaxDetector",
     "StaticCeilingDetector", "CustomerLimitDetector", "PeerVolumeDetector", "TimingDetector", "load_customer_limits",
-    "default_detectors", "peer_group", "reason", "ew_memory", "LEARNED_DETECTORS", "RECORDED_DETECTORS",
+    "default_detectors", "peer_group", "reason", "cleared_level", "ew_memory", "LEARNED_DETECTORS", "RECORDED_DETECTORS",
     "STATIC_DETECTORS",
 ]

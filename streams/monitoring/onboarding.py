@@ -12,7 +12,11 @@ come from the registrant:
 * with peer profiles (``SOM_PEER_PROFILES``) and a peer group with at least
   ``peer_min_months`` registrant-months: ``new_customer_peer_ratio`` x the
   peers' ``new_customer_peer_quantile`` month;
-* otherwise the fixed ``new_customer_max_monthly_units``.
+* otherwise the ceiling of its business activity (``new_customer_activity_units``, chosen on the
+  tuning scenarios), else the fixed ``new_customer_max_monthly_units``.
+
+Once an analyst RELEASED a held order of the family (due-diligence ``cleared``), the ceiling is at
+least ``ramp_2x_cleared_ratio`` x the cleared month's units: a legitimate new store is held once.
 
 Its own learned thresholds still apply; holding when either fires is the
 same as capping them with the ceiling. After the period its own history
@@ -21,7 +25,9 @@ counts, as for every registrant.
 from __future__ import annotations
 
 from streams.monitoring.baselines import MS_PER_DAY, FamilyFacts, OrderFacts, RegistrantBaselines, month_name
-from streams.monitoring.detectors import MonitorConfig, PerFamilyDetector, Reason, _MAX, fmt_n, peer_group, reason
+from streams.monitoring.detectors import (
+    MonitorConfig, PerFamilyDetector, Reason, _MAX, cleared_level, fmt_n, peer_group, reason,
+)
 from streams.monitoring.peers import PeerProfiles
 
 #: Length of a month in the period's arithmetic (the mean Gregorian month).
@@ -40,6 +46,24 @@ def in_new_customer_period(base: RegistrantBaselines, order: OrderFacts, months:
     return order.at_ms - period_start_ms(base, order) < months * MONTH_MS
 
 
+def activity_ceilings(items: tuple[str, ...]) -> dict[str, float]:
+    """``("RETAIL PHARMACY=8000", ...)`` as ``{"RETAIL PHARMACY": 8000.0}``; a malformed item is refused.
+
+    Refused loudly: a ceiling silently dropped would leave that kind of new customer under the default.
+    """
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, units = item.rpartition("=")
+        try:
+            value = float(units)
+        except ValueError:
+            value = -1.0
+        if not sep or not name.strip() or value < 0:
+            raise ValueError(f"SOM_NEW_CUSTOMER_ACTIVITY_UNITS: {item!r} is not ACTIVITY=units")
+        out[name.strip().upper()] = value
+    return out
+
+
 class NewCustomerDetector(PerFamilyDetector):
     """Size/volume of a new customer: the calendar month's units of a family against a peer (or fixed) ceiling."""
 
@@ -49,6 +73,8 @@ class NewCustomerDetector(PerFamilyDetector):
     def __init__(self, cfg: MonitorConfig, peers: PeerProfiles | None = None) -> None:
         self.cfg = cfg
         self.peers = peers
+        #: Business activity (upper case) -> monthly units of one family (no peers): new_customer_activity_units.
+        self.ceilings = activity_ceilings(cfg.new_customer_activity_units)
 
     def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
         # Outside the period nothing is recorded: an established registrant pays nothing for this rule.
@@ -70,11 +96,19 @@ class NewCustomerDetector(PerFamilyDetector):
                       f"({fmt_n(level)})")
             window = f"calendar month {month_name(m.month)}; new customer (day {days:.0f}); peers"
         else:
-            level = threshold = float(c.new_customer_max_monthly_units)
-            source = "the fixed new-customer ceiling"
+            level = threshold = float(self.ceilings.get(order.business_activity.strip().upper(),
+                                                        c.new_customer_max_monthly_units))
+            source = f"the new-customer ceiling of a {order.business_activity.lower() or 'registrant'}"
             window = f"calendar month {month_name(m.month)}; new customer (day {days:.0f}); fixed ceiling"
         if threshold <= 0:
             return reason(self.name, self.dimension, f.family, m.current, 0.0, _MAX, "not applicable", False, "")
+        if m.current > threshold:
+            cleared = cleared_level(state, f.family, m.month, c.ramp_2x_cleared_months)
+            if cleared is not None and c.ramp_2x_cleared_ratio * cleared[1] > threshold:
+                threshold = c.ramp_2x_cleared_ratio * cleared[1]
+                source += (f", raised to {c.ramp_2x_cleared_ratio:g}x the {fmt_n(cleared[1])} units an analyst "
+                           f"cleared in {month_name(cleared[0])}")
+                window += "; cleared by an analyst"
         fired = m.current > threshold
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
@@ -85,4 +119,4 @@ class NewCustomerDetector(PerFamilyDetector):
         return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
 
 
-__all__ = ["NewCustomerDetector", "in_new_customer_period", "period_start_ms", "MONTH_MS"]
+__all__ = ["NewCustomerDetector", "activity_ceilings", "in_new_customer_period", "period_start_ms", "MONTH_MS"]

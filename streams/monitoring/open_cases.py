@@ -21,6 +21,8 @@ registrant's monitor state, a plain dict kept by :class:`RegistrantBaselines`):
 * ``terminated``: TERMINATE ends the relationship; every later order is held
   (``terminated_customer``). Final: no decision lifts it.
 * ``first_seen_ms`` / ``onboarded_ms``: the new-customer period (:mod:`.onboarding`).
+* ``cleared[family]``: the latest month whose volume an analyst cleared by releasing a held order
+  of the family (the ``ramp_2x`` guard holds again only well above it).
 
 Each held order still gets its own case and needs its own decision: a
 RELEASED first case opens the gate for new orders but does not ship the orders
@@ -176,6 +178,8 @@ def apply_outcome(dd: MutableMapping[str, Any], outcome: Mapping[str, Any]) -> b
     case_id = str(outcome.get("order_id") or "")
     at = to_ms(outcome["cleared_at"])
     by = str(outcome.get("cleared_by") or "")
+    if kind == RELEASED:
+        _record_cleared(dd, outcome, families, at)
     if kind in (RELEASED, CANCELLED):
         for fam, case in list(dd["open"].items()):
             if case["case_id"] == case_id:
@@ -202,6 +206,26 @@ def apply_outcome(dd: MutableMapping[str, Any], outcome: Mapping[str, Any]) -> b
     elif kind == ONBOARDED and not dd["onboarded_ms"]:
         dd["onboarded_ms"], dd["onboarded_by"] = at, by
     return True
+
+
+def _record_cleared(dd: MutableMapping[str, Any], outcome: Mapping[str, Any], families: list[str], at: int) -> None:
+    """A RELEASED held order clears its month's volume of its families (``cleared[family]`` = that month).
+
+    Why: the long-memory guard (``ramp_2x``) holds a family whose month doubles its trailing-12-month
+    average, as the 2x rule does; a store that grew legitimately would then be held on every order
+    until its average caught up. Once an analyst has looked and released, the guard holds again only
+    above ``ramp_2x_cleared_ratio`` x the cleared month's learned units (see ``RampGuardDetector``).
+    The month is the held order's (the outcome's ``order``), else the decision's.
+    """
+    order = outcome.get("order")
+    if order:
+        families = families or _families(order)
+        month = month_of(to_ms(order["received_at"]))
+    else:
+        month = month_of(at)
+    cleared = dd.setdefault("cleared", {})
+    for fam in families:
+        cleared[fam] = max(int(cleared.get(fam, 0)), month)
 
 
 # --------------------------------------------------------------------------- the evaluation's analyst
@@ -268,7 +292,8 @@ class SimulatedDueDiligence:
                   "drug_families": families}
         if label.get("label") != "suspicious":
             self.monitor.learn_into(base, held)
-            apply_outcome(base.due_diligence, dict(common, decision_id=f"{oid}#released", outcome=RELEASED))
+            apply_outcome(base.due_diligence, dict(common, decision_id=f"{oid}#released", outcome=RELEASED,
+                                                   order=held))
             self.counts[RELEASED] += 1
             return
         dd = base.due_diligence

@@ -27,7 +27,14 @@ kind                label        what happens
 ``surge_expansion`` normal       a store expansion: all families grow to 2x over 4-6 weeks
                                  and stay there
 ``new_registrant``  normal       a new customer: first order mid-run, no history
+``new_mill``        suspicious   a new retail pharmacy that orders its main opioid at 3-8x its
+                                 habit from its first order, for 3-6 months (then closed)
+``new_opening``     normal       a new pharmacy whose first order is an opening stock of 2-4x
+                                 its habit, then normal demand
 ==================  ===========  ==========================================================
+
+``new_mill`` and ``new_opening`` are drawn after every other kind (their own registrants and
+random streams), so adding them left the other episodes of a seed unchanged.
 
 Every label is a dict ``{order_id, label, kind, episode, episode_start}``:
 ``label`` is ``suspicious`` (must be held), ``normal`` (must be released) or
@@ -56,17 +63,17 @@ SUSPICIOUS = "suspicious"
 NORMAL = "normal"
 GREY = "grey"
 
-SUSPICIOUS_KINDS = ("ramp", "spike", "burst", "mme_shift")
+SUSPICIOUS_KINDS = ("ramp", "spike", "burst", "mme_shift", "new_mill")
 LEGIT_SURGE_KINDS = ("surge_flu", "surge_expansion")
-LEGIT_KINDS = LEGIT_SURGE_KINDS + ("new_registrant",)
+LEGIT_KINDS = LEGIT_SURGE_KINDS + ("new_registrant", "new_opening")
 EPISODE_KINDS = SUSPICIOUS_KINDS + LEGIT_KINDS
 
 #: Days from an episode's start by which the learned monitor is expected to hold it.
-EXPECTED_HOLD_DAYS = {"ramp": 35.0, "spike": 0.5, "burst": 2.0, "mme_shift": 0.5}
+EXPECTED_HOLD_DAYS = {"ramp": 35.0, "spike": 0.5, "burst": 2.0, "mme_shift": 0.5, "new_mill": 31.0}
 
 #: Default number of episodes per kind (new_registrant: extra registrants).
 DEFAULT_COUNTS = {"ramp": 8, "spike": 10, "burst": 8, "mme_shift": 8,
-                  "surge_flu": 6, "surge_expansion": 8, "new_registrant": 10}
+                  "surge_flu": 6, "surge_expansion": 8, "new_registrant": 10, "new_mill": 8, "new_opening": 6}
 
 DEFAULT_END = datetime(2026, 4, 1, tzinfo=timezone.utc)
 _OPIOIDS = ("OXYCODONE", "HYDROCODONE", "MORPHINE", "HYDROMORPHONE", "METHADONE", "TRAMADOL", "CODEINE")
@@ -307,6 +314,8 @@ def generate(config: ScenarioConfig | None = None, **overrides: Any) -> Scenario
         return ep
 
     for kind in SUSPICIOUS_KINDS:
+        if kind == "new_mill":
+            continue  # new registrants: drawn last (below)
         for _ in range(counts[kind]):
             reg = pick(lambda g: g.business_activity in _PHARMACIES and _main_opioid(g) is not None
                        and (kind != "mme_shift" or any(f not in g.families and f in by_family
@@ -368,9 +377,57 @@ def generate(config: ScenarioConfig | None = None, **overrides: Any) -> Scenario
             ep.start = tl[0].signed_at if tl else first
             timelines[reg.dea_number] = tl
 
+    _add_new_customers(cfg, counts, start, end, products, timelines, new_ep)
+
     drafts = [d for tl in timelines.values() for d in tl] + extra
     drafts.sort(key=lambda d: (d.signed_at, d.registrant.dea_number))
     return _finalize(drafts, episodes, cfg, start, end)
+
+
+def _add_new_customers(cfg: ScenarioConfig, counts: Mapping[str, int], start: datetime, end: datetime,
+                       products: ProductMaster, timelines: dict[str, list[Draft]],
+                       new_ep: Callable[[str, Registrant, str, datetime, bool], Episode]) -> None:
+    """New pill mills (big from the first order) and legitimate new pharmacies with an opening stock order.
+
+    Their own population and random streams, so the episodes drawn before are the same as without them.
+    """
+    n = counts.get("new_mill", 0) + counts.get("new_opening", 0)
+    if not n:
+        return
+    rng = random.Random(f"scenario-new:{cfg.seed}")
+    pop = Population.generate(4 * n + 8, seed=cfg.seed + 200_003, products=products)
+    cands = [g for g in pop.registrants if g.dea_number not in timelines and g.business_activity in _PHARMACIES
+             and _main_opioid(g) is not None]
+    for kind in ("new_mill", "new_opening"):
+        for _ in range(counts.get(kind, 0)):
+            if not cands:
+                return
+            reg = cands.pop(rng.randrange(len(cands)))
+            first = start + timedelta(days=rng.uniform(120, max(121, cfg.days - 120)))
+            fam = _main_opioid(reg)
+            r = random.Random(f"scenario-orders:{cfg.seed}:{kind}:{reg.dea_number}")
+            tl = normal_timeline(reg, first, end, r, products)
+            if not tl:
+                continue
+            ep = new_ep(kind, reg, fam if kind == "new_mill" else "*", tl[0].signed_at, kind == "new_mill")
+            ep.start = tl[0].signed_at
+            if kind == "new_mill":
+                mult = r.uniform(3.0, 8.0)
+                stop = tl[0].signed_at + timedelta(days=r.uniform(90, 180))
+                ep.detail.update(multiple=round(mult, 2), months=round((stop - tl[0].signed_at).days / 30.4, 1))
+                tl[:] = [d for d in tl if d.signed_at < stop]
+                for d in tl:
+                    if fam not in d.families:
+                        d.lines += _family_lines(reg, fam, reg.habit(fam).mean_units, products)
+                    d.lines = _scale_lines(d.lines, lambda f: mult if f == fam else 1.0, r)
+                    d.label, d.kind, d.episode = SUSPICIOUS, kind, ep.episode_id
+            else:
+                mult = r.uniform(2.0, 4.0)
+                ep.detail.update(opening_multiple=round(mult, 2))
+                tl[0].lines = _scale_lines(tl[0].lines, lambda f: mult, r)
+                for d in tl:
+                    d.kind, d.episode = kind, ep.episode_id
+            timelines[reg.dea_number] = tl
 
 
 def _finalize(drafts: list[Draft], episodes: dict[str, Episode], cfg: ScenarioConfig,

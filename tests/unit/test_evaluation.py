@@ -17,7 +17,7 @@ from connectors.kafka.testing import MemoryPublisher
 
 ARCOS = (arcos_data_dir() or Path("missing-arcos-dir")) / METHADONE_SAMPLE
 SMALL_COUNTS = {"ramp": 3, "spike": 4, "burst": 3, "mme_shift": 3, "surge_flu": 3, "surge_expansion": 3,
-                "new_registrant": 4}
+                "new_registrant": 4, "new_mill": 2, "new_opening": 2}
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,9 @@ def test_new_customer_is_held_above_the_fixed_ceiling_until_onboarded() -> None:
     verdicts = big_new_customer(p, "BN1111119", 4)
     first_hold = next(v for v in verdicts if v["verdict"] == "HOLD")
     assert "new_customer" in fired(first_hold)
-    assert fired(first_hold)["new_customer"]["threshold"] == 16000  # without peers: the fixed ceiling
+    # without peers: the ceiling of its business activity (a retail pharmacy's, new_customer_activity_units)
+    assert fired(first_hold)["new_customer"]["threshold"] == 7300
+    assert "ceiling of a retail pharmacy" in fired(first_hold)["new_customer"]["explanation"]
 
     # an analyst's onboarding review ends the period: its own history counts from now on
     p.decide(registrant_decision("ONBOARDED", "", purchaser_dea="BN1111119"))

@@ -60,8 +60,13 @@ def consistent(r: dict[str, Any]) -> None:
 # each rule fires exactly when its definition says
 # --------------------------------------------------------------------------
 
+def without_ramp_2x() -> Monitor:
+    """The default learned policy less ``ramp_2x``, which applies the 2x test itself and decides (issue 11)."""
+    return Monitor(MonitorConfig(hold_detectors=tuple(d for d in LEARNED_DETECTORS if d != "ramp_2x")))
+
+
 def test_2x_and_3x_trailing_12_month_average() -> None:
-    monitor = Monitor()
+    monitor = without_ramp_2x()
     state = history(monitor, {4: 1000, 3: 1000, 2: 1000, 1: 1000})
     for units, fires_2x, fires_3x in [(2000, False, False), (2001, True, False), (3000, True, False),
                                       (3001, True, True)]:
@@ -186,7 +191,7 @@ def established(monitor: Monitor) -> dict:
 
 
 def test_static_rule_enforced_holds_and_not_enforced_is_recorded_but_releases() -> None:
-    default = Monitor()
+    default = without_ramp_2x()
     state = established(default)
     o = order(DEA, NOW, {"OXYCODONE": 500})
     v = default.score(state, o, decided_at=NOW)

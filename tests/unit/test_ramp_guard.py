@@ -1,0 +1,109 @@
+"""Issue 11: the long-memory guard (ramp_2x), the analyst's cleared level, new customers' activity ceilings."""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from streams.monitoring import Monitor, MonitorConfig
+from streams.monitoring.onboarding import activity_ceilings
+from tests.unit.test_cases import a_decision
+from tests.unit.test_detectors_issue11 import first_hold, ramp_stream
+from tests.unit.test_monitoring import order
+from tests.unit.test_open_cases import T0, Pipeline, fired
+
+DEA = "BG1234563"
+
+
+@pytest.mark.parametrize("growth_to,months", [(3.0, 2), (5.0, 6), (10.0, 9)])
+def test_ramp_2x_is_never_later_than_the_2x_12_month_rule(growth_to: float, months: float) -> None:
+    orders = ramp_stream("BR2222228", growth_to, months)
+    guard_at, v = first_hold(Monitor(MonitorConfig(hold_detectors=("ramp_2x",))), orders)
+    static_at, _ = first_hold(Monitor(MonitorConfig(hold_detectors=("static_2x_12m",))), orders)
+    assert static_at is not None and guard_at is not None and guard_at <= static_at
+    r = next(r for r in v["reasons"] if r["detector"] == "ramp_2x")
+    assert r["fired"] and r["value"] > r["threshold"] >= 2 * r["baseline"] > 0
+    assert f"{r['value']:,.0f} dosage units" in r["explanation"]
+    # the default learned policy holds it no later either
+    learned_at, _ = first_hold(Monitor(), orders)
+    assert learned_at is not None and learned_at <= static_at
+
+
+def grown_store(p: Pipeline, months: int = 5) -> list[dict[str, Any]]:
+    """~4,000 OXYCODONE units a month (30,000 MME) for ``months`` months, then the same store at 2.5x."""
+    start = T0 - timedelta(days=30 * months)
+    for i in range(10 * months):
+        v = p.submit(order(DEA, start + timedelta(days=3 * i), {"OXYCODONE": 400}))
+        assert v["verdict"] == "RELEASE", v["reasons"]
+    return [order(DEA, T0 + timedelta(days=3 * i), {"OXYCODONE": 1000}) for i in range(20)]
+
+
+def test_a_released_growth_is_cleared_and_held_again_only_well_above_it() -> None:
+    p = Pipeline(Monitor(MonitorConfig(hold_detectors=("ramp_2x",))))
+    grown = grown_store(p)
+    verdicts = []
+    held = None
+    for o in grown:
+        v = p.submit(o)
+        verdicts.append(v)
+        if v["verdict"] == "HOLD" and held is None:
+            held = o
+            assert "ramp_2x" in fired(v)
+            p.decide(a_decision({"order_id": o["order_id"]}, "RELEASE"))  # the analyst found a real growth
+    assert held is not None
+    # the clearance is in the monitor's state, through the Avro changelog: the held order's month
+    state = p.state(DEA)
+    month = held["received_at"].year * 12 + held["received_at"].month - 1
+    assert state["due_diligence"]["cleared"] == {"OXYCODONE": month}
+    # the grown store is held once, not on every order until its 12-month average catches up
+    after = verdicts[grown.index(held) + 1:]
+    assert after and all(v["verdict"] == "RELEASE" for v in after), [fired(v) for v in after]
+    # without the analyst's release every later order of the grown month would have been held
+    unreleased = Pipeline(Monitor(MonitorConfig(hold_detectors=("ramp_2x",))))
+    again = [unreleased.submit(o) for o in grown_store(unreleased)]
+    assert sum(v["verdict"] == "HOLD" for v in again) > 3
+    # a further jump far above the cleared month is held again
+    last = grown[-1]["received_at"]
+    jump = p.submit(order(DEA, last + timedelta(days=1), {"OXYCODONE": 20000}))
+    r = fired(jump)["ramp_2x"]
+    assert "cleared" in r["window"] and "an analyst cleared" in r["explanation"]
+
+
+def test_ramp_2x_leaves_a_minor_non_opioid_family_to_the_other_detectors() -> None:
+    monitor = Monitor(MonitorConfig(hold_detectors=("ramp_2x",)))
+    state = None
+    start = T0 - timedelta(days=150)
+    for i in range(50):  # an alprazolam month doubling at a pharmacy that mostly orders oxycodone
+        items = {"OXYCODONE": 400, "ALPRAZOLAM": 20 if i < 45 else 60}
+        o = order(DEA, start + timedelta(days=3 * i), items)
+        v = monitor.score(state, o)
+        assert v["verdict"] == "RELEASE"
+        state = monitor.learn(state, o)
+
+
+def test_new_customer_ceiling_follows_its_business_activity_and_the_cleared_level() -> None:
+    p = Pipeline()
+    clinic = dict(order("AH1111116", T0, {"HYDROCODONE": 2000}), business_activity="HOSPITAL/CLINIC")
+    assert p.submit(clinic)["verdict"] == "RELEASE"
+    v = p.submit(dict(order("AH1111116", T0 + timedelta(days=2), {"HYDROCODONE": 1000}),
+                      business_activity="HOSPITAL/CLINIC"))
+    r = fired(v)["new_customer"]
+    assert r["threshold"] == 2325 and r["value"] == 3000 and "hospital/clinic" in r["explanation"]
+    # a new retail pharmacy: held above 7,300 units a month, once; after the analyst's release the ceiling
+    # is 1.5x the cleared month, so the legitimate new store is not held on every order
+    first = p.submit(order("BN4444440", T0, {"HYDROCODONE": 8000}))
+    assert fired(first)["new_customer"]["threshold"] == 7300
+    p.decide(a_decision({"order_id": first["order_id"]}, "RELEASE"))
+    later = [p.submit(order("BN4444440", T0 + timedelta(days=3 + 3 * i), {"HYDROCODONE": 1000})) for i in range(4)]
+    assert all(v["verdict"] == "RELEASE" for v in later), [fired(v) for v in later]
+    big = p.submit(order("BN4444440", T0 + timedelta(days=16), {"HYDROCODONE": 8000}))
+    assert "an analyst cleared" in fired(big)["new_customer"]["explanation"]
+
+
+def test_activity_ceilings_refuse_a_malformed_item() -> None:
+    assert activity_ceilings(("RETAIL PHARMACY=7300",)) == {"RETAIL PHARMACY": 7300.0}
+    with pytest.raises(ValueError, match="ACTIVITY=units"):
+        activity_ceilings(("RETAIL PHARMACY:7300",))
+    env = {"SOM_NEW_CUSTOMER_ACTIVITY_UNITS": "RETAIL PHARMACY=5000,PRACTITIONER=900"}
+    assert MonitorConfig.from_env(env).new_customer_activity_units == ("RETAIL PHARMACY=5000", "PRACTITIONER=900")
