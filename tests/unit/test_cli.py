@@ -11,7 +11,7 @@ from pathlib import Path
 from streams.cli import audit, bench, data, evaluate, main, pipeline, pki, reports, review
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = {"acls", "archive", "audit", "bench", "bench-dashboards", "bench-monitor", "bench-verify", "broker", "chaos",
+COMMANDS = {"acls", "archive", "audit", "bench", "bench-dashboards", "bench-monitor", "bench-sink", "bench-verify", "broker", "chaos",
             "crl", "demo", "evaluate", "hostile", "peers", "pki", "registrants", "replay-arcos", "reports", "review",
             "simulate", "sink", "sql", "summary", "topics", "verify-offline", "warehouse", "worker"}
 
