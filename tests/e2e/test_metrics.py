@@ -297,7 +297,7 @@ def test_the_emitter_counts_outcomes_once_delivered_and_bounds_dead_letter_reaso
     from prometheus_client import REGISTRY
 
     from connectors.kafka.emit import Emitter
-    from test_review import verdict, verified, line
+    from tests.unit.test_review import line, verdict, verified
 
     class Broker:
         def __init__(self) -> None:
