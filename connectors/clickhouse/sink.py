@@ -392,6 +392,28 @@ class ClickHouseSink:
                 "SELECT topic, partition, max(stored_offset) FROM sink_progress GROUP BY topic, partition").result_rows}
         return self._stored.get((topic, partition), -1)
 
+    def drop_progress_beyond(self, topic: str, partition: int, end_offset: int) -> bool:
+        """Forget the stored offset of a partition whose log now ends before it; True if there was one.
+
+        ``sink_progress`` relies on a partition's offsets never going back. A topic deleted and re-created
+        (or a new broker) against an old store starts again at 0: its messages would all sit "at or below"
+        the old progress and be skipped as already stored, i.e. lost without a trace. A stored offset at or
+        past the partition's end (``end_offset``, the next offset to be written) can only mean that, so the
+        record is deleted (logged as an error) and the partition's messages are stored again; the worst left
+        is the dashboards' aggregates counting an old copy, never a lost order.
+        """
+        stored = self.stored_offset(topic, partition)
+        if stored < end_offset:
+            return False
+        log.error("sink_progress says %s[%d] was stored up to offset %d, but the partition ends at %d: the topic "
+                  "was re-created (or the broker is new) against an old store; its progress is dropped and its "
+                  "messages are stored again", topic, partition, stored, end_offset)
+        self.client.command("ALTER TABLE sink_progress DELETE WHERE topic = %(t)s AND partition = %(p)s",
+                            parameters={"t": topic, "p": partition}, settings={"mutations_sync": 2})
+        if self._stored is not None:
+            self._stored.pop((topic, partition), None)
+        return True
+
     def already_stored(self, item: SourceRecord) -> bool:
         """True for a message re-delivered after its batch was stored but not committed to Kafka (a crash
         between the two): its rows are in every table already, so writing them again would count it twice

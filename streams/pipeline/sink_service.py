@@ -215,9 +215,22 @@ class SinkService:
             if paused:
                 gc.enable()
 
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        """Partitions (re)assigned: re-read what is stored, and drop progress a re-created topic left behind
+        (``ClickHouseSink.drop_progress_beyond``), so that none of its messages is skipped as stored."""
+        self.sink.forget()
+        for tp in partitions:
+            try:
+                _low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            except Exception as exc:  # noqa: BLE001 - broker slow: keep the progress (at worst a re-read later)
+                log.warning("end offset of %s[%d] unknown (%s); its stored progress is kept", tp.topic,
+                            tp.partition, exc)
+                continue
+            self.sink.drop_progress_beyond(tp.topic, tp.partition, high)
+
     def run(self) -> None:
         # Another sink may have written a partition while it owned it: re-read the chain heads and stored offsets.
-        self.consumer.subscribe(list(EXPECTED), on_assign=lambda _consumer, _partitions: self.sink.forget())
+        self.consumer.subscribe(list(EXPECTED), on_assign=self._on_assign)
         lag = metrics.Every(1.0, metrics.confluent_lag(self.consumer, self.group))
         try:
             while not self.stopping.is_set():
