@@ -50,14 +50,17 @@ def evidence(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     fired = []
     closest: dict[str, tuple[float, dict[str, Any]]] = {}  # detector -> (closeness, finding); the first wins a tie
-    for r in reasons:
+    get = closest.get
+    for r in reasons:  # ~100 findings per order: _closeness is inlined
         if r["fired"]:
             fired.append(r)
             continue
-        near = _closeness(r)
-        best = closest.get(r["detector"])
+        t = r["threshold"]
+        near = r["value"] / t if 0 < t < 1e300 else 0.0
+        det = r["detector"]
+        best = get(det)
         if best is None or near > best[0]:
-            closest[r["detector"]] = (near, r)
+            closest[det] = (near, r)
     for _, r in closest.values():
         r["explanation"] = ""
     return fired + [closest[d][1] for d in sorted(closest)]
@@ -172,10 +175,12 @@ class Monitor:
         reasons = []
         for d in self.detectors:
             found = d.score_one(base, facts)
-            if d.name not in hold:  # reason() marks every finding enforced; most detectors' are
+            if d.name in hold:  # reason() marks every finding enforced; most detectors' are
+                reasons += found
+            else:
                 for r in found:
                     r["enforced"] = False
-            reasons += found
+                    reasons.append(r)
         if self.combiner is not None:
             found = self.combiner.score(reasons)
             if self.combiner.name not in hold:
