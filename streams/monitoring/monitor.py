@@ -172,17 +172,19 @@ class Monitor:
         facts = self._facts(order)
         base = self._baselines(state, order)
         hold = self.hold_detectors
-        reasons = []
+        combined = self.combiner.inputs if self.combiner is not None else frozenset()
+        reasons: list[dict[str, Any]] = []
+        measures: list[dict[str, Any]] = []  # the findings the anomaly score combines (~half of them)
         for d in self.detectors:
             found = d.score_one(base, facts)
-            if d.name in hold:  # reason() marks every finding enforced; most detectors' are
-                reasons += found
-            else:
+            if d.name not in hold:  # reason() marks every finding enforced; most detectors' are
                 for r in found:
                     r["enforced"] = False
-                    reasons.append(r)
+            reasons += found
+            if d.name in combined:
+                measures += found
         if self.combiner is not None:
-            found = self.combiner.score(reasons)
+            found = self.combiner.score(measures)
             if self.combiner.name not in hold:
                 for r in found:
                     r["enforced"] = False
@@ -195,8 +197,8 @@ class Monitor:
                        "This order was already scored, released and learned; the earlier RELEASE is repeated.")
             r["enforced"] = False
             reasons.append(r)
-        held = not replay and any(r["fired"] and r["enforced"] for r in reasons)
         reasons = evidence(reasons)
+        held = not replay and any(r["fired"] and r["enforced"] for r in reasons)  # evidence keeps every fired one
         return {
             "order_id": order["order_id"],
             "order_number": order["order_number"],
