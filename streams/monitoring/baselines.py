@@ -56,6 +56,7 @@ and at most 13 ``(month, units)`` cells.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import struct
@@ -338,7 +339,8 @@ class RecentOrders:
 
     def count(self, at_ms: int, window_ms: int = WINDOW_24H_MS, exclude: int | None = None) -> int:
         """Learned orders in (at_ms - window, at_ms]; ``exclude`` drops one order at that time."""
-        n = sum(1 for t in self.times if at_ms - window_ms < t <= at_ms)
+        times = self.times  # sorted: two binary searches instead of a pass over every time
+        n = bisect.bisect_right(times, at_ms) - bisect.bisect_right(times, at_ms - window_ms)
         if exclude is not None and exclude in self.times and at_ms - window_ms < exclude <= at_ms:
             n -= 1
         return n
@@ -595,7 +597,13 @@ class Monthly(NamedTuple):
         return self.prior[-months:] if months < len(self.prior) else self.prior
 
     def months_with_orders(self, months: int) -> int:
-        return sum(1 for u in self.trailing(months) if u > 0)
+        return months_with_orders(self.trailing(months))
+
+
+@functools.lru_cache(maxsize=4096)
+def months_with_orders(units: tuple[int, ...]) -> int:
+    """How many of these months had orders: read by several rules per family and order, on the same few tuples."""
+    return sum(1 for u in units if u > 0)
 
 
 def _clip_count(count: int, baseline: EWMeanBaseline) -> float:

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 from streams.monitoring.baselines import (
     TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name,
+    months_with_orders,
 )
 from streams.monitoring.peers import PeerGroup, PeerProfiles
 
@@ -660,6 +661,19 @@ def _span(month: int, n: int) -> str:
     return f"{month_name(month - n)}..{month_name(month - 1)}" if n else "none"
 
 
+@functools.lru_cache(maxsize=1024)
+def _trailing_window(over: str, month: int, n: int) -> str:
+    """A trailing-months rule's window (``n`` months before ``month``): the same few on every order, written once."""
+    return f"calendar month {month_name(month)}; {over} the trailing {n} months ({_span(month, n)})"
+
+
+@functools.lru_cache(maxsize=1024)
+def _ramp_window(month: int, n: int) -> str:
+    """The ramp detector's window over ``n`` trailing months: the same few on every order, written once."""
+    return (f"long memory: trailing {n} calendar months ({_span(month, n)}); value: the larger of "
+            f"30 days to this order and {month_name(month)} to date")
+
+
 def _this_month(f: str, m: Monthly) -> str:
     return f"{f} this month ({month_name(m.month)}, this order included): {fmt_n(m.current)} dosage units"
 
@@ -727,7 +741,7 @@ class TrendDetector(PerFamilyDetector):
         m = state.monthly(f.family, order)
         gap = self.cfg.trend_gap_months
         earlier = m.prior[:-gap] if len(m.prior) > gap else ()
-        with_orders = sum(1 for u in earlier if u > 0)
+        with_orders = months_with_orders(earlier)
         if with_orders < self.cfg.static_min_months:
             return reason(self.name, self.dimension, f.family, value, 0.0, _MAX,
                           f"not applicable: {with_orders} months with orders before the last {gap}",
@@ -749,6 +763,7 @@ class TrendDetector(PerFamilyDetector):
         return reason(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
 
 
+@functools.lru_cache(maxsize=4096)
 def _pstdev(xs: tuple[int, ...]) -> float:
     """Population standard deviation of a few monthly counts (``statistics.pstdev`` is exact but ~20x slower)."""
     n = len(xs)
@@ -758,6 +773,7 @@ def _pstdev(xs: tuple[int, ...]) -> float:
     return math.sqrt(sum((x - mean) ** 2 for x in xs) / n)
 
 
+@functools.lru_cache(maxsize=4096)  # pure, on the few monthly histories of the registrants being scored
 def long_memory_level(prior: tuple[int, ...], gap: int) -> tuple[float, float, float, tuple[int, ...]]:
     """(level, trailing average, median month before the last ``gap``, those earlier months) of monthly units.
 
@@ -805,7 +821,7 @@ class RampDetector(PerFamilyDetector):
         c = self.cfg
         m = state.monthly(f.family, order)
         prior = m.trailing(12)
-        with_orders = sum(1 for u in prior if u > 0)
+        with_orders = months_with_orders(prior)
         rolling = state.windows(f.family, order).units_30d
         value = float(max(rolling, m.current))
         if with_orders < c.static_min_months or len(prior) < c.ramp_min_months:
@@ -816,8 +832,7 @@ class RampDetector(PerFamilyDetector):
         gap = c.trend_gap_months
         spread = _pstdev(earlier)
         noise_floor = ref + c.ramp_noise_z * spread
-        window = (f"long memory: trailing {len(prior)} calendar months ({_months_span(m, 12)}); value: the larger of "
-                  f"30 days to this order and {month_name(m.month)} to date")
+        window = _ramp_window(m.month, len(prior))
         focused_limit = max(c.ramp_ratio * ref, noise_floor)
         if value <= focused_limit:  # cannot fire either way: no need to look at the other families
             return reason(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
@@ -1030,8 +1045,7 @@ class TrailingMonthsRule(PerFamilyDetector):
         if with_orders < self.cfg.static_min_months:
             return _not_applicable(self, f, m, self.months, self.rule, with_orders, level)
         fired = m.current > threshold
-        window = (f"calendar month {month_name(m.month)}; {self.over} the trailing {len(prior)} months "
-                  f"({_months_span(m, self.months)})")
+        window = _trailing_window(self.over, m.month, len(prior))
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
         text = f"{_this_month(f.family, m)}; {self._stated(prior, level, threshold)}; exceeded."
