@@ -346,9 +346,10 @@ class RecentOrders:
         return n
 
     def add(self, at_ms: int, newest_ms: int) -> None:
-        self.times.append(int(at_ms))
-        self.times.sort()
-        self.times = [t for t in self.times if t > newest_ms - WINDOW_24H_MS][-self.cap:]
+        times = self.times
+        bisect.insort(times, int(at_ms))
+        # Sorted: the times after newest - 24 h are a suffix (found by binary search, not a pass over each).
+        self.times = times[bisect.bisect_right(times, newest_ms - WINDOW_24H_MS):][-self.cap:]
 
     def to_dict(self) -> list[int]:
         return list(self.times)
@@ -540,7 +541,9 @@ def order_facts(order: Mapping[str, Any]) -> OrderFacts:
     acc: dict[str, list[Any]] = {}
     for line in order["lines"]:
         fam = str(line["drug_family"]).strip().upper() or "UNKNOWN"
-        a = acc.setdefault(fam, [0, 0.0, 0.0, set()])
+        a = acc.get(fam)
+        if a is None:  # (not setdefault: that would build a list and a set for every line)
+            a = acc[fam] = [0, 0.0, 0.0, set()]
         a[0] += int(line["dosage_units"])
         a[1] += float(line.get("mme") or 0.0)
         a[2] += float(line.get("base_weight_g") or 0.0)
@@ -657,11 +660,13 @@ class FamilyBaseline:
         ``windows``: this order's :meth:`windows` if the caller has them already (scoring computed them).
         """
         w = windows or self.windows(at_ms, units)
-        if self.covers(at_ms, 1):
+        # covers(at_ms, days) for 1, 7 and 30 days, from one subtraction (learned ~7 times per order).
+        span = at_ms - self.first_order_ms if self.orders > 0 else -1
+        if span >= MS_PER_DAY:
             self.count_24h.update(_clip_count(w.orders_24h, self.count_24h))
-        if self.covers(at_ms, WINDOW_7D_DAYS):
+        if span >= WINDOW_7D_DAYS * MS_PER_DAY:
             self.count_7d.update(_clip_count(w.orders_7d, self.count_7d))
-        if self.covers(at_ms, WINDOW_30D_DAYS):
+        if span >= WINDOW_30D_DAYS * MS_PER_DAY:
             self.units_30d.update(w.units_30d)
         u = max(units, 1)
         self.log_units.update(math.log(u))
