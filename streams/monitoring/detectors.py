@@ -566,7 +566,6 @@ class NewFamilyDetector:
         else:
             threshold = c.new_family_max_mme if unit == "MME" else float(c.new_family_max_units)
         window = f"{total} released orders of this registrant"
-        sched = "/".join(f.schedules) or "?"
         if fb is not None:
             # Usual quantity in the value's unit: usual units, at this order's MME per unit for opioids.
             usual = fb.units.get() * (f.mme / f.units if unit == "MME" and f.units else 1.0)
@@ -574,6 +573,7 @@ class NewFamilyDetector:
         fired = total >= c.new_family_min_orders and value > threshold
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return reason(self.name, self.dimension, f.family, value, 0.0, threshold, window, False, "")
+        sched = "/".join(f.schedules) or "?"
         if risky:
             why = "a new family of a high-risk schedule or on the high-risk list is held at any quantity"
         else:
@@ -991,21 +991,21 @@ class TimingDetector:
         tp = state.timing
         n = tp.n
         threshold = 1.0 - c.timing_max_share
-        t = datetime.fromtimestamp(order.at_ms / 1000, tz=timezone.utc)
-        when = f"{_WEEKDAYS[t.weekday()]} {t:%H:%M} UTC"
         if n < c.timing_min_orders:
             return [reason(self.name, self.dimension, "*", 0.0, 0.0, _MAX,
                            f"not applicable: {n} released orders (< {c.timing_min_orders})", False, "")]
+        t = datetime.fromtimestamp(order.at_ms / 1000, tz=timezone.utc)
         w = c.timing_hour_window
         near = sum(tp.hours[(t.hour + d) % 24] for d in range(-w, w + 1))
         same_day = tp.weekdays[t.weekday()]
         share = min(near, same_day) / n
         value = 1.0 - share
         fired = value > threshold
-        lo, hi = (t.hour - w) % 24, (t.hour + w + 1) % 24
         window = f"hour of day and weekday (UTC) of ~{n} released orders (counts halve at {TIMING_CAP})"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return [reason(self.name, self.dimension, "*", value, share, threshold, window, False, "")]
+        when = f"{_WEEKDAYS[t.weekday()]} {t:%H:%M} UTC"
+        lo, hi = (t.hour - w) % 24, (t.hour + w + 1) % 24
         text = (f"Received {when}. Of this registrant's ~{n} released orders, {near} "
                 f"({fmt_pct(near / n)}) came between {lo:02d}:00 and {hi:02d}:00 UTC and {same_day} "
                 f"({fmt_pct(same_day / n)}) on a {_WEEKDAYS[t.weekday()]}; an order at a time shared by fewer than "
