@@ -56,6 +56,8 @@ class AnomalyCombiner:
 
     name = "anomaly"
     dimension = "pattern"
+    #: The detectors whose findings it reads (the monitor passes it only theirs: the others would be skipped).
+    inputs = frozenset(FEATURES) | {TIMING}
 
     def __init__(self, cfg: MonitorConfig) -> None:
         self.cfg = cfg
@@ -64,19 +66,23 @@ class AnomalyCombiner:
         per_family: dict[str, list[tuple[Reason, float]]] = {}
         timing: tuple[Reason, float] | None = None
         max_share = self.cfg.timing_max_share
+        log = math.log
         for r in reasons:
             det = r["detector"]
-            if det == TIMING:
+            if det in _FEATURES:
+                fam = r["drug_family"]
+                parts = per_family.get(fam)
+                if parts is None:
+                    parts = per_family[fam] = []
+                b = r["baseline"]
+                if b > 0:  # fraction(), inlined: ~40 findings per order
+                    v, t = r["value"], r["threshold"]
+                    if b < t < _FINITE and v > 0:
+                        s = log(v / b) / log(t / b)
+                        parts.append((r, 0.0 if s <= 0.0 else 1.0 if s > 1.0 else s))
+            elif det == TIMING:
                 s = fraction(r, max_share)
                 timing = (r, s) if s is not None else None
-            elif det in _FEATURES:
-                parts = per_family.get(r["drug_family"])
-                if parts is None:
-                    parts = per_family[r["drug_family"]] = []
-                v, b, t = r["value"], r["baseline"], r["threshold"]
-                if 0 < b < t < _FINITE and v > 0:  # fraction(), inlined: ~40 findings per order
-                    s = math.log(v / b) / math.log(t / b)
-                    parts.append((r, 0.0 if s <= 0.0 else 1.0 if s > 1.0 else s))
         return [self._one(fam, parts + ([timing] if timing else [])) for fam, parts in per_family.items()]
 
     def _one(self, family: str, parts: list[tuple[Reason, float]]) -> Reason:

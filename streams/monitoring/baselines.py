@@ -56,13 +56,14 @@ and at most 13 ``(month, units)`` cells.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import struct
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from river import stats
 from streams.core.errors import CsosError
@@ -148,11 +149,15 @@ def ewmean_import(mean: float, initialized: bool, alpha: float) -> stats.EWMean:
 
 def ewvar_export(stat: stats.EWVar) -> tuple[float, float, bool]:
     """(EW mean of x, EW mean of x**2, initialized) of a river ``EWVar``."""
-    raw = _rust_core(stat, "_ewvar").__getstate__()
+    return _ewvar_unpack(_rust_core(stat, "_ewvar").__getstate__(), stat.fading_factor)
+
+
+def _ewvar_unpack(raw: bytes, fading_factor: float) -> tuple[float, float, bool]:
+    """:func:`ewvar_export` from the Rust core's state bytes (what learning reads after every update)."""
     if len(raw) != _EWVAR_BYTES.size:
         raise RiverStateError(f"river EWVar state is {len(raw)} bytes, expected {_EWVAR_BYTES.size}")
     m, a1, b1, init1, sq, a2, b2, init2, a3, a4 = _EWVAR_BYTES.unpack(raw)
-    _check_alpha("EWVar", (a1, b1, a2, b2, a3, a4), stat.fading_factor)
+    _check_alpha("EWVar", (a1, b1, a2, b2, a3, a4), fading_factor)
     if init1 != init2:
         raise RiverStateError("river EWVar mean and square-mean disagree on initialisation")
     return m, sq, init1
@@ -204,21 +209,28 @@ class _RiverEW:
     alpha: float
     n: int
     _stat: Any
+    _core: Any  # the river statistic's Rust core: updated and read directly (~50 updates per learned order)
+    _core_alpha: float  # the fading factor the statistic was resumed with
+    _CORE: str  # the attribute of the river statistic that holds its Rust core
 
     def _resume(self, alpha: float) -> Any:
         raise NotImplementedError
 
-    def _read(self, stat: Any) -> None:
+    def _read(self, core: Any) -> None:
         raise NotImplementedError
 
     def update(self, x: float) -> None:
-        a = max(self.alpha, 1.0 / (self.n + 1))  # warmup_alpha, inlined: ~50 updates per learned order
-        stat = self._stat
-        if stat is None or stat.fading_factor != a:
+        inv = 1.0 / (self.n + 1)
+        alpha = self.alpha
+        a = alpha if alpha >= inv else inv  # warmup_alpha (max(alpha, inv)), inlined
+        core = self._core
+        if core is None or self._core_alpha != a:
             stat = self._stat = self._resume(a)
-        stat.update(float(x))
+            core = self._core = _rust_core(stat, self._CORE)
+            self._core_alpha = a
+        core.update(float(x))  # what river's Python update() does, without its extra call
         self.n += 1
-        self._read(stat)
+        self._read(core)
 
 
 class EWMeanBaseline(_RiverEW):
@@ -229,21 +241,24 @@ class EWMeanBaseline(_RiverEW):
     only reads, costs no river calls.
     """
 
-    __slots__ = ("alpha", "mean", "n", "_stat")
+    __slots__ = ("alpha", "mean", "n", "_stat", "_core", "_core_alpha")
+    _CORE = "_ewmean"
 
     def __init__(self, alpha: float, mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
         self.mean = float(mean)
         self.n = int(n)
         self._stat: stats.EWMean | None = None
+        self._core = None
+        self._core_alpha = 0.0
 
     def _resume(self, alpha: float) -> stats.EWMean:
         return ewmean_import(self.mean, self.n > 0, alpha)
 
-    def _read(self, stat: stats.EWMean) -> None:
+    def _read(self, core: Any) -> None:
         # river's get() is the mean itself; the full export (with its layout
         # checks) runs when the state is saved (to_dict), not on every update.
-        self.mean = stat.get()
+        self.mean = core.get()
 
     def get(self) -> float:
         return self.mean if self.n else 0.0
@@ -273,7 +288,8 @@ def _ew_window(alpha: float, n: int) -> str:
 class EWVarBaseline(_RiverEW):
     """``river.stats.EWVar`` (as its two EW means) plus a count; used for ln(order size)."""
 
-    __slots__ = ("alpha", "mean", "sq_mean", "n", "_stat")
+    __slots__ = ("alpha", "mean", "sq_mean", "n", "_stat", "_core", "_core_alpha")
+    _CORE = "_ewvar"
 
     def __init__(self, alpha: float, mean: float = 0.0, sq_mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
@@ -281,12 +297,14 @@ class EWVarBaseline(_RiverEW):
         self.sq_mean = float(sq_mean)
         self.n = int(n)
         self._stat: stats.EWVar | None = None
+        self._core = None
+        self._core_alpha = 0.0
 
     def _resume(self, alpha: float) -> stats.EWVar:
         return ewvar_import(self.mean, self.sq_mean, self.n > 0, alpha)
 
-    def _read(self, stat: stats.EWVar) -> None:
-        self.mean, self.sq_mean, _ = ewvar_export(stat)
+    def _read(self, core: Any) -> None:
+        self.mean, self.sq_mean, _ = _ewvar_unpack(core.__getstate__(), self._core_alpha)
 
     def var(self) -> float:
         """river's EWVar.get(): E[x^2] - E[x]^2 (the same floating-point operations)."""
@@ -321,15 +339,17 @@ class RecentOrders:
 
     def count(self, at_ms: int, window_ms: int = WINDOW_24H_MS, exclude: int | None = None) -> int:
         """Learned orders in (at_ms - window, at_ms]; ``exclude`` drops one order at that time."""
-        n = sum(1 for t in self.times if at_ms - window_ms < t <= at_ms)
+        times = self.times  # sorted: two binary searches instead of a pass over every time
+        n = bisect.bisect_right(times, at_ms) - bisect.bisect_right(times, at_ms - window_ms)
         if exclude is not None and exclude in self.times and at_ms - window_ms < exclude <= at_ms:
             n -= 1
         return n
 
     def add(self, at_ms: int, newest_ms: int) -> None:
-        self.times.append(int(at_ms))
-        self.times.sort()
-        self.times = [t for t in self.times if t > newest_ms - WINDOW_24H_MS][-self.cap:]
+        times = self.times
+        bisect.insort(times, int(at_ms))
+        # Sorted: the times after newest - 24 h are a suffix (found by binary search, not a pass over each).
+        self.times = times[bisect.bisect_right(times, newest_ms - WINDOW_24H_MS):][-self.cap:]
 
     def to_dict(self) -> list[int]:
         return list(self.times)
@@ -480,9 +500,13 @@ def order_key(order_id: str) -> int:
     return zlib.crc32(order_id.encode("utf-8")) & 0x7FFFFFFF
 
 
-@dataclass(frozen=True)
-class FamilyFacts:
-    """One drug family's share of an order (all its lines summed)."""
+class FamilyFacts(NamedTuple):
+    """One drug family's share of an order (all its lines summed).
+
+    A named tuple, not a frozen dataclass: as immutable, and built ~7 times per
+    order and read ~100 times, where a frozen dataclass's ``__init__`` and
+    attribute reads cost several times more.
+    """
 
     family: str
     units: int
@@ -517,7 +541,9 @@ def order_facts(order: Mapping[str, Any]) -> OrderFacts:
     acc: dict[str, list[Any]] = {}
     for line in order["lines"]:
         fam = str(line["drug_family"]).strip().upper() or "UNKNOWN"
-        a = acc.setdefault(fam, [0, 0.0, 0.0, set()])
+        a = acc.get(fam)
+        if a is None:  # (not setdefault: that would build a list and a set for every line)
+            a = acc[fam] = [0, 0.0, 0.0, set()]
         a[0] += int(line["dosage_units"])
         a[1] += float(line.get("mme") or 0.0)
         a[2] += float(line.get("base_weight_g") or 0.0)
@@ -546,17 +572,16 @@ class BaselineSettings:
     family_ttl_days: int = 400  # a family not ordered for this long is forgotten (then "new" again)
 
 
-@dataclass(frozen=True)
-class Windows:
-    """Activity of one family in the windows ending at an order, that order included."""
+class Windows(NamedTuple):
+    """Activity of one family in the windows ending at an order, that order included (immutable: shared by
+    every detector through the per-order cache)."""
 
     orders_24h: int
     orders_7d: int
     units_30d: int
 
 
-@dataclass(frozen=True)
-class Monthly:
+class Monthly(NamedTuple):
     """One family's dosage units per UTC calendar month, as the static rules read them.
 
     ``current``: units learned in the order's calendar month plus the order's own.
@@ -564,6 +589,7 @@ class Monthly:
     at most 12, zeros for covered months without orders. Coverage starts at the
     earliest month with learned orders still kept (so a registrant whose history
     began 4 months ago is averaged over 4 months, not diluted over 12).
+    Immutable (a named tuple): shared by every detector through the per-order cache.
     """
 
     month: int
@@ -574,7 +600,13 @@ class Monthly:
         return self.prior[-months:] if months < len(self.prior) else self.prior
 
     def months_with_orders(self, months: int) -> int:
-        return sum(1 for u in self.trailing(months) if u > 0)
+        return months_with_orders(self.trailing(months))
+
+
+@functools.lru_cache(maxsize=4096)
+def months_with_orders(units: tuple[int, ...]) -> int:
+    """How many of these months had orders: read by several rules per family and order, on the same few tuples."""
+    return sum(1 for u in units if u > 0)
 
 
 def _clip_count(count: int, baseline: EWMeanBaseline) -> float:
@@ -628,11 +660,13 @@ class FamilyBaseline:
         ``windows``: this order's :meth:`windows` if the caller has them already (scoring computed them).
         """
         w = windows or self.windows(at_ms, units)
-        if self.covers(at_ms, 1):
+        # covers(at_ms, days) for 1, 7 and 30 days, from one subtraction (learned ~7 times per order).
+        span = at_ms - self.first_order_ms if self.orders > 0 else -1
+        if span >= MS_PER_DAY:
             self.count_24h.update(_clip_count(w.orders_24h, self.count_24h))
-        if self.covers(at_ms, WINDOW_7D_DAYS):
+        if span >= WINDOW_7D_DAYS * MS_PER_DAY:
             self.count_7d.update(_clip_count(w.orders_7d, self.count_7d))
-        if self.covers(at_ms, WINDOW_30D_DAYS):
+        if span >= WINDOW_30D_DAYS * MS_PER_DAY:
             self.units_30d.update(w.units_30d)
         u = max(units, 1)
         self.log_units.update(math.log(u))
@@ -920,7 +954,8 @@ class RegistrantBaselines:
 
     def windows(self, family: str, order: OrderFacts) -> Windows:
         """Activity of ``family`` in the windows ending at ``order``, the order included."""
-        self._for_order(order)
+        if self._cached_for is not order:  # ~40 reads per order: the call is skipped on the hits
+            self._for_order(order)
         w = self._windows.get(family)
         if w is None:
             f = order.families.get(family)
@@ -932,7 +967,8 @@ class RegistrantBaselines:
 
     def monthly(self, family: str, order: OrderFacts) -> Monthly:
         """Units of ``family`` per calendar month up to ``order``'s month, the order included."""
-        self._for_order(order)
+        if self._cached_for is not order:
+            self._for_order(order)
         m = self._monthly.get(family)
         if m is None:
             f = order.families.get(family)

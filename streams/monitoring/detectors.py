@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 from streams.monitoring.baselines import (
     TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name,
+    months_with_orders,
 )
 from streams.monitoring.peers import PeerGroup, PeerProfiles
 
@@ -584,7 +585,6 @@ class NewFamilyDetector:
         else:
             threshold = c.new_family_max_mme if unit == "MME" else float(c.new_family_max_units)
         window = f"{total} released orders of this registrant"
-        sched = "/".join(f.schedules) or "?"
         if fb is not None:
             # Usual quantity in the value's unit: usual units, at this order's MME per unit for opioids.
             usual = fb.units.get() * (f.mme / f.units if unit == "MME" and f.units else 1.0)
@@ -592,6 +592,7 @@ class NewFamilyDetector:
         fired = total >= c.new_family_min_orders and value > threshold
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return reason(self.name, self.dimension, f.family, value, 0.0, threshold, window, False, "")
+        sched = "/".join(f.schedules) or "?"
         if risky:
             why = "a new family of a high-risk schedule or on the high-risk list is held at any quantity"
         else:
@@ -679,6 +680,19 @@ def _span(month: int, n: int) -> str:
     return f"{month_name(month - n)}..{month_name(month - 1)}" if n else "none"
 
 
+@functools.lru_cache(maxsize=1024)
+def _trailing_window(over: str, month: int, n: int) -> str:
+    """A trailing-months rule's window (``n`` months before ``month``): the same few on every order, written once."""
+    return f"calendar month {month_name(month)}; {over} the trailing {n} months ({_span(month, n)})"
+
+
+@functools.lru_cache(maxsize=1024)
+def _ramp_window(month: int, n: int) -> str:
+    """The ramp detector's window over ``n`` trailing months: the same few on every order, written once."""
+    return (f"long memory: trailing {n} calendar months ({_span(month, n)}); value: the larger of "
+            f"30 days to this order and {month_name(month)} to date")
+
+
 def _this_month(f: str, m: Monthly) -> str:
     return f"{f} this month ({month_name(m.month)}, this order included): {fmt_n(m.current)} dosage units"
 
@@ -746,7 +760,7 @@ class TrendDetector(PerFamilyDetector):
         m = state.monthly(f.family, order)
         gap = self.cfg.trend_gap_months
         earlier = m.prior[:-gap] if len(m.prior) > gap else ()
-        with_orders = sum(1 for u in earlier if u > 0)
+        with_orders = months_with_orders(earlier)
         if with_orders < self.cfg.static_min_months:
             return reason(self.name, self.dimension, f.family, value, 0.0, _MAX,
                           f"not applicable: {with_orders} months with orders before the last {gap}",
@@ -768,6 +782,7 @@ class TrendDetector(PerFamilyDetector):
         return reason(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
 
 
+@functools.lru_cache(maxsize=4096)
 def _pstdev(xs: tuple[int, ...]) -> float:
     """Population standard deviation of a few monthly counts (``statistics.pstdev`` is exact but ~20x slower)."""
     n = len(xs)
@@ -777,6 +792,7 @@ def _pstdev(xs: tuple[int, ...]) -> float:
     return math.sqrt(sum((x - mean) ** 2 for x in xs) / n)
 
 
+@functools.lru_cache(maxsize=4096)  # pure, on the few monthly histories of the registrants being scored
 def long_memory_level(prior: tuple[int, ...], gap: int) -> tuple[float, float, float, tuple[int, ...]]:
     """(level, trailing average, median month before the last ``gap``, those earlier months) of monthly units.
 
@@ -824,7 +840,7 @@ class RampDetector(PerFamilyDetector):
         c = self.cfg
         m = state.monthly(f.family, order)
         prior = m.trailing(12)
-        with_orders = sum(1 for u in prior if u > 0)
+        with_orders = months_with_orders(prior)
         rolling = state.windows(f.family, order).units_30d
         value = float(max(rolling, m.current))
         if with_orders < c.static_min_months or len(prior) < c.ramp_min_months:
@@ -835,8 +851,7 @@ class RampDetector(PerFamilyDetector):
         gap = c.trend_gap_months
         spread = _pstdev(earlier)
         noise_floor = ref + c.ramp_noise_z * spread
-        window = (f"long memory: trailing {len(prior)} calendar months ({_months_span(m, 12)}); value: the larger of "
-                  f"30 days to this order and {month_name(m.month)} to date")
+        window = _ramp_window(m.month, len(prior))
         focused_limit = max(c.ramp_ratio * ref, noise_floor)
         if value <= focused_limit:  # cannot fire either way: no need to look at the other families
             return reason(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
@@ -1070,21 +1085,21 @@ class TimingDetector:
         tp = state.timing
         n = tp.n
         threshold = 1.0 - c.timing_max_share
-        t = datetime.fromtimestamp(order.at_ms / 1000, tz=timezone.utc)
-        when = f"{_WEEKDAYS[t.weekday()]} {t:%H:%M} UTC"
         if n < c.timing_min_orders:
             return [reason(self.name, self.dimension, "*", 0.0, 0.0, _MAX,
                            f"not applicable: {n} released orders (< {c.timing_min_orders})", False, "")]
+        t = datetime.fromtimestamp(order.at_ms / 1000, tz=timezone.utc)
         w = c.timing_hour_window
         near = sum(tp.hours[(t.hour + d) % 24] for d in range(-w, w + 1))
         same_day = tp.weekdays[t.weekday()]
         share = min(near, same_day) / n
         value = 1.0 - share
         fired = value > threshold
-        lo, hi = (t.hour - w) % 24, (t.hour + w + 1) % 24
         window = f"hour of day and weekday (UTC) of ~{n} released orders (counts halve at {TIMING_CAP})"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return [reason(self.name, self.dimension, "*", value, share, threshold, window, False, "")]
+        when = f"{_WEEKDAYS[t.weekday()]} {t:%H:%M} UTC"
+        lo, hi = (t.hour - w) % 24, (t.hour + w + 1) % 24
         text = (f"Received {when}. Of this registrant's ~{n} released orders, {near} "
                 f"({fmt_pct(near / n)}) came between {lo:02d}:00 and {hi:02d}:00 UTC and {same_day} "
                 f"({fmt_pct(same_day / n)}) on a {_WEEKDAYS[t.weekday()]}; an order at a time shared by fewer than "
@@ -1124,8 +1139,7 @@ class TrailingMonthsRule(PerFamilyDetector):
         if with_orders < self.cfg.static_min_months:
             return _not_applicable(self, f, m, self.months, self.rule, with_orders, level)
         fired = m.current > threshold
-        window = (f"calendar month {month_name(m.month)}; {self.over} the trailing {len(prior)} months "
-                  f"({_months_span(m, self.months)})")
+        window = _trailing_window(self.over, m.month, len(prior))
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
         text = f"{_this_month(f.family, m)}; {self._stated(prior, level, threshold)}; exceeded."

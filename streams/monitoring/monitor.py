@@ -50,14 +50,17 @@ def evidence(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     fired = []
     closest: dict[str, tuple[float, dict[str, Any]]] = {}  # detector -> (closeness, finding); the first wins a tie
-    for r in reasons:
+    get = closest.get
+    for r in reasons:  # ~100 findings per order: _closeness is inlined
         if r["fired"]:
             fired.append(r)
             continue
-        near = _closeness(r)
-        best = closest.get(r["detector"])
+        t = r["threshold"]
+        near = r["value"] / t if 0 < t < 1e300 else 0.0
+        det = r["detector"]
+        best = get(det)
         if best is None or near > best[0]:
-            closest[r["detector"]] = (near, r)
+            closest[det] = (near, r)
     for _, r in closest.values():
         r["explanation"] = ""
     return fired + [closest[d][1] for d in sorted(closest)]
@@ -169,15 +172,19 @@ class Monitor:
         facts = self._facts(order)
         base = self._baselines(state, order)
         hold = self.hold_detectors
-        reasons = []
+        combined = self.combiner.inputs if self.combiner is not None else frozenset()
+        reasons: list[dict[str, Any]] = []
+        measures: list[dict[str, Any]] = []  # the findings the anomaly score combines (~half of them)
         for d in self.detectors:
             found = d.score_one(base, facts)
             if d.name not in hold:  # reason() marks every finding enforced; most detectors' are
                 for r in found:
                     r["enforced"] = False
             reasons += found
+            if d.name in combined:
+                measures += found
         if self.combiner is not None:
-            found = self.combiner.score(reasons)
+            found = self.combiner.score(measures)
             if self.combiner.name not in hold:
                 for r in found:
                     r["enforced"] = False
@@ -190,8 +197,8 @@ class Monitor:
                        "This order was already scored, released and learned; the earlier RELEASE is repeated.")
             r["enforced"] = False
             reasons.append(r)
-        held = not replay and any(r["fired"] and r["enforced"] for r in reasons)
         reasons = evidence(reasons)
+        held = not replay and any(r["fired"] and r["enforced"] for r in reasons)  # evidence keeps every fired one
         return {
             "order_id": order["order_id"],
             "order_number": order["order_number"],
