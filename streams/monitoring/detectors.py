@@ -49,7 +49,7 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "5"
+DETECTORS_VERSION = "6"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
@@ -963,13 +963,15 @@ class RampGuardDetector(PerFamilyDetector):
 class StrengthShiftDetector(PerFamilyDetector):
     """Deviation from pattern: a shift to stronger products inside one family (30 mg tablets instead of 5 mg).
 
-    Unit counts do not see it: 100 tablets are 100 tablets. Per family the
-    registrant's usual mg of base drug per dosage unit is learned (EW, from
-    the ``base_weight_g`` of released order lines); the value is this order's
-    mg per unit of the family (all its lines: a few bottles of a strong product
-    beside the usual ones move it little), and it fires above ``strength_ratio``
-    times the usual once ``strength_min_history`` orders with a strength are
-    learned. The explanation gives the mg, the MME and the usual mix.
+    Unit counts do not see it: 100 tablets are 100 tablets. The value is the
+    family's mg of base drug per dosage unit over the 30 UTC days ending at the
+    order, the order included (from the ``base_weight_g`` of the lines); the
+    baseline is the registrant's usual value of that window (EW, sampled at
+    released orders once its history spans 30 days). A window, not one order:
+    a multi-strength buyer that restocks one product at a time swings one
+    order's mg per unit by 3-10x, its month's hardly. It fires above
+    ``strength_ratio`` times the usual once ``strength_min_history`` windows
+    are learned. The explanation gives the mg, the MME and the usual mix.
     """
 
     name = "strength_shift"
@@ -978,24 +980,25 @@ class StrengthShiftDetector(PerFamilyDetector):
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         c = self.cfg
         fb = state.family(f.family)
-        mg = f.base_weight_g * 1000.0
-        value = mg / f.units if f.units > 0 else 0.0
-        n = fb.mg_per_unit.n if fb else 0
-        usual = fb.mg_per_unit.get() if fb else 0.0
+        mg30, units30 = state.strength_30d(f.family, order)
+        value = mg30 / units30 if units30 > 0 and f.base_weight_g > 0 else 0.0
+        n = fb.mg_per_unit_30d.n if fb else 0
+        usual = fb.mg_per_unit_30d.get() if fb else 0.0
         if n < c.strength_min_history or usual <= 0 or value <= 0:
             why = "no strength on the order's lines" if value <= 0 else (
-                f"{n} released orders of {f.family} with a strength (< {c.strength_min_history})")
+                f"{n} learned 30-day windows of {f.family} with a strength (< {c.strength_min_history})")
             return reason(self.name, self.dimension, f.family, value, usual, _MAX, f"not applicable: {why}", False, "")
         threshold = c.strength_ratio * usual
         fired = value > threshold
-        window = fb.mg_per_unit.window() + " (mg of base drug per dosage unit)"
+        window = ("30 days to this order; usual: " + fb.mg_per_unit_30d.window()
+                  + " (mg of base drug per dosage unit over 30 days)")
         if not fired:
             return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
-        mme = f" ({fmt_n(f.mme)} MME)" if f.mme > 0 else ""
-        text = (f"{f.family}: this order's {fmt_n(f.units)} dosage units carry {fmt_n(mg)} mg of base drug{mme}, "
-                f"{value:,.2f} mg per unit; this registrant's usual mix is {usual:,.2f} mg per unit ({window}); "
-                f"the threshold is {threshold:,.2f} ({c.strength_ratio:g}x usual): a shift to stronger products "
-                f"of the family, {value / usual:.1f}x the usual strength.")
+        mme = f" ({fmt_n(f.mme)} MME in this order)" if f.mme > 0 else ""
+        text = (f"{f.family} in the last 30 days: {fmt_n(units30)} dosage units carry {fmt_n(mg30)} mg of base "
+                f"drug{mme}, {value:,.2f} mg per unit; this registrant's usual 30-day mix is {usual:,.2f} mg per "
+                f"unit; the threshold is {threshold:,.2f} ({c.strength_ratio:g}x usual): a shift to stronger "
+                f"products of the family, {value / usual:.1f}x the usual strength.")
         return reason(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
 
 
