@@ -602,6 +602,21 @@ def _clip_count(count: int, baseline: EWMeanBaseline) -> float:
     return min(count, baseline.get() + 1.0) if baseline.n else count
 
 
+#: A learned 30-day strength is at most this multiple of the usual one (see :func:`_clip_strength`).
+STRENGTH_CLIP = 1.2
+
+
+def _clip_strength(value: float, baseline: EWMeanBaseline) -> float:
+    """A 30-day mg per unit as learned: at most ``STRENGTH_CLIP`` x the usual one.
+
+    The orders of a shift to stronger products that are still released would
+    otherwise teach a stronger "usual" mix order by order, and a frequent buyer
+    would drag the threshold along before the window is fully shifted. A
+    genuine change of mix is still learned, 20 % per sample at most.
+    """
+    return min(value, STRENGTH_CLIP * baseline.get()) if baseline.n else value
+
+
 class FamilyBaseline:
     """Everything known about one registrant's orders of one drug family."""
 
@@ -655,7 +670,8 @@ class FamilyBaseline:
         if base_mg > 0 and units > 0:  # lines without a strength (no product master entry) teach nothing
             self.mg_per_unit.update(base_mg / units)
             if self.covers(at_ms, WINDOW_30D_DAYS) and w.units_30d > 0:
-                self.mg_per_unit_30d.update((self.days.mg_30d(at_ms) + base_mg) / w.units_30d)
+                self.mg_per_unit_30d.update(_clip_strength((self.days.mg_30d(at_ms) + base_mg) / w.units_30d,
+                                                           self.mg_per_unit_30d))
         if self.orders and at_ms >= self.last_order_ms:
             self.gap_days.update((at_ms - self.last_order_ms) / MS_PER_DAY)
         if not self.orders or at_ms < self.first_order_ms:

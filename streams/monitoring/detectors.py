@@ -53,11 +53,11 @@ DETECTORS_VERSION = "6"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
-                     "ramp", "ramp_2x", "new_customer")
+                     "ramp", "ramp_2x", "new_customer", "new_customer_order", "strength_shift")
 #: Learned detectors that run and are recorded but do not decide unless named in ``hold_detectors``.
-#: ``strength_shift`` is recorded only: on held-out and real ARCOS data one order's mg per unit swings past 2x the
-#: usual mix whenever a multi-strength buyer restocks one product (methadone clinics: half the learned holds).
-RECORDED_DETECTORS = ("peer_volume", "timing", "anomaly", "strength_shift")
+#: ``strength_shift`` decides since it reads a 30-day window: one order's mg per unit swung past 2x the usual mix
+#: whenever a multi-strength buyer restocked one product (methadone clinics: half the learned holds), a month's not.
+RECORDED_DETECTORS = ("peer_volume", "timing", "anomaly")
 #: The static reference rules: recorded on every order, deciding only when named in ``hold_detectors``.
 STATIC_DETECTORS = ("static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit")
 
@@ -155,7 +155,7 @@ class MonitorConfig:
     ramp_noise_z: float = 6.0  # ... and above the reference + this many std of the months before the gap
     ramp_min_months: int = 6  # trailing calendar months of history (of the family) before the rule applies
     # Strength shift, per family: mg of base drug per dosage unit of the order vs the usual (EW) mix.
-    strength_ratio: float = 2.0  # x the usual mg per unit
+    strength_ratio: float = 1.5  # x the usual 30-day mg per unit
     strength_min_history: int = 8  # learned orders with a strength before the usual mix is known
     # Frequency from the registrant's own cadence: orders in the window (before this one) ~ Poisson(rate learned
     # from released orders); fire when the tail probability of the count is below freq_p_* (and above the floors
@@ -200,6 +200,16 @@ class MonitorConfig:
     # Defaults: the 99th percentile of a family's month among the tuning scenarios' established registrants.
     new_customer_activity_units: tuple[str, ...] = ("RETAIL PHARMACY=7300", "CHAIN PHARMACY=15900",
                                                     "HOSPITAL/CLINIC=2325", "PRACTITIONER=1980")
+    # Issue 11, new customers, one order: during the new-customer period one order's units of a family are held
+    # above the per-order ceiling of its business activity (no peers; "ACTIVITY=units", env comma-separated), else
+    # above new_customer_order_peer_ratio x its peers' new_customer_order_peer_quantile order (peer profiles); not
+    # once an analyst RELEASED a held order of the family (the opening stock was seen). Defaults: the 99.5th
+    # percentile of one family's order among the tuning scenarios' established registrants (seed 7). A new pill
+    # mill orders at 3-8x a pharmacy's habit from its first order; its month may stay under the monthly ceiling.
+    new_customer_order_units: tuple[str, ...] = ("RETAIL PHARMACY=1000", "CHAIN PHARMACY=2500",
+                                                 "HOSPITAL/CLINIC=500", "PRACTITIONER=1300")
+    new_customer_order_peer_quantile: float = 0.995
+    new_customer_order_peer_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         # A set, spelled one way, so the fingerprint (model_version) names what decides.
