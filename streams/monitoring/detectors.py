@@ -203,12 +203,13 @@ class MonitorConfig:
     # Issue 11, new customers, one order: during the new-customer period one order's units of a family are held
     # above the per-order ceiling of its business activity (no peers; "ACTIVITY=units", env comma-separated), else
     # above new_customer_order_peer_ratio x its peers' new_customer_order_peer_quantile order (peer profiles); not
-    # once an analyst RELEASED a held order of the family (the opening stock was seen). Defaults: the 99.5th
-    # percentile of one family's order among the tuning scenarios' established registrants (seed 7). A new pill
+    # once an analyst RELEASED a held order of the family (the opening stock was seen). Defaults: the 99.9th
+    # percentile of one family's order among the tuning scenarios' established registrants (seed 7; the 99.5th
+    # held 4x as many ordinary orders in registrants' first months for the same 8 of 8 new pill mills). A new pill
     # mill orders at 3-8x a pharmacy's habit from its first order; its month may stay under the monthly ceiling.
-    new_customer_order_units: tuple[str, ...] = ("RETAIL PHARMACY=1000", "CHAIN PHARMACY=2500",
-                                                 "HOSPITAL/CLINIC=500", "PRACTITIONER=1300")
-    new_customer_order_peer_quantile: float = 0.995
+    new_customer_order_units: tuple[str, ...] = ("RETAIL PHARMACY=1300", "CHAIN PHARMACY=3300",
+                                                 "HOSPITAL/CLINIC=500", "PRACTITIONER=2790")
+    new_customer_order_peer_quantile: float = 0.999
     new_customer_order_peer_ratio: float = 1.0
 
     def __post_init__(self) -> None:

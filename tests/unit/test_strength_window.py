@@ -94,7 +94,7 @@ def test_the_30_day_strength_round_trips_through_avro_and_old_states_decode() ->
 # --------------------------------------------------------------------------
 
 def test_new_retail_pharmacy_is_held_on_one_order_above_its_activity_ceiling() -> None:
-    monitor = Monitor()  # no peers: the activity's per-order ceiling (1,000 units for a retail pharmacy)
+    monitor = Monitor()  # no peers: the activity's per-order ceiling (1,300 units for a retail pharmacy)
     dea = "BN5555550"
     ordinary = order(dea, START, {"OXYCODONE": 900})
     v = monitor.score(None, ordinary)
@@ -105,7 +105,7 @@ def test_new_retail_pharmacy_is_held_on_one_order_above_its_activity_ceiling() -
     assert v["verdict"] == "HOLD" and fired_detectors(v) & {"new_customer_order"}
     assert "new_customer" not in fired_detectors(v)  # the monthly ceiling alone would have shipped it
     r = next(r for r in v["reasons"] if r["detector"] == "new_customer_order")
-    assert r["value"] == 2400 and r["threshold"] == 1000
+    assert r["value"] == 2400 and r["threshold"] == 1300
     assert "2,400 dosage units in one order of a new customer" in r["explanation"]
     # After the period (or onboarding) the rule does not apply: same order, an established registrant.
     later = Monitor(MonitorConfig(new_customer_months=0))
