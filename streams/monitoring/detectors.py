@@ -210,7 +210,8 @@ class MonitorConfig:
     new_customer_order_units: tuple[str, ...] = ("RETAIL PHARMACY=1300", "CHAIN PHARMACY=3300",
                                                  "HOSPITAL/CLINIC=500", "PRACTITIONER=2790")
     new_customer_order_peer_quantile: float = 0.999
-    new_customer_order_peer_ratio: float = 1.0
+    new_customer_order_peer_ratio: float = 2.0  # as the cold-start peer ceiling (peer_cold_ratio); 1x held 150 ordinary
+    # order lines of registrants in their first months on seed 7 with peers
 
     def __post_init__(self) -> None:
         # A set, spelled one way, so the fingerprint (model_version) names what decides.
