@@ -361,22 +361,26 @@ def day_of(ms: int) -> int:
 
 
 class DailyRing:
-    """Orders and dosage units per UTC day for the last 30 days: at most 30 cells."""
+    """Orders, dosage units and mg of base drug per UTC day for the last 30 days: at most 30 cells."""
 
     __slots__ = ("cells",)
 
     def __init__(self, cells: Mapping[str, Iterable[int]] | None = None) -> None:
-        # Stored as three parallel arrays (som.state.DayCells): arrays of longs
-        # encode several times faster than an array of small records.
+        # Stored as parallel arrays (som.state.DayCells): arrays of numbers
+        # encode several times faster than an array of small records. ``mg`` is
+        # absent (or empty) in states written before it existed: 0 mg those days.
         cells = cells or {"day": (), "orders": (), "units": ()}
-        self.cells: dict[int, list[int]] = {
-            int(d): [int(o), int(u)] for d, o, u in zip(cells["day"], cells["orders"], cells["units"])}
+        mg = list(cells.get("mg") or ())
+        mg += [0.0] * (len(cells["day"]) - len(mg))
+        self.cells: dict[int, list[Any]] = {
+            int(d): [int(o), int(u), float(m)]
+            for d, o, u, m in zip(cells["day"], cells["orders"], cells["units"], mg)}
 
     def totals(self, at_ms: int, days: int, exclude_units: int | None = None) -> tuple[int, int]:
         """(orders, units) learned on the ``days`` UTC days ending with the day of ``at_ms``."""
         today = day_of(at_ms)
         orders = units = 0
-        for day, (o, u) in self.cells.items():
+        for day, (o, u, _) in self.cells.items():
             if today - days < day <= today:
                 orders += o
                 units += u
@@ -390,7 +394,7 @@ class DailyRing:
         today = day_of(at_ms)
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
         orders = units = 0
-        for day, (o, u) in self.cells.items():
+        for day, (o, u, _) in self.cells.items():
             if month < day <= today:
                 units += u
                 if day > week:
@@ -400,17 +404,27 @@ class DailyRing:
             units -= exclude_units
         return max(orders, 0), max(units, 0)
 
-    def add(self, at_ms: int, units: int, newest_ms: int) -> None:
-        cell = self.cells.setdefault(day_of(at_ms), [0, 0])
+    def mg_30d(self, at_ms: int, exclude_mg: float | None = None) -> float:
+        """mg of base drug learned on the 30 UTC days ending with the day of ``at_ms`` (the strength window)."""
+        today = day_of(at_ms)
+        total = sum(c[2] for day, c in self.cells.items() if today - WINDOW_30D_DAYS < day <= today)
+        if exclude_mg is not None and today in self.cells:
+            total -= exclude_mg
+        return max(total, 0.0)
+
+    def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0) -> None:
+        cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0])
         cell[0] += 1
         cell[1] += int(units)
+        cell[2] += float(mg)
         oldest = day_of(newest_ms) - WINDOW_30D_DAYS
         if min(self.cells) <= oldest:
             self.cells = {d: c for d, c in self.cells.items() if d > oldest}
 
     def to_dict(self) -> dict[str, list[int]]:
         days = sorted(self.cells)
-        return {"day": days, "orders": [self.cells[d][0] for d in days], "units": [self.cells[d][1] for d in days]}
+        return {"day": days, "orders": [self.cells[d][0] for d in days], "units": [self.cells[d][1] for d in days],
+                "mg": [round(self.cells[d][2], 3) for d in days]}
 
 
 def month_of(ms: int) -> int:
@@ -620,6 +634,21 @@ def _clip_count(count: int, baseline: EWMeanBaseline) -> float:
     return min(count, baseline.get() + 1.0) if baseline.n else count
 
 
+#: A learned 30-day strength is at most this multiple of the usual one (see :func:`_clip_strength`).
+STRENGTH_CLIP = 1.2
+
+
+def _clip_strength(value: float, baseline: EWMeanBaseline) -> float:
+    """A 30-day mg per unit as learned: at most ``STRENGTH_CLIP`` x the usual one.
+
+    The orders of a shift to stronger products that are still released would
+    otherwise teach a stronger "usual" mix order by order, and a frequent buyer
+    would drag the threshold along before the window is fully shifted. A
+    genuine change of mix is still learned, 20 % per sample at most.
+    """
+    return min(value, STRENGTH_CLIP * baseline.get()) if baseline.n else value
+
+
 class FamilyBaseline:
     """Everything known about one registrant's orders of one drug family."""
 
@@ -636,6 +665,7 @@ class FamilyBaseline:
         self.count_7d = EWMeanBaseline(a)
         self.units_30d = EWMeanBaseline(a)
         self.mg_per_unit = EWMeanBaseline(a)
+        self.mg_per_unit_30d = EWMeanBaseline(a)
         self.recent = RecentOrders(cap=s.recent_max)
         self.days = DailyRing()
         self.months = MonthRing()
@@ -673,6 +703,9 @@ class FamilyBaseline:
         self.units.update(u)
         if base_mg > 0 and units > 0:  # lines without a strength (no product master entry) teach nothing
             self.mg_per_unit.update(base_mg / units)
+            if self.covers(at_ms, WINDOW_30D_DAYS) and w.units_30d > 0:
+                self.mg_per_unit_30d.update(_clip_strength((self.days.mg_30d(at_ms) + base_mg) / w.units_30d,
+                                                           self.mg_per_unit_30d))
         if self.orders and at_ms >= self.last_order_ms:
             self.gap_days.update((at_ms - self.last_order_ms) / MS_PER_DAY)
         if not self.orders or at_ms < self.first_order_ms:
@@ -680,7 +713,7 @@ class FamilyBaseline:
         self.orders += 1
         self.last_order_ms = max(self.last_order_ms, at_ms)
         self.recent.add(at_ms, self.last_order_ms)
-        self.days.add(at_ms, units, self.last_order_ms)
+        self.days.add(at_ms, units, self.last_order_ms, base_mg)
         self.months.add(at_ms, units, self.last_order_ms)
 
     def to_dict(self) -> dict[str, Any]:
@@ -695,6 +728,7 @@ class FamilyBaseline:
             "count_7d": self.count_7d.to_dict(),
             "units_30d": self.units_30d.to_dict(),
             "mg_per_unit": self.mg_per_unit.to_dict(),
+            "mg_per_unit_30d": self.mg_per_unit_30d.to_dict(),
             "recent_ms": self.recent.to_dict(),
             "days": self.days.to_dict(),
             "months": self.months.to_dict(),
@@ -715,6 +749,7 @@ class FamilyBaseline:
         fb.count_7d = EWMeanBaseline.from_dict(d["count_7d"], a)
         fb.units_30d = EWMeanBaseline.from_dict(d["units_30d"], a)
         fb.mg_per_unit = EWMeanBaseline.from_dict(d.get("mg_per_unit") or {"mean": 0.0, "n": 0}, a)
+        fb.mg_per_unit_30d = EWMeanBaseline.from_dict(d.get("mg_per_unit_30d") or {"mean": 0.0, "n": 0}, a)
         fb.recent = RecentOrders(d["recent_ms"], cap=s.recent_max)
         fb.days = DailyRing(d["days"])
         fb.months = MonthRing(d.get("months"))
@@ -977,6 +1012,20 @@ class RegistrantBaselines:
             m = self._monthly[family] = (fb.months.monthly(order.at_ms, units, self._replay) if fb
                                          else Monthly(month_of(order.at_ms), 0 if self._replay else units, ()))
         return m
+
+    def strength_30d(self, family: str, order: OrderFacts) -> tuple[float, int]:
+        """(mg of base drug, dosage units) of ``family`` over the 30 UTC days ending at ``order``, the order included.
+
+        The strength window: a multi-strength buyer that restocks one product at a
+        time swings one order's mg per unit, not its month's.
+        """
+        f = order.families.get(family)
+        mg = f.base_weight_g * 1000.0 if f is not None else 0.0
+        units = self.windows(family, order).units_30d
+        fb = self.family(family)
+        if fb is None:
+            return mg, units
+        return fb.days.mg_30d(order.at_ms, exclude_mg=mg if self._replay else None) + mg, units
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
         """Units per family over the 30 UTC days ending at ``order``, the order included (a copy: callers own it)."""

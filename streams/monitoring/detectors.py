@@ -50,15 +50,15 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "5"
+DETECTORS_VERSION = "6"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
-                     "ramp", "ramp_2x", "new_customer")
+                     "ramp", "ramp_2x", "new_customer", "new_customer_order", "strength_shift")
 #: Learned detectors that run and are recorded but do not decide unless named in ``hold_detectors``.
-#: ``strength_shift`` is recorded only: on held-out and real ARCOS data one order's mg per unit swings past 2x the
-#: usual mix whenever a multi-strength buyer restocks one product (methadone clinics: half the learned holds).
-RECORDED_DETECTORS = ("peer_volume", "timing", "anomaly", "strength_shift")
+#: ``strength_shift`` decides since it reads a 30-day window: one order's mg per unit swung past 2x the usual mix
+#: whenever a multi-strength buyer restocked one product (methadone clinics: half the learned holds), a month's not.
+RECORDED_DETECTORS = ("peer_volume", "timing", "anomaly")
 #: The static reference rules: recorded on every order, deciding only when named in ``hold_detectors``.
 STATIC_DETECTORS = ("static_2x_12m", "static_3x_12m", "static_6m_max", "static_8000_du", "static_customer_limit")
 
@@ -156,7 +156,7 @@ class MonitorConfig:
     ramp_noise_z: float = 6.0  # ... and above the reference + this many std of the months before the gap
     ramp_min_months: int = 6  # trailing calendar months of history (of the family) before the rule applies
     # Strength shift, per family: mg of base drug per dosage unit of the order vs the usual (EW) mix.
-    strength_ratio: float = 2.0  # x the usual mg per unit
+    strength_ratio: float = 1.5  # x the usual 30-day mg per unit
     strength_min_history: int = 8  # learned orders with a strength before the usual mix is known
     # Frequency from the registrant's own cadence: orders in the window (before this one) ~ Poisson(rate learned
     # from released orders); fire when the tail probability of the count is below freq_p_* (and above the floors
@@ -201,6 +201,18 @@ class MonitorConfig:
     # Defaults: the 99th percentile of a family's month among the tuning scenarios' established registrants.
     new_customer_activity_units: tuple[str, ...] = ("RETAIL PHARMACY=7300", "CHAIN PHARMACY=15900",
                                                     "HOSPITAL/CLINIC=2325", "PRACTITIONER=1980")
+    # Issue 11, new customers, one order: during the new-customer period one order's units of a family are held
+    # above the per-order ceiling of its business activity (no peers; "ACTIVITY=units", env comma-separated), else
+    # above new_customer_order_peer_ratio x its peers' new_customer_order_peer_quantile order (peer profiles); not
+    # once an analyst RELEASED a held order of the family (the opening stock was seen). Defaults: the 99.9th
+    # percentile of one family's order among the tuning scenarios' established registrants (seed 7; the 99.5th
+    # held 4x as many ordinary orders in registrants' first months for the same 8 of 8 new pill mills). A new pill
+    # mill orders at 3-8x a pharmacy's habit from its first order; its month may stay under the monthly ceiling.
+    new_customer_order_units: tuple[str, ...] = ("RETAIL PHARMACY=1300", "CHAIN PHARMACY=3300",
+                                                 "HOSPITAL/CLINIC=500", "PRACTITIONER=2790")
+    new_customer_order_peer_quantile: float = 0.999
+    new_customer_order_peer_ratio: float = 2.0  # as the cold-start peer ceiling (peer_cold_ratio); 1x held 150 ordinary
+    # order lines of registrants in their first months on seed 7 with peers
 
     def __post_init__(self) -> None:
         # A set, spelled one way, so the fingerprint (model_version) names what decides.
@@ -978,13 +990,15 @@ class RampGuardDetector(PerFamilyDetector):
 class StrengthShiftDetector(PerFamilyDetector):
     """Deviation from pattern: a shift to stronger products inside one family (30 mg tablets instead of 5 mg).
 
-    Unit counts do not see it: 100 tablets are 100 tablets. Per family the
-    registrant's usual mg of base drug per dosage unit is learned (EW, from
-    the ``base_weight_g`` of released order lines); the value is this order's
-    mg per unit of the family (all its lines: a few bottles of a strong product
-    beside the usual ones move it little), and it fires above ``strength_ratio``
-    times the usual once ``strength_min_history`` orders with a strength are
-    learned. The explanation gives the mg, the MME and the usual mix.
+    Unit counts do not see it: 100 tablets are 100 tablets. The value is the
+    family's mg of base drug per dosage unit over the 30 UTC days ending at the
+    order, the order included (from the ``base_weight_g`` of the lines); the
+    baseline is the registrant's usual value of that window (EW, sampled at
+    released orders once its history spans 30 days). A window, not one order:
+    a multi-strength buyer that restocks one product at a time swings one
+    order's mg per unit by 3-10x, its month's hardly. It fires above
+    ``strength_ratio`` times the usual once ``strength_min_history`` windows
+    are learned. The explanation gives the mg, the MME and the usual mix.
     """
 
     name = "strength_shift"
@@ -993,24 +1007,25 @@ class StrengthShiftDetector(PerFamilyDetector):
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         c = self.cfg
         fb = state.family(f.family)
-        mg = f.base_weight_g * 1000.0
-        value = mg / f.units if f.units > 0 else 0.0
-        n = fb.mg_per_unit.n if fb else 0
-        usual = fb.mg_per_unit.get() if fb else 0.0
+        mg30, units30 = state.strength_30d(f.family, order)
+        value = mg30 / units30 if units30 > 0 and f.base_weight_g > 0 else 0.0
+        n = fb.mg_per_unit_30d.n if fb else 0
+        usual = fb.mg_per_unit_30d.get() if fb else 0.0
         if n < c.strength_min_history or usual <= 0 or value <= 0:
             why = "no strength on the order's lines" if value <= 0 else (
-                f"{n} released orders of {f.family} with a strength (< {c.strength_min_history})")
+                f"{n} learned 30-day windows of {f.family} with a strength (< {c.strength_min_history})")
             return reason(self.name, self.dimension, f.family, value, usual, _MAX, f"not applicable: {why}", False, "")
         threshold = c.strength_ratio * usual
         fired = value > threshold
-        window = fb.mg_per_unit.window() + " (mg of base drug per dosage unit)"
+        window = ("30 days to this order; usual: " + fb.mg_per_unit_30d.window()
+                  + " (mg of base drug per dosage unit over 30 days)")
         if not fired:
             return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
-        mme = f" ({fmt_n(f.mme)} MME)" if f.mme > 0 else ""
-        text = (f"{f.family}: this order's {fmt_n(f.units)} dosage units carry {fmt_n(mg)} mg of base drug{mme}, "
-                f"{value:,.2f} mg per unit; this registrant's usual mix is {usual:,.2f} mg per unit ({window}); "
-                f"the threshold is {threshold:,.2f} ({c.strength_ratio:g}x usual): a shift to stronger products "
-                f"of the family, {value / usual:.1f}x the usual strength.")
+        mme = f" ({fmt_n(f.mme)} MME in this order)" if f.mme > 0 else ""
+        text = (f"{f.family} in the last 30 days: {fmt_n(units30)} dosage units carry {fmt_n(mg30)} mg of base "
+                f"drug{mme}, {value:,.2f} mg per unit; this registrant's usual 30-day mix is {usual:,.2f} mg per "
+                f"unit; the threshold is {threshold:,.2f} ({c.strength_ratio:g}x usual): a shift to stronger "
+                f"products of the family, {value / usual:.1f}x the usual strength.")
         return reason(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
 
 

@@ -29,7 +29,7 @@ from streams.monitoring.detectors import DETECTORS_VERSION, Detector, MonitorCon
 from streams.monitoring.anomaly import AnomalyCombiner
 from streams.monitoring.peers import PeerProfiles
 from streams.monitoring import open_cases
-from streams.monitoring.onboarding import NewCustomerDetector
+from streams.monitoring.onboarding import NewCustomerDetector, NewCustomerOrderDetector
 
 
 def _closeness(r: Mapping[str, Any]) -> float:
@@ -90,7 +90,8 @@ class Monitor:
         #: Peer profiles (reference data, read-only): cold start and peer deviation. None = fixed ceilings.
         self.peers = peers
         self.detectors = detectors if detectors is not None else (
-            default_detectors(self.config, peers) + [NewCustomerDetector(self.config, peers)])
+            default_detectors(self.config, peers) + [NewCustomerDetector(self.config, peers),
+                                                     NewCustomerOrderDetector(self.config, peers)])
         #: Combines the learned findings of each order into ``anomaly`` findings (after the detectors run).
         self.combiner: AnomalyCombiner | None = AnomalyCombiner(self.config)
         names = [d.name for d in self.detectors] + ([self.combiner.name] if self.combiner else [])

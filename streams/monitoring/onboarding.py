@@ -119,4 +119,52 @@ class NewCustomerDetector(PerFamilyDetector):
         return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
 
 
-__all__ = ["NewCustomerDetector", "activity_ceilings", "in_new_customer_period", "period_start_ms", "MONTH_MS"]
+class NewCustomerOrderDetector(NewCustomerDetector):
+    """Size of one order of a new customer: a family's units in the order against a per-order ceiling.
+
+    Why besides the monthly ceiling: a new pill mill orders several times a
+    pharmacy's habit from its first order, yet a month of such orders can stay
+    under a monthly ceiling set for the largest established stores. The
+    ceiling is its peers' order size (``new_customer_order_peer_ratio`` x their
+    ``new_customer_order_peer_quantile`` order) or, without peers, its business
+    activity's (``new_customer_order_units``). A legitimate opening stock is
+    held once: after an analyst RELEASED a held order of the family it no
+    longer applies to that family.
+    """
+
+    name = "new_customer_order"
+
+    def __init__(self, cfg: MonitorConfig, peers: PeerProfiles | None = None) -> None:
+        self.cfg = cfg
+        self.peers = peers
+        #: Business activity (upper case) -> units of one family in one order (no peers): new_customer_order_units.
+        self.ceilings = activity_ceilings(cfg.new_customer_order_units)
+
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+        c = self.cfg
+        days = (order.at_ms - period_start_ms(state, order)) / MS_PER_DAY
+        peer = peer_group(self.peers, order, f.family)
+        if peer is not None and peer.order_units.n >= c.peer_min_orders:
+            level = peer.order_units.quantile(c.new_customer_order_peer_quantile)
+            threshold = c.new_customer_order_peer_ratio * level
+            source = (f"{c.new_customer_order_peer_ratio:g}x the {100 * c.new_customer_order_peer_quantile:g}th "
+                      f"percentile order of its peers, {peer.describe()} ({fmt_n(level)})")
+        else:
+            level = threshold = self.ceilings.get(order.business_activity.strip().upper(), 0.0)
+            source = f"the new-customer order ceiling of a {order.business_activity.lower() or 'registrant'}"
+        window = f"this order; new customer (day {days:.0f})"
+        month = state.monthly(f.family, order).month
+        if threshold <= 0 or cleared_level(state, f.family, month, c.ramp_2x_cleared_months) is not None:
+            why = "no ceiling for this business activity" if threshold <= 0 else "cleared by an analyst"
+            return reason(self.name, self.dimension, f.family, f.units, level, _MAX, f"not applicable: {why}",
+                          False, "")
+        fired = f.units > threshold
+        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return reason(self.name, self.dimension, f.family, f.units, level, threshold, window, False, "")
+        text = (f"{f.family}: {fmt_n(f.units)} dosage units in one order of a new customer (first order "
+                f"{days:.0f} days ago, no onboarding review yet); the ceiling for one order is {source}: "
+                f"{fmt_n(threshold)}; exceeded.")
+        return reason(self.name, self.dimension, f.family, f.units, level, threshold, window, fired, text)
+
+
+__all__ = ["NewCustomerDetector", "NewCustomerOrderDetector", "activity_ceilings", "in_new_customer_period", "period_start_ms", "MONTH_MS"]

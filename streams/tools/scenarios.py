@@ -31,7 +31,14 @@ kind                label        what happens
                                  habit from its first order, for 3-6 months (then closed)
 ``new_opening``     normal       a new pharmacy whose first order is an opening stock of 2-4x
                                  its habit, then normal demand
+``strength_shift``  suspicious   for 6-10 weeks a buyer orders its main opioid's units (70-110 %)
+                                 as the family's strongest tablet or capsule, not its usual mix
+``multi_strength``  normal       from mid-run, a multi-strength buyer restocks one product of its
+                                 main opioid per order (its share of units over time unchanged)
 ==================  ===========  ==========================================================
+
+``strength_shift`` and ``multi_strength`` are drawn after the new customers, on registrants no other
+episode uses, with their own random streams (the other episodes of a seed are unchanged).
 
 ``new_mill`` and ``new_opening`` are drawn after every other kind (their own registrants and
 random streams), so adding them left the other episodes of a seed unchanged.
@@ -63,17 +70,19 @@ SUSPICIOUS = "suspicious"
 NORMAL = "normal"
 GREY = "grey"
 
-SUSPICIOUS_KINDS = ("ramp", "spike", "burst", "mme_shift", "new_mill")
+SUSPICIOUS_KINDS = ("ramp", "spike", "burst", "mme_shift", "new_mill", "strength_shift")
 LEGIT_SURGE_KINDS = ("surge_flu", "surge_expansion")
-LEGIT_KINDS = LEGIT_SURGE_KINDS + ("new_registrant", "new_opening")
+LEGIT_KINDS = LEGIT_SURGE_KINDS + ("new_registrant", "new_opening", "multi_strength")
 EPISODE_KINDS = SUSPICIOUS_KINDS + LEGIT_KINDS
 
 #: Days from an episode's start by which the learned monitor is expected to hold it.
-EXPECTED_HOLD_DAYS = {"ramp": 35.0, "spike": 0.5, "burst": 2.0, "mme_shift": 0.5, "new_mill": 31.0}
+EXPECTED_HOLD_DAYS = {"ramp": 35.0, "spike": 0.5, "burst": 2.0, "mme_shift": 0.5, "new_mill": 31.0,
+                      "strength_shift": 31.0}
 
 #: Default number of episodes per kind (new_registrant: extra registrants).
 DEFAULT_COUNTS = {"ramp": 8, "spike": 10, "burst": 8, "mme_shift": 8,
-                  "surge_flu": 6, "surge_expansion": 8, "new_registrant": 10, "new_mill": 8, "new_opening": 6}
+                  "surge_flu": 6, "surge_expansion": 8, "new_registrant": 10, "new_mill": 8, "new_opening": 6,
+                  "strength_shift": 8, "multi_strength": 8}
 
 DEFAULT_END = datetime(2026, 4, 1, tzinfo=timezone.utc)
 _OPIOIDS = ("OXYCODONE", "HYDROCODONE", "MORPHINE", "HYDROMORPHONE", "METHADONE", "TRAMADOL", "CODEINE")
@@ -314,8 +323,8 @@ def generate(config: ScenarioConfig | None = None, **overrides: Any) -> Scenario
         return ep
 
     for kind in SUSPICIOUS_KINDS:
-        if kind == "new_mill":
-            continue  # new registrants: drawn last (below)
+        if kind in ("new_mill", "strength_shift"):
+            continue  # drawn last (below)
         for _ in range(counts[kind]):
             reg = pick(lambda g: g.business_activity in _PHARMACIES and _main_opioid(g) is not None
                        and (kind != "mme_shift" or any(f not in g.families and f in by_family
@@ -378,6 +387,7 @@ def generate(config: ScenarioConfig | None = None, **overrides: Any) -> Scenario
             timelines[reg.dea_number] = tl
 
     _add_new_customers(cfg, counts, start, end, products, timelines, new_ep)
+    _add_strength_episodes(cfg, counts, pop.registrants, used, timelines, by_family, earliest, end, new_ep)
 
     drafts = [d for tl in timelines.values() for d in tl] + extra
     drafts.sort(key=lambda d: (d.signed_at, d.registrant.dea_number))
@@ -428,6 +438,82 @@ def _add_new_customers(cfg: ScenarioConfig, counts: Mapping[str, int], start: da
                 for d in tl:
                     d.kind, d.episode = kind, ep.episode_id
             timelines[reg.dea_number] = tl
+
+
+def _strength_family(reg: Registrant, by_family: Mapping[str, list[Product]]) -> tuple[str, Product] | None:
+    """(main opioid, its strongest tablet/capsule of the registrant's schedules) when that is >= 2x its usual mix."""
+    fam = _main_opioid(reg)
+    if fam is None:
+        return None
+    prods = {p.ndc: p for p in by_family.get(fam, ())}
+    h = reg.habit(fam)
+    usual = sum(share * prods[ndc].base_mg_per_unit for ndc, share in h.items if ndc in prods)
+    cands = [p for p in prods.values() if p.schedule in reg.schedules and p.dosage_form in ("TAB", "CAP")]
+    if not cands or usual <= 0:
+        return None
+    top = max(cands, key=lambda p: p.base_mg_per_unit)
+    return (fam, top) if top.base_mg_per_unit >= 2.0 * usual else None
+
+
+def _one_product(lines: list[tuple[Product, int]], family: str, r: random.Random) -> list[tuple[Product, int]]:
+    """The family's lines replaced by one of them, drawn by its share of units, carrying all the family's units."""
+    fam = [(p, pk) for p, pk in lines if p.drug_family == family]
+    if len(fam) < 2:
+        return lines
+    units = sum(p.units_per_package * pk for p, pk in fam)
+    p = r.choices([p for p, _ in fam], weights=[p.units_per_package * pk for p, pk in fam])[0]
+    return [x for x in lines if x[0].drug_family != family] + [(p, max(1, round(units / p.units_per_package)))]
+
+
+def _add_strength_episodes(cfg: ScenarioConfig, counts: Mapping[str, int], regs: list[Registrant], used: set[str],
+                           timelines: dict[str, list[Draft]], by_family: Mapping[str, list[Product]],
+                           earliest: datetime, end: datetime,
+                           new_ep: Callable[[str, Registrant, str, datetime, bool], Episode]) -> None:
+    """Shifts to the strongest product of a family (suspicious) and one-product restocks (normal).
+
+    Their own random stream, on registrants no other episode uses, drawn after every other kind.
+    """
+    rng = random.Random(f"scenario-strength:{cfg.seed}")
+    span = max(0.0, (end - timedelta(days=90) - earliest).total_seconds())
+    for kind in ("strength_shift", "multi_strength"):
+        for _ in range(counts.get(kind, 0)):
+            cands = [g for g in regs if g.dea_number not in used and len(timelines[g.dea_number]) >= 40
+                     and (_strength_family(g, by_family) if kind == "strength_shift"
+                          else _main_opioid(g) and len(g.habit(_main_opioid(g)).items) >= 2)]
+            if not cands:
+                break
+            reg = rng.choice(sorted(cands, key=lambda g: g.dea_number))
+            used.add(reg.dea_number)
+            at = earliest + timedelta(seconds=rng.uniform(0, span))
+            r = random.Random(f"scenario-strength:{cfg.seed}:{reg.dea_number}")
+            tl = timelines[reg.dea_number]
+            if kind == "strength_shift":
+                fam, top = _strength_family(reg, by_family)  # type: ignore[misc]
+                ep = new_ep(kind, reg, fam, at, True)
+                stop = at + timedelta(days=r.uniform(42, 70))
+                ep.detail.update(product=top.ndc, weeks=round((stop - at).days / 7, 1))
+                tl[:] = [d for d in tl if d.signed_at < stop]
+                for d in tl:
+                    if d.signed_at < at:
+                        continue
+                    units = sum(p.units_per_package * pk for p, pk in d.lines if p.drug_family == fam)
+                    units = units or reg.habit(fam).mean_units
+                    units *= r.uniform(0.7, 1.1)
+                    d.lines = ([x for x in d.lines if x[0].drug_family != fam]
+                               + [(top, max(1, round(units / top.units_per_package)))])
+                    d.label, d.kind, d.episode = SUSPICIOUS, kind, ep.episode_id
+                    if ep.start is None:
+                        ep.start = d.signed_at
+            else:
+                fam = _main_opioid(reg)
+                assert fam is not None
+                ep = new_ep(kind, reg, fam, at, False)
+                for d in tl:
+                    if d.signed_at >= at:
+                        d.lines = _one_product(d.lines, fam, r)
+                        d.kind, d.episode = kind, ep.episode_id
+                        if ep.start is None:
+                            ep.start = d.signed_at
 
 
 def _finalize(drafts: list[Draft], episodes: dict[str, Episode], cfg: ScenarioConfig,

@@ -176,7 +176,7 @@ def typical() -> dict[str, Any]:
 def test_a_detector_never_fires_on_a_registrants_typical_order(typical: dict[str, Any], name: str) -> None:
     scored = {r["detector"] for r in typical["reasons"]}
     # Every detector judges the order (the due-diligence findings and the new-customer ceiling only speak
-    # when there is something pending or the registrant is new; this one has neither).
-    assert name in scored or name in DUE_DILIGENCE_FINDINGS + ("new_customer",), f"{name} did not judge the order"
+    # when there is something pending or the registrant is new (monthly and per-order); this one has neither).
+    assert name in scored or name in DUE_DILIGENCE_FINDINGS + ("new_customer", "new_customer_order"), f"{name} did not judge the order"
     fired = [r["explanation"] for r in typical["reasons"] if r["detector"] == name and r["fired"]]
     assert not fired, f"{name} fired on the registrant's own typical order: {fired}"

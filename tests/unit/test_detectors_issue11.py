@@ -95,34 +95,28 @@ def with_strength(o: dict[str, Any], mg: float) -> dict[str, Any]:
     return o
 
 
-def test_shift_to_30_mg_at_the_same_unit_count_is_recorded_by_default_and_held_when_enforced() -> None:
+def test_shift_to_30_mg_at_the_same_unit_count_is_held_once_the_month_shifts() -> None:
+    """Strength is judged on the 30-day window (tests/unit/test_strength_window.py has the multi-strength buyer)."""
     rng = random.Random(2)
     dea = "BS1111114"
     history = [with_strength(o, 5.0) for o in
                normal_orders(dea, [Habit("OXYCODONE", 500, 3, sigma=0.12, restock_p=0)], 90, rng, START)]
-    probe = with_strength(order(dea, history[-1]["received_at"] + timedelta(days=3), {"OXYCODONE": 500}), 30.0)
-    default = Monitor()
-    state, _ = run(default, history)
-    recorded = default.score(state, probe)
-    assert recorded["verdict"] == "RELEASE"  # recorded, not deciding, by default (held-out data: README)
-    shift = next(r for r in recorded["reasons"] if r["detector"] == "strength_shift")
-    assert shift["fired"] and not shift["enforced"] and "30.00 mg per unit" in shift["explanation"]
-    monitor = Monitor(MonitorConfig(hold_detectors=MonitorConfig().hold_detectors + ("strength_shift",)))
+    monitor = Monitor()
     state, verdicts = run(monitor, history)
     assert all(v["verdict"] == "RELEASE" for v in verdicts)
     last = history[-1]["received_at"]
     same_strength = monitor.score(state, with_strength(order(dea, last + timedelta(days=3), {"OXYCODONE": 500}), 5.0))
     assert same_strength["verdict"] == "RELEASE"
-    v = monitor.score(state, with_strength(order(dea, last + timedelta(days=3), {"OXYCODONE": 500}), 30.0))
-    assert v["verdict"] == "HOLD"
+    shifted = [with_strength(order(dea, last + timedelta(days=3 * k), {"OXYCODONE": 500}), 30.0) for k in range(1, 6)]
+    _, verdicts = run(monitor, shifted, state)
+    v = next(v for v in verdicts if v["verdict"] == "HOLD")
     assert fired_detectors(v) == {"strength_shift"}  # the unit count is ordinary: size and volume stay quiet
     r = next(r for r in v["reasons"] if r["detector"] == "strength_shift")
     assert r["dimension"] == "pattern"
-    assert r["value"] == pytest.approx(30.0) and r["baseline"] == pytest.approx(5.0)
-    assert r["threshold"] == pytest.approx(10.0) and r["value"] > r["threshold"]
-    assert "15,000 mg of base drug (22,500 MME)" in r["explanation"]
-    assert "30.00 mg per unit" in r["explanation"] and "usual mix is 5.00 mg per unit" in r["explanation"]
-    assert "threshold is 10.00" in r["explanation"]
+    assert r["threshold"] == pytest.approx(1.5 * r["baseline"]) and r["value"] > r["threshold"]
+    assert "(22,500 MME in this order)" in r["explanation"]
+    assert f"{r['value']:,.2f} mg per unit" in r["explanation"]
+    assert f"threshold is {r['threshold']:,.2f}" in r["explanation"]
 
 
 def test_state_v3_migrates_and_the_usual_strength_round_trips_through_avro() -> None:

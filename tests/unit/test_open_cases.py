@@ -155,7 +155,7 @@ def big_new_customer(p: Pipeline, dea: str, weeks: int, start: datetime = T0) ->
 
 
 def test_new_customer_is_held_above_the_fixed_ceiling_until_onboarded() -> None:
-    p = Pipeline()
+    p = Pipeline(Monitor(MonitorConfig(new_customer_order_units=())))  # the monthly ceiling alone
     verdicts = big_new_customer(p, "BN1111119", 4)
     first_hold = next(v for v in verdicts if v["verdict"] == "HOLD")
     assert "new_customer" in fired(first_hold)
@@ -187,8 +187,9 @@ def test_new_customer_is_judged_against_its_peers() -> None:
     population = [order(f"BP{i:07d}", T0 - timedelta(days=200) + timedelta(days=3 * k + rng.random()),
                         {"HYDROCODONE": 300}) for i in range(8) for k in range(60)]
     peers = build_profiles(population, "test population")
-    p = Pipeline(Monitor(peers=peers))
-    # 550 units a day: each order within the peers' order sizes, ~5x their month by the month's end
+    # 550 units a day: each order within 2x the peers' order sizes (the per-order ceiling, raised here to leave the
+    # month to the monthly one), ~5x their month by the month's end
+    p = Pipeline(Monitor(MonitorConfig(new_customer_order_peer_ratio=2.0), peers=peers))
     verdicts = [p.submit(order("BN3333337", T0 + timedelta(days=i), {"HYDROCODONE": 550})) for i in range(20)]
     first = next(i for i, v in enumerate(verdicts) if v["verdict"] == "HOLD")
     r = fired(verdicts[first])["new_customer"]

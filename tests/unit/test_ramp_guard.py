@@ -83,7 +83,7 @@ def test_ramp_2x_leaves_a_minor_non_opioid_family_to_the_other_detectors() -> No
 
 
 def test_new_customer_ceiling_follows_its_business_activity_and_the_cleared_level() -> None:
-    p = Pipeline()
+    p = Pipeline(Monitor(MonitorConfig(new_customer_order_units=())))  # the monthly ceiling alone
     clinic = dict(order("AH1111116", T0, {"HYDROCODONE": 2000}), business_activity="HOSPITAL/CLINIC")
     assert p.submit(clinic)["verdict"] == "RELEASE"
     v = p.submit(dict(order("AH1111116", T0 + timedelta(days=2), {"HYDROCODONE": 1000}),

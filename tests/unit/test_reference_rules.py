@@ -325,8 +325,10 @@ def test_v2_state_records_decode_and_migrate_with_empty_timing() -> None:
     assert name == "som.state.RegistrantState" and rec["version"] == 2
     assert rec["timing"] == {"hours": [], "weekdays": []}
     # nothing else is lost; the usual strength (v4) starts empty in a v2 record
-    assert {f: {k: v for k, v in fb.items() if k != "mg_per_unit"} for f, fb in rec["families"].items()} == {
-        f: {k: v for k, v in fb.items() if k != "mg_per_unit"} for f, fb in state["families"].items()}
+    def kept(fb: dict) -> dict:  # what a v2 record holds: no strength (v4), no 30-day strength (v7)
+        out = {k: v for k, v in fb.items() if k not in ("mg_per_unit", "mg_per_unit_30d")}
+        return dict(out, days={k: v for k, v in fb["days"].items() if k != "mg"})
+    assert {f: kept(fb) for f, fb in rec["families"].items()} == {f: kept(fb) for f, fb in state["families"].items()}
     assert all(fb["mg_per_unit"] == {"mean": 0.0, "n": 0} for fb in rec["families"].values())
     for st in (rec, old):
         # same verdict numbers as the current state, except that timing has no history yet
