@@ -70,7 +70,8 @@ def ground_truth(feed: PreparedFeed) -> str:
 
 
 #: Findings that hold an order only while due diligence is pending: such a hold is not a detector's false hold.
-WAITING_DETECTORS = ("open_case", "reported_pending_limit", "analyst_limit", "terminated_customer", "new_customer")
+WAITING_DETECTORS = ("open_case", "reported_pending_limit", "analyst_limit", "terminated_customer", "new_customer",
+                     "new_customer_order")
 
 
 def detection_report(settings: Settings, feed: PreparedFeed) -> str:

@@ -129,7 +129,7 @@ def test_size_spikes_are_held_and_the_same_registrants_normal_orders_released(st
     # An open case holds the registrant's later orders of the family until due diligence decides, and a new
     # customer's months above the ceiling wait for onboarding (issue 11): those are policy holds. No statistical
     # detector holds a normal order of theirs.
-    policy = set(DUE_DILIGENCE_RULES) | {"new_customer"}
+    policy = set(WAITING_DETECTORS)
     held = [verdicts[s.sim_id] for s in normal if verdicts[s.sim_id]["verdict"] != "RELEASE"]
     for v in held:
         deciding = {r["detector"] for r in v["reasons"] if r["fired"] and r.get("enforced", True)}

@@ -119,8 +119,13 @@ def test_new_customer_is_judged_against_its_peers_not_the_fixed_ceiling(profiles
     assert monitor.score(None, new_customer(round(limit * 0.8)))["verdict"] == "RELEASE"
     # a Texas pharmacy's peers order five times as much: the same order is ordinary there
     assert monitor.score(None, new_customer(round(limit * 1.5), state="TX"))["verdict"] == "RELEASE"
-    # without peers only the fixed ceiling applies
-    assert Monitor().score(None, new_customer(round(limit * 1.5)))["verdict"] == "RELEASE"
+    # without peers the ceilings of its business activity apply (SOM_NEW_CUSTOMER_ORDER_UNITS: a retail
+    # pharmacy's one order above 1,300 units), not the peers' numbers
+    alone = Monitor().score(None, new_customer(round(limit * 1.5)))
+    fired = {r["detector"]: r for r in alone["reasons"] if r["fired"]}
+    assert alone["verdict"] == "HOLD" and "new_customer_order" in fired, alone["reasons"]
+    assert "peers" not in fired["new_customer_order"]["window"]
+    assert fired["new_customer_order"]["threshold"] != pytest.approx(limit)
 
 
 # --------------------------------------------------------------------------- deviation from peers
