@@ -34,82 +34,36 @@ from typing import Any
 from connectors.kafka import catalogue as t
 from connectors.kafka.emit import Emitter
 from streams.core.config import Settings
+from connectors.kafka.testing import MemoryMessage
 from streams.tools.demo_core import END, MemoryPublisher
 
 #: Partitions the messages are spread over (by key), as the catalogue's topics have several.
 PARTITIONS = 3
 
 
-class BenchMessage:
-    """The part of a confluent-kafka ``Message`` the sink reads."""
-
-    __slots__ = ("_topic", "_partition", "_offset", "_key", "_value")
-
-    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
-        self._topic, self._partition, self._offset, self._key, self._value = topic, partition, offset, key, value
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes:
-        return self._value
-
-    def error(self) -> None:
-        return None
-
-
 def pipeline_messages(data_dir: Path, *, registrants: int, days: int, seed: int,
                       end: datetime = END) -> list[tuple[str, bytes | None, bytes]]:
     """(topic, key, value) of every message a run publishes on the sink's topics, in publication order."""
-    from streams.domain.products import ProductMaster
-    from streams.monitoring.detectors import MonitorConfig
-    from streams.monitoring.monitor import Monitor
-    from streams.pipeline.agents.monitor import MonitorProcessor
-    from streams.pipeline.agents.verify import VerifyProcessor
-    from streams.pipeline.processor import InputMessage
-    from streams.tools.demo_core import _directory
-    from streams.tools.feed import prepare_feed, publish
-    from streams.verification import Verifier
+    from streams.tools.demo_core import decide_feed
 
-    settings = Settings().with_(data_dir=data_dir, pki_dir=data_dir / "pki")
-    feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days, end=end)
-    out = MemoryPublisher()
-    publish(feed.messages, out)  # type: ignore[arg-type]
-    products = ProductMaster.load(settings.products_path)
-    verify = VerifyProcessor(Verifier.from_pki_dir(settings.pki_dir, products), products,
-                             Emitter(out, "verify-agent"), {}, _directory(data_dir),  # type: ignore[arg-type]
-                             suppliers={feed.result.population.supplier.dea_number})
-    for offset, (key, value) in enumerate(out.on(t.RECEIVED)):
-        verify.handle(InputMessage(t.RECEIVED, 0, offset, key, value))
-    monitor = MonitorProcessor(Monitor(MonitorConfig()), {}, Emitter(out, "monitor-agent"))  # type: ignore[arg-type]
-    for offset, (key, value) in enumerate(out.on(t.VERIFIED)):
-        monitor.handle(InputMessage(t.VERIFIED, 0, offset, key, value))
+    _feed, received, out = decide_feed(data_dir, seed=seed, registrants=registrants, days=days, end=end)
     sunk = t.sunk_topics()
-    return [m for m in out.messages if m[0] in sunk]
+    return [m for m in received.messages + out.messages if m[0] in sunk]
 
 
-def interleave(messages: list[tuple[str, bytes | None, bytes]]) -> list[BenchMessage]:
+def interleave(messages: list[tuple[str, bytes | None, bytes]]) -> list[MemoryMessage]:
     """Kafka messages (partition by key, offsets per partition), each topic spread evenly over the sequence."""
     per_topic: dict[str, list[tuple[bytes | None, bytes]]] = {}
     for topic, key, value in messages:
         per_topic.setdefault(topic, []).append((key, value))
-    placed: list[tuple[float, BenchMessage]] = []
+    placed: list[tuple[float, MemoryMessage]] = []
     offsets: dict[tuple[str, int], int] = {}
     for topic, items in per_topic.items():
         for i, (key, value) in enumerate(items):
             partition = hash(key) % PARTITIONS if key else 0
             offset = offsets.get((topic, partition), 0)
             offsets[(topic, partition)] = offset + 1
-            placed.append(((i + 0.5) / len(items), BenchMessage(topic, partition, offset, key, value)))
+            placed.append(((i + 0.5) / len(items), MemoryMessage(topic, partition, offset, key, value)))
     placed.sort(key=lambda p: p[0])
     return [m for _, m in placed]
 
@@ -162,7 +116,7 @@ def offline_service(settings: Settings) -> Any:
     return service
 
 
-def measure(messages: list[BenchMessage], store: Path, *, batch_size: int, profile: bool = False) -> SinkBench:
+def measure(messages: list[MemoryMessage], store: Path, *, batch_size: int, profile: bool = False) -> SinkBench:
     """Feed ``messages`` through a fresh sink on an embedded engine at ``store``; time its CPU."""
     from streams.core.avro_codec import default_codec
 

@@ -134,6 +134,22 @@ class CoreRun:
 def run_core(data_dir: Path, *, seed: int = SEED, registrants: int = REGISTRANTS, days: int = DAYS,
              end: datetime = END) -> CoreRun:
     """Simulate and sign the demo's feed, then verify and monitor every order in process."""
+    feed, _received, out = decide_feed(data_dir, seed=seed, registrants=registrants, days=days, end=end)
+    codec = default_codec()
+    run = CoreRun(feed)
+    for topic, _, value in out.messages:
+        run.records.setdefault(topic, []).append(codec.decode(value)[1])
+    return run
+
+
+def decide_feed(data_dir: Path, *, seed: int, registrants: int, days: int,
+                end: datetime = END) -> tuple[PreparedFeed, MemoryPublisher, MemoryPublisher]:
+    """Simulate and sign a feed and run it through the verify and monitor processors, in memory.
+
+    Returns the feed, the publisher holding the received orders (as published, unreadable ones included)
+    and the one holding the processors' outputs, each in order: the demo summary reads the outcomes,
+    ``csos bench-sink`` feeds both to the sink.
+    """
     settings = Settings().with_(data_dir=data_dir, pki_dir=data_dir / "pki")
     feed = prepare_feed(settings, registrants=registrants, seed=seed, days=days, end=end)
     received = MemoryPublisher()
@@ -148,11 +164,7 @@ def run_core(data_dir: Path, *, seed: int = SEED, registrants: int = REGISTRANTS
     monitor = MonitorProcessor(Monitor(MonitorConfig()), {}, Emitter(out, "monitor-agent"))  # type: ignore[arg-type]
     for offset, (key, value) in enumerate(out.on(t.VERIFIED)):
         monitor.handle(InputMessage(t.VERIFIED, 0, offset, key, value))
-    codec = default_codec()
-    run = CoreRun(feed)
-    for topic, _, value in out.messages:
-        run.records.setdefault(topic, []).append(codec.decode(value)[1])
-    return run
+    return feed, received, out
 
 
 def _directory(data_dir: Path) -> RegistrantDirectory:
