@@ -46,7 +46,10 @@ _POLICY_HELP = ("Policy to run (repeatable): learned, static_2x_12m, static_3x_1
 @click.option("--peers/--no-peers", default=True, show_default=True,
               help="Learn peer profiles from another scenario run (seed + 1000) and use them.")
 @click.option("--policy", "policies", multiple=True, help=_POLICY_HELP + " Default: every policy.")
-def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool, policies: tuple[str, ...]) -> None:
+@click.option("--history-days", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The first N days are the order history before go-live (learned, buyers onboarded, not scored).")
+def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool, policies: tuple[str, ...],
+                       history_days: int) -> None:
     """Labeled scenarios (spikes, bursts, ramp-ups, MME shifts, legitimate surges, new customers), every policy.
 
     These are the scenarios the thresholds were tuned on. Writes
@@ -58,7 +61,7 @@ def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool, p
 
     with _Progress("scoring orders") as bar:
         run_scenarios(out_dir, seed=seed, peers=peers, n_registrants=registrants, policies=policies or None,
-                      progress=bar.start)
+                      progress=bar.start, history_days=history_days)
     click.echo((Path(out_dir) / "metrics.md").read_text())
     click.echo(f"report: {Path(out_dir) / 'report.html'}")
 
@@ -74,8 +77,11 @@ def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool, p
               help="Peer profiles (csos peers build) for every policy's monitor.")
 @click.option("--buyers", type=int, default=None, help="Backtest a random sample of this many buyers (faster).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the buyer sample.")
+@click.option("--history-days", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The file's first N days are the order history before go-live: every policy learns them "
+                   "as shipped, their buyers are existing customers (onboarded), and scoring starts after them.")
 def evaluate_arcos(path: str, out_dir: str, labels_path: str | None, policies: tuple[str, ...],
-                   peers_path: str | None, buyers: int | None, seed: int) -> None:
+                   peers_path: str | None, buyers: int | None, seed: int, history_days: int) -> None:
     """Backtest an ARCOS transaction file (Washington Post layout): a verdict per transaction and policy.
 
     Writes verdicts-<policy>.csv (TRANSACTION_ID, order id, buyer, family,
@@ -92,7 +98,7 @@ def evaluate_arcos(path: str, out_dir: str, labels_path: str | None, policies: t
         try:
             res = run_arcos(path, out_dir, peers=PeerProfiles.load(peers_path) if peers_path else None,
                             labels=labels_path, policies=policies or DEFAULT_POLICIES, progress=bar.start,
-                            buyers=buyers, seed=seed)
+                            buyers=buyers, seed=seed, history_days=history_days)
         except ValueError as e:
             raise click.ClickException(str(e)) from None
     click.echo((Path(out_dir) / "arcos.md").read_text())

@@ -40,7 +40,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -54,6 +54,8 @@ STATIC_PREFIX = "static_"
 STATIC_ANY = "static_any"
 
 SUSPICIOUS, NORMAL, GREY = "suspicious", "normal", "grey"
+#: Verdict CSV value of an order from before go-live: learned as history, not scored.
+HISTORY = "HISTORY"
 
 
 # --------------------------------------------------------------------------- running policies
@@ -155,8 +157,30 @@ def _fired_by_family(reasons: Iterable[Mapping[str, Any]]) -> dict[str, set[str]
     return dict(out)
 
 
+#: Who the go-live onboarding is recorded as (``cleared_by`` of the ONBOARDED outcome).
+GO_LIVE_BY = "go-live: existing customer"
+
+
+def go_live_onboarding(dea: str, at: datetime) -> dict[str, Any]:
+    """The ONBOARDED outcome of an existing customer at go-live: its due diligence predates the system.
+
+    Why: a distributor that starts the monitor already knows the customers it
+    has been shipping to (its onboarding due diligence was done before); only
+    registrants that first order after go-live are new customers.
+    """
+    return {"decision_id": f"go-live:{dea}", "outcome": "ONBOARDED", "order_id": "", "drug_families": [],
+            "cleared_at": at, "cleared_by": GO_LIVE_BY}
+
+
+def history_row(o: Mapping[str, Any]) -> dict[str, Any]:
+    """The decision row of an order from before go-live: learned as shipped, never scored."""
+    return {"order_id": o["order_id"], "held": False, "fired": set(), "seen": set(), "by_family": {},
+            "case_id": None, "history": True}
+
+
 def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor, *, reviewer: Reviewer | None = None,
-               progress: Progress | None = None, progress_every: int = 500) -> list[dict[str, Any]]:
+               progress: Progress | None = None, progress_every: int = 500,
+               go_live: datetime | None = None) -> list[dict[str, Any]]:
     """Replay ``orders`` (time order) through ``monitor``; learn only from released orders.
 
     Returns one decision per order: ``{order_id, held, fired, seen, by_family, case_id}``:
@@ -165,8 +189,14 @@ def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor, *, reviewe
     order (the verdict's, the reviewer's, else the order's own id: one case per
     held order, as the case agent opens them). An order the monitor cannot score
     is held (``monitor_error``), as in the agent.
+
+    ``go_live``: orders received before it are the distributor's order history
+    from before the system: every one is learned as shipped (row ``history``
+    true, never scored), and a registrant with history is an existing customer,
+    onboarded at go-live (:func:`go_live_onboarding`), so no new-customer period.
     """
     live: dict[str, Any] = {}
+    existing: set[str] = set()
     out = []
     pending = 0
     if reviewer is None:
@@ -176,6 +206,19 @@ def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor, *, reviewe
         base = live.get(dea)
         if base is None:
             base = live[dea] = monitor.baselines(None, dea)
+        if go_live is not None:
+            if o["received_at"] < go_live:
+                monitor.learn_into(base, o)
+                existing.add(dea)
+                out.append(history_row(o))
+                pending += 1
+                if progress is not None and pending >= progress_every:
+                    progress(pending)
+                    pending = 0
+                continue
+            if dea in existing:
+                existing.discard(dea)
+                monitor.apply_outcome(base, go_live_onboarding(dea, go_live))
         reviewer.before_order(o, base, monitor)
         case = None
         try:
@@ -269,10 +312,12 @@ def policy_detectors(name: str, config: MonitorConfig | None = None) -> tuple[st
 def decide_policies(orders: Sequence[Mapping[str, Any]], policies: Sequence[str], *,
                     config: MonitorConfig | None = None, peers: PeerProfiles | None = None,
                     reviewer_factory: ReviewerFactory | None = None,
-                    progress: Progress | None = None) -> dict[str, list[dict[str, Any]]]:
+                    progress: Progress | None = None,
+                    go_live: datetime | None = None) -> dict[str, list[dict[str, Any]]]:
     """Each named policy as a real run of its own (learning only from its own releases): its decisions.
 
     ``reviewer_factory``: a simulated analyst per run (see :class:`Reviewer`).
+    ``go_live``: every policy learns the orders before it as history (see :func:`run_policy`).
     Raises ``ValueError`` for a policy naming an unknown detector.
     """
     cfg = config or MonitorConfig()
@@ -280,7 +325,7 @@ def decide_policies(orders: Sequence[Mapping[str, Any]], policies: Sequence[str]
     for name in policies:
         monitor = Monitor(dataclasses.replace(cfg, hold_detectors=policy_detectors(name, cfg)), peers=peers)
         runs[name] = run_policy(orders, monitor, reviewer=reviewer_factory(name) if reviewer_factory else None,
-                                progress=progress)
+                                progress=progress, go_live=go_live)
     return runs
 
 
@@ -662,7 +707,8 @@ def write_verdicts(path: Path, policy: str, orders: Sequence[Mapping[str, Any]],
 
     ``detectors``: the detectors that fired for the transaction's drug family and
     the order-wide ones (``;``-separated), whether or not they decided. A row
-    dropped from its order (no dosage units) has verdict ``SKIPPED``. Returns the row count.
+    dropped from its order (no dosage units) has verdict ``SKIPPED``; an order from before
+    go-live, learned as history and not scored, ``HISTORY``. Returns the row count.
     """
     n = 0
     with open(path, "w", newline="", encoding="utf-8") as fh:
@@ -673,7 +719,8 @@ def write_verdicts(path: Path, policy: str, orders: Sequence[Mapping[str, Any]],
             by_family = d.get("by_family") or {}
             for txid, line_no, family in txs:
                 fired = sorted(by_family.get(family, set()) | by_family.get("*", set()))
-                verdict = "SKIPPED" if line_no == 0 else "HOLD" if d["held"] else "RELEASE"
+                verdict = ("SKIPPED" if line_no == 0 else HISTORY if d.get("history") else
+                           "HOLD" if d["held"] else "RELEASE")
                 w.writerow([txid, o["order_id"], o["order_number"], o["purchaser_dea"],
                             o["received_at"].date().isoformat(), family, policy, verdict, ";".join(fired),
                             d.get("case_id") or "" if d["held"] else ""])
@@ -692,6 +739,8 @@ def holds_by_month(orders: Sequence[Mapping[str, Any]], runs: Mapping[str, Seque
     for name, run in runs.items():
         cells: dict[tuple[str, str, str], list[int]] = {}
         for o, d in zip(orders, run):
+            if d.get("history"):
+                continue
             month = o["received_at"].strftime("%Y-%m")
             for fam in sorted({str(ln["drug_family"]) for ln in o["lines"]}):
                 c = cells.setdefault((month, o["purchaser_dea"], fam), [0, 0])
@@ -709,7 +758,8 @@ def backtest(orders: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
              peers: PeerProfiles | None = None, reviewer_factory: ReviewerFactory | None = None,
              progress: Progress | None = None, title: str = "SOM backtest",
              legit_kinds: Sequence[str] | None = None,
-             episodes: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+             episodes: Sequence[Mapping[str, Any]] | None = None,
+             go_live: datetime | None = None) -> dict[str, Any]:
     """Run ``policies`` over ``orders`` (time order) and write what a user checks, per transaction.
 
     Always: ``verdicts-<policy>.csv`` (:data:`VERDICT_COLUMNS`). With ``labels``
@@ -718,6 +768,9 @@ def backtest(orders: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
     (first hold per policy) and ``report.html``; the ramp comparison with
     :data:`RAMP_REFERENCE` is in the result and ``metrics.md``. Without labels:
     ``holds_by_month.csv``. Returns ``{runs, policies (metrics), files, ramps, info}``.
+
+    ``go_live``: the orders before it are every policy's history (learned, not
+    scored: :func:`run_policy`); metrics count only the orders from go-live on.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -725,13 +778,14 @@ def backtest(orders: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
     if reviewer_factory is None:  # the open-case rule's analyst, reading the labels when there are some
         reviewer_factory = analyst_factory(labels)
     runs = decide_policies(orders, policies, config=config, peers=peers, reviewer_factory=reviewer_factory,
-                           progress=progress)
+                           progress=progress, go_live=go_live)
     info = {"mode": "hold_detectors", "policies": {p: ",".join(policy_detectors(p, config)) for p in policies},
             "mode_note": "each policy is its own run with MonitorConfig(hold_detectors=...), learning only from "
                          "its own releases", "seconds": round(time.perf_counter() - t0, 1),
             "peers": peers.source if peers is not None else "none",
             "reviewer": "simulated analyst: each case decided 2 days after its hold "
-                        + ("from the labels" if labels is not None else "(released: no labels)")}
+                        + ("from the labels" if labels is not None else "(released: no labels)"),
+            "go_live": go_live.isoformat() if go_live else "none: every order scored, every buyer new"}
     files = {}
     for name, run in runs.items():
         f = out / f"verdicts-{name.replace(',', '+')}.csv"
@@ -744,13 +798,16 @@ def backtest(orders: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
         files["holds_by_month_csv"] = str(out / "holds_by_month.csv")
         res["holds_by_month"] = rows
         return res
-    metrics = {name: policy_metrics(orders, labels, [d["held"] for d in run]) for name, run in runs.items()}
+    scored = [i for i, o in enumerate(orders) if go_live is None or o["received_at"] >= go_live]
+    s_orders, s_labels = [orders[i] for i in scored], [labels[i] for i in scored]
+    metrics = {name: policy_metrics(s_orders, s_labels, [run[i]["held"] for i in scored])
+               for name, run in runs.items()}
     if legit_kinds is None:
-        bad = {lab.get("kind") for lab in labels if lab["label"] != NORMAL}
-        legit_kinds = sorted({lab.get("kind") for lab in labels if lab.get("episode")} - bad - {None, ""})
+        bad = {lab.get("kind") for lab in s_labels if lab["label"] != NORMAL}
+        legit_kinds = sorted({lab.get("kind") for lab in s_labels if lab.get("episode")} - bad - {None, ""})
     files.update(_write_labeled(out, metrics, info, title, legit_kinds,
-                                episodes if episodes is not None else _episode_rows(orders, labels)))
-    ramps = ramp_comparison(metrics, labels)
+                                episodes if episodes is not None else _episode_rows(s_orders, s_labels)))
+    ramps = ramp_comparison(metrics, s_labels)
     if ramps is not None:
         line = (f"\n## Ramps against {ramps['reference']}\n\nOn {ramps['no_later']} of {ramps['ramps']} ramp "
                 f"episodes the {ramps['policy']} policy's first hold is no later than {ramps['reference']}'s.\n")
@@ -829,7 +886,8 @@ def all_policies(peers: bool = True) -> tuple[str, ...]:
 
 def run_scenarios(out_dir: str | Path, seed: int = 7, peers: bool = True, *,
                   policies: Sequence[str] | None = None, progress: Callable[[int], Progress] | None = None,
-                  reviewer_factory: ReviewerFactory | None = None, **scenario_overrides: Any) -> dict[str, Any]:
+                  reviewer_factory: ReviewerFactory | None = None, history_days: int = 0,
+                  **scenario_overrides: Any) -> dict[str, Any]:
     """Generate the default labeled scenarios (:func:`streams.tools.scenarios.generate`) and backtest them.
 
     ``peers``: learn peer profiles from another scenario run (seed +
@@ -838,7 +896,8 @@ def run_scenarios(out_dir: str | Path, seed: int = 7, peers: bool = True, *,
     ``policies``: default :func:`all_policies`. Writes the files of :func:`backtest`
     (``verdicts-<policy>.csv`` per order line, metrics, kinds, episodes).
     ``scenario_overrides`` are ``ScenarioConfig`` fields (e.g. ``n_registrants=60``).
-    These scenarios are the data the thresholds were tuned on.
+    These scenarios are the data the thresholds were tuned on. ``history_days``:
+    as in :func:`run_arcos`, the first days are history before go-live.
     """
     from streams.tools.scenarios import LEGIT_KINDS, episodes_table, generate
     scn = generate(seed=seed, **scenario_overrides)
@@ -848,7 +907,7 @@ def run_scenarios(out_dir: str | Path, seed: int = 7, peers: bool = True, *,
                    reviewer_factory=reviewer_factory,
                    progress=progress(len(scn.orders) * len(names)) if progress else None,
                    title=f"SOM evaluation: labeled scenarios (seed {seed})", legit_kinds=LEGIT_KINDS,
-                   episodes=episodes_table(scn))
+                   episodes=episodes_table(scn), go_live=go_live_after(scn.orders, history_days))
     if profiles is not None:
         profiles.save(Path(out_dir) / "peers.avro")
         res["files"]["peers"] = str(Path(out_dir) / "peers.avro")
@@ -875,7 +934,7 @@ def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | 
               product_master: Any = None, peers: PeerProfiles | None = None, labels: str | Path | None = None,
               policies: Sequence[str] = DEFAULT_POLICIES, reviewer_factory: ReviewerFactory | None = None,
               progress: Callable[[int], Progress] | None = None, buyers: int | None = None,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, history_days: int = 0) -> dict[str, Any]:
     """Backtest an ARCOS file: every policy's verdict per transaction, and scores when labels are given.
 
     ``labels``: a CSV ``TRANSACTION_ID, suspicious, episode[, kind]`` (see
@@ -887,26 +946,35 @@ def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | 
     the run time. ``progress(total_orders)`` returns a callback advanced by
     the orders scored (a progress bar). Writes ``arcos.md`` (what was read,
     the ARCOS quirks met, the tables) and the files of :func:`backtest`.
+    ``history_days``: the file's first days are the distributor's history before
+    go-live (:func:`go_live_after`): learned by every policy, buyers in them
+    onboarded as existing customers, not scored.
     """
     from connectors.sources.arcos_replay import read_arcos_detailed
     data = read_arcos_detailed(path, product_master=product_master)
     orders = _sorted_stream(sample_buyers(data.orders, buyers, seed))
     labs = order_labels(orders, data.transactions, read_labels_csv(labels)) if labels else None
+    go_live = go_live_after(orders, history_days)
     n, n_buyers = len(orders), len({o["purchaser_dea"] for o in orders})
     res = backtest(orders, out_dir, policies=policies, transactions=data.transactions, labels=labs, config=config,
                    peers=peers, reviewer_factory=reviewer_factory,
                    progress=progress(n * len(policies)) if progress else None,
-                   title=f"SOM backtest: {Path(path).name}")
+                   title=f"SOM backtest: {Path(path).name}", go_live=go_live)
+    first_run = next(iter(res["runs"].values()), [])
+    history = sum(1 for d in first_run if d.get("history"))
+    orders = [o for o, d in zip(orders, first_run) if not d.get("history")]
+    runs = {k: [d for d in run if not d.get("history")] for k, run in res["runs"].items()}
+    n = len(orders)
     out = Path(out_dir)
     rows = []
-    for name, run in res["runs"].items():
+    for name, run in runs.items():
         k = sum(d["held"] for d in run)
         rows.append({"policy": name, "orders": n, "held": k, "hold_rate": k / n if n else None,
                      "holds_per_1000": 1000.0 * k / n if n else None,
                      "buyers_held": len({o["purchaser_dea"] for o, d in zip(orders, run) if d["held"]})})
     cols = ("policy", "orders", "held", "hold_rate", "holds_per_1000", "buyers_held")
     _write_csv(out / "arcos_policies.csv", rows, cols)
-    both = _held_by_both(orders, res["runs"])
+    both = _held_by_both(orders, runs)
     bcols = ("order_id", "purchaser_dea", "business_activity", "received_at", "order_number", "dosage_units",
              "static_rules")
     _write_csv(out / "arcos_held_by_both.csv", both, bcols)
@@ -915,8 +983,11 @@ def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | 
     note = ("Scored against the labels given." if labs is not None else
             "No labels: recall and precision cannot be computed; the tables show how often each policy would "
             "have held.") + " Verification was skipped (ARCOS has no signatures)."
-    md = ["# SOM on ARCOS replay\n", f"Source: `{Path(path).name}`; {n} orders, {n_buyers} buyers{sampled}.\n",
-          read_note + "\n", note + "\n", f"Peer profiles: {res['info']['peers']}.\n", markdown_table(rows, cols),
+    live = (f"Go-live {go_live.date().isoformat()}: the {history} orders before it ({history_days} days) are "
+            f"history, learned by every policy and not scored; their buyers are existing customers.\n"
+            if go_live else "")
+    md = ["# SOM on ARCOS replay\n", f"Source: `{Path(path).name}`; {n} orders scored, {n_buyers} buyers{sampled}.\n",
+          read_note + "\n", live, note + "\n", f"Peer profiles: {res['info']['peers']}.\n", markdown_table(rows, cols),
           f"\nOrders held by both the learned policy and a static rule: {len(both)}.\n"]
     if labs is not None:
         md.append("\n" + (out / "metrics.md").read_text(encoding="utf-8").split("\n", 1)[1])
@@ -930,8 +1001,17 @@ def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | 
     res["files"].update({k: str(out / v) for k, v in (("policies_csv", "arcos_policies.csv"),
                                                        ("held_by_both_csv", "arcos_held_by_both.csv"),
                                                        ("md", "arcos.md"), ("report_html", "arcos_report.html"))})
-    res.update(held=rows, held_by_both=both, buyers=n_buyers, note=note, read=data.stats, read_note=read_note)
+    res.update(held=rows, held_by_both=both, buyers=n_buyers, note=note, read=data.stats, read_note=read_note,
+               history_orders=history)
     return res
+
+
+def go_live_after(orders: Sequence[Mapping[str, Any]], history_days: int) -> datetime | None:
+    """Go-live ``history_days`` after the first order's day (midnight UTC), or None for no history."""
+    if history_days <= 0 or not orders:
+        return None
+    first = min(o["received_at"] for o in orders)
+    return first.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=history_days)
 
 
 def _held_by_both(orders: Sequence[Mapping[str, Any]], runs: Mapping[str, Sequence[Mapping[str, Any]]]

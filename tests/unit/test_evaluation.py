@@ -411,3 +411,43 @@ def test_heldout_generator_writes_arcos_and_aligned_labels(tmp_path: Path) -> No
     data = read_arcos_detailed(h.files["arcos"])
     assert data.stats["null_form_rows"] == sum(r["ORDER_FORM_NO"] == "null" for r in rows) > 0
     assert sum(len(t) for t in data.transactions.values()) == len(rows)
+
+
+def test_history_before_go_live_is_learned_not_scored_and_its_buyers_are_existing_customers(tmp_path: Path) -> None:
+    """A distributor going live knows its customers: their history is learned, only later registrants are new."""
+    from connectors.sources.arcos_replay import read_arcos_detailed
+    from streams.tools.evaluation import HISTORY, go_live_after, run_arcos
+    d = datetime(2012, 1, 2)
+    rows = [_row(i + 1, "BA1234563", f"12X{i:06d}", d + timedelta(days=7 * i), packages=5 + i % 2) for i in range(16)]
+    rows.append(_row(100, "BA1234563", "12X000100", d + timedelta(days=7 * 16 + 1), packages=60))  # after go-live
+    rows += [_row(200 + i, "BB7654321", f"12Y{i:06d}", d + timedelta(days=100 + 7 * i), packages=5) for i in range(4)]
+    src = tmp_path / "h.csv"
+    src.write_text(_HEADER + "".join(rows))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("TRANSACTION_ID,suspicious,episode,kind\n100,1,E1,spike\n")
+
+    res = run_arcos(src, tmp_path / "out", policies=("learned",), labels=labels, history_days=90)
+    v = _verdicts(tmp_path / "out" / "verdicts-learned.csv")
+    go_live = datetime(2012, 4, 1)
+    history = {t for t, r in v.items() if r["verdict"] == HISTORY}
+    assert history == {str(i + 1) for i in range(16) if d + timedelta(days=7 * i) < go_live}
+    assert v["100"]["verdict"] == "HOLD" and "size" in v["100"]["detectors"].split(";")  # judged by its history
+    m = res["policies"]["learned"]
+    assert m["orders"] == 21 - len(history) and m["recall_orders"] == 1.0 and m["false_holds_per_1000"] == 0.0
+    assert res["history_orders"] == len(history) and "history, learned by every policy" in \
+        (tmp_path / "out" / "arcos.md").read_text()
+
+    # Onboarding: the existing buyer has no new-customer period after go-live; the buyer first seen after it has.
+    orders = sorted(read_arcos_detailed(src).orders, key=lambda o: o["received_at"])
+    at = go_live_after(orders, 90)
+    assert at == datetime(2012, 4, 1, tzinfo=timezone.utc)
+    run = run_policy(orders, Monitor(), go_live=at)
+    seen = {o["purchaser_dea"]: set() for o in orders}
+    for o, x in zip(orders, run):
+        if not x.get("history"):
+            seen[o["purchaser_dea"]] |= x["seen"]
+    assert "new_customer" in seen["BB7654321"] and "new_customer" not in seen["BA1234563"]
+    without = run_policy(orders, Monitor())  # no history: every buyer is new, and nothing is history
+    assert not any(x.get("history") for x in without)
+    assert "new_customer" in {d for o, x in zip(orders, without) if o["purchaser_dea"] == "BA1234563"
+                              for d in x["seen"]}
