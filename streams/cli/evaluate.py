@@ -80,8 +80,12 @@ def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool, p
 @click.option("--history-days", type=click.IntRange(min=0), default=0, show_default=True,
               help="The file's first N days are the order history before go-live: every policy learns them "
                    "as shipped, their buyers are existing customers (onboarded), and scoring starts after them.")
+@click.option("--peers-from-history", is_flag=True,
+              help="Build the peer profiles from the history before go-live (needs --history-days), as a "
+                   "distributor would from its own order history.")
 def evaluate_arcos(path: str, out_dir: str, labels_path: str | None, policies: tuple[str, ...],
-                   peers_path: str | None, buyers: int | None, seed: int, history_days: int) -> None:
+                   peers_path: str | None, buyers: int | None, seed: int, history_days: int,
+                   peers_from_history: bool) -> None:
     """Backtest an ARCOS transaction file (Washington Post layout): a verdict per transaction and policy.
 
     Writes verdicts-<policy>.csv (TRANSACTION_ID, order id, buyer, family,
@@ -94,11 +98,14 @@ def evaluate_arcos(path: str, out_dir: str, labels_path: str | None, policies: t
     from streams.tools.evaluation import DEFAULT_POLICIES, run_arcos
     from streams.monitoring.peers import PeerProfiles
 
+    if peers_path and peers_from_history:
+        raise click.UsageError("give --peers or --peers-from-history, not both")
     with _Progress("scoring orders") as bar:
         try:
             res = run_arcos(path, out_dir, peers=PeerProfiles.load(peers_path) if peers_path else None,
                             labels=labels_path, policies=policies or DEFAULT_POLICIES, progress=bar.start,
-                            buyers=buyers, seed=seed, history_days=history_days)
+                            buyers=buyers, seed=seed, history_days=history_days,
+                            peers_from_history=peers_from_history)
         except ValueError as e:
             raise click.ClickException(str(e)) from None
     click.echo((Path(out_dir) / "arcos.md").read_text())

@@ -934,7 +934,7 @@ def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | 
               product_master: Any = None, peers: PeerProfiles | None = None, labels: str | Path | None = None,
               policies: Sequence[str] = DEFAULT_POLICIES, reviewer_factory: ReviewerFactory | None = None,
               progress: Callable[[int], Progress] | None = None, buyers: int | None = None,
-              seed: int = 0, history_days: int = 0) -> dict[str, Any]:
+              seed: int = 0, history_days: int = 0, peers_from_history: bool = False) -> dict[str, Any]:
     """Backtest an ARCOS file: every policy's verdict per transaction, and scores when labels are given.
 
     ``labels``: a CSV ``TRANSACTION_ID, suspicious, episode[, kind]`` (see
@@ -948,13 +948,21 @@ def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | 
     the ARCOS quirks met, the tables) and the files of :func:`backtest`.
     ``history_days``: the file's first days are the distributor's history before
     go-live (:func:`go_live_after`): learned by every policy, buyers in them
-    onboarded as existing customers, not scored.
+    onboarded as existing customers, not scored. ``peers_from_history``: peer
+    profiles built from those history orders (what a distributor has at go-live,
+    ``csos peers build`` over its own order history) instead of ``peers``.
     """
     from connectors.sources.arcos_replay import read_arcos_detailed
     data = read_arcos_detailed(path, product_master=product_master)
     orders = _sorted_stream(sample_buyers(data.orders, buyers, seed))
     labs = order_labels(orders, data.transactions, read_labels_csv(labels)) if labels else None
     go_live = go_live_after(orders, history_days)
+    if peers_from_history:
+        if go_live is None:
+            raise ValueError("peers from history need a history: give history_days > 0")
+        history_orders = [o for o in orders if o["received_at"] < go_live]
+        peers = build_profiles(history_orders, f"the {len(history_orders)} orders before go-live "
+                                               f"{go_live.date().isoformat()} ({history_days} days of history)")
     n, n_buyers = len(orders), len({o["purchaser_dea"] for o in orders})
     res = backtest(orders, out_dir, policies=policies, transactions=data.transactions, labels=labs, config=config,
                    peers=peers, reviewer_factory=reviewer_factory,

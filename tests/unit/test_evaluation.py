@@ -451,3 +451,25 @@ def test_history_before_go_live_is_learned_not_scored_and_its_buyers_are_existin
     assert not any(x.get("history") for x in without)
     assert "new_customer" in {d for o, x in zip(orders, without) if o["purchaser_dea"] == "BA1234563"
                               for d in x["seen"]}
+
+
+def test_peers_from_history_judge_a_new_customer_against_the_existing_ones(tmp_path: Path) -> None:
+    """At go-live a distributor has its customers' history: a new pharmacy is judged against those peers."""
+    from streams.tools.evaluation import run_arcos
+    d = datetime(2012, 1, 2)
+    buyers = [f"B{c}{n:07d}" for c, n in zip("ABCDEF", (1234563, 2345675, 3456787, 4567899, 5678901, 6789013))]
+    rows = [_row(100 * k + i + 1, b, f"12{chr(65 + k)}{i:06d}", d + timedelta(days=7 * i + k), packages=5)
+            for k, b in enumerate(buyers) for i in range(20)]  # 500 oxycodone a week each, before and after go-live
+    rows.append(_row(9001, "BN1111119", "12N000001", d + timedelta(days=120), packages=12))  # new: 1,200 at once
+    src = tmp_path / "p.csv"
+    src.write_text(_HEADER + "".join(rows))
+    res = run_arcos(src, tmp_path / "out", policies=("learned",), history_days=90, peers_from_history=True)
+    v = _verdicts(tmp_path / "out" / "verdicts-learned.csv")
+    assert v["9001"]["verdict"] == "HOLD" and "new_customer_order" in v["9001"]["detectors"].split(";")
+    assert all(r["verdict"] in ("HISTORY", "RELEASE") for t, r in v.items() if t != "9001")
+    assert res["info"]["peers"].startswith("the ") and "before go-live 2012-04-01" in res["info"]["peers"]
+    without = run_arcos(src, tmp_path / "out2", policies=("learned",), history_days=90)  # retail ceiling 1,300
+    assert _verdicts(tmp_path / "out2" / "verdicts-learned.csv")["9001"]["verdict"] == "RELEASE"
+    assert without["info"]["peers"] == "none"
+    with pytest.raises(ValueError, match="need a history"):
+        run_arcos(src, tmp_path / "out3", policies=("learned",), peers_from_history=True)
