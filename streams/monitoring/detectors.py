@@ -50,7 +50,7 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "6"
+DETECTORS_VERSION = "7"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
@@ -842,7 +842,10 @@ class RampDetector(PerFamilyDetector):
     ``ramp_noise_z`` standard deviations of those earlier months, so an
     irregular family's ordinary lumpy month is not growth. It applies once
     ``ramp_min_months`` trailing months are kept and ``static_min_months`` of
-    them had orders.
+    them had orders. Growth an analyst has looked at and released (due-diligence
+    ``cleared``, as for ``ramp_2x``) is held again only above
+    ``ramp_2x_cleared_ratio`` x the cleared month's units: a store that grew is
+    held once per growth step, not every month until its long memory catches up.
     """
 
     name = "ramp"
@@ -870,6 +873,10 @@ class RampDetector(PerFamilyDetector):
         focused, why = self._focus(state, order, f, value / ref, ref)
         ratio = c.ramp_ratio if focused else c.ramp_unfocused_ratio
         threshold = max(ratio * ref, noise_floor)
+        cleared = cleared_level(state, f.family, m.month, c.ramp_2x_cleared_months) if value > threshold else None
+        if cleared is not None:  # growth an analyst looked at and released: held again only once it grows further
+            threshold = max(threshold, c.ramp_2x_cleared_ratio * cleared[1])
+            window += f"; cleared by an analyst in {month_name(cleared[0])}"
         fired = value > threshold
         if not fired:
             return reason(self.name, self.dimension, f.family, value, ref, threshold, window, False, "")
@@ -878,7 +885,9 @@ class RampDetector(PerFamilyDetector):
                 f"long-memory level of {fmt_n(ref)} a month (the lower of its trailing {len(prior)}-month average, "
                 f"{fmt_n(avg)}, and its median month before the last {gap}, {fmt_n(pre)}): "
                 f"{value / ref:.1f}x. {why} The threshold is {fmt_n(threshold)} (the larger of {ratio:g}x the level "
-                f"and the level + {c.ramp_noise_z:g} std of its earlier months, {fmt_n(noise_floor)}).")
+                f"and the level + {c.ramp_noise_z:g} std of its earlier months, {fmt_n(noise_floor)}"
+                + (f", and {c.ramp_2x_cleared_ratio:g}x the {fmt_n(cleared[1])} units an analyst cleared in "
+                   f"{month_name(cleared[0])}" if cleared is not None else "") + ").")
         return reason(self.name, self.dimension, f.family, value, ref, threshold, window, fired, text)
 
     def _focus(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts,

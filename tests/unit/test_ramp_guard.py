@@ -107,3 +107,27 @@ def test_activity_ceilings_refuse_a_malformed_item() -> None:
         activity_ceilings(("RETAIL PHARMACY:7300",))
     env = {"SOM_NEW_CUSTOMER_ACTIVITY_UNITS": "RETAIL PHARMACY=5000,PRACTITIONER=900"}
     assert MonitorConfig.from_env(env).new_customer_activity_units == ("RETAIL PHARMACY=5000", "PRACTITIONER=900")
+
+
+def test_ramp_too_holds_a_released_growth_again_only_well_above_the_cleared_month() -> None:
+    """An analyst who released a focused growth is not asked again every month until the long memory catches up."""
+    def replay(release: bool) -> tuple[Pipeline, list[dict[str, Any]], list[dict[str, Any]]]:
+        p = Pipeline(Monitor(MonitorConfig(hold_detectors=("ramp",))))
+        grown = grown_store(p, months=8)
+        verdicts = []
+        for o in grown:
+            v = p.submit(o)
+            verdicts.append(v)
+            if v["verdict"] == "HOLD" and release:
+                assert "ramp" in fired(v)
+                p.decide(a_decision({"order_id": o["order_id"]}, "RELEASE"))
+        return p, grown, verdicts
+
+    _, _, unreleased = replay(False)
+    assert sum(v["verdict"] == "HOLD" for v in unreleased) > 3  # held on every order of the grown months
+    p, grown, verdicts = replay(True)
+    held = [i for i, v in enumerate(verdicts) if v["verdict"] == "HOLD"]
+    assert len(held) == 1, [fired(verdicts[i]) for i in held]  # held once: the growth step the analyst cleared
+    jump = p.submit(order(DEA, grown[-1]["received_at"] + timedelta(days=1), {"OXYCODONE": 20000}))
+    r = fired(jump)["ramp"]
+    assert "cleared" in r["window"] and "an analyst cleared" in r["explanation"]
