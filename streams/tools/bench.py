@@ -116,9 +116,10 @@ def _count_decided(settings: Settings) -> int:
 def paced_publish(messages: list, publisher: Publisher, rate: float) -> None:
     """Publish at ``rate`` orders/s, so latency is measured below saturation.
 
-    Message ``i`` is due ``i / rate`` seconds after the start; every 20 ms the
-    messages that are due go out together. (It used to send at least one per
-    20 ms slice, so any rate below 50/s ran at 50/s.)
+    Message ``i`` is due ``i / rate`` seconds after the start and goes out
+    then, with any others already due (the loop wakes at least every 20 ms).
+    (It used to send at least one per 20 ms slice, so any rate below 50/s ran
+    at 50/s.)
     """
     slice_s = 0.02
     start = time.monotonic()
