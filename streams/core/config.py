@@ -108,6 +108,8 @@ class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     review: ReviewSettings = field(default_factory=ReviewSettings)
     profile_path: str = ""  # CSOS_PROFILE: write a cProfile of `csos worker` to this path on exit ('' = off)
+    # -- issue 14 (latency): a batch slower than this is logged with where its time went (0: every batch)
+    slow_batch_seconds: float = 0.5
 
     @property
     def supplier_deas(self) -> frozenset[str]:
@@ -190,6 +192,8 @@ class Settings:
             kafka=KafkaSettings.from_env(),
             review=ReviewSettings.from_env(),
             profile_path=_env("CSOS_PROFILE", ""),
+            # -- issue 14 (latency)
+            slow_batch_seconds=float(_env("CSOS_SLOW_BATCH_SECONDS", str(cls.slow_batch_seconds))),
         )
 
     def with_(self, **changes) -> "Settings":
