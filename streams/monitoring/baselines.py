@@ -286,15 +286,21 @@ def _ew_window(alpha: float, n: int) -> str:
 
 
 class EWVarBaseline(_RiverEW):
-    """``river.stats.EWVar`` (as its two EW means) plus a count; used for ln(order size)."""
+    """``river.stats.EWVar`` (as its two EW means) plus a count; used for ln(order size).
 
-    __slots__ = ("alpha", "mean", "sq_mean", "n", "_stat", "_core", "_core_alpha")
+    After an update the two means are read back from river's state bytes only
+    when something reads them (scoring reads them once per order of the family,
+    learning updates them on every released one).
+    """
+
+    __slots__ = ("alpha", "_mean", "_sq_mean", "_stale", "n", "_stat", "_core", "_core_alpha")
     _CORE = "_ewvar"
 
     def __init__(self, alpha: float, mean: float = 0.0, sq_mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
-        self.mean = float(mean)
-        self.sq_mean = float(sq_mean)
+        self._mean = float(mean)
+        self._sq_mean = float(sq_mean)
+        self._stale = False  # river's state is newer than _mean / _sq_mean
         self.n = int(n)
         self._stat: stats.EWVar | None = None
         self._core = None
@@ -304,7 +310,25 @@ class EWVarBaseline(_RiverEW):
         return ewvar_import(self.mean, self.sq_mean, self.n > 0, alpha)
 
     def _read(self, core: Any) -> None:
-        self.mean, self.sq_mean, _ = _ewvar_unpack(core.__getstate__(), self._core_alpha)
+        self._stale = True
+
+    def _sync(self) -> None:
+        self._mean, self._sq_mean, _ = _ewvar_unpack(self._core.__getstate__(), self._core_alpha)
+        self._stale = False
+
+    @property
+    def mean(self) -> float:
+        """EW mean of x, as river holds it."""
+        if self._stale:
+            self._sync()
+        return self._mean
+
+    @property
+    def sq_mean(self) -> float:
+        """EW mean of x**2, as river holds it."""
+        if self._stale:
+            self._sync()
+        return self._sq_mean
 
     def var(self) -> float:
         """river's EWVar.get(): E[x^2] - E[x]^2 (the same floating-point operations)."""
