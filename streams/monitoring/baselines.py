@@ -413,25 +413,15 @@ class DailyRing:
             units -= exclude_units
         return max(orders, 0), max(units, 0)
 
-    def week_and_month(self, at_ms: int, exclude_units: int | None = None) -> tuple[int, int]:
-        """(orders over 7 days, units over 30 days) as :meth:`totals` gives them, in one pass over the cells."""
-        today = day_of(at_ms)
-        week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
-        orders = units = 0
-        for day, (o, u, _) in self.cells.items():
-            if month < day <= today:
-                units += u
-                if day > week:
-                    orders += o
-        if exclude_units is not None and today in self.cells:
-            orders -= 1
-            units -= exclude_units
-        return max(orders, 0), max(units, 0)
-
     def windows(self, at_ms: int, exclude_units: int | None = None,
                 exclude_mg: float | None = None) -> tuple[int, int, float]:
-        """(orders over 7 days, units over 30 days, mg over 30 days) as :meth:`week_and_month` and :meth:`mg_30d`
-        give them, in one pass over the cells (the same additions in the same order: the same floats)."""
+        """(orders over 7 days, units over 30 days, mg of base drug over 30 days) learned on the UTC days ending
+        with the day of ``at_ms``, in one pass over the cells (the 30-day mg is the strength window).
+
+        ``exclude_units`` / ``exclude_mg``: a redelivered order's own contribution, taken out when its day has a
+        cell. The mg are added cell by cell in the cells' order, as ``sum()`` adds them (the learned state's
+        floats depend on it).
+        """
         today = day_of(at_ms)
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
         orders = units = 0
@@ -449,14 +439,6 @@ class DailyRing:
             if exclude_mg is not None:
                 mg -= exclude_mg
         return max(orders, 0), max(units, 0), max(mg, 0.0)
-
-    def mg_30d(self, at_ms: int, exclude_mg: float | None = None) -> float:
-        """mg of base drug learned on the 30 UTC days ending with the day of ``at_ms`` (the strength window)."""
-        today = day_of(at_ms)
-        total = sum(c[2] for day, c in self.cells.items() if today - WINDOW_30D_DAYS < day <= today)
-        if exclude_mg is not None and today in self.cells:
-            total -= exclude_mg
-        return max(total, 0.0)
 
     def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0) -> None:
         cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0])
