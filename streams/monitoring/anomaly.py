@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from streams.monitoring.detectors import _MAX, MonitorConfig, Reason, reason
+from streams.monitoring.detectors import _MAX, MonitorConfig, Finding, Reason, as_finding, as_reason, finding
 
 #: The learned per-family detectors whose findings are combined (static rules and new_family are not features).
 FEATURES = ("size", "volume_30d", "frequency_24h", "frequency_7d", "family_mix", "trend", "peer_volume")
@@ -40,8 +40,11 @@ _FEATURES = frozenset(FEATURES)
 
 def fraction(r: Reason, timing_max_share: float) -> float | None:
     """How far a finding went towards its threshold, on a log scale; None when it has no baseline yet."""
-    v, b, t = r["value"], r["baseline"], r["threshold"]
-    if r["detector"] == TIMING:
+    return _fraction(r["detector"], r["value"], r["baseline"], r["threshold"], timing_max_share)
+
+
+def _fraction(detector: str, v: float, b: float, t: float, timing_max_share: float) -> float | None:
+    if detector == TIMING:
         if t >= _FINITE:
             return None
         share = max(b, 1e-3)
@@ -63,55 +66,61 @@ class AnomalyCombiner:
         self.cfg = cfg
 
     def score(self, reasons: Iterable[Reason]) -> list[Reason]:
-        per_family: dict[str, list[tuple[Reason, float]]] = {}
-        timing: tuple[Reason, float] | None = None
+        """The ``anomaly`` findings of ``som.Reason`` records (what :meth:`combine` does on findings)."""
+        return [as_reason(f) for f in self.combine([as_finding(r) for r in reasons])]
+
+    def combine(self, findings: Iterable[Finding]) -> list[Finding]:
+        """One ``anomaly`` finding per drug family of the learned ``findings`` of one order."""
+        per_family: dict[str, list[tuple[Finding, float]]] = {}
+        timing: tuple[Finding, float] | None = None
         max_share = self.cfg.timing_max_share
         log = math.log
-        for r in reasons:
-            det = r["detector"]
+        for r in findings:  # (detector, dimension, family, value, baseline, threshold, ...): see detectors.Finding
+            det = r[0]
             if det in _FEATURES:
-                fam = r["drug_family"]
+                fam = r[2]
                 parts = per_family.get(fam)
                 if parts is None:
                     parts = per_family[fam] = []
-                b = r["baseline"]
+                b = r[4]
                 if b > 0:  # fraction(), inlined: ~40 findings per order
-                    v, t = r["value"], r["threshold"]
+                    v, t = r[3], r[5]
                     if b < t < _FINITE and v > 0:
                         s = log(v / b) / log(t / b)
                         parts.append((r, 0.0 if s <= 0.0 else 1.0 if s > 1.0 else s))
             elif det == TIMING:
-                s = fraction(r, max_share)
+                s = _fraction(det, r[3], r[4], r[5], max_share)
                 timing = (r, s) if s is not None else None
         return [self._one(fam, parts + ([timing] if timing else [])) for fam, parts in per_family.items()]
 
-    def _one(self, family: str, parts: list[tuple[Reason, float]]) -> Reason:
+    def _one(self, family: str, parts: list[tuple[Finding, float]]) -> Finding:
         c = self.cfg
         if len(parts) < 2:
-            return reason(self.name, self.dimension, family, 0.0, 1.0, _MAX,
-                          "not applicable: fewer than 2 measures with a baseline", False, "")
+            return finding(self.name, self.dimension, family, 0.0, 1.0, _MAX,
+                           "not applicable: fewer than 2 measures with a baseline", False, "")
         score = math.sqrt(sum(s * s for _, s in parts))
         fired = score > c.anomaly_threshold
         window = f"{len(parts)} learned measures of {family}, each against its own baseline"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, family, score, 1.0, c.anomaly_threshold, window, False, "")
+            return finding(self.name, self.dimension, family, score, 1.0, c.anomaly_threshold, window, False, "")
         top = sorted(parts, key=lambda p: -p[1])[:4]
-        listed = "; ".join(f"{r['detector']} {_show(r)} ({100 * s:.0f}% of the way to its threshold)"
+        listed = "; ".join(f"{r[0]} {_show(r)} ({100 * s:.0f}% of the way to its threshold)"
                            for r, s in top if s > 0)
         text = (f"Combined anomaly score for {family}: {score:.2f} (the root of the sum of squares of how far each "
                 f"measure went from its baseline towards its own threshold, on a log scale, at most 1 each; one "
                 f"measure at its threshold scores 1.0), threshold {c.anomaly_threshold:g}. Highest: "
                 f"{listed}.")
-        return reason(self.name, self.dimension, family, score, 1.0, c.anomaly_threshold, window, fired, text)
+        return finding(self.name, self.dimension, family, score, 1.0, c.anomaly_threshold, window, fired, text)
 
 
-def _show(r: Reason) -> str:
+def _show(r: Finding) -> str:
     """A finding's value against its baseline, in the units its own explanation uses."""
-    if r["detector"] == TIMING:
-        return f"order time shared by {100 * r['baseline']:.1f}% of its orders"
-    if r["detector"] == "family_mix":
-        return f"share {100 * r['value']:.0f}% vs usual {100 * r['baseline']:.0f}%"
-    return f"{r['value']:,.0f} vs baseline {r['baseline']:,.1f}"
+    det, value, baseline = r[0], r[3], r[4]
+    if det == TIMING:
+        return f"order time shared by {100 * baseline:.1f}% of its orders"
+    if det == "family_mix":
+        return f"share {100 * value:.0f}% vs usual {100 * baseline:.0f}%"
+    return f"{value:,.0f} vs baseline {baseline:,.1f}"
 
 
 __all__ = ["AnomalyCombiner", "fraction", "FEATURES"]

@@ -286,15 +286,21 @@ def _ew_window(alpha: float, n: int) -> str:
 
 
 class EWVarBaseline(_RiverEW):
-    """``river.stats.EWVar`` (as its two EW means) plus a count; used for ln(order size)."""
+    """``river.stats.EWVar`` (as its two EW means) plus a count; used for ln(order size).
 
-    __slots__ = ("alpha", "mean", "sq_mean", "n", "_stat", "_core", "_core_alpha")
+    After an update the two means are read back from river's state bytes only
+    when something reads them (scoring reads them once per order of the family,
+    learning updates them on every released one).
+    """
+
+    __slots__ = ("alpha", "_mean", "_sq_mean", "_stale", "n", "_stat", "_core", "_core_alpha")
     _CORE = "_ewvar"
 
     def __init__(self, alpha: float, mean: float = 0.0, sq_mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
-        self.mean = float(mean)
-        self.sq_mean = float(sq_mean)
+        self._mean = float(mean)
+        self._sq_mean = float(sq_mean)
+        self._stale = False  # river's state is newer than _mean / _sq_mean
         self.n = int(n)
         self._stat: stats.EWVar | None = None
         self._core = None
@@ -304,7 +310,25 @@ class EWVarBaseline(_RiverEW):
         return ewvar_import(self.mean, self.sq_mean, self.n > 0, alpha)
 
     def _read(self, core: Any) -> None:
-        self.mean, self.sq_mean, _ = _ewvar_unpack(core.__getstate__(), self._core_alpha)
+        self._stale = True
+
+    def _sync(self) -> None:
+        self._mean, self._sq_mean, _ = _ewvar_unpack(self._core.__getstate__(), self._core_alpha)
+        self._stale = False
+
+    @property
+    def mean(self) -> float:
+        """EW mean of x, as river holds it."""
+        if self._stale:
+            self._sync()
+        return self._mean
+
+    @property
+    def sq_mean(self) -> float:
+        """EW mean of x**2, as river holds it."""
+        if self._stale:
+            self._sync()
+        return self._sq_mean
 
     def var(self) -> float:
         """river's EWVar.get(): E[x^2] - E[x]^2 (the same floating-point operations)."""
@@ -389,28 +413,32 @@ class DailyRing:
             units -= exclude_units
         return max(orders, 0), max(units, 0)
 
-    def week_and_month(self, at_ms: int, exclude_units: int | None = None) -> tuple[int, int]:
-        """(orders over 7 days, units over 30 days) as :meth:`totals` gives them, in one pass over the cells."""
+    def windows(self, at_ms: int, exclude_units: int | None = None,
+                exclude_mg: float | None = None) -> tuple[int, int, float]:
+        """(orders over 7 days, units over 30 days, mg of base drug over 30 days) learned on the UTC days ending
+        with the day of ``at_ms``, in one pass over the cells (the 30-day mg is the strength window).
+
+        ``exclude_units`` / ``exclude_mg``: a redelivered order's own contribution, taken out when its day has a
+        cell. The mg are added cell by cell in the cells' order, as ``sum()`` adds them (the learned state's
+        floats depend on it).
+        """
         today = day_of(at_ms)
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
         orders = units = 0
-        for day, (o, u, _) in self.cells.items():
+        mg = 0  # as sum() starts: an int 0 until the first cell's float
+        for day, (o, u, g) in self.cells.items():
             if month < day <= today:
                 units += u
+                mg += g
                 if day > week:
                     orders += o
-        if exclude_units is not None and today in self.cells:
-            orders -= 1
-            units -= exclude_units
-        return max(orders, 0), max(units, 0)
-
-    def mg_30d(self, at_ms: int, exclude_mg: float | None = None) -> float:
-        """mg of base drug learned on the 30 UTC days ending with the day of ``at_ms`` (the strength window)."""
-        today = day_of(at_ms)
-        total = sum(c[2] for day, c in self.cells.items() if today - WINDOW_30D_DAYS < day <= today)
-        if exclude_mg is not None and today in self.cells:
-            total -= exclude_mg
-        return max(total, 0.0)
+        if today in self.cells:
+            if exclude_units is not None:
+                orders -= 1
+                units -= exclude_units
+            if exclude_mg is not None:
+                mg -= exclude_mg
+        return max(orders, 0), max(units, 0), max(mg, 0.0)
 
     def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0) -> None:
         cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0])
@@ -593,6 +621,8 @@ class Windows(NamedTuple):
     orders_24h: int
     orders_7d: int
     units_30d: int
+    #: mg of base drug *learned* over the 30 days (the order's own not included; taken out again on a replay).
+    learned_mg_30d: float = 0.0
 
 
 class Monthly(NamedTuple):
@@ -670,15 +700,15 @@ class FamilyBaseline:
         self.days = DailyRing()
         self.months = MonthRing()
 
-    def windows(self, at_ms: int, units: int, exclude_self: bool = False) -> Windows:
+    def windows(self, at_ms: int, units: int, exclude_self: bool = False, mg: float = 0.0) -> Windows:
         """Counts over 24 h / 7 days / 30 days ending at ``at_ms``, including an order of ``units``.
 
         ``exclude_self``: the order was already learned (redelivery), so its own
-        earlier contribution is taken out before it is added back once.
+        earlier contribution (``units``, ``mg`` mg of base drug) is taken out before it is added back once.
         """
         c24 = self.recent.count(at_ms, exclude=at_ms if exclude_self else None)
-        c7, u30 = self.days.week_and_month(at_ms, exclude_units=units if exclude_self else None)
-        return Windows(c24 + 1, c7 + 1, u30 + units)
+        c7, u30, mg30 = self.days.windows(at_ms, units if exclude_self else None, mg if exclude_self else None)
+        return Windows(c24 + 1, c7 + 1, u30 + units, mg30)
 
     def covers(self, at_ms: int, days: float) -> bool:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""
@@ -704,7 +734,7 @@ class FamilyBaseline:
         if base_mg > 0 and units > 0:  # lines without a strength (no product master entry) teach nothing
             self.mg_per_unit.update(base_mg / units)
             if self.covers(at_ms, WINDOW_30D_DAYS) and w.units_30d > 0:
-                self.mg_per_unit_30d.update(_clip_strength((self.days.mg_30d(at_ms) + base_mg) / w.units_30d,
+                self.mg_per_unit_30d.update(_clip_strength((w.learned_mg_30d + base_mg) / w.units_30d,
                                                            self.mg_per_unit_30d))
         if self.orders and at_ms >= self.last_order_ms:
             self.gap_days.update((at_ms - self.last_order_ms) / MS_PER_DAY)
@@ -994,9 +1024,9 @@ class RegistrantBaselines:
         w = self._windows.get(family)
         if w is None:
             f = order.families.get(family)
-            units = f.units if f is not None else 0
+            units, mg = (f.units, f.base_weight_g * 1000.0) if f is not None else (0, 0.0)
             fb = self.family(family)
-            w = fb.windows(order.at_ms, units, exclude_self=self._replay) if fb else Windows(1, 1, units)
+            w = fb.windows(order.at_ms, units, self._replay, mg) if fb else Windows(1, 1, units)
             self._windows[family] = w
         return w
 
@@ -1021,11 +1051,10 @@ class RegistrantBaselines:
         """
         f = order.families.get(family)
         mg = f.base_weight_g * 1000.0 if f is not None else 0.0
-        units = self.windows(family, order).units_30d
-        fb = self.family(family)
-        if fb is None:
-            return mg, units
-        return fb.days.mg_30d(order.at_ms, exclude_mg=mg if self._replay else None) + mg, units
+        w = self.windows(family, order)
+        if self.family(family) is None:  # no baseline: nothing learned
+            return mg, w.units_30d
+        return w.learned_mg_30d + mg, w.units_30d
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
         """Units per family over the 30 UTC days ending at ``order``, the order included (a copy: callers own it)."""

@@ -258,7 +258,7 @@ class Detector(Protocol):
     name: str
     dimension: str
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]: ...
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]: ...
 
 
 def peer_group(peers: PeerProfiles | None, order: OrderFacts, family: str) -> PeerGroup | None:
@@ -284,15 +284,40 @@ def fmt_pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+#: A finding while an order is scored: ``(detector, dimension, drug_family, value, baseline, threshold, window,
+#: fired, explanation)``, the fields of ``som.Reason`` without ``enforced``. A plain tuple, not a dict: ~110 are
+#: built per order and only ~20 reach the verdict (:func:`streams.monitoring.monitor.evidence`), which turns
+#: those into ``som.Reason`` dicts (:func:`as_reason`).
+Finding = tuple
+#: Positions in a :data:`Finding`.
+DETECTOR, DIMENSION, FAMILY, VALUE, BASELINE, THRESHOLD, WINDOW, FIRED, EXPLANATION = range(9)
+
+
+def finding(detector: str, dimension: str, family: str, value: float, baseline: float, threshold: float,
+            window: str, fired: bool, explanation: str) -> Finding:
+    """One finding, its numbers as floats (as ``som.Reason`` stores them)."""
+    return (detector, dimension, family, float(value), float(baseline), float(threshold), window, bool(fired),
+            explanation)
+
+
+def as_reason(f: Finding, enforced: bool = True) -> Reason:
+    """The ``som.Reason`` record of a finding (``enforced``: its detector decides)."""
+    return {
+        "detector": f[0], "dimension": f[1], "drug_family": f[2], "value": f[3], "baseline": f[4],
+        "threshold": f[5], "window": f[6], "fired": f[7], "explanation": f[8], "enforced": enforced,
+    }
+
+
+def as_finding(r: Reason) -> Finding:
+    """The finding of a ``som.Reason`` record (the inverse of :func:`as_reason`, ``enforced`` aside)."""
+    return (r["detector"], r["dimension"], r["drug_family"], r["value"], r["baseline"], r["threshold"],
+            r["window"], r["fired"], r["explanation"])
+
+
 def reason(detector: str, dimension: str, family: str, value: float, baseline: float, threshold: float,
            window: str, fired: bool, explanation: str) -> Reason:
-    """One ``som.Reason`` record."""
-    return {
-        "detector": detector, "dimension": dimension, "drug_family": family,
-        "value": float(value), "baseline": float(baseline), "threshold": float(threshold),
-        "window": window, "fired": bool(fired), "explanation": explanation,
-        "enforced": True,  # set by Monitor.score from hold_detectors
-    }
+    """One ``som.Reason`` record (enforced; ``Monitor.score`` says which detectors decide)."""
+    return as_reason(finding(detector, dimension, family, value, baseline, threshold, window, fired, explanation))
 
 
 # --------------------------------------------------------------------------
@@ -308,10 +333,10 @@ class PerFamilyDetector:
     def __init__(self, cfg: MonitorConfig) -> None:
         self.cfg = cfg
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
         return [self._one(state, order, f) for f in order.families.values()]
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         raise NotImplementedError
 
 
@@ -332,10 +357,10 @@ class SizeDetector:
         self.cfg = cfg
         self.peers = peers
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
         return [self._one(state, order, f) for f in order.families.values()]
 
-    def _peer_cold_start(self, n: int, order: OrderFacts, f: FamilyFacts) -> Reason | None:
+    def _peer_cold_start(self, n: int, order: OrderFacts, f: FamilyFacts) -> Finding | None:
         """Cold start against the peers' order sizes: ``peer_cold_ratio`` x their ``peer_cold_quantile``."""
         c = self.cfg
         peer = peer_group(self.peers, order, f.family)
@@ -348,15 +373,15 @@ class SizeDetector:
         window = (f"cold start: {n} prior orders of {f.family} (< {c.size_min_history}); peers: "
                   f"{pct} of {peer.order_units.n} orders of {peer.describe()}")
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, f.units, q, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, f.units, q, threshold, window, False, "")
         text = (f"Ordered {fmt_n(f.units)} dosage units of {f.family}; this registrant has {n} prior released "
                 f"orders of it ({c.size_min_history} needed for its own baseline), so it is judged against its "
                 f"peers, {peer.describe()}: their {pct} order is {fmt_n(q)} dosage units, the threshold "
                 f"{fmt_n(threshold)} ({c.peer_cold_ratio:g}x that)"
                 + ("; the order exceeds it." if fired else "; the order is within it."))
-        return reason(self.name, self.dimension, f.family, f.units, q, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, f.units, q, threshold, window, fired, text)
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         fb = state.family(f.family)
         n = fb.orders if fb else 0
@@ -369,12 +394,12 @@ class SizeDetector:
             fired = f.units > threshold
             window = f"cold start: {n} prior orders of {f.family} (< {c.size_min_history}); absolute ceiling"
             if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-                return reason(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
+                return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
             text = (f"Ordered {fmt_n(f.units)} dosage units of {f.family}; this registrant has {n} prior "
                     f"released orders of it ({c.size_min_history} needed for a baseline), so only the ceiling "
                     f"of {fmt_n(threshold)} dosage units per order applies"
                     + ("; the order exceeds it." if fired else "; the order is within it."))
-            return reason(self.name, self.dimension, f.family, f.units, usual, threshold, window, fired, text)
+            return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, fired, text)
 
         usual = fb.units.get()
         m, s = fb.log_units.mean, max(fb.log_units.std(), c.size_min_log_std)
@@ -386,7 +411,7 @@ class SizeDetector:
         multiple = f.units / usual if usual > 0 else float("inf")
         window = fb.units.window()
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
         head = (f"Ordered {fmt_n(f.units)} dosage units of {f.family}; this registrant's usual order is "
                 f"{fmt_n(usual)} ({window}), the threshold is {fmt_n(threshold)}")
         basis = (f"the larger of {c.size_ratio:g}x the usual order and {c.size_z:g} standard deviations "
@@ -395,7 +420,7 @@ class SizeDetector:
             text = f"{head} ({basis}); this order is {multiple:.1f}x the usual, z = {z:.1f}."
         else:
             text = f"{head}; this order is {multiple:.1f}x the usual (z = {z:.1f}), within the usual range."
-        return reason(self.name, self.dimension, f.family, f.units, usual, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, fired, text)
 
 
 class VolumeDetector(PerFamilyDetector):
@@ -410,7 +435,7 @@ class VolumeDetector(PerFamilyDetector):
     dimension = "size"
 
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         fb = state.family(f.family)
         value = state.windows(f.family, order).units_30d
@@ -421,17 +446,17 @@ class VolumeDetector(PerFamilyDetector):
             usual = fb.units_30d.get() if fb else 0.0
             window = (f"cold start: {samples} 30-day samples of {f.family} (< {c.volume_min_history}); "
                       f"not judged")
-            return reason(self.name, self.dimension, f.family, value, usual, _MAX, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, usual, _MAX, window, False, "")
         usual = fb.units_30d.get()
         threshold = c.volume_ratio * usual
         fired = value > threshold
         window = fb.units_30d.window() + " (30-day units at each order)"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         text = (f"Including this order, {fmt_n(value)} dosage units of {f.family} in the last 30 days; "
                 f"usually {fmt_n(usual)} ({window}), the threshold is {fmt_n(threshold)} "
                 f"({c.volume_ratio:g}x usual)" + ("." if fired else "; within it."))
-        return reason(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
 
 
 # --------------------------------------------------------------------------
@@ -521,7 +546,7 @@ class FrequencyDetector(PerFamilyDetector):
         daily = fb.count_24h.get() - 1.0 if fb.count_24h.n else 0.0
         return max(daily, weekly / 5.0)
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         fb = state.family(f.family)
         w = state.windows(f.family, order)
@@ -538,10 +563,10 @@ class FrequencyDetector(PerFamilyDetector):
             window = f"cold start: {samples} samples of {f.family} (< {c.freq_min_history}); absolute ceiling"
             usual = base.get() if base else 0.0
             if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-                return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
+                return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
             text = (f"This is order {value} of {f.family} in {span}; too little history for a baseline, "
                     f"so only the ceiling of {cold} orders applies" + ("; exceeded." if fired else "; within it."))
-            return reason(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
+            return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
         rate = round(self.rate(fb), 2)
         limit = poisson_quantile(rate, p)
         threshold = float(max(floor, limit))
@@ -549,13 +574,13 @@ class FrequencyDetector(PerFamilyDetector):
         usual = 1.0 + rate
         window = f"Poisson at the learned cadence ({base.window()})"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         tail = poisson_tail(rate, value - 1)
         text = (f"This is order {value} of {f.family} in {span}; this registrant's own cadence is "
                 f"{fmt_r(rate)} other orders of it in such a window (learned from its released orders), so "
                 f"{value - 1} or more has a probability of {tail:.1e} (held below {p:g}); the threshold is "
                 f"{fmt_r(threshold)} orders (the larger of that count and {floor:g}).")
-        return reason(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
 
 
 # --------------------------------------------------------------------------
@@ -583,10 +608,10 @@ class NewFamilyDetector:
         return (f.family in self.cfg.high_risk_families
                 or any(s in self.cfg.high_risk_schedules for s in f.schedules))
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
         return [self._one(state, f) for f in order.families.values()]
 
-    def _one(self, state: RegistrantBaselines, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, f: FamilyFacts) -> Finding:
         c = self.cfg
         fb = state.family(f.family)
         total = state.total_orders
@@ -600,10 +625,10 @@ class NewFamilyDetector:
         if fb is not None:
             # Usual quantity in the value's unit: usual units, at this order's MME per unit for opioids.
             usual = fb.units.get() * (f.mme / f.units if unit == "MME" and f.units else 1.0)
-            return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         fired = total >= c.new_family_min_orders and value > threshold
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, value, 0.0, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, 0.0, threshold, window, False, "")
         sched = "/".join(f.schedules) or "?"
         if risky:
             why = "a new family of a high-risk schedule or on the high-risk list is held at any quantity"
@@ -611,7 +636,7 @@ class NewFamilyDetector:
             why = f"a new family is held above {fmt_n(threshold)} {unit}"
         text = (f"First-ever order of {f.family} (schedule {sched}, {fmt_n(value)} {unit}) by a registrant with "
                 f"{total} released orders; {why}" + ("." if fired else "; within it."))
-        return reason(self.name, self.dimension, f.family, value, 0.0, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, value, 0.0, threshold, window, fired, text)
 
 
 def _odds(p: float) -> float:
@@ -641,7 +666,7 @@ class FamilyMixDetector:
     def __init__(self, cfg: MonitorConfig) -> None:
         self.cfg = cfg
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
         if not order.families:
             return []
         shares = state.mix.shares()
@@ -650,21 +675,21 @@ class FamilyMixDetector:
         return [self._one(state, f, shares, u30, total30) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, f: FamilyFacts, shares: dict[str, float],
-             u30: dict[str, int], total30: int) -> Reason:
+             u30: dict[str, int], total30: int) -> Finding:
         c = self.cfg
         fb = state.family(f.family)
         value = u30[f.family] / total30 if total30 > 0 else 0.0
         usual = shares.get(f.family, 0.0)
         window = state.mix.window() + "; value over the last 30 days"
         if state.total_orders < c.mix_min_orders or fb is None or fb.units_30d.n < c.volume_min_history:
-            return reason(self.name, self.dimension, f.family, value, usual, 1.0, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, usual, 1.0, window, False, "")
         threshold = max(_from_odds(c.mix_odds_ratio * _odds(usual)), c.mix_min_share)
         usual_volume = fb.units_30d.get()
         volume = u30[f.family]
         volume_ok = volume >= c.mix_min_volume_ratio * usual_volume
         fired = value > threshold and volume_ok
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         text = (f"{f.family} would be {fmt_pct(value)} of this registrant's dosage units over the last 30 days, "
                 f"usually {fmt_pct(usual)} ({state.mix.window()}); the threshold is {fmt_pct(threshold)} "
                 f"({c.mix_odds_ratio:g}x the usual odds, at least {fmt_pct(c.mix_min_share)})")
@@ -675,7 +700,7 @@ class FamilyMixDetector:
                      "; the share rose because other purchases fell, not held."))
         else:
             text += "; within it."
-        return reason(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
 
 
 # --------------------------------------------------------------------------
@@ -735,11 +760,11 @@ class TrendDetector(PerFamilyDetector):
         self.cfg = cfg
         self.peers = peers
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
         mix: dict[str, Any] = {}  # the order's 30-day family mix, computed once if a family needs it
         return [self._scored(state, order, f, mix) for f in order.families.values()]
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         return self._scored(state, order, f, {})
 
     def _focus(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts,
@@ -767,14 +792,14 @@ class TrendDetector(PerFamilyDetector):
         return focused, text
 
     def _scored(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts,
-                mix: dict[str, Any]) -> Reason:
+                mix: dict[str, Any]) -> Finding:
         value = state.windows(f.family, order).units_30d
         m = state.monthly(f.family, order)
         gap = self.cfg.trend_gap_months
         earlier = m.prior[:-gap] if len(m.prior) > gap else ()
         with_orders = months_with_orders(earlier)
         if with_orders < self.cfg.static_min_months:
-            return reason(self.name, self.dimension, f.family, value, 0.0, _MAX,
+            return finding(self.name, self.dimension, f.family, value, 0.0, _MAX,
                           f"not applicable: {with_orders} months with orders before the last {gap}",
                           False, "")
         level = float(sorted(earlier)[len(earlier) // 2])
@@ -787,11 +812,11 @@ class TrendDetector(PerFamilyDetector):
         fired = level > 0 and value > threshold
         window = f"median month of the {len(earlier)} full months ending {gap} months ago; 30 days to this order"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, value, level, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, level, threshold, window, False, "")
         text = (f"{f.family} in the last 30 days: {fmt_n(value)} dosage units; this registrant's monthly level "
                 f"before the last {gap} months was {fmt_n(level)} (median of {len(earlier)} months); the threshold "
                 f"is {fmt_n(threshold)} ({ratio:g}x): sustained growth far beyond its own history.{focus_text}")
-        return reason(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -851,7 +876,7 @@ class RampDetector(PerFamilyDetector):
     name = "ramp"
     dimension = "pattern"
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         m = state.monthly(f.family, order)
         prior = m.trailing(12)
@@ -859,7 +884,7 @@ class RampDetector(PerFamilyDetector):
         rolling = state.windows(f.family, order).units_30d
         value = float(max(rolling, m.current))
         if with_orders < c.static_min_months or len(prior) < c.ramp_min_months:
-            return reason(self.name, self.dimension, f.family, value, 0.0, _MAX,
+            return finding(self.name, self.dimension, f.family, value, 0.0, _MAX,
                           f"not applicable: {len(prior)} trailing months of history (< {c.ramp_min_months}), "
                           f"{with_orders} with orders (< {c.static_min_months})", False, "")
         ref, avg, pre, earlier = long_memory_level(prior, c.trend_gap_months)
@@ -869,7 +894,7 @@ class RampDetector(PerFamilyDetector):
         window = _ramp_window(m.month, len(prior))
         focused_limit = max(c.ramp_ratio * ref, noise_floor)
         if value <= focused_limit:  # cannot fire either way: no need to look at the other families
-            return reason(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
         focused, why = self._focus(state, order, f, value / ref, ref)
         ratio = c.ramp_ratio if focused else c.ramp_unfocused_ratio
         threshold = max(ratio * ref, noise_floor)
@@ -879,7 +904,7 @@ class RampDetector(PerFamilyDetector):
             window += f"; cleared by an analyst in {month_name(cleared[0])}"
         fired = value > threshold
         if not fired:
-            return reason(self.name, self.dimension, f.family, value, ref, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, ref, threshold, window, False, "")
         text = (f"{f.family}: {fmt_n(value)} dosage units (the larger of the last 30 days, {fmt_n(rolling)}, and "
                 f"{month_name(m.month)} to date, {fmt_n(m.current)}, this order included) against this registrant's "
                 f"long-memory level of {fmt_n(ref)} a month (the lower of its trailing {len(prior)}-month average, "
@@ -888,7 +913,7 @@ class RampDetector(PerFamilyDetector):
                 f"and the level + {c.ramp_noise_z:g} std of its earlier months, {fmt_n(noise_floor)}"
                 + (f", and {c.ramp_2x_cleared_ratio:g}x the {fmt_n(cleared[1])} units an analyst cleared in "
                    f"{month_name(cleared[0])}" if cleared is not None else "") + ").")
-        return reason(self.name, self.dimension, f.family, value, ref, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, value, ref, threshold, window, fired, text)
 
     def _focus(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts,
                growth: float, own_ref: float) -> tuple[bool, str]:
@@ -950,7 +975,7 @@ class RampGuardDetector(PerFamilyDetector):
     name = "ramp_2x"
     dimension = "pattern"
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         m = state.monthly(f.family, order)
         prior = m.trailing(12)
@@ -961,7 +986,7 @@ class RampGuardDetector(PerFamilyDetector):
         threshold = c.ramp_2x_ratio * avg
         window = f"calendar month {month_name(m.month)}; average over the trailing {len(prior)} months"
         if m.current <= threshold:  # cannot fire, cleared or not: the analyst's clearance need not be read
-            return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
         mme_per_unit = f.mme / f.units if f.units > 0 else 0.0
         if c.ramp_2x_min_mme > 0:
             # Only an opioid month of some weight: a small or non-opioid family's lumpy month is left to the
@@ -983,7 +1008,7 @@ class RampGuardDetector(PerFamilyDetector):
             window += f"; cleared by an analyst in {month_name(cleared[0])}"
         fired = m.current > threshold
         if not fired:
-            return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
         text = (f"{_this_month(f.family, m)}; its trailing {len(prior)}-month average is {fmt_n(avg)} a month, "
                 f"{c.ramp_2x_ratio:g}x that is {fmt_n(c.ramp_2x_ratio * avg)}")
         if cleared is not None:
@@ -993,7 +1018,7 @@ class RampGuardDetector(PerFamilyDetector):
             text += (f"; the month is {fmt_n(m.current * mme_per_unit)} MME (at least {fmt_n(c.ramp_2x_min_mme)} "
                      f"for this guard)")
         text += f": the month is {m.current / avg:.1f}x its long-memory level; exceeded." if avg > 0 else "; exceeded."
-        return reason(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
 
 
 class StrengthShiftDetector(PerFamilyDetector):
@@ -1013,7 +1038,7 @@ class StrengthShiftDetector(PerFamilyDetector):
     name = "strength_shift"
     dimension = "pattern"
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         fb = state.family(f.family)
         mg30, units30 = state.strength_30d(f.family, order)
@@ -1023,19 +1048,19 @@ class StrengthShiftDetector(PerFamilyDetector):
         if n < c.strength_min_history or usual <= 0 or value <= 0:
             why = "no strength on the order's lines" if value <= 0 else (
                 f"{n} learned 30-day windows of {f.family} with a strength (< {c.strength_min_history})")
-            return reason(self.name, self.dimension, f.family, value, usual, _MAX, f"not applicable: {why}", False, "")
+            return finding(self.name, self.dimension, f.family, value, usual, _MAX, f"not applicable: {why}", False, "")
         threshold = c.strength_ratio * usual
         fired = value > threshold
         window = ("30 days to this order; usual: " + fb.mg_per_unit_30d.window()
                   + " (mg of base drug per dosage unit over 30 days)")
         if not fired:
-            return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         mme = f" ({fmt_n(f.mme)} MME in this order)" if f.mme > 0 else ""
         text = (f"{f.family} in the last 30 days: {fmt_n(units30)} dosage units carry {fmt_n(mg30)} mg of base "
                 f"drug{mme}, {value:,.2f} mg per unit; this registrant's usual 30-day mix is {usual:,.2f} mg per "
                 f"unit; the threshold is {threshold:,.2f} ({c.strength_ratio:g}x usual): a shift to stronger "
                 f"products of the family, {value / usual:.1f}x the usual strength.")
-        return reason(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
 
 
 class PeerVolumeDetector(PerFamilyDetector):
@@ -1056,7 +1081,7 @@ class PeerVolumeDetector(PerFamilyDetector):
         self.cfg = cfg
         self.peers = peers
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         value = state.windows(f.family, order).units_30d
         peer = peer_group(self.peers, order, f.family)
@@ -1064,7 +1089,7 @@ class PeerVolumeDetector(PerFamilyDetector):
             why = "no peer profiles loaded" if self.peers is None else (
                 f"no peer group of at least {self.peers.min_registrants} registrants with {c.peer_min_months} "
                 f"months of {f.family}")
-            return reason(self.name, self.dimension, f.family, value, 0.0, _MAX, f"not applicable: {why}", False,
+            return finding(self.name, self.dimension, f.family, value, 0.0, _MAX, f"not applicable: {why}", False,
                           "")
         level = peer.monthly_units.quantile(c.peer_quantile)
         threshold = c.peer_ratio * level
@@ -1072,12 +1097,12 @@ class PeerVolumeDetector(PerFamilyDetector):
         pct = f"{100 * c.peer_quantile:g}th percentile"
         window = f"30 days to this order; peers: {pct} of {peer.monthly_units.n} registrant-months of {peer.describe()}"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, value, level, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, level, threshold, window, False, "")
         text = (f"{f.family} in the last 30 days: {fmt_n(value)} dosage units; among its peers, "
                 f"{peer.describe()}, the {pct} of a month's units is {fmt_n(level)}; the threshold is "
                 f"{fmt_n(threshold)} ({c.peer_ratio:g}x that)"
                 + ": far above what comparable registrants order.")
-        return reason(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
 
 
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -1102,7 +1127,7 @@ class TimingDetector:
     def __init__(self, cfg: MonitorConfig) -> None:
         self.cfg = cfg
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
         if not order.families:
             return []
         c = self.cfg
@@ -1110,7 +1135,7 @@ class TimingDetector:
         n = tp.n
         threshold = 1.0 - c.timing_max_share
         if n < c.timing_min_orders:
-            return [reason(self.name, self.dimension, "*", 0.0, 0.0, _MAX,
+            return [finding(self.name, self.dimension, "*", 0.0, 0.0, _MAX,
                            f"not applicable: {n} released orders (< {c.timing_min_orders})", False, "")]
         t = datetime.fromtimestamp(order.at_ms / 1000, tz=timezone.utc)
         w = c.timing_hour_window
@@ -1121,7 +1146,7 @@ class TimingDetector:
         fired = value > threshold
         window = f"hour of day and weekday (UTC) of ~{n} released orders (counts halve at {TIMING_CAP})"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return [reason(self.name, self.dimension, "*", value, share, threshold, window, False, "")]
+            return [finding(self.name, self.dimension, "*", value, share, threshold, window, False, "")]
         when = f"{_WEEKDAYS[t.weekday()]} {t:%H:%M} UTC"
         lo, hi = (t.hour - w) % 24, (t.hour + w + 1) % 24
         text = (f"Received {when}. Of this registrant's ~{n} released orders, {near} "
@@ -1129,7 +1154,7 @@ class TimingDetector:
                 f"({fmt_pct(same_day / n)}) on a {_WEEKDAYS[t.weekday()]}; an order at a time shared by fewer than "
                 f"{100 * c.timing_max_share:g}% of its orders is unusual"
                 + " - this one is.")
-        return [reason(self.name, self.dimension, "*", value, share, threshold, window, fired, text)]
+        return [finding(self.name, self.dimension, "*", value, share, threshold, window, fired, text)]
 
 
 class TrailingMonthsRule(PerFamilyDetector):
@@ -1155,7 +1180,7 @@ class TrailingMonthsRule(PerFamilyDetector):
         """The sentence stating the level and threshold (written only for a finding that fires)."""
         raise NotImplementedError
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         m = state.monthly(f.family, order)
         prior = m.trailing(self.months)
         with_orders = m.months_with_orders(self.months)
@@ -1165,9 +1190,9 @@ class TrailingMonthsRule(PerFamilyDetector):
         fired = m.current > threshold
         window = _trailing_window(self.over, m.month, len(prior))
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
         text = f"{_this_month(f.family, m)}; {self._stated(prior, level, threshold)}; exceeded."
-        return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
 
 
 class StaticAverageDetector(TrailingMonthsRule):
@@ -1198,11 +1223,11 @@ class StaticAverageDetector(TrailingMonthsRule):
 
 
 def _not_applicable(det: PerFamilyDetector, f: FamilyFacts, m: Monthly, months: int, rule: str, with_orders: int,
-                    baseline: float) -> Reason:
+                    baseline: float) -> Finding:
     """A trailing-months rule's finding when too few of those months had orders of the family to apply it."""
     need = det.cfg.static_min_months
     window = f"not applicable: {with_orders} of the trailing {months} months with orders of {f.family} (< {need})"
-    return reason(det.name, det.dimension, f.family, m.current, baseline, _MAX, window, False, "")
+    return finding(det.name, det.dimension, f.family, m.current, baseline, _MAX, window, False, "")
 
 
 class StaticMaxDetector(TrailingMonthsRule):
@@ -1228,17 +1253,17 @@ class StaticCeilingDetector(PerFamilyDetector):
     dimension = "size"
 
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         m = state.monthly(f.family, order)
         threshold = float(self.cfg.static_max_monthly_units)
         fired = m.current > threshold
         window = f"calendar month {month_name(m.month)}; fixed ceiling"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, m.current, threshold, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, m.current, threshold, threshold, window, False, "")
         text = (f"{_this_month(f.family, m)}; rule: over {fmt_n(threshold)} dosage units of one family a month"
                 + ("; exceeded." if fired else "; within it."))
         # A fixed rule has no learned baseline: its reference level is the ceiling itself.
-        return reason(self.name, self.dimension, f.family, m.current, threshold, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, m.current, threshold, threshold, window, fired, text)
 
 
 def load_customer_limits(path: str) -> dict[tuple[str, str], int] | None:
@@ -1297,21 +1322,21 @@ class CustomerLimitDetector(PerFamilyDetector):
         return "limits-" + hashlib.sha256(blob).hexdigest()[:8]
 
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         m = state.monthly(f.family, order)
         limit = None if self.limits is None else self.limits.get((order.purchaser_dea.upper(), f.family))
         if limit is None:
             why = "no customer limits file" if self.limits is None else f"no limit for this customer and {f.family}"
-            return reason(self.name, self.dimension, f.family, m.current, 0.0, _MAX, f"not applicable: {why}",
+            return finding(self.name, self.dimension, f.family, m.current, 0.0, _MAX, f"not applicable: {why}",
                           False, "")
         fired = m.current > limit
         window = f"calendar month {month_name(m.month)}; customer's monthly limit"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, m.current, float(limit), float(limit), window, False,
+            return finding(self.name, self.dimension, f.family, m.current, float(limit), float(limit), window, False,
                           "")
         text = (f"{_this_month(f.family, m)}; this customer's monthly limit for {f.family} is {fmt_n(limit)}"
                 + ("; exceeded." if fired else "; within it."))
-        return reason(self.name, self.dimension, f.family, m.current, float(limit), float(limit), window, fired, text)
+        return finding(self.name, self.dimension, f.family, m.current, float(limit), float(limit), window, fired, text)
 
 
 def default_detectors(cfg: MonitorConfig, peers: PeerProfiles | None = None) -> list[Detector]:
@@ -1347,6 +1372,6 @@ __all__ = [
     "StrengthShiftDetector",
     "TrailingMonthsRule", "StaticAverageDetector", "StaticMaxDetector",
     "StaticCeilingDetector", "CustomerLimitDetector", "PeerVolumeDetector", "TimingDetector", "load_customer_limits",
-    "default_detectors", "peer_group", "reason", "cleared_level", "ew_memory", "LEARNED_DETECTORS", "RECORDED_DETECTORS",
+    "default_detectors", "peer_group", "reason", "finding", "as_reason", "as_finding", "Finding", "cleared_level", "ew_memory", "LEARNED_DETECTORS", "RECORDED_DETECTORS",
     "STATIC_DETECTORS",
 ]

@@ -20,12 +20,14 @@ static reference rules can be compared on the same verdicts.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Container, Mapping
 
 from streams.monitoring.baselines import (
     STATE_VERSION, OrderFacts, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
 )
-from streams.monitoring.detectors import DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, reason
+from streams.monitoring.detectors import (
+    DETECTORS_VERSION, Detector, Finding, MonitorConfig, as_reason, default_detectors, finding,
+)
 from streams.monitoring.anomaly import AnomalyCombiner
 from streams.monitoring.peers import PeerProfiles
 from streams.monitoring import open_cases
@@ -38,32 +40,36 @@ def _closeness(r: Mapping[str, Any]) -> float:
     return r["value"] / t if 0 < t < 1e300 else 0.0
 
 
-def evidence(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The findings a verdict carries: every one that fired (enforced or not), and per detector the closest call.
+def evidence(findings: list[Finding], deciding: Container[str]) -> list[dict[str, Any]]:
+    """The findings a verdict carries, as ``som.Reason`` records: every one that fired, and per detector the closest call.
 
-    Detectors run for every drug family on the order (~40 findings for a
+    Detectors run for every drug family on the order (~110 findings for a
     typical pharmacy order). An auditor asking "why was this released?" needs,
     for each detector, the family that came nearest its threshold, with the
     numbers; the sentence is written only for findings that fired (what the
     analyst reads). This keeps a verdict ~1 KB instead of ~12 KB on every topic
-    and table it flows through.
+    and table it flows through. Only these ~20 become dicts (``enforced``: the
+    detector is in ``deciding``); the others stay the tuples they were built as.
     """
     fired = []
-    closest: dict[str, tuple[float, dict[str, Any]]] = {}  # detector -> (closeness, finding); the first wins a tie
+    closest: dict[str, tuple[float, Finding]] = {}  # detector -> (closeness, finding); the first wins a tie
     get = closest.get
-    for r in reasons:  # ~100 findings per order: _closeness is inlined
-        if r["fired"]:
-            fired.append(r)
+    for f in findings:  # (detector, dimension, family, value, baseline, threshold, window, fired, explanation)
+        if f[7]:
+            fired.append(as_reason(f, f[0] in deciding))
             continue
-        t = r["threshold"]
-        near = r["value"] / t if 0 < t < 1e300 else 0.0
-        det = r["detector"]
+        t = f[5]
+        near = f[3] / t if 0 < t < 1e300 else 0.0  # _closeness(), inlined: ~110 findings per order
+        det = f[0]
         best = get(det)
         if best is None or near > best[0]:
-            closest[det] = (near, r)
-    for _, r in closest.values():
+            closest[det] = (near, f)
+    for d in sorted(closest):
+        f = closest[d][1]
+        r = as_reason(f, d in deciding)
         r["explanation"] = ""
-    return fired + [closest[d][1] for d in sorted(closest)]
+        fired.append(r)
+    return fired
 
 
 def load_peers(path: str) -> PeerProfiles:
@@ -101,6 +107,8 @@ class Monitor:
             raise ValueError(f"SOM_HOLD_DETECTORS names unknown detector(s) {', '.join(unknown)}; "
                              f"known: {', '.join(names)}")
         self.hold_detectors = frozenset(self.config.hold_detectors)
+        #: Whose findings are ``enforced``: the deciding detectors and the due-diligence rules (never ``replay``).
+        self._deciding = self.hold_detectors | frozenset(open_cases.DUE_DILIGENCE_RULES)
         if not self.config.record_all:
             # Only what decides runs. The anomaly score combines every learned finding, so when it
             # decides everything still runs; otherwise the recorded-only detectors are skipped.
@@ -172,33 +180,24 @@ class Monitor:
         """
         facts = self._facts(order)
         base = self._baselines(state, order)
-        hold = self.hold_detectors
         combined = self.combiner.inputs if self.combiner is not None else frozenset()
-        reasons: list[dict[str, Any]] = []
-        measures: list[dict[str, Any]] = []  # the findings the anomaly score combines (~half of them)
+        findings: list[Finding] = []
+        measures: list[Finding] = []  # the findings the anomaly score combines (~half of them)
         for d in self.detectors:
             found = d.score_one(base, facts)
-            if d.name not in hold:  # reason() marks every finding enforced; most detectors' are
-                for r in found:
-                    r["enforced"] = False
-            reasons += found
+            findings += found
             if d.name in combined:
                 measures += found
         if self.combiner is not None:
-            found = self.combiner.score(measures)
-            if self.combiner.name not in hold:
-                for r in found:
-                    r["enforced"] = False
-            reasons += found
-        # Decisions already taken (open case, report, analyst limit, termination): always enforced.
-        reasons.extend(open_cases.findings(base, facts))
+            findings += self.combiner.combine(measures)
+        # Decisions already taken (open case, report, analyst limit, termination): always enforced (_deciding).
+        findings += open_cases.findings(base, facts)
         replay = base.has_learned(facts.order_id)
         if replay:
-            r = reason("replay", "pattern", "*", 1.0, 0.0, 0.0, "last orders learned", False,
-                       "This order was already scored, released and learned; the earlier RELEASE is repeated.")
-            r["enforced"] = False
-            reasons.append(r)
-        reasons = evidence(reasons)
+            findings.append(finding(
+                "replay", "pattern", "*", 1.0, 0.0, 0.0, "last orders learned", False,
+                "This order was already scored, released and learned; the earlier RELEASE is repeated."))
+        reasons = evidence(findings, self._deciding)
         held = not replay and any(r["fired"] and r["enforced"] for r in reasons)  # evidence keeps every fired one
         return {
             "order_id": order["order_id"],

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from streams.monitoring.baselines import MS_PER_DAY, FamilyFacts, OrderFacts, RegistrantBaselines, month_name
 from streams.monitoring.detectors import (
-    MonitorConfig, PerFamilyDetector, Reason, _MAX, cleared_level, fmt_n, peer_group, reason,
+    MonitorConfig, PerFamilyDetector, Finding, _MAX, cleared_level, fmt_n, peer_group, finding,
 )
 from streams.monitoring.peers import PeerProfiles
 
@@ -76,13 +76,13 @@ class NewCustomerDetector(PerFamilyDetector):
         #: Business activity (upper case) -> monthly units of one family (no peers): new_customer_activity_units.
         self.ceilings = activity_ceilings(cfg.new_customer_activity_units)
 
-    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Reason]:
+    def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
         # Outside the period nothing is recorded: an established registrant pays nothing for this rule.
         if not in_new_customer_period(state, order, self.cfg.new_customer_months):
             return []
         return [self._one(state, order, f) for f in order.families.values()]
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         m = state.monthly(f.family, order)
         start = period_start_ms(state, order)
@@ -101,7 +101,7 @@ class NewCustomerDetector(PerFamilyDetector):
             source = f"the new-customer ceiling of a {order.business_activity.lower() or 'registrant'}"
             window = f"calendar month {month_name(m.month)}; new customer (day {days:.0f}); fixed ceiling"
         if threshold <= 0:
-            return reason(self.name, self.dimension, f.family, m.current, 0.0, _MAX, "not applicable", False, "")
+            return finding(self.name, self.dimension, f.family, m.current, 0.0, _MAX, "not applicable", False, "")
         if m.current > threshold:
             cleared = cleared_level(state, f.family, m.month, c.ramp_2x_cleared_months)
             if cleared is not None and c.ramp_2x_cleared_ratio * cleared[1] > threshold:
@@ -111,12 +111,12 @@ class NewCustomerDetector(PerFamilyDetector):
                 window += "; cleared by an analyst"
         fired = m.current > threshold
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
         text = (f"{f.family} in {month_name(m.month)}: {fmt_n(m.current)} dosage units with this order, by a new "
                 f"customer (first order {days:.0f} days ago, no onboarding review yet); its own history is not a "
                 f"baseline yet, so the ceiling is {source}: {fmt_n(threshold)}"
                 + ("; exceeded." if fired else "; within it."))
-        return reason(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
 
 
 class NewCustomerOrderDetector(NewCustomerDetector):
@@ -140,7 +140,7 @@ class NewCustomerOrderDetector(NewCustomerDetector):
         #: Business activity (upper case) -> units of one family in one order (no peers): new_customer_order_units.
         self.ceilings = activity_ceilings(cfg.new_customer_order_units)
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
+    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         days = (order.at_ms - period_start_ms(state, order)) / MS_PER_DAY
         peer = peer_group(self.peers, order, f.family)
@@ -156,15 +156,15 @@ class NewCustomerOrderDetector(NewCustomerDetector):
         month = state.monthly(f.family, order).month
         if threshold <= 0 or cleared_level(state, f.family, month, c.ramp_2x_cleared_months) is not None:
             why = "no ceiling for this business activity" if threshold <= 0 else "cleared by an analyst"
-            return reason(self.name, self.dimension, f.family, f.units, level, _MAX, f"not applicable: {why}",
+            return finding(self.name, self.dimension, f.family, f.units, level, _MAX, f"not applicable: {why}",
                           False, "")
         fired = f.units > threshold
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return reason(self.name, self.dimension, f.family, f.units, level, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, f.units, level, threshold, window, False, "")
         text = (f"{f.family}: {fmt_n(f.units)} dosage units in one order of a new customer (first order "
                 f"{days:.0f} days ago, no onboarding review yet); the ceiling for one order is {source}: "
                 f"{fmt_n(threshold)}; exceeded.")
-        return reason(self.name, self.dimension, f.family, f.units, level, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, f.units, level, threshold, window, fired, text)
 
 
 __all__ = ["NewCustomerDetector", "NewCustomerOrderDetector", "activity_ceilings", "in_new_customer_period", "period_start_ms", "MONTH_MS"]

@@ -44,7 +44,7 @@ from typing import Any, Mapping, MutableMapping
 
 from streams.monitoring.baselines import (  # noqa: F401 - new_due_diligence: re-exported, open cases fill it
     MS_PER_DAY, RegistrantBaselines, month_name, month_of, new_due_diligence, to_ms)
-from streams.monitoring.detectors import Reason, fmt_n, reason
+from streams.monitoring.detectors import Finding, fmt_n, finding
 
 OPEN_CASE = "open_case"
 REPORTED_PENDING_LIMIT = "reported_pending_limit"
@@ -65,15 +65,15 @@ def _case_text(case_id: str) -> str:
     return f"case {case_id}"
 
 
-def findings(base: RegistrantBaselines, order: Any) -> list[Reason]:
+def findings(base: RegistrantBaselines, order: Any) -> list[Finding]:
     """The due-diligence findings for an order (``OrderFacts``): empty for a registrant with nothing pending."""
     dd = base.due_diligence
     if not (dd["open"] or dd["reported"] or dd["limits"] or dd["terminated"]):
         return []
-    out: list[Reason] = []
+    out: list[Finding] = []
     term = dd["terminated"]
     if term:
-        out.append(reason(
+        out.append(finding(
             TERMINATED_CUSTOMER, "pattern", "*", 1.0, 0.0, 0.0, f"terminated {_day(term['at_ms'])}", True,
             f"The relationship with this registrant was ended by {term['by'] or 'an analyst'} on "
             f"{_day(term['at_ms'])} (from {_case_text(term['case_id']) if term['case_id'] else 'a review'}): "
@@ -81,13 +81,13 @@ def findings(base: RegistrantBaselines, order: Any) -> list[Reason]:
     for fam in order.families:
         rep = dd["reported"].get(fam)
         if rep is not None:
-            out.append(reason(
+            out.append(finding(
                 REPORTED_PENDING_LIMIT, "pattern", fam, 1.0, 0.0, 0.0, _case_text(rep["case_id"]), True,
                 f"{fam}: {_case_text(rep['case_id'])} was reported to DEA on {_day(rep['at_ms'])}; orders of "
                 f"{fam} are held until an analyst sets a new monthly limit for this registrant."))
         case = dd["open"].get(fam)
         if case is not None:
-            out.append(reason(
+            out.append(finding(
                 OPEN_CASE, "pattern", fam, float(case["joined"] + 1), 0.0, 0.0, _case_text(case["case_id"]), True,
                 f"{fam}: joins open {_case_text(case['case_id'])} (held {_day(case['opened_ms'])}); "
                 f"later orders of {fam} are held until due diligence decides it."))
@@ -95,7 +95,7 @@ def findings(base: RegistrantBaselines, order: Any) -> list[Reason]:
         if limit is not None and rep is None:
             m = base.monthly(fam, order)
             fired = m.current > limit["units"]
-            out.append(reason(
+            out.append(finding(
                 ANALYST_LIMIT, "size", fam, float(m.current), float(limit["units"]), float(limit["units"]),
                 f"calendar month {month_name(m.month)}; limit set by {limit['by'] or 'an analyst'}", fired,
                 f"{fam} in {month_name(m.month)}: {fmt_n(m.current)} dosage units with this order; the monthly "
