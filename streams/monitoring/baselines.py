@@ -361,26 +361,30 @@ def day_of(ms: int) -> int:
 
 
 class DailyRing:
-    """Orders, dosage units and mg of base drug per UTC day for the last 30 days: at most 30 cells."""
+    """Orders, dosage units, mg of base drug and high-strength units per UTC day for the last 30 days: at most
+    30 cells."""
 
     __slots__ = ("cells",)
 
     def __init__(self, cells: Mapping[str, Iterable[int]] | None = None) -> None:
         # Stored as parallel arrays (som.state.DayCells): arrays of numbers
-        # encode several times faster than an array of small records. ``mg`` is
-        # absent (or empty) in states written before it existed: 0 mg those days.
+        # encode several times faster than an array of small records. ``mg`` and ``high`` are
+        # absent (or empty) in states written before they existed: 0 those days.
         cells = cells or {"day": (), "orders": (), "units": ()}
+        n = len(cells["day"])
         mg = list(cells.get("mg") or ())
-        mg += [0.0] * (len(cells["day"]) - len(mg))
+        mg += [0.0] * (n - len(mg))
+        high = list(cells.get("high") or ())
+        high += [0] * (n - len(high))
         self.cells: dict[int, list[Any]] = {
-            int(d): [int(o), int(u), float(m)]
-            for d, o, u, m in zip(cells["day"], cells["orders"], cells["units"], mg)}
+            int(d): [int(o), int(u), float(m), int(h)]
+            for d, o, u, m, h in zip(cells["day"], cells["orders"], cells["units"], mg, high)}
 
     def totals(self, at_ms: int, days: int, exclude_units: int | None = None) -> tuple[int, int]:
         """(orders, units) learned on the ``days`` UTC days ending with the day of ``at_ms``."""
         today = day_of(at_ms)
         orders = units = 0
-        for day, (o, u, _) in self.cells.items():
+        for day, (o, u, _, _) in self.cells.items():
             if today - days < day <= today:
                 orders += o
                 units += u
@@ -394,7 +398,7 @@ class DailyRing:
         today = day_of(at_ms)
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
         orders = units = 0
-        for day, (o, u, _) in self.cells.items():
+        for day, (o, u, _, _) in self.cells.items():
             if month < day <= today:
                 units += u
                 if day > week:
@@ -406,17 +410,31 @@ class DailyRing:
 
     def mg_30d(self, at_ms: int, exclude_mg: float | None = None) -> float:
         """mg of base drug learned on the 30 UTC days ending with the day of ``at_ms`` (the strength window)."""
-        today = day_of(at_ms)
-        total = sum(c[2] for day, c in self.cells.items() if today - WINDOW_30D_DAYS < day <= today)
-        if exclude_mg is not None and today in self.cells:
-            total -= exclude_mg
-        return max(total, 0.0)
+        return self.strength_30d(at_ms, (exclude_mg, 0) if exclude_mg is not None else None)[0]
 
-    def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0) -> None:
-        cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0])
+    def strength_30d(self, at_ms: int, exclude: tuple[float, int] | None = None) -> tuple[float, int]:
+        """(mg of base drug, high-strength units) learned on the 30 UTC days ending with the day of ``at_ms``.
+
+        ``exclude``: an already learned order's (mg, high units), taken out of its day (a redelivery).
+        """
+        today = day_of(at_ms)
+        mg = 0.0
+        high = 0
+        for day, c in self.cells.items():
+            if today - WINDOW_30D_DAYS < day <= today:
+                mg += c[2]
+                high += c[3]
+        if exclude is not None and today in self.cells:
+            mg -= exclude[0]
+            high -= exclude[1]
+        return max(mg, 0.0), max(high, 0)
+
+    def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
+        cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0, 0])
         cell[0] += 1
         cell[1] += int(units)
         cell[2] += float(mg)
+        cell[3] += int(high)
         oldest = day_of(newest_ms) - WINDOW_30D_DAYS
         if min(self.cells) <= oldest:
             self.cells = {d: c for d, c in self.cells.items() if d > oldest}
@@ -424,7 +442,7 @@ class DailyRing:
     def to_dict(self) -> dict[str, list[int]]:
         days = sorted(self.cells)
         return {"day": days, "orders": [self.cells[d][0] for d in days], "units": [self.cells[d][1] for d in days],
-                "mg": [round(self.cells[d][2], 3) for d in days]}
+                "mg": [round(self.cells[d][2], 3) for d in days], "high": [self.cells[d][3] for d in days]}
 
 
 def month_of(ms: int) -> int:
@@ -453,27 +471,71 @@ class MonthRing:
     month after. Months without learned orders have no cell.
     """
 
-    __slots__ = ("cells", "_trailing")
+    __slots__ = ("cells", "mg", "high", "_trailing", "_strength")
 
-    def __init__(self, cells: Mapping[str, Iterable[int]] | None = None) -> None:
+    def __init__(self, cells: Mapping[str, Iterable[Any]] | None = None) -> None:
         cells = cells or {"month": (), "units": ()}
-        self.cells: dict[int, int] = {int(m): int(u) for m, u in zip(cells["month"], cells["units"])}
+        months = [int(m) for m in cells["month"]]
+        self.cells: dict[int, int] = {m: int(u) for m, u in zip(months, cells["units"])}
+        # mg of base drug and high-strength units per month (strength_shift's long memory); absent in states
+        # written before they existed: no strength those months.
+        self.mg: dict[int, float] = {m: float(x) for m, x in zip(months, cells.get("mg") or ())}
+        self.high: dict[int, int] = {m: int(x) for m, x in zip(months, cells.get("high") or ())}
         # (month, the full months before it as Monthly.prior): read by ~8 detectors per family and order, and
         # unchanged by learning orders of that month or later, so it survives most learned orders.
         self._trailing: tuple[int, tuple[int, ...]] | None = None
+        self._strength: tuple[int, int, StrengthMonths] | None = None  # (month, gap, reference) as _trailing
 
     def units(self, month: int) -> int:
         return self.cells.get(month, 0)
 
-    def add(self, at_ms: int, units: int, newest_ms: int) -> None:
+    def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
         m = month_of(at_ms)
         self.cells[m] = self.cells.get(m, 0) + int(units)
+        if mg > 0:
+            self.mg[m] = self.mg.get(m, 0.0) + float(mg)
+        if high > 0:
+            self.high[m] = self.high.get(m, 0) + int(high)
         if self._trailing is not None and m < self._trailing[0]:
             self._trailing = None  # a late order of an earlier month: the trailing months changed
+        if self._strength is not None and m < self._strength[0]:
+            self._strength = None
         oldest = month_of(newest_ms) - MONTHS_KEPT
         if len(self.cells) > MONTHS_KEPT or min(self.cells) <= oldest:
             self.cells = {k: v for k, v in self.cells.items() if k > oldest}
-            self._trailing = None
+            self.mg = {k: v for k, v in self.mg.items() if k > oldest}
+            self.high = {k: v for k, v in self.high.items() if k > oldest}
+            self._trailing = self._strength = None
+
+    def strength_months(self, at_ms: int, gap: int) -> "StrengthMonths":
+        """The long-memory strength reference: the full months before ``at_ms``'s month but the last ``gap``.
+
+        Leaving the last ``gap`` months out keeps the released first weeks of a shift out of the usual it is
+        judged against; calendar months, not an EW mean, so a shift's released orders cannot drag the usual
+        up order by order. Only months with a strength (mg) count.
+        """
+        cur = month_of(at_ms)
+        cached = self._strength
+        if cached is None or cached[0] != cur or cached[1] != gap:
+            cached = self._strength = (cur, gap, self._strength_months(cur, gap))
+        return cached[2]
+
+    def _strength_months(self, cur: int, gap: int) -> "StrengthMonths":
+        units = high = n = 0
+        mg = 0.0
+        top_share = 0.0
+        for k, m in self.mg.items():
+            if k < cur - gap and m > 0:
+                u = self.cells.get(k, 0)
+                if u <= 0:
+                    continue
+                h = self.high.get(k, 0)
+                units += u
+                mg += m
+                high += h
+                n += 1
+                top_share = max(top_share, h / u)
+        return StrengthMonths(n, units, mg, high, top_share)
 
     def monthly(self, at_ms: int, units: int, replay: bool) -> "Monthly":
         """The calendar months up to ``at_ms``'s month with an order of ``units`` added (not when a ``replay``)."""
@@ -487,9 +549,28 @@ class MonthRing:
             cached = self._trailing = (cur, tuple(cells.get(k, 0) for k in range(start, cur)))
         return Monthly(cur, current, cached[1])
 
-    def to_dict(self) -> dict[str, list[int]]:
+    def to_dict(self) -> dict[str, list[Any]]:
         months = sorted(self.cells)
-        return {"month": months, "units": [self.cells[m] for m in months]}
+        return {"month": months, "units": [self.cells[m] for m in months],
+                "mg": [round(self.mg.get(m, 0.0), 3) for m in months], "high": [self.high.get(m, 0) for m in months]}
+
+
+class StrengthMonths(NamedTuple):
+    """strength_shift's long memory of one family: the reference months' totals (see ``MonthRing.strength_months``)."""
+
+    months: int  # reference months with a strength
+    units: int
+    mg: float
+    high: int  # dosage units in high-strength products
+    top_share: float  # the highest monthly share of high-strength units among them
+
+    @property
+    def mg_per_unit(self) -> float:
+        return self.mg / self.units if self.units > 0 else 0.0
+
+    @property
+    def high_share(self) -> float:
+        return self.high / self.units if self.units > 0 else 0.0
 
 
 # --------------------------------------------------------------------------
@@ -527,6 +608,7 @@ class FamilyFacts(NamedTuple):
     mme: float
     base_weight_g: float
     schedules: tuple[str, ...]
+    high_units: int = 0  # units in the family's high-strength products (``order_facts``' ``high_ndcs``)
 
 
 @dataclass(frozen=True)
@@ -550,20 +632,27 @@ class OrderFacts:
         return sum(f.units for f in self.families.values())
 
 
-def order_facts(order: Mapping[str, Any]) -> OrderFacts:
-    """Aggregate a verified order (``csos.orders.VerifiedOrder`` dict) by drug family."""
+def order_facts(order: Mapping[str, Any], high_ndcs: frozenset[str] | set[str] = frozenset()) -> OrderFacts:
+    """Aggregate a verified order (``csos.orders.VerifiedOrder`` dict) by drug family.
+
+    ``high_ndcs``: the NDCs of high-strength products (``streams.monitoring.strength``); their lines' units
+    are counted in ``FamilyFacts.high_units``.
+    """
     acc: dict[str, list[Any]] = {}
     for line in order["lines"]:
         fam = str(line["drug_family"]).strip().upper() or "UNKNOWN"
         a = acc.get(fam)
         if a is None:  # (not setdefault: that would build a list and a set for every line)
-            a = acc[fam] = [0, 0.0, 0.0, set()]
-        a[0] += int(line["dosage_units"])
+            a = acc[fam] = [0, 0.0, 0.0, set(), 0]
+        units = int(line["dosage_units"])
+        a[0] += units
         a[1] += float(line.get("mme") or 0.0)
         a[2] += float(line.get("base_weight_g") or 0.0)
         a[3].add(str(line.get("schedule", "")))
+        if high_ndcs and line.get("ndc") in high_ndcs:
+            a[4] += units
     families = {
-        fam: FamilyFacts(fam, a[0], a[1], a[2], tuple(sorted(a[3])))
+        fam: FamilyFacts(fam, a[0], a[1], a[2], tuple(sorted(a[3])), a[4])
         for fam, a in sorted(acc.items())
     }
     act = order.get("business_activity")
@@ -684,8 +773,10 @@ class FamilyBaseline:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""
         return self.orders > 0 and at_ms - self.first_order_ms >= days * MS_PER_DAY
 
-    def learn(self, at_ms: int, units: int, base_mg: float = 0.0, windows: Windows | None = None) -> None:
-        """Fold one released order of ``units`` dosage units (``base_mg`` mg of base drug) in.
+    def learn(self, at_ms: int, units: int, base_mg: float = 0.0, windows: Windows | None = None,
+              high: int = 0) -> None:
+        """Fold one released order of ``units`` dosage units (``base_mg`` mg of base drug, ``high`` units in
+        high-strength products) in.
 
         ``windows``: this order's :meth:`windows` if the caller has them already (scoring computed them).
         """
@@ -713,8 +804,8 @@ class FamilyBaseline:
         self.orders += 1
         self.last_order_ms = max(self.last_order_ms, at_ms)
         self.recent.add(at_ms, self.last_order_ms)
-        self.days.add(at_ms, units, self.last_order_ms, base_mg)
-        self.months.add(at_ms, units, self.last_order_ms)
+        self.days.add(at_ms, units, self.last_order_ms, base_mg, high)
+        self.months.add(at_ms, units, self.last_order_ms, base_mg, high)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1013,19 +1104,22 @@ class RegistrantBaselines:
                                          else Monthly(month_of(order.at_ms), 0 if self._replay else units, ()))
         return m
 
-    def strength_30d(self, family: str, order: OrderFacts) -> tuple[float, int]:
-        """(mg of base drug, dosage units) of ``family`` over the 30 UTC days ending at ``order``, the order included.
+    def strength_30d(self, family: str, order: OrderFacts) -> tuple[float, int, int]:
+        """(mg of base drug, dosage units, high-strength units) of ``family`` over the 30 UTC days ending at
+        ``order``, the order included.
 
         The strength window: a multi-strength buyer that restocks one product at a
         time swings one order's mg per unit, not its month's.
         """
         f = order.families.get(family)
         mg = f.base_weight_g * 1000.0 if f is not None else 0.0
+        high = f.high_units if f is not None else 0
         units = self.windows(family, order).units_30d
         fb = self.family(family)
         if fb is None:
-            return mg, units
-        return fb.days.mg_30d(order.at_ms, exclude_mg=mg if self._replay else None) + mg, units
+            return mg, units, high
+        mg30, high30 = fb.days.strength_30d(order.at_ms, (mg, high) if self._replay else None)
+        return mg30 + mg, units, high30 + high
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
         """Units per family over the 30 UTC days ending at ``order``, the order included (a copy: callers own it)."""
@@ -1061,7 +1155,7 @@ class RegistrantBaselines:
                 self._raw_families[fam] = {}
             # The windows scoring computed for this very order (not a replay) are the ones learning needs.
             scored = self._windows.get(fam) if self._cached_for is order and not self._replay else None
-            fb.learn(order.at_ms, facts.units, facts.base_weight_g * 1000.0, scored)
+            fb.learn(order.at_ms, facts.units, facts.base_weight_g * 1000.0, scored, facts.high_units)
         self.mix.learn({f: x.units for f, x in order.families.items()})
         self.timing.learn(order.at_ms)
         if not self.total_orders or order.at_ms < self.first_order_ms:
