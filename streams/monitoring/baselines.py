@@ -412,22 +412,24 @@ class DailyRing:
         """mg of base drug learned on the 30 UTC days ending with the day of ``at_ms`` (the strength window)."""
         return self.strength_30d(at_ms, (exclude_mg, 0) if exclude_mg is not None else None)[0]
 
-    def strength_30d(self, at_ms: int, exclude: tuple[float, int] | None = None) -> tuple[float, int]:
-        """(mg of base drug, high-strength units) learned on the 30 UTC days ending with the day of ``at_ms``.
+    def strength_30d(self, at_ms: int, exclude: tuple[float, int] | None = None) -> tuple[float, int, int]:
+        """(mg of base drug, high-strength units, orders) learned on the 30 UTC days ending with the day of ``at_ms``.
 
         ``exclude``: an already learned order's (mg, high units), taken out of its day (a redelivery).
         """
         today = day_of(at_ms)
         mg = 0.0
-        high = 0
+        high = orders = 0
         for day, c in self.cells.items():
             if today - WINDOW_30D_DAYS < day <= today:
+                orders += c[0]
                 mg += c[2]
                 high += c[3]
         if exclude is not None and today in self.cells:
+            orders -= 1
             mg -= exclude[0]
             high -= exclude[1]
-        return max(mg, 0.0), max(high, 0)
+        return max(mg, 0.0), max(high, 0), max(orders, 0)
 
     def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
         cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0, 0])
@@ -523,7 +525,6 @@ class MonthRing:
     def _strength_months(self, cur: int, gap: int) -> "StrengthMonths":
         units = high = n = 0
         mg = 0.0
-        top_share = 0.0
         for k, m in self.mg.items():
             if k < cur - gap and m > 0:
                 u = self.cells.get(k, 0)
@@ -534,8 +535,7 @@ class MonthRing:
                 mg += m
                 high += h
                 n += 1
-                top_share = max(top_share, h / u)
-        return StrengthMonths(n, units, mg, high, top_share)
+        return StrengthMonths(n, units, mg, high)
 
     def monthly(self, at_ms: int, units: int, replay: bool) -> "Monthly":
         """The calendar months up to ``at_ms``'s month with an order of ``units`` added (not when a ``replay``)."""
@@ -562,7 +562,6 @@ class StrengthMonths(NamedTuple):
     units: int
     mg: float
     high: int  # dosage units in high-strength products
-    top_share: float  # the highest monthly share of high-strength units among them
 
     @property
     def mg_per_unit(self) -> float:
@@ -1104,9 +1103,9 @@ class RegistrantBaselines:
                                          else Monthly(month_of(order.at_ms), 0 if self._replay else units, ()))
         return m
 
-    def strength_30d(self, family: str, order: OrderFacts) -> tuple[float, int, int]:
-        """(mg of base drug, dosage units, high-strength units) of ``family`` over the 30 UTC days ending at
-        ``order``, the order included.
+    def strength_30d(self, family: str, order: OrderFacts) -> tuple[float, int, int, int]:
+        """(mg of base drug, dosage units, high-strength units, orders) of ``family`` over the 30 UTC days ending
+        at ``order``, the order included.
 
         The strength window: a multi-strength buyer that restocks one product at a
         time swings one order's mg per unit, not its month's.
@@ -1117,9 +1116,9 @@ class RegistrantBaselines:
         units = self.windows(family, order).units_30d
         fb = self.family(family)
         if fb is None:
-            return mg, units, high
-        mg30, high30 = fb.days.strength_30d(order.at_ms, (mg, high) if self._replay else None)
-        return mg30 + mg, units, high30 + high
+            return mg, units, high, 1
+        mg30, high30, orders30 = fb.days.strength_30d(order.at_ms, (mg, high) if self._replay else None)
+        return mg30 + mg, units, high30 + high, orders30 + 1
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
         """Units per family over the 30 UTC days ending at ``order``, the order included (a copy: callers own it)."""

@@ -169,7 +169,11 @@ class MonitorConfig:
     # strength_share_ratio x the usual share (a buyer that always ordered them cannot shift to them).
     strength_high_fraction: float = 0.8
     strength_share_min: float = 0.6
-    strength_share_ratio: float = 2.5
+    strength_share_ratio: float = 2.0
+    # ... and only when that many high-strength orders among the window's orders (share x orders) would have a
+    # chance below strength_share_p if each order were one product drawn by the usual share (binomial tail): a
+    # multi-strength buyer that restocks one product per order has lumpy 30-day shares.
+    strength_share_p: float = 0.005
     # Frequency from the registrant's own cadence: orders in the window (before this one) ~ Poisson(rate learned
     # from released orders); fire when the tail probability of the count is below freq_p_* (and above the floors
     # freq_min_24h / freq_min_7d). The rate is the EW count of the other orders in the window at released orders.
@@ -1029,7 +1033,7 @@ class StrengthShiftDetector(PerFamilyDetector):
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Reason:
         c = self.cfg
         fb = state.family(f.family)
-        mg30, units30, high30 = state.strength_30d(f.family, order)
+        mg30, units30, high30, orders30 = state.strength_30d(f.family, order)
         value = mg30 / units30 if units30 > 0 and f.base_weight_g > 0 else 0.0
         if fb is None or value <= 0:
             return reason(self.name, self.dimension, f.family, value, 0.0, _MAX,
@@ -1055,8 +1059,8 @@ class StrengthShiftDetector(PerFamilyDetector):
             share = high30 / units30
             share_threshold = max(c.strength_share_min, c.strength_share_ratio * lm.high_share)
             if share > share_threshold or (high30 > 0 and share / share_threshold > value / threshold):
-                return self._share(f, share, lm.high_share, share_threshold, units30, high30, lm.months, value,
-                                   usual)
+                return self._share(f, share, lm.high_share, share_threshold, units30, high30, orders30, lm.months,
+                                   value, usual)
         if not mg_fired:
             return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         mme = f" ({fmt_n(f.mme)} MME in this order)" if f.mme > 0 else ""
@@ -1067,11 +1071,17 @@ class StrengthShiftDetector(PerFamilyDetector):
         return reason(self.name, self.dimension, f.family, value, usual, threshold, window, True, text)
 
     def _share(self, f: FamilyFacts, share: float, usual: float, threshold: float, units30: int, high30: int,
-               months: int, mg_value: float, mg_usual: float) -> Reason:
+               orders30: int, months: int, mg_value: float, mg_usual: float) -> Reason:
         """The high-strength share finding (value, baseline and threshold are shares of the 30-day units)."""
         c = self.cfg
         window = _strength_window(months, "share of dosage units in high-strength products")
         fired = share > threshold
+        chance = 1.0
+        if fired:
+            chance = binomial_tail(orders30, round(share * orders30), max(usual, 0.01))
+            if chance >= c.strength_share_p:  # a lumpy multi-strength buyer could order so by chance
+                window += f"; {orders30} orders: a one-product-per-order buyer would, p = {chance:.2g}"
+                fired = False
         if not fired:
             return reason(self.name, self.dimension, f.family, share, usual, threshold, window, False, "")
         text = (f"{f.family} in the last 30 days: {fmt_n(high30)} of {fmt_n(units30)} dosage units "
@@ -1079,8 +1089,20 @@ class StrengthShiftDetector(PerFamilyDetector):
                 f"of the strongest of the family and dosage form); this registrant's usual share is "
                 f"{fmt_pct(usual)}; the threshold is {fmt_pct(threshold)} (the larger of "
                 f"{fmt_pct(c.strength_share_min)} and {c.strength_share_ratio:g}x usual): a shift to the strongest "
-                f"products of the family ({mg_value:,.2f} mg per unit against a usual {mg_usual:,.2f}).")
+                f"products of the family ({mg_value:,.2f} mg per unit against a usual {mg_usual:,.2f}); even if "
+                f"each of its {orders30} orders of the 30 days were one product drawn by the usual share, so many "
+                f"high-strength ones would have a chance of {chance:.2g} (< {c.strength_share_p:g}).")
         return reason(self.name, self.dimension, f.family, share, usual, threshold, window, True, text)
+
+
+@functools.lru_cache(maxsize=1024)
+def binomial_tail(n: int, k: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): how likely k of n orders are high-strength when each is with chance p."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    return min(1.0, sum(math.comb(n, i) * p ** i * (1.0 - p) ** (n - i) for i in range(k, n + 1)))
 
 
 @functools.lru_cache(maxsize=64)
