@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from streams.monitoring.baselines import (
-    TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name,
+    TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name, month_of,
     months_with_orders,
 )
 from streams.monitoring.peers import PeerGroup, PeerProfiles
@@ -1040,9 +1040,22 @@ class StrengthShiftDetector(PerFamilyDetector):
                           "not applicable: no strength on the order's lines" if value <= 0 else
                           f"not applicable: no learned orders of {f.family}", False, "")
         lm = fb.months.strength_months(order.at_ms, c.strength_gap_months)
+        usual_share = lm.high_share
+        cleared = ""
         if lm.months >= c.strength_min_months and lm.mg_per_unit > 0:
             usual, window = lm.mg_per_unit, _strength_window(lm.months, "mg of base drug per dosage unit")
             desc = f"mix over {lm.months} earlier calendar months"
+            at = (state.due_diligence.get("cleared") or {}).get(f.family)
+            month = month_of(order.at_ms)
+            if at is not None and month - at < c.ramp_2x_cleared_months and fb.months.cells.get(at, 0) > 0:
+                # An analyst released a held order of the family: that month's mix is accepted (else a buyer
+                # whose mix changed for good would be held on every order until its months caught up).
+                u = fb.months.cells[at]
+                usual = max(usual, fb.months.mg.get(at, 0.0) / u)
+                usual_share = max(usual_share, fb.months.high.get(at, 0) / u)
+                cleared = f"; or the mix of {month_name(at)}, cleared by an analyst"
+                window += cleared
+                desc += cleared.replace("; or", ", or")
         else:
             n = fb.mg_per_unit_30d.n
             usual = fb.mg_per_unit_30d.get()
@@ -1057,10 +1070,10 @@ class StrengthShiftDetector(PerFamilyDetector):
         mg_fired = value > threshold
         if not mg_fired and lm.months >= c.strength_min_months and units30 > 0:
             share = high30 / units30
-            share_threshold = max(c.strength_share_min, c.strength_share_ratio * lm.high_share)
+            share_threshold = max(c.strength_share_min, c.strength_share_ratio * usual_share)
             if share > share_threshold or (high30 > 0 and share / share_threshold > value / threshold):
-                return self._share(f, share, lm.high_share, share_threshold, units30, high30, orders30, lm.months,
-                                   value, usual)
+                return self._share(f, share, usual_share, share_threshold, units30, high30, orders30, lm.months,
+                                   value, usual, cleared)
         if not mg_fired:
             return reason(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         mme = f" ({fmt_n(f.mme)} MME in this order)" if f.mme > 0 else ""
@@ -1071,10 +1084,10 @@ class StrengthShiftDetector(PerFamilyDetector):
         return reason(self.name, self.dimension, f.family, value, usual, threshold, window, True, text)
 
     def _share(self, f: FamilyFacts, share: float, usual: float, threshold: float, units30: int, high30: int,
-               orders30: int, months: int, mg_value: float, mg_usual: float) -> Reason:
+               orders30: int, months: int, mg_value: float, mg_usual: float, cleared: str) -> Reason:
         """The high-strength share finding (value, baseline and threshold are shares of the 30-day units)."""
         c = self.cfg
-        window = _strength_window(months, "share of dosage units in high-strength products")
+        window = _strength_window(months, "share of dosage units in high-strength products") + cleared
         fired = share > threshold
         chance = 1.0
         if fired:
@@ -1087,7 +1100,7 @@ class StrengthShiftDetector(PerFamilyDetector):
         text = (f"{f.family} in the last 30 days: {fmt_n(high30)} of {fmt_n(units30)} dosage units "
                 f"({fmt_pct(share)}) are in its high-strength products (at least {fmt_pct(c.strength_high_fraction)} "
                 f"of the strongest of the family and dosage form); this registrant's usual share is "
-                f"{fmt_pct(usual)}; the threshold is {fmt_pct(threshold)} (the larger of "
+                f"{fmt_pct(usual)}{cleared.replace('; or', ' or')}; the threshold is {fmt_pct(threshold)} (the larger of "
                 f"{fmt_pct(c.strength_share_min)} and {c.strength_share_ratio:g}x usual): a shift to the strongest "
                 f"products of the family ({mg_value:,.2f} mg per unit against a usual {mg_usual:,.2f}); even if "
                 f"each of its {orders30} orders of the 30 days were one product drawn by the usual share, so many "

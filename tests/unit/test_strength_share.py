@@ -125,3 +125,32 @@ def test_multi_strength_buyer_restocking_one_hydrocodone_product_per_order_is_no
              for v in verdicts if "strength_shift" in fired_detectors(v)]
     assert not fired, fired[:2]
     assert len(orders) > 150
+
+
+def test_a_mix_an_analyst_cleared_is_not_held_again_on_every_order() -> None:
+    """After an analyst RELEASED a held order of the family, that month's mix is the usual (as ramp_2x's cleared
+    level): a pharmacy whose patients moved to 10 mg for good is held once, not until its months catch up."""
+    rng = random.Random(11)
+    dea = "BH1111119"
+    shift_at = START + timedelta(days=240)
+
+    def mix(t: datetime, r: random.Random) -> dict[str, float]:
+        f = min(1.0, max(0.0, (t - shift_at) / timedelta(days=21)))
+        return {ndc: (1 - f) * s + f * (0.9 if ndc == HC10 else 0.05) for ndc, s in USUAL_HC.items()}
+
+    orders = stream(dea, 330, 3, 600, mix, rng)
+    monitor = Monitor(MonitorConfig(new_customer_months=0))
+    state, later = None, []
+    for o in orders:
+        v = monitor.score(state, o, decided_at=o["received_at"])
+        if v["verdict"] == "HOLD" and not later:  # the analyst looks and releases: learned, its month cleared
+            state = dict(monitor.learn(state, o))
+            month = o["received_at"].year * 12 + o["received_at"].month - 1
+            state["due_diligence"] = dict(state["due_diligence"], cleared={"HYDROCODONE": month})
+            later.append(o)
+            continue
+        if later:
+            later.append(o)
+            assert "strength_shift" not in fired_detectors(v), o["received_at"]
+        state = monitor.learn(state, o)
+    assert len(later) > 10
