@@ -385,26 +385,30 @@ def day_of(ms: int) -> int:
 
 
 class DailyRing:
-    """Orders, dosage units and mg of base drug per UTC day for the last 30 days: at most 30 cells."""
+    """Orders, dosage units, mg of base drug and high-strength units per UTC day for the last 30 days: at most
+    30 cells."""
 
     __slots__ = ("cells",)
 
     def __init__(self, cells: Mapping[str, Iterable[int]] | None = None) -> None:
         # Stored as parallel arrays (som.state.DayCells): arrays of numbers
-        # encode several times faster than an array of small records. ``mg`` is
-        # absent (or empty) in states written before it existed: 0 mg those days.
+        # encode several times faster than an array of small records. ``mg`` and ``high`` are
+        # absent (or empty) in states written before they existed: 0 those days.
         cells = cells or {"day": (), "orders": (), "units": ()}
+        n = len(cells["day"])
         mg = list(cells.get("mg") or ())
-        mg += [0.0] * (len(cells["day"]) - len(mg))
+        mg += [0.0] * (n - len(mg))
+        high = list(cells.get("high") or ())
+        high += [0] * (n - len(high))
         self.cells: dict[int, list[Any]] = {
-            int(d): [int(o), int(u), float(m)]
-            for d, o, u, m in zip(cells["day"], cells["orders"], cells["units"], mg)}
+            int(d): [int(o), int(u), float(m), int(h)]
+            for d, o, u, m, h in zip(cells["day"], cells["orders"], cells["units"], mg, high)}
 
     def totals(self, at_ms: int, days: int, exclude_units: int | None = None) -> tuple[int, int]:
         """(orders, units) learned on the ``days`` UTC days ending with the day of ``at_ms``."""
         today = day_of(at_ms)
         orders = units = 0
-        for day, (o, u, _) in self.cells.items():
+        for day, (o, u, _, _) in self.cells.items():
             if today - days < day <= today:
                 orders += o
                 units += u
@@ -426,7 +430,7 @@ class DailyRing:
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
         orders = units = 0
         mg = 0  # as sum() starts: an int 0 until the first cell's float
-        for day, (o, u, g) in self.cells.items():
+        for day, (o, u, g, _) in self.cells.items():
             if month < day <= today:
                 units += u
                 mg += g
@@ -440,11 +444,31 @@ class DailyRing:
                 mg -= exclude_mg
         return max(orders, 0), max(units, 0), max(mg, 0.0)
 
-    def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0) -> None:
-        cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0])
+    def strength_30d(self, at_ms: int, exclude: tuple[float, int] | None = None) -> tuple[float, int, int]:
+        """(mg of base drug, high-strength units, orders) learned on the 30 UTC days ending with the day of ``at_ms``.
+
+        ``exclude``: an already learned order's (mg, high units), taken out of its day (a redelivery).
+        """
+        today = day_of(at_ms)
+        mg = 0.0
+        high = orders = 0
+        for day, c in self.cells.items():
+            if today - WINDOW_30D_DAYS < day <= today:
+                orders += c[0]
+                mg += c[2]
+                high += c[3]
+        if exclude is not None and today in self.cells:
+            orders -= 1
+            mg -= exclude[0]
+            high -= exclude[1]
+        return max(mg, 0.0), max(high, 0), max(orders, 0)
+
+    def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
+        cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0, 0])
         cell[0] += 1
         cell[1] += int(units)
         cell[2] += float(mg)
+        cell[3] += int(high)
         oldest = day_of(newest_ms) - WINDOW_30D_DAYS
         if min(self.cells) <= oldest:
             self.cells = {d: c for d, c in self.cells.items() if d > oldest}
@@ -452,7 +476,7 @@ class DailyRing:
     def to_dict(self) -> dict[str, list[int]]:
         days = sorted(self.cells)
         return {"day": days, "orders": [self.cells[d][0] for d in days], "units": [self.cells[d][1] for d in days],
-                "mg": [round(self.cells[d][2], 3) for d in days]}
+                "mg": [round(self.cells[d][2], 3) for d in days], "high": [self.cells[d][3] for d in days]}
 
 
 def month_of(ms: int) -> int:
@@ -481,27 +505,69 @@ class MonthRing:
     month after. Months without learned orders have no cell.
     """
 
-    __slots__ = ("cells", "_trailing")
+    __slots__ = ("cells", "mg", "high", "_trailing", "_strength")
 
-    def __init__(self, cells: Mapping[str, Iterable[int]] | None = None) -> None:
+    def __init__(self, cells: Mapping[str, Iterable[Any]] | None = None) -> None:
         cells = cells or {"month": (), "units": ()}
-        self.cells: dict[int, int] = {int(m): int(u) for m, u in zip(cells["month"], cells["units"])}
+        months = [int(m) for m in cells["month"]]
+        self.cells: dict[int, int] = {m: int(u) for m, u in zip(months, cells["units"])}
+        # mg of base drug and high-strength units per month (strength_shift's long memory); absent in states
+        # written before they existed: no strength those months.
+        self.mg: dict[int, float] = {m: float(x) for m, x in zip(months, cells.get("mg") or ())}
+        self.high: dict[int, int] = {m: int(x) for m, x in zip(months, cells.get("high") or ())}
         # (month, the full months before it as Monthly.prior): read by ~8 detectors per family and order, and
         # unchanged by learning orders of that month or later, so it survives most learned orders.
         self._trailing: tuple[int, tuple[int, ...]] | None = None
+        self._strength: tuple[int, int, StrengthMonths] | None = None  # (month, gap, reference) as _trailing
 
     def units(self, month: int) -> int:
         return self.cells.get(month, 0)
 
-    def add(self, at_ms: int, units: int, newest_ms: int) -> None:
+    def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
         m = month_of(at_ms)
         self.cells[m] = self.cells.get(m, 0) + int(units)
+        if mg > 0:
+            self.mg[m] = self.mg.get(m, 0.0) + float(mg)
+        if high > 0:
+            self.high[m] = self.high.get(m, 0) + int(high)
         if self._trailing is not None and m < self._trailing[0]:
             self._trailing = None  # a late order of an earlier month: the trailing months changed
+        if self._strength is not None and m < self._strength[0]:
+            self._strength = None
         oldest = month_of(newest_ms) - MONTHS_KEPT
         if len(self.cells) > MONTHS_KEPT or min(self.cells) <= oldest:
             self.cells = {k: v for k, v in self.cells.items() if k > oldest}
-            self._trailing = None
+            self.mg = {k: v for k, v in self.mg.items() if k > oldest}
+            self.high = {k: v for k, v in self.high.items() if k > oldest}
+            self._trailing = self._strength = None
+
+    def strength_months(self, at_ms: int, gap: int) -> "StrengthMonths":
+        """The long-memory strength reference: the full months before ``at_ms``'s month but the last ``gap``.
+
+        Leaving the last ``gap`` months out keeps the released first weeks of a shift out of the usual it is
+        judged against; calendar months, not an EW mean, so a shift's released orders cannot drag the usual
+        up order by order. Only months with a strength (mg) count.
+        """
+        cur = month_of(at_ms)
+        cached = self._strength
+        if cached is None or cached[0] != cur or cached[1] != gap:
+            cached = self._strength = (cur, gap, self._strength_months(cur, gap))
+        return cached[2]
+
+    def _strength_months(self, cur: int, gap: int) -> "StrengthMonths":
+        units = high = n = 0
+        mg = 0.0
+        for k, m in self.mg.items():
+            if k < cur - gap and m > 0:
+                u = self.cells.get(k, 0)
+                if u <= 0:
+                    continue
+                h = self.high.get(k, 0)
+                units += u
+                mg += m
+                high += h
+                n += 1
+        return StrengthMonths(n, units, mg, high)
 
     def monthly(self, at_ms: int, units: int, replay: bool) -> "Monthly":
         """The calendar months up to ``at_ms``'s month with an order of ``units`` added (not when a ``replay``)."""
@@ -515,9 +581,27 @@ class MonthRing:
             cached = self._trailing = (cur, tuple(cells.get(k, 0) for k in range(start, cur)))
         return Monthly(cur, current, cached[1])
 
-    def to_dict(self) -> dict[str, list[int]]:
+    def to_dict(self) -> dict[str, list[Any]]:
         months = sorted(self.cells)
-        return {"month": months, "units": [self.cells[m] for m in months]}
+        return {"month": months, "units": [self.cells[m] for m in months],
+                "mg": [round(self.mg.get(m, 0.0), 3) for m in months], "high": [self.high.get(m, 0) for m in months]}
+
+
+class StrengthMonths(NamedTuple):
+    """strength_shift's long memory of one family: the reference months' totals (see ``MonthRing.strength_months``)."""
+
+    months: int  # reference months with a strength
+    units: int
+    mg: float
+    high: int  # dosage units in high-strength products
+
+    @property
+    def mg_per_unit(self) -> float:
+        return self.mg / self.units if self.units > 0 else 0.0
+
+    @property
+    def high_share(self) -> float:
+        return self.high / self.units if self.units > 0 else 0.0
 
 
 # --------------------------------------------------------------------------
@@ -555,6 +639,7 @@ class FamilyFacts(NamedTuple):
     mme: float
     base_weight_g: float
     schedules: tuple[str, ...]
+    high_units: int = 0  # units in the family's high-strength products (``order_facts``' ``high_ndcs``)
 
 
 @dataclass(frozen=True)
@@ -578,20 +663,27 @@ class OrderFacts:
         return sum(f.units for f in self.families.values())
 
 
-def order_facts(order: Mapping[str, Any]) -> OrderFacts:
-    """Aggregate a verified order (``csos.orders.VerifiedOrder`` dict) by drug family."""
+def order_facts(order: Mapping[str, Any], high_ndcs: frozenset[str] | set[str] = frozenset()) -> OrderFacts:
+    """Aggregate a verified order (``csos.orders.VerifiedOrder`` dict) by drug family.
+
+    ``high_ndcs``: the NDCs of high-strength products (``streams.monitoring.strength``); their lines' units
+    are counted in ``FamilyFacts.high_units``.
+    """
     acc: dict[str, list[Any]] = {}
     for line in order["lines"]:
         fam = str(line["drug_family"]).strip().upper() or "UNKNOWN"
         a = acc.get(fam)
         if a is None:  # (not setdefault: that would build a list and a set for every line)
-            a = acc[fam] = [0, 0.0, 0.0, set()]
-        a[0] += int(line["dosage_units"])
+            a = acc[fam] = [0, 0.0, 0.0, set(), 0]
+        units = int(line["dosage_units"])
+        a[0] += units
         a[1] += float(line.get("mme") or 0.0)
         a[2] += float(line.get("base_weight_g") or 0.0)
         a[3].add(str(line.get("schedule", "")))
+        if high_ndcs and line.get("ndc") in high_ndcs:
+            a[4] += units
     families = {
-        fam: FamilyFacts(fam, a[0], a[1], a[2], tuple(sorted(a[3])))
+        fam: FamilyFacts(fam, a[0], a[1], a[2], tuple(sorted(a[3])), a[4])
         for fam, a in sorted(acc.items())
     }
     act = order.get("business_activity")
@@ -714,8 +806,10 @@ class FamilyBaseline:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""
         return self.orders > 0 and at_ms - self.first_order_ms >= days * MS_PER_DAY
 
-    def learn(self, at_ms: int, units: int, base_mg: float = 0.0, windows: Windows | None = None) -> None:
-        """Fold one released order of ``units`` dosage units (``base_mg`` mg of base drug) in.
+    def learn(self, at_ms: int, units: int, base_mg: float = 0.0, windows: Windows | None = None,
+              high: int = 0) -> None:
+        """Fold one released order of ``units`` dosage units (``base_mg`` mg of base drug, ``high`` units in
+        high-strength products) in.
 
         ``windows``: this order's :meth:`windows` if the caller has them already (scoring computed them).
         """
@@ -743,8 +837,8 @@ class FamilyBaseline:
         self.orders += 1
         self.last_order_ms = max(self.last_order_ms, at_ms)
         self.recent.add(at_ms, self.last_order_ms)
-        self.days.add(at_ms, units, self.last_order_ms, base_mg)
-        self.months.add(at_ms, units, self.last_order_ms)
+        self.days.add(at_ms, units, self.last_order_ms, base_mg, high)
+        self.months.add(at_ms, units, self.last_order_ms, base_mg, high)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1043,18 +1137,22 @@ class RegistrantBaselines:
                                          else Monthly(month_of(order.at_ms), 0 if self._replay else units, ()))
         return m
 
-    def strength_30d(self, family: str, order: OrderFacts) -> tuple[float, int]:
-        """(mg of base drug, dosage units) of ``family`` over the 30 UTC days ending at ``order``, the order included.
+    def strength_30d(self, family: str, order: OrderFacts) -> tuple[float, int, int, int]:
+        """(mg of base drug, dosage units, high-strength units, orders) of ``family`` over the 30 UTC days ending
+        at ``order``, the order included.
 
         The strength window: a multi-strength buyer that restocks one product at a
         time swings one order's mg per unit, not its month's.
         """
         f = order.families.get(family)
         mg = f.base_weight_g * 1000.0 if f is not None else 0.0
-        w = self.windows(family, order)
-        if self.family(family) is None:  # no baseline: nothing learned
-            return mg, w.units_30d
-        return w.learned_mg_30d + mg, w.units_30d
+        high = f.high_units if f is not None else 0
+        units = self.windows(family, order).units_30d
+        fb = self.family(family)
+        if fb is None:
+            return mg, units, high, 1
+        mg30, high30, orders30 = fb.days.strength_30d(order.at_ms, (mg, high) if self._replay else None)
+        return mg30 + mg, units, high30 + high, orders30 + 1
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
         """Units per family over the 30 UTC days ending at ``order``, the order included (a copy: callers own it)."""
@@ -1090,7 +1188,7 @@ class RegistrantBaselines:
                 self._raw_families[fam] = {}
             # The windows scoring computed for this very order (not a replay) are the ones learning needs.
             scored = self._windows.get(fam) if self._cached_for is order and not self._replay else None
-            fb.learn(order.at_ms, facts.units, facts.base_weight_g * 1000.0, scored)
+            fb.learn(order.at_ms, facts.units, facts.base_weight_g * 1000.0, scored, facts.high_units)
         self.mix.learn({f: x.units for f, x in order.families.items()})
         self.timing.learn(order.at_ms)
         if not self.total_orders or order.at_ms < self.first_order_ms:

@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from streams.monitoring.baselines import (
-    TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name,
+    TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name, month_of,
     months_with_orders,
 )
 from streams.monitoring.peers import PeerGroup, PeerProfiles
@@ -50,7 +50,7 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "7"
+DETECTORS_VERSION = "8"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
@@ -155,9 +155,25 @@ class MonitorConfig:
     ramp_min_share: float = 0.2  # focused also needs this family at >= this share of the registrant's 30-day units
     ramp_noise_z: float = 6.0  # ... and above the reference + this many std of the months before the gap
     ramp_min_months: int = 6  # trailing calendar months of history (of the family) before the rule applies
-    # Strength shift, per family: mg of base drug per dosage unit of the order vs the usual (EW) mix.
-    strength_ratio: float = 1.5  # x the usual 30-day mg per unit
-    strength_min_history: int = 8  # learned orders with a strength before the usual mix is known
+    # Strength shift, per family, over the 30 days to the order: (1) mg of base drug per dosage unit against the
+    # usual mix; (2) the share of units in the family's high-strength products against the usual share. The usual
+    # is the long memory: the calendar months before the order's month but the last strength_gap_months (a shift's
+    # released first weeks cannot drag it), once strength_min_months of them carry a strength; before that the EW
+    # 30-day mix (sampled at released orders, clipped to 1.2x per sample).
+    strength_ratio: float = 1.5  # (1) x the usual mg per unit
+    strength_min_history: int = 8  # learned 30-day windows before the EW usual applies
+    strength_gap_months: int = 1
+    strength_min_months: int = 3
+    # (2) high-strength: at least this fraction of the strongest product the product master (CSOS_PRODUCTS) lists
+    # for the family and dosage form; fire when the 30-day share exceeds the larger of strength_share_min and
+    # strength_share_ratio x the usual share (a buyer that always ordered them cannot shift to them).
+    strength_high_fraction: float = 0.8
+    strength_share_min: float = 0.6
+    strength_share_ratio: float = 2.0
+    # ... and only when that many high-strength orders among the window's orders (share x orders) would have a
+    # chance below strength_share_p if each order were one product drawn by the usual share (binomial tail): a
+    # multi-strength buyer that restocks one product per order has lumpy 30-day shares.
+    strength_share_p: float = 0.005
     # Frequency from the registrant's own cadence: orders in the window (before this one) ~ Poisson(rate learned
     # from released orders); fire when the tail probability of the count is below freq_p_* (and above the floors
     # freq_min_24h / freq_min_7d). The rate is the EW count of the other orders in the window at released orders.
@@ -1024,15 +1040,25 @@ class RampGuardDetector(PerFamilyDetector):
 class StrengthShiftDetector(PerFamilyDetector):
     """Deviation from pattern: a shift to stronger products inside one family (30 mg tablets instead of 5 mg).
 
-    Unit counts do not see it: 100 tablets are 100 tablets. The value is the
-    family's mg of base drug per dosage unit over the 30 UTC days ending at the
-    order, the order included (from the ``base_weight_g`` of the lines); the
-    baseline is the registrant's usual value of that window (EW, sampled at
-    released orders once its history spans 30 days). A window, not one order:
-    a multi-strength buyer that restocks one product at a time swings one
-    order's mg per unit by 3-10x, its month's hardly. It fires above
-    ``strength_ratio`` times the usual once ``strength_min_history`` windows
-    are learned. The explanation gives the mg, the MME and the usual mix.
+    Unit counts do not see it: 100 tablets are 100 tablets. Two measures over
+    the 30 UTC days ending at the order, the order included (a window, not one
+    order: a multi-strength buyer that restocks one product at a time swings
+    one order's mix by 3-10x, its month's hardly):
+
+    * mg of base drug per dosage unit (from the lines' ``base_weight_g``),
+      firing above ``strength_ratio`` x the usual;
+    * the share of the family's units in its high-strength products
+      (:mod:`.strength`), firing above the larger of ``strength_share_min`` and
+      ``strength_share_ratio`` x the usual share. It sees a shift to the
+      strongest product of a family whose strengths are close together
+      (hydrocodone 5 / 7.5 / 10 mg), where mg per unit rises less than 1.5x.
+
+    The usual is the long memory (calendar months before the order's month
+    but the last ``strength_gap_months``): a shift's released orders teach the
+    months it is not judged against, so they cannot drag the usual up order
+    by order. A registrant with fewer than ``strength_min_months`` such months
+    is judged on mg per unit against its EW 30-day mix. The finding reports
+    the measure nearer its threshold (the one that fired).
     """
 
     name = "strength_shift"
@@ -1041,26 +1067,95 @@ class StrengthShiftDetector(PerFamilyDetector):
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         fb = state.family(f.family)
-        mg30, units30 = state.strength_30d(f.family, order)
+        mg30, units30, high30, orders30 = state.strength_30d(f.family, order)
         value = mg30 / units30 if units30 > 0 and f.base_weight_g > 0 else 0.0
-        n = fb.mg_per_unit_30d.n if fb else 0
-        usual = fb.mg_per_unit_30d.get() if fb else 0.0
-        if n < c.strength_min_history or usual <= 0 or value <= 0:
-            why = "no strength on the order's lines" if value <= 0 else (
-                f"{n} learned 30-day windows of {f.family} with a strength (< {c.strength_min_history})")
-            return finding(self.name, self.dimension, f.family, value, usual, _MAX, f"not applicable: {why}", False, "")
+        if fb is None or value <= 0:
+            return finding(self.name, self.dimension, f.family, value, 0.0, _MAX,
+                           "not applicable: no strength on the order's lines" if value <= 0 else
+                           f"not applicable: no learned orders of {f.family}", False, "")
+        lm = fb.months.strength_months(order.at_ms, c.strength_gap_months)
+        usual_share = lm.high_share
+        cleared = ""
+        if lm.months >= c.strength_min_months and lm.mg_per_unit > 0:
+            usual, window = lm.mg_per_unit, _strength_window(lm.months, "mg of base drug per dosage unit")
+            desc = f"mix over {lm.months} earlier calendar months"
+            at = (state.due_diligence.get("cleared") or {}).get(f.family)
+            month = month_of(order.at_ms)
+            if at is not None and month - at < c.ramp_2x_cleared_months and fb.months.cells.get(at, 0) > 0:
+                # An analyst released a held order of the family: that month's mix is accepted (else a buyer
+                # whose mix changed for good would be held on every order until its months caught up).
+                u = fb.months.cells[at]
+                usual = max(usual, fb.months.mg.get(at, 0.0) / u)
+                usual_share = max(usual_share, fb.months.high.get(at, 0) / u)
+                cleared = f"; or the mix of {month_name(at)}, cleared by an analyst"
+                window += cleared
+                desc += cleared.replace("; or", ", or")
+        else:
+            n = fb.mg_per_unit_30d.n
+            usual = fb.mg_per_unit_30d.get()
+            if n < c.strength_min_history or usual <= 0:
+                why = f"{n} learned 30-day windows of {f.family} with a strength (< {c.strength_min_history})"
+                return finding(self.name, self.dimension, f.family, value, usual, _MAX, f"not applicable: {why}",
+                               False, "")
+            window = ("30 days to this order; usual: " + fb.mg_per_unit_30d.window()
+                      + " (mg of base drug per dosage unit over 30 days)")
+            desc = "30-day mix"
         threshold = c.strength_ratio * usual
-        fired = value > threshold
-        window = ("30 days to this order; usual: " + fb.mg_per_unit_30d.window()
-                  + " (mg of base drug per dosage unit over 30 days)")
-        if not fired:
+        mg_fired = value > threshold
+        if not mg_fired and lm.months >= c.strength_min_months and units30 > 0:
+            share = high30 / units30
+            share_threshold = max(c.strength_share_min, c.strength_share_ratio * usual_share)
+            if share > share_threshold or (high30 > 0 and share / share_threshold > value / threshold):
+                return self._share(f, share, usual_share, share_threshold, units30, high30, orders30, lm.months,
+                                   value, usual, cleared)
+        if not mg_fired:
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         mme = f" ({fmt_n(f.mme)} MME in this order)" if f.mme > 0 else ""
         text = (f"{f.family} in the last 30 days: {fmt_n(units30)} dosage units carry {fmt_n(mg30)} mg of base "
-                f"drug{mme}, {value:,.2f} mg per unit; this registrant's usual 30-day mix is {usual:,.2f} mg per "
+                f"drug{mme}, {value:,.2f} mg per unit; this registrant's usual {desc} is {usual:,.2f} mg per "
                 f"unit; the threshold is {threshold:,.2f} ({c.strength_ratio:g}x usual): a shift to stronger "
                 f"products of the family, {value / usual:.1f}x the usual strength.")
-        return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, value, usual, threshold, window, True, text)
+
+    def _share(self, f: FamilyFacts, share: float, usual: float, threshold: float, units30: int, high30: int,
+               orders30: int, months: int, mg_value: float, mg_usual: float, cleared: str) -> Finding:
+        """The high-strength share finding (value, baseline and threshold are shares of the 30-day units)."""
+        c = self.cfg
+        window = _strength_window(months, "share of dosage units in high-strength products") + cleared
+        fired = share > threshold
+        chance = 1.0
+        if fired:
+            chance = binomial_tail(orders30, round(share * orders30), max(usual, 0.01))
+            if chance >= c.strength_share_p:  # a lumpy multi-strength buyer could order so by chance
+                window += f"; {orders30} orders: a one-product-per-order buyer would, p = {chance:.2g}"
+                fired = False
+        if not fired:
+            return finding(self.name, self.dimension, f.family, share, usual, threshold, window, False, "")
+        text = (f"{f.family} in the last 30 days: {fmt_n(high30)} of {fmt_n(units30)} dosage units "
+                f"({fmt_pct(share)}) are in its high-strength products (at least {fmt_pct(c.strength_high_fraction)} "
+                f"of the strongest of the family and dosage form); this registrant's usual share is "
+                f"{fmt_pct(usual)}{cleared.replace('; or', ' or')}; the threshold is {fmt_pct(threshold)} (the larger of "
+                f"{fmt_pct(c.strength_share_min)} and {c.strength_share_ratio:g}x usual): a shift to the strongest "
+                f"products of the family ({mg_value:,.2f} mg per unit against a usual {mg_usual:,.2f}); even if "
+                f"each of its {orders30} orders of the 30 days were one product drawn by the usual share, so many "
+                f"high-strength ones would have a chance of {chance:.2g} (< {c.strength_share_p:g}).")
+        return finding(self.name, self.dimension, f.family, share, usual, threshold, window, True, text)
+
+
+@functools.lru_cache(maxsize=1024)
+def binomial_tail(n: int, k: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): how likely k of n orders are high-strength when each is with chance p."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    return min(1.0, sum(math.comb(n, i) * p ** i * (1.0 - p) ** (n - i) for i in range(k, n + 1)))
+
+
+@functools.lru_cache(maxsize=64)
+def _strength_window(months: int, measure: str) -> str:
+    """strength_shift's window over the long memory: the same few sentences on every order, written once."""
+    return f"30 days to this order; usual: {months} earlier calendar months ({measure})"
 
 
 class PeerVolumeDetector(PerFamilyDetector):

@@ -19,6 +19,7 @@ static reference rules can be compared on the same verdicts.
 """
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 from typing import Any, Container, Mapping
 
@@ -32,6 +33,7 @@ from streams.monitoring.anomaly import AnomalyCombiner
 from streams.monitoring.peers import PeerProfiles
 from streams.monitoring import open_cases
 from streams.monitoring.onboarding import NewCustomerDetector, NewCustomerOrderDetector
+from streams.monitoring.strength import default_high_strength_ndcs
 
 
 def _closeness(r: Mapping[str, Any]) -> float:
@@ -88,8 +90,12 @@ class Monitor:
     """Suspicious order monitoring for one configuration of detectors and thresholds."""
 
     def __init__(self, config: MonitorConfig | None = None, detectors: list[Detector] | None = None,
-                 peers: PeerProfiles | None = None) -> None:
+                 peers: PeerProfiles | None = None, high_ndcs: frozenset[str] | None = None) -> None:
         self.config = config or MonitorConfig()
+        #: NDCs of the families' high-strength products (strength_shift's share; reference data from the product
+        #: master, ``streams.monitoring.strength``). None: from CSOS_PRODUCTS (else the bundled master).
+        self.high_ndcs = (high_ndcs if high_ndcs is not None
+                          else default_high_strength_ndcs(self.config.strength_high_fraction))
         self.settings = self.config.baseline_settings()
         if peers is None and self.config.peer_profiles:
             peers = load_peers(self.config.peer_profiles)
@@ -120,6 +126,8 @@ class Monitor:
         tags = "".join(f".{t}" for d in self.detectors if (t := getattr(d, "version_tag", "")))
         if peers is not None:
             tags += f".{peers.digest()}"
+        if self.high_ndcs:  # another product master can make other products high-strength
+            tags += ".h" + hashlib.sha256(",".join(sorted(self.high_ndcs)).encode()).hexdigest()[:6]
         self._last_facts: tuple[Any, ...] | None = None  # (order, (id, received_at), lines, facts)
         self.model_version = f"som/{DETECTORS_VERSION}.s{STATE_VERSION}+{self.config.fingerprint()}{tags}"
 
@@ -132,7 +140,7 @@ class Monitor:
         cached = self._last_facts
         if cached is not None and cached[0] is order and cached[1] == key[:2] and cached[2] is key[2]:
             return cached[3]
-        facts = order_facts(order)
+        facts = order_facts(order, self.high_ndcs)
         self._last_facts = (order, key[:2], key[2], facts)
         return facts
 
@@ -221,7 +229,7 @@ class Monitor:
         if isinstance(state, RegistrantBaselines):
             raise TypeError("learn() returns a new state; use learn_into() for live baselines")
         base = self._baselines(state, order)
-        base.learn(order_facts(order))
+        base.learn(order_facts(order, self.high_ndcs))
         return base.to_state()
 
     def learn_into(self, base: RegistrantBaselines, order: Mapping[str, Any]) -> None:

@@ -1,0 +1,156 @@
+"""Issue 11: a shift to the strongest product of a family, judged against the long memory (calendar months).
+
+Orders carry real NDCs of the bundled product master, so the high-strength share (products at >= 80 % of the
+strongest strength of the family and dosage form) is what the pipeline computes.
+"""
+from __future__ import annotations
+
+import math
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+from streams.domain.products import ProductMaster
+from streams.monitoring import Monitor, MonitorConfig
+from streams.monitoring.strength import DEFAULT_PRODUCTS, high_strength_ndcs
+from test_detectors_issue11 import START
+from test_monitoring import fired_detectors, order, run
+
+PM = ProductMaster.load(DEFAULT_PRODUCTS)
+HC5, HC75, HC10 = "00406-0365-05", "00591-0349-05", "00406-0367-01"  # hydrocodone/APAP 5, 7.5, 10 mg tablets
+OXY10, OXY20, OXY30, OXY40 = "10702-0056-01", "59011-0420-10", "10702-0009-01", "59011-0440-10"
+USUAL_HC = {HC5: 0.4, HC75: 0.3, HC10: 0.3}
+
+
+def product_order(dea: str, at: datetime, units: dict[str, int]) -> dict[str, Any]:
+    """An order whose lines are these NDCs and dosage units, enriched as verification does."""
+    o = order(dea, at, {})
+    for k, (ndc, u) in enumerate(units.items(), 1):
+        p = PM.get(ndc)
+        assert p is not None, ndc
+        o["lines"].append({"line_no": k, "ndc": p.ndc, "product_name": p.product_name, "strength": p.strength,
+                           "package_quantity": p.units_per_package, "packages": max(1, u // p.units_per_package),
+                           "dosage_units": u, "schedule": p.schedule, "drug_family": p.drug_family,
+                           "base_weight_g": p.base_weight_g(u), "mme": p.mme(u)})
+    return o
+
+
+def stream(dea: str, days: float, every: float, units: float, mix: Any, rng: random.Random,
+           start: datetime = START) -> list[dict[str, Any]]:
+    """Orders every ~``every`` days of ~``units`` units split by ``mix(t, rng)`` (NDC -> share) at time t."""
+    out, t = [], start
+    while t < start + timedelta(days=days):
+        total = units * math.exp(rng.gauss(0, 0.12))
+        split = {ndc: max(1, round(total * s)) for ndc, s in mix(t, rng).items() if s > 0}
+        out.append(product_order(dea, t.replace(hour=rng.randint(13, 21)), split))
+        t += timedelta(days=max(0.8, every * math.exp(rng.gauss(0, 0.2))))
+    return out
+
+
+def test_high_strength_products_are_the_strongest_of_family_and_form() -> None:
+    high = high_strength_ndcs(PM, 0.8)
+    assert HC10 in high and HC75 not in high and HC5 not in high  # 7.5 mg is 75 % of 10 mg
+    assert OXY40 in high and OXY10 not in high
+    assert all(p.ndc in high for p in PM if p.drug_family == "METHADONE" and p.dosage_form == "INJ")
+
+
+def test_shift_to_the_strongest_hydrocodone_is_held_though_mg_per_unit_rises_only_1_3x() -> None:
+    """90 % of the units move to 10 mg over three weeks and stay: mg per unit 1.3x, the 10 mg share 3x."""
+    rng = random.Random(11)
+    dea = "BH1111119"
+    shift_at = START + timedelta(days=240)
+
+    def mix(t: datetime, r: random.Random) -> dict[str, float]:
+        f = min(1.0, max(0.0, (t - shift_at) / timedelta(days=21)))  # 0 -> 1 over three weeks
+        return {ndc: (1 - f) * s + f * (0.9 if ndc == HC10 else 0.05) for ndc, s in USUAL_HC.items()}
+
+    orders = stream(dea, 330, 3, 600, mix, rng)
+    monitor = Monitor(MonitorConfig(new_customer_months=0))
+    _, verdicts = run(monitor, orders)
+    held = [(o["received_at"], v) for o, v in zip(orders, verdicts) if v["verdict"] == "HOLD"]
+    assert held, "the shift shipped"
+    at, v = held[0]
+    assert shift_at < at <= shift_at + timedelta(days=35), at  # none before the shift, then within five weeks
+    assert fired_detectors(v) == {"strength_shift"}
+    r = next(r for r in v["reasons"] if r["detector"] == "strength_shift" and r["fired"])
+    assert "high-strength products" in r["explanation"] and "share" in r["window"]
+    assert 0.25 < r["baseline"] < 0.35 and r["value"] > r["threshold"] >= 0.6  # usual 10 mg share ~30 %
+    # mg per unit alone could not see it: the shifted month's strength is under 1.5x the usual.
+    assert 5.83 / 4.39 < 1.5
+    mg_only = Monitor(MonitorConfig(new_customer_months=0, strength_share_min=1.01))
+    _, verdicts = run(mg_only, orders)
+    assert not [v for v in verdicts if "strength_shift" in fired_detectors(v)]
+
+
+def test_frequent_buyer_drifting_to_40_mg_is_held_against_its_calendar_months() -> None:
+    """A daily buyer of 10 / 20 / 30 mg moves 80 % of its units to 40 mg over four weeks (2.1x its mg per unit).
+
+    Before the long memory it was never held: each released order taught a stronger usual (up to 1.2x per
+    order), so the 30-day mix never reached 1.5x the usual it was judged against.
+    """
+    rng = random.Random(0)
+    dea = "BD2222227"
+    shift_at = START + timedelta(days=200)
+
+    def mix(t: datetime, r: random.Random) -> dict[str, float]:
+        f = min(1.0, max(0.0, (t - shift_at) / timedelta(days=28)))
+        return {OXY10: (1 - f) * 0.5 + f * 0.1, OXY20: (1 - f) * 0.3 + f * 0.06, OXY30: (1 - f) * 0.2 + f * 0.04,
+                OXY40: f * 0.8}
+
+    orders = stream(dea, 320, 1, 120, mix, rng)
+    monitor = Monitor(MonitorConfig(new_customer_months=0))
+    _, verdicts = run(monitor, orders)
+    held = [(o["received_at"], v) for o, v in zip(orders, verdicts) if v["verdict"] == "HOLD"]
+    assert held and shift_at < held[0][0] <= shift_at + timedelta(days=31), held[:1]
+    r = next(r for r in held[0][1]["reasons"] if r["detector"] == "strength_shift" and r["fired"])
+    assert "earlier calendar months" in r["window"]
+    if "share" not in r["window"]:  # the usual is the months before the shift (~15.2 mg per unit), not dragged along
+        assert r["baseline"] < 16.0
+
+
+def test_multi_strength_buyer_restocking_one_hydrocodone_product_per_order_is_not_held() -> None:
+    """Each order is one of 5 / 7.5 / 10 mg, drawn by its usual share: its 30-day share of 10 mg swings, its
+    months' do not move for good."""
+    rng = random.Random(13)
+    dea = "BM3333330"
+
+    def one_product(t: datetime, r: random.Random) -> dict[str, float]:
+        ndc = r.choices(list(USUAL_HC), weights=list(USUAL_HC.values()))[0]
+        return {ndc: 1.0}
+
+    orders = stream(dea, 420, 2.5, 500, one_product, rng)
+    monitor = Monitor(MonitorConfig(new_customer_months=0))
+    _, verdicts = run(monitor, orders)
+    fired = [next(r for r in v["reasons"] if r["detector"] == "strength_shift")
+             for v in verdicts if "strength_shift" in fired_detectors(v)]
+    assert not fired, fired[:2]
+    assert len(orders) > 150
+
+
+def test_a_mix_an_analyst_cleared_is_not_held_again_on_every_order() -> None:
+    """After an analyst RELEASED a held order of the family, that month's mix is the usual (as ramp_2x's cleared
+    level): a pharmacy whose patients moved to 10 mg for good is held once, not until its months catch up."""
+    rng = random.Random(11)
+    dea = "BH1111119"
+    shift_at = START + timedelta(days=240)
+
+    def mix(t: datetime, r: random.Random) -> dict[str, float]:
+        f = min(1.0, max(0.0, (t - shift_at) / timedelta(days=21)))
+        return {ndc: (1 - f) * s + f * (0.9 if ndc == HC10 else 0.05) for ndc, s in USUAL_HC.items()}
+
+    orders = stream(dea, 330, 3, 600, mix, rng)
+    monitor = Monitor(MonitorConfig(new_customer_months=0))
+    state, later = None, []
+    for o in orders:
+        v = monitor.score(state, o, decided_at=o["received_at"])
+        if v["verdict"] == "HOLD" and not later:  # the analyst looks and releases: learned, its month cleared
+            state = dict(monitor.learn(state, o))
+            month = o["received_at"].year * 12 + o["received_at"].month - 1
+            state["due_diligence"] = dict(state["due_diligence"], cleared={"HYDROCODONE": month})
+            later.append(o)
+            continue
+        if later:
+            later.append(o)
+            assert "strength_shift" not in fired_detectors(v), o["received_at"]
+        state = monitor.learn(state, o)
+    assert len(later) > 10
