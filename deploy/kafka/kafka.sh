@@ -33,6 +33,8 @@
 #   KAFKA_START_TIMEOUT     seconds start waits for readiness [120]
 #   KAFKA_STOP_TIMEOUT      seconds stop waits after SIGTERM before SIGKILL [30]
 #   JAVA                    java executable [java on PATH, JDK 17+]
+#   KAFKA_LOG4J_CONFIG      log4j2 configuration [deploy/kafka/log4j2.properties]; deploy/kafka/
+#                           log4j2-requests.properties also logs every request to requests.log
 #   KAFKA_SASL_PORT         optional: also listen with SASL_PLAINTEXT (SCRAM-SHA-512/256) on this
 #                           127.0.0.1 port and enforce ACLs everywhere (StandardAuthorizer, super user
 #                           `admin`, deny when no ACL matches: the PLAINTEXT port then serves only
@@ -62,7 +64,7 @@ KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-}"
 KAFKA_SASL_ADMIN_PASSWORD="${KAFKA_SASL_ADMIN_PASSWORD:-}"
 
 POM="$SCRIPT_DIR/pom.xml"
-LOG4J_CONFIG="$SCRIPT_DIR/log4j2.properties"
+LOG4J_CONFIG="${KAFKA_LOG4J_CONFIG:-$SCRIPT_DIR/log4j2.properties}"
 LIB_DIR="$KAFKA_CACHE_DIR/lib"
 LIB_STAMP="$LIB_DIR/.pom.sha256"
 PROPS="$KAFKA_DATA_DIR/server.properties"
