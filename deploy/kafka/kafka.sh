@@ -29,7 +29,10 @@
 #   KAFKA_NUM_PARTITIONS    num.partitions for auto/implicitly created topics [4]
 #   KAFKA_AUTO_CREATE_TOPICS  auto.create.topics.enable [false]
 #   KAFKA_HEAP_OPTS         [-Xms256m -Xmx512m]
-#   KAFKA_JVM_OPTS          extra JVM options [G1, small pauses, headless]
+#   KAFKA_JVM_OPTS          extra JVM options [G1, small pauses, headless, C1 JIT only]
+#                           C1 only (-XX:TieredStopAtLevel=1): this broker lives for a test, a demo or a
+#                           bench, and C2 compiling it took half its CPU there (README Performance,
+#                           "What the broker's CPU went to"); a long-lived broker may drop it.
 #   KAFKA_START_TIMEOUT     seconds start waits for readiness [120]
 #   KAFKA_STOP_TIMEOUT      seconds stop waits after SIGTERM before SIGKILL [30]
 #   JAVA                    java executable [java on PATH, JDK 17+]
@@ -56,7 +59,7 @@ KAFKA_MAVEN_REPO="${KAFKA_MAVEN_REPO:-$REPO_ROOT/.cache/m2}"
 KAFKA_NUM_PARTITIONS="${KAFKA_NUM_PARTITIONS:-4}"
 KAFKA_AUTO_CREATE_TOPICS="${KAFKA_AUTO_CREATE_TOPICS:-false}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
-KAFKA_JVM_OPTS="${KAFKA_JVM_OPTS:--server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true}"
+KAFKA_JVM_OPTS="${KAFKA_JVM_OPTS:--server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true -XX:TieredStopAtLevel=1}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-120}"
 KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 JAVA="${JAVA:-java}"
