@@ -104,7 +104,7 @@ def sink_fetch_config(settings: Settings) -> dict[str, int]:
 
     Why: with librdkafka's defaults (``fetch.min.bytes`` 1) the broker answers
     the sink's fetch as soon as any of its ~40 partitions gets a record, so at
-    30 orders/s the sink sent ~64 fetches a second, over a quarter of all
+    30 orders/s the sink sent ~60 fetches a second, a quarter of all
     requests the broker served (``streams.tools.broker_requests``, issue 14).
     The sink writes ClickHouse in windows of ``sink_batch_seconds`` anyway, so
     the broker may hold the fetch that long (or until 1 MiB is waiting): rows
