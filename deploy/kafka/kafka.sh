@@ -29,10 +29,15 @@
 #   KAFKA_NUM_PARTITIONS    num.partitions for auto/implicitly created topics [4]
 #   KAFKA_AUTO_CREATE_TOPICS  auto.create.topics.enable [false]
 #   KAFKA_HEAP_OPTS         [-Xms256m -Xmx512m]
-#   KAFKA_JVM_OPTS          extra JVM options [G1, small pauses, headless]
+#   KAFKA_JVM_OPTS          extra JVM options [G1, small pauses, headless, C1 JIT only]
+#                           C1 only (-XX:TieredStopAtLevel=1): this broker lives for a test, a demo or a
+#                           bench, and C2 compiling it took half its CPU there (README Performance,
+#                           "What the broker's CPU went to"); a long-lived broker may drop it.
 #   KAFKA_START_TIMEOUT     seconds start waits for readiness [120]
 #   KAFKA_STOP_TIMEOUT      seconds stop waits after SIGTERM before SIGKILL [30]
 #   JAVA                    java executable [java on PATH, JDK 17+]
+#   KAFKA_LOG4J_CONFIG      log4j2 configuration [deploy/kafka/log4j2.properties]; deploy/kafka/
+#                           log4j2-requests.properties also logs every request to requests.log
 #   KAFKA_SASL_PORT         optional: also listen with SASL_PLAINTEXT (SCRAM-SHA-512/256) on this
 #                           127.0.0.1 port and enforce ACLs everywhere (StandardAuthorizer, super user
 #                           `admin`, deny when no ACL matches: the PLAINTEXT port then serves only
@@ -54,7 +59,7 @@ KAFKA_MAVEN_REPO="${KAFKA_MAVEN_REPO:-$REPO_ROOT/.cache/m2}"
 KAFKA_NUM_PARTITIONS="${KAFKA_NUM_PARTITIONS:-4}"
 KAFKA_AUTO_CREATE_TOPICS="${KAFKA_AUTO_CREATE_TOPICS:-false}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
-KAFKA_JVM_OPTS="${KAFKA_JVM_OPTS:--server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true}"
+KAFKA_JVM_OPTS="${KAFKA_JVM_OPTS:--server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true -XX:TieredStopAtLevel=1}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-120}"
 KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 JAVA="${JAVA:-java}"
@@ -62,7 +67,7 @@ KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-}"
 KAFKA_SASL_ADMIN_PASSWORD="${KAFKA_SASL_ADMIN_PASSWORD:-}"
 
 POM="$SCRIPT_DIR/pom.xml"
-LOG4J_CONFIG="$SCRIPT_DIR/log4j2.properties"
+LOG4J_CONFIG="${KAFKA_LOG4J_CONFIG:-$SCRIPT_DIR/log4j2.properties}"
 LIB_DIR="$KAFKA_CACHE_DIR/lib"
 LIB_STAMP="$LIB_DIR/.pom.sha256"
 PROPS="$KAFKA_DATA_DIR/server.properties"
