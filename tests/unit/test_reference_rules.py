@@ -279,7 +279,8 @@ def test_monthly_state_is_bounded_and_small() -> None:
     _, size_empty = avro_roundtrip(without)
     print(f"\nAvro-encoded state, 5 families, 13 monthly cells each: {size} bytes "
           f"({size_empty} without monthly history, +{size - size_empty})")
-    assert size - size_empty < 5 * 13 * 8
+    # a cell: month and units (varints), the month's mg of base drug (a double) and its high-strength units
+    assert size - size_empty < 5 * 13 * 16
 
 
 def _old_state(state: dict, version: int = 1) -> dict:
@@ -309,7 +310,9 @@ def test_old_state_records_decode_and_migrate() -> None:
         assert finding(v, "static_2x_12m")["threshold"] == MAX
         new = monitor.learn(st, order(DEA, NOW, {"OXYCODONE": 500}))
         assert new["version"] == bl.STATE_VERSION == 4
-        assert new["families"]["OXYCODONE"]["months"] == {"month": [2026 * 12 + 2], "units": [500]}
+        months = new["families"]["OXYCODONE"]["months"]
+        assert {k: months[k] for k in ("month", "units")} == {"month": [2026 * 12 + 2], "units": [500]}
+        assert len(months["mg"]) == len(months["high"]) == 1  # the month's strength (v9), from this order on
         assert sum(new["timing"]["hours"]) == 1 and new["timing"]["weekdays"][NOW.weekday()] == 1
         assert codec.decode(codec.encode("som.state.RegistrantState", new))[1] == new
 
@@ -325,9 +328,10 @@ def test_v2_state_records_decode_and_migrate_with_empty_timing() -> None:
     assert name == "som.state.RegistrantState" and rec["version"] == 2
     assert rec["timing"] == {"hours": [], "weekdays": []}
     # nothing else is lost; the usual strength (v4) starts empty in a v2 record
-    def kept(fb: dict) -> dict:  # what a v2 record holds: no strength (v4), no 30-day strength (v7)
+    def kept(fb: dict) -> dict:  # what a v2 record holds: no strength (v4), 30-day strength (v7), months' mix (v9)
         out = {k: v for k, v in fb.items() if k not in ("mg_per_unit", "mg_per_unit_30d")}
-        return dict(out, days={k: v for k, v in fb["days"].items() if k != "mg"})
+        return dict(out, days={k: v for k, v in fb["days"].items() if k not in ("mg", "high")},
+                    months={k: v for k, v in fb["months"].items() if k not in ("mg", "high")})
     assert {f: kept(fb) for f, fb in rec["families"].items()} == {f: kept(fb) for f, fb in state["families"].items()}
     assert all(fb["mg_per_unit"] == {"mean": 0.0, "n": 0} for fb in rec["families"].values())
     for st in (rec, old):
