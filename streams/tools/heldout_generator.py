@@ -178,7 +178,7 @@ def _make_buyer(r: random.Random, activity: str, spec: dict[str, tuple[float, fl
     families = {}
     for f in fams:
         daily = spec[f][0] * size * r.lognormvariate(0.0, 0.25)
-        fam = Family(f, daily, _mix(r, by_fam[f], concentrate=r.random() < 0.4), by_fam[f],
+        fam = Family(f, daily, _mix(r, by_fam[f], concentrate=r.random() < 0.4), options=by_fam[f],
                      reorder_days=r.uniform(3, 8), cover_days=r.uniform(8, 24) if per_week < 3 else r.uniform(5, 12))
         fam.stock = daily * fam.cover_days * r.uniform(0.4, 1.0)
         families[f] = fam

@@ -473,3 +473,19 @@ def test_peers_from_history_judge_a_new_customer_against_the_existing_ones(tmp_p
     assert without["info"]["peers"] == "none"
     with pytest.raises(ValueError, match="need a history"):
         run_arcos(src, tmp_path / "out3", policies=("learned",), peers_from_history=True)
+
+
+def test_heldout_strength_shifts_move_units_to_the_strongest_product_on_offer() -> None:
+    """A shift episode must carry a shift: to the family's strongest product, even one the buyer never ordered."""
+    from streams.tools.heldout_generator import HeldoutConfig, generate_heldout
+    h = generate_heldout(HeldoutConfig(seed=23, buyers=300))
+    shifts = [e for e in h.episodes if e.kind == "strength_shift"]
+    assert len(shifts) == 10
+    for e in shifts:
+        fam = next(b for b in h.buyers if b.dea == e.buyer).families[e.family]
+        strongest = max(p.base_mg_per_unit for p in fam.options)
+        lines = [ln for o in h.orders for ln in o.lines if ln.episode == e.episode and ln.label == "1"]
+        units = sum(ln.packages * ln.product.units_per_package for ln in lines)
+        top = sum(ln.packages * ln.product.units_per_package for ln in lines
+                  if ln.product.base_mg_per_unit == strongest)
+        assert lines and top >= 0.5 * units, (e.episode, [p.ndc for p, _ in fam.mix], top, units)
