@@ -202,6 +202,10 @@ def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor, *, reviewe
     if reviewer is None:
         reviewer = DueDiligenceReviewer()
     for o in orders:
+        if progress is not None and pending >= progress_every:
+            progress(pending)
+            pending = 0
+        pending += 1
         dea = str(o["purchaser_dea"])
         base = live.get(dea)
         if base is None:
@@ -211,10 +215,6 @@ def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor, *, reviewe
                 monitor.learn_into(base, o)
                 existing.add(dea)
                 out.append(history_row(o))
-                pending += 1
-                if progress is not None and pending >= progress_every:
-                    progress(pending)
-                    pending = 0
                 continue
             if dea in existing:
                 existing.discard(dea)
@@ -243,10 +243,6 @@ def run_policy(orders: Sequence[Mapping[str, Any]], monitor: Monitor, *, reviewe
             pass
         out.append({"order_id": o["order_id"], "held": held, "fired": fired, "seen": seen,
                     "by_family": by_family, "case_id": case})
-        pending += 1
-        if progress is not None and pending >= progress_every:
-            progress(pending)
-            pending = 0
     if progress is not None and pending:
         progress(pending)
     return out
@@ -767,10 +763,11 @@ def backtest(orders: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
     (episodes caught and median days to first hold per kind), ``episodes.csv``
     (first hold per policy) and ``report.html``; the ramp comparison with
     :data:`RAMP_REFERENCE` is in the result and ``metrics.md``. Without labels:
-    ``holds_by_month.csv``. Returns ``{runs, policies (metrics), files, ramps, info}``.
+    ``holds_by_month.csv``. Returns ``{runs, policies (metrics), files, ramps, info, scored}``.
 
     ``go_live``: the orders before it are every policy's history (learned, not
-    scored: :func:`run_policy`); metrics count only the orders from go-live on.
+    scored: :func:`run_policy`); metrics count only the orders from go-live on,
+    whose indexes in ``orders`` are ``scored``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -791,14 +788,14 @@ def backtest(orders: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
         f = out / f"verdicts-{name.replace(',', '+')}.csv"
         write_verdicts(f, name, orders, run, transactions)
         files[f"verdicts_{name}"] = str(f)
-    res: dict[str, Any] = {"runs": runs, "info": info, "files": files, "orders": len(orders)}
+    scored = [i for i, o in enumerate(orders) if go_live is None or o["received_at"] >= go_live]
+    res: dict[str, Any] = {"runs": runs, "info": info, "files": files, "orders": len(orders), "scored": scored}
     if labels is None:
         rows = holds_by_month(orders, runs)
         _write_csv(out / "holds_by_month.csv", rows, ("policy", "month", "buyer_dea", "drug_family", "orders", "held"))
         files["holds_by_month_csv"] = str(out / "holds_by_month.csv")
         res["holds_by_month"] = rows
         return res
-    scored = [i for i, o in enumerate(orders) if go_live is None or o["received_at"] >= go_live]
     s_orders, s_labels = [orders[i] for i in scored], [labels[i] for i in scored]
     metrics = {name: policy_metrics(s_orders, s_labels, [run[i]["held"] for i in scored])
                for name, run in runs.items()}
@@ -968,10 +965,10 @@ def run_arcos(path: str | Path, out_dir: str | Path, *, config: MonitorConfig | 
                    peers=peers, reviewer_factory=reviewer_factory,
                    progress=progress(n * len(policies)) if progress else None,
                    title=f"SOM backtest: {Path(path).name}", go_live=go_live)
-    first_run = next(iter(res["runs"].values()), [])
-    history = sum(1 for d in first_run if d.get("history"))
-    orders = [o for o, d in zip(orders, first_run) if not d.get("history")]
-    runs = {k: [d for d in run if not d.get("history")] for k, run in res["runs"].items()}
+    scored = res["scored"]
+    history = n - len(scored)
+    orders = [orders[i] for i in scored]
+    runs = {k: [run[i] for i in scored] for k, run in res["runs"].items()}
     n = len(orders)
     out = Path(out_dir)
     rows = []
