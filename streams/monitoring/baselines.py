@@ -417,23 +417,26 @@ class DailyRing:
             units -= exclude_units
         return max(orders, 0), max(units, 0)
 
-    def windows(self, at_ms: int, exclude_units: int | None = None,
-                exclude_mg: float | None = None) -> tuple[int, int, float]:
-        """(orders over 7 days, units over 30 days, mg of base drug over 30 days) learned on the UTC days ending
-        with the day of ``at_ms``, in one pass over the cells (the 30-day mg is the strength window).
+    def windows(self, at_ms: int, exclude_units: int | None = None, exclude_mg: float | None = None,
+                exclude_high: int | None = None) -> tuple[int, int, float, int, int]:
+        """(orders over 7 days, units, mg of base drug, high-strength units and orders over 30 days) learned on
+        the UTC days ending with the day of ``at_ms``, in one pass over the cells (the 30-day mg, high-strength
+        units and orders are the strength window).
 
-        ``exclude_units`` / ``exclude_mg``: a redelivered order's own contribution, taken out when its day has a
-        cell. The mg are added cell by cell in the cells' order, as ``sum()`` adds them (the learned state's
-        floats depend on it).
+        ``exclude_units`` / ``exclude_mg`` / ``exclude_high``: a redelivered order's own contribution, taken out
+        when its day has a cell. The mg are added cell by cell in the cells' order, as ``sum()`` adds them (the
+        learned state's floats depend on it).
         """
         today = day_of(at_ms)
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
-        orders = units = 0
+        orders = units = high = orders_30d = 0
         mg = 0  # as sum() starts: an int 0 until the first cell's float
-        for day, (o, u, g, _) in self.cells.items():
+        for day, (o, u, g, h) in self.cells.items():
             if month < day <= today:
                 units += u
                 mg += g
+                high += h
+                orders_30d += o
                 if day > week:
                     orders += o
         if today in self.cells:
@@ -442,26 +445,10 @@ class DailyRing:
                 units -= exclude_units
             if exclude_mg is not None:
                 mg -= exclude_mg
-        return max(orders, 0), max(units, 0), max(mg, 0.0)
-
-    def strength_30d(self, at_ms: int, exclude: tuple[float, int] | None = None) -> tuple[float, int, int]:
-        """(mg of base drug, high-strength units, orders) learned on the 30 UTC days ending with the day of ``at_ms``.
-
-        ``exclude``: an already learned order's (mg, high units), taken out of its day (a redelivery).
-        """
-        today = day_of(at_ms)
-        mg = 0.0
-        high = orders = 0
-        for day, c in self.cells.items():
-            if today - WINDOW_30D_DAYS < day <= today:
-                orders += c[0]
-                mg += c[2]
-                high += c[3]
-        if exclude is not None and today in self.cells:
-            orders -= 1
-            mg -= exclude[0]
-            high -= exclude[1]
-        return max(mg, 0.0), max(high, 0), max(orders, 0)
+                orders_30d -= 1
+            if exclude_high is not None:
+                high -= exclude_high
+        return max(orders, 0), max(units, 0), max(mg, 0.0), max(high, 0), max(orders_30d, 0)
 
     def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
         cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0, 0])
@@ -715,6 +702,9 @@ class Windows(NamedTuple):
     units_30d: int
     #: mg of base drug *learned* over the 30 days (the order's own not included; taken out again on a replay).
     learned_mg_30d: float = 0.0
+    #: high-strength units and orders *learned* over the 30 days (the order's own not included, as the mg).
+    learned_high_30d: int = 0
+    learned_orders_30d: int = 0
 
 
 class Monthly(NamedTuple):
@@ -792,15 +782,17 @@ class FamilyBaseline:
         self.days = DailyRing()
         self.months = MonthRing()
 
-    def windows(self, at_ms: int, units: int, exclude_self: bool = False, mg: float = 0.0) -> Windows:
+    def windows(self, at_ms: int, units: int, exclude_self: bool = False, mg: float = 0.0,
+                high: int = 0) -> Windows:
         """Counts over 24 h / 7 days / 30 days ending at ``at_ms``, including an order of ``units``.
 
-        ``exclude_self``: the order was already learned (redelivery), so its own
-        earlier contribution (``units``, ``mg`` mg of base drug) is taken out before it is added back once.
+        ``exclude_self``: the order was already learned (redelivery), so its own earlier contribution
+        (``units``, ``mg`` mg of base drug, ``high`` high-strength units) is taken out before it is added back once.
         """
         c24 = self.recent.count(at_ms, exclude=at_ms if exclude_self else None)
-        c7, u30, mg30 = self.days.windows(at_ms, units if exclude_self else None, mg if exclude_self else None)
-        return Windows(c24 + 1, c7 + 1, u30 + units, mg30)
+        c7, u30, mg30, high30, orders30 = self.days.windows(
+            at_ms, *((units, mg, high) if exclude_self else (None, None, None)))
+        return Windows(c24 + 1, c7 + 1, u30 + units, mg30, high30, orders30)
 
     def covers(self, at_ms: int, days: float) -> bool:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""
@@ -1118,9 +1110,9 @@ class RegistrantBaselines:
         w = self._windows.get(family)
         if w is None:
             f = order.families.get(family)
-            units, mg = (f.units, f.base_weight_g * 1000.0) if f is not None else (0, 0.0)
+            units, mg, high = (f.units, f.base_weight_g * 1000.0, f.high_units) if f is not None else (0, 0.0, 0)
             fb = self.family(family)
-            w = fb.windows(order.at_ms, units, self._replay, mg) if fb else Windows(1, 1, units)
+            w = fb.windows(order.at_ms, units, self._replay, mg, high) if fb else Windows(1, 1, units)
             self._windows[family] = w
         return w
 
@@ -1147,12 +1139,8 @@ class RegistrantBaselines:
         f = order.families.get(family)
         mg = f.base_weight_g * 1000.0 if f is not None else 0.0
         high = f.high_units if f is not None else 0
-        units = self.windows(family, order).units_30d
-        fb = self.family(family)
-        if fb is None:
-            return mg, units, high, 1
-        mg30, high30, orders30 = fb.days.strength_30d(order.at_ms, (mg, high) if self._replay else None)
-        return mg30 + mg, units, high30 + high, orders30 + 1
+        w = self.windows(family, order)  # its learned 30-day figures are 0 when nothing of the family is learned
+        return w.learned_mg_30d + mg, w.units_30d, w.learned_high_30d + high, w.learned_orders_30d + 1
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
         """Units per family over the 30 UTC days ending at ``order``, the order included (a copy: callers own it)."""
