@@ -677,8 +677,12 @@ def ramp_comparison(metrics: Mapping[str, Mapping[str, Any]], labels: Sequence[M
                     policy: str = LEARNED, reference: str = RAMP_REFERENCE) -> dict[str, Any] | None:
     """On every ramp episode: is ``policy``'s first hold no later than ``reference``'s (the 2x rule)?
 
-    A ramp the reference never holds counts as "no later" when ``policy`` holds it
-    at all. Returns counts and the ramps where ``policy`` was later (or never held).
+    Why three outcomes: the bar is "never later than the 2x rule on a ramp", and a ramp that
+    neither policy holds is a miss for both (it counts against episode recall) but not a ramp
+    where ``policy`` came later. So each ramp is one of: ``no_later`` (``policy`` holds it, on
+    or before ``reference``'s first hold or where ``reference`` never does), ``later`` (listed
+    in ``later_or_missed`` with the days: ``policy`` holds after ``reference``, or only
+    ``reference`` holds it) and ``neither`` (listed in ``missed_by_both``).
     """
     if policy not in metrics or reference not in metrics:
         return None
@@ -687,14 +691,31 @@ def ramp_comparison(metrics: Mapping[str, Mapping[str, Any]], labels: Sequence[M
     if not ramps:
         return None
     mine, ref = metrics[policy]["first_hold"], metrics[reference]["first_hold"]
-    later = []
+    later: list[dict[str, Any]] = []
+    neither: list[str] = []
     for e in ramps:
         a, b = mine.get(e), ref.get(e)
-        if (a is None and b is not None) or (a is not None and b is not None and a > b) or (a is None and b is None):
-            later.append({"episode": e, policy: a.isoformat() if a else "", reference: b.isoformat() if b else "",
-                          "days_later": round(_days(a, b), 1) if a and b else None})
-    return {"policy": policy, "reference": reference, "ramps": len(ramps), "no_later": len(ramps) - len(later),
-            "later_or_missed": later}
+        if a is None and b is None:
+            neither.append(e)
+        elif b is not None and (a is None or a > b):
+            later.append({"episode": e, policy: a.isoformat() if a else "", reference: b.isoformat(),
+                          "days_later": round(_days(a, b), 1) if a else None})
+    return {"policy": policy, "reference": reference, "ramps": len(ramps),
+            "no_later": len(ramps) - len(later) - len(neither), "later": len(later), "neither": len(neither),
+            "later_or_missed": later, "missed_by_both": neither}
+
+
+def ramp_comparison_text(r: Mapping[str, Any]) -> str:
+    """The metrics.md paragraph for :func:`ramp_comparison`: the bar's test, then the ramps both missed."""
+    text = (f"On {r['no_later']} of {r['ramps']} ramp episodes the {r['policy']} policy's first hold is no later "
+            f"than {r['reference']}'s; on {r['later']} it is later or missing while {r['reference']} holds")
+    if r["later_or_missed"]:
+        text += " (" + ", ".join(f"{x['episode']}: " + (f"{x['days_later']:g} days later" if x["days_later"] is not None
+                                                          else "never held") for x in r["later_or_missed"]) + ")"
+    text += f"; {r['neither']} neither holds"
+    if r["missed_by_both"]:
+        text += " (" + ", ".join(r["missed_by_both"]) + ")"
+    return text + "."
 
 
 def write_verdicts(path: Path, policy: str, orders: Sequence[Mapping[str, Any]], run: Sequence[Mapping[str, Any]],
@@ -806,8 +827,7 @@ def backtest(orders: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
                                 episodes if episodes is not None else _episode_rows(s_orders, s_labels)))
     ramps = ramp_comparison(metrics, s_labels)
     if ramps is not None:
-        line = (f"\n## Ramps against {ramps['reference']}\n\nOn {ramps['no_later']} of {ramps['ramps']} ramp "
-                f"episodes the {ramps['policy']} policy's first hold is no later than {ramps['reference']}'s.\n")
+        line = f"\n## Ramps against {ramps['reference']}\n\n{ramp_comparison_text(ramps)}\n"
         with open(out / "metrics.md", "a", encoding="utf-8") as fh:
             fh.write(line)
     res.update(policies=metrics, ramps=ramps)
@@ -1040,6 +1060,6 @@ def _held_by_both(orders: Sequence[Mapping[str, Any]], runs: Mapping[str, Sequen
 
 __all__ = ["evaluate", "run_scenarios", "run_arcos", "run_policy", "run_policies", "policy_metrics",
            "backtest", "decide_policies", "released_order_ids", "policy_detectors", "read_labels_csv", "order_labels", "write_verdicts",
-           "holds_by_month", "ramp_comparison", "sample_buyers", "all_policies", "Reviewer", "ReviewerFactory", "DEFAULT_POLICIES",
+           "holds_by_month", "ramp_comparison", "ramp_comparison_text", "sample_buyers", "all_policies", "Reviewer", "ReviewerFactory", "DEFAULT_POLICIES",
            "VERDICT_COLUMNS", "RAMP_REFERENCE",
            "supports_hold_detectors", "markdown_table", "LEARNED", "STATIC_ANY"]

@@ -360,15 +360,20 @@ def test_backtest_scores_a_labels_csv(tmp_path: Path) -> None:
         read_labels_csv(bad)
 
 
-def test_ramp_comparison_counts_ramps_where_the_learned_policy_is_later() -> None:
-    from streams.tools.evaluation import ramp_comparison
+def test_ramp_comparison_separates_later_ramps_from_ramps_both_missed() -> None:
+    from streams.tools.evaluation import ramp_comparison, ramp_comparison_text
     t = datetime(2013, 5, 1, tzinfo=timezone.utc)
-    labels = [{"episode": e, "kind": "ramp", "label": "suspicious"} for e in ("R1", "R2", "R3")]
-    metrics = {"learned": {"first_hold": {"R1": t, "R2": t + timedelta(days=9)}},
+    labels = [{"episode": e, "kind": "ramp", "label": "suspicious"} for e in ("R1", "R2", "R3", "R4", "R5")]
+    # R1 learned earlier; R2 learned 9 days later; R3 only the 2x rule; R4 neither; R5 only learned
+    metrics = {"learned": {"first_hold": {"R1": t, "R2": t + timedelta(days=9), "R5": t}},
                "static_2x_12m": {"first_hold": {"R1": t + timedelta(days=3), "R2": t, "R3": t}}}
     r = ramp_comparison(metrics, labels)
-    assert (r["ramps"], r["no_later"]) == (3, 1)
-    assert [x["episode"] for x in r["later_or_missed"]] == ["R2", "R3"] and r["later_or_missed"][0]["days_later"] == 9.0
+    assert (r["ramps"], r["no_later"], r["later"], r["neither"]) == (5, 2, 2, 1)
+    assert [x["episode"] for x in r["later_or_missed"]] == ["R2", "R3"]
+    assert [x["days_later"] for x in r["later_or_missed"]] == [9.0, None]
+    assert r["missed_by_both"] == ["R4"]
+    text = ramp_comparison_text(r)
+    assert "On 2 of 5" in text and "R2: 9 days later" in text and "R3: never held" in text and "1 neither holds (R4)" in text
 
 
 def test_peers_learn_only_what_a_backtest_released(tmp_path: Path) -> None:
