@@ -34,8 +34,8 @@ from typing import Any
 from connectors.kafka import catalogue as t
 from connectors.kafka.emit import Emitter
 from streams.core.config import Settings
-from connectors.kafka.testing import MemoryMessage
-from streams.tools.demo_core import END, MemoryPublisher
+from connectors.kafka.testing import MemoryMessage, MemoryPublisher
+from streams.tools.demo_core import END
 
 #: Partitions the messages are spread over (by key), as the catalogue's topics have several.
 PARTITIONS = 3
@@ -48,7 +48,7 @@ def pipeline_messages(data_dir: Path, *, registrants: int, days: int, seed: int,
 
     _feed, received, out = decide_feed(data_dir, seed=seed, registrants=registrants, days=days, end=end)
     sunk = t.sunk_topics()
-    return [m for m in received.messages + out.messages if m[0] in sunk]
+    return [(m.topic(), m.key(), m.value()) for m in received.messages + out.messages if m.topic() in sunk]
 
 
 def interleave(messages: list[tuple[str, bytes | None, bytes]]) -> list[MemoryMessage]:

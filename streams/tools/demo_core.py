@@ -42,6 +42,7 @@ from streams.core.avro_codec import default_codec
 from streams.core.config import Settings
 from streams.tools.demo import WAITING_DETECTORS, compare_with_truth, ground_truth
 from connectors.kafka.emit import Emitter
+from connectors.kafka.testing import MemoryPublisher
 from streams.monitoring.detectors import MonitorConfig
 from streams.monitoring.monitor import Monitor
 from streams.domain.products import ProductMaster
@@ -56,25 +57,6 @@ DAYS = 150
 END = datetime(2026, 3, 2, tzinfo=timezone.utc)
 #: Where the expected rendering is kept.
 EXPECTED = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo-core-summary.txt"
-
-
-class MemoryPublisher:
-    """Kafka as a list: every (topic, key, value) published, in order. ``flush`` has nothing to wait for."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes | None, bytes]] = []
-
-    def publish(self, topic: str, key: bytes | str | None, value: bytes) -> None:
-        self.messages.append((topic, key.encode() if isinstance(key, str) else key, value))
-
-    def flush(self, timeout: float = 60.0) -> None:
-        return None
-
-    async def flush_async(self, timeout: float = 60.0) -> None:
-        return None
-
-    def on(self, topic: str) -> list[tuple[bytes | None, bytes]]:
-        return [(k, v) for tp, k, v in self.messages if tp == topic]
 
 
 @dataclass
@@ -137,8 +119,8 @@ def run_core(data_dir: Path, *, seed: int = SEED, registrants: int = REGISTRANTS
     feed, _received, out = decide_feed(data_dir, seed=seed, registrants=registrants, days=days, end=end)
     codec = default_codec()
     run = CoreRun(feed)
-    for topic, _, value in out.messages:
-        run.records.setdefault(topic, []).append(codec.decode(value)[1])
+    for m in out.messages:
+        run.records.setdefault(m.topic(), []).append(codec.decode(m.value())[1])
     return run
 
 
@@ -159,11 +141,11 @@ def decide_feed(data_dir: Path, *, seed: int, registrants: int, days: int,
     verify = VerifyProcessor(Verifier.from_pki_dir(settings.pki_dir, products), products,
                              Emitter(out, "verify-agent"), {}, _directory(data_dir),  # type: ignore[arg-type]
                              suppliers={feed.result.population.supplier.dea_number})
-    for offset, (key, value) in enumerate(received.on(t.RECEIVED)):
-        verify.handle(InputMessage(t.RECEIVED, 0, offset, key, value))
+    for m in received.on(t.RECEIVED):
+        verify.handle(InputMessage(t.RECEIVED, m.partition(), m.offset(), m.key(), m.value()))
     monitor = MonitorProcessor(Monitor(MonitorConfig()), {}, Emitter(out, "monitor-agent"))  # type: ignore[arg-type]
-    for offset, (key, value) in enumerate(out.on(t.VERIFIED)):
-        monitor.handle(InputMessage(t.VERIFIED, 0, offset, key, value))
+    for m in out.on(t.VERIFIED):
+        monitor.handle(InputMessage(t.VERIFIED, m.partition(), m.offset(), m.key(), m.value()))
     return feed, received, out
 
 
