@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
-from typing import Any, Container, Mapping
+from typing import Any, Container, Iterable, Mapping
 
 from streams.monitoring.baselines import (
     STATE_VERSION, OrderFacts, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
@@ -33,7 +33,8 @@ from streams.monitoring.anomaly import AnomalyCombiner
 from streams.monitoring.peers import PeerProfiles
 from streams.monitoring import open_cases
 from streams.monitoring.onboarding import NewCustomerDetector, NewCustomerOrderDetector
-from streams.monitoring.strength import default_high_strength_ndcs
+from streams.monitoring.strength import default_high_strength_ndcs, high_strength_ndcs
+from streams.domain.products import Product
 
 
 def _closeness(r: Mapping[str, Any]) -> float:
@@ -145,8 +146,13 @@ class Monitor:
         return facts
 
     @classmethod
-    def from_env(cls) -> "Monitor":
-        return cls(MonitorConfig.from_env())
+    def from_env(cls, products: Iterable[Product] | None = None) -> "Monitor":
+        """The monitor the worker runs: thresholds from ``SOM_*``; ``products``, the product master the
+        verifier already loaded, so that strength_shift's high-strength products come from the same copy
+        (None: read ``CSOS_PRODUCTS`` again)."""
+        cfg = MonitorConfig.from_env()
+        high = None if products is None else high_strength_ndcs(products, cfg.strength_high_fraction)
+        return cls(cfg, high_ndcs=high)
 
     def new_state(self, purchaser_dea: str) -> dict[str, Any]:
         """State of a registrant with no learned orders."""

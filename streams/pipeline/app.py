@@ -323,7 +323,7 @@ def create_app(settings: Settings) -> faust.App:
                 durable[VERIFY_STAGE], RegistrantDirectory() if settings.require_registration else None, feed,
                 suppliers=suppliers, receipt_skew=timedelta(seconds=settings.receipt_skew_seconds),
                 outcomes=book(), barrier_seconds=settings.reference_barrier_seconds)
-            parts["monitor"] = MonitorProcessor(Monitor.from_env(), durable[MONITOR_STAGE],
+            parts["monitor"] = MonitorProcessor(Monitor.from_env(products), durable[MONITOR_STAGE],
                                                 emitter("monitor-agent"), outcomes=book())
             parts["cases"] = CaseProcessor(durable[CASE_STAGE], emitter("case-agent"),
                                            due_days=settings.due_diligence_days,

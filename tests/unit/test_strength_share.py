@@ -154,3 +154,17 @@ def test_a_mix_an_analyst_cleared_is_not_held_again_on_every_order() -> None:
             assert "strength_shift" not in fired_detectors(v), o["received_at"]
         state = monitor.learn(state, o)
     assert len(later) > 10
+
+
+def test_the_worker_monitor_takes_high_strength_products_from_the_verifier_s_master(monkeypatch) -> None:
+    """The worker passes the product master it verifies with; CSOS_PRODUCTS is not read a second time."""
+    import dataclasses
+    master = list(ProductMaster.load(DEFAULT_PRODUCTS))
+    oxy = [p for p in master if p.drug_family == "OXYCODONE" and p.dosage_form == "TAB"]
+    weakest = min(oxy, key=lambda p: p.base_mg_per_unit)
+    # a master where the weakest oxycodone tablet is the family's strongest: only it is high-strength
+    local = [dataclasses.replace(weakest, base_mg_per_unit=1000.0) if p.ndc == weakest.ndc else p for p in master]
+    monkeypatch.setenv("CSOS_PRODUCTS", "/nonexistent/products.csv")
+    high = Monitor.from_env(local).high_ndcs
+    assert weakest.ndc in high and not any(p.ndc in high for p in oxy if p.ndc != weakest.ndc)
+    assert Monitor.from_env().high_ndcs == frozenset()  # without it, the (missing) CSOS_PRODUCTS file
