@@ -110,6 +110,8 @@ class Settings:
     profile_path: str = ""  # CSOS_PROFILE: write a cProfile of `csos worker` to this path on exit ('' = off)
     # -- issue 14 (latency): a batch slower than this is logged with where its time went (0: every batch)
     slow_batch_seconds: float = 0.5
+    # -- issue 14 (latency tail): freeze the worker's start-up heap so full GC collections skip it
+    gc_freeze: bool = True
 
     @property
     def supplier_deas(self) -> frozenset[str]:
@@ -194,6 +196,8 @@ class Settings:
             profile_path=_env("CSOS_PROFILE", ""),
             # -- issue 14 (latency)
             slow_batch_seconds=float(_env("CSOS_SLOW_BATCH_SECONDS", str(cls.slow_batch_seconds))),
+            # -- issue 14 (latency tail)
+            gc_freeze=_env("CSOS_GC_FREEZE", "1").lower() not in ("0", "false", "no"),
         )
 
     def with_(self, **changes) -> "Settings":

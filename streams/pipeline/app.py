@@ -72,6 +72,7 @@ from connectors.kafka.emit import Emitter
 from connectors.kafka.metrics import crl_freshness, exposition, faust_lag, set_refreshers
 from streams.pipeline.batching import take_ready
 from streams.pipeline.faust_tuning import gapless_inputs, set_fetch_max_wait
+from streams.pipeline.heap import freeze_startup_heap
 from streams.domain.identifiers import is_valid_dea_number
 from streams.pipeline.outcomes import OutcomeBook
 from connectors.sources.reference_data import ReferenceFeed, RegistrantDirectory, trace_group_config
@@ -391,6 +392,8 @@ def create_app(settings: Settings) -> faust.App:
         async with locks[VERIFY_STAGE]:
             proc.tick()
             await settle_timer_step(proc, durable[VERIFY_STAGE])
+        if settings.gc_freeze:
+            freeze_startup_heap("verify agent")
         await process_batches(stream, proc)
 
     @app.timer(interval=1.0)
@@ -405,12 +408,18 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(verified)
     async def monitor_agent(stream: Any) -> None:
         await changelog_ready(state_table)
-        await process_batches(stream, components()["monitor"])
+        proc = components()["monitor"]
+        if settings.gc_freeze:
+            freeze_startup_heap("monitor agent")
+        await process_batches(stream, proc)
 
     @app.agent(case_inputs)
     async def case_agent(stream: Any) -> None:
         await changelog_ready(case_table)
-        await process_batches(stream, components()["cases"])
+        proc = components()["cases"]
+        if settings.gc_freeze:
+            freeze_startup_heap("case agent")
+        await process_batches(stream, proc)
 
     @app.timer(interval=settings.case_clock_seconds)
     async def due_diligence_clock() -> None:
