@@ -42,8 +42,8 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from streams.monitoring.baselines import (
-    TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name, month_of,
-    months_with_orders,
+    TIMING_CAP, WINDOW_30D_DAYS, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, day_of, ew_memory,
+    month_name, month_of, months_with_orders,
 )
 from streams.monitoring.peers import PeerGroup, PeerProfiles
 
@@ -174,6 +174,11 @@ class MonitorConfig:
     # chance below strength_share_p if each order were one product drawn by the usual share (binomial tail): a
     # multi-strength buyer that restocks one product per order has lumpy 30-day shares.
     strength_share_p: float = 0.005
+    # ... and only when the 30-day window holds orders of the family on at least this many UTC days (the order's
+    # included): one day's purchase is a restock of what ran out, not a mix. A buyer ordering a family less than
+    # monthly, or one whose schedule III-V lines are each an order (ARCOS rows without a form number), had its
+    # stronger product's line alone in the window: 23 of the 31 false strength holds on held-out seed 29.
+    strength_min_days: int = 2
     # Frequency from the registrant's own cadence: orders in the window (before this one) ~ Poisson(rate learned
     # from released orders); fire when the tail probability of the count is below freq_p_* (and above the floors
     # freq_min_24h / freq_min_7d). The rate is the EW count of the other orders in the window at released orders.
@@ -1065,6 +1070,28 @@ class StrengthShiftDetector(PerFamilyDetector):
     dimension = "pattern"
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
+        """:meth:`_judge`, not fired when the window holds one day's purchase (``strength_min_days``).
+
+        A shift is a change in what a registrant buys over time. A window whose
+        orders all fall on one day is one restock: its mix is the product that
+        ran out (a buyer that orders a family every six weeks, 500 x 30 mg and
+        100 x 60 mg, has the 60 mg line alone in the window when it is read
+        first). Checked only when a measure fired: it costs a pass over the
+        family's day cells.
+        """
+        result = self._judge(state, order, f)
+        if not result[FIRED]:
+            return result
+        fb = state.family(f.family)
+        days = ordering_days_30d(fb.days.cells, order.at_ms) if fb is not None else 1
+        if days >= self.cfg.strength_min_days:
+            return result
+        window = (f"{result[WINDOW]}; one day's purchase: orders of {f.family} on {days} day(s) of the 30 "
+                  f"(< {self.cfg.strength_min_days}), not judged")
+        return finding(self.name, self.dimension, f.family, result[VALUE], result[BASELINE], result[THRESHOLD],
+                       window, False, "")
+
+    def _judge(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         fb = state.family(f.family)
         mg30, units30, high30, orders30 = state.strength_30d(f.family, order)
@@ -1140,6 +1167,13 @@ class StrengthShiftDetector(PerFamilyDetector):
                 f"each of its {orders30} orders of the 30 days were one product drawn by the usual share, so many "
                 f"high-strength ones would have a chance of {chance:.2g} (< {c.strength_share_p:g}).")
         return finding(self.name, self.dimension, f.family, share, usual, threshold, window, True, text)
+
+
+def ordering_days_30d(cells: dict[int, list[Any]], at_ms: int) -> int:
+    """UTC days with orders among the 30 days ending at ``at_ms`` (a family's learned day cells, ``DailyRing.cells``),
+    the order's own day counted whether or not anything was learned on it."""
+    today = day_of(at_ms)
+    return 1 + sum(1 for d, cell in cells.items() if today - WINDOW_30D_DAYS < d < today and cell[0] > 0)
 
 
 @functools.lru_cache(maxsize=1024)
