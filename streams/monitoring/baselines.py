@@ -554,7 +554,7 @@ class MonthRing:
                 mg += m
                 high += h
                 n += 1
-        return StrengthMonths(n, units, mg, high)
+        return StrengthMonths.of(n, units, mg, high)
 
     def monthly(self, at_ms: int, units: int, replay: bool) -> "Monthly":
         """The calendar months up to ``at_ms``'s month with an order of ``units`` added (not when a ``replay``)."""
@@ -581,14 +581,17 @@ class StrengthMonths(NamedTuple):
     units: int
     mg: float
     high: int  # dosage units in high-strength products
+    #: mg / units and high / units (0 without units): fields, not properties, since strength_shift reads them
+    #: for every family of every order and they change only with the months (``MonthRing.strength_months``).
+    mg_per_unit: float = 0.0
+    high_share: float = 0.0
 
-    @property
-    def mg_per_unit(self) -> float:
-        return self.mg / self.units if self.units > 0 else 0.0
-
-    @property
-    def high_share(self) -> float:
-        return self.high / self.units if self.units > 0 else 0.0
+    @classmethod
+    def of(cls, months: int, units: int, mg: float, high: int) -> "StrengthMonths":
+        """The reference of these totals, with its mg per unit and high-strength share."""
+        if units > 0:
+            return cls(months, units, mg, high, mg / units, high / units)
+        return cls(months, units, mg, high)
 
 
 # --------------------------------------------------------------------------
@@ -1136,11 +1139,14 @@ class RegistrantBaselines:
         The strength window: a multi-strength buyer that restocks one product at a
         time swings one order's mg per unit, not its month's.
         """
+        w = self._windows.get(family) if self._cached_for is order else None
+        if w is None:
+            w = self.windows(family, order)  # its learned 30-day figures are 0 when nothing of the family is learned
         f = order.families.get(family)
-        mg = f.base_weight_g * 1000.0 if f is not None else 0.0
-        high = f.high_units if f is not None else 0
-        w = self.windows(family, order)  # its learned 30-day figures are 0 when nothing of the family is learned
-        return w.learned_mg_30d + mg, w.units_30d, w.learned_high_30d + high, w.learned_orders_30d + 1
+        if f is None:
+            return w.learned_mg_30d + 0.0, w.units_30d, w.learned_high_30d, w.learned_orders_30d + 1
+        return (w.learned_mg_30d + f.base_weight_g * 1000.0, w.units_30d, w.learned_high_30d + f.high_units,
+                w.learned_orders_30d + 1)
 
     def units_30d_all(self, order: OrderFacts) -> dict[str, int]:
         """Units per family over the 30 UTC days ending at ``order``, the order included (a copy: callers own it)."""

@@ -751,6 +751,19 @@ def _ramp_window(month: int, n: int) -> str:
             f"30 days to this order and {month_name(month)} to date")
 
 
+@functools.lru_cache(maxsize=1024)
+def _ramp_not_applicable(months: int, min_months: int, with_orders: int, min_with_orders: int) -> str:
+    """The ramp detector's window while too little history is kept: the same few on every order, written once."""
+    return (f"not applicable: {months} trailing months of history (< {min_months}), "
+            f"{with_orders} with orders (< {min_with_orders})")
+
+
+@functools.lru_cache(maxsize=1024)
+def _guard_window(month: int, n: int) -> str:
+    """The ramp_2x guard's window over ``n`` trailing months: the same few on every order, written once."""
+    return f"calendar month {month_name(month)}; average over the trailing {n} months"
+
+
 def _this_month(f: str, m: Monthly) -> str:
     return f"{f} this month ({month_name(m.month)}, this order included): {fmt_n(m.current)} dosage units"
 
@@ -906,8 +919,8 @@ class RampDetector(PerFamilyDetector):
         value = float(max(rolling, m.current))
         if with_orders < c.static_min_months or len(prior) < c.ramp_min_months:
             return finding(self.name, self.dimension, f.family, value, 0.0, _MAX,
-                          f"not applicable: {len(prior)} trailing months of history (< {c.ramp_min_months}), "
-                          f"{with_orders} with orders (< {c.static_min_months})", False, "")
+                          _ramp_not_applicable(len(prior), c.ramp_min_months, with_orders, c.static_min_months),
+                          False, "")
         ref, avg, pre, earlier = long_memory_level(prior, c.trend_gap_months)
         gap = c.trend_gap_months
         spread = _pstdev(earlier)
@@ -1005,7 +1018,7 @@ class RampGuardDetector(PerFamilyDetector):
         if with_orders < c.static_min_months:
             return _not_applicable(self, f, m, 12, f"{c.ramp_2x_ratio:g}x 12-month average", with_orders, avg)
         threshold = c.ramp_2x_ratio * avg
-        window = f"calendar month {month_name(m.month)}; average over the trailing {len(prior)} months"
+        window = _guard_window(m.month, len(prior))
         if m.current <= threshold:  # cannot fire, cleared or not: the analyst's clearance need not be read
             return finding(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
         mme_per_unit = f.mme / f.units if f.units > 0 else 0.0
@@ -1354,9 +1367,14 @@ class StaticAverageDetector(TrailingMonthsRule):
 def _not_applicable(det: PerFamilyDetector, f: FamilyFacts, m: Monthly, months: int, rule: str, with_orders: int,
                     baseline: float) -> Finding:
     """A trailing-months rule's finding when too few of those months had orders of the family to apply it."""
-    need = det.cfg.static_min_months
-    window = f"not applicable: {with_orders} of the trailing {months} months with orders of {f.family} (< {need})"
+    window = _too_few_months(with_orders, months, f.family, det.cfg.static_min_months)
     return finding(det.name, det.dimension, f.family, m.current, baseline, _MAX, window, False, "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _too_few_months(with_orders: int, months: int, family: str, need: int) -> str:
+    """:func:`_not_applicable`'s window: the same few per family on every order of a young registrant, written once."""
+    return f"not applicable: {with_orders} of the trailing {months} months with orders of {family} (< {need})"
 
 
 class StaticMaxDetector(TrailingMonthsRule):

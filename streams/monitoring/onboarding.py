@@ -24,7 +24,11 @@ counts, as for every registrant.
 """
 from __future__ import annotations
 
-from streams.monitoring.baselines import MS_PER_DAY, FamilyFacts, OrderFacts, RegistrantBaselines, month_name
+from typing import NamedTuple
+
+from streams.monitoring.baselines import (
+    MS_PER_DAY, FamilyFacts, OrderFacts, RegistrantBaselines, month_name, month_of,
+)
 from streams.monitoring.detectors import (
     MonitorConfig, PerFamilyDetector, Finding, _MAX, cleared_level, fmt_n, peer_group, finding,
 )
@@ -64,6 +68,16 @@ def activity_ceilings(items: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+class _Period(NamedTuple):
+    """What the new-customer rules read once per order, not once per family: the same for every family."""
+
+    days: float  # since the relationship began
+    month: int  # the order's calendar month
+    business_activity: str  # upper case, stripped ("" when unknown)
+    ceiling: float  # this detector's ceiling for the business activity (no peers)
+    windows: tuple[str, str]  # the findings' window with peers, without
+
+
 class NewCustomerDetector(PerFamilyDetector):
     """Size/volume of a new customer: the calendar month's units of a family against a peer (or fixed) ceiling."""
 
@@ -75,48 +89,65 @@ class NewCustomerDetector(PerFamilyDetector):
         self.peers = peers
         #: Business activity (upper case) -> monthly units of one family (no peers): new_customer_activity_units.
         self.ceilings = activity_ceilings(cfg.new_customer_activity_units)
+        self.default_ceiling = float(cfg.new_customer_max_monthly_units)
 
     def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
         # Outside the period nothing is recorded: an established registrant pays nothing for this rule.
         if not in_new_customer_period(state, order, self.cfg.new_customer_months):
             return []
-        return [self._one(state, order, f) for f in order.families.values()]
+        p = self._period(state, order)
+        return [self._judge(state, order, f, p) for f in order.families.values()]
+
+    def _period(self, state: RegistrantBaselines, order: OrderFacts) -> _Period:
+        days = (order.at_ms - period_start_ms(state, order)) / MS_PER_DAY
+        act = (order.business_activity or "").strip().upper()
+        return _Period(days, month_of(order.at_ms), act, float(self.ceilings.get(act, self.default_ceiling)),
+                       self._windows(month_of(order.at_ms), days))
+
+    @staticmethod
+    def _windows(month: int, days: float) -> tuple[str, str]:
+        head = f"calendar month {month_name(month)}; new customer (day {days:.0f}); "
+        return head + "peers", head + "fixed ceiling"
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
+        return self._judge(state, order, f, self._period(state, order))
+
+    def _judge(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts, p: _Period) -> Finding:
         c = self.cfg
-        m = state.monthly(f.family, order)
-        start = period_start_ms(state, order)
-        days = (order.at_ms - start) / MS_PER_DAY
+        current = state.monthly(f.family, order).current
         peer = peer_group(self.peers, order, f.family)
         if peer is not None and peer.monthly_units.n >= c.peer_min_months:
             level = peer.monthly_units.quantile(c.new_customer_peer_quantile)
             threshold = c.new_customer_peer_ratio * level
-            pct = f"{100 * c.new_customer_peer_quantile:g}th percentile"
-            source = (f"{c.new_customer_peer_ratio:g}x the {pct} month of its peers, {peer.describe()} "
-                      f"({fmt_n(level)})")
-            window = f"calendar month {month_name(m.month)}; new customer (day {days:.0f}); peers"
+            window = p.windows[0]
         else:
-            level = threshold = float(self.ceilings.get(order.business_activity.strip().upper(),
-                                                        c.new_customer_max_monthly_units))
-            source = f"the new-customer ceiling of a {order.business_activity.lower() or 'registrant'}"
-            window = f"calendar month {month_name(m.month)}; new customer (day {days:.0f}); fixed ceiling"
+            peer = None
+            level = threshold = p.ceiling
+            window = p.windows[1]
         if threshold <= 0:
-            return finding(self.name, self.dimension, f.family, m.current, 0.0, _MAX, "not applicable", False, "")
-        if m.current > threshold:
-            cleared = cleared_level(state, f.family, m.month, c.ramp_2x_cleared_months)
+            return finding(self.name, self.dimension, f.family, current, 0.0, _MAX, "not applicable", False, "")
+        cleared = None
+        if current > threshold:
+            cleared = cleared_level(state, f.family, p.month, c.ramp_2x_cleared_months)
             if cleared is not None and c.ramp_2x_cleared_ratio * cleared[1] > threshold:
                 threshold = c.ramp_2x_cleared_ratio * cleared[1]
-                source += (f", raised to {c.ramp_2x_cleared_ratio:g}x the {fmt_n(cleared[1])} units an analyst "
-                           f"cleared in {month_name(cleared[0])}")
                 window += "; cleared by an analyst"
-        fired = m.current > threshold
-        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return finding(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
-        text = (f"{f.family} in {month_name(m.month)}: {fmt_n(m.current)} dosage units with this order, by a new "
-                f"customer (first order {days:.0f} days ago, no onboarding review yet); its own history is not a "
-                f"baseline yet, so the ceiling is {source}: {fmt_n(threshold)}"
-                + ("; exceeded." if fired else "; within it."))
-        return finding(self.name, self.dimension, f.family, m.current, level, threshold, window, fired, text)
+            else:
+                cleared = None
+        if not current > threshold:  # the verdict keeps no sentence for a finding that did not fire
+            return finding(self.name, self.dimension, f.family, current, level, threshold, window, False, "")
+        if peer is not None:
+            source = (f"{c.new_customer_peer_ratio:g}x the {100 * c.new_customer_peer_quantile:g}th percentile "
+                      f"month of its peers, {peer.describe()} ({fmt_n(level)})")
+        else:
+            source = f"the new-customer ceiling of a {(order.business_activity or '').lower() or 'registrant'}"
+        if cleared is not None:
+            source += (f", raised to {c.ramp_2x_cleared_ratio:g}x the {fmt_n(cleared[1])} units an analyst "
+                       f"cleared in {month_name(cleared[0])}")
+        text = (f"{f.family} in {month_name(p.month)}: {fmt_n(current)} dosage units with this order, by a new "
+                f"customer (first order {p.days:.0f} days ago, no onboarding review yet); its own history is not a "
+                f"baseline yet, so the ceiling is {source}: {fmt_n(threshold)}; exceeded.")
+        return finding(self.name, self.dimension, f.family, current, level, threshold, window, True, text)
 
 
 class NewCustomerOrderDetector(NewCustomerDetector):
@@ -139,32 +170,37 @@ class NewCustomerOrderDetector(NewCustomerDetector):
         self.peers = peers
         #: Business activity (upper case) -> units of one family in one order (no peers): new_customer_order_units.
         self.ceilings = activity_ceilings(cfg.new_customer_order_units)
+        self.default_ceiling = 0.0
 
-    def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
+    @staticmethod
+    def _windows(month: int, days: float) -> tuple[str, str]:
+        window = f"this order; new customer (day {days:.0f})"
+        return window, window
+
+    def _judge(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts, p: _Period) -> Finding:
         c = self.cfg
-        days = (order.at_ms - period_start_ms(state, order)) / MS_PER_DAY
         peer = peer_group(self.peers, order, f.family)
         if peer is not None and peer.order_units.n >= c.peer_min_orders:
             level = peer.order_units.quantile(c.new_customer_order_peer_quantile)
             threshold = c.new_customer_order_peer_ratio * level
+        else:
+            peer = None
+            level = threshold = p.ceiling
+        if threshold <= 0 or cleared_level(state, f.family, p.month, c.ramp_2x_cleared_months) is not None:
+            why = "no ceiling for this business activity" if threshold <= 0 else "cleared by an analyst"
+            return finding(self.name, self.dimension, f.family, f.units, level, _MAX, f"not applicable: {why}",
+                           False, "")
+        if not f.units > threshold:  # the verdict keeps no sentence for a finding that did not fire
+            return finding(self.name, self.dimension, f.family, f.units, level, threshold, p.windows[0], False, "")
+        if peer is not None:
             source = (f"{c.new_customer_order_peer_ratio:g}x the {100 * c.new_customer_order_peer_quantile:g}th "
                       f"percentile order of its peers, {peer.describe()} ({fmt_n(level)})")
         else:
-            level = threshold = self.ceilings.get(order.business_activity.strip().upper(), 0.0)
-            source = f"the new-customer order ceiling of a {order.business_activity.lower() or 'registrant'}"
-        window = f"this order; new customer (day {days:.0f})"
-        month = state.monthly(f.family, order).month
-        if threshold <= 0 or cleared_level(state, f.family, month, c.ramp_2x_cleared_months) is not None:
-            why = "no ceiling for this business activity" if threshold <= 0 else "cleared by an analyst"
-            return finding(self.name, self.dimension, f.family, f.units, level, _MAX, f"not applicable: {why}",
-                          False, "")
-        fired = f.units > threshold
-        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return finding(self.name, self.dimension, f.family, f.units, level, threshold, window, False, "")
+            source = f"the new-customer order ceiling of a {(order.business_activity or '').lower() or 'registrant'}"
         text = (f"{f.family}: {fmt_n(f.units)} dosage units in one order of a new customer (first order "
-                f"{days:.0f} days ago, no onboarding review yet); the ceiling for one order is {source}: "
+                f"{p.days:.0f} days ago, no onboarding review yet); the ceiling for one order is {source}: "
                 f"{fmt_n(threshold)}; exceeded.")
-        return finding(self.name, self.dimension, f.family, f.units, level, threshold, window, fired, text)
+        return finding(self.name, self.dimension, f.family, f.units, level, threshold, p.windows[0], True, text)
 
 
 __all__ = ["NewCustomerDetector", "NewCustomerOrderDetector", "activity_ceilings", "in_new_customer_period", "period_start_ms", "MONTH_MS"]

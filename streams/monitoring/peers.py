@@ -123,13 +123,24 @@ class PeerProfiles:
     built_at: datetime
     source: str
     min_registrants: int = 5
+    #: :meth:`lookup`'s answers (not part of the profiles: not compared, not stored).
+    _found: dict[tuple[Any, Any, str], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def lookup(self, business_activity: str | None, region: str | None, family: str) -> PeerGroup | None:
         """The registrant's peer group for a family: its region's if big enough, else all regions.
 
         A group smaller than ``min_registrants`` is not a peer baseline (a
-        handful of registrants would make one of them the "norm").
+        handful of registrants would make one of them the "norm"). Remembered per
+        (activity, region, family) as given: several detectors look up every
+        family of every order, and the profiles are read-only reference data.
         """
+        key = (business_activity, region, family)
+        found = self._found.get(key, self)  # self: not looked up yet (None is a valid answer)
+        if found is self:
+            found = self._found[key] = self._lookup(business_activity, region, family)
+        return found
+
+    def _lookup(self, business_activity: str | None, region: str | None, family: str) -> PeerGroup | None:
         if not business_activity:
             return None
         act = business_activity.strip().upper()
