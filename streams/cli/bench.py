@@ -103,10 +103,23 @@ def hostile_soak(count: int, seed: int, registrants: int, timeout: float) -> Non
 @click.option("--compare-without", default="", metavar="DETECTORS",
               help="Comma list of detectors (e.g. ramp,strength_shift,new_customer): also time the monitor "
                    "without them, interleaved with the full one (best of 3 each), and print the cost increase.")
-def bench_monitor(registrants: int, seed: int, peers: bool, compare_lean: bool, compare_without: str) -> None:
+@click.option("--instructions", is_flag=True,
+              help="With --compare-without: count instructions per order under valgrind's callgrind instead of "
+                   "timing (deterministic on a loaded machine; slow: use --registrants 10 or so).")
+def bench_monitor(registrants: int, seed: int, peers: bool, compare_lean: bool, compare_without: str,
+                  instructions: bool) -> None:
     """Monitoring cost: score + learn per order, and state bytes per registrant and drug family."""
-    from streams.tools.bench_monitor import compare_without as compare, render, run
+    from streams.tools.bench_monitor import compare_without as compare, count_instructions, render, run
 
+    if instructions and not compare_without:
+        raise click.UsageError("--instructions goes with --compare-without DETECTORS")
+    if instructions:
+        without = tuple(n.strip() for n in compare_without.split(",") if n.strip())
+        r = count_instructions(registrants, seed, peers, without)
+        click.echo(f"{r['orders']} orders, instructions per order (score + learn, valgrind callgrind): without "
+                   f"{', '.join(without)} {r['without']:,.0f}; with them {r['with']:,.0f}: "
+                   f"{100 * (r['with'] / r['without'] - 1):+.1f} %")
+        return
     if compare_without:
         without = tuple(n.strip() for n in compare_without.split(",") if n.strip())
         full, before = compare(registrants, seed, peers, without)

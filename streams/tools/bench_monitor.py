@@ -7,7 +7,14 @@ state with the changelog's Avro schema and reports its size.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -17,7 +24,7 @@ from streams.monitoring.monitor import Monitor
 
 
 def run(registrants: int = 150, seed: int = 7, peers: bool = True, record_all: bool = True,
-        without: tuple[str, ...] = ()) -> dict[str, Any]:
+        without: tuple[str, ...] = (), score: bool = True) -> dict[str, Any]:
     """Time the monitor over the seed's scenarios; ``peers``: with peer profiles learned from seed + 1000.
 
     Peers are on by default because the evaluation's learned policy uses them
@@ -25,6 +32,7 @@ def run(registrants: int = 150, seed: int = 7, peers: bool = True, record_all: b
     ``record_all=False`` runs only the deciding detectors (``SOM_RECORD_ALL=0``).
     ``without`` leaves those detectors out (not run, not deciding): the "before" of a
     cost comparison, e.g. without the issue-11 detectors, measured in the same process.
+    ``score=False`` builds everything and scores nothing (the set-up an instruction count subtracts).
     """
     from streams.tools.scenarios import generate
 
@@ -33,6 +41,8 @@ def run(registrants: int = 150, seed: int = 7, peers: bool = True, record_all: b
     orders = sorted(generate(seed=seed, n_registrants=registrants).orders, key=lambda o: o["received_at"])
     profiles = train_peers(seed + PEER_TRAINING_SEED_OFFSET, n_registrants=registrants) if peers else None
     monitor = _monitor(MonitorConfig(record_all=record_all), profiles, without)
+    if not score:
+        return {"orders": len(orders), "lines": sum(len(o["lines"]) for o in orders)}
     live: dict[str, Any] = {}
     t0 = time.process_time()  # CPU time of this process: a loaded shared machine inflates wall time
     for o in orders:
@@ -92,6 +102,54 @@ def compare_without(registrants: int, seed: int, peers: bool, without: tuple[str
     return best[False], best[True]
 
 
+def count_instructions(registrants: int, seed: int, peers: bool,
+                       without: tuple[str, ...]) -> dict[str, float]:
+    """Instructions per order (score + learn) with every detector and without ``without``, counted by valgrind.
+
+    Why: on a shared 2-core machine the CPU time of the same run swings by
+    +-20 %, as much as the cost being measured; the instructions a process
+    executes do not depend on its neighbours. Three runs under callgrind (the
+    set-up alone, then scoring without and with the detectors), same seed and
+    ``PYTHONHASHSEED``; a side's count is its run minus the set-up, per order.
+    Slow (callgrind runs Python ~50x slower): use a few registrants.
+    """
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise RuntimeError("--instructions counts with valgrind's callgrind, which is not installed "
+                           "(Debian/Ubuntu: apt install valgrind)")
+
+    def one(score: bool, leave_out: tuple[str, ...]) -> tuple[int, int]:
+        cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
+               "streams.tools.bench_monitor", "--registrants", str(registrants), "--seed", str(seed)]
+        cmd += [] if peers else ["--no-peers"]
+        cmd += ["--without", ",".join(leave_out)] if leave_out else []
+        cmd += [] if score else ["--setup-only"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+        found = re.search(r"Collected\s*:\s*(\d+)", done.stderr)
+        if done.returncode != 0 or found is None:
+            raise RuntimeError(f"callgrind run failed ({done.returncode}): {done.stderr[-2000:]}")
+        return int(found.group(1)), int(json.loads(done.stdout.strip().splitlines()[-1])["orders"])
+
+    setup, orders = one(False, ())
+    before, _ = one(True, without)
+    full, _ = one(True, ())
+    return {"orders": orders, "without": (before - setup) / orders, "with": (full - setup) / orders}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One bench run as a child process (what :func:`count_instructions` runs under valgrind): prints JSON."""
+    ap = argparse.ArgumentParser(prog="python -m streams.tools.bench_monitor")
+    ap.add_argument("--registrants", type=int, default=150)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--without", default="")
+    ap.add_argument("--setup-only", action="store_true")
+    a = ap.parse_args(argv)
+    without = tuple(n for n in a.without.split(",") if n)
+    r = run(a.registrants, a.seed, not a.no_peers, without=without, score=not a.setup_only)
+    print(json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str))}))
+
+
 def render(r: dict[str, Any]) -> str:
     return "\n".join([
         f"monitor {r['model_version']}: {r['orders']} orders ({r['lines']} lines), {r['registrants']} registrants",
@@ -101,3 +159,7 @@ def render(r: dict[str, Any]) -> str:
         f"per registrant; median {r['bytes_per_family_median']:.0f} B, max {r['bytes_per_family_max']:.0f} B "
         "per registrant-family",
     ])
+
+
+if __name__ == "__main__":
+    main()
