@@ -38,12 +38,12 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
-from typing import Any, Protocol
+from datetime import date, datetime, timezone
+from typing import Any, NamedTuple, Protocol
 
 from streams.monitoring.baselines import (
-    TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory, month_name, month_of,
-    months_with_orders,
+    MS_PER_DAY, TIMING_CAP, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, ew_memory,
+    month_name, month_of, months_with_orders,
 )
 from streams.monitoring.peers import PeerGroup, PeerProfiles
 
@@ -155,6 +155,14 @@ class MonitorConfig:
     ramp_min_share: float = 0.2  # focused also needs this family at >= this share of the registrant's 30-day units
     ramp_noise_z: float = 6.0  # ... and above the reference + this many std of the months before the gap
     ramp_min_months: int = 6  # trailing calendar months of history (of the family) before the rule applies
+    # ramp and ramp_2x judge a window (calendar month, 30 days) at the buyer's own cadence: a buyer that orders
+    # about every g days (EW gap, once ramp_cadence_min_gaps gaps are learned) puts one order more than usual in
+    # a month now and then, by the calendar alone. When the window holds k orders, more than its usual 30.4/g
+    # but at most one more than the window can hold at that cadence, spaced at least ramp_cadence_spacing x g
+    # apart on average, its units count k/(30.4/g) times less: the month of two orders of a monthly buyer is its
+    # usual demand, a month of larger orders is not; orders that come faster than the cadence count in full.
+    ramp_cadence_min_gaps: int = 5
+    ramp_cadence_spacing: float = 0.6
     # Strength shift, per family, over the 30 days to the order: (1) mg of base drug per dosage unit against the
     # usual mix; (2) the share of units in the family's high-strength products against the usual share. The usual
     # is the long memory: the calendar months before the order's month but the last strength_gap_months (a shift's
@@ -846,6 +854,57 @@ def _pstdev(xs: tuple[int, ...]) -> float:
 
 
 @functools.lru_cache(maxsize=4096)  # pure, on the few monthly histories of the registrants being scored
+class Cadence(NamedTuple):
+    """How many times its usual order count a window holds, when only the calendar put them in it."""
+
+    divisor: float  # >= 1: the window's units divided by this are its units at the buyer's usual cadence
+    orders: int  # orders in the window, this one included
+    usual: float  # orders the window holds at the buyer's usual gap
+    gap_days: float  # that usual gap (EW over learned orders)
+
+    def describe(self, what: str) -> str:
+        return (f"{what} holds {self.orders} orders where this buyer's usual gap of {self.gap_days:.0f} days gives "
+                f"{self.usual:.1f}, on its cadence: its units count {self.divisor:.2f}x less")
+
+
+NO_CADENCE = Cadence(1.0, 0, 0.0, 0.0)
+_DAYS_PER_MONTH = 30.4
+
+
+def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_day: int, length_days: float,
+            cfg: MonitorConfig) -> Cadence:
+    """The buyer's cadence allowance for the window of ``family`` from UTC day ``first_day`` to the order's day.
+
+    Why: a buyer that orders every three or four weeks has two orders in one calendar month (or in 30 days)
+    now and then, though its demand did not change; judged by units alone that month is 2x its level and the
+    ramp rules held it (most of their false holds on held-out data). Only the calendar's extra order is
+    forgiven: at most one order more than the window holds at the usual gap (``length_days`` / gap), and only
+    when the orders came at about that gap (``ramp_cadence_spacing``); a buyer ordering faster, or larger
+    orders, is judged in full. The learned orders are read from the 30-day day cells (a window's first day
+    older than that is not seen: fewer orders, less allowance).
+    """
+    fb = state.family(family)
+    if fb is None or fb.gap_days.n < cfg.ramp_cadence_min_gaps or fb.gap_days.get() <= 0:
+        return NO_CADENCE
+    gap = fb.gap_days.get()
+    usual = length_days / gap
+    today = order.at_ms // MS_PER_DAY
+    days = [d for d, cell in fb.days.cells.items() if first_day <= d <= today and cell[0] > 0]
+    orders = sum(fb.days.cells[d][0] for d in days) + (0 if state.has_learned(order.order_id) else 1)
+    if orders <= usual or orders > math.floor(usual) + 1:
+        return NO_CADENCE
+    span = today - min(days, default=today)
+    if span < cfg.ramp_cadence_spacing * (orders - 1) * gap:
+        return NO_CADENCE
+    return Cadence(orders / usual, orders, usual, gap)
+
+
+@functools.lru_cache(maxsize=256)
+def _month_first_day(month: int) -> int:
+    """UTC day number of the first day of a month index (year * 12 + month - 1)."""
+    return (date(month // 12, month % 12 + 1, 1) - date(1970, 1, 1)).days
+
+
 def long_memory_level(prior: tuple[int, ...], gap: int) -> tuple[float, float, float, tuple[int, ...]]:
     """(level, trailing average, median month before the last ``gap``, those earlier months) of monthly units.
 
@@ -911,6 +970,9 @@ class RampDetector(PerFamilyDetector):
         focused_limit = max(c.ramp_ratio * ref, noise_floor)
         if value <= focused_limit:  # cannot fire either way: no need to look at the other families
             return finding(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
+        value, pace_text = self._at_cadence(state, order, f, rolling, m)
+        if value <= focused_limit:
+            return finding(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
         focused, why = self._focus(state, order, f, value / ref, ref)
         ratio = c.ramp_ratio if focused else c.ramp_unfocused_ratio
         threshold = max(ratio * ref, noise_floor)
@@ -922,7 +984,8 @@ class RampDetector(PerFamilyDetector):
         if not fired:
             return finding(self.name, self.dimension, f.family, value, ref, threshold, window, False, "")
         text = (f"{f.family}: {fmt_n(value)} dosage units (the larger of the last 30 days, {fmt_n(rolling)}, and "
-                f"{month_name(m.month)} to date, {fmt_n(m.current)}, this order included) against this registrant's "
+                f"{month_name(m.month)} to date, {fmt_n(m.current)}, this order included{pace_text}) against this "
+                f"registrant's "
                 f"long-memory level of {fmt_n(ref)} a month (the lower of its trailing {len(prior)}-month average, "
                 f"{fmt_n(avg)}, and its median month before the last {gap}, {fmt_n(pre)}): "
                 f"{value / ref:.1f}x. {why} The threshold is {fmt_n(threshold)} (the larger of {ratio:g}x the level "
@@ -930,6 +993,17 @@ class RampDetector(PerFamilyDetector):
                 + (f", and {c.ramp_2x_cleared_ratio:g}x the {fmt_n(cleared[1])} units an analyst cleared in "
                    f"{month_name(cleared[0])}" if cleared is not None else "") + ").")
         return finding(self.name, self.dimension, f.family, value, ref, threshold, window, fired, text)
+
+    def _at_cadence(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts, rolling: int,
+                    m: Monthly) -> tuple[float, str]:
+        """The value at the buyer's own cadence (see :func:`cadence`), and the words that say how it was read."""
+        today = order.at_ms // MS_PER_DAY
+        in_30 = cadence(state, order, f.family, today - 29, 30.0, self.cfg)
+        in_month = cadence(state, order, f.family, _month_first_day(m.month), _DAYS_PER_MONTH, self.cfg)
+        value = max(rolling / in_30.divisor, m.current / in_month.divisor)
+        parts = [p.describe(what) for p, what in ((in_30, "the 30 days"), (in_month, "the month"))
+                 if p.divisor > 1]
+        return value, ("; at its cadence: " + "; ".join(parts) if parts else "")
 
     def _focus(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts,
                growth: float, own_ref: float) -> tuple[bool, str]:
@@ -1022,11 +1096,19 @@ class RampGuardDetector(PerFamilyDetector):
         if cleared is not None:
             threshold = max(threshold, c.ramp_2x_cleared_ratio * cleared[1])
             window += f"; cleared by an analyst in {month_name(cleared[0])}"
+        pace = NO_CADENCE
+        if m.current > threshold:  # the calendar's extra order of an infrequent buyer is not growth
+            pace = cadence(state, order, f.family, _month_first_day(m.month), _DAYS_PER_MONTH, c)
+            if pace.divisor > 1:
+                threshold *= pace.divisor
+                window += f"; at its cadence ({pace.orders} orders, {pace.usual:.1f} usual)"
         fired = m.current > threshold
         if not fired:
             return finding(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
         text = (f"{_this_month(f.family, m)}; its trailing {len(prior)}-month average is {fmt_n(avg)} a month, "
                 f"{c.ramp_2x_ratio:g}x that is {fmt_n(c.ramp_2x_ratio * avg)}")
+        if pace.divisor > 1:
+            text += f"; the month {pace.describe('')[1:]}, so the threshold is {fmt_n(threshold)}"
         if cleared is not None:
             text += (f"; an analyst cleared {fmt_n(cleared[1])} units in {month_name(cleared[0])}, "
                      f"{c.ramp_2x_cleared_ratio:g}x that is {fmt_n(c.ramp_2x_cleared_ratio * cleared[1])}")
