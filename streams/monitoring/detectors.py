@@ -156,13 +156,16 @@ class MonitorConfig:
     ramp_noise_z: float = 6.0  # ... and above the reference + this many std of the months before the gap
     ramp_min_months: int = 6  # trailing calendar months of history (of the family) before the rule applies
     # ramp and ramp_2x judge a window (calendar month, 30 days) at the buyer's own cadence: a buyer that orders
-    # about every g days (EW gap, once ramp_cadence_min_gaps gaps are learned) puts one order more than usual in
-    # a month now and then, by the calendar alone. When the window holds k orders, more than its usual 30.4/g
-    # but at most one more than the window can hold at that cadence, spaced at least ramp_cadence_spacing x g
-    # apart on average, its units count k/(30.4/g) times less: the month of two orders of a monthly buyer is its
-    # usual demand, a month of larger orders is not; orders that come faster than the cadence count in full.
+    # about every g days (EW gap, once ramp_cadence_min_gaps gaps are learned) has one ordering day more than
+    # usual in a month now and then, by the calendar alone. When the window holds k ordering days, more than its
+    # usual 30.4/g but at most one more, spaced at least ramp_cadence_spacing x g apart on average, its units
+    # count k/(30.4/g) times less: the month of two orders of a monthly buyer is its usual demand. Days that come
+    # faster than the cadence count in full, and so do days that average more than ramp_cadence_size_ratio x its
+    # usual ordering day (the trailing 12-month average month / its usual ordering days a month): a ramp grows
+    # its orders, and the static 2x rule holds such a month, so the guard must too.
     ramp_cadence_min_gaps: int = 5
     ramp_cadence_spacing: float = 0.6
+    ramp_cadence_size_ratio: float = 1.25
     # Strength shift, per family, over the 30 days to the order: (1) mg of base drug per dosage unit against the
     # usual mix; (2) the share of units in the family's high-strength products against the usual share. The usual
     # is the long memory: the calendar months before the order's month but the last strength_gap_months (a shift's
@@ -855,16 +858,16 @@ def _pstdev(xs: tuple[int, ...]) -> float:
 
 @functools.lru_cache(maxsize=4096)  # pure, on the few monthly histories of the registrants being scored
 class Cadence(NamedTuple):
-    """How many times its usual order count a window holds, when only the calendar put them in it."""
+    """How many times its usual count of ordering days a window holds, when only the calendar put them in it."""
 
     divisor: float  # >= 1: the window's units divided by this are its units at the buyer's usual cadence
-    orders: int  # orders in the window, this one included
-    usual: float  # orders the window holds at the buyer's usual gap
-    gap_days: float  # that usual gap (EW over learned orders)
+    days: int  # ordering days in the window, this order's included
+    usual: float  # ordering days the window holds at the buyer's usual gap
+    gap_days: float  # that usual gap between ordering days
 
     def describe(self, what: str) -> str:
-        return (f"{what} holds {self.orders} orders where this buyer's usual gap of {self.gap_days:.0f} days gives "
-                f"{self.usual:.1f}, on its cadence: its units count {self.divisor:.2f}x less")
+        return (f"{what} has {self.days} ordering days where this buyer's usual gap of {self.gap_days:.0f} days "
+                f"gives {self.usual:.1f}, on its cadence: its units count {self.divisor:.2f}x less")
 
 
 NO_CADENCE = Cadence(1.0, 0, 0.0, 0.0)
@@ -872,31 +875,42 @@ _DAYS_PER_MONTH = 30.4
 
 
 def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_day: int, length_days: float,
-            cfg: MonitorConfig) -> Cadence:
+            units: float, monthly_level: float, cfg: MonitorConfig) -> Cadence:
     """The buyer's cadence allowance for the window of ``family`` from UTC day ``first_day`` to the order's day.
 
-    Why: a buyer that orders every three or four weeks has two orders in one calendar month (or in 30 days)
-    now and then, though its demand did not change; judged by units alone that month is 2x its level and the
-    ramp rules held it (most of their false holds on held-out data). Only the calendar's extra order is
-    forgiven: at most one order more than the window holds at the usual gap (``length_days`` / gap), and only
-    when the orders came at about that gap (``ramp_cadence_spacing``); a buyer ordering faster, or larger
-    orders, is judged in full. The learned orders are read from the 30-day day cells (a window's first day
-    older than that is not seen: fewer orders, less allowance).
+    Why: a buyer that orders every three or four weeks has one ordering day more than usual in a calendar
+    month (or in 30 days) now and then, though its demand did not change; judged by units alone that month is
+    up to 2x its level and the ramp rules held it (most of their false holds on held-out data). Only the
+    calendar's extra day is forgiven: at most one ordering day more than the window holds at the usual gap
+    (``length_days`` / gap), only when the days came at about that gap (``ramp_cadence_spacing``), and only
+    when the window's ``units`` per ordering day average at most ``ramp_cadence_size_ratio`` x its usual
+    (``monthly_level``, the trailing 12-month average month, over the ordering days a month its gap gives).
+    A buyer ordering faster, or larger orders, is judged in full.
+
+    Counted in ordering days, not orders: ARCOS schedule III-V lines are one order each, so one ordering day
+    may be several orders. The usual gap between ordering days is the EW gap between learned orders times
+    the orders per ordering day of the last 30 days. The learned orders are read from the 30-day day cells
+    (a window's first day older than that is not seen: fewer days, less allowance).
     """
     fb = state.family(family)
     if fb is None or fb.gap_days.n < cfg.ramp_cadence_min_gaps or fb.gap_days.get() <= 0:
         return NO_CADENCE
-    gap = fb.gap_days.get()
-    usual = length_days / gap
     today = order.at_ms // MS_PER_DAY
-    days = [d for d, cell in fb.days.cells.items() if first_day <= d <= today and cell[0] > 0]
-    orders = sum(fb.days.cells[d][0] for d in days) + (0 if state.has_learned(order.order_id) else 1)
-    if orders <= usual or orders > math.floor(usual) + 1:
+    cells = fb.days.cells
+    replay = state.has_learned(order.order_id)
+    ring_orders = sum(cell[0] for cell in cells.values()) + (0 if replay else 1)
+    ring_days = sum(1 for d, cell in cells.items() if cell[0] > 0 and d != today) + 1
+    gap = fb.gap_days.get() * ring_orders / ring_days
+    usual = length_days / gap
+    days = [d for d, cell in cells.items() if first_day <= d < today and cell[0] > 0] + [today]
+    k = len(days)
+    if k <= usual or k > math.floor(usual) + 1:
         return NO_CADENCE
-    span = today - min(days, default=today)
-    if span < cfg.ramp_cadence_spacing * (orders - 1) * gap:
+    if today - min(days) < cfg.ramp_cadence_spacing * (k - 1) * gap:
         return NO_CADENCE
-    return Cadence(orders / usual, orders, usual, gap)
+    if units / k > cfg.ramp_cadence_size_ratio * monthly_level * gap / _DAYS_PER_MONTH:
+        return NO_CADENCE
+    return Cadence(k / usual, k, usual, gap)
 
 
 @functools.lru_cache(maxsize=256)
@@ -970,7 +984,7 @@ class RampDetector(PerFamilyDetector):
         focused_limit = max(c.ramp_ratio * ref, noise_floor)
         if value <= focused_limit:  # cannot fire either way: no need to look at the other families
             return finding(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
-        value, pace_text = self._at_cadence(state, order, f, rolling, m)
+        value, pace_text = self._at_cadence(state, order, f, rolling, m, avg)
         if value <= focused_limit:
             return finding(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
         focused, why = self._focus(state, order, f, value / ref, ref)
@@ -995,11 +1009,12 @@ class RampDetector(PerFamilyDetector):
         return finding(self.name, self.dimension, f.family, value, ref, threshold, window, fired, text)
 
     def _at_cadence(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts, rolling: int,
-                    m: Monthly) -> tuple[float, str]:
+                    m: Monthly, avg: float) -> tuple[float, str]:
         """The value at the buyer's own cadence (see :func:`cadence`), and the words that say how it was read."""
         today = order.at_ms // MS_PER_DAY
-        in_30 = cadence(state, order, f.family, today - 29, 30.0, self.cfg)
-        in_month = cadence(state, order, f.family, _month_first_day(m.month), _DAYS_PER_MONTH, self.cfg)
+        in_30 = cadence(state, order, f.family, today - 29, 30.0, rolling, avg, self.cfg)
+        in_month = cadence(state, order, f.family, _month_first_day(m.month), _DAYS_PER_MONTH, m.current, avg,
+                           self.cfg)
         value = max(rolling / in_30.divisor, m.current / in_month.divisor)
         parts = [p.describe(what) for p, what in ((in_30, "the 30 days"), (in_month, "the month"))
                  if p.divisor > 1]
@@ -1098,10 +1113,10 @@ class RampGuardDetector(PerFamilyDetector):
             window += f"; cleared by an analyst in {month_name(cleared[0])}"
         pace = NO_CADENCE
         if m.current > threshold:  # the calendar's extra order of an infrequent buyer is not growth
-            pace = cadence(state, order, f.family, _month_first_day(m.month), _DAYS_PER_MONTH, c)
+            pace = cadence(state, order, f.family, _month_first_day(m.month), _DAYS_PER_MONTH, m.current, avg, c)
             if pace.divisor > 1:
                 threshold *= pace.divisor
-                window += f"; at its cadence ({pace.orders} orders, {pace.usual:.1f} usual)"
+                window += f"; at its cadence ({pace.days} ordering days, {pace.usual:.1f} usual)"
         fired = m.current > threshold
         if not fired:
             return finding(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
