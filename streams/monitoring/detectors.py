@@ -871,6 +871,9 @@ class Cadence(NamedTuple):
 
 
 NO_CADENCE = Cadence(1.0, 0, 0.0, 0.0)
+#: "One ordering day more than usual", with this much slack for a gap that wanders (a buyer ordering every 30.4
+#: days on average has two orders in 30 days whenever a gap is shorter: 2 <= 0.99 + 1 + slack).
+_GAP_SLACK = 0.25
 _DAYS_PER_MONTH = 30.4
 
 
@@ -904,7 +907,7 @@ def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_da
     usual = length_days / gap
     days = [d for d, cell in cells.items() if first_day <= d < today and cell[0] > 0] + [today]
     k = len(days)
-    if k <= usual or k > math.floor(usual) + 1:
+    if k <= usual or k > usual + 1 + _GAP_SLACK:
         return NO_CADENCE
     if today - min(days) < cfg.ramp_cadence_spacing * (k - 1) * gap:
         return NO_CADENCE
