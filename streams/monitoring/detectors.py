@@ -962,7 +962,9 @@ class RampDetector(PerFamilyDetector):
     them had orders. Growth an analyst has looked at and released (due-diligence
     ``cleared``, as for ``ramp_2x``) is held again only above
     ``ramp_2x_cleared_ratio`` x the cleared month's units: a store that grew is
-    held once per growth step, not every month until its long memory catches up.
+    held once per growth step, not every month until its long memory catches up. A window the calendar
+    gave one ordering day more than the buyer's cadence (:func:`cadence`) is read at that cadence: a
+    monthly orderer's two ordinary orders in 30 days are not a doubling.
     """
 
     name = "ramp"
@@ -1077,7 +1079,10 @@ class RampGuardDetector(PerFamilyDetector):
     once a held order of the family is RELEASED, its month's volume counts as cleared (due-diligence
     state ``cleared``) and the guard holds again only above ``ramp_2x_cleared_ratio`` x that month's
     learned units, for ``ramp_2x_cleared_months`` months. A store that grew is held once per growth
-    step, not on every order until its average catches up.
+    step, not on every order until its average catches up. A month the calendar gave one ordering day
+    more than the buyer's cadence, of orders of about its usual size, is read at that cadence
+    (:func:`cadence`): the 2x rule's most common false hold. Larger orders count in full, so on a
+    ramp it still holds whenever the rule does, unless the orders are still within 1.25x their usual size.
     """
 
     name = "ramp_2x"
