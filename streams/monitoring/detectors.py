@@ -38,11 +38,12 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
-from typing import Any, Protocol
+from datetime import date, datetime, timezone
+from typing import Any, NamedTuple, Protocol
 
 from streams.monitoring.baselines import (
-    TIMING_CAP, WINDOW_30D_DAYS, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines, day_of, ew_memory,
+    MS_PER_DAY, TIMING_CAP, WINDOW_30D_DAYS, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines,
+    day_of, ew_memory,
     month_name, month_of, months_with_orders,
 )
 from streams.monitoring.peers import PeerGroup, PeerProfiles
@@ -155,6 +156,17 @@ class MonitorConfig:
     ramp_min_share: float = 0.2  # focused also needs this family at >= this share of the registrant's 30-day units
     ramp_noise_z: float = 6.0  # ... and above the reference + this many std of the months before the gap
     ramp_min_months: int = 6  # trailing calendar months of history (of the family) before the rule applies
+    # ramp and ramp_2x judge a window (calendar month, 30 days) at the buyer's own cadence: a buyer that orders
+    # about every g days (EW gap, once ramp_cadence_min_gaps gaps are learned) has one ordering day more than
+    # usual in a month now and then, by the calendar alone. When the window holds k ordering days, more than its
+    # usual 30.4/g but at most one more, spaced at least ramp_cadence_spacing x g apart on average, its units
+    # count k/(30.4/g) times less: the month of two orders of a monthly buyer is its usual demand. Days that come
+    # faster than the cadence count in full, and so do days that average more than ramp_cadence_size_ratio x its
+    # usual ordering day (the trailing 12-month average month / its usual ordering days a month): a ramp grows
+    # its orders, and the static 2x rule holds such a month, so the guard must too.
+    ramp_cadence_min_gaps: int = 5
+    ramp_cadence_spacing: float = 0.6
+    ramp_cadence_size_ratio: float = 1.25
     # Strength shift, per family, over the 30 days to the order: (1) mg of base drug per dosage unit against the
     # usual mix; (2) the share of units in the family's high-strength products against the usual share. The usual
     # is the long memory: the calendar months before the order's month but the last strength_gap_months (a shift's
@@ -864,6 +876,71 @@ def _pstdev(xs: tuple[int, ...]) -> float:
 
 
 @functools.lru_cache(maxsize=4096)  # pure, on the few monthly histories of the registrants being scored
+class Cadence(NamedTuple):
+    """How many times its usual count of ordering days a window holds, when only the calendar put them in it."""
+
+    divisor: float  # >= 1: the window's units divided by this are its units at the buyer's usual cadence
+    days: int  # ordering days in the window, this order's included
+    usual: float  # ordering days the window holds at the buyer's usual gap
+    gap_days: float  # that usual gap between ordering days
+
+    def describe(self, what: str) -> str:
+        return (f"{what} has {self.days} ordering days where this buyer's usual gap of {self.gap_days:.0f} days "
+                f"gives {self.usual:.1f}, on its cadence: its units count {self.divisor:.2f}x less")
+
+
+NO_CADENCE = Cadence(1.0, 0, 0.0, 0.0)
+#: "One ordering day more than usual", with this much slack for a gap that wanders (a buyer ordering every 30.4
+#: days on average has two orders in 30 days whenever a gap is shorter: 2 <= 0.99 + 1 + slack).
+_GAP_SLACK = 0.25
+_DAYS_PER_MONTH = 30.4
+
+
+def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_day: int, length_days: float,
+            units: float, monthly_level: float, cfg: MonitorConfig) -> Cadence:
+    """The buyer's cadence allowance for the window of ``family`` from UTC day ``first_day`` to the order's day.
+
+    Why: a buyer that orders every three or four weeks has one ordering day more than usual in a calendar
+    month (or in 30 days) now and then, though its demand did not change; judged by units alone that month is
+    up to 2x its level and the ramp rules held it (most of their false holds on held-out data). Only the
+    calendar's extra day is forgiven: at most one ordering day more than the window holds at the usual gap
+    (``length_days`` / gap), only when the days came at about that gap (``ramp_cadence_spacing``), and only
+    when the window's ``units`` per ordering day average at most ``ramp_cadence_size_ratio`` x its usual
+    (``monthly_level``, the trailing 12-month average month, over the ordering days a month its gap gives).
+    A buyer ordering faster, or larger orders, is judged in full.
+
+    Counted in ordering days, not orders: ARCOS schedule III-V lines are one order each, so one ordering day
+    may be several orders. The usual gap between ordering days is the EW gap between learned orders times
+    the orders per ordering day of the last 30 days. The learned orders are read from the 30-day day cells
+    (a window's first day older than that is not seen: fewer days, less allowance).
+    """
+    fb = state.family(family)
+    if fb is None or fb.gap_days.n < cfg.ramp_cadence_min_gaps or fb.gap_days.get() <= 0:
+        return NO_CADENCE
+    today = order.at_ms // MS_PER_DAY
+    cells = fb.days.cells
+    replay = state.has_learned(order.order_id)
+    ring_orders = sum(cell[0] for cell in cells.values()) + (0 if replay else 1)
+    ring_days = sum(1 for d, cell in cells.items() if cell[0] > 0 and d != today) + 1
+    gap = fb.gap_days.get() * ring_orders / ring_days
+    usual = length_days / gap
+    days = [d for d, cell in cells.items() if first_day <= d < today and cell[0] > 0] + [today]
+    k = len(days)
+    if k <= usual or k > usual + 1 + _GAP_SLACK:
+        return NO_CADENCE
+    if today - min(days) < cfg.ramp_cadence_spacing * (k - 1) * gap:
+        return NO_CADENCE
+    if units / k > cfg.ramp_cadence_size_ratio * monthly_level * gap / _DAYS_PER_MONTH:
+        return NO_CADENCE
+    return Cadence(k / usual, k, usual, gap)
+
+
+@functools.lru_cache(maxsize=256)
+def _month_first_day(month: int) -> int:
+    """UTC day number of the first day of a month index (year * 12 + month - 1)."""
+    return (date(month // 12, month % 12 + 1, 1) - date(1970, 1, 1)).days
+
+
 def long_memory_level(prior: tuple[int, ...], gap: int) -> tuple[float, float, float, tuple[int, ...]]:
     """(level, trailing average, median month before the last ``gap``, those earlier months) of monthly units.
 
@@ -904,7 +981,9 @@ class RampDetector(PerFamilyDetector):
     them had orders. Growth an analyst has looked at and released (due-diligence
     ``cleared``, as for ``ramp_2x``) is held again only above
     ``ramp_2x_cleared_ratio`` x the cleared month's units: a store that grew is
-    held once per growth step, not every month until its long memory catches up.
+    held once per growth step, not every month until its long memory catches up. A window the calendar
+    gave one ordering day more than the buyer's cadence (:func:`cadence`) is read at that cadence: a
+    monthly orderer's two ordinary orders in 30 days are not a doubling.
     """
 
     name = "ramp"
@@ -929,6 +1008,9 @@ class RampDetector(PerFamilyDetector):
         focused_limit = max(c.ramp_ratio * ref, noise_floor)
         if value <= focused_limit:  # cannot fire either way: no need to look at the other families
             return finding(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
+        value, pace_text = self._at_cadence(state, order, f, rolling, m, avg)
+        if value <= focused_limit:
+            return finding(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
         focused, why = self._focus(state, order, f, value / ref, ref)
         ratio = c.ramp_ratio if focused else c.ramp_unfocused_ratio
         threshold = max(ratio * ref, noise_floor)
@@ -940,7 +1022,8 @@ class RampDetector(PerFamilyDetector):
         if not fired:
             return finding(self.name, self.dimension, f.family, value, ref, threshold, window, False, "")
         text = (f"{f.family}: {fmt_n(value)} dosage units (the larger of the last 30 days, {fmt_n(rolling)}, and "
-                f"{month_name(m.month)} to date, {fmt_n(m.current)}, this order included) against this registrant's "
+                f"{month_name(m.month)} to date, {fmt_n(m.current)}, this order included{pace_text}) against this "
+                f"registrant's "
                 f"long-memory level of {fmt_n(ref)} a month (the lower of its trailing {len(prior)}-month average, "
                 f"{fmt_n(avg)}, and its median month before the last {gap}, {fmt_n(pre)}): "
                 f"{value / ref:.1f}x. {why} The threshold is {fmt_n(threshold)} (the larger of {ratio:g}x the level "
@@ -948,6 +1031,18 @@ class RampDetector(PerFamilyDetector):
                 + (f", and {c.ramp_2x_cleared_ratio:g}x the {fmt_n(cleared[1])} units an analyst cleared in "
                    f"{month_name(cleared[0])}" if cleared is not None else "") + ").")
         return finding(self.name, self.dimension, f.family, value, ref, threshold, window, fired, text)
+
+    def _at_cadence(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts, rolling: int,
+                    m: Monthly, avg: float) -> tuple[float, str]:
+        """The value at the buyer's own cadence (see :func:`cadence`), and the words that say how it was read."""
+        today = order.at_ms // MS_PER_DAY
+        in_30 = cadence(state, order, f.family, today - 29, 30.0, rolling, avg, self.cfg)
+        in_month = cadence(state, order, f.family, _month_first_day(m.month), _DAYS_PER_MONTH, m.current, avg,
+                           self.cfg)
+        value = max(rolling / in_30.divisor, m.current / in_month.divisor)
+        parts = [p.describe(what) for p, what in ((in_30, "the 30 days"), (in_month, "the month"))
+                 if p.divisor > 1]
+        return value, ("; at its cadence: " + "; ".join(parts) if parts else "")
 
     def _focus(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts,
                growth: float, own_ref: float) -> tuple[bool, str]:
@@ -1003,7 +1098,10 @@ class RampGuardDetector(PerFamilyDetector):
     once a held order of the family is RELEASED, its month's volume counts as cleared (due-diligence
     state ``cleared``) and the guard holds again only above ``ramp_2x_cleared_ratio`` x that month's
     learned units, for ``ramp_2x_cleared_months`` months. A store that grew is held once per growth
-    step, not on every order until its average catches up.
+    step, not on every order until its average catches up. A month the calendar gave one ordering day
+    more than the buyer's cadence, of orders of about its usual size, is read at that cadence
+    (:func:`cadence`): the 2x rule's most common false hold. Larger orders count in full, so on a
+    ramp it still holds whenever the rule does, unless the orders are still within 1.25x their usual size.
     """
 
     name = "ramp_2x"
@@ -1040,11 +1138,19 @@ class RampGuardDetector(PerFamilyDetector):
         if cleared is not None:
             threshold = max(threshold, c.ramp_2x_cleared_ratio * cleared[1])
             window += f"; cleared by an analyst in {month_name(cleared[0])}"
+        pace = NO_CADENCE
+        if m.current > threshold:  # the calendar's extra order of an infrequent buyer is not growth
+            pace = cadence(state, order, f.family, _month_first_day(m.month), _DAYS_PER_MONTH, m.current, avg, c)
+            if pace.divisor > 1:
+                threshold *= pace.divisor
+                window += f"; at its cadence ({pace.days} ordering days, {pace.usual:.1f} usual)"
         fired = m.current > threshold
         if not fired:
             return finding(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
         text = (f"{_this_month(f.family, m)}; its trailing {len(prior)}-month average is {fmt_n(avg)} a month, "
                 f"{c.ramp_2x_ratio:g}x that is {fmt_n(c.ramp_2x_ratio * avg)}")
+        if pace.divisor > 1:
+            text += f"; the month {pace.describe('')[1:]}, so the threshold is {fmt_n(threshold)}"
         if cleared is not None:
             text += (f"; an analyst cleared {fmt_n(cleared[1])} units in {month_name(cleared[0])}, "
                      f"{c.ramp_2x_cleared_ratio:g}x that is {fmt_n(c.ramp_2x_cleared_ratio * cleared[1])}")
