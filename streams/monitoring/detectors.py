@@ -541,6 +541,19 @@ def poisson_tail(rate: float, count: int) -> float:
     return min(1.0, _poisson_upper(rate, count))
 
 
+#: Other days in a 7-day window besides the order's own: the most ordering days it can add.
+OTHER_DAYS_7D = 6
+
+
+@functools.lru_cache(maxsize=4096)
+def binomial_quantile(n: int, q: float, p: float) -> int:
+    """Smallest count m with P(X >= m) < p for X ~ Binomial(n, q); n + 1 when no count is that unlikely."""
+    m = 0
+    while m <= n and binomial_tail(n, m, q) >= p:
+        m += 1
+    return m
+
+
 class FrequencyDetector(PerFamilyDetector):
     """Unusual frequency: more orders of a family in a window than this registrant's own cadence explains.
 
@@ -587,7 +600,7 @@ class FrequencyDetector(PerFamilyDetector):
             value, base, span = w.orders_24h, (fb.count_24h if fb else None), "the last 24 hours"
             p, floor, cold = c.freq_p_24h, c.freq_min_24h, c.cold_start_max_orders_24h
         else:
-            value, base, span = w.orders_7d, (fb.count_7d if fb else None), "the last 7 days (UTC calendar days)"
+            value, base, span = w.days_7d, (fb.count_7d if fb else None), "the last 7 days (UTC calendar days)"
             p, floor, cold = c.freq_p_7d, c.freq_min_7d, c.cold_start_max_orders_7d
         samples = base.n if base else 0
         if samples < c.freq_min_history:
@@ -601,18 +614,29 @@ class FrequencyDetector(PerFamilyDetector):
                     f"so only the ceiling of {cold} orders applies" + ("; exceeded." if fired else "; within it."))
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
         rate = round(self.rate(fb), 2)
-        limit = poisson_quantile(rate, p)
+        if self.hours == 24:
+            limit, model = poisson_quantile(rate, p), "Poisson"
+        else:
+            limit, model = binomial_quantile(OTHER_DAYS_7D, min(rate / OTHER_DAYS_7D, 1.0), p), "binomial"
         threshold = float(max(floor, limit))
         fired = value > threshold
         usual = 1.0 + rate
-        window = f"Poisson at the learned cadence ({base.window()})"
+        window = f"{model} at the learned cadence ({base.window()})"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
-        tail = poisson_tail(rate, value - 1)
-        text = (f"This is order {value} of {f.family} in {span}; this registrant's own cadence is "
-                f"{fmt_r(rate)} other orders of it in such a window (learned from its released orders), so "
-                f"{value - 1} or more has a probability of {tail:.1e} (held below {p:g}); the threshold is "
-                f"{fmt_r(threshold)} orders (the larger of that count and {floor:g}).")
+        if self.hours == 24:
+            tail = poisson_tail(rate, value - 1)
+            text = (f"This is order {value} of {f.family} in {span}; this registrant's own cadence is "
+                    f"{fmt_r(rate)} other orders of it in such a window (learned from its released orders), so "
+                    f"{value - 1} or more has a probability of {tail:.1e} (held below {p:g}); the threshold is "
+                    f"{fmt_r(threshold)} orders (the larger of that count and {floor:g}).")
+        else:
+            tail = binomial_tail(OTHER_DAYS_7D, value - 1, min(rate / OTHER_DAYS_7D, 1.0))
+            text = (f"This order makes {value} days of {span} with an order of {f.family}; this registrant's "
+                    f"own cadence is {fmt_r(rate)} other ordering days of it in such a window (learned from its "
+                    f"released orders), so {value - 1} or more of the other {OTHER_DAYS_7D} days has a "
+                    f"probability of {tail:.1e} (held below {p:g}); the threshold is {fmt_r(threshold)} ordering "
+                    f"days (the larger of that count and {floor:g}).")
         return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
 
 
