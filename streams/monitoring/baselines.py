@@ -21,8 +21,7 @@ Why these quantities (21 CFR 1301.74(b): unusual size, frequency, pattern):
   multiplicative (a restock doubles an order), so the spread is judged on a log
   scale; ``units`` (EW mean of raw units) is the number an analyst recognises.
 * ``count_24h`` / ``count_7d`` / ``units_30d``: the number of orders in the last
-  24 hours, of ordering days (days with an order of the family) in the last 7 UTC
-  calendar days (orders until detectors version 9) and the dosage units in the last 30 UTC days,
+  24 hours / 7 UTC calendar days and the dosage units in the last 30 UTC days,
   each sampled at every learned order *including that order*. At scoring time
   the same quantity is computed including the new order, so the comparison is
   like for like. A sample is only taken once the family's history covers the
@@ -419,15 +418,14 @@ class DailyRing:
         return max(orders, 0), max(units, 0)
 
     def windows(self, at_ms: int, exclude_units: int | None = None, exclude_mg: float | None = None,
-                exclude_high: int | None = None) -> tuple[int, int, float, int, int]:
-        """(ordering days over 7 days, units, mg of base drug, high-strength units and orders over 30 days)
-        learned on the UTC days ending with the day of ``at_ms``, in one pass over the cells (the 30-day mg,
-        high-strength units and orders are the strength window).
+                exclude_high: int | None = None) -> tuple[int, int, float, int, int, int, int]:
+        """(orders over 7 days, units, mg of base drug, high-strength units and orders over 30 days, ordering
+        days in the 7 days and in the 23 days before them) learned on the UTC days ending with the day of ``at_ms``, in one pass over
+        the cells (the 30-day mg, high-strength units and orders are the strength window).
 
-        Ordering days, not orders, over 7 days: in ARCOS a schedule III-V line has no order form number, so
-        one ordering day of a buyer is often several one-line orders; counting them would make its usual
-        day look like a burst's several days (see ``FrequencyDetector``). The day of ``at_ms`` is counted
-        when it has a learned order; the caller adds the order being scored.
+        Ordering days (days with a learned order of the family) beside orders: in ARCOS a schedule III-V line
+        has no order form number, so one ordering day of a buyer is often several one-line orders, and a burst
+        of extra ordering days hides among them when only orders are counted (``FrequencyDetector``).
 
         ``exclude_units`` / ``exclude_mg`` / ``exclude_high``: a redelivered order's own contribution, taken out
         when its day has a cell. The mg are added cell by cell in the cells' order, as ``sum()`` adds them (the
@@ -435,7 +433,7 @@ class DailyRing:
         """
         today = day_of(at_ms)
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
-        days_7d = units = high = orders_30d = 0
+        orders = units = high = orders_30d = days_7d = days_before = 0
         mg = 0  # as sum() starts: an int 0 until the first cell's float
         for day, (o, u, g, h) in self.cells.items():
             if month < day <= today:
@@ -443,17 +441,22 @@ class DailyRing:
                 mg += g
                 high += h
                 orders_30d += o
-                if day > week and o > 0:
-                    days_7d += 1
+                if day > week:
+                    orders += o
+                    days_7d += o > 0
+                else:
+                    days_before += o > 0
         if today in self.cells:
             if exclude_units is not None:
+                orders -= 1
                 units -= exclude_units
             if exclude_mg is not None:
                 mg -= exclude_mg
                 orders_30d -= 1
             if exclude_high is not None:
                 high -= exclude_high
-        return days_7d, max(units, 0), max(mg, 0.0), max(high, 0), max(orders_30d, 0)
+        return (max(orders, 0), max(units, 0), max(mg, 0.0), max(high, 0), max(orders_30d, 0), days_7d,
+                days_before)
 
     def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
         cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0, 0])
@@ -706,14 +709,18 @@ class Windows(NamedTuple):
     every detector through the per-order cache)."""
 
     orders_24h: int
-    #: UTC calendar days of the last 7 with an order of the family (today included: the order's own day).
-    days_7d: int
+    orders_7d: int
     units_30d: int
     #: mg of base drug *learned* over the 30 days (the order's own not included; taken out again on a replay).
     learned_mg_30d: float = 0.0
     #: high-strength units and orders *learned* over the 30 days (the order's own not included, as the mg).
     learned_high_30d: int = 0
     learned_orders_30d: int = 0
+    #: UTC days of the last 7 with an order of the family, this order's day included.
+    days_7d: int = 1
+    #: UTC days with a learned order of the family among the 23 before those 7 (the 30-day window without the
+    #: last 7): the usual ordering days, which a burst inside the 7 days cannot raise.
+    learned_days_before_7d: int = 0
 
 
 class Monthly(NamedTuple):
@@ -799,12 +806,13 @@ class FamilyBaseline:
         (``units``, ``mg`` mg of base drug, ``high`` high-strength units) is taken out before it is added back once.
         """
         c24 = self.recent.count(at_ms, exclude=at_ms if exclude_self else None)
-        d7, u30, mg30, high30, orders30 = self.days.windows(
+        c7, u30, mg30, high30, orders30, d7, d_before = self.days.windows(
             at_ms, *((units, mg, high) if exclude_self else (None, None, None)))
         # The order makes its day an ordering day; a day that already has a learned order (or this very
         # order, redelivered) is counted once.
-        today_learned = self.days.cells.get(day_of(at_ms), (0,))[0] > 0
-        return Windows(c24 + 1, d7 + (0 if today_learned else 1), u30 + units, mg30, high30, orders30)
+        today_learned = day_of(at_ms) in self.days.cells
+        return Windows(c24 + 1, c7 + 1, u30 + units, mg30, high30, orders30, d7 + (not today_learned),
+                       d_before)
 
     def covers(self, at_ms: int, days: float) -> bool:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""
@@ -823,7 +831,7 @@ class FamilyBaseline:
         if span >= MS_PER_DAY:
             self.count_24h.update(_clip_count(w.orders_24h, self.count_24h))
         if span >= WINDOW_7D_DAYS * MS_PER_DAY:
-            self.count_7d.update(_clip_count(w.days_7d, self.count_7d))
+            self.count_7d.update(_clip_count(w.orders_7d, self.count_7d))
         if span >= WINDOW_30D_DAYS * MS_PER_DAY:
             self.units_30d.update(w.units_30d)
         u = max(units, 1)
