@@ -51,7 +51,7 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "8"
+DETECTORS_VERSION = "9"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
