@@ -418,10 +418,14 @@ class DailyRing:
         return max(orders, 0), max(units, 0)
 
     def windows(self, at_ms: int, exclude_units: int | None = None, exclude_mg: float | None = None,
-                exclude_high: int | None = None) -> tuple[int, int, float, int, int]:
-        """(orders over 7 days, units, mg of base drug, high-strength units and orders over 30 days) learned on
-        the UTC days ending with the day of ``at_ms``, in one pass over the cells (the 30-day mg, high-strength
-        units and orders are the strength window).
+                exclude_high: int | None = None) -> tuple[int, int, float, int, int, int, int]:
+        """(orders over 7 days, units, mg of base drug, high-strength units and orders over 30 days, ordering
+        days in the 7 days and in the 23 days before them) learned on the UTC days ending with the day of ``at_ms``, in one pass over
+        the cells (the 30-day mg, high-strength units and orders are the strength window).
+
+        Ordering days (days with a learned order of the family) beside orders: in ARCOS a schedule III-V line
+        has no order form number, so one ordering day of a buyer is often several one-line orders, and a burst
+        of extra ordering days hides among them when only orders are counted (``FrequencyDetector``).
 
         ``exclude_units`` / ``exclude_mg`` / ``exclude_high``: a redelivered order's own contribution, taken out
         when its day has a cell. The mg are added cell by cell in the cells' order, as ``sum()`` adds them (the
@@ -429,7 +433,7 @@ class DailyRing:
         """
         today = day_of(at_ms)
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
-        orders = units = high = orders_30d = 0
+        orders = units = high = orders_30d = days_7d = days_before = 0
         mg = 0  # as sum() starts: an int 0 until the first cell's float
         for day, (o, u, g, h) in self.cells.items():
             if month < day <= today:
@@ -439,6 +443,9 @@ class DailyRing:
                 orders_30d += o
                 if day > week:
                     orders += o
+                    days_7d += o > 0
+                else:
+                    days_before += o > 0
         if today in self.cells:
             if exclude_units is not None:
                 orders -= 1
@@ -448,7 +455,8 @@ class DailyRing:
                 orders_30d -= 1
             if exclude_high is not None:
                 high -= exclude_high
-        return max(orders, 0), max(units, 0), max(mg, 0.0), max(high, 0), max(orders_30d, 0)
+        return (max(orders, 0), max(units, 0), max(mg, 0.0), max(high, 0), max(orders_30d, 0), days_7d,
+                days_before)
 
     def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
         cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0, 0])
@@ -708,6 +716,11 @@ class Windows(NamedTuple):
     #: high-strength units and orders *learned* over the 30 days (the order's own not included, as the mg).
     learned_high_30d: int = 0
     learned_orders_30d: int = 0
+    #: UTC days of the last 7 with an order of the family, this order's day included.
+    days_7d: int = 1
+    #: UTC days with a learned order of the family among the 23 before those 7 (the 30-day window without the
+    #: last 7): the usual ordering days, which a burst inside the 7 days cannot raise.
+    learned_days_before_7d: int = 0
 
 
 class Monthly(NamedTuple):
@@ -793,9 +806,13 @@ class FamilyBaseline:
         (``units``, ``mg`` mg of base drug, ``high`` high-strength units) is taken out before it is added back once.
         """
         c24 = self.recent.count(at_ms, exclude=at_ms if exclude_self else None)
-        c7, u30, mg30, high30, orders30 = self.days.windows(
+        c7, u30, mg30, high30, orders30, d7, d_before = self.days.windows(
             at_ms, *((units, mg, high) if exclude_self else (None, None, None)))
-        return Windows(c24 + 1, c7 + 1, u30 + units, mg30, high30, orders30)
+        # The order makes its day an ordering day; a day that already has a learned order (or this very
+        # order, redelivered) is counted once.
+        today_learned = day_of(at_ms) in self.days.cells
+        return Windows(c24 + 1, c7 + 1, u30 + units, mg30, high30, orders30, d7 + (not today_learned),
+                       d_before)
 
     def covers(self, at_ms: int, days: float) -> bool:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""

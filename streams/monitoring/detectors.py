@@ -42,7 +42,7 @@ from datetime import date, datetime, timezone
 from typing import Any, NamedTuple, Protocol
 
 from streams.monitoring.baselines import (
-    MS_PER_DAY, TIMING_CAP, WINDOW_30D_DAYS, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines,
+    MS_PER_DAY, TIMING_CAP, WINDOW_30D_DAYS, WINDOW_7D_DAYS, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines,
     day_of, ew_memory,
     month_name, month_of, months_with_orders,
 )
@@ -51,7 +51,7 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "8"
+DETECTORS_VERSION = "9"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
@@ -197,6 +197,11 @@ class MonitorConfig:
     freq_p_24h: float = 1e-4
     freq_p_7d: float = 1e-4
     freq_min_rate_7d: float = 0.5  # orders a week assumed at least (a rare buyer's two orders are no burst)
+    # frequency_7d also counts ordering days (days with an order of the family): a burst of one extra order per
+    # business day at a buyer whose day is several one-line ARCOS orders. Other days in the window ~ Poisson at its
+    # ordering days in the 23 days before the window (x 6/23); fire below this tail, above this floor.
+    freq_p_days_7d: float = 3e-3
+    freq_min_days_7d: float = 4.0  # never fire at 4 or fewer ordering days of 7
     static_min_months: int = 3  # months with orders in the rule's trailing window before the 12m/6m rules apply
     static_max_monthly_units: int = 8000  # static_8000_du
     customer_limits: str = ""  # CSV dea_number,drug_family,monthly_units (env SOM_CUSTOMER_LIMITS); "" = none
@@ -541,6 +546,10 @@ def poisson_tail(rate: float, count: int) -> float:
     return min(1.0, _poisson_upper(rate, count))
 
 
+#: Other days in a 7-day window besides the order's own: the most ordering days it can add.
+OTHER_DAYS_7D = 6
+
+
 class FrequencyDetector(PerFamilyDetector):
     """Unusual frequency: more orders of a family in a window than this registrant's own cadence explains.
 
@@ -607,6 +616,10 @@ class FrequencyDetector(PerFamilyDetector):
         usual = 1.0 + rate
         window = f"Poisson at the learned cadence ({base.window()})"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            if self.hours == 168:
+                days = self._ordering_days(fb, w, f.family, order)
+                if days is not None:
+                    return days
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         tail = poisson_tail(rate, value - 1)
         text = (f"This is order {value} of {f.family} in {span}; this registrant's own cadence is "
@@ -614,6 +627,44 @@ class FrequencyDetector(PerFamilyDetector):
                 f"{value - 1} or more has a probability of {tail:.1e} (held below {p:g}); the threshold is "
                 f"{fmt_r(threshold)} orders (the larger of that count and {floor:g}).")
         return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
+
+    def day_rate(self, w: Any) -> float:
+        """Expected number of *other* ordering days of the family in a 7-day window: the ordering days
+        of the 23 days before the window (learned orders), scaled to the window's other 6 days.
+
+        Days, not orders: a buyer whose ordering day is three one-line orders (ARCOS schedule III-V rows) has
+        one ordering day, not three. The 23 days before the window, not an EW count at released orders: the
+        released head of a burst is inside the window and cannot raise it. At least ``freq_min_rate_7d``.
+        """
+        before = WINDOW_30D_DAYS - WINDOW_7D_DAYS
+        return max(w.learned_days_before_7d * OTHER_DAYS_7D / before, self.cfg.freq_min_rate_7d)
+
+    def _ordering_days(self, fb: Any, w: Any, family: str, order: OrderFacts) -> Finding | None:
+        """The 7-day finding on ordering days when it fires, else None.
+
+        A burst of one extra order per business day adds ordering DAYS, not many orders, and an ARCOS
+        buyer's usual day of several one-line orders inflates the order rate it is compared with. The other
+        days in the window with an order are taken as Poisson at :meth:`day_rate` (as the orders: its heavier
+        tail than a binomial over the 6 days allows for a small buyer's ordinary clusters); fire when at least
+        that many is less likely than ``freq_p_days_7d`` and the days are above ``freq_min_days_7d``.
+        """
+        c = self.cfg
+        if not fb.covers(order.at_ms, WINDOW_30D_DAYS):  # too short a history for the usual ordering days
+            return None
+        rate = round(self.day_rate(w), 2)
+        threshold = float(max(c.freq_min_days_7d, poisson_quantile(rate, c.freq_p_days_7d)))
+        value = w.days_7d
+        if value <= threshold:
+            return None
+        tail = poisson_tail(rate, value - 1)
+        window = "Poisson over ordering days, at those of the 23 days before the 7"
+        text = (f"This order makes {value} of the last 7 days (UTC calendar days) with an order of {family}; "
+                f"this registrant's own cadence is {fmt_r(rate)} other ordering days of it in such a window "
+                f"(its ordering days in the 23 days before them), so {value - 1} or more of the "
+                f"other {OTHER_DAYS_7D} days has a probability of {tail:.1e} (held below {c.freq_p_days_7d:g}); "
+                f"the threshold is {fmt_r(threshold)} ordering days (the larger of that count and "
+                f"{c.freq_min_days_7d:g}).")
+        return finding(self.name, self.dimension, family, value, 1.0 + rate, threshold, window, True, text)
 
 
 # --------------------------------------------------------------------------

@@ -215,3 +215,37 @@ def test_state_written_with_the_open_case_layout_decodes_keeps_its_open_case_and
     probe = order(dea, history[-1]["received_at"] + timedelta(days=1), {"OXYCODONE": 300})
     v = monitor.score(migrated, probe)
     assert v["verdict"] == "HOLD" and "open_case" in fired_detectors(v)
+
+
+def multi_line_buyer(dea: str) -> list[dict[str, Any]]:
+    """A buyer whose ordering day is three one-line orders (ARCOS schedule III-V rows carry no order form
+    number: each line is its own order), every other Wednesday for six months."""
+    orders = []
+    for k in range(13):
+        day = START + timedelta(days=2 + 14 * k)  # Wednesdays
+        for i, units in enumerate((300, 100, 50)):
+            orders.append(order(dea, day.replace(hour=10, minute=5 * i), {"HYDROCODONE": units}))
+    return orders
+
+
+def test_burst_of_ordering_days_is_held_at_a_buyer_whose_day_is_several_orders() -> None:
+    """Held on a burst of one extra order per business day, not on its ordinary days of three orders.
+
+    Its learned cadence in orders (~2 other orders in a week) makes five orders in a week usual; five
+    ordering days in a week against one every other week is not (held-out seed 29, Hburst-030).
+    """
+    dea = "BM5280677"
+    monitor = Monitor(MonitorConfig(new_customer_months=0))
+    history = multi_line_buyer(dea)
+    state, verdicts = run(monitor, history)
+    assert [v["verdict"] for v in verdicts] == ["RELEASE"] * len(history)
+    monday = (history[-1]["received_at"] + timedelta(days=12)).replace(hour=11, minute=0)
+    burst = [order(dea, monday + timedelta(days=i), {"HYDROCODONE": 100}) for i in range(5)]  # Mon-Fri
+    state, verdicts = run(monitor, burst, state)
+    assert [v["verdict"] for v in verdicts] == ["RELEASE"] * 4 + ["HOLD"]
+    r = next(r for r in verdicts[-1]["reasons"] if r["detector"] == "frequency_7d")
+    assert r["fired"] and r["value"] == 5 and r["threshold"] == 4
+    assert "This order makes 5 of the last 7 days (UTC calendar days) with an order of HYDROCODONE" in (
+        r["explanation"])
+    f7 = [r for v in verdicts[:4] for r in v["reasons"] if r["detector"] == "frequency_7d"]
+    assert not any(r["fired"] for r in f7)
