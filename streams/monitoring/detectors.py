@@ -178,7 +178,7 @@ class MonitorConfig:
     strength_min_months: int = 3
     # (2) high-strength: at least this fraction of the strongest product the product master (CSOS_PRODUCTS) lists
     # for the family and dosage form; fire when the 30-day share exceeds the larger of strength_share_min and
-    # strength_share_ratio x the usual share (a buyer that always ordered them cannot shift to them).
+    # strength_share_ratio x the usual share (a buyer that always ordered them cannot shift to them), or below.
     strength_high_fraction: float = 0.8
     strength_share_min: float = 0.6
     strength_share_ratio: float = 2.0
@@ -1183,7 +1183,9 @@ class StrengthShiftDetector(PerFamilyDetector):
       firing above ``strength_ratio`` x the usual;
     * the share of the family's units in its high-strength products
       (:mod:`.strength`), firing above the larger of ``strength_share_min`` and
-      ``strength_share_ratio`` x the usual share. It sees a shift to the
+      the smaller of ``strength_share_ratio`` x the usual share and the usual
+      plus ``strength_share_rest`` of the rest (:func:`share_threshold_of`: 2x
+      means nothing at a usual share of 64 %). It sees a shift to the
       strongest product of a family whose strengths are close together
       (hydrocodone 5 / 7.5 / 10 mg), where mg per unit rises less than 1.5x.
 
