@@ -178,7 +178,8 @@ class MonitorConfig:
     strength_min_months: int = 3
     # (2) high-strength: at least this fraction of the strongest product the product master (CSOS_PRODUCTS) lists
     # for the family and dosage form; fire when the 30-day share exceeds the larger of strength_share_min and
-    # strength_share_ratio x the usual share (a buyer that always ordered them cannot shift to them), capped by strength_share_rest below.
+    # strength_share_ratio x the usual share (a buyer that always ordered them cannot shift to them), capped by
+    # strength_share_rest below.
     strength_high_fraction: float = 0.8
     strength_share_min: float = 0.6
     strength_share_ratio: float = 2.0
