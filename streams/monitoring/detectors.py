@@ -194,8 +194,9 @@ class MonitorConfig:
     # ... or, when the binomial cannot tell (usual share ** orders >= strength_share_p: a weekly buyer with a usual
     # share above ~0.35 has too few orders in 30 days for any chance under it), when the high-strength units of
     # the 30 days are at least strength_share_units x the usual month's (mean of the reference months): the
-    # strongest products gained units, not just the others' restock falling outside the window (Hstrength_shift-041 on held-out seed 29,
-    # usual 64 %, never held before; 1.5x held that buyer's ordinary twice-a-week month, 1.54x).
+    # strongest products gained units, not just the others' restock falling outside the window
+    # (Hstrength_shift-041 on held-out seed 29, usual 64 %, never held before; 1.5x held that buyer's ordinary
+    # twice-a-week month, 1.54x).
     strength_share_units: float = 1.75
     # ... and only when the 30-day window holds orders of the family on at least this many UTC days (the order's
     # included): one day's purchase is a restock of what ran out, not a mix. A buyer ordering a family less than
@@ -1285,12 +1286,12 @@ class StrengthShiftDetector(PerFamilyDetector):
         Past the threshold, it fires when chance cannot explain the share (binomial tail below
         ``strength_share_p``) or, where the binomial is powerless (usual share ** orders >= p), when the
         high-strength units grew to ``strength_share_units`` x the usual month's (``usual_high``). The first
-        is the guard against lumpy buyers that restock one product per order; but with 4-8 orders in 30 days it cannot fire for a usual share above ~0.35-0.5, whatever the
-        shift. The second separates a shift from a lumpy window at such buyers: when the other products' restock
-        merely falls outside the 30 days, the strongest products' units are about their usual month's (up to
-        ~1.5x for a buyer that orders them twice a week some months: held-out seed 29's BP2406052 in July 2013);
-        in a shift they take over the others' units and usually grow with them (usual 64 % -> 100 % at 1.33x the
-        units: 2.1x).
+        is the guard against lumpy buyers that restock one product per order; but with 4-8 orders in 30 days
+        it cannot fire for a usual share above ~0.35-0.5, whatever the shift. The second separates a shift
+        from a lumpy window at such buyers: when the other products' restock merely falls outside the 30 days,
+        the strongest products' units are about their usual month's (up to ~1.5x for a buyer that orders them
+        twice a week some months: held-out seed 29's BP2406052 in July 2013); in a shift they take over the
+        others' units and usually grow with them (usual 64 % -> 100 % at 1.33x the units: 2.1x).
         """
         c = self.cfg
         window = _strength_window(months, "share of dosage units in high-strength products") + cleared
