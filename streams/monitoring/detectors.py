@@ -192,11 +192,11 @@ class MonitorConfig:
     # fraction of the units still in the other products moved to the strongest (same as 2x up to a usual of 1/3).
     strength_share_rest: float = 0.5
     # ... or, when the binomial cannot tell (usual share ** orders >= strength_share_p: a weekly buyer with a usual
-    # share above ~0.35 has too few orders in 30 days for any chance under it), when the high-strength units of
-    # the 30 days are at least strength_share_units x the usual month's (mean of the reference months): the
-    # strongest products gained units, not just the others' restock falling outside the window
-    # (Hstrength_shift-041 on held-out seed 29, usual 64 %, never held before; 1.5x held that buyer's ordinary
-    # twice-a-week month, 1.54x).
+    # share above ~0.35 has too few orders in 30 days for any chance under it) and the threshold is usual + rest,
+    # when the high-strength units of the 30 days are at least strength_share_units x the usual month's (mean of
+    # the reference months): the strongest products gained units, not just the others' restock falling outside
+    # the window (Hstrength_shift-041 on held-out seed 29, usual 64 %, never held before; 1.5x held that buyer's
+    # ordinary twice-a-week month, 1.54x).
     strength_share_units: float = 1.75
     # ... and only when the 30-day window holds orders of the family on at least this many UTC days (the order's
     # included): one day's purchase is a restock of what ran out, not a mix. A buyer ordering a family less than
@@ -1284,8 +1284,9 @@ class StrengthShiftDetector(PerFamilyDetector):
         """The high-strength share finding (value, baseline and threshold are shares of the 30-day units).
 
         Past the threshold, it fires when chance cannot explain the share (binomial tail below
-        ``strength_share_p``) or, where the binomial is powerless (usual share ** orders >= p), when the
-        high-strength units grew to ``strength_share_units`` x the usual month's (``usual_high``). The first
+        ``strength_share_p``) or, where the binomial is powerless (usual share ** orders >= p) and the usual
+        share high (past 1/3 at the defaults), when the high-strength units grew to ``strength_share_units`` x
+        the usual month's (``usual_high``). The first
         is the guard against lumpy buyers that restock one product per order; but with 4-8 orders in 30 days
         it cannot fire for a usual share above ~0.35-0.5, whatever the shift. The second separates a shift
         from a lumpy window at such buyers: when the other products' restock merely falls outside the 30 days,
@@ -1298,8 +1299,11 @@ class StrengthShiftDetector(PerFamilyDetector):
         fired = share > threshold
         chance = 1.0
         # Only where the binomial is powerless (even all orders high-strength would not be unlikely): where it can
-        # tell, a buyer restocking one product per order grows its high-strength units by chance too.
-        powerless = max(usual, 0.01) ** orders30 >= c.strength_share_p
+        # tell, a buyer restocking one product per order grows its high-strength units by chance too. And only at a
+        # high usual share (the threshold is usual + rest): at a low one, any share past the threshold is already
+        # several times the usual high-strength units, so the units say nothing more than the share.
+        powerless = (max(usual, 0.01) ** orders30 >= c.strength_share_p
+                     and usual + c.strength_share_rest * (1.0 - usual) < c.strength_share_ratio * usual)
         grown = powerless and usual_high > 0 and high30 >= c.strength_share_units * usual_high
         if fired:
             chance = binomial_tail(orders30, round(share * orders30), max(usual, 0.01))
