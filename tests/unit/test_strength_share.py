@@ -208,3 +208,54 @@ def test_a_shift_bought_on_two_days_of_a_month_is_still_held() -> None:
     _, verdicts = run(monitor, orders)
     held = [o["received_at"] for o, v in zip(orders, verdicts) if "strength_shift" in fired_detectors(v)]
     assert held and held[0] == shift_at + timedelta(days=14), held
+
+
+def usual_high_hydrocodone_buyer(dea: str, days: float, shift_at: datetime | None, seed: int
+                                 ) -> list[dict[str, Any]]:
+    """A chain pharmacy whose hydrocodone is ~64 % 10 mg: 10 mg about once a week, a 7.5 mg restock of 500
+    every 3-5 weeks as its own order (so some 30-day windows hold no 7.5 mg at all). From ``shift_at`` on, over
+    four weeks, the 10 mg doubles and the 7.5 mg restocks shrink to 30 %: ~92 % of the units in 10 mg, 1.35x
+    the units (held-out seed 29's Hstrength_shift-041)."""
+    rng = random.Random(seed)
+    orders, t, restock = [], START, START + timedelta(days=rng.randint(3, 20))
+    while t < START + timedelta(days=days):
+        f = 0.0 if shift_at is None else min(1.0, max(0.0, (t - shift_at) / timedelta(days=28)))
+        units = round(230 * (1 + f) * math.exp(rng.gauss(0, 0.15)))
+        orders.append(product_order(dea, t.replace(hour=14), {HC10: units}))
+        if t >= restock:
+            orders.append(product_order(dea, t.replace(hour=14, minute=5), {HC75: round(500 * (1 - 0.7 * f))}))
+            restock = t + timedelta(days=rng.randint(21, 35))
+        t += timedelta(days=max(2.0, 7 * math.exp(rng.gauss(0, 0.15))))
+    return orders
+
+
+def test_a_buyer_whose_usual_share_is_already_high_shifting_the_rest_to_10_mg_is_held() -> None:
+    """Usual ~64 % in 10 mg: twice that is beyond 100 %, so the share threshold never fired (the shift shipped for
+    a year). Now the threshold is the usual plus half of the rest (~82 %); with ~5 orders in 30 days the binomial
+    cannot rule out chance, but the 10 mg units doubled against the usual month's: held within six weeks."""
+    dea = "BP2406052"
+    shift_at = START + timedelta(days=300)
+    orders = usual_high_hydrocodone_buyer(dea, 420, shift_at, seed=29)
+    monitor = Monitor(MonitorConfig(new_customer_months=0))
+    _, verdicts = run(monitor, orders)
+    held = [(o["received_at"], v) for o, v in zip(orders, verdicts) if "strength_shift" in fired_detectors(v)]
+    assert held, "the shift shipped"
+    at, v = held[0]
+    assert shift_at < at <= shift_at + timedelta(days=42), at
+    r = next(r for r in v["reasons"] if r["detector"] == "strength_shift" and r["fired"])
+    assert 0.55 < r["baseline"] < 0.7 and 0.75 < r["threshold"] < 0.9 and r["value"] > r["threshold"]
+    assert "usual month's" in r["explanation"]
+
+
+def test_the_same_buyer_without_a_shift_is_not_held_when_a_restock_falls_outside_the_window() -> None:
+    """Its 7.5 mg restocks come 3-5 weeks apart: 30-day windows with only 10 mg (share 100 % > 82 %) recur, but the
+    10 mg units stay near the usual month's: not a shift."""
+    for seed in (29, 30, 31):
+        orders = usual_high_hydrocodone_buyer(f"BP240605{seed % 10}", 600, None, seed=seed)
+        monitor = Monitor(MonitorConfig(new_customer_months=0))
+        _, verdicts = run(monitor, orders)
+        shares = [r for v in verdicts for r in v["reasons"]
+                  if r["detector"] == "strength_shift" and "share" in r["window"] and r["value"] > r["threshold"]]
+        assert shares, "no window without a 7.5 mg restock: the test does not test the guard"
+        fired = [(o["received_at"], fired_detectors(v)) for o, v in zip(orders, verdicts) if fired_detectors(v)]
+        assert not [f for f in fired if "strength_shift" in f[1]], fired[:3]
