@@ -1156,9 +1156,7 @@ class RegistrantBaselines:
         The strength window: a multi-strength buyer that restocks one product at a
         time swings one order's mg per unit, not its month's.
         """
-        w = self._windows.get(family) if self._cached_for is order else None
-        if w is None:
-            w = self.windows(family, order)  # its learned 30-day figures are 0 when nothing of the family is learned
+        w = self.windows(family, order)  # its learned 30-day figures are 0 when nothing of the family is learned
         f = order.families.get(family)
         if f is None:
             return w.learned_mg_30d + 0.0, w.units_30d, w.learned_high_30d, w.learned_orders_30d + 1

@@ -42,9 +42,8 @@ from datetime import date, datetime, timezone
 from typing import Any, NamedTuple, Protocol
 
 from streams.monitoring.baselines import (
-    MS_PER_DAY, TIMING_CAP, WINDOW_30D_DAYS, WINDOW_7D_DAYS, BaselineSettings, FamilyFacts, Monthly, OrderFacts, RegistrantBaselines,
-    day_of, ew_memory,
-    month_name, month_of, months_with_orders,
+    TIMING_CAP, WINDOW_30D_DAYS, WINDOW_7D_DAYS, BaselineSettings, FamilyFacts, Monthly, OrderFacts,
+    RegistrantBaselines, day_of, ew_memory, month_name, month_of, months_with_orders,
 )
 from streams.monitoring.peers import PeerGroup, PeerProfiles
 
@@ -938,7 +937,6 @@ def _pstdev(xs: tuple[int, ...]) -> float:
     return math.sqrt(sum((x - mean) ** 2 for x in xs) / n)
 
 
-@functools.lru_cache(maxsize=4096)  # pure, on the few monthly histories of the registrants being scored
 class Cadence(NamedTuple):
     """How many times its usual count of ordering days a window holds, when only the calendar put them in it."""
 
@@ -980,7 +978,7 @@ def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_da
     fb = state.family(family)
     if fb is None or fb.gap_days.n < cfg.ramp_cadence_min_gaps or fb.gap_days.get() <= 0:
         return NO_CADENCE
-    today = order.at_ms // MS_PER_DAY
+    today = day_of(order.at_ms)
     cells = fb.days.cells
     replay = state.has_learned(order.order_id)
     ring_orders = sum(cell[0] for cell in cells.values()) + (0 if replay else 1)
@@ -1004,6 +1002,7 @@ def _month_first_day(month: int) -> int:
     return (date(month // 12, month % 12 + 1, 1) - date(1970, 1, 1)).days
 
 
+@functools.lru_cache(maxsize=4096)  # pure, on the few monthly histories of the registrants being scored
 def long_memory_level(prior: tuple[int, ...], gap: int) -> tuple[float, float, float, tuple[int, ...]]:
     """(level, trailing average, median month before the last ``gap``, those earlier months) of monthly units.
 
@@ -1098,7 +1097,7 @@ class RampDetector(PerFamilyDetector):
     def _at_cadence(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts, rolling: int,
                     m: Monthly, avg: float) -> tuple[float, str]:
         """The value at the buyer's own cadence (see :func:`cadence`), and the words that say how it was read."""
-        today = order.at_ms // MS_PER_DAY
+        today = day_of(order.at_ms)
         in_30 = cadence(state, order, f.family, today - 29, 30.0, rolling, avg, self.cfg)
         in_month = cadence(state, order, f.family, _month_first_day(m.month), _DAYS_PER_MONTH, m.current, avg,
                            self.cfg)
@@ -1260,14 +1259,14 @@ class StrengthShiftDetector(PerFamilyDetector):
         orders all fall on one day is one restock: its mix is the product that
         ran out (a buyer that orders a family every six weeks, 500 x 30 mg and
         100 x 60 mg, has the 60 mg line alone in the window when it is read
-        first). Checked only when a measure fired: it costs a pass over the
-        family's day cells.
+        first). The 30 days' ordering days are the family's windows' (its 7
+        days and the 23 before them, from the one pass over its day cells).
         """
         result = self._judge(state, order, f)
         if not result[FIRED]:
             return result
-        fb = state.family(f.family)
-        days = ordering_days_30d(fb.days.cells, order.at_ms) if fb is not None else 1
+        w = state.windows(f.family, order)
+        days = w.days_7d + w.learned_days_before_7d
         if days >= self.cfg.strength_min_days:
             return result
         window = (f"{result[WINDOW]}; one day's purchase: orders of {f.family} on {days} day(s) of the 30 "
@@ -1393,13 +1392,6 @@ def share_threshold_of(cfg: MonitorConfig, usual: float) -> float:
     """
     rest = usual + cfg.strength_share_rest * (1.0 - usual)
     return max(cfg.strength_share_min, min(cfg.strength_share_ratio * usual, rest))
-
-
-def ordering_days_30d(cells: dict[int, list[Any]], at_ms: int) -> int:
-    """UTC days with orders among the 30 days ending at ``at_ms`` (a family's learned day cells, ``DailyRing.cells``),
-    the order's own day counted whether or not anything was learned on it."""
-    today = day_of(at_ms)
-    return 1 + sum(1 for d, cell in cells.items() if today - WINDOW_30D_DAYS < d < today and cell[0] > 0)
 
 
 @functools.lru_cache(maxsize=1024)
