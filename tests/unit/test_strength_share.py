@@ -171,19 +171,26 @@ def test_the_worker_monitor_takes_high_strength_products_from_the_verifier_s_mas
 
 
 COD30, COD60 = "00093-0150-05", "00093-0350-01"  # acetaminophen/codeine 300/30 mg (500s) and 300/60 mg (100s)
+DEA_CODEINE = "BC4444446"
+
+
+def six_weekly_codeine_restocks(days: int) -> tuple[list[dict[str, Any]], datetime]:
+    """A pharmacy's codeine restocks every 40-50 days for ``days`` days: 100 x 60 mg, then 500 x 30 mg a minute
+    later, each line its own order (ARCOS schedule III rows); and when the next restock would come."""
+    rng = random.Random(5)
+    orders, t = [], START
+    while t < START + timedelta(days=days):
+        orders.append(product_order(DEA_CODEINE, t.replace(hour=14), {COD60: 100}))
+        orders.append(product_order(DEA_CODEINE, t.replace(hour=14, minute=1), {COD30: 500}))
+        t += timedelta(days=rng.randint(40, 50))
+    return orders, t
 
 
 def test_one_days_purchase_of_a_buyer_ordering_every_six_weeks_is_not_a_shift() -> None:
     """A pharmacy restocks codeine every ~6 weeks: 100 x 60 mg and 500 x 30 mg, each line its own order (schedule
     III rows carry no form number in ARCOS). When the 60 mg line is read first it is alone in its 30 days: 1.7x the
     usual mg per unit. One day's purchase is a restock, not a mix: not held (it was, on every restock)."""
-    rng = random.Random(5)
-    dea = "BC4444446"
-    orders, t = [], START
-    while t < START + timedelta(days=720):
-        orders.append(product_order(dea, t.replace(hour=14), {COD60: 100}))
-        orders.append(product_order(dea, t.replace(hour=14, minute=1), {COD30: 500}))
-        t += timedelta(days=rng.randint(40, 50))
+    orders, t = six_weekly_codeine_restocks(720)
     monitor = Monitor(MonitorConfig(new_customer_months=0))
     _, verdicts = run(monitor, orders)
     fired = [(o["received_at"], fired_detectors(v)) for o, v in zip(orders, verdicts) if fired_detectors(v)]
@@ -194,13 +201,8 @@ def test_one_days_purchase_of_a_buyer_ordering_every_six_weeks_is_not_a_shift() 
 
 def test_a_shift_bought_on_two_days_of_a_month_is_still_held() -> None:
     """The same buyer moves to 60 mg and orders it twice a month: a shift across days, held."""
-    rng = random.Random(5)
-    dea = "BC4444446"
-    orders, t = [], START
-    while t < START + timedelta(days=360):
-        orders.append(product_order(dea, t.replace(hour=14), {COD60: 100}))
-        orders.append(product_order(dea, t.replace(hour=14, minute=1), {COD30: 500}))
-        t += timedelta(days=rng.randint(40, 50))
+    orders, t = six_weekly_codeine_restocks(360)
+    dea = DEA_CODEINE
     shift_at = t
     for k in range(4):
         orders.append(product_order(dea, (t + timedelta(days=14 * k)).replace(hour=14), {COD60: 400}))
