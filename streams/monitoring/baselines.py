@@ -384,6 +384,30 @@ def day_of(ms: int) -> int:
     return ms // MS_PER_DAY
 
 
+class OrderingDay(NamedTuple):
+    """One family's ordering day at an order: how many dosage units the buyer takes that UTC day.
+
+    How lines are grouped into orders is the buyer's paperwork (ARCOS schedule III-V rows have no order form,
+    so each is its own order; one schedule II form carries several lines); the day's units are its demand.
+    """
+
+    #: Units of the family learned on the order's UTC day plus the order's own.
+    units: int
+    #: Median units of the family's other ordering days in the 30 days before (0.0 when there are none).
+    usual_units: float
+    #: How many such days the median is taken over.
+    days: int
+
+
+def _median(sorted_values: list[int]) -> float:
+    """Median of an already sorted list (0.0 when empty): robust to one big restock day among a few."""
+    n = len(sorted_values)
+    if not n:
+        return 0.0
+    mid = n // 2
+    return float(sorted_values[mid]) if n % 2 else (sorted_values[mid - 1] + sorted_values[mid]) / 2.0
+
+
 class DailyRing:
     """Orders, dosage units, mg of base drug and high-strength units per UTC day for the last 30 days: at most
     30 cells."""
@@ -457,6 +481,20 @@ class DailyRing:
                 high -= exclude_high
         return (max(orders, 0), max(units, 0), max(mg, 0.0), max(high, 0), max(orders_30d, 0), days_7d,
                 days_before)
+
+    def ordering_day(self, at_ms: int, units: int, exclude_self: bool = False) -> "OrderingDay":
+        """The order's UTC day against the other ordering days of the last 30 (see :class:`OrderingDay`).
+
+        ``exclude_self``: the order was already learned (redelivery), so its own units are in its day's cell once.
+        Read only for an order the per-order size test flagged, so its cost is off the common path.
+        """
+        today = day_of(at_ms)
+        learned_today = self.cells[today][1] if today in self.cells else 0
+        if exclude_self and today in self.cells:
+            learned_today -= units
+        prior = sorted(u for d, (o, u, _, _) in self.cells.items()
+                       if today - WINDOW_30D_DAYS < d < today and o > 0)
+        return OrderingDay(max(learned_today, 0) + units, _median(prior), len(prior))
 
     def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
         cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0, 0])
@@ -1148,6 +1186,15 @@ class RegistrantBaselines:
             m = self._monthly[family] = (fb.months.monthly(order.at_ms, units, self._replay) if fb
                                          else Monthly(month_of(order.at_ms), 0 if self._replay else units, ()))
         return m
+
+    def ordering_day(self, family: str, order: OrderFacts) -> OrderingDay:
+        """The units of ``family`` on ``order``'s UTC day, the order included, against its usual ordering day."""
+        if self._cached_for is not order:
+            self._for_order(order)
+        f = order.families.get(family)
+        units = f.units if f is not None else 0
+        fb = self.family(family)
+        return fb.days.ordering_day(order.at_ms, units, self._replay) if fb else OrderingDay(units, 0.0, 0)
 
     def strength_30d(self, family: str, order: OrderFacts) -> tuple[float, int, int, int]:
         """(mg of base drug, dosage units, high-strength units, orders) of ``family`` over the 30 UTC days ending

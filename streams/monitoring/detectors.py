@@ -50,7 +50,7 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "9"
+DETECTORS_VERSION = "10"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
@@ -262,6 +262,14 @@ class MonitorConfig:
     new_customer_order_peer_quantile: float = 0.999
     new_customer_order_peer_ratio: float = 2.0  # as the cold-start peer ceiling (peer_cold_ratio); 1x held 150 ordinary
     # order lines of registrants in their first months on seed 7 with peers
+    # Issue 11, size per ordering day (SizeDetector): an order above the per-order size threshold is unusual only
+    # if its UTC day's units of the family, the order included, also exceed size_day_ratio x the median of the
+    # family's other ordering days in the last 30 (learned orders), once there are size_day_min_days of them. How
+    # lines are grouped into orders is not a finding (hydrocodone after its 2014-10-06 rescheduling: one schedule
+    # II form for what were several one-line schedule III orders); one big order, or a big day, still is.
+    size_day_ratio: float = 3.0
+    size_day_min_days: int = 1
+    size_day_min_months: int = 3  # no ordering day in the last 30: its average month with orders, over >= this many
 
     def __post_init__(self) -> None:
         # A set, spelled one way, so the fingerprint (model_version) names what decides.
@@ -397,6 +405,13 @@ class SizeDetector:
     scale makes the test about multiples, not absolute units; the ratio keeps a
     very regular customer's ordinary restock from looking extreme. Before
     ``size_min_history`` orders of the family only ``cold_start_max_units`` applies.
+
+    Such an order is unusual only if its ordering day is too: the family's units that UTC day, the order
+    included, above ``size_day_ratio`` x the median of the other ordering days of the last 30 (learned orders;
+    once there are ``size_day_min_days`` of them). How a buyer groups lines into orders is paperwork, not demand:
+    in ARCOS each schedule III-V line is its own order, and when hydrocodone combinations became schedule II
+    (2014-10-06) one form carried what had been several one-line orders, each ~4x the usual order while the
+    buyer's day stayed its usual. One big order, or a day of several, still fires.
     """
 
     name = "size"
@@ -455,21 +470,45 @@ class SizeDetector:
         z_limit = math.exp(m + c.size_z * s)
         ratio_limit = c.size_ratio * usual
         threshold = max(z_limit, ratio_limit)
-        fired = f.units > threshold
+        window = fb.units.window()
+        if f.units <= threshold:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
+            return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
+        day_units, usual_day, basis = self._usual_day(state, order, f)  # only for orders above the threshold
+        if basis and day_units <= c.size_day_ratio * usual_day:
+            window = (f"{window}; its day: {fmt_n(day_units)} units, within {c.size_day_ratio:g}x its usual "
+                      f"ordering day ({fmt_n(usual_day)}, {basis})")
+            return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
         z = (math.log(max(f.units, 1)) - m) / s
         multiple = f.units / usual if usual > 0 else float("inf")
-        window = fb.units.window()
-        if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
-        head = (f"Ordered {fmt_n(f.units)} dosage units of {f.family}; this registrant's usual order is "
-                f"{fmt_n(usual)} ({window}), the threshold is {fmt_n(threshold)}")
-        basis = (f"the larger of {c.size_ratio:g}x the usual order and {c.size_z:g} standard deviations "
-                 f"above it on a log scale")
-        if fired:
-            text = f"{head} ({basis}); this order is {multiple:.1f}x the usual, z = {z:.1f}."
-        else:
-            text = f"{head}; this order is {multiple:.1f}x the usual (z = {z:.1f}), within the usual range."
-        return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, fired, text)
+        text = (f"Ordered {fmt_n(f.units)} dosage units of {f.family}; this registrant's usual order is "
+                f"{fmt_n(usual)} ({window}), the threshold is {fmt_n(threshold)} (the larger of {c.size_ratio:g}x "
+                f"the usual order and {c.size_z:g} standard deviations above it on a log scale); this order is "
+                f"{multiple:.1f}x the usual, z = {z:.1f}")
+        if basis:
+            text += (f"; with it, {fmt_n(day_units)} units of {f.family} that day, "
+                     f"{day_units / max(usual_day, 1.0):.1f}x its usual ordering day of {fmt_n(usual_day)} "
+                     f"({basis}; threshold {c.size_day_ratio:g}x)")
+        return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, True, text + ".")
+
+    def _usual_day(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> tuple[int, float, str]:
+        """(the family's units on the order's day, the order included; its usual ordering day; how that was
+        read, "" when it cannot be).
+
+        The median of the other ordering days in the last 30 days, once there are ``size_day_min_days``; a buyer
+        with none in 30 days orders the family monthly or less, so its day is its month: the average of its
+        calendar months with orders (at least ``size_day_min_months`` of them), which a lumpy monthly buyer's
+        one earlier day in the ring would misstate.
+        """
+        c = self.cfg
+        day = state.ordering_day(f.family, order)
+        if day.days >= c.size_day_min_days:
+            return day.units, day.usual_units, f"median of {day.days} ordering days in the last 30"
+        if day.days == 0:
+            months = [u for u in state.monthly(f.family, order).prior if u > 0]
+            if len(months) >= c.size_day_min_months:
+                return day.units, sum(months) / len(months), (f"none in the last 30 days: its average month "
+                                                                f"with orders, over {len(months)}")
+        return day.units, 0.0, ""
 
 
 class VolumeDetector(PerFamilyDetector):

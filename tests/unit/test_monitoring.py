@@ -298,6 +298,43 @@ def test_restock_of_twice_the_usual_is_released() -> None:
     assert v["verdict"] == "RELEASE", held(v)
 
 
+def one_line_orders_per_day(dea: str, days: int, rng: random.Random) -> tuple[dict | None, datetime, Monitor]:
+    """An ARCOS-style buyer: every other weekday, four one-line HYDROCODONE orders of ~150 units (schedule III
+    rows carry no order form, so each line is its own order), all released and learned."""
+    monitor = Monitor()
+    orders = []
+    for d in range(0, days, 2):
+        day = T0 + timedelta(days=d)
+        if day.weekday() >= 5:
+            continue
+        orders += [order(dea, day + timedelta(hours=h), {"HYDROCODONE": round(150 * math.exp(rng.gauss(0, 0.1)))})
+                   for h in range(4)]
+    state, verdicts = run(monitor, orders)
+    assert all(v["verdict"] == "RELEASE" for v in verdicts), [held(v) for v in verdicts if held(v)]
+    return state, orders[-1]["received_at"], monitor
+
+
+def test_an_order_grouping_a_usual_days_lines_is_not_a_size_finding_but_a_spike_is() -> None:
+    # After hydrocodone became schedule II, one form carries the day's four lines: 4x the usual order, the usual day.
+    state, last, monitor = one_line_orders_per_day("BH1234563", 150, random.Random(11))
+    next_day = last.replace(hour=14) + timedelta(days=2 if last.weekday() < 3 else 4)
+    grouped = monitor.score(state, order("BH1234563", next_day, {"HYDROCODONE": 600}))
+    assert grouped["verdict"] == "RELEASE", held(grouped)
+    size = next(r for r in grouped["reasons"] if r["detector"] == "size")
+    assert not size["fired"] and size["value"] > size["threshold"]  # above the per-order threshold, not the day's
+    assert "usual ordering day" in size["window"]
+    # One order of 2,500 units (over 4x its usual day of ~600) is still held on size, with the day in the reason.
+    spike = monitor.score(state, order("BH1234563", next_day, {"HYDROCODONE": 2500}))
+    assert spike["verdict"] == "HOLD" and "size" in fired_detectors(spike)
+    text = next(r for r in spike["reasons"] if r["detector"] == "size")["explanation"]
+    assert re.search(r"2,500 units of HYDROCODONE that day, 4\.\dx its usual ordering day of 6\d\d", text), text
+    # The day counts the orders already learned on it: a second order of 1,400 after the first 600 makes a
+    # day of 2,000 units, over 3x the usual ordering day.
+    state = monitor.learn(state, order("BH1234563", next_day, {"HYDROCODONE": 600}))
+    second = monitor.score(state, order("BH1234563", next_day + timedelta(hours=2), {"HYDROCODONE": 1400}))
+    assert "size" in fired_detectors(second)
+
+
 # --------------------------------------------------------------------------
 # frequency
 # --------------------------------------------------------------------------
