@@ -335,6 +335,23 @@ def test_an_order_grouping_a_usual_days_lines_is_not_a_size_finding_but_a_spike_
     assert "size" in fired_detectors(second)
 
 
+def test_a_monthly_buyer_grouping_its_days_lines_is_judged_by_its_usual_month() -> None:
+    # Every five weeks, three one-line orders of ~700 units: no other ordering day in the last 30 days, so its
+    # usual day is its average month with orders (~2,100).
+    monitor, rng, dea = Monitor(), random.Random(5), "BM1234563"
+    days = [T0 + timedelta(days=35 * k) for k in range(9)]
+    orders = [order(dea, d + timedelta(hours=h), {"OXYCODONE": round(700 * math.exp(rng.gauss(0, 0.05)))})
+              for d in days for h in range(3)]
+    state, verdicts = run(monitor, orders)
+    assert all(v["verdict"] == "RELEASE" for v in verdicts), [held(v) for v in verdicts if held(v)]
+    at = days[-1] + timedelta(days=35)
+    grouped = monitor.score(state, order(dea, at, {"OXYCODONE": 2400}))  # 3.4x its usual order
+    assert grouped["verdict"] == "RELEASE", held(grouped)
+    assert "average month with orders" in next(r for r in grouped["reasons"] if r["detector"] == "size")["window"]
+    spike = monitor.score(state, order(dea, at, {"OXYCODONE": 9000}))
+    assert "size" in fired_detectors(spike)
+
+
 # --------------------------------------------------------------------------
 # frequency
 # --------------------------------------------------------------------------
