@@ -264,9 +264,11 @@ class MonitorConfig:
     # order lines of registrants in their first months on seed 7 with peers
     # Issue 11, size per ordering day (SizeDetector): an order above the per-order size threshold is unusual only
     # if its UTC day's units of the family, the order included, also exceed size_day_ratio x the median of the
-    # family's other ordering days in the last 30 (learned orders), once there are size_day_min_days of them. How
-    # lines are grouped into orders is not a finding (hydrocodone after its 2014-10-06 rescheduling: one schedule
-    # II form for what were several one-line schedule III orders); one big order, or a big day, still is.
+    # family's other ordering days in the last 30 (learned orders), once there are size_day_min_days of them; with
+    # none in 30 days, over its average calendar month with orders (>= size_day_min_months of them). How lines are
+    # grouped into orders is not a finding (hydrocodone after its 2014-10-06 rescheduling: one schedule II form for
+    # what were several one-line schedule III orders); one big order, or a big day, still is. 3x chosen on seed 7
+    # (2x: no fewer false holds; 5x: 3 of 10 spikes missed; 3x: every episode, as before).
     size_day_ratio: float = 3.0
     size_day_min_days: int = 1
     size_day_min_months: int = 3  # no ordering day in the last 30: its average month with orders, over >= this many
@@ -407,11 +409,12 @@ class SizeDetector:
     ``size_min_history`` orders of the family only ``cold_start_max_units`` applies.
 
     Such an order is unusual only if its ordering day is too: the family's units that UTC day, the order
-    included, above ``size_day_ratio`` x the median of the other ordering days of the last 30 (learned orders;
-    once there are ``size_day_min_days`` of them). How a buyer groups lines into orders is paperwork, not demand:
-    in ARCOS each schedule III-V line is its own order, and when hydrocodone combinations became schedule II
-    (2014-10-06) one form carried what had been several one-line orders, each ~4x the usual order while the
-    buyer's day stayed its usual. One big order, or a day of several, still fires.
+    included, above ``size_day_ratio`` x its usual ordering day (:meth:`_usual_day`: the median of its other
+    ordering days of the last 30, or its average month with orders for a buyer with none). How a buyer groups
+    lines into orders is paperwork, not demand: in ARCOS each schedule III-V line is its own order, and when
+    hydrocodone combinations became schedule II (2014-10-06) one form carried what had been several one-line
+    orders, each ~4x the usual order while the buyer's day stayed its usual. One big order, or a day of several,
+    still fires.
     """
 
     name = "size"
