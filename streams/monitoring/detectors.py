@@ -268,7 +268,7 @@ class MonitorConfig:
     # none in 30 days, over its average calendar month with orders (>= size_day_min_months of them). How lines are
     # grouped into orders is not a finding (hydrocodone after its 2014-10-06 rescheduling: one schedule II form for
     # what were several one-line schedule III orders); one big order, or a big day, still is. 3x chosen on seed 7
-    # (2x: no fewer false holds; 5x: 3 of 10 spikes missed; 3x: every episode, as before).
+    # (2x: no fewer false holds; 4x, 5x: 2, 3 of 10 spikes missed; 3x: every episode, as before).
     size_day_ratio: float = 3.0
     size_day_min_days: int = 1
     size_day_min_months: int = 3  # no ordering day in the last 30: its average month with orders, over >= this many
