@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 from pathlib import Path
 
 import click
@@ -61,9 +62,21 @@ def evaluate_scenarios(out_dir: str, seed: int, registrants: int, peers: bool, p
 
     with _Progress("scoring orders") as bar:
         run_scenarios(out_dir, seed=seed, peers=peers, n_registrants=registrants, policies=policies or None,
-                      progress=bar.start, history_days=history_days)
+                      progress=bar.start, history_days=history_days, config=_monitor_config())
     click.echo((Path(out_dir) / "metrics.md").read_text())
     click.echo(f"report: {Path(out_dir) / 'report.html'}")
+
+
+def _monitor_config() -> Any:
+    """The monitor's settings from the ``SOM_*`` environment, as the worker reads them.
+
+    A distributor backtests the monitor it runs: thresholds set in the environment must count here too.
+    """
+    from streams.monitoring import MonitorConfig
+    try:
+        return MonitorConfig.from_env()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @evaluate.command("arcos")
@@ -105,7 +118,7 @@ def evaluate_arcos(path: str, out_dir: str, labels_path: str | None, policies: t
             res = run_arcos(path, out_dir, peers=PeerProfiles.load(peers_path) if peers_path else None,
                             labels=labels_path, policies=policies or DEFAULT_POLICIES, progress=bar.start,
                             buyers=buyers, seed=seed, history_days=history_days,
-                            peers_from_history=peers_from_history)
+                            peers_from_history=peers_from_history, config=_monitor_config())
         except ValueError as e:
             raise click.ClickException(str(e)) from None
     click.echo((Path(out_dir) / "arcos.md").read_text())

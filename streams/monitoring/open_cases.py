@@ -236,7 +236,10 @@ class SimulatedDueDiligence:
     order's case is REPORTED, and at once a limit is set for each reported
     family at the registrant's pre-episode level (``limit_headroom``, 1.5, x the
     largest learned month of the family before the episode's month, 0 if none); a registrant with
-    nothing learned before the episode (a new pill mill) is TERMINATED. Any other order (``normal``, and
+    nothing learned before the episode (a new pill mill) is TERMINATED. Like a real analyst reading the
+    distributor's order history, it reads every learned month it has seen, not only the 13 the
+    monitor's state keeps: an episode decided more than a year after it began would otherwise look like
+    a customer with no history before it, and an established pharmacy would be terminated. Any other order (``normal``, and
     ``grey``: an analyst cannot tell the start of a ramp from growth) is
     RELEASED and learned. Without labels every case is RELEASED (the analyst
     found nothing), so unlabelled replays still show the rule's cost.
@@ -261,10 +264,14 @@ class SimulatedDueDiligence:
         self._due: dict[str, list[tuple[int, int, Mapping[str, Any]]]] = {}
         self._seq = 0
         self.counts = {RELEASED: 0, REPORTED: 0, SET_LIMIT: 0, TERMINATED: 0}
+        #: registrant -> family -> month -> learned units: the order history the analyst reads (see the class)
+        self._history: dict[str, dict[str, dict[int, int]]] = {}
 
     def before(self, order: Mapping[str, Any], base: RegistrantBaselines) -> None:
         """Apply every decision on this registrant's cases that is due by the order's time."""
-        queue = self._due.get(str(order["purchaser_dea"]))
+        dea = str(order["purchaser_dea"])
+        self._remember(dea, base, _families(order))
+        queue = self._due.get(dea)
         at = to_ms(order["received_at"])
         while queue and queue[0][0] <= at:
             due, _, held = heapq.heappop(queue)
@@ -277,6 +284,23 @@ class SimulatedDueDiligence:
         note_verdict(base.due_diligence, order, verdict)
         if verdict["verdict"] == "HOLD":
             self.schedule(order)
+
+    def _remember(self, dea: str, base: RegistrantBaselines, families: list[str]) -> list[dict[int, int]]:
+        """Copy these families' learned months into the analyst's history (before the state prunes them).
+
+        A family's months are pruned only when an order of it is learned, and this runs before each
+        order of it is scored, so no month leaves the state unseen.
+        """
+        history = self._history.setdefault(dea, {})
+        out = []
+        for fam in families:
+            months = history.setdefault(fam, {})
+            fb = base.family(fam)
+            for m, u in (fb.months.cells.items() if fb else ()):  # type: ignore[union-attr]
+                if u > months.get(m, 0):
+                    months[m] = u
+            out.append(months)
+        return out
 
     def schedule(self, order: Mapping[str, Any]) -> None:
         """Put a held order on the analyst's desk: decided ``review_days`` after its receipt."""
@@ -301,15 +325,16 @@ class SimulatedDueDiligence:
         self.counts[REPORTED] += 1
         start = label.get("episode_start")
         before = month_of(to_ms(start)) if start is not None else month_of(to_ms(held["received_at"]))
-        if not any(m < before for f in base.family_names() for m in base.family(f).months.cells):  # type: ignore[union-attr]
+        if not base.total_orders or month_of(base.first_order_ms) >= before:
             # nothing learned before the episode: a new customer that was suspicious from the start
             apply_outcome(dd, dict(common, decision_id=f"{oid}#terminated", outcome=TERMINATED))
             self.counts[TERMINATED] += 1
             return
+        dea = str(held["purchaser_dea"])
         for fam in [f for f in families if f in dd["reported"]]:
-            fb = base.family(fam)
+            [months] = self._remember(dea, base, [fam])
             # the family's largest learned month before the episode; none: the family is not allowed (limit 0)
-            level = max((u for m, u in fb.months.cells.items() if m < before), default=0) if fb else 0
+            level = max((u for m, u in months.items() if m < before), default=0)
             apply_outcome(dd, dict(common, decision_id=f"{oid}#limit-{fam}", outcome=SET_LIMIT,
                                    drug_families=[fam], monthly_limit_units=int(level * self.limit_headroom)))
             self.counts[SET_LIMIT] += 1

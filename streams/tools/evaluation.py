@@ -904,7 +904,7 @@ def all_policies(peers: bool = True) -> tuple[str, ...]:
 def run_scenarios(out_dir: str | Path, seed: int = 7, peers: bool = True, *,
                   policies: Sequence[str] | None = None, progress: Callable[[int], Progress] | None = None,
                   reviewer_factory: ReviewerFactory | None = None, history_days: int = 0,
-                  **scenario_overrides: Any) -> dict[str, Any]:
+                  config: MonitorConfig | None = None, **scenario_overrides: Any) -> dict[str, Any]:
     """Generate the default labeled scenarios (:func:`streams.tools.scenarios.generate`) and backtest them.
 
     ``peers``: learn peer profiles from another scenario run (seed +
@@ -913,14 +913,15 @@ def run_scenarios(out_dir: str | Path, seed: int = 7, peers: bool = True, *,
     ``policies``: default :func:`all_policies`. Writes the files of :func:`backtest`
     (``verdicts-<policy>.csv`` per order line, metrics, kinds, episodes).
     ``scenario_overrides`` are ``ScenarioConfig`` fields (e.g. ``n_registrants=60``).
+    ``config``: the monitor's settings (default ``MonitorConfig()``; the CLI reads ``SOM_*``).
     These scenarios are the data the thresholds were tuned on. ``history_days``:
     as in :func:`run_arcos`, the first days are history before go-live.
     """
     from streams.tools.scenarios import LEGIT_KINDS, episodes_table, generate
     scn = generate(seed=seed, **scenario_overrides)
-    profiles = train_peers(seed + PEER_TRAINING_SEED_OFFSET, **scenario_overrides) if peers else None
+    profiles = train_peers(seed + PEER_TRAINING_SEED_OFFSET, config, **scenario_overrides) if peers else None
     names = tuple(policies) if policies else all_policies(peers)
-    res = backtest(scn.orders, out_dir, policies=names, labels=scn.labels, peers=profiles,
+    res = backtest(scn.orders, out_dir, policies=names, labels=scn.labels, peers=profiles, config=config,
                    reviewer_factory=reviewer_factory,
                    progress=progress(len(scn.orders) * len(names)) if progress else None,
                    title=f"SOM evaluation: labeled scenarios (seed {seed})", legit_kinds=LEGIT_KINDS,

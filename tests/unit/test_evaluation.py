@@ -494,3 +494,21 @@ def test_heldout_strength_shifts_move_units_to_the_strongest_product_on_offer() 
         top = sum(ln.packages * ln.product.units_per_package for ln in lines
                   if ln.product.base_mg_per_unit == strongest)
         assert lines and top >= 0.5 * units, (e.episode, [p.ndc for p, _ in fam.mix], top, units)
+
+
+def test_evaluate_arcos_backtests_the_monitor_the_environment_configures(tmp_path: Path) -> None:
+    """``csos evaluate`` reads the ``SOM_*`` settings as the worker does: a distributor backtests what it runs."""
+    from click.testing import CliRunner
+    from streams.cli import main
+    src = tmp_path / "s.csv"
+    _spiky_arcos(src)
+    detectors = {}
+    for name, env in (("default", {}), ("lenient", {"SOM_SIZE_RATIO": "1000", "SOM_SIZE_Z": "1000"})):
+        result = CliRunner().invoke(main, ["evaluate", "arcos", str(src), "--policy", "learned",
+                                           "--out", str(tmp_path / name)], env=env)
+        assert result.exit_code == 0, result.output
+        detectors[name] = _verdicts(tmp_path / name / "verdicts-learned.csv")["100"]["detectors"].split(";")
+    assert "size" in detectors["default"] and "size" not in detectors["lenient"]
+    bad = CliRunner().invoke(main, ["evaluate", "arcos", str(src), "--out", str(tmp_path / "x")],
+                             env={"SOM_SIZE_RATIO": "lots"})
+    assert bad.exit_code != 0 and "SOM_SIZE_RATIO" in bad.output

@@ -231,3 +231,33 @@ def test_simulated_analyst_reports_suspicious_cases_and_sets_the_pre_episode_lim
     assert not any(held[o["order_id"]] for o in after[1:])  # under the limit set at the pre-episode level
     limit = base.due_diligence["limits"]["OXYCODONE"]["units"]
     assert 4500 < limit < 7500  # 1.5x its largest month before the burst (~4,000 units)
+
+
+def test_simulated_analyst_reads_history_older_than_the_state_keeps() -> None:
+    """An episode decided over a year after it began: the analyst still sees the months before it.
+
+    The monitor's state keeps 13 calendar months. A long episode its detectors miss at first (here
+    ordinary-sized orders, labelled suspicious from T0) is held 15 months in; the analyst must read the
+    registrant's history as the distributor's records hold it: an established pharmacy is limited at its
+    pre-episode level, not terminated as a new customer with nothing before the episode.
+    """
+    monitor = Monitor()
+    base = monitor.baselines(None, DEA)
+    before = [order(DEA, T0 - timedelta(days=3 * (40 - i)), {"OXYCODONE": 400}) for i in range(40)]
+    episode = [order(DEA, T0 + timedelta(days=3 * i), {"OXYCODONE": 400}) for i in range(150)]
+    spike = order(DEA, T0 + timedelta(days=452), {"OXYCODONE": 20000})
+    labels = {o["order_id"]: {"label": "suspicious", "episode_start": T0} for o in episode + [spike]}
+    dd = SimulatedDueDiligence(monitor, labels, review_days=2)
+    for o in before:
+        monitor.learn_into(base, o)
+    for o in episode + [spike]:
+        dd.before(o, base)
+        v = monitor.score(base, o)
+        if v["verdict"] == "RELEASE":
+            monitor.learn_into(base, o)
+        dd.after(o, base, v)
+    assert all(m >= T0.year * 12 + T0.month - 1 for m in base.family("OXYCODONE").months.cells)  # type: ignore[union-attr]
+    dd.before(order(DEA, T0 + timedelta(days=460), {"OXYCODONE": 400}), base)  # the spike's decision is due
+    assert dd.counts["REPORTED"] >= 1 and dd.counts["TERMINATED"] == 0
+    limit = base.due_diligence["limits"]["OXYCODONE"]["units"]
+    assert 4500 < limit < 7500  # 1.5x its largest month before the episode (~4,000 units)
