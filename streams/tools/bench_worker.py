@@ -72,11 +72,13 @@ class Timed:
 
 
 def load_feed(data_dir: Path, registrants: int, days: int, seed: int) -> dict[str, Any]:
-    """The signed feed's received messages and what the processors need, made once per ``data_dir``."""
-    cached = data_dir / f"feed-{registrants}-{days}-{seed}.pkl"
+    """The signed feed's received messages and what the processors need, made once per ``data_dir``
+    (a feed's own directory: its PKI and registrant file go with it)."""
+    cached = data_dir / "feed.pkl"
     if cached.exists():
         with open(cached, "rb") as fh:
             return pickle.load(fh)  # noqa: S301 - our own scratch file
+    data_dir.mkdir(parents=True, exist_ok=True)
     from streams.tools.demo_core import END
     from streams.tools.feed import prepare_feed, publish
 
@@ -86,7 +88,6 @@ def load_feed(data_dir: Path, registrants: int, days: int, seed: int) -> dict[st
     publish(feed.messages, received)  # type: ignore[arg-type]
     data = {"supplier": feed.result.population.supplier.dea_number,
             "received": [(m.partition(), m.offset(), m.key(), m.value()) for m in received.on(t.RECEIVED)]}
-    data_dir.mkdir(parents=True, exist_ok=True)
     with open(cached, "wb") as fh:
         pickle.dump(data, fh)
     return data
@@ -173,11 +174,12 @@ def _state_time(timed: Timed) -> Callable[[Any], Any]:
 
 
 def run(data_dir: Path, *, registrants: int, days: int, seed: int, batch: int, profile: bool,
-        digest: bool, split: bool) -> str:
+        digest: bool, split: bool, setup_only: bool = False) -> str:
     """Run both stages once and return the report."""
     from streams.monitoring.baselines import RegistrantBaselines
     from streams.pipeline.processor import InputMessage
 
+    data_dir = data_dir / f"feed-{registrants}-{days}-{seed}"
     feed = load_feed(data_dir, registrants, days, seed)
     received = [InputMessage(t.RECEIVED, p, o, k, v) for p, o, k, v in feed["received"]]
     timed = Timed() if split else None
@@ -189,6 +191,8 @@ def run(data_dir: Path, *, registrants: int, days: int, seed: int, batch: int, p
         if timed is not None:
             stack.enter_context(mock.patch.object(RegistrantBaselines, "to_state", _state_time(timed)))
         verify, monitor, out, verify_table, monitor_table = build(data_dir, feed["supplier"], timed)
+        if setup_only:  # what a run costs before its first order (valgrind: a run's count minus this one's)
+            return f"{len(received)} received orders, set up only"
         if prof:
             prof.enable()
         verify_cpu = run_stage(verify, received, batch, loop)
@@ -241,12 +245,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=Path("var/bench-worker"))
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--digest", action="store_true")
+    parser.add_argument("--setup-only", action="store_true",
+                        help="load the feed and build the processors, decide nothing (the baseline of an "
+                             "instruction count: valgrind --tool=callgrind, a run minus this one)")
     parser.add_argument("--split", action="store_true",
                         help="time the verifier's and the monitor's calls apart (adds ~15 us per call: two "
                              "process-CPU clock reads)")
     args = parser.parse_args(argv)
     print(run(args.dir.resolve(), registrants=args.registrants, days=args.days, seed=args.seed, batch=args.batch,
-              profile=args.profile, digest=args.digest, split=args.split))
+              profile=args.profile, digest=args.digest, split=args.split,
+              setup_only=args.setup_only))
 
 
 if __name__ == "__main__":
