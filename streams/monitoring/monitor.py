@@ -130,7 +130,20 @@ class Monitor:
         if self.high_ndcs:  # another product master can make other products high-strength
             tags += ".h" + hashlib.sha256(",".join(sorted(self.high_ndcs)).encode()).hexdigest()[:6]
         self._last_facts: tuple[Any, ...] | None = None  # (order, (id, received_at), lines, facts)
+        self._score_plan: tuple[Any, Any, list[tuple[Any, bool]]] | None = None  # see _plan()
         self.model_version = f"som/{DETECTORS_VERSION}.s{STATE_VERSION}+{self.config.fingerprint()}{tags}"
+
+    def _plan(self) -> list[tuple[Any, bool]]:
+        """(bound ``score_one``, whether the anomaly score combines its findings) per detector, in order.
+
+        Built once per detector list (tests and benchmarks may replace ``detectors``), not looked up per order.
+        """
+        detectors, combiner = self.detectors, self.combiner
+        plan = self._score_plan
+        if plan is None or plan[0] is not detectors or plan[1] is not combiner or len(plan[2]) != len(detectors):
+            combined = combiner.inputs if combiner is not None else frozenset()
+            plan = self._score_plan = (detectors, combiner, [(d.score_one, d.name in combined) for d in detectors])
+        return plan[2]
 
     def _facts(self, order: Mapping[str, Any]) -> OrderFacts:
         """``order_facts(order)``, reused when ``learn_into`` follows ``score`` on the same, unchanged order.
@@ -194,13 +207,12 @@ class Monitor:
         """
         facts = self._facts(order)
         base = self._baselines(state, order)
-        combined = self.combiner.inputs if self.combiner is not None else frozenset()
         findings: list[Finding] = []
         measures: list[Finding] = []  # the findings the anomaly score combines (~half of them)
-        for d in self.detectors:
-            found = d.score_one(base, facts)
+        for score_one, combined in self._plan():
+            found = score_one(base, facts)
             findings += found
-            if d.name in combined:
+            if combined:
                 measures += found
         if self.combiner is not None:
             findings += self.combiner.combine(measures)
