@@ -56,7 +56,11 @@ def evidence(findings: list[Finding], deciding: Container[str]) -> list[dict[str
     """
     fired = []
     closest: dict[str, tuple[float, Finding]] = {}  # detector -> (closeness, finding); the first wins a tie
-    get = closest.get
+    # A detector's findings come one after another: the running best of a run of one detector is kept in
+    # locals and stored once per run (~20 dict writes per order instead of ~110 reads and writes). The run
+    # starts from the detector's best so far, so the result is the one-by-one comparison's, ties and all.
+    run_det: str | None = None
+    run_near, run_best = 0.0, None
     for f in findings:  # (detector, dimension, family, value, baseline, threshold, window, fired, explanation)
         if f[7]:
             fired.append(as_reason(f, f[0] in deciding))
@@ -64,9 +68,19 @@ def evidence(findings: list[Finding], deciding: Container[str]) -> list[dict[str
         t = f[5]
         near = f[3] / t if 0 < t < 1e300 else 0.0  # _closeness(), inlined: ~110 findings per order
         det = f[0]
-        best = get(det)
-        if best is None or near > best[0]:
-            closest[det] = (near, f)
+        if det != run_det:
+            if run_det is not None:
+                closest[run_det] = (run_near, run_best)
+            run_det = det
+            best = closest.get(det)
+            if best is None or near > best[0]:
+                run_near, run_best = near, f
+            else:
+                run_near, run_best = best
+        elif near > run_near:
+            run_near, run_best = near, f
+    if run_det is not None:
+        closest[run_det] = (run_near, run_best)
     for d in sorted(closest):
         f = closest[d][1]
         r = as_reason(f, d in deciding)
