@@ -699,6 +699,12 @@ class OrderFacts:
         return sum(f.units for f in self.families.values())
 
 
+@functools.lru_cache(maxsize=1024)
+def _family_name(raw: Any) -> str:
+    """A line's drug family as the baselines key it: the same few names on every line, normalised once."""
+    return str(raw).strip().upper() or "UNKNOWN"
+
+
 def order_facts(order: Mapping[str, Any], high_ndcs: frozenset[str] | set[str] = frozenset()) -> OrderFacts:
     """Aggregate a verified order (``csos.orders.VerifiedOrder`` dict) by drug family.
 
@@ -707,7 +713,7 @@ def order_facts(order: Mapping[str, Any], high_ndcs: frozenset[str] | set[str] =
     """
     acc: dict[str, list[Any]] = {}
     for line in order["lines"]:
-        fam = str(line["drug_family"]).strip().upper() or "UNKNOWN"
+        fam = _family_name(line["drug_family"])
         a = acc.get(fam)
         if a is None:  # (not setdefault: that would build a list and a set for every line)
             a = acc[fam] = [0, 0.0, 0.0, set(), 0]
@@ -877,7 +883,7 @@ class FamilyBaseline:
         self.units.update(u)
         if base_mg > 0 and units > 0:  # lines without a strength (no product master entry) teach nothing
             self.mg_per_unit.update(base_mg / units)
-            if self.covers(at_ms, WINDOW_30D_DAYS) and w.units_30d > 0:
+            if span >= WINDOW_30D_DAYS * MS_PER_DAY and w.units_30d > 0:  # covers(at_ms, 30 days)
                 self.mg_per_unit_30d.update(_clip_strength((w.learned_mg_30d + base_mg) / w.units_30d,
                                                            self.mg_per_unit_30d))
         if self.orders and at_ms >= self.last_order_ms:

@@ -56,7 +56,11 @@ def evidence(findings: list[Finding], deciding: Container[str]) -> list[dict[str
     """
     fired = []
     closest: dict[str, tuple[float, Finding]] = {}  # detector -> (closeness, finding); the first wins a tie
-    get = closest.get
+    # A detector's findings come one after another: the running best of a run of one detector is kept in
+    # locals and stored once per run (~20 dict writes per order instead of ~110 reads and writes). The run
+    # starts from the detector's best so far, so the result is the one-by-one comparison's, ties and all.
+    run_det: str | None = None
+    run_near, run_best = 0.0, None
     for f in findings:  # (detector, dimension, family, value, baseline, threshold, window, fired, explanation)
         if f[7]:
             fired.append(as_reason(f, f[0] in deciding))
@@ -64,9 +68,19 @@ def evidence(findings: list[Finding], deciding: Container[str]) -> list[dict[str
         t = f[5]
         near = f[3] / t if 0 < t < 1e300 else 0.0  # _closeness(), inlined: ~110 findings per order
         det = f[0]
-        best = get(det)
-        if best is None or near > best[0]:
-            closest[det] = (near, f)
+        if det != run_det:
+            if run_det is not None:
+                closest[run_det] = (run_near, run_best)
+            run_det = det
+            best = closest.get(det)
+            if best is None or near > best[0]:
+                run_near, run_best = near, f
+            else:
+                run_near, run_best = best
+        elif near > run_near:
+            run_near, run_best = near, f
+    if run_det is not None:
+        closest[run_det] = (run_near, run_best)
     for d in sorted(closest):
         f = closest[d][1]
         r = as_reason(f, d in deciding)
@@ -130,7 +144,20 @@ class Monitor:
         if self.high_ndcs:  # another product master can make other products high-strength
             tags += ".h" + hashlib.sha256(",".join(sorted(self.high_ndcs)).encode()).hexdigest()[:6]
         self._last_facts: tuple[Any, ...] | None = None  # (order, (id, received_at), lines, facts)
+        self._score_plan: tuple[Any, Any, list[tuple[Any, bool]]] | None = None  # see _plan()
         self.model_version = f"som/{DETECTORS_VERSION}.s{STATE_VERSION}+{self.config.fingerprint()}{tags}"
+
+    def _plan(self) -> list[tuple[Any, bool]]:
+        """(bound ``score_one``, whether the anomaly score combines its findings) per detector, in order.
+
+        Built once per detector list (tests and benchmarks may replace ``detectors``), not looked up per order.
+        """
+        detectors, combiner = self.detectors, self.combiner
+        plan = self._score_plan
+        if plan is None or plan[0] is not detectors or plan[1] is not combiner or len(plan[2]) != len(detectors):
+            combined = combiner.inputs if combiner is not None else frozenset()
+            plan = self._score_plan = (detectors, combiner, [(d.score_one, d.name in combined) for d in detectors])
+        return plan[2]
 
     def _facts(self, order: Mapping[str, Any]) -> OrderFacts:
         """``order_facts(order)``, reused when ``learn_into`` follows ``score`` on the same, unchanged order.
@@ -194,13 +221,12 @@ class Monitor:
         """
         facts = self._facts(order)
         base = self._baselines(state, order)
-        combined = self.combiner.inputs if self.combiner is not None else frozenset()
         findings: list[Finding] = []
         measures: list[Finding] = []  # the findings the anomaly score combines (~half of them)
-        for d in self.detectors:
-            found = d.score_one(base, facts)
+        for score_one, combined in self._plan():
+            found = score_one(base, facts)
             findings += found
-            if d.name in combined:
+            if combined:
                 measures += found
         if self.combiner is not None:
             findings += self.combiner.combine(measures)
