@@ -147,8 +147,9 @@ class MonitorConfig:
     # Ramp, per family, against the long memory (calendar months, not the EW statistics a ramp drags along):
     # the larger of the 30 days to the order and this calendar month, both including the order, against the
     # lower of the trailing 12-month average and the median month before the last trend_gap_months.
-    ramp_ratio: float = 2.0  # x that reference when the growth is focused: the 2x rule's multiple, against the long
-    # memory (1.9 until ramp_2x, which now guarantees the rule's timing, made the margin under 2x unneeded)
+    ramp_ratio: float = 1.9  # x that reference when the growth is focused (under the 2x-12m rule's 2x: a margin for
+    # the months of a history that released other orders than the static rule would have; at 2.0 one seed-7 ramp
+    # was held 3 days after the 2x rule, ramp_2x's floors and cadence reading notwithstanding)
     ramp_unfocused_ratio: float = 5.0  # ... when every family grew alike (store expansion, season)
     ramp_focus_growth: float = 1.9  # focused: this family's growth >= this x the growth of the other families
     ramp_minor_share: float = 0.25  # other families below this share of the reference: a single-family buyer
@@ -1288,6 +1289,8 @@ class RampGuardDetector(PerFamilyDetector):
         if c.ramp_2x_min_mme > 0:
             text += (f"; the month is {fmt_n(m.current * mme_per_unit)} MME (at least {fmt_n(c.ramp_2x_min_mme)} "
                      f"for this guard)")
+        if pace.divisor <= 1:  # (at a cadence the threshold is stated above) the binding one of the limits above
+            text += f"; the threshold is {fmt_n(threshold)} dosage units"
         text += f": the month is {m.current / avg:.1f}x its long-memory level; exceeded." if avg > 0 else "; exceeded."
         return finding(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
 
