@@ -50,7 +50,7 @@ from streams.monitoring.peers import PeerGroup, PeerProfiles
 log = logging.getLogger(__name__)
 
 #: Bump when detector logic changes (the config fingerprint is appended in ``model_version``).
-DETECTORS_VERSION = "11"
+DETECTORS_VERSION = "12"
 
 #: The learned detectors: what decides by default.
 LEARNED_DETECTORS = ("size", "volume_30d", "frequency_24h", "frequency_7d", "new_family", "family_mix", "trend",
@@ -147,8 +147,9 @@ class MonitorConfig:
     # Ramp, per family, against the long memory (calendar months, not the EW statistics a ramp drags along):
     # the larger of the 30 days to the order and this calendar month, both including the order, against the
     # lower of the trailing 12-month average and the median month before the last trend_gap_months.
-    ramp_ratio: float = 2.0  # x that reference when the growth is focused: the 2x rule's multiple, against the long
-    # memory (1.9 until ramp_2x, which now guarantees the rule's timing, made the margin under 2x unneeded)
+    ramp_ratio: float = 1.9  # x that reference when the growth is focused (under the 2x-12m rule's 2x: a margin for
+    # the months of a history that released other orders than the static rule would have; at 2.0 one seed-7 ramp
+    # was held 3 days after the 2x rule, ramp_2x's floors and cadence reading notwithstanding)
     ramp_unfocused_ratio: float = 5.0  # ... when every family grew alike (store expansion, season)
     ramp_focus_growth: float = 1.9  # focused: this family's growth >= this x the growth of the other families
     ramp_minor_share: float = 0.25  # other families below this share of the reference: a single-family buyer
@@ -1013,7 +1014,7 @@ def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_da
     up to 2x its level and the ramp rules held it (most of their false holds on held-out data). Only the
     calendar's extra day is forgiven: at most one ordering day more than the window holds at the usual gap
     (``length_days`` / gap), only when the days came at about that gap (``ramp_cadence_spacing``), and only
-    when the window's ``units`` per ordering day average at most ``ramp_cadence_size_ratio`` x its usual
+    when each of the window's ordering days (``units`` in all) is at most ``ramp_cadence_size_ratio`` x its usual
     (``monthly_level``, the trailing 12-month average month, over the ordering days a month its gap gives).
     A buyer ordering faster, or larger orders, is judged in full.
 
@@ -1038,9 +1039,19 @@ def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_da
         return NO_CADENCE
     if today - min(days) < cfg.ramp_cadence_spacing * (k - 1) * gap:
         return NO_CADENCE
-    if units / k > cfg.ramp_cadence_size_ratio * monthly_level * gap / _DAYS_PER_MONTH:
+    # every ordering day about the usual size, not only their average: a ramp's first bigger order beside an
+    # ordinary one is growth, not the calendar (the days older than the ring count as one day: stricter)
+    today_units = (cells[today][1] if today in cells else 0) + (0 if replay else _family_units(order, family))
+    seen = [cell[1] for d, cell in cells.items() if first_day <= d < today and cell[0] > 0]
+    biggest = max(seen + [today_units, units - today_units - sum(seen)])
+    if biggest > cfg.ramp_cadence_size_ratio * monthly_level * gap / _DAYS_PER_MONTH:
         return NO_CADENCE
     return Cadence(k / usual, k, usual, gap)
+
+
+def _family_units(order: OrderFacts, family: str) -> int:
+    f = order.families.get(family)
+    return f.units if f is not None else 0
 
 
 @functools.lru_cache(maxsize=256)
@@ -1278,6 +1289,8 @@ class RampGuardDetector(PerFamilyDetector):
         if c.ramp_2x_min_mme > 0:
             text += (f"; the month is {fmt_n(m.current * mme_per_unit)} MME (at least {fmt_n(c.ramp_2x_min_mme)} "
                      f"for this guard)")
+        if pace.divisor <= 1:  # (at a cadence the threshold is stated above) the binding one of the limits above
+            text += f"; the threshold is {fmt_n(threshold)} dosage units"
         text += f": the month is {m.current / avg:.1f}x its long-memory level; exceeded." if avg > 0 else "; exceeded."
         return finding(self.name, self.dimension, f.family, m.current, avg, threshold, window, fired, text)
 

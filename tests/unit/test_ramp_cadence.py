@@ -73,3 +73,16 @@ def test_a_ramp_at_a_monthly_orderer_is_still_held_no_later_than_the_2x_12_month
     assert learned_at <= static_at, (learned_at, static_at)
     assert learned_at >= orders[len(SIZES)]["received_at"], "held in the ramp, not in the ordinary history"
     assert {"ramp", "ramp_2x"} & set(fired_detectors(v))
+
+
+def test_a_bigger_order_beside_an_ordinary_one_is_growth_not_the_calendar() -> None:
+    """Every ordering day must be about the usual size for the calendar's extra day to be forgiven.
+
+    March holds the ordinary 1 March order and a 1.35x one on the 29th: on average 1.17x a usual day (under
+    the 1.25x allowance), but the 29th alone is over it. The 2x rule holds March; so must the learned policy.
+    """
+    orders = monthly_orderer((1.35,))
+    learned_at, v = first_hold(Monitor(MonitorConfig(new_customer_months=0)), orders)
+    static_at, _ = first_hold(Monitor(MonitorConfig(hold_detectors=("static_2x_12m",))), orders)
+    assert static_at == orders[-1]["received_at"]
+    assert learned_at == static_at and "ramp_2x" in fired_detectors(v)
