@@ -59,6 +59,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import statistics
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -399,15 +400,6 @@ class OrderingDay(NamedTuple):
     days: int
 
 
-def _median(sorted_values: list[int]) -> float:
-    """Median of an already sorted list (0.0 when empty): robust to one big restock day among a few."""
-    n = len(sorted_values)
-    if not n:
-        return 0.0
-    mid = n // 2
-    return float(sorted_values[mid]) if n % 2 else (sorted_values[mid - 1] + sorted_values[mid]) / 2.0
-
-
 class DailyRing:
     """Orders, dosage units, mg of base drug and high-strength units per UTC day for the last 30 days: at most
     30 cells."""
@@ -492,9 +484,10 @@ class DailyRing:
         learned_today = self.cells[today][1] if today in self.cells else 0
         if exclude_self and today in self.cells:
             learned_today -= units
-        prior = sorted(u for d, (o, u, _, _) in self.cells.items()
-                       if today - WINDOW_30D_DAYS < d < today and o > 0)
-        return OrderingDay(max(learned_today, 0) + units, _median(prior), len(prior))
+        prior = [u for d, (o, u, _, _) in self.cells.items() if today - WINDOW_30D_DAYS < d < today and o > 0]
+        # the median: robust to one big restock day among a few
+        return OrderingDay(max(learned_today, 0) + units, float(statistics.median(prior)) if prior else 0.0,
+                           len(prior))
 
     def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
         cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0, 0])

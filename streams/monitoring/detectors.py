@@ -1033,16 +1033,16 @@ def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_da
     ring_days = sum(1 for d, cell in cells.items() if cell[0] > 0 and d != today) + 1
     gap = fb.gap_days.get() * ring_orders / ring_days
     usual = length_days / gap
-    days = [d for d, cell in cells.items() if first_day <= d < today and cell[0] > 0] + [today]
-    k = len(days)
+    earlier = {d: cell[1] for d, cell in cells.items() if first_day <= d < today and cell[0] > 0}  # day -> units
+    k = len(earlier) + 1  # the order's day too
     if k <= usual or k > usual + 1 + _GAP_SLACK:
         return NO_CADENCE
-    if today - min(days) < cfg.ramp_cadence_spacing * (k - 1) * gap:
+    if today - min(earlier, default=today) < cfg.ramp_cadence_spacing * (k - 1) * gap:
         return NO_CADENCE
     # every ordering day about the usual size, not only their average: a ramp's first bigger order beside an
     # ordinary one is growth, not the calendar (the days older than the ring count as one day: stricter)
     today_units = (cells[today][1] if today in cells else 0) + (0 if replay else _family_units(order, family))
-    seen = [cell[1] for d, cell in cells.items() if first_day <= d < today and cell[0] > 0]
+    seen = list(earlier.values())
     biggest = max(seen + [today_units, units - today_units - sum(seen)])
     if biggest > cfg.ramp_cadence_size_ratio * monthly_level * gap / _DAYS_PER_MONTH:
         return NO_CADENCE

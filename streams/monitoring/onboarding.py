@@ -101,8 +101,9 @@ class NewCustomerDetector(PerFamilyDetector):
     def _period(self, state: RegistrantBaselines, order: OrderFacts) -> _Period:
         days = (order.at_ms - period_start_ms(state, order)) / MS_PER_DAY
         act = (order.business_activity or "").strip().upper()
-        return _Period(days, month_of(order.at_ms), act, float(self.ceilings.get(act, self.default_ceiling)),
-                       self._windows(month_of(order.at_ms), days))
+        month = month_of(order.at_ms)
+        return _Period(days, month, act, float(self.ceilings.get(act, self.default_ceiling)),
+                       self._windows(month, days))
 
     @staticmethod
     def _windows(month: int, days: float) -> tuple[str, str]:

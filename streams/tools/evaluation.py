@@ -639,14 +639,15 @@ def order_labels(orders: Sequence[Mapping[str, Any]], transactions: Mapping[str,
     labs = []
     for o in orders:
         best: dict[str, str] = {"label": NORMAL, "episode": "", "kind": ""}
-        for txid, _, _ in transactions.get(o["order_id"]) or order_transactions(o):
+        txs = transactions.get(o["order_id"]) or order_transactions(o)
+        for txid, _, _ in txs:
             lab = tx_labels.get(txid)
             if lab is None:
                 continue
             rank, mine = _RANK[lab["label"]], _RANK[best["label"]]
             if rank > mine or (rank == mine and not best["episode"] and lab.get("episode")):
                 best = dict(lab)
-        families = sorted({fam for txid, _, fam in transactions.get(o["order_id"]) or order_transactions(o)
+        families = sorted({fam for txid, _, fam in txs
                            if best["episode"] and (tx_labels.get(txid) or {}).get("episode") == best["episode"]})
         labs.append({"order_id": o["order_id"], "label": best["label"], "episode": best["episode"] or None,
                      "kind": best["kind"] or best["label"], "families": families})
