@@ -242,6 +242,9 @@ class _Path:
     certs: tuple[x509.Certificate, ...]  # leaf first, then CAs up to (excluding) the anchor
     windows: tuple[tuple[datetime, datetime, str], ...]  # (not_before, not_after, label), leaf first
     result: CheckResult
+    #: SHA-256 of each certificate in pyhanko's order (anchor first, leaf last): ``fps[:i + 1]`` names
+    #: the path down to the CA at ``vpath[i]``, the key of that CA's cached revocation verdict.
+    fps: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -366,6 +369,8 @@ class Verifier:
         self._crl_bounds: list[datetime] = []
         self._generation = 0  # bumped by every CRL that takes effect: invalidates every cached verdict
         self._revocation: OrderedDict[tuple[bytes, int], _RevVerdict] = OrderedDict()
+        # A CA's passing revocation verdict, shared by every signer under it (see _ca_revocation_ok).
+        self._ca_revocation: OrderedDict[tuple[bytes, ...], _RevVerdict] = OrderedDict()
         parsed: list[tuple[str, x509.CertificateRevocationList]] = []
         for c in crls:
             if isinstance(c, (bytes, bytearray)):
@@ -546,6 +551,7 @@ class Verifier:
         self._crl_list = [h.asn1 for h in self._crls.values()]
         self._crl_bounds = sorted({t for h in self._crls.values() for t in (h.this_update, h.next_update)})
         self._revocation.clear()
+        self._ca_revocation.clear()
 
     def _ca_path_error(self, ca: x509.Certificate, moment: datetime) -> str | None:
         fp = _fp(_der(ca))
@@ -640,7 +646,8 @@ class Verifier:
                              "your CSOS certificate" if i == 0 else f"the issuing CA certificate ({_cn(c.subject)})")
                             for i, c in enumerate(certs))
             paths.append(_Path(vp, certs, windows, CheckResult(
-                "certificate_path", True, f"path of {len(certs)} certificate(s) to a trusted CSOS root")))
+                "certificate_path", True, f"path of {len(certs)} certificate(s) to a trusted CSOS root"),
+                fps=tuple(_fp(_original_der(c)) for c in vp.iter_certs(include_root=True))))
         self._learn_intermediates(paths[0].certs[1:])
         dea, schedules, reg_err = None, frozenset(), None
         try:
@@ -730,8 +737,8 @@ class Verifier:
         key = (leaf_fp, chain.paths.index(path))
         v = self._revocation.get(key)
         if v is None or v.generation != self._generation or not v.lo <= received_at <= v.hi:
-            fail = self._revocation_verdict(path, received_at)
             lo, hi = self._stable_span(received_at)
+            fail = self._revocation_verdict(path, received_at, (lo, hi))
             v = _RevVerdict(self._generation, lo, hi, fail)
             self._revocation[key] = v
             if len(self._revocation) > _PATH_CACHE_MAX:
@@ -751,7 +758,32 @@ class Verifier:
                 return t, t  # too close to a boundary: judge this receipt time alone
         return lo, hi
 
-    def _revocation_verdict(self, path: _Path, received_at: datetime) -> "_Fail | None":
+    def _ca_revocation_ok(self, key: tuple[bytes, ...], received_at: datetime) -> bool:
+        """Whether the CA at the end of the path ``key`` (certificate fingerprints from the anchor down)
+        is known to pass revocation at ``received_at``.
+
+        Why this is safe: a CA's RFC 5280 6.3 verdict depends on that CA, the path above it, the CRLs
+        held and the receipt time, never on the signer below it. An entry is used only for the CRL-set
+        generation it was computed under (any CRL that takes effect clears them all, so a CA revoked
+        by a new CRL is re-judged at the next order) and within the receipt-time span in which no held
+        CRL starts or stops being current (the same span as the per-signer cache). Only passes are
+        kept: a failure is recomputed, so its finding names this order's receipt time. Entries exist
+        only for CAs on validated paths and are evicted oldest first beyond _PATH_CACHE_MAX.
+        """
+        v = self._ca_revocation.get(key)
+        if v is None or v.generation != self._generation or not v.lo <= received_at <= v.hi:
+            return False
+        self._ca_revocation.move_to_end(key)
+        return True
+
+    def _remember_ca_pass(self, key: tuple[bytes, ...], span: tuple[datetime, datetime]) -> None:
+        self._ca_revocation[key] = _RevVerdict(self._generation, span[0], span[1], None)
+        self._ca_revocation.move_to_end(key)
+        if len(self._ca_revocation) > _PATH_CACHE_MAX:
+            self._ca_revocation.popitem(last=False)
+
+    def _revocation_verdict(self, path: _Path, received_at: datetime,
+                            span: tuple[datetime, datetime]) -> "_Fail | None":
         anchors, others = self._anchors_a, self._intermediates_a + [
             c for c in path.vpath.iter_certs(include_root=False)]
         crls = list(self._crl_list)
@@ -766,6 +798,9 @@ class Verifier:
             ctx.timing_params = ValidationTimingParams(
                 ValidationTimingInfo(received_at, received_at, False), ctx.timing_params.time_tolerance)
             for index in range(1, n + 1):  # from the CA under the anchor down to the signer
+                ca_key = path.fps[:index + 1] if index < n and len(path.fps) == n + 1 else None
+                if ca_key is not None and self._ca_revocation_ok(ca_key, received_at):
+                    continue
                 cert_a = vpath[index]
                 cert = path.certs[n - index]
                 label = "your CSOS certificate" if index == n else f"the CA certificate {_cn(cert.subject)}"
@@ -794,6 +829,8 @@ class Verifier:
                 except Exception as exc:  # noqa: BLE001 - fail closed on anything else
                     return _Fail(REVOCATION_UNKNOWN, "revocation",
                                  f"The revocation status of {label} could not be established ({_short(exc)}).")
+                if ca_key is not None:
+                    self._remember_ca_pass(ca_key, span)
             return None
 
         try:
