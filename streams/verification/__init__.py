@@ -76,6 +76,7 @@ from pyhanko_certvalidator.errors import (CRLNoMatchesError, CRLValidationIndete
                                           PathError, RevokedError, ValidationError)
 from pyhanko_certvalidator.ltv.types import ValidationTimingInfo, ValidationTimingParams
 from pyhanko_certvalidator.path import ValidationPath
+from pyhanko_certvalidator.registry import SimpleTrustManager
 from pyhanko_certvalidator.policy_decl import CertRevTrustPolicy, RevocationCheckingPolicy, RevocationCheckingRule
 from pyhanko_certvalidator.revinfo.validate_crl import verify_crl
 from pyhanko_certvalidator.util import ConsList
@@ -374,6 +375,9 @@ class Verifier:
         self._anchors = list(trust_anchors)
         self._intermediates = list(intermediates)
         self._anchors_a = [_asn1_cert(_der(c)) for c in self._anchors]
+        # The anchors never change after construction, and pyhanko only reads a built trust manager:
+        # one shared by every validation context saves re-hashing the anchors' names per cache miss.
+        self._trust = SimpleTrustManager.build(trust_roots=self._anchors_a)
         self._intermediates_a = [_asn1_cert(_der(c)) for c in self._intermediates]
         self._known_fps = {_fp(_der(c)) for c in self._anchors + self._intermediates}
         self._anchor_fps = {_fp(_der(c)) for c in self._anchors}
@@ -591,10 +595,10 @@ class Verifier:
         untrusted. Revocation is not judged here either: per order at receipt (check 8).
         Raises ``_Untrusted`` with the first reason when no path validates.
         """
-        anchors, others = self._anchors_a, self._intermediates_a + extra
+        anchors, others = self._trust, self._intermediates_a + extra
 
         async def run() -> list[ValidationPath]:
-            ctx = ValidationContext(trust_roots=anchors, other_certs=others, moment=moment,
+            ctx = ValidationContext(trust_manager=anchors, other_certs=others, moment=moment,
                                     revocation_mode="none", time_tolerance=_ANY_VALIDITY)
             try:
                 paths = await ctx.path_builder.async_build_paths(leaf)
@@ -604,7 +608,7 @@ class Verifier:
             good: list[ValidationPath] = []
             errors: list[str] = []
             for path in paths[:_MAX_PATHS]:
-                vctx = ValidationContext(trust_roots=anchors, other_certs=others, moment=moment,
+                vctx = ValidationContext(trust_manager=anchors, other_certs=others, moment=moment,
                                          revocation_mode="none", time_tolerance=_ANY_VALIDITY)
                 try:
                     await async_validate_path(vctx, path)
@@ -801,14 +805,14 @@ class Verifier:
 
     def _revocation_verdict(self, path: _Path, received_at: datetime,
                             span: tuple[datetime, datetime]) -> "_Fail | None":
-        anchors, others = self._anchors_a, self._intermediates_a + [
+        anchors, others = self._trust, self._intermediates_a + [
             c for c in path.vpath.iter_certs(include_root=False)]
         crls = list(self._crl_list)
         vpath = path.vpath
         n = len(path.certs)
 
         async def run() -> "_Fail | None":
-            ctx = ValidationContext(trust_roots=anchors, other_certs=others, crls=crls, moment=received_at,
+            ctx = ValidationContext(trust_manager=anchors, other_certs=others, crls=crls, moment=received_at,
                                     revinfo_policy=_CRL_REQUIRED)
             # A certificate listed on a current CRL is refused whatever its revocation date: the
             # distributor now knows the key is not to be trusted (not a point-in-time validation).
