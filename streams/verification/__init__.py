@@ -46,7 +46,9 @@ Decisions worth knowing:
   certificate of the path. Revocation (pyhanko-certvalidator's RFC 5280 6.3 CRL
   processing: scope, indirect and delta CRLs, separate CRL-signing keys) is
   cached per signer for the current CRL set and the span of receipt times in
-  which no held CRL starts or stops being current. The trust anchor's own
+  which no held CRL starts or stops being current; a CA's passing verdict is
+  cached the same way per CA path, so a new signer under a checked CA costs
+  only its own certificate's CRL check. The trust anchor's own
   validity is not checked (RFC 5280 6.1: an anchor is a name and a key).
 * A CRL that cannot be used never raises out of the constructor or
   ``from_pki_dir``: it is listed in ``Verifier.refusals``; ``update_crl`` raises
