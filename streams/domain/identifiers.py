@@ -6,6 +6,7 @@ strict and raise ``ValueError`` with a message a purchaser can act on.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 _DEA_RE = re.compile(r"^[A-Z][A-Z9][0-9]{7}$")
 _ORDER_NUMBER_RE = re.compile(r"^[0-9]{2}X[0-9A-Z]{6}$")
@@ -40,6 +41,12 @@ def make_dea_number(prefix: str, first_six: str) -> str:
     return f"{prefix}{first_six}{dea_check_digit(first_six)}"
 
 
+#: Distinct NDC spellings whose normal form is remembered. Each order line's NDC is normalized three
+#: times (parsing, the product check, enrichment); the product master has a few thousand NDCs, and a
+#: hostile sender's made-up ones only evict older entries (lru_cache with a fixed maxsize), never grow it.
+_NDC_CACHE_SIZE = 8192
+
+
 def normalize_ndc(ndc: str) -> str:
     """Return the 11-digit 5-4-2 NDC (``LLLLL-PPPP-KK``).
 
@@ -47,8 +54,17 @@ def normalize_ndc(ndc: str) -> str:
     form without hyphens. A 10-digit NDC without hyphens is ambiguous (the
     short segment is unknown) and is refused rather than guessed.
     """
-    if not isinstance(ndc, str):
-        raise ValueError(f"NDC must be a string, got {type(ndc).__name__}")
+    if type(ndc) is not str:  # noqa: E721 - exactly str: a str subclass could hash or compare unlike its text
+        if not isinstance(ndc, str):
+            raise ValueError(f"NDC must be a string, got {type(ndc).__name__}")
+        ndc = str(ndc)
+    return _normalize_ndc(ndc)
+
+
+@lru_cache(maxsize=_NDC_CACHE_SIZE)
+def _normalize_ndc(ndc: str) -> str:
+    """The normal form of a str NDC: a pure function of its text, so memoized (a refusal raises and is
+    not cached, so a malformed NDC costs a full check every time, as before)."""
     s = ndc.strip()
     if "-" in s:
         parts = s.split("-")

@@ -46,7 +46,9 @@ Decisions worth knowing:
   certificate of the path. Revocation (pyhanko-certvalidator's RFC 5280 6.3 CRL
   processing: scope, indirect and delta CRLs, separate CRL-signing keys) is
   cached per signer for the current CRL set and the span of receipt times in
-  which no held CRL starts or stops being current. The trust anchor's own
+  which no held CRL starts or stops being current; a CA's passing verdict is
+  cached the same way per CA path, so a new signer under a checked CA costs
+  only its own certificate's CRL check. The trust anchor's own
   validity is not checked (RFC 5280 6.1: an anchor is a name and a key).
 * A CRL that cannot be used never raises out of the constructor or
   ``from_pki_dir``: it is listed in ``Verifier.refusals``; ``update_crl`` raises
@@ -58,6 +60,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -75,6 +78,7 @@ from pyhanko_certvalidator.errors import (CRLNoMatchesError, CRLValidationIndete
                                           PathError, RevokedError, ValidationError)
 from pyhanko_certvalidator.ltv.types import ValidationTimingInfo, ValidationTimingParams
 from pyhanko_certvalidator.path import ValidationPath
+from pyhanko_certvalidator.registry import SimpleTrustManager
 from pyhanko_certvalidator.policy_decl import CertRevTrustPolicy, RevocationCheckingPolicy, RevocationCheckingRule
 from pyhanko_certvalidator.revinfo.validate_crl import verify_crl
 from pyhanko_certvalidator.util import ConsList
@@ -242,6 +246,9 @@ class _Path:
     certs: tuple[x509.Certificate, ...]  # leaf first, then CAs up to (excluding) the anchor
     windows: tuple[tuple[datetime, datetime, str], ...]  # (not_before, not_after, label), leaf first
     result: CheckResult
+    #: SHA-256 of each certificate in pyhanko's order (anchor first, leaf last): ``fps[:i + 1]`` names
+    #: the path down to the CA at ``vpath[i]``, the key of that CA's cached revocation verdict.
+    fps: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -315,21 +322,37 @@ def _day(dt: datetime) -> str:
 _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
 
 
+_LOOPS = threading.local()
+
+
+def _private_loop() -> asyncio.AbstractEventLoop:
+    """This thread's own event loop for pyhanko's coroutines, made once and reused.
+
+    ``asyncio.run`` makes and tears down a loop per call (about a millisecond, paid on every
+    path or revocation cache miss); the coroutines do no I/O and leave no tasks behind, so one
+    loop per thread, never the caller's, serves them all.
+    """
+    loop = getattr(_LOOPS, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _LOOPS.loop = asyncio.new_event_loop()
+    return loop
+
+
 def _run_sync(coro_factory):
     """Run a pyhanko coroutine to completion from sync code, even inside a running loop.
 
     The verifier is called synchronously from a Faust agent, where an event
-    loop is already running and ``asyncio.run`` is not allowed; on a cache miss
+    loop is already running and cannot be re-entered; on a cache miss
     the coroutine then runs in a private thread (it does no I/O: fetching is off).
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro_factory())
+        return _private_loop().run_until_complete(coro_factory())
     global _EXECUTOR
     if _EXECUTOR is None:
         _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="csos-pathval")
-    return _EXECUTOR.submit(lambda: asyncio.run(coro_factory())).result()
+    return _EXECUTOR.submit(lambda: _private_loop().run_until_complete(coro_factory())).result()
 
 
 
@@ -354,6 +377,9 @@ class Verifier:
         self._anchors = list(trust_anchors)
         self._intermediates = list(intermediates)
         self._anchors_a = [_asn1_cert(_der(c)) for c in self._anchors]
+        # The anchors never change after construction, and pyhanko only reads a built trust manager:
+        # one shared by every validation context saves re-hashing the anchors' names per cache miss.
+        self._trust = SimpleTrustManager.build(trust_roots=self._anchors_a)
         self._intermediates_a = [_asn1_cert(_der(c)) for c in self._intermediates]
         self._known_fps = {_fp(_der(c)) for c in self._anchors + self._intermediates}
         self._anchor_fps = {_fp(_der(c)) for c in self._anchors}
@@ -366,6 +392,8 @@ class Verifier:
         self._crl_bounds: list[datetime] = []
         self._generation = 0  # bumped by every CRL that takes effect: invalidates every cached verdict
         self._revocation: OrderedDict[tuple[bytes, int], _RevVerdict] = OrderedDict()
+        # A CA's passing revocation verdict, shared by every signer under it (see _ca_revocation_ok).
+        self._ca_revocation: OrderedDict[tuple[bytes, ...], _RevVerdict] = OrderedDict()
         parsed: list[tuple[str, x509.CertificateRevocationList]] = []
         for c in crls:
             if isinstance(c, (bytes, bytearray)):
@@ -546,6 +574,7 @@ class Verifier:
         self._crl_list = [h.asn1 for h in self._crls.values()]
         self._crl_bounds = sorted({t for h in self._crls.values() for t in (h.this_update, h.next_update)})
         self._revocation.clear()
+        self._ca_revocation.clear()
 
     def _ca_path_error(self, ca: x509.Certificate, moment: datetime) -> str | None:
         fp = _fp(_der(ca))
@@ -568,10 +597,10 @@ class Verifier:
         untrusted. Revocation is not judged here either: per order at receipt (check 8).
         Raises ``_Untrusted`` with the first reason when no path validates.
         """
-        anchors, others = self._anchors_a, self._intermediates_a + extra
+        anchors, others = self._trust, self._intermediates_a + extra
 
         async def run() -> list[ValidationPath]:
-            ctx = ValidationContext(trust_roots=anchors, other_certs=others, moment=moment,
+            ctx = ValidationContext(trust_manager=anchors, other_certs=others, moment=moment,
                                     revocation_mode="none", time_tolerance=_ANY_VALIDITY)
             try:
                 paths = await ctx.path_builder.async_build_paths(leaf)
@@ -581,7 +610,7 @@ class Verifier:
             good: list[ValidationPath] = []
             errors: list[str] = []
             for path in paths[:_MAX_PATHS]:
-                vctx = ValidationContext(trust_roots=anchors, other_certs=others, moment=moment,
+                vctx = ValidationContext(trust_manager=anchors, other_certs=others, moment=moment,
                                          revocation_mode="none", time_tolerance=_ANY_VALIDITY)
                 try:
                     await async_validate_path(vctx, path)
@@ -640,7 +669,8 @@ class Verifier:
                              "your CSOS certificate" if i == 0 else f"the issuing CA certificate ({_cn(c.subject)})")
                             for i, c in enumerate(certs))
             paths.append(_Path(vp, certs, windows, CheckResult(
-                "certificate_path", True, f"path of {len(certs)} certificate(s) to a trusted CSOS root")))
+                "certificate_path", True, f"path of {len(certs)} certificate(s) to a trusted CSOS root"),
+                fps=tuple(_fp(_original_der(c)) for c in vp.iter_certs(include_root=True))))
         self._learn_intermediates(paths[0].certs[1:])
         dea, schedules, reg_err = None, frozenset(), None
         try:
@@ -730,8 +760,8 @@ class Verifier:
         key = (leaf_fp, chain.paths.index(path))
         v = self._revocation.get(key)
         if v is None or v.generation != self._generation or not v.lo <= received_at <= v.hi:
-            fail = self._revocation_verdict(path, received_at)
             lo, hi = self._stable_span(received_at)
+            fail = self._revocation_verdict(path, received_at, (lo, hi))
             v = _RevVerdict(self._generation, lo, hi, fail)
             self._revocation[key] = v
             if len(self._revocation) > _PATH_CACHE_MAX:
@@ -751,21 +781,49 @@ class Verifier:
                 return t, t  # too close to a boundary: judge this receipt time alone
         return lo, hi
 
-    def _revocation_verdict(self, path: _Path, received_at: datetime) -> "_Fail | None":
-        anchors, others = self._anchors_a, self._intermediates_a + [
+    def _ca_revocation_ok(self, key: tuple[bytes, ...], received_at: datetime) -> bool:
+        """Whether the CA at the end of the path ``key`` (certificate fingerprints from the anchor down)
+        is known to pass revocation at ``received_at``.
+
+        Why this is safe: a CA's RFC 5280 6.3 verdict depends on that CA, the path above it, the CRLs
+        held and the receipt time, never on the signer below it. An entry is used only for the CRL-set
+        generation it was computed under (any CRL that takes effect clears them all, so a CA revoked
+        by a new CRL is re-judged at the next order) and within the receipt-time span in which no held
+        CRL starts or stops being current (the same span as the per-signer cache). Only passes are
+        kept: a failure is recomputed, so its finding names this order's receipt time. Entries exist
+        only for CAs on validated paths and are evicted oldest first beyond _PATH_CACHE_MAX.
+        """
+        v = self._ca_revocation.get(key)
+        if v is None or v.generation != self._generation or not v.lo <= received_at <= v.hi:
+            return False
+        self._ca_revocation.move_to_end(key)
+        return True
+
+    def _remember_ca_pass(self, key: tuple[bytes, ...], span: tuple[datetime, datetime]) -> None:
+        self._ca_revocation[key] = _RevVerdict(self._generation, span[0], span[1], None)
+        self._ca_revocation.move_to_end(key)
+        if len(self._ca_revocation) > _PATH_CACHE_MAX:
+            self._ca_revocation.popitem(last=False)
+
+    def _revocation_verdict(self, path: _Path, received_at: datetime,
+                            span: tuple[datetime, datetime]) -> "_Fail | None":
+        anchors, others = self._trust, self._intermediates_a + [
             c for c in path.vpath.iter_certs(include_root=False)]
         crls = list(self._crl_list)
         vpath = path.vpath
         n = len(path.certs)
 
         async def run() -> "_Fail | None":
-            ctx = ValidationContext(trust_roots=anchors, other_certs=others, crls=crls, moment=received_at,
+            ctx = ValidationContext(trust_manager=anchors, other_certs=others, crls=crls, moment=received_at,
                                     revinfo_policy=_CRL_REQUIRED)
             # A certificate listed on a current CRL is refused whatever its revocation date: the
             # distributor now knows the key is not to be trusted (not a point-in-time validation).
             ctx.timing_params = ValidationTimingParams(
                 ValidationTimingInfo(received_at, received_at, False), ctx.timing_params.time_tolerance)
             for index in range(1, n + 1):  # from the CA under the anchor down to the signer
+                ca_key = path.fps[:index + 1] if index < n and len(path.fps) == n + 1 else None
+                if ca_key is not None and self._ca_revocation_ok(ca_key, received_at):
+                    continue
                 cert_a = vpath[index]
                 cert = path.certs[n - index]
                 label = "your CSOS certificate" if index == n else f"the CA certificate {_cn(cert.subject)}"
@@ -794,6 +852,8 @@ class Verifier:
                 except Exception as exc:  # noqa: BLE001 - fail closed on anything else
                     return _Fail(REVOCATION_UNKNOWN, "revocation",
                                  f"The revocation status of {label} could not be established ({_short(exc)}).")
+                if ca_key is not None:
+                    self._remember_ca_pass(ca_key, span)
             return None
 
         try:

@@ -89,3 +89,24 @@ class TestOrderNumber:
     ])
     def test_invalid(self, value: object) -> None:
         assert not is_valid_order_number(value)  # type: ignore[arg-type]
+
+
+def test_normalized_ndcs_are_remembered_within_a_fixed_bound() -> None:
+    """Each order line's NDC is normalized several times per order: the answer is memoized, but a sender
+    inventing NDCs can only evict entries, never grow the memory; a malformed NDC is refused every time."""
+    from streams.domain import identifiers
+
+    cache = identifiers._normalize_ndc
+    bound = cache.cache_info().maxsize
+    assert bound is not None
+    for i in range(bound + 500):
+        assert normalize_ndc(f"{i % 100000:05d}-{i // 100000:04d}-01").endswith("-01")
+    assert cache.cache_info().currsize <= bound
+    hits = cache.cache_info().hits
+    assert normalize_ndc("0406-0552-01") == normalize_ndc("0406-0552-01") == "00406-0552-01"
+    assert cache.cache_info().hits == hits + 1
+    for _ in range(2):
+        with pytest.raises(ValueError, match="ambiguous"):
+            normalize_ndc("0040605520")
+    with pytest.raises(ValueError, match="must be a string"):
+        normalize_ndc(["00406-0552-01"])  # type: ignore[arg-type]

@@ -675,6 +675,47 @@ class TestRevocationCache:
         assert_fails(out, V.REVOCATION_UNKNOWN, "revocation", "expired")
 
 
+class TestCaRevocationCache:
+    """A CA's passing revocation verdict is shared by the signers under it, and never outlives its CRLs."""
+
+    def test_a_second_signer_under_a_checked_ca_checks_only_its_own_certificate(
+            self, monkeypatch: pytest.MonkeyPatch, pki: TestPKI, crl, cred: Credential) -> None:
+        v = Verifier(pki.trust_anchors, pki.intermediates, [crl, pki.root_crl], PRODUCTS)
+        assert_ok(v.verify(*signed(cred), NOW))
+        checked: list[str] = []
+        real = V.verify_crl
+
+        async def counting(cert, *args, **kw):
+            checked.append(cert.subject.native.get("common_name", ""))
+            return await real(cert, *args, **kw)
+
+        monkeypatch.setattr(V, "verify_crl", counting)
+        other = pki.issue_registrant(DEA, "Acme Two", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR, record=False)
+        assert_ok(v.verify(*signed(other), NOW))
+        assert len(checked) == 1, checked  # the new signer only: the sub-CA's pass was reused
+
+    def test_a_crl_revoking_the_ca_stops_every_signer_under_it_at_the_next_order(
+            self, pki: TestPKI, crl, cred: Credential) -> None:
+        v = Verifier(pki.trust_anchors, pki.intermediates, [crl, pki.root_crl], PRODUCTS)
+        assert_ok(v.verify(*signed(cred), NOW))  # the sub-CA's pass is cached now
+        root_crl = pki.build_crl(NOW - timedelta(minutes=30), NOW + timedelta(days=30), issuer=pki.root,
+                                 revoked={pki.sub_ca.cert.serial_number: NOW - timedelta(hours=1)})
+        assert v.update_crl(root_crl)
+        other = pki.issue_registrant(DEA, "Acme Two", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR, record=False)
+        for who in (other, cred):
+            assert_fails(v.verify(*signed(who), NOW), V.CERT_REVOKED, "revocation", "CA certificate")
+
+    def test_a_ca_pass_does_not_outlive_the_crl_covering_the_ca(self, pki: TestPKI, cred: Credential) -> None:
+        short_root = pki.build_crl(NOW - timedelta(minutes=50), NOW + timedelta(days=2), issuer=pki.root)
+        v = Verifier(pki.trust_anchors, pki.intermediates,
+                     [pki.build_crl(NOW - timedelta(hours=2), NOW + timedelta(days=30)), short_root], PRODUCTS)
+        assert_ok(v.verify(*signed(cred), NOW))
+        late = NOW + timedelta(days=3)  # the root's CRL (covering the sub-CA) expired; the sub-CA's did not
+        other = pki.issue_registrant(DEA, "Acme Two", ALL_SCHEDULES, NOW - YEAR, NOW + YEAR, record=False)
+        out = v.verify(*signed(other, make_order(signed_at=late - timedelta(hours=1))), late)
+        assert_fails(out, V.REVOCATION_UNKNOWN, "revocation", "CA certificate")
+
+
 def test_leaf_outside_its_issuers_validity_is_a_validity_failure(pki: TestPKI, verifier: Verifier) -> None:
     """A leaf whose validity does not overlap its issuer's: CERT_NOT_YET_VALID / CERT_EXPIRED, not untrusted."""
     ca_end = pki.sub_ca.cert.not_valid_after_utc
