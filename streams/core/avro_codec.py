@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+from streams.core.avro_fast import Writer, compile_writer
 from streams.core.errors import CsosError
 
 MAGIC = b"\xc3\x01"
@@ -151,22 +152,40 @@ class AvroCodec:
 
     def __init__(self, catalog: SchemaCatalog | None = None) -> None:
         self.catalog = catalog or SchemaCatalog()
+        self._writers: dict[bytes, Writer | None] = {}
 
     def encode(self, fullname: str, record: dict[str, Any]) -> bytes:
-        schema = self.catalog.get(fullname)
-        buf = io.BytesIO()
-        buf.write(MAGIC)
-        buf.write(schema.fingerprint)
-        fastavro.schemaless_writer(buf, schema.parsed, record)
-        return buf.getvalue()
+        return self.encode_with(self.catalog.get(fullname), record)
 
     def encode_with(self, schema: Schema, record: dict[str, Any]) -> bytes:
-        """Encode with an explicit (e.g. historical) writer schema."""
-        buf = io.BytesIO()
-        buf.write(MAGIC)
-        buf.write(schema.fingerprint)
-        fastavro.schemaless_writer(buf, schema.parsed, record)
-        return buf.getvalue()
+        """Encode with an explicit (e.g. historical) writer schema.
+
+        The schema's compiled writer (``streams.core.avro_fast``) writes the
+        record when it takes every value as it is; otherwise fastavro does,
+        so the bytes (and any error) are always fastavro's.
+        """
+        writer = self._writer(schema)
+        if writer is not None:
+            buf = bytearray(MAGIC)
+            buf += schema.fingerprint
+            try:
+                writer(record, buf)
+                return bytes(buf)
+            except Exception:  # noqa: BLE001 - a value the fast writer does not take: fastavro decides
+                pass
+        fo = io.BytesIO()
+        fo.write(MAGIC)
+        fo.write(schema.fingerprint)
+        fastavro.schemaless_writer(fo, schema.parsed, record)
+        return fo.getvalue()
+
+    def _writer(self, schema: Schema) -> Writer | None:
+        """The compiled writer of ``schema`` (made at its first use; None if it has a part fastavro must write)."""
+        try:
+            return self._writers[schema.fingerprint]
+        except KeyError:
+            writer = self._writers[schema.fingerprint] = compile_writer(schema.parsed)
+            return writer
 
     def writer_of(self, data: bytes) -> Schema:
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < HEADER_LEN:

@@ -1,0 +1,144 @@
+"""The fast writer must publish exactly fastavro's bytes: every consumer and the audit trail's digests rely on it."""
+from __future__ import annotations
+
+import io
+import random
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import fastavro
+import pytest
+
+from streams.core.avro_codec import MAGIC, AvroCodec, Schema
+from streams.core.avro_fast import varint
+
+TEXTS = ["", "a", "OXYCODONE HCL 10MG TAB", "Zoë's Pharmacy — Québec", "日本語テキスト", "emoji 💊", "x" * 300]
+LONGS = [0, 1, -1, 63, 64, -64, -65, 127, 128, 2 ** 31 - 1, -2 ** 31, 2 ** 40, 2 ** 63 - 1, -2 ** 63]
+INTS = [0, 1, -1, 64, -65, 300, 2 ** 31 - 1, -2 ** 31]
+HOT = {"som.Verdict", "som.Hold", "som.Release", "csos.orders.VerifiedOrder", "audit.AuditEvent",
+       "csos.orders.Rejection", "som.state.RegistrantState", "csos.state.PurchaserVerifyState"}
+DOUBLES = [0.0, -0.0, 1.5, -2.69, 4035.0, 1e300, float("inf"), 3, 0, -7]
+
+
+def fastavro_bytes(schema: Schema, record: dict[str, Any]) -> bytes:
+    fo = io.BytesIO()
+    fo.write(MAGIC + schema.fingerprint)
+    fastavro.schemaless_writer(fo, schema.parsed, record)
+    return fo.getvalue()
+
+
+class Records:
+    """Random records that fit a parsed schema: optional fields null or set, empty and long lists, unicode."""
+
+    def __init__(self, rng: random.Random, named: dict[str, Any]) -> None:
+        self.rng, self.named, self.depth = rng, named, 0
+
+    def of(self, node: Any) -> Any:
+        rng = self.rng
+        if isinstance(node, str):
+            return {"string": lambda: rng.choice(TEXTS), "long": lambda: rng.choice(LONGS),
+                    "int": lambda: rng.choice(INTS), "double": lambda: rng.choice(DOUBLES),
+                    "float": lambda: rng.choice([0.0, 1.5, -2.25]), "boolean": lambda: rng.random() < 0.5,
+                    "bytes": lambda: rng.randbytes(rng.choice([0, 1, 200])), "null": lambda: None,
+                    }.get(node, lambda: self.of(self.named[node]))()
+        if isinstance(node, list):
+            # Deep recursive types (a case's nested records) end on their null branch.
+            options = [b for b in node if b != "null"] if self.depth < 4 else [b for b in node if b == "null"] or node
+            return self.of(rng.choice(options + (["null"] if "null" in node else [])))
+        kind, logical = node["type"], node.get("logicalType")
+        if logical in ("timestamp-millis", "timestamp-micros"):
+            return datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(
+                microseconds=rng.randrange(-10 ** 15, 10 ** 15))
+        if logical == "date":
+            return datetime(2026, 1, 1).date() + timedelta(days=rng.randrange(-4000, 4000))
+        if kind in ("record", "error"):
+            self.depth += 1
+            try:
+                return {f["name"]: self.of(f["type"]) for f in node["fields"]}
+            finally:
+                self.depth -= 1
+        if kind == "array":
+            return [self.of(node["items"]) for _ in range(rng.choice([0, 1, 3, 70]) if self.depth < 3 else 0)]
+        if kind == "map":
+            return {rng.choice(TEXTS) + str(i): self.of(node["values"]) for i in range(rng.choice([0, 1, 3, 70]))}
+        if kind == "enum":
+            return rng.choice(node["symbols"])
+        if kind == "fixed":
+            return rng.randbytes(node["size"])
+        return self.of(kind)
+
+
+@pytest.fixture(scope="module")
+def codec() -> AvroCodec:
+    return AvroCodec()
+
+
+def test_varint_is_avro_zigzag():
+    assert [varint(n) for n in (0, -1, 1, -2, 63, -64, 64)] == [b"\x00", b"\x01", b"\x02", b"\x03", b"\x7e",
+                                                                 b"\x7f", b"\x80\x01"]
+    assert varint(2 ** 63 - 1) == b"\xfe" + b"\xff" * 8 + b"\x01"
+
+
+def test_every_current_schema_encodes_as_fastavro_does(codec):
+    """Random records of every schema (the hot path's and the rest) give fastavro's bytes exactly."""
+    rng = random.Random(14)
+    fast = 0
+    for name, schema in sorted(codec.catalog.current.items()):
+        writer = codec._writer(schema)
+        gen = Records(rng, schema.parsed.get("__named_schemas", {}))
+        for _ in range(60):
+            record = gen.of(schema.parsed)
+            assert codec.encode(name, record) == fastavro_bytes(schema, record), name
+            if writer is not None and name in HOT:
+                writer(record, bytearray())  # the hot path's records are written by the fast writer itself
+                fast += 1
+    assert fast == 60 * len(HOT)
+
+
+@pytest.mark.parametrize("change", [
+    {"business_activity": None, "purchaser_state": None},   # optional fields null
+    {"business_activity": "RETAIL PHARMACY", "purchaser_state": "NY"},
+    {"purchaser_name": "Zoë's Pharmacy — 日本 💊"},
+    {"lines": []},
+    {"lines": ()},                                           # a tuple: fastavro writes it (fallback)
+    {"signed_at": datetime(2026, 3, 1, 12, 0, 0, 999_999)},  # naive: fastavro's local-time rule (fallback)
+    {"signed_at": 1_767_225_600_123},                        # already in milliseconds
+    {"verified_at": datetime(1969, 12, 31, 23, 59, 59, 999_500, tzinfo=timezone.utc)},  # before the epoch
+    {"verified_at": datetime(2026, 3, 1, 7, 0, 0, 1_999, tzinfo=timezone(timedelta(hours=-5)))},
+])
+def test_verified_order_cases_match_fastavro(codec, change):
+    order = {
+        "order_id": "o-1", "order_number": "26X000001", "purchaser_dea": "BE8821844", "purchaser_name": "Pharmacy",
+        "supplier_dea": "RS1234563", "signed_at": datetime(2026, 3, 1, tzinfo=timezone.utc),
+        "received_at": datetime(2026, 3, 1, 0, 1, tzinfo=timezone.utc),
+        "verified_at": datetime(2026, 3, 1, 0, 1, 0, 5_000, tzinfo=timezone.utc), "signer_serial": "0a1b",
+        "signer_fingerprint": "ff" * 32, "business_activity": None, "purchaser_state": "OH",
+        "lines": [{"line_no": 1, "ndc": "00406-0512-01", "product_name": "OXYCODONE HCL 10MG TAB", "strength": "10 MG",
+                   "package_quantity": 100, "packages": 3, "dosage_units": 300, "schedule": "2",
+                   "drug_family": "OXYCODONE", "base_weight_g": 2.69, "mme": 4035}],
+    }
+    order.update(change)
+    schema = codec.catalog.get("csos.orders.VerifiedOrder")
+    assert codec.encode(schema.fullname, order) == fastavro_bytes(schema, order)
+    assert codec.decode(codec.encode(schema.fullname, order))[1]["order_id"] == "o-1"
+
+
+def test_a_missing_field_gets_fastavros_default(codec):
+    """A Hold without decision_id/decision_version: fastavro fills the defaults, so the fast writer defers to it."""
+    schema = codec.catalog.get("som.Release")
+    release = {"order_id": "o", "order_number": "n", "purchaser_dea": "d", "released_at": 0, "released_by": "m",
+               "lines": []}
+    assert codec.encode("som.Release", release) == fastavro_bytes(schema, release)
+
+
+@pytest.mark.parametrize("bad", [{"order_id": None}, {"lines": [{"line_no": "one"}]}, {"signed_at": "yesterday"}])
+def test_a_bad_record_fails_as_fastavro_fails(codec, bad):
+    order = {"order_id": "o", "order_number": "n", "purchaser_dea": "d", "purchaser_name": "p", "supplier_dea": "s",
+             "signed_at": 0, "received_at": 0, "verified_at": 0, "signer_serial": "", "signer_fingerprint": "",
+             "lines": []}
+    order.update(bad)
+    schema = codec.catalog.get("csos.orders.VerifiedOrder")
+    with pytest.raises(Exception) as theirs:
+        fastavro_bytes(schema, order)
+    with pytest.raises(type(theirs.value)):
+        codec.encode(schema.fullname, order)
