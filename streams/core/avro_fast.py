@@ -19,6 +19,7 @@ timestamp gets exactly fastavro's milliseconds.
 """
 from __future__ import annotations
 
+import json
 import struct
 from typing import Any, Callable
 
@@ -169,6 +170,7 @@ class _Compiler:
                 raise Unsupported from None
         self.done[node["name"]] = write  # before its fields: a recursive type refers to itself
         fields.extend((f["name"], self.of(f["type"])) for f in node["fields"])
+        write.fields = fields  # type: ignore[attr-defined]  # for SplicingWriter
         return write
 
     @staticmethod
@@ -243,9 +245,230 @@ class _Compiler:
         return kind if isinstance(kind, str) else self._kind(kind)
 
 
+class SplicingWriter:
+    """Writes a record whose chosen fields are given already encoded (see ``field_spans``).
+
+    A spliced field's bytes are written as they are, after the union branch
+    index when the field is a union; they are taken only when the canonical
+    form of the type they were written with is the field's type (or one of its
+    union's branches), so they read back as the same value. Otherwise the field
+    is written from the record, which always holds its value.
+    """
+
+    def __init__(self, parsed: dict[str, Any], record_writer: Writer) -> None:
+        self.fields: list[tuple[str, Writer, dict[str, bytes]]] = []
+        for field, (name, writer) in zip(parsed["fields"], record_writer.fields):  # type: ignore[attr-defined]
+            kind = field["type"]
+            branches = kind if isinstance(kind, list) else [kind]
+            prefixes = {type_key(b): (varint(i) if isinstance(kind, list) else b"") for i, b in enumerate(branches)}
+            self.fields.append((name, writer, prefixes))
+
+    def __call__(self, record: dict[str, Any], buf: bytearray, spliced: dict[str, tuple[str, bytes]]) -> None:
+        if type(record) is not dict:
+            raise Unsupported
+        for name, writer, prefixes in self.fields:
+            given = spliced.get(name)
+            prefix = prefixes.get(given[0]) if given is not None else None
+            if prefix is None:
+                writer(record[name], buf)
+            else:
+                buf += prefix
+                buf += given[1]  # type: ignore[index]
+
+
+#: The attributes that decide how a value is written and read (not docs, defaults or aliases).
+_TYPE_KEYS = ("type", "name", "fields", "items", "values", "symbols", "size", "logicalType", "precision", "scale")
+
+
+def type_key(node: Any) -> str:
+    """A schema node's identity for splicing: its Parsing Canonical Form plus its logical types (which the
+    canonical form drops, and which decide what value a reader makes of the bytes). A named type referred to
+    by name is only its name: such a field is written from the record, never spliced."""
+    def strip(n: Any) -> Any:
+        if isinstance(n, list):
+            return [strip(x) for x in n]
+        if isinstance(n, dict):
+            return {k: strip(v) for k, v in n.items() if k in _TYPE_KEYS}
+        return n
+    return json.dumps(strip(node), sort_keys=True, separators=(",", ":"))
+
+
 def compile_writer(parsed: dict[str, Any]) -> Writer | None:
     """The writer of a fastavro-parsed schema, or None when the schema has a part this module does not write."""
     try:
         return _Compiler(parsed.get("__named_schemas", {})).of(parsed)
     except Unsupported:
         return None
+
+
+# --- Reading where each field of an encoded record lies, to write those bytes again unchanged ---------------------
+#
+# Why: a hold embeds the verified order the monitor has just read, and a verdict and a release repeat its lines.
+# Their bytes are already at hand in the message read, so they are copied instead of encoded again. Only a body
+# that is exactly what the writer above (and fastavro) would write for the values it holds may be copied: every
+# varint minimal, every array and map one block then the end marker, booleans 0 or 1. The scanners below check
+# that while they skip; anything else (or a type they do not know) raises ``Unsupported`` and nothing is copied.
+# (Strings are valid UTF-8 because the caller decoded the same bytes; doubles come back bit for bit.)
+
+#: A compiled scanner: (body, position of a value) -> position after it, or raises ``Unsupported``.
+Scanner = Callable[[bytes, int], int]
+
+
+def _skip_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(the zig-zag value as written, position after it), only for a minimal varint of at most 64 bits."""
+    b = data[pos]
+    if b < 0x80:
+        return b, pos + 1
+    z, shift = b & 0x7F, 7
+    while True:
+        pos += 1
+        b = data[pos]
+        z |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+        if shift > 63:
+            raise Unsupported("varint longer than 64 bits")
+    if b == 0 or z >= 1 << 64:
+        raise Unsupported("overlong varint")
+    return z, pos + 1
+
+
+def _scan_long(data: bytes, pos: int) -> int:
+    return _skip_varint(data, pos)[1]
+
+
+def _scan_string(data: bytes, pos: int) -> int:
+    z, pos = _skip_varint(data, pos)
+    if z & 1:
+        raise Unsupported("negative length")
+    end = pos + (z >> 1)
+    if end > len(data):
+        raise Unsupported("truncated")
+    return end
+
+
+def _scan_boolean(data: bytes, pos: int) -> int:
+    if data[pos] > 1:
+        raise Unsupported("boolean byte other than 0 or 1")
+    return pos + 1
+
+
+def _fixed_size(size: int) -> Scanner:
+    def scan(data: bytes, pos: int) -> int:
+        if pos + size > len(data):
+            raise Unsupported("truncated")
+        return pos + size
+    return scan
+
+
+_PRIMITIVE_SCANNERS: dict[str, Scanner] = {
+    "string": _scan_string, "bytes": _scan_string, "long": _scan_long, "int": _scan_long,
+    "double": _fixed_size(8), "float": _fixed_size(4), "boolean": _scan_boolean, "null": lambda data, pos: pos,
+}
+#: Logical types whose values come back from the reader as they were written (a timestamp's milliseconds).
+_ROUND_TRIPS = {"timestamp-millis"}
+
+
+class _ScanCompiler:
+    """Compiles the scanner of one parsed schema (``Unsupported`` for a part it does not know)."""
+
+    def __init__(self, named: dict[str, Any]) -> None:
+        self.named = named
+        self.done: dict[str, Scanner] = {}
+
+    def of(self, node: Any) -> Scanner:
+        if isinstance(node, str):
+            if node in _PRIMITIVE_SCANNERS:
+                return _PRIMITIVE_SCANNERS[node]
+            if node in self.done:
+                return self.done[node]
+            if node not in self.named:
+                raise Unsupported(f"unknown named type {node}")
+            return self.of(self.named[node])
+        if isinstance(node, list):
+            return self._union([self.of(b) for b in node])
+        kind, logical = node["type"], node.get("logicalType")
+        if logical is not None and logical not in _ROUND_TRIPS:
+            raise Unsupported(f"logical type {logical}")
+        if kind in ("record", "error"):
+            return self.record(node)[0]
+        if kind == "array":
+            return self._blocks([self.of(node["items"])])
+        if kind == "map":
+            return self._blocks([_scan_string, self.of(node["values"])])
+        if kind == "enum":
+            return self._index(len(node["symbols"]))
+        if kind == "fixed":
+            return _fixed_size(node["size"])
+        return self.of(kind)
+
+    def record(self, node: dict[str, Any]) -> tuple[Scanner, list[Scanner]]:
+        """The record's scanner and its fields' scanners, in order."""
+        fields: list[Scanner] = []
+
+        def scan(data: bytes, pos: int) -> int:
+            for field in fields:
+                pos = field(data, pos)
+            return pos
+        self.done[node["name"]] = scan
+        fields.extend(self.of(f["type"]) for f in node["fields"])
+        return scan, fields
+
+    @staticmethod
+    def _blocks(parts: list[Scanner]) -> Scanner:
+        def scan(data: bytes, pos: int) -> int:
+            z, pos = _skip_varint(data, pos)
+            if z == 0:
+                return pos
+            if z & 1:
+                raise Unsupported("a block of negative count (with its size)")
+            for _ in range(z >> 1):
+                for part in parts:
+                    pos = part(data, pos)
+            if data[pos] != 0:
+                raise Unsupported("more than one block")
+            return pos + 1
+        return scan
+
+    @staticmethod
+    def _index(count: int) -> Scanner:
+        def scan(data: bytes, pos: int) -> int:
+            z, pos = _skip_varint(data, pos)
+            if z & 1 or z >> 1 >= count:
+                raise Unsupported("index out of range")
+            return pos
+        return scan
+
+    @staticmethod
+    def _union(branches: list[Scanner]) -> Scanner:
+        def scan(data: bytes, pos: int) -> int:
+            z, pos = _skip_varint(data, pos)
+            if z & 1 or z >> 1 >= len(branches):
+                raise Unsupported("union index out of range")
+            return branches[z >> 1](data, pos)
+        return scan
+
+
+def compile_field_scanners(parsed: dict[str, Any]) -> list[Scanner] | None:
+    """The scanners of a parsed record schema's fields, in order, or None when a part of it cannot be scanned."""
+    if not isinstance(parsed, dict) or parsed.get("type") not in ("record", "error"):
+        return None
+    try:
+        return _ScanCompiler(parsed.get("__named_schemas", {})).record(parsed)[1]
+    except Unsupported:
+        return None
+
+
+def field_spans(scanners: list[Scanner], data: bytes, start: int) -> list[int] | None:
+    """Where each field of the record encoded at ``data[start:]`` begins, and where the record ends, if the
+    body is what this module would write for its values and nothing follows it; else None."""
+    bounds = [start]
+    pos = start
+    try:
+        for scan in scanners:
+            pos = scan(data, pos)
+            bounds.append(pos)
+    except (Unsupported, IndexError):
+        return None
+    return bounds if pos == len(data) else None

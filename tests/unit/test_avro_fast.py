@@ -142,3 +142,77 @@ def test_a_bad_record_fails_as_fastavro_fails(codec, bad):
         fastavro_bytes(schema, order)
     with pytest.raises(type(theirs.value)):
         codec.encode(schema.fullname, order)
+
+
+def verified_orders(codec: AvroCodec, n: int) -> list[dict[str, Any]]:
+    """Random verified orders: optional fields null or set, unicode, no lines to seventy."""
+    schema = codec.catalog.get("csos.orders.VerifiedOrder")
+    gen = Records(random.Random(7), schema.parsed.get("__named_schemas", {}))
+    return [gen.of(schema.parsed) for _ in range(n)]
+
+
+def test_outputs_spliced_from_the_verified_order_are_fastavros_bytes(codec):
+    """A hold embedding the order read, a verdict and a release repeating its lines: copied bytes == encoded."""
+    for original in verified_orders(codec, 150):
+        data = codec.encode("csos.orders.VerifiedOrder", original)
+        _, order = codec.decode(data)
+        found = codec.encoded_fields(data, "csos.orders.VerifiedOrder")
+        assert found is not None
+        whole, fields = found
+        common = {"order_id": order["order_id"], "order_number": order["order_number"],
+                  "purchaser_dea": order["purchaser_dea"], "decision_id": "d", "decision_version": 1}
+        reason = {"detector": "size", "dimension": "size", "drug_family": "É", "value": 1.0, "baseline": 0.5,
+                  "threshold": 2, "window": "w", "fired": True, "explanation": "x", "enforced": True}
+        outputs = {
+            "som.Hold": (dict(common, held_at=order["verified_at"], reasons=[reason], summary="s", order=order),
+                         {"order": whole}),
+            "som.Release": (dict(common, supplier_dea="S", released_at=order["verified_at"], released_by="monitor",
+                                 lines=order["lines"]), {"lines": fields["lines"]}),
+            "som.Verdict": (dict(common, verdict="RELEASE", decided_at=order["verified_at"],
+                                 received_at=order["received_at"], signed_at=order["signed_at"], model_version="m",
+                                 reasons=[], lines=order["lines"], total_dosage_units=0), {"lines": fields["lines"]}),
+        }
+        for name, (record, spliced) in outputs.items():
+            schema = codec.catalog.get(name)
+            assert codec.encode(name, record, spliced=spliced) == fastavro_bytes(schema, record), name
+
+
+def _two_blocks(data: bytes) -> bytes:
+    """The same order with its lines written as two blocks (valid Avro, not what fastavro writes)."""
+    codec = AvroCodec()
+    _, order = codec.decode(data)
+    head = codec.encode("csos.orders.VerifiedOrder", dict(order, lines=[]))[:-1]  # without the end marker
+    one = codec.encode("csos.orders.VerifiedOrder", dict(order, lines=order["lines"][:1]))[len(head):-1]
+    rest = codec.encode("csos.orders.VerifiedOrder", dict(order, lines=order["lines"][1:]))[len(head):]
+    return head + one + rest
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: d[:-1] + b"\x80\x00",                             # the end marker as an overlong varint
+    _two_blocks,
+    lambda d: d + b"\x00",                                      # a trailing byte
+    lambda d: d[:2] + bytes(8) + d[10:],                        # another writer schema
+])
+def test_a_body_other_than_fastavros_is_never_spliced(codec, damage):
+    order = verified_orders(codec, 1)[0]
+    order["lines"] = order["lines"][:2] or [Records(random.Random(1), {}).of(
+        codec.catalog.get("csos.orders.OrderLine").parsed)] * 2
+    data = damage(codec.encode("csos.orders.VerifiedOrder", order))
+    assert codec.encoded_fields(data, "csos.orders.VerifiedOrder") is None
+
+
+def test_a_two_block_body_still_reads_but_is_encoded_afresh(codec):
+    order = verified_orders(codec, 1)[0]
+    order["lines"] = [Records(random.Random(1), {}).of(codec.catalog.get("csos.orders.OrderLine").parsed)] * 3
+    canonical = codec.encode("csos.orders.VerifiedOrder", order)
+    other = _two_blocks(canonical)
+    assert other != canonical and codec.decode(other)[1] == codec.decode(canonical)[1]
+    assert codec.encoded_fields(other, "csos.orders.VerifiedOrder") is None
+
+
+def test_a_splice_of_another_type_is_ignored(codec):
+    """Bytes written as another type are never copied into a field: the field is encoded from the record."""
+    release = {"order_id": "o", "order_number": "n", "purchaser_dea": "d", "supplier_dea": "s", "released_at": 0,
+               "released_by": "m", "lines": [], "decision_id": "x", "decision_version": 1}
+    wrong = {"lines": ('{"type":"array","items":"long"}', b"\x02\x04\x00")}
+    assert codec.encode("som.Release", release, spliced=wrong) == codec.encode("som.Release", release)
