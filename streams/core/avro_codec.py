@@ -170,7 +170,7 @@ class AvroCodec:
         self.catalog = catalog or SchemaCatalog()
         self._writers: dict[bytes, Writer | None] = {}
         self._splicers: dict[bytes, SplicingWriter | None] = {}
-        self._scans: dict[bytes, tuple[list[tuple[str, str]], list[Scanner]] | None] = {}
+        self._scans: dict[bytes, tuple[list[tuple[str, str]], list[Scanner], bool] | None] = {}
 
     def encode(self, fullname: str, record: dict[str, Any], *, spliced: dict[str, Encoded] | None = None) -> bytes:
         """The message of ``record`` as the current ``fullname``.
@@ -192,14 +192,20 @@ class AvroCodec:
                     pass
         return self.encode_with(schema, record)
 
-    def encoded_fields(self, data: bytes, fullname: str) -> tuple[Encoded, dict[str, Encoded]] | None:
+    def encoded_fields(self, data: bytes, fullname: str, *,
+                       last_items: int | None = None) -> tuple[Encoded, dict[str, Encoded]] | None:
         """(the whole record, each field) of a message of ``fullname``, as encodings ``encode`` can splice.
 
-        None unless the message was written with the current schema and its
-        body is exactly what this codec writes for the values it holds
-        (``streams.core.avro_fast.field_spans``): only then are its bytes
-        those a new encoding of the decoded values would have. The caller
-        must have decoded ``data`` (strings are then valid UTF-8).
+        The caller must have decoded ``data`` without error. None unless the
+        message was written with the current schema and its body is what
+        this codec writes for the values it holds: minimal varints, union
+        indexes, booleans 0 or 1, arrays and maps in one block
+        (``streams.core.avro_fast.field_spans``). Only then are its bytes
+        those a new encoding of the decoded values gives. ``last_items``: the
+        number of items the decoded record's last field holds when it is an
+        array or map (a verified order's lines); that field is then checked
+        by its blocks only, as scanning its items would cost as much as
+        encoding them.
         """
         schema = self.catalog.current.get(fullname)
         if schema is None or bytes(data[2:HEADER_LEN]) != schema.fingerprint:
@@ -207,10 +213,11 @@ class AvroCodec:
         scanners = self._scanners(schema)
         if scanners is None:
             return None
-        bounds = field_spans(scanners[1], data, HEADER_LEN)
+        names, scan, blocks_last = scanners
+        bounds = field_spans(scan, data, HEADER_LEN, blocks_last=last_items if blocks_last else None)
         if bounds is None:
             return None
-        fields = {name: (key, data[bounds[i]:bounds[i + 1]]) for i, (name, key) in enumerate(scanners[0])}
+        fields = {name: (key, data[bounds[i]:bounds[i + 1]]) for i, (name, key) in enumerate(names)}
         return (schema_key(schema), data[HEADER_LEN:]), fields
 
     def encode_with(self, schema: Schema, record: dict[str, Any]) -> bytes:
@@ -244,13 +251,17 @@ class AvroCodec:
                                                                                                          writer)
             return splicer
 
-    def _scanners(self, schema: Schema) -> tuple[list[tuple[str, str]], list[Scanner]] | None:
+    def _scanners(self, schema: Schema) -> tuple[list[tuple[str, str]], list[Scanner], bool] | None:
+        """(each field's name and type key, each field's scanner, whether the last field is an array or map)."""
         try:
             return self._scans[schema.fingerprint]
         except KeyError:
             scanners = compile_field_scanners(schema.parsed)
+            fields = schema.parsed["fields"]
+            last = fields[-1]["type"] if fields else None
             found = self._scans[schema.fingerprint] = None if scanners is None else (
-                [(f["name"], type_key(f["type"])) for f in schema.parsed["fields"]], scanners)
+                [(f["name"], type_key(f["type"])) for f in fields], scanners,
+                isinstance(last, dict) and last.get("type") in ("array", "map"))
             return found
 
     def _writer(self, schema: Schema) -> Writer | None:

@@ -272,7 +272,8 @@ class MonitorProcessor(ProcessorBase):
         """
         oid = order["order_id"]
         enc = self.codec.encode
-        found = self.codec.encoded_fields(source, VERIFIED_SCHEMA) if source is not None else None
+        found = (self.codec.encoded_fields(source, VERIFIED_SCHEMA, last_items=len(order["lines"]))
+                 if source is not None else None)
         whole, lines = (found[0], {"lines": found[1]["lines"]}) if found is not None else (None, None)
         out = [(t.VERDICTS, oid, enc("som.Verdict", verdict, spliced=lines if verdict["lines"] is order["lines"]
                                      else None))]
