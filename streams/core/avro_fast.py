@@ -44,6 +44,8 @@ def varint(n: int) -> bytes:
     z = (n << 1) ^ (n >> 63)
     if z < 0x80:
         return _SMALL[z]
+    if z < 0x4000:
+        return bytes(((z & 0x7F) | 0x80, z >> 7))
     out = bytearray()
     while z >= 0x80:
         out.append((z & 0x7F) | 0x80)
@@ -165,7 +167,7 @@ class _Compiler:
             compiled[0](v, buf)
         self.done[node["name"]] = refer  # before its fields
         fields.extend((f["name"], self.of(f["type"])) for f in node["fields"])
-        write = _record_writer(fields)
+        write = _record_writer(fields, [f["type"] for f in node["fields"]])
         compiled.append(write)
         self.done[node["name"]] = write
         return write
@@ -258,29 +260,52 @@ _BY_WRITER = {_write_string: "string", _write_long: "long", _write_int: "int", _
               _write_boolean: "boolean"}
 
 
-def _record_writer(fields: list[tuple[str, Writer]]) -> Writer:
+def _record_writer(fields: list[tuple[str, Writer]], types: list[Any]) -> Writer:
     """One function writing a record's fields in order, primitive fields inline.
 
     Why generated: on this hot path a Python call per field costs about what
-    writing the field does. The source holds no schema text (field names and
-    other writers are passed in as ``NAMES`` and ``WRITERS``), so a schema
-    cannot inject code. A missing field raises ``KeyError``: fastavro decides
-    (it writes the field's default).
+    writing the field does. Inline: a primitive (``_INLINE``), a timestamp
+    (converted by fastavro's ``LOGICAL_WRITERS``, then a long) and a union of
+    null and a primitive; any other field calls its compiled writer. The
+    source holds no schema text (field names, writers and schema nodes are
+    passed in as ``NAMES``, ``WRITERS`` and ``NODES``), so a schema cannot
+    inject code. A missing field raises ``KeyError``: fastavro decides (it
+    writes the field's default).
     """
     body = ["def write(v, buf):", "    if type(v) is not dict: raise Unsupported"]
-    for i, (_, writer) in enumerate(fields):
+    prepares: list[Any] = []
+    for i, ((_, writer), node) in enumerate(zip(fields, types)):
         body.append(f"    x = v[NAMES[{i}]]")
-        kind = _BY_WRITER.get(writer)
-        body.extend(f"    {line}" for line in _INLINE[kind]) if kind else body.append(f"    WRITERS[{i}](x, buf)")
+        body.extend(f"    {line}" for line in _inline_field(i, writer, node, prepares))
     namespace: dict[str, Any] = {
-        "NAMES": tuple(name for name, _ in fields), "WRITERS": tuple(w for _, w in fields), "Unsupported": Unsupported,
-        "SMALL": tuple(varint(i) for i in range(64)), "varint": varint, "pack_double": _pack_double, "LONG_MIN": _LONG_MIN,
-        "LONG_MAX": _LONG_MAX, "INT_MIN": _INT_MIN, "INT_MAX": _INT_MAX,
+        "NAMES": tuple(name for name, _ in fields), "WRITERS": tuple(w for _, w in fields), "NODES": tuple(types),
+        "PREPARE": tuple(prepares), "Unsupported": Unsupported, "SMALL": tuple(varint(i) for i in range(64)),
+        "varint": varint, "pack_double": _pack_double, "LONG_MIN": _LONG_MIN, "LONG_MAX": _LONG_MAX,
+        "INT_MIN": _INT_MIN, "INT_MAX": _INT_MAX,
     }
     exec(compile("\n".join(body), "<avro_fast record writer>", "exec"), namespace)  # noqa: S102 - see above
     write: Writer = namespace["write"]
     write.fields = fields  # type: ignore[attr-defined]  # for SplicingWriter
     return write
+
+
+def _inline_field(i: int, writer: Writer, node: Any, prepares: list[Any]) -> list[str]:
+    """The statements that write field ``i`` (its value is ``x``): inline when it is simple, else a call."""
+    kind = _BY_WRITER.get(writer)
+    if kind is not None:
+        return list(_INLINE[kind])
+    if isinstance(node, dict) and node.get("type") in ("long", "int") and node.get("logicalType"):
+        prepare = LOGICAL_WRITERS.get(f"{node['type']}-{node['logicalType']}")
+        if prepare is not None:
+            prepares.append(prepare)
+            return [f"x = PREPARE[{len(prepares) - 1}](x, NODES[{i}])", *_INLINE[node["type"]]]
+    if isinstance(node, list) and len(node) == 2 and "null" in node:
+        other = node[1 - node.index("null")]
+        if isinstance(other, str) and other in _INLINE:
+            null_index, other_index = varint(node.index("null")), varint(node.index(other))
+            return [f"if x is None: buf += {null_index!r}", "else:", f"    buf += {other_index!r}",
+                    *(f"    {line}" for line in _INLINE[other])]
+    return [f"WRITERS[{i}](x, buf)"]
 
 
 class SplicingWriter:

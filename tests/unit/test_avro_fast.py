@@ -77,6 +77,11 @@ def test_varint_is_avro_zigzag():
     assert [varint(n) for n in (0, -1, 1, -2, 63, -64, 64)] == [b"\x00", b"\x01", b"\x02", b"\x03", b"\x7e",
                                                                  b"\x7f", b"\x80\x01"]
     assert varint(2 ** 63 - 1) == b"\xfe" + b"\xff" * 8 + b"\x01"
+    edges = [s * (2 ** k + d) for k in range(0, 64, 7) for d in (-1, 0, 1) for s in (1, -1)]
+    for n in [n for n in edges if -2 ** 63 <= n < 2 ** 63] + list(range(-300, 300)):
+        fo = io.BytesIO()
+        fastavro.schemaless_writer(fo, "long", n)
+        assert varint(n) == fo.getvalue(), n
 
 
 def test_every_current_schema_encodes_as_fastavro_does(codec):
