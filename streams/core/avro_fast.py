@@ -3,8 +3,9 @@
 Why: fastavro's writer dispatches on the schema for every value it writes
 (about 1.5 us a field here), so a verdict with twenty findings cost ~275 us
 and an audit event ~17 us, several times the work itself. This module turns
-a parsed schema, once, into a tree of small functions, one per schema node,
-that write plain Python values straight into a ``bytearray``.
+a parsed schema, once, into writers that put plain Python values straight
+into a ``bytearray``: one generated function per record type, its primitive
+fields inline (``_record_writer``), and a small function per other node.
 
 It is deliberately narrow: a writer handles only values whose Python type is
 exactly the one the schema node expects (``str`` for a string, ``int`` for a
