@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+from streams.core.avro_fast import (Scanner, SplicingWriter, Writer, compile_field_scanners, compile_writer, field_spans,
+                                    type_key)
 from streams.core.errors import CsosError
 
 MAGIC = b"\xc3\x01"
@@ -40,6 +42,21 @@ _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "st
 class DecodeError(CsosError, ValueError):
     """A message is not a readable Avro single-object record."""
     code = "AVRO_DECODE"
+
+
+#: A value already encoded: (``streams.core.avro_fast.type_key`` of the type it was written as, its bytes).
+Encoded = tuple[str, bytes]
+
+
+def schema_key(schema: "Schema") -> str:
+    """The ``type_key`` of a whole schema (a record spliced into a field of another record)."""
+    key = _SCHEMA_KEYS.get(schema.fingerprint)
+    if key is None:
+        key = _SCHEMA_KEYS[schema.fingerprint] = type_key(schema.parsed)
+    return key
+
+
+_SCHEMA_KEYS: dict[bytes, str] = {}
 
 
 @dataclass(frozen=True)
@@ -151,22 +168,109 @@ class AvroCodec:
 
     def __init__(self, catalog: SchemaCatalog | None = None) -> None:
         self.catalog = catalog or SchemaCatalog()
+        self._writers: dict[bytes, Writer | None] = {}
+        self._splicers: dict[bytes, SplicingWriter | None] = {}
+        self._scans: dict[bytes, tuple[list[tuple[str, str]], list[Scanner], bool] | None] = {}
 
-    def encode(self, fullname: str, record: dict[str, Any]) -> bytes:
+    def encode(self, fullname: str, record: dict[str, Any], *, spliced: dict[str, Encoded] | None = None) -> bytes:
+        """The message of ``record`` as the current ``fullname``.
+
+        ``spliced``: fields whose encoding the caller already has (``encoded_fields`` of the message the
+        value was read from; the record still holds every value). They are copied instead of encoded again
+        when their type is the field's, which gives the same bytes; otherwise the field is encoded.
+        """
         schema = self.catalog.get(fullname)
-        buf = io.BytesIO()
-        buf.write(MAGIC)
-        buf.write(schema.fingerprint)
-        fastavro.schemaless_writer(buf, schema.parsed, record)
-        return buf.getvalue()
+        if spliced:
+            splicer = self._splicer(schema)
+            if splicer is not None:
+                buf = bytearray(MAGIC)
+                buf += schema.fingerprint
+                try:
+                    splicer(record, buf, spliced)
+                    return bytes(buf)
+                except Exception:  # noqa: BLE001 - a value the fast writer does not take: fastavro decides
+                    pass
+        return self.encode_with(schema, record)
+
+    def encoded_fields(self, data: bytes, fullname: str, *,
+                       last_items: int | None = None) -> tuple[Encoded, dict[str, Encoded]] | None:
+        """(the whole record, each field) of a message of ``fullname``, as encodings ``encode`` can splice.
+
+        The caller must have decoded ``data`` without error. None unless the
+        message was written with the current schema and its body is what
+        this codec writes for the values it holds: minimal varints, union
+        indexes, booleans 0 or 1, arrays and maps in one block
+        (``streams.core.avro_fast.field_spans``). Only then are its bytes
+        those a new encoding of the decoded values gives. ``last_items``: the
+        number of items the decoded record's last field holds when it is an
+        array or map (a verified order's lines); that field is then checked
+        by its blocks only, as scanning its items would cost as much as
+        encoding them.
+        """
+        schema = self.catalog.current.get(fullname)
+        if schema is None or bytes(data[2:HEADER_LEN]) != schema.fingerprint:
+            return None
+        scanners = self._scanners(schema)
+        if scanners is None:
+            return None
+        names, scan, blocks_last = scanners
+        bounds = field_spans(scan, data, HEADER_LEN, blocks_last=last_items if blocks_last else None)
+        if bounds is None:
+            return None
+        fields = {name: (key, data[bounds[i]:bounds[i + 1]]) for i, (name, key) in enumerate(names)}
+        return (schema_key(schema), data[HEADER_LEN:]), fields
 
     def encode_with(self, schema: Schema, record: dict[str, Any]) -> bytes:
-        """Encode with an explicit (e.g. historical) writer schema."""
-        buf = io.BytesIO()
-        buf.write(MAGIC)
-        buf.write(schema.fingerprint)
-        fastavro.schemaless_writer(buf, schema.parsed, record)
-        return buf.getvalue()
+        """Encode with an explicit (e.g. historical) writer schema.
+
+        The schema's compiled writer (``streams.core.avro_fast``) writes the
+        record when it takes every value as it is; otherwise fastavro does,
+        so the bytes (and any error) are always fastavro's.
+        """
+        writer = self._writer(schema)
+        if writer is not None:
+            buf = bytearray(MAGIC)
+            buf += schema.fingerprint
+            try:
+                writer(record, buf)
+                return bytes(buf)
+            except Exception:  # noqa: BLE001 - a value the fast writer does not take: fastavro decides
+                pass
+        fo = io.BytesIO()
+        fo.write(MAGIC)
+        fo.write(schema.fingerprint)
+        fastavro.schemaless_writer(fo, schema.parsed, record)
+        return fo.getvalue()
+
+    def _splicer(self, schema: Schema) -> SplicingWriter | None:
+        try:
+            return self._splicers[schema.fingerprint]
+        except KeyError:
+            writer = self._writer(schema)
+            splicer = self._splicers[schema.fingerprint] = None if writer is None else SplicingWriter(schema.parsed,
+                                                                                                         writer)
+            return splicer
+
+    def _scanners(self, schema: Schema) -> tuple[list[tuple[str, str]], list[Scanner], bool] | None:
+        """(each field's name and type key, each field's scanner, whether the last field is an array or map)."""
+        try:
+            return self._scans[schema.fingerprint]
+        except KeyError:
+            scanners = compile_field_scanners(schema.parsed)
+            fields = schema.parsed["fields"]
+            last = fields[-1]["type"] if fields else None
+            found = self._scans[schema.fingerprint] = None if scanners is None else (
+                [(f["name"], type_key(f["type"])) for f in fields], scanners,
+                isinstance(last, dict) and last.get("type") in ("array", "map"))
+            return found
+
+    def _writer(self, schema: Schema) -> Writer | None:
+        """The compiled writer of ``schema`` (made at its first use; None if it has a part fastavro must write)."""
+        try:
+            return self._writers[schema.fingerprint]
+        except KeyError:
+            writer = self._writers[schema.fingerprint] = compile_writer(schema.parsed)
+            return writer
 
     def writer_of(self, data: bytes) -> Schema:
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < HEADER_LEN:

@@ -318,10 +318,10 @@ def test_monitor_dead_letters_an_order_whose_hold_cannot_be_written(monkeypatch:
     doomed = orders[1]["order_id"]
     real_outputs = proc._outputs
 
-    def outputs(order: dict[str, Any], verdict: dict[str, Any]) -> Any:
+    def outputs(order: dict[str, Any], verdict: dict[str, Any], **kw: Any) -> Any:
         if order["order_id"] == doomed:
             raise ValueError("cannot encode")
-        return real_outputs(order, verdict)
+        return real_outputs(order, verdict, **kw)
 
     monkeypatch.setattr(proc, "_outputs", outputs)
     proc.begin_batch()

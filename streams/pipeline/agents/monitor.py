@@ -29,6 +29,7 @@ from streams.pipeline.table_state import CachedTable
 log = logging.getLogger(__name__)
 STAGE = "monitor"
 STATE_SCHEMA = "som.state.RegistrantState"
+VERIFIED_SCHEMA = "csos.orders.VerifiedOrder"
 
 
 class MonitorProcessor(ProcessorBase):
@@ -74,7 +75,7 @@ class MonitorProcessor(ProcessorBase):
         if message.topic == t.CLEARED:
             self.learn_cleared(message)
             return
-        decoded = decode(self.codec, message, "csos.orders.VerifiedOrder")
+        decoded = decode(self.codec, message, VERIFIED_SCHEMA)
         if not decoded.ok:
             self.dead_letter(message, decoded.error or "")
             return
@@ -117,7 +118,8 @@ class MonitorProcessor(ProcessorBase):
         try:
             base = self.state.get(dea)
             verdict = self.monitor.score(base, order)
-            outputs = self._outputs(order, verdict)  # encoded before learning: a failure here learns nothing
+            # encoded before learning: a failure here learns nothing
+            outputs = self._outputs(order, verdict, source=message.value)
             if verdict["verdict"] == "RELEASE":
                 self._learn(dea, base, order)
                 learned = True
@@ -128,7 +130,7 @@ class MonitorProcessor(ProcessorBase):
             log.exception("monitor failed on order %s", order.get("order_id"))
             try:
                 verdict = self._error_verdict(order, exc)
-                outputs = self._outputs(order, verdict)
+                outputs = self._outputs(order, verdict, source=message.value)
             except Exception as again:  # noqa: BLE001 - not even a hold can carry it: keep the message whole
                 log.exception("no error verdict could be written for order %s", order.get("order_id"))
                 self.dead_letter(message, f"monitor_error: {exc.__class__.__name__}: {exc}; no verdict could be "
@@ -258,11 +260,23 @@ class MonitorProcessor(ProcessorBase):
             "total_dosage_units": sum(ln["dosage_units"] for ln in order["lines"]),
         }
 
-    def _outputs(self, order: dict[str, Any], verdict: dict[str, Any]) -> list[tuple[str, str, bytes]]:
-        """Every message the verdict sends, encoded (topic, key, bytes): encoding fails before anything is sent."""
+    def _outputs(self, order: dict[str, Any], verdict: dict[str, Any], *,
+                 source: bytes | None = None) -> list[tuple[str, str, bytes]]:
+        """Every message the verdict sends, encoded (topic, key, bytes): encoding fails before anything is sent.
+
+        ``source``: the verified order's message ``order`` was read from. The
+        hold embeds that order and every output repeats its lines, so their
+        bytes are copied from it rather than encoded again (the same bytes:
+        ``AvroCodec.encoded_fields`` gives them only when they are what an
+        encoding would write).
+        """
         oid = order["order_id"]
         enc = self.codec.encode
-        out = [(t.VERDICTS, oid, enc("som.Verdict", verdict))]
+        found = (self.codec.encoded_fields(source, VERIFIED_SCHEMA, last_items=len(order["lines"]))
+                 if source is not None else None)
+        whole, lines = (found[0], {"lines": found[1]["lines"]}) if found is not None else (None, None)
+        out = [(t.VERDICTS, oid, enc("som.Verdict", verdict, spliced=lines if verdict["lines"] is order["lines"]
+                                     else None))]
         # The findings that decided (a fired static rule that is only recorded does not hold the order).
         fired = [r for r in verdict["reasons"] if r["fired"] and r.get("enforced", True)]
         if verdict["verdict"] == "HOLD":
@@ -271,14 +285,14 @@ class MonitorProcessor(ProcessorBase):
                 "held_at": verdict["decided_at"], "reasons": fired,
                 "summary": " ".join(r["explanation"] for r in fired), "order": order,
                 "decision_id": decision_id(oid, 1), "decision_version": 1,
-            })))
+            }, spliced={"order": whole} if whole is not None else None)))
         else:
             out.append((t.RELEASE, oid, enc("som.Release", {
                 "order_id": oid, "order_number": order["order_number"], "purchaser_dea": order["purchaser_dea"],
                 "supplier_dea": order["supplier_dea"], "released_at": verdict["decided_at"],
                 "released_by": "monitor", "lines": order["lines"],
                 "decision_id": decision_id(oid, 1), "decision_version": 1,
-            })))
+            }, spliced=lines)))
         return out
 
     def _publish(self, order: dict[str, Any], verdict: dict[str, Any], outputs: list[tuple[str, str, bytes]]) -> None:
