@@ -65,12 +65,23 @@ class Case:
         return self.status != HELD
 
     def to_state(self) -> dict[str, Any]:
-        """The ``som.state.Case`` record."""
-        return dataclasses.asdict(self) | {"hold": dict(self.hold)}
+        """The ``som.state.Case`` record: the fields as they are, shared, not copied.
+
+        Written once per changed case per batch. ``dataclasses.asdict`` deep-copied
+        the hold (the whole order, its findings) and the recorded output bytes first,
+        ~6 ms a case in the worker's profile, only for the encoder to read them once.
+        The record is read, never changed, by whoever takes it; a case is frozen.
+        """
+        state = {f.name: getattr(self, f.name) for f in _FIELDS}
+        state["hold"] = dict(self.hold)
+        return state
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "Case":
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+
+
+_FIELDS = dataclasses.fields(Case)
 
 
 def open_case(hold: Mapping[str, Any], due_days: float = DEFAULT_DUE_DAYS) -> Case:

@@ -99,10 +99,15 @@ def worker(loglevel: str, worker_id: str | None) -> None:
     from faust import Worker
 
     from streams.pipeline.app import create_app
+    from streams.pipeline.event_loop import use_event_loop
 
     s = settings()
     if worker_id:
         s = s.with_(worker_id=worker_id)
+    try:
+        use_event_loop(s.event_loop)  # before Faust's worker creates its loop
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         app = create_app(s)
     except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind

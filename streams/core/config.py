@@ -112,6 +112,8 @@ class Settings:
     slow_batch_seconds: float = 0.5
     # -- issue 14 (latency tail): freeze the worker's start-up heap so full GC collections skip it
     gc_freeze: bool = True
+    # -- issue 14 (framework cost): the worker's asyncio event loop, "uvloop" (libuv) or "asyncio" (the stdlib's)
+    event_loop: str = "uvloop"
 
     @property
     def supplier_deas(self) -> frozenset[str]:
@@ -198,6 +200,8 @@ class Settings:
             slow_batch_seconds=float(_env("CSOS_SLOW_BATCH_SECONDS", str(cls.slow_batch_seconds))),
             # -- issue 14 (latency tail)
             gc_freeze=_env("CSOS_GC_FREEZE", "1").lower() not in ("0", "false", "no"),
+            # -- issue 14 (framework cost)
+            event_loop=_env("CSOS_EVENT_LOOP", cls.event_loop).strip().lower(),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -446,6 +446,8 @@ def create_app(settings: Settings) -> faust.App:
         counts = {name: getattr(p, "counts", None) for name, p in parts.items() if hasattr(p, "counts")}
         return web.json({"status": "ok", "counts": counts,
                          "consumer": {"lost_record_repairs": getattr(app.consumer, "repairs", 0)},
+                         # "uvloop" or "asyncio" (CSOS_EVENT_LOOP), the loop this worker really runs on
+                         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
                          "verification": {"supplier_dea": sorted(suppliers),
                                           "receipt_skew_seconds": settings.receipt_skew_seconds}})
 

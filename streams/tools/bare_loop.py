@@ -46,6 +46,7 @@ from streams.pipeline.agents.cases import CaseProcessor
 from streams.pipeline.agents.monitor import MonitorProcessor
 from streams.pipeline.agents.verify import VerifyProcessor
 from streams.pipeline.app import require_supplier_dea
+from streams.pipeline.event_loop import use_event_loop
 from streams.pipeline.outcomes import OutcomeBook
 from streams.pipeline.processor import InputMessage, Processor
 
@@ -220,6 +221,7 @@ class BareLoop:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     settings = Settings.from_env()
+    use_event_loop(settings.event_loop)  # the worker's loop, so that the comparison is of the framework alone
     status = settings.data_dir / STATUS_FILE
     status.unlink(missing_ok=True)
     loop = BareLoop(settings)

@@ -124,6 +124,7 @@ def test_no_worker_or_sink_dies_and_no_agent_crashes(hostile: HostileRun) -> Non
     crashes = agent_crashes(worker)
     assert not crashes, f"a Faust agent crashed on hostile input: {crashes[:3]}\n{worker.tail(80)}"
     assert (worker.health() or {}).get("counts"), "the worker no longer answers /health"
+    assert (worker.health() or {}).get("event_loop") == "uvloop", "the worker is not on its default event loop"
     assert (sink.health() or {}).get("status") == "ok", "the sink no longer answers /health"
 
 

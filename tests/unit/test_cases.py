@@ -129,6 +129,18 @@ def test_case_state_roundtrips_through_its_avro_schema() -> None:
     assert back == closed
 
 
+def test_case_state_record_is_the_cases_fields_with_outcome_and_hold_as_they_are() -> None:
+    """The record the case table writes: every field, the recorded outputs' bytes unchanged (no copy, no loss)."""
+    import dataclasses
+
+    hold = a_hold()
+    case = dataclasses.replace(open_case(hold), outcome={"decision": "HELD", "outputs": [b"\xc3\x01raw"]})
+    state = case.to_state()
+    assert state == dataclasses.asdict(case) | {"hold": dict(hold)}
+    assert state["outcome"]["outputs"] == [b"\xc3\x01raw"]
+    assert type(case).from_state(state) == case
+
+
 # --------------------------------------------------------------------------- the suspicious order report
 def test_report_has_deas_fields_for_every_line() -> None:
     hold = a_hold(units=12000)
