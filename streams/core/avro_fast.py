@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 from fastavro.write import LOGICAL_WRITERS
 
+from streams.core.errors import CsosError
+
 #: A compiled writer: appends the encoding of ``value`` to ``buf`` or raises ``Unsupported``.
 Writer = Callable[[Any, bytearray], None]
 
@@ -36,8 +38,12 @@ _pack_double = struct.Struct("<d").pack
 _pack_float = struct.Struct("<f").pack
 
 
-class Unsupported(Exception):
-    """A value (or schema) this writer does not take: encode the record with fastavro instead."""
+class Unsupported(CsosError):
+    """A value (or schema) this writer does not take: encode the record with fastavro instead.
+
+    Never reaches a user: the codec catches it and lets fastavro decide (its bytes or its error).
+    """
+    code = "AVRO_FAST_UNSUPPORTED"
 
 
 def varint(n: int) -> bytes:
