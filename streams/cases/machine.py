@@ -78,7 +78,7 @@ class Case:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "Case":
-        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+        return cls(**{f.name: state[f.name] for f in _FIELDS if f.name in state})
 
 
 _FIELDS = dataclasses.fields(Case)

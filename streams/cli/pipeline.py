@@ -105,10 +105,7 @@ def worker(loglevel: str, worker_id: str | None) -> None:
     if worker_id:
         s = s.with_(worker_id=worker_id)
     try:
-        use_event_loop(s.event_loop)  # before Faust's worker creates its loop
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
+        use_event_loop(s.event_loop)  # before Faust's worker creates its loop; an unknown loop stops the start
         app = create_app(s)
     except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind
         raise click.ClickException(str(exc)) from None

@@ -288,6 +288,10 @@ class _RevVerdict:
     hi: datetime
     fail: "_Fail | None"
 
+    def holds(self, generation: int, received_at: datetime) -> bool:
+        """Whether the verdict still stands: the same CRL-set generation and a receipt time inside its span."""
+        return self.generation == generation and self.lo <= received_at <= self.hi
+
 
 
 class _Fail(Exception):
@@ -759,7 +763,7 @@ class Verifier:
         """
         key = (leaf_fp, chain.paths.index(path))
         v = self._revocation.get(key)
-        if v is None or v.generation != self._generation or not v.lo <= received_at <= v.hi:
+        if v is None or not v.holds(self._generation, received_at):
             lo, hi = self._stable_span(received_at)
             fail = self._revocation_verdict(path, received_at, (lo, hi))
             v = _RevVerdict(self._generation, lo, hi, fail)
@@ -794,7 +798,7 @@ class Verifier:
         only for CAs on validated paths and are evicted oldest first beyond _PATH_CACHE_MAX.
         """
         v = self._ca_revocation.get(key)
-        if v is None or v.generation != self._generation or not v.lo <= received_at <= v.hi:
+        if v is None or not v.holds(self._generation, received_at):
             return False
         self._ca_revocation.move_to_end(key)
         return True
