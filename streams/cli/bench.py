@@ -47,7 +47,9 @@ def chaos(orders: int, kills: int, seed: int, out_dir: str | None) -> None:
               help="Then run the same feed through a plain confluent-kafka loop with the same processors and state "
                    "order (streams.tools.bare_loop) and print the worker's lines per CPU-second as a ratio of it.")
 @click.option("--workers", default=1, show_default=True,
-              help="Worker processes in the group; their CPU-seconds are summed (scale-out per CPU-second).")
+              help="Worker processes in the group. Above 1, the same feed first runs through one worker (fresh "
+                   "broker each time) and the scale-out is printed as ratios: summed CPU per line, and capacity "
+                   "(lines over the busiest worker's CPU-seconds: each worker on a core of its own).")
 def bench(registrants: int, days: int, seed: int, rate: float | None, compare_bare: bool, workers: int) -> None:
     """Measure end-to-end throughput and latency of one worker on the local broker.
 
@@ -58,12 +60,22 @@ def bench(registrants: int, days: int, seed: int, rate: float | None, compare_ba
     With --rate the feed is paced, so the latency is that of an unsaturated pipeline.
     With --compare-bare the framework's cost is measured against a loop without Faust, on the same feed.
     """
-    from streams.tools.bench import run_bench
+    from streams.tools.bench import run_bench, scale_out_summary
 
     s = settings()
     s = s.with_(data_dir=s.data_dir / "bench", pki_dir=s.data_dir / "bench" / "pki")
-    click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate,
-                         compare_bare=compare_bare, workers=workers).render())
+    if workers <= 1:
+        click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate,
+                             compare_bare=compare_bare, workers=1).render())
+        return
+    click.echo("one worker first, for the scale-out ratio ...")
+    one = run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate, workers=1)
+    click.echo(one.render())
+    click.echo(f"then {workers} workers in one group ...")
+    many = run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate, compare_bare=compare_bare,
+                     workers=workers)
+    click.echo(many.render())
+    click.echo(scale_out_summary(one, many))
 
 
 @click.group()

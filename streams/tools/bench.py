@@ -55,6 +55,8 @@ class BenchResult:
     bare: "BareResult | None" = None
     workers: int = 1
     hops: dict[str, list[float]] | None = None  # streams.tools.bench_hops: where each order's latency went
+    #: Each worker process's CPU-seconds (one entry per worker), for the scale-out capacity.
+    worker_cpu_each: list[float] | None = None
 
     def pct(self, p: float) -> float:
         xs = sorted(self.latencies_ms)
@@ -63,6 +65,22 @@ class BenchResult:
     @property
     def lines_per_worker_cpu(self) -> float:
         return self.lines / self.worker_cpu_seconds
+
+    @property
+    def capacity(self) -> float:
+        """Order lines per second the workers would do if each had a core of its own: lines / the busiest's CPU.
+
+        The scale-out figure. On a machine whose two cores also run the
+        broker, the sink and the producer, wall time cannot show what a
+        second worker adds, and the summed CPU (``lines_per_worker_cpu``)
+        only shows what a second worker costs. A group of workers that each
+        had their own core would be done when the busiest one is, so its rate
+        is the lines over that worker's CPU-seconds: an uneven split of the
+        partitions counts against it, and for one worker it is
+        ``lines_per_worker_cpu``.
+        """
+        each = self.worker_cpu_each or [self.worker_cpu_seconds]
+        return self.lines / max(each)
 
     def render(self) -> str:
         wall = self.end_to_end_seconds
@@ -77,6 +95,9 @@ class BenchResult:
             *([f"per hop (released or held orders):\n{render_hops(self.hops)}"] if self.hops else []),
             f"worker CPU (all workers): {self.worker_cpu_seconds:.1f}s = {self.lines_per_worker_cpu:,.0f} order lines "
             f"per worker CPU-second ({self.worker_cpu_seconds / wall:.0%} of a core busy)",
+            *([f"each worker's CPU: {', '.join(f'{c:.1f}s' for c in self.worker_cpu_each)}; scale-out capacity (each "
+               f"worker on a core of its own, lines / the busiest worker's CPU-seconds): {self.capacity:,.0f} order "
+               f"lines per second"] if self.worker_cpu_each and len(self.worker_cpu_each) > 1 else []),
             f"sink CPU: {self.sink_cpu_seconds:.1f}s = {self.lines / self.sink_cpu_seconds:,.0f} order lines "
             f"per sink CPU-second",
             "where the cores went (CPU-seconds, share of the run's wall time): "
@@ -106,6 +127,15 @@ class BareResult:
     @property
     def lines_per_cpu(self) -> float:
         return self.lines / self.cpu_seconds
+
+
+def scale_out_summary(one: BenchResult, many: BenchResult) -> str:
+    """The scale-out of one run: N workers against one on the same feed, as the ratios the issue asks for."""
+    return (f"scale-out, {many.workers} workers against one: capacity {many.capacity:,.0f} against "
+            f"{one.capacity:,.0f} order lines per second = {many.capacity / one.capacity:.2f}x (each worker on a core "
+            f"of its own: lines / the busiest worker's CPU-seconds); summed worker CPU per line "
+            f"{many.lines_per_worker_cpu:,.0f} against {one.lines_per_worker_cpu:,.0f} lines per CPU-second = "
+            f"{many.lines_per_worker_cpu / one.lines_per_worker_cpu:.2f} (what the extra worker costs)")
 
 
 def _count_decided(settings: Settings) -> int:
@@ -226,7 +256,8 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
                 **{f"worker-{i + 2}": w.proc.pid for i, w in enumerate(extra_workers)}}
         t_pub, elapsed, used = _timed_stream(warm, timed, Publisher(broker.bootstrap), rate,
                                              lambda: _count_decided(settings), pids, timeout)
-        used["worker"] = sum(cpu for name, cpu in used.items() if name.startswith("worker"))
+        each = [cpu for name, cpu in used.items() if name.startswith("worker")]
+        used["worker"] = sum(each)
         echo(f"worker counts: {pipeline.worker.health()}")
         # Latency: Kafka timestamp of the received message -> decision time.
         codec = default_codec()
@@ -241,7 +272,8 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
                                       "UNION ALL SELECT order_id, toUnixTimestamp64Milli(rejected_at) FROM rejections")[1]
         lat = [int(ms) - received_ts[oid] * 1000.0 for oid, ms in decided if oid in received_ts and oid in timed_ids]
         result = BenchResult(total, lines, t_pub, elapsed, lat, used["worker"], used["sink"], used["broker"],
-                             used["bench"], workers=workers, hops=read_hops(broker.bootstrap, timed_ids))
+                             used["bench"], workers=workers, hops=read_hops(broker.bootstrap, timed_ids),
+                             worker_cpu_each=each)
         if compare_bare:
             pipeline.stop()
             broker.stop()
