@@ -277,8 +277,13 @@ def create_app(settings: Settings) -> faust.App:
         use_partitioner=True,  # keyed by order id like som.hold and som.decisions (murmur2)
     )
     parts: dict[str, Any] = {}
-    durable = {VERIFY_STAGE: DurableTable(verify_table), MONITOR_STAGE: DurableTable(state_table),
-               CASE_STAGE: DurableTable(case_table)}
+    def changelog_producer() -> Publisher:
+        # One per table: its flush then vouches for its own records only (see DurableTable).
+        return Publisher(settings.kafka_bootstrap)
+
+    durable = {VERIFY_STAGE: DurableTable(verify_table, changelog_producer),
+               MONITOR_STAGE: DurableTable(state_table, changelog_producer),
+               CASE_STAGE: DurableTable(case_table, changelog_producer)}
     locks = {stage: asyncio.Lock() for stage in durable}  # an agent's batch or a timer step, never both at once
 
     def owns_case(order_id: str) -> bool:

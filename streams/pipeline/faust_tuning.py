@@ -257,6 +257,22 @@ class GaplessInputs(faust_driver.Consumer):  # type: ignore[misc]
             self._forget(tp)
         await super().on_partitions_revoked(revoked)
 
+    async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:
+        """Faust's fetch, asking the client for the partitions active *now* (a copy), never for every partition.
+
+        Why: Faust hands the client thread its live set of active partitions,
+        and the client waits up to ``timeout`` for records. A rebalance empties
+        that set meanwhile (every partition is paused once recovery has read
+        the changelogs, until the inputs are resumed), and aiokafka's
+        ``fetched_records`` takes an empty set for "every partition": it
+        returned the paused input partitions' records and moved past them, and
+        Faust's loop threw them away as inactive, before this class saw them.
+        """
+        snapshot = None if active_partitions is None else set(active_partitions)
+        if snapshot is not None and not snapshot:
+            return {}
+        return await super()._getmany(active_partitions=snapshot, timeout=timeout)
+
     async def perform_seek(self) -> None:
         self._delivered.clear()
         self._fetched.clear()
@@ -265,9 +281,38 @@ class GaplessInputs(faust_driver.Consumer):  # type: ignore[misc]
         self._expected.clear()
         self._jumps.clear()
         await super().perform_seek()
+        await self._rewind_uncommitted()
         for tp, committed in list(self._committed_offset.items()):
             if committed is not None and self._gapless(tp):
                 self._expected[tp] = committed
+
+    async def _rewind_uncommitted(self) -> None:
+        """Put every input partition that has no committed offset back at its first record.
+
+        Why (the two-worker stall of issue 14): Faust's seek "to the committed
+        offsets" after a rebalance is what brings back the records it fetched
+        and threw away during the rebalance (queues cleared, inactive
+        partitions dropped). aiokafka's ``seek_to_committed`` skips a
+        partition with no committed offset (or 0), so such a partition stays
+        wherever the client had read to: past the dropped records, which no
+        agent ever sees, and which this class cannot repair either (it never
+        saw them). A group's partitions have no commit until their first
+        batch is acknowledged, so a second worker joining early (the benchmark
+        with ``--workers 2``) lost every order verified before it joined, and
+        the first worker's monitor agent never took an event again. Reading
+        such a partition again from its start repeats at most records already
+        decided; each is answered from its outcome record
+        (``streams.pipeline.outcomes``), never judged twice.
+        """
+        topics = self.app.topics
+        uncommitted = [tp for tp in self.assignment()
+                       if self._gapless(tp) and topics.acks_enabled_for(tp.topic) and not self._committed_offset.get(tp)]
+        if not uncommitted:
+            return
+        await self._thread.seek_to_beginning(*(faust_driver.ensure_aiokafka_TP(tp) for tp in uncommitted))
+        for tp in uncommitted:
+            self._read_offset[tp] = None  # Faust's fetch loop drops offsets below its read offset
+            self._expected.pop(tp, None)  # the log's first offset: taken from the first record fetched
 
     def _forget(self, tp: TP) -> None:
         self._expected.pop(tp, None)

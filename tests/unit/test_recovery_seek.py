@@ -164,3 +164,64 @@ def test_records_gone_from_the_log_are_skipped_after_repeated_fetches(monkeypatc
     for offset in (100, 101):
         consumer.ack(_message(offset))
     assert consumer._new_offset(ORDERS) == 102  # noqa: SLF001 - commits go on from what the log still has
+
+
+class _Client:
+    """The consumer's Kafka client thread, as a rebalance leaves it: positioned past records Faust threw away.
+
+    ``buffered`` holds records fetched for each partition; ``fetch`` behaves
+    as aiokafka's ``fetched_records``, which takes an empty set of partitions
+    for "every partition". ``seek_to_committed`` is aiokafka's: it seeks only
+    partitions with a committed offset above 0.
+    """
+
+    def __init__(self, committed: dict[TP, int | None]) -> None:
+        self.committed = committed
+        self.buffered: dict[TP, list[int]] = {}
+        self.drained: list[TP] = []
+        self.rewound: list[tuple[str, int]] = []
+        self.during_fetch: Any = lambda: None
+
+    async def seek_to_committed(self) -> dict[TP, int | None]:
+        return dict(self.committed)
+
+    async def seek_to_beginning(self, *partitions: Any) -> None:
+        self.rewound += [(tp.topic, tp.partition) for tp in partitions]
+
+    async def getmany(self, active_partitions: set[TP] | None, timeout: float) -> dict[TP, list[int]]:
+        self.during_fetch()  # the client waits for records; the worker's loop runs meanwhile
+        out = {tp: offsets for tp, offsets in self.buffered.items() if not active_partitions or tp in active_partitions}
+        self.drained += list(out)
+        return out
+
+
+def test_an_input_partition_with_nothing_committed_is_read_again_from_its_start_after_a_seek() -> None:
+    # Stock Faust leaves it where the client had read to: records fetched and thrown away during a rebalance (two
+    # workers, before any commit) were never read again, and the monitor agent waited for them forever.
+    async def run() -> None:
+        consumer, _, changelog = _consumer(None)
+        committed = TP("csos.orders.received", 1)
+        consumer.assignment = lambda: {ORDERS, committed, TP(changelog, 0)}
+        consumer._thread = _Client({ORDERS: None, committed: 12, TP(changelog, 0): None})  # noqa: SLF001
+        await consumer.perform_seek()
+        assert consumer._thread.rewound == [(ORDERS.topic, ORDERS.partition)]  # noqa: SLF001
+        assert consumer._read_offset[ORDERS] is None  # noqa: SLF001 - the fetch loop takes offset 0 again
+        assert consumer._expected == {committed: 12}  # noqa: SLF001
+
+    asyncio.run(run())
+
+
+def test_a_fetch_asks_the_client_for_the_partitions_active_when_it_began() -> None:
+    # Stock Faust passes its live set: emptied by the rebalance while the client waited, it meant "every partition",
+    # and the paused input partition's records were returned, moved past and thrown away as inactive.
+    async def run() -> None:
+        consumer, _, changelog = _consumer(None)
+        restoring = TP(changelog, 0)
+        consumer._thread = client = _Client({})  # noqa: SLF001
+        client.buffered = {restoring: [0, 1], ORDERS: [0, 1, 2]}
+        live = {restoring}
+        client.during_fetch = live.clear  # recovery read the changelog: it pauses it, inputs not resumed yet
+        records = await consumer._getmany(active_partitions=live, timeout=1.0)  # noqa: SLF001
+        assert client.drained == [restoring] and list(records) == [restoring]
+
+    asyncio.run(run())
