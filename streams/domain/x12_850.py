@@ -305,17 +305,31 @@ def _line(i: int, loop: list[Seg]) -> OrderLine:
         ndc = normalize_ndc(ndcs[0])
     except ValueError as exc:
         raise DocumentError(f"{where}.ndc", str(exc)) from None
-    name = _pid(loop, NAME_CHARACTERISTIC, i, "product_name", "product name")
-    strength = _pid(loop, STRENGTH_CHARACTERISTIC, i, "strength", "strength")
-    po4s = [e for tag, e in loop if tag == "PO4"]
+    pids, po4s = _pids_and_po4s(loop)
+    name = _pid(pids.get(NAME_CHARACTERISTIC, []), NAME_CHARACTERISTIC, i, "product_name", "product name")
+    strength = _pid(pids.get(STRENGTH_CHARACTERISTIC, []), STRENGTH_CHARACTERISTIC, i, "strength", "strength")
     if len(po4s) != 1:
         raise DocumentError(f"{where}.package_quantity", "exactly one PO4 (PO401 = units in a single package) is required")
     package_quantity = _bounded(_el(po4s[0], 1), i, "package_quantity", "PO401 units per package", MAX_QUANTITY)
     return OrderLine(line_no, ndc, name, strength, package_quantity, packages)
 
 
-def _pid(loop: list[Seg], code: str, i: int, field: str, what: str) -> str:
-    values = [_el(e, 5) for tag, e in loop if tag == "PID" and _el(e, 1) == "F" and _el(e, 2) == code]
+def _pids_and_po4s(loop: list[Seg]) -> tuple[dict[str, list[str]], list[list[str]]]:
+    """One pass over a PO1 loop: PID05 of each free-form PID (PID01 ``F``) by its PID02 code, in order,
+    and the PO4 segments."""
+    pids: dict[str, list[str]] = {}
+    po4s: list[list[str]] = []
+    for tag, e in loop:
+        if tag == "PID":
+            if len(e) >= 2 and e[0] == "F":
+                pids.setdefault(e[1], []).append(_el(e, 5))
+        elif tag == "PO4":
+            po4s.append(e)
+    return pids, po4s
+
+
+def _pid(values: list[str], code: str, i: int, field: str, what: str) -> str:
+    """The one PID05 text given for ``code`` (``values``: every one given)."""
     if len(values) == 1 and len(values[0]) <= MAX_TEXT and values[0].strip():
         return values[0]
     element = f"lines[{i}].{field}"
