@@ -140,6 +140,8 @@ def _party(p: Party) -> dict[str, str]:
 
 def _str(obj: dict[str, Any], key: str, where: str | None = None) -> str:
     value = obj.get(key)
+    if isinstance(value, str) and len(value) <= MAX_TEXT and value.strip():
+        return value  # the usual case, without spelling out the element's name for an error
     name = f"{where}.{key}" if where else key
     if not isinstance(value, str) or not value.strip():
         raise DocumentError(name, "missing")
@@ -148,6 +150,8 @@ def _str(obj: dict[str, Any], key: str, where: str | None = None) -> str:
 
 def _int(obj: dict[str, Any], key: str, where: str, high: int) -> int:
     value = obj.get(key)
+    if type(value) is int and 0 < value <= high:  # not a bool (a subclass of int): checked below
+        return value  # the usual case, without spelling out the element's name for an error
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise DocumentError(f"{where}.{key}", f"must be a positive whole number, got {value!r}")
     return check_range(value, f"{where}.{key}", key.replace("_", " "), high)

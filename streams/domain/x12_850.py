@@ -66,8 +66,8 @@ import x12
 
 from streams.domain.identifiers import is_valid_dea_number, is_valid_order_number, normalize_ndc
 from streams.domain.model import Order, OrderLine, Party
-from streams.domain.order_document import (MAX_LINE_NO, MAX_LINES, MAX_QUANTITY, DocumentError, check_line_numbers, check_range,
-                             check_text)
+from streams.domain.order_document import (MAX_LINE_NO, MAX_LINES, MAX_QUANTITY, MAX_TEXT, DocumentError, check_line_numbers,
+                             check_range, check_text)
 
 FORMAT = "x12-850"
 
@@ -142,12 +142,24 @@ def _envelope(data: bytes) -> list[Seg]:
         raise DocumentError("envelope", f"GS01 is {groups[0].functional_identifier_code!r}, expected PO (purchase order)")
     if sets[0].transaction_set_code != b"850":
         raise DocumentError("envelope", f"ST01 is {sets[0].transaction_set_code!r}, expected 850 (purchase order)")
-    body = []
-    for seg in sets[0].segments:
-        if b"\r" in seg.raw or b"\n" in seg.raw:
-            raise DocumentError("document", f"segment {seg.tag} contains a line break inside its data")
-        body.append((seg.tag, [e.decode("ascii") for e in seg.elements]))
-    return body
+    segments = sets[0].segments
+    if not data.isascii():  # a separator byte above 0x7f: segment by segment, failing where it is used
+        body = []
+        for seg in segments:
+            _no_line_break(seg)
+            body.append((seg.tag, [e.decode("ascii") for e in seg.elements]))
+        return body
+    # All ASCII: no element can fail to decode, and ASCII reads the same as UTF-8 (the faster default).
+    raws = b"".join([seg.raw for seg in segments])
+    if b"\r" in raws or b"\n" in raws:
+        for seg in segments:
+            _no_line_break(seg)
+    return [(seg.tag, list(map(bytes.decode, seg.elements))) for seg in segments]
+
+
+def _no_line_break(seg: x12.X12Segment) -> None:
+    if b"\r" in seg.raw or b"\n" in seg.raw:
+        raise DocumentError("document", f"segment {seg.tag} contains a line break inside its data")
 
 
 def _el(elements: list[str], n: int) -> str:
@@ -267,13 +279,20 @@ def _positive(raw: str, element: str, what: str) -> int:
     return int(raw)
 
 
+def _bounded(raw: str, i: int, field: str, what: str, high: int) -> int:
+    """``raw`` as a whole number in 1..``high`` (``_positive`` then ``check_range``); the element's name
+    is only spelled out for the error (most of an order's cost was building names for errors never raised)."""
+    if _WHOLE.match(raw) and 0 < int(raw) <= high:
+        return int(raw)
+    element = f"lines[{i}].{field}"
+    return check_range(_positive(raw, element, what), element, what, high)
+
+
 def _line(i: int, loop: list[Seg]) -> OrderLine:
     where = f"lines[{i}]"
     po1 = loop[0][1]
-    line_no = check_range(_positive(_el(po1, 1), f"{where}.line_no", "PO101 line number"),
-                          f"{where}.line_no", "PO101 line number", MAX_LINE_NO)
-    packages = check_range(_positive(_el(po1, 2), f"{where}.packages", "PO102 quantity ordered"),
-                           f"{where}.packages", "PO102 quantity ordered", MAX_QUANTITY)
+    line_no = _bounded(_el(po1, 1), i, "line_no", "PO101 line number", MAX_LINE_NO)
+    packages = _bounded(_el(po1, 2), i, "packages", "PO102 quantity ordered", MAX_QUANTITY)
     if _el(po1, 3) not in PACKAGE_UNITS:
         raise DocumentError(f"{where}.packages", f"PO103 unit {_el(po1, 3)!r}: order whole NDC packages "
                                                  f"({', '.join(PACKAGE_UNITS)})")
@@ -286,18 +305,34 @@ def _line(i: int, loop: list[Seg]) -> OrderLine:
         ndc = normalize_ndc(ndcs[0])
     except ValueError as exc:
         raise DocumentError(f"{where}.ndc", str(exc)) from None
-    name = _pid(loop, NAME_CHARACTERISTIC, f"{where}.product_name", "product name")
-    strength = _pid(loop, STRENGTH_CHARACTERISTIC, f"{where}.strength", "strength")
-    po4s = [e for tag, e in loop if tag == "PO4"]
+    pids, po4s = _pids_and_po4s(loop)
+    name = _pid(pids.get(NAME_CHARACTERISTIC, []), NAME_CHARACTERISTIC, i, "product_name", "product name")
+    strength = _pid(pids.get(STRENGTH_CHARACTERISTIC, []), STRENGTH_CHARACTERISTIC, i, "strength", "strength")
     if len(po4s) != 1:
         raise DocumentError(f"{where}.package_quantity", "exactly one PO4 (PO401 = units in a single package) is required")
-    package_quantity = check_range(_positive(_el(po4s[0], 1), f"{where}.package_quantity", "PO401 units per package"),
-                                   f"{where}.package_quantity", "PO401 units per package", MAX_QUANTITY)
+    package_quantity = _bounded(_el(po4s[0], 1), i, "package_quantity", "PO401 units per package", MAX_QUANTITY)
     return OrderLine(line_no, ndc, name, strength, package_quantity, packages)
 
 
-def _pid(loop: list[Seg], code: str, element: str, what: str) -> str:
-    values = [_el(e, 5) for tag, e in loop if tag == "PID" and _el(e, 1) == "F" and _el(e, 2) == code]
+def _pids_and_po4s(loop: list[Seg]) -> tuple[dict[str, list[str]], list[list[str]]]:
+    """One pass over a PO1 loop: PID05 of each free-form PID (PID01 ``F``) by its PID02 code, in order,
+    and the PO4 segments."""
+    pids: dict[str, list[str]] = {}
+    po4s: list[list[str]] = []
+    for tag, e in loop:
+        if tag == "PID":
+            if len(e) >= 2 and e[0] == "F":
+                pids.setdefault(e[1], []).append(_el(e, 5))
+        elif tag == "PO4":
+            po4s.append(e)
+    return pids, po4s
+
+
+def _pid(values: list[str], code: str, i: int, field: str, what: str) -> str:
+    """The one PID05 text given for ``code`` (``values``: every one given)."""
+    if len(values) == 1 and len(values[0]) <= MAX_TEXT and values[0].strip():
+        return values[0]
+    element = f"lines[{i}].{field}"
     if len(values) != 1 or not values[0].strip():
         problem = "is missing" if not values else "must appear exactly once, non-empty"
         raise DocumentError(element, f"the {what} PID*F*{code}***<text> {problem}")

@@ -94,6 +94,7 @@ from streams.domain.documents import parse_document
 from streams.domain.order_document import FORMAT as CANONICAL_FORMAT, DocumentError
 from streams.domain.products import ProductMaster
 from streams.core.errors import CsosError
+from streams.verification import name_cache
 
 # ---------------------------------------------------------------------------- reason codes
 MALFORMED_SIGNATURE = "MALFORMED_SIGNATURE"
@@ -157,6 +158,8 @@ MAX_ORDER_AGE = timedelta(days=60)
 # pyhanko-certvalidator logs a refused CRL issuer path as a WARNING with a traceback; the same
 # reason is in the verifier's finding, and ``verify-offline`` must print no traceback.
 logging.getLogger("pyhanko_certvalidator.revinfo.validate_crl").setLevel(logging.ERROR)
+# RFC 5280 name matching, computed once per distinct name (see streams.verification.name_cache).
+name_cache.install()
 
 _PATH_CACHE_MAX = 100_000
 _NEG_CACHE_MAX = 10_000

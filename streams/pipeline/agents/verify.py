@@ -85,6 +85,59 @@ def _ms(dt: datetime) -> int:
     return int(dt.timestamp() * 1000)
 
 
+class EarliestExpiry:
+    """A lower bound of the earliest ``expires_at`` among a purchaser state's accepted numbers and order ids.
+
+    Kept beside the state, never in it, one entry per purchaser: an entry is tied to the very
+    ``accepted`` and ``order_ids`` maps it was computed from (held, and compared by identity), so a
+    state parsed again from the table, or maps replaced by anyone, are scanned afresh. A bound only
+    ever moves down when a number is recorded (never above the true earliest), so
+    ``earliest(...) > now`` proves that nothing has expired. At most ``max_entries`` purchasers are
+    followed (emptied when full: their maps are then scanned again).
+    """
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self.max_entries = max_entries
+        self._bounds: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {}
+
+    def earliest(self, dea: str, state: dict[str, Any]) -> int:
+        """The bound for ``state`` (scanning its maps when they are not the ones followed)."""
+        accepted, order_ids = state["accepted"], state["order_ids"]
+        known = self._bounds.get(dea)
+        if known is not None and known[0] is accepted and known[1] is order_ids:
+            return known[2]
+        bound = min(min(accepted.values(), default=_NEVER),
+                    min((k["expires_at"] for k in order_ids.values()), default=_NEVER))
+        if len(self._bounds) >= self.max_entries:
+            self._bounds.clear()
+        self._bounds[dea] = (accepted, order_ids, bound)
+        return bound
+
+    def lower(self, dea: str, state: dict[str, Any], expires: int) -> None:
+        """A number expiring at ``expires`` was just recorded in ``state``."""
+        known = self._bounds.get(dea)
+        if known is not None and known[0] is state["accepted"] and known[1] is state["order_ids"] \
+                and expires < known[2]:
+            self._bounds[dea] = (known[0], known[1], expires)
+
+    def forget(self, dea: str) -> None:
+        """Stop following the purchaser's maps (they were replaced)."""
+        self._bounds.pop(dea, None)
+
+
+_NEVER = 1 << 62  # later than any expiry, in ms
+
+
+def _check_records(outcome: Outcome, *more: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The verifier's checks as a rejection lists them, then ``more`` (None: not made).
+
+    Built only for a rejection: an accepted order never shows them, and building a dozen records per
+    order for nothing was a measurable share of the verify stage."""
+    records = [{"check": c.check, "passed": c.passed, "detail": c.detail} for c in outcome.checks]
+    records += [m for m in more if m is not None]
+    return records
+
+
 def order_digest(rec: dict[str, Any]) -> str:
     """SHA-256 (hex) of what the purchaser sent: document (length-framed, absent != empty) and signature."""
     doc = rec["document"]
@@ -125,6 +178,7 @@ class VerifyProcessor(ProcessorBase):
         self._parked_blind = False  # parked behind unknown end offsets: wait for a barrier that succeeds
         self._recheck_owed = False
         self.codec = codec or default_codec()
+        self._expiries = EarliestExpiry()
         self.counts = {"verified": 0, "rejected": 0, "dead_lettered": 0, "parked": 0, "rerouted": 0,
                        "receipt_corrected": 0, "redelivered": 0, "reference_behind": 0}
         self.state: CachedTable[dict[str, Any]] = CachedTable(
@@ -308,7 +362,8 @@ class VerifyProcessor(ProcessorBase):
         rec: dict[str, Any] = decoded.record  # type: ignore[assignment]
         routing_key = (message.key or b"").decode("utf-8", errors="replace")
         position = message.position
-        digest = bytes.fromhex(order_digest(rec))
+        digest_hex = order_digest(rec)  # one SHA-256 of the order per message, handed to the checks below
+        digest = bytes.fromhex(digest_hex)
         try:
             if self._repeated(rec, routing_key, digest, position):
                 return
@@ -320,7 +375,7 @@ class VerifyProcessor(ProcessorBase):
                 rec, raw = self._judge_receipt(rec, message.value, message.appended_at)
                 if self._order_id_reused(rec, routing_key, message):
                     return  # not recorded: the order id stays the accepted order's
-                self._verify(rec, routing_key, raw, parked=False)
+                self._verify(rec, routing_key, raw, parked=False, digest=digest_hex)
             except Exception as exc:  # noqa: BLE001 - hostile input must not kill the agent
                 log.exception("verification failed on order %s", rec["order_id"])
                 # No state is rolled back: what earlier orders recorded stands, and so does this order's
@@ -409,8 +464,11 @@ class VerifyProcessor(ProcessorBase):
                            purchaser_dea=routing_key, detail={"order_number": known["order_number"], "reason": reason})
         return True
 
-    def _verify(self, rec: dict[str, Any], routing_key: str, raw: bytes, *, parked: bool) -> bool:
-        """Judge one order. Returns False only when it stays (or becomes) parked."""
+    def _verify(self, rec: dict[str, Any], routing_key: str, raw: bytes, *, parked: bool,
+                digest: str | None = None) -> bool:
+        """Judge one order. Returns False only when it stays (or becomes) parked.
+
+        ``digest``: ``order_digest(rec)`` when the caller has it already (computed here otherwise)."""
         outcome = self.verifier.verify(rec["document"], rec["signature"], rec["received_at"], rec["format"])
         order = outcome.order
         if not parked and not self._fresh:
@@ -423,9 +481,9 @@ class VerifyProcessor(ProcessorBase):
             self._reject_outcome(rec, outcome)
             return True
         dea = order.purchaser.dea_number
-        checks = [{"check": c.check, "passed": c.passed, "detail": c.detail} for c in outcome.checks]
         supplier = order.supplier.dea_number
         if self.suppliers is not None and supplier not in self.suppliers:
+            checks = _check_records(outcome)
             checks.append({"check": "supplier", "passed": False,
                            "detail": f"addressed to {supplier}, not to {', '.join(sorted(self.suppliers))}"})
             self._reject(rec, WRONG_SUPPLIER,
@@ -441,28 +499,31 @@ class VerifyProcessor(ProcessorBase):
                                detail={"received_key": routing_key, "signed_for": dea})
             self.counts["rerouted"] += 1
             return True
+        registration = None
         if self.directory is not None:
             finding = self.directory.check(dea, rec["received_at"])
             if finding.code == REGISTRANT_UNKNOWN:
                 return self._park(rec, routing_key, raw, finding.code,
                                   f"The purchaser {dea} is not in the supplier's registrant directory.", outcome,
                                   parked=parked)
-            checks.append({"check": "registration", "passed": finding.code is None, "detail": finding.detail})
+            registration = {"check": "registration", "passed": finding.code is None, "detail": finding.detail}
             if finding.code is not None:
+                checks = _check_records(outcome, registration)
                 self._reject(rec, finding.code,
                              f"{finding.detail[0].upper()}{finding.detail[1:]}: DEA registration must be active "
                              "to order controlled substances; renew or correct the registration, then send a new "
                              "order.", checks, order.order_number, dea, outcome.signer_subject)
                 return True
-        return self._use_order_number(rec, outcome, dea, checks)
+        return self._use_order_number(rec, outcome, dea, registration, digest or order_digest(rec))
 
     def _use_order_number(self, rec: dict[str, Any], outcome: Outcome, dea: str,
-                          checks: list[dict[str, Any]]) -> bool:
-        """Accept a valid order if its number is unused (or it is a redelivery of the order that used it)."""
+                          registration: dict[str, Any] | None, digest: str) -> bool:
+        """Accept a valid order if its number is unused (or it is a redelivery of the order that used it).
+
+        ``registration``: the registration check's record, listed in a rejection's checks."""
         state = self.state.get(dea)
         now_ms = _ms(utcnow())
         number = outcome.order.order_number
-        digest = order_digest(rec)
         known = state["order_ids"].get(rec["order_id"])
         if known is not None and known["digest"] == digest and known["order_number"] == number \
                 and known["expires_at"] > now_ms:
@@ -470,6 +531,7 @@ class VerifyProcessor(ProcessorBase):
             self._accept(rec, outcome, redelivered=True)  # the same order again: its outputs again
             return True
         if state["accepted"].get(number, 0) > now_ms:
+            checks = _check_records(outcome, registration)
             checks.append({"check": "order_number_unused", "passed": False,
                            "detail": f"order number {number} was already accepted from {dea}"})
             self._reject(rec, DUPLICATE_ORDER_NUMBER,
@@ -477,15 +539,28 @@ class VerifyProcessor(ProcessorBase):
                          "send a new order with a new order number.", checks, number, dea, outcome.signer_subject)
             return True
         expires = _ms(outcome.order.signed_at + REMEMBER)
-        state["accepted"] = {n: exp for n, exp in state["accepted"].items() if exp > now_ms}
-        state["order_ids"] = {o: k for o, k in state["order_ids"].items() if k["expires_at"] > now_ms}
+        self._forget_expired(dea, state, now_ms)
         # Recorded before the outputs are written, and never rolled back: if writing them fails the order
         # is rejected, and a second copy finds its number used (or, the same bytes, repeats this attempt).
         state["accepted"][number] = expires
         state["order_ids"][rec["order_id"]] = {"digest": digest, "order_number": number, "expires_at": expires}
+        self._expiries.lower(dea, state, expires)
         self.state.mark_dirty(dea)
         self._accept(rec, outcome)
         return True
+
+    def _forget_expired(self, dea: str, state: dict[str, Any], now_ms: int) -> None:
+        """Drop the purchaser's expired order numbers and order ids, keeping the others in their order.
+
+        Why the check first: rebuilding both maps on every accepted order cost tens of microseconds
+        per order, and nothing has expired in nearly every call. When nothing has, the rebuilt maps
+        would equal the present ones (same entries, same order: the state's bytes are the same).
+        """
+        if self._expiries.earliest(dea, state) > now_ms:
+            return
+        state["accepted"] = {n: exp for n, exp in state["accepted"].items() if exp > now_ms}
+        state["order_ids"] = {o: k for o, k in state["order_ids"].items() if k["expires_at"] > now_ms}
+        self._expiries.forget(dea)
 
     def _park(self, rec: dict[str, Any], routing_key: str, raw: bytes, code: str, reason: str,
               outcome: Outcome, *, parked: bool) -> bool:
@@ -551,7 +626,7 @@ class VerifyProcessor(ProcessorBase):
     def _reject_outcome(self, rec: dict[str, Any], outcome: Outcome) -> None:
         order = outcome.order
         self._reject(rec, outcome.reason_code or "INVALID", outcome.reason or "invalid order",
-                     [{"check": c.check, "passed": c.passed, "detail": c.detail} for c in outcome.checks],
+                     _check_records(outcome),
                      order.order_number if order else None,
                      order.purchaser.dea_number if order else None,
                      outcome.signer_subject)
