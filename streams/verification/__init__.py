@@ -85,7 +85,7 @@ from pyhanko_certvalidator.util import ConsList
 from pyhanko_certvalidator.validate import async_validate_path
 
 from streams.domain.cert_profile import CertProfileError, ExtensionOids, read_registration
-from streams.domain.cms import ParsedSignature, SignatureError, check_algorithms, parse_signed_data, verify_signature
+from streams.domain.cms import SignatureError, check_algorithms, parse_signed_data, verify_signature
 from streams.domain.crl import load_crl
 from streams.domain.identifiers import is_valid_dea_number
 from streams.core.file_safety import ensure_private_to_owner
