@@ -75,6 +75,8 @@ _PRIMITIVES = frozenset(("null", "boolean", "int", "long", "float", "double", "b
 # lookups. The two tables hold 32,768 small bytes objects (~1 MB), made once per process.
 _ZIG = tuple(bytes((z,)) if z < 0x80 else bytes(((z & 0x7F) | 0x80, z >> 7)) for z in range(1 << 14))
 _MID = tuple(bytes(((z & 0x7F) | 0x80, (z >> 7) | 0x80)) for z in range(1 << 14))
+#: ``_SIGNED[x]``: the varint of an int -8192 <= x < 8192 (negative ones by Python's index from the end).
+_SIGNED = tuple(_ZIG[2 * x] for x in range(8192)) + tuple(_ZIG[-2 * x - 1] for x in range(-8192, 0))
 
 
 def _zig_varint(z: int) -> bytes:
@@ -259,6 +261,13 @@ class _WriterGen:
             # All at once: struct packs a list of floats (and ints) as fastavro packs each.
             add(i + 1, f"if not FLOAT_OR_INT.issuperset(map(type, {v})): raise Unsupported")
             add(i + 1, f"buf += pack('<%dd' % len({v}), *{v})")
+        elif self._kind(items) in ("int", "long") and not (isinstance(items, dict) and items.get("logicalType")):
+            # Small ints (days, counts, units) all at once from the signed table; else item by item.
+            add(i + 1, f"if n > 16 and INT_ONLY.issuperset(map(type, {v})) and -8192 <= min({v}) and max({v}) < 8192:")
+            add(i + 2, f"buf += join(map(SIGNED_AT, {v}))")
+            add(i + 1, "else:")
+            add(i + 2, f"for v{d + 1} in {v}:")
+            self.value(items, d + 1, i + 3)
         else:
             add(i + 1, f"for v{d + 1} in {v}:")
             self.value(items, d + 1, i + 2)
@@ -317,7 +326,8 @@ class _WriterGen:
 _WRITER_GLOBALS: dict[str, Any] = {
     "Unsupported": Unsupported, "ZIG": _ZIG, "MID": _MID, "zig_varint": _zig_varint, "zig_long": _zig_long,
     "zig_int": _zig_int, "pack_double": _pack_double, "pack_float": _pack_float, "pack": struct.pack,
-    "FLOAT_OR_INT": frozenset((float, int)),
+    "FLOAT_OR_INT": frozenset((float, int)), "INT_ONLY": frozenset((int,)), "SIGNED_AT": _SIGNED.__getitem__,
+    "join": b"".join,
 }
 
 
