@@ -185,11 +185,10 @@ class AvroCodec:
         if spliced:
             splicer = self._splicer(schema)
             if splicer is not None:
-                buf = bytearray(MAGIC)
-                buf += schema.fingerprint
+                parts = [MAGIC, schema.fingerprint]
                 try:
-                    splicer(record, buf, spliced)
-                    return bytes(buf)
+                    splicer(record, parts, spliced)
+                    return b"".join(parts)
                 except Exception:  # noqa: BLE001 - a value the fast writer does not take: fastavro decides
                     pass
         return self.encode_with(schema, record)
@@ -231,11 +230,10 @@ class AvroCodec:
         """
         writer = self._writer(schema)
         if writer is not None:
-            buf = bytearray(MAGIC)
-            buf += schema.fingerprint
+            parts = [MAGIC, schema.fingerprint]
             try:
-                writer(record, buf)
-                return bytes(buf)
+                writer(record, parts)
+                return b"".join(parts)
             except Exception:  # noqa: BLE001 - a value the fast writer does not take: fastavro decides
                 pass
         fo = io.BytesIO()

@@ -28,8 +28,9 @@ from fastavro.write import LOGICAL_WRITERS
 
 from streams.core.errors import CsosError
 
-#: A compiled writer: appends the encoding of ``value`` to ``buf`` or raises ``Unsupported``.
-Writer = Callable[[Any, bytearray], None]
+#: A compiled writer: appends the encoding of ``value`` to the list ``buf``, in pieces (the caller joins them), or
+#: raises ``Unsupported``. (Appending to a list costs about half of ``bytearray +=``, once per value.)
+Writer = Callable[[Any, list[bytes]], None]
 
 _SMALL = [bytes((n,)) for n in range(128)]  # one-byte varints
 _pack_double = struct.Struct("<d").pack
@@ -152,6 +153,7 @@ class _WriterGen:
     def function(self, name: str, node: Any) -> None:
         """``def name(v0, buf)``: writes the value ``v0`` of schema ``node`` into ``buf``."""
         self.src.add(0, f"def {name}(v0, buf):")
+        self.src.add(1, "ap = buf.append")
         self.value(node, 0, 1)
 
     def finish(self) -> None:
@@ -159,6 +161,7 @@ class _WriterGen:
         while self.pending:
             fname, node = self.pending.pop()
             self.src.add(0, f"def {fname}(v0, buf):")
+            self.src.add(1, "ap = buf.append")
             self.inlining.append(node["name"])
             self._record(node, 0, 1)
             self.inlining.pop()
@@ -220,37 +223,37 @@ class _WriterGen:
             add(i, f"if type({v}) is not str: raise Unsupported")
             add(i, f"b = {v}.encode()")
             self._length("b", i)
-            add(i, "buf += b")
+            add(i, "ap(b)")
         elif kind == "bytes":
             add(i, f"if type({v}) is not bytes: raise Unsupported")
             self._length(v, i)
-            add(i, f"buf += {v}")
+            add(i, f"ap({v})")
         elif kind in ("long", "int"):
             add(i, f"if type({v}) is not int: raise Unsupported")
             add(i, f"z = ({v} << 1) ^ ({v} >> 63)")
-            add(i, "if z < 16384: buf += ZIG[z]")
-            add(i, "elif z < 268435456: buf += MID[z & 16383]; buf += ZIG[z >> 14]")
+            add(i, "if z < 16384: ap(ZIG[z])")
+            add(i, "elif z < 268435456: ap(MID[z & 16383]); ap(ZIG[z >> 14])")
             if kind == "long":
-                add(i, "elif z < 4398046511104: buf += MID[z & 16383]; buf += MID[z >> 14 & 16383]; buf += ZIG[z >> 28]")
-                add(i, "else: buf += zig_long(z)")
+                add(i, "elif z < 4398046511104: ap(MID[z & 16383]); ap(MID[z >> 14 & 16383]); ap(ZIG[z >> 28])")
+                add(i, "else: ap(zig_long(z))")
             else:
-                add(i, "else: buf += zig_int(z)")
+                add(i, "else: ap(zig_int(z))")
         elif kind == "double":
             add(i, f"if type({v}) is not float and type({v}) is not int: raise Unsupported")
-            add(i, f"buf += pack_double({v})")
+            add(i, f"ap(pack_double({v}))")
         elif kind == "float":
             add(i, f"if type({v}) is not float: raise Unsupported")
-            add(i, f"buf += pack_float({v})")
+            add(i, f"ap(pack_float({v}))")
         elif kind == "boolean":
-            add(i, f"if {v} is True: buf += b'\\x01'")
-            add(i, f"elif {v} is False: buf += b'\\x00'")
+            add(i, f"if {v} is True: ap(b'\\x01')")
+            add(i, f"elif {v} is False: ap(b'\\x00')")
             add(i, "else: raise Unsupported")
         else:  # null
             add(i, f"if {v} is not None: raise Unsupported")
 
     def _length(self, of: str, i: int) -> None:
         self.src.add(i, f"n = len({of}) << 1")
-        self.src.add(i, "buf += ZIG[n] if n < 16384 else zig_varint(n)")
+        self.src.add(i, "ap(ZIG[n] if n < 16384 else zig_varint(n))")
 
     def _array(self, items: Any, d: int, i: int) -> None:
         add, v = self.src.add, f"v{d}"
@@ -260,18 +263,18 @@ class _WriterGen:
         if self._kind(items) == "double" and not (isinstance(items, dict) and items.get("logicalType")):
             # All at once: struct packs a list of floats (and ints) as fastavro packs each.
             add(i + 1, f"if not FLOAT_OR_INT.issuperset(map(type, {v})): raise Unsupported")
-            add(i + 1, f"buf += pack('<%dd' % len({v}), *{v})")
+            add(i + 1, f"ap(pack('<%dd' % len({v}), *{v}))")
         elif self._kind(items) in ("int", "long") and not (isinstance(items, dict) and items.get("logicalType")):
             # Small ints (days, counts, units) all at once from the signed table; else item by item.
             add(i + 1, f"if n > 16 and INT_ONLY.issuperset(map(type, {v})) and -8192 <= min({v}) and max({v}) < 8192:")
-            add(i + 2, f"buf += join(map(SIGNED_AT, {v}))")
+            add(i + 2, f"buf.extend(map(SIGNED_AT, {v}))")
             add(i + 1, "else:")
             add(i + 2, f"for v{d + 1} in {v}:")
             self.value(items, d + 1, i + 3)
         else:
             add(i + 1, f"for v{d + 1} in {v}:")
             self.value(items, d + 1, i + 2)
-        add(i, "buf += b'\\x00'")
+        add(i, "ap(b'\\x00')")
 
     def _map(self, values: Any, d: int, i: int) -> None:
         add, v = self.src.add, f"v{d}"
@@ -282,21 +285,21 @@ class _WriterGen:
         add(i + 2, "if type(k) is not str: raise Unsupported")
         add(i + 2, "b = k.encode()")
         self._length("b", i + 2)
-        add(i + 2, "buf += b")
+        add(i + 2, "ap(b)")
         self.value(values, d + 1, i + 2)
-        add(i, "buf += b'\\x00'")
+        add(i, "ap(b'\\x00')")
 
     def _enum(self, node: dict[str, Any], d: int, i: int) -> None:
         index = self.src.constant({s: varint(n) for n, s in enumerate(node["symbols"])})
         self.src.add(i, f"if type(v{d}) is not str or v{d} not in {index}: raise Unsupported")
-        self.src.add(i, f"buf += {index}[v{d}]")
+        self.src.add(i, f"ap({index}[v{d}])")
 
     def _fixed(self, node: dict[str, Any], d: int, i: int) -> None:
         size = node["size"]
         if type(size) is not int:
             raise Unsupported(f"fixed size {size!r}")
         self.src.add(i, f"if type(v{d}) is not bytes or len(v{d}) != {size}: raise Unsupported")
-        self.src.add(i, f"buf += v{d}")
+        self.src.add(i, f"ap(v{d})")
 
     def _union(self, branches: list[Any], d: int, i: int) -> None:
         """A union whose branch each value's exact type names (else the schema is not compiled at all)."""
@@ -309,7 +312,7 @@ class _WriterGen:
             seen.add(py)
             test = f"v{d} is None" if py is type(None) else f"type(v{d}) is {py.__name__}"
             self.src.add(i, f"{'if' if first else 'elif'} {test}:")
-            self.src.add(i + 1, f"buf += {varint(n)!r}")
+            self.src.add(i + 1, f"ap({varint(n)!r})")
             self.value(branch, d, i + 1)
             first = False
         self.src.add(i, "else: raise Unsupported")
@@ -368,7 +371,7 @@ class SplicingWriter:
             prefixes = {type_key(b): (varint(i) if isinstance(kind, list) else b"") for i, b in enumerate(branches)}
             self.fields.append((name, writer, prefixes))
 
-    def __call__(self, record: dict[str, Any], buf: bytearray, spliced: dict[str, tuple[str, bytes]]) -> None:
+    def __call__(self, record: dict[str, Any], buf: list[bytes], spliced: dict[str, tuple[str, bytes]]) -> None:
         if type(record) is not dict:
             raise Unsupported
         for name, writer, prefixes in self.fields:
@@ -377,8 +380,8 @@ class SplicingWriter:
             if prefix is None:
                 writer(record[name], buf)
             else:
-                buf += prefix
-                buf += given[1]  # type: ignore[index]
+                buf.append(prefix)
+                buf.append(given[1])  # type: ignore[index]
 
 
 #: The attributes that decide how a value is written and read (not docs, defaults or aliases).
