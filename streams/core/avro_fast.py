@@ -3,9 +3,14 @@
 Why: fastavro's writer dispatches on the schema for every value it writes
 (about 1.5 us a field here), so a verdict with twenty findings cost ~275 us
 and an audit event ~17 us, several times the work itself. This module turns
-a parsed schema, once, into writers that put plain Python values straight
-into a ``bytearray``: one generated function per record type, its primitive
-fields inline (``_record_writer``), and a small function per other node.
+a parsed schema, once, into the Python source of one function
+(``_WriterGen``) that appends the encoding of plain Python values to a list
+of pieces, joined once by the caller: every record, array, map and union
+inline (only a record type that contains itself is a function of its own),
+varints from tables, arrays of doubles and of small ints in one call. The
+source holds no schema text: field names are checked to be identifiers and
+everything else (enum indexes, logical-type converters) is passed in as a
+constant.
 
 It is deliberately narrow: a writer handles only values whose Python type is
 exactly the one the schema node expects (``str`` for a string, ``int`` for a
@@ -105,7 +110,7 @@ def _zig_int(z: int) -> bytes:
     return _zig_varint(z)
 
 
-def _identifier(name: Any) -> str:
+def checked_identifier(name: Any) -> str:
     """A field name, checked to be a plain identifier before it is written into generated source (as a literal)."""
     if type(name) is not str or not name.isidentifier() or not name.isascii():
         raise Unsupported(f"field name {name!r} is not an identifier")
@@ -214,7 +219,7 @@ class _WriterGen:
         add = self.src.add
         add(i, f"if type(v{d}) is not dict: raise Unsupported")
         for field in node["fields"]:
-            add(i, f"v{d + 1} = v{d}[{_identifier(field['name'])!r}]")
+            add(i, f"v{d + 1} = v{d}[{checked_identifier(field['name'])!r}]")
             self.value(field["type"], d + 1, i)
 
     def _primitive(self, kind: str, d: int, i: int) -> None:
@@ -342,7 +347,7 @@ def _generate_writer(parsed: Any) -> Writer:
     names: list[str] = []
     if record:
         for n, field in enumerate(parsed["fields"]):
-            names.append(_identifier(field["name"]))
+            names.append(checked_identifier(field["name"]))
             gen.function(f"F{n}", field["type"])
     gen.finish()
     namespace = dict(_WRITER_GLOBALS, **gen.src.constants)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from fastavro.read import LOGICAL_READERS
 
-from streams.core.avro_fast import Unsupported
+from streams.core.avro_fast import Unsupported, checked_identifier
 
 #: A generated reader: (body, position of the value) -> (value, position after it); raises on anything odd.
 Reader = Callable[[bytes, int], tuple[Any, int]]
@@ -62,13 +62,6 @@ def _length_tail(data: bytes, pos: int, b: int) -> tuple[int, int]:
     if z & 1:
         raise Unsupported("negative length")
     return z >> 1, pos
-
-
-def _identifier(name: Any) -> str:
-    """A field name, checked to be a plain identifier before it is written into generated source (as a literal)."""
-    if type(name) is not str or not name.isidentifier() or not name.isascii():
-        raise Unsupported(f"field name {name!r} is not an identifier")
-    return name
 
 
 class _ReaderGen:
@@ -166,7 +159,7 @@ class _ReaderGen:
         for field in node["fields"]:
             local = self.fresh()
             self.value(field["type"], local, i)
-            parts.append(f"{_identifier(field['name'])!r}: {local}")
+            parts.append(f"{checked_identifier(field['name'])!r}: {local}")
         self.add(i, f"{t} = {{{', '.join(parts)}}}")
 
     def _zigzag(self, t: str, i: int) -> None:
