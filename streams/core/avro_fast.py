@@ -257,8 +257,8 @@ class _WriterGen:
             add(i, f"if {v} is not None: raise Unsupported")
 
     def _length(self, of: str, i: int) -> None:
-        self.src.add(i, f"n = len({of}) << 1")
-        self.src.add(i, "ap(ZIG[n] if n < 16384 else zig_varint(n))")
+        self.src.add(i, f"n = len({of})")
+        self.src.add(i, "ap(LENGTH[n] if n < 8192 else zig_varint(n << 1))")
 
     def _array(self, items: Any, d: int, i: int) -> None:
         add, v = self.src.add, f"v{d}"
@@ -271,7 +271,7 @@ class _WriterGen:
             add(i + 1, f"ap(pack('<%dd' % len({v}), *{v}))")
         elif self._kind(items) in ("int", "long") and not (isinstance(items, dict) and items.get("logicalType")):
             # Small ints (days, counts, units) all at once from the signed table; else item by item.
-            add(i + 1, f"if n > 16 and INT_ONLY.issuperset(map(type, {v})) and -8192 <= min({v}) and max({v}) < 8192:")
+            add(i + 1, f"if n > 8 and INT_ONLY.issuperset(map(type, {v})) and -8192 <= min({v}) and max({v}) < 8192:")
             add(i + 2, f"buf.extend(map(SIGNED_AT, {v}))")
             add(i + 1, "else:")
             add(i + 2, f"for v{d + 1} in {v}:")
@@ -334,7 +334,7 @@ class _WriterGen:
 _WRITER_GLOBALS: dict[str, Any] = {
     "Unsupported": Unsupported, "ZIG": _ZIG, "MID": _MID, "zig_varint": _zig_varint, "zig_long": _zig_long,
     "zig_int": _zig_int, "pack_double": _pack_double, "pack_float": _pack_float, "pack": struct.pack,
-    "FLOAT_OR_INT": frozenset((float, int)), "INT_ONLY": frozenset((int,)), "SIGNED_AT": _SIGNED.__getitem__,
+    "FLOAT_OR_INT": frozenset((float, int)), "LENGTH": _ZIG[::2], "INT_ONLY": frozenset((int,)), "SIGNED_AT": _SIGNED.__getitem__,
     "join": b"".join,
 }
 
