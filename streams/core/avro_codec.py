@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+from streams.core.avro_read import Reader, compile_reader
 from streams.core.avro_fast import (Scanner, SplicingWriter, Writer, compile_field_scanners, compile_writer, field_spans,
                                     type_key)
 from streams.core.errors import CsosError
@@ -171,6 +172,7 @@ class AvroCodec:
         self._writers: dict[bytes, Writer | None] = {}
         self._splicers: dict[bytes, SplicingWriter | None] = {}
         self._scans: dict[bytes, tuple[list[tuple[str, str]], list[Scanner], bool] | None] = {}
+        self._readers: dict[bytes, Reader | None] = {}
 
     def encode(self, fullname: str, record: dict[str, Any], *, spliced: dict[str, Encoded] | None = None) -> bytes:
         """The message of ``record`` as the current ``fullname``.
@@ -183,11 +185,10 @@ class AvroCodec:
         if spliced:
             splicer = self._splicer(schema)
             if splicer is not None:
-                buf = bytearray(MAGIC)
-                buf += schema.fingerprint
+                parts = [MAGIC, schema.fingerprint]
                 try:
-                    splicer(record, buf, spliced)
-                    return bytes(buf)
+                    splicer(record, parts, spliced)
+                    return b"".join(parts)
                 except Exception:  # noqa: BLE001 - a value the fast writer does not take: fastavro decides
                     pass
         return self.encode_with(schema, record)
@@ -229,11 +230,10 @@ class AvroCodec:
         """
         writer = self._writer(schema)
         if writer is not None:
-            buf = bytearray(MAGIC)
-            buf += schema.fingerprint
+            parts = [MAGIC, schema.fingerprint]
             try:
-                writer(record, buf)
-                return bytes(buf)
+                writer(record, parts)
+                return b"".join(parts)
             except Exception:  # noqa: BLE001 - a value the fast writer does not take: fastavro decides
                 pass
         fo = io.BytesIO()
@@ -272,6 +272,22 @@ class AvroCodec:
             writer = self._writers[schema.fingerprint] = compile_writer(schema.parsed)
             return writer
 
+    def _read_fast(self, schema: Schema, data: bytes) -> dict[str, Any] | None:
+        """The record the schema's generated reader (``streams.core.avro_read``) reads from ``data``, when it
+        reads the whole body; else None, and fastavro reads it (its values, or its error)."""
+        try:
+            read = self._readers[schema.fingerprint]
+        except KeyError:
+            read = self._readers[schema.fingerprint] = compile_reader(schema.parsed)
+        if read is None:
+            return None
+        body = data if type(data) is bytes else bytes(data)
+        try:
+            record, end = read(body, HEADER_LEN)
+        except Exception:  # noqa: BLE001 - anything odd: fastavro decides
+            return None
+        return record if end == len(body) and type(record) is dict else None
+
     def writer_of(self, data: bytes) -> Schema:
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < HEADER_LEN:
             raise DecodeError("too short for an Avro single-object message")
@@ -293,6 +309,10 @@ class AvroCodec:
         if expect is not None and writer.fullname != expect:
             raise DecodeError(f"expected {expect}, got {writer.fullname}")
         reader = self.catalog.current.get(writer.fullname)
+        if reader is None or reader.fingerprint == writer.fingerprint:
+            record = self._read_fast(writer, data)
+            if record is not None:
+                return writer.fullname, record
         try:
             fo = io.BytesIO(data)
             fo.seek(HEADER_LEN)

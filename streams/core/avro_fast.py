@@ -3,9 +3,14 @@
 Why: fastavro's writer dispatches on the schema for every value it writes
 (about 1.5 us a field here), so a verdict with twenty findings cost ~275 us
 and an audit event ~17 us, several times the work itself. This module turns
-a parsed schema, once, into writers that put plain Python values straight
-into a ``bytearray``: one generated function per record type, its primitive
-fields inline (``_record_writer``), and a small function per other node.
+a parsed schema, once, into the Python source of one function
+(``_WriterGen``) that appends the encoding of plain Python values to a list
+of pieces, joined once by the caller: every record, array, map and union
+inline (only a record type that contains itself is a function of its own),
+varints from tables, arrays of doubles and of small ints in one call. The
+source holds no schema text: field names are checked to be identifiers and
+everything else (enum indexes, logical-type converters) is passed in as a
+constant.
 
 It is deliberately narrow: a writer handles only values whose Python type is
 exactly the one the schema node expects (``str`` for a string, ``int`` for a
@@ -28,11 +33,10 @@ from fastavro.write import LOGICAL_WRITERS
 
 from streams.core.errors import CsosError
 
-#: A compiled writer: appends the encoding of ``value`` to ``buf`` or raises ``Unsupported``.
-Writer = Callable[[Any, bytearray], None]
+#: A compiled writer: appends the encoding of ``value`` to the list ``buf``, in pieces (the caller joins them), or
+#: raises ``Unsupported``. (Appending to a list costs about half of ``bytearray +=``, once per value.)
+Writer = Callable[[Any, list[bytes]], None]
 
-_LONG_MIN, _LONG_MAX = -2 ** 63, 2 ** 63 - 1
-_INT_MIN, _INT_MAX = -2 ** 31, 2 ** 31 - 1
 _SMALL = [bytes((n,)) for n in range(128)]  # one-byte varints
 _pack_double = struct.Struct("<d").pack
 _pack_float = struct.Struct("<f").pack
@@ -61,258 +65,297 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _write_string(v: Any, buf: bytearray) -> None:
-    if type(v) is not str:
-        raise Unsupported
-    b = v.encode()
-    buf += varint(len(b))
-    buf += b
-
-
-def _write_bytes(v: Any, buf: bytearray) -> None:
-    if type(v) is not bytes:
-        raise Unsupported
-    buf += varint(len(v))
-    buf += v
-
-
-def _write_long(v: Any, buf: bytearray) -> None:
-    if type(v) is not int or not _LONG_MIN <= v <= _LONG_MAX:
-        raise Unsupported
-    buf += varint(v)
-
-
-def _write_int(v: Any, buf: bytearray) -> None:
-    if type(v) is not int or not _INT_MIN <= v <= _INT_MAX:
-        raise Unsupported
-    buf += varint(v)
-
-
-def _write_double(v: Any, buf: bytearray) -> None:
-    if type(v) is not float and type(v) is not int:
-        raise Unsupported
-    buf += _pack_double(v)
-
-
-def _write_float(v: Any, buf: bytearray) -> None:
-    if type(v) is not float:
-        raise Unsupported
-    buf += _pack_float(v)
-
-
-def _write_boolean(v: Any, buf: bytearray) -> None:
-    if type(v) is not bool:
-        raise Unsupported
-    buf += b"\x01" if v else b"\x00"
-
-
-def _write_null(v: Any, buf: bytearray) -> None:
-    if v is not None:
-        raise Unsupported
-
-
-_PRIMITIVE_WRITERS: dict[str, Writer] = {
-    "string": _write_string, "bytes": _write_bytes, "long": _write_long, "int": _write_int,
-    "double": _write_double, "float": _write_float, "boolean": _write_boolean, "null": _write_null,
-}
 #: The one Python type a union branch of each kind is chosen for (fastavro picks the same branch for it).
 _BRANCH_TYPES: dict[str, type] = {
     "null": type(None), "string": str, "bytes": bytes, "long": int, "int": int, "double": float,
     "float": float, "boolean": bool, "record": dict, "error": dict, "map": dict, "array": list, "enum": str,
 }
+_PRIMITIVES = frozenset(("null", "boolean", "int", "long", "float", "double", "bytes", "string"))
+
+# --- Varints from tables ---------------------------------------------------------------------------------------
+#
+# Why tables: a varint built byte by byte costs a Python loop per value; most values here (lengths, counts, days,
+# units) have a zig-zag form below 2**14, and the rest (epoch milliseconds, offsets) below 2**42. ``_ZIG[z]`` is
+# the minimal varint of a zig-zag value ``z`` < 2**14 (one or two bytes); ``_MID[z]`` the same 14 bits as two bytes
+# that both carry the continuation bit, the low part of a longer varint. A value below 2**42 is then at most three
+# lookups. The two tables hold 32,768 small bytes objects (~1 MB), made once per process.
+_ZIG = tuple(bytes((z,)) if z < 0x80 else bytes(((z & 0x7F) | 0x80, z >> 7)) for z in range(1 << 14))
+_MID = tuple(bytes(((z & 0x7F) | 0x80, (z >> 7) | 0x80)) for z in range(1 << 14))
+#: ``_SIGNED[x]``: the varint of an int -8192 <= x < 8192 (negative ones by Python's index from the end).
+_SIGNED = tuple(_ZIG[2 * x] for x in range(8192)) + tuple(_ZIG[-2 * x - 1] for x in range(-8192, 0))
 
 
-class _Compiler:
-    """Compiles one parsed schema; named types are looked up in fastavro's ``__named_schemas``."""
+def _zig_varint(z: int) -> bytes:
+    """The varint of a zig-zag value ``z`` (0 <= z < 2**64): what the generated code calls past the tables."""
+    out = bytearray()
+    while z >= 0x80:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+def _zig_long(z: int) -> bytes:
+    """As ``_zig_varint``, for the zig-zag form of a long: ``Unsupported`` when it is 2**64 or more, which
+    is exactly when the value lies outside the 64-bit signed range (then fastavro decides)."""
+    if z >= 1 << 64:
+        raise Unsupported
+    return _zig_varint(z)
+
+
+def _zig_int(z: int) -> bytes:
+    """As ``_zig_long``, for an ``int``: the 32-bit signed range is exactly zig-zag values below 2**32."""
+    if z >= 1 << 32:
+        raise Unsupported
+    return _zig_varint(z)
+
+
+def checked_identifier(name: Any) -> str:
+    """A field name, checked to be a plain identifier before it is written into generated source (as a literal)."""
+    if type(name) is not str or not name.isidentifier() or not name.isascii():
+        raise Unsupported(f"field name {name!r} is not an identifier")
+    return name
+
+
+class _Source:
+    """Python source being generated, and the constants it refers to (passed in, never written as text)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.constants: dict[str, Any] = {}
+
+    def add(self, indent: int, line: str) -> None:
+        self.lines.append("    " * indent + line)
+
+    def constant(self, value: Any) -> str:
+        """The name under which the generated code sees ``value``."""
+        name = f"K{len(self.constants)}"
+        self.constants[name] = value
+        return name
+
+
+class _WriterGen:
+    """Generates the Python source of one schema's writer: every record, array, map and union inline.
+
+    Why generated rather than a tree of closures: on this hot path a Python
+    call per value costs about what writing it does, and a varint written
+    byte by byte several times that. The generated code writes a record's
+    fields one after another into ``buf``, loops over arrays and maps in
+    place, and takes varints from tables (``_ZIG``, ``_MID``). Only a record
+    type that contains itself gets a function of its own (it is called where
+    it recurs). The value checks are those of fastavro's types, kept narrow:
+    anything else raises ``Unsupported`` (or a ``KeyError`` for a missing
+    field) and the caller lets fastavro encode the whole record.
+    """
 
     def __init__(self, named: dict[str, Any]) -> None:
         self.named = named
-        self.done: dict[str, Writer] = {}
+        self.src = _Source()
+        self.inlining: list[str] = []      # records whose code is being written (a reference back recurses)
+        self.functions: dict[str, str] = {}  # record name -> its function (records that recur)
+        self.pending: list[tuple[str, dict[str, Any]]] = []
 
-    def of(self, node: Any) -> Writer:
+    def function(self, name: str, node: Any) -> None:
+        """``def name(v0, buf)``: writes the value ``v0`` of schema ``node`` into ``buf``."""
+        self.src.add(0, f"def {name}(v0, buf):")
+        self.src.add(1, "ap = buf.append")
+        self.value(node, 0, 1)
+
+    def finish(self) -> None:
+        """The functions of records that recur (each may find more)."""
+        while self.pending:
+            fname, node = self.pending.pop()
+            self.src.add(0, f"def {fname}(v0, buf):")
+            self.src.add(1, "ap = buf.append")
+            self.inlining.append(node["name"])
+            self._record(node, 0, 1)
+            self.inlining.pop()
+
+    # Each method below writes statements that encode the value in local ``v{d}`` at indentation ``i``.
+    def value(self, node: Any, d: int, i: int) -> None:
         if isinstance(node, str):
-            if node in _PRIMITIVE_WRITERS:
-                return _PRIMITIVE_WRITERS[node]
-            return self._reference(node)
+            if node in _PRIMITIVES:
+                return self._primitive(node, d, i)
+            return self._reference(node, d, i)
         if isinstance(node, list):
-            return self._union(node)
+            return self._union(node, d, i)
         kind = node["type"]
         logical = node.get("logicalType")
         prepare = LOGICAL_WRITERS.get(f"{kind}-{logical}") if logical and isinstance(kind, str) else None
         if prepare is not None:
-            return self._logical(prepare, node, self.of(kind))
+            self.src.add(i, f"v{d} = {self.src.constant(prepare)}(v{d}, {self.src.constant(node)})")
+            return self.value(kind, d, i)
         if kind in ("record", "error"):
-            return self._record(node)
+            return self._named_record(node, d, i)
         if kind == "array":
-            return self._array(self.of(node["items"]))
+            return self._array(node["items"], d, i)
         if kind == "map":
-            return self._map(self.of(node["values"]))
+            return self._map(node["values"], d, i)
         if kind == "enum":
-            return self._enum(node)
+            return self._enum(node, d, i)
         if kind == "fixed":
-            return self._fixed(node)
-        return self.of(kind)
+            return self._fixed(node, d, i)
+        return self.value(kind, d, i)
 
-    def _reference(self, name: str) -> Writer:
-        if name in self.done:
-            return self.done[name]
+    def _reference(self, name: str, d: int, i: int) -> None:
+        if name in self.inlining or name in self.functions:
+            return self._call(name, d, i)
         if name not in self.named:
             raise Unsupported(f"unknown named type {name}")
-        return self.of(self.named[name])
+        return self.value(self.named[name], d, i)
 
-    @staticmethod
-    def _logical(prepare: Callable[[Any, Any], Any], node: dict[str, Any], base: Writer) -> Writer:
-        def write(v: Any, buf: bytearray) -> None:
-            base(prepare(v, node), buf)
-        return write
+    def _call(self, name: str, d: int, i: int) -> None:
+        if name not in self.functions:
+            self.functions[name] = f"R{len(self.functions)}"
+            self.pending.append((self.functions[name], self.named[name]))
+        self.src.add(i, f"{self.functions[name]}(v{d}, buf)")
 
-    def _record(self, node: dict[str, Any]) -> Writer:
-        fields: list[tuple[str, Writer]] = []
-        compiled: list[Writer] = []
+    def _named_record(self, node: dict[str, Any], d: int, i: int) -> None:
+        self.inlining.append(node["name"])
+        self._record(node, d, i)
+        self.inlining.pop()
 
-        def refer(v: Any, buf: bytearray) -> None:  # how a recursive type refers to itself
-            compiled[0](v, buf)
-        self.done[node["name"]] = refer  # before its fields
-        fields.extend((f["name"], self.of(f["type"])) for f in node["fields"])
-        write = _record_writer(fields, [f["type"] for f in node["fields"]])
-        compiled.append(write)
-        self.done[node["name"]] = write
-        return write
+    def _record(self, node: dict[str, Any], d: int, i: int) -> None:
+        add = self.src.add
+        add(i, f"if type(v{d}) is not dict: raise Unsupported")
+        for field in node["fields"]:
+            add(i, f"v{d + 1} = v{d}[{checked_identifier(field['name'])!r}]")
+            self.value(field["type"], d + 1, i)
 
-    @staticmethod
-    def _array(item: Writer) -> Writer:
-        def write(v: Any, buf: bytearray) -> None:
-            if type(v) is not list:
-                raise Unsupported
-            if v:
-                buf += varint(len(v))
-                for x in v:
-                    item(x, buf)
-            buf += b"\x00"
-        return write
+    def _primitive(self, kind: str, d: int, i: int) -> None:
+        add, v = self.src.add, f"v{d}"
+        if kind == "string":
+            add(i, f"if type({v}) is not str: raise Unsupported")
+            add(i, f"b = {v}.encode()")
+            self._length("b", i)
+            add(i, "ap(b)")
+        elif kind == "bytes":
+            add(i, f"if type({v}) is not bytes: raise Unsupported")
+            self._length(v, i)
+            add(i, f"ap({v})")
+        elif kind in ("long", "int"):
+            add(i, f"if type({v}) is not int: raise Unsupported")
+            add(i, f"z = ({v} << 1) ^ ({v} >> 63)")
+            add(i, "if z < 16384: ap(ZIG[z])")
+            add(i, "elif z < 268435456: ap(MID[z & 16383]); ap(ZIG[z >> 14])")
+            if kind == "long":
+                add(i, "elif z < 4398046511104: ap(MID[z & 16383]); ap(MID[z >> 14 & 16383]); ap(ZIG[z >> 28])")
+                add(i, "else: ap(zig_long(z))")
+            else:
+                add(i, "else: ap(zig_int(z))")
+        elif kind == "double":
+            add(i, f"if type({v}) is not float and type({v}) is not int: raise Unsupported")
+            add(i, f"ap(pack_double({v}))")
+        elif kind == "float":
+            add(i, f"if type({v}) is not float: raise Unsupported")
+            add(i, f"ap(pack_float({v}))")
+        elif kind == "boolean":
+            add(i, f"if {v} is True: ap(b'\\x01')")
+            add(i, f"elif {v} is False: ap(b'\\x00')")
+            add(i, "else: raise Unsupported")
+        else:  # null
+            add(i, f"if {v} is not None: raise Unsupported")
 
-    @staticmethod
-    def _map(value: Writer) -> Writer:
-        def write(v: Any, buf: bytearray) -> None:
-            if type(v) is not dict:
-                raise Unsupported
-            if v:
-                buf += varint(len(v))
-                for k, x in v.items():
-                    _write_string(k, buf)
-                    value(x, buf)
-            buf += b"\x00"
-        return write
+    def _length(self, of: str, i: int) -> None:
+        self.src.add(i, f"n = len({of})")
+        self.src.add(i, "ap(LENGTH[n] if n < 8192 else zig_varint(n << 1))")
 
-    def _enum(self, node: dict[str, Any]) -> Writer:
-        index = {s: varint(i) for i, s in enumerate(node["symbols"])}
+    def _array(self, items: Any, d: int, i: int) -> None:
+        add, v = self.src.add, f"v{d}"
+        add(i, f"if type({v}) is not list: raise Unsupported")
+        add(i, f"if {v}:")
+        self._length(v, i + 1)
+        if self._kind(items) == "double" and not (isinstance(items, dict) and items.get("logicalType")):
+            # All at once: struct packs a list of floats (and ints) as fastavro packs each.
+            add(i + 1, f"if not FLOAT_OR_INT.issuperset(map(type, {v})): raise Unsupported")
+            add(i + 1, f"ap(pack('<%dd' % len({v}), *{v}))")
+        elif self._kind(items) in ("int", "long") and not (isinstance(items, dict) and items.get("logicalType")):
+            # Small ints (days, counts, units) all at once from the signed table; else item by item.
+            add(i + 1, f"if n > 8 and INT_ONLY.issuperset(map(type, {v})) and -8192 <= min({v}) and max({v}) < 8192:")
+            add(i + 2, f"buf.extend(map(SIGNED_AT, {v}))")
+            add(i + 1, "else:")
+            add(i + 2, f"for v{d + 1} in {v}:")
+            self.value(items, d + 1, i + 3)
+        else:
+            add(i + 1, f"for v{d + 1} in {v}:")
+            self.value(items, d + 1, i + 2)
+        add(i, "ap(b'\\x00')")
 
-        def write(v: Any, buf: bytearray) -> None:
-            if type(v) is not str or v not in index:
-                raise Unsupported
-            buf += index[v]
-        self.done[node["name"]] = write
-        return write
+    def _map(self, values: Any, d: int, i: int) -> None:
+        add, v = self.src.add, f"v{d}"
+        add(i, f"if type({v}) is not dict: raise Unsupported")
+        add(i, f"if {v}:")
+        self._length(v, i + 1)
+        add(i + 1, f"for k, v{d + 1} in {v}.items():")
+        add(i + 2, "if type(k) is not str: raise Unsupported")
+        add(i + 2, "b = k.encode()")
+        self._length("b", i + 2)
+        add(i + 2, "ap(b)")
+        self.value(values, d + 1, i + 2)
+        add(i, "ap(b'\\x00')")
 
-    def _fixed(self, node: dict[str, Any]) -> Writer:
+    def _enum(self, node: dict[str, Any], d: int, i: int) -> None:
+        index = self.src.constant({s: varint(n) for n, s in enumerate(node["symbols"])})
+        self.src.add(i, f"if type(v{d}) is not str or v{d} not in {index}: raise Unsupported")
+        self.src.add(i, f"ap({index}[v{d}])")
+
+    def _fixed(self, node: dict[str, Any], d: int, i: int) -> None:
         size = node["size"]
+        if type(size) is not int:
+            raise Unsupported(f"fixed size {size!r}")
+        self.src.add(i, f"if type(v{d}) is not bytes or len(v{d}) != {size}: raise Unsupported")
+        self.src.add(i, f"ap(v{d})")
 
-        def write(v: Any, buf: bytearray) -> None:
-            if type(v) is not bytes or len(v) != size:
-                raise Unsupported
-            buf += v
-        self.done[node["name"]] = write
-        return write
-
-    def _union(self, branches: list[Any]) -> Writer:
+    def _union(self, branches: list[Any], d: int, i: int) -> None:
         """A union whose branch each value's exact type names (else the schema is not compiled at all)."""
-        by_type: dict[type, tuple[bytes, Writer]] = {}
-        for i, branch in enumerate(branches):
-            kind = self._kind(branch)
-            py = _BRANCH_TYPES.get(kind)
-            if py is None or py in by_type or (isinstance(branch, dict) and branch.get("logicalType")):
+        seen: set[type] = set()
+        first = True
+        for n, branch in enumerate(branches):
+            py = _BRANCH_TYPES.get(self._kind(branch))
+            if py is None or py in seen or (isinstance(branch, dict) and branch.get("logicalType")):
                 raise Unsupported(f"union {branches} is not told apart by value type")
-            by_type[py] = (varint(i), self.of(branch))
-
-        def write(v: Any, buf: bytearray) -> None:
-            chosen = by_type.get(type(v))
-            if chosen is None:
-                raise Unsupported
-            buf += chosen[0]
-            chosen[1](v, buf)
-        return write
+            seen.add(py)
+            test = f"v{d} is None" if py is type(None) else f"type(v{d}) is {py.__name__}"
+            self.src.add(i, f"{'if' if first else 'elif'} {test}:")
+            self.src.add(i + 1, f"ap({varint(n)!r})")
+            self.value(branch, d, i + 1)
+            first = False
+        self.src.add(i, "else: raise Unsupported")
 
     def _kind(self, node: Any) -> str:
         if isinstance(node, str):
-            return node if node in _PRIMITIVE_WRITERS else self._kind(self.named.get(node, {"type": "?"}))
+            return node if node in _PRIMITIVES else self._kind(self.named.get(node, {"type": "?"}))
         if isinstance(node, list):
             return "union"
         kind = node["type"]
         return kind if isinstance(kind, str) else self._kind(kind)
 
 
-#: Python statements that write the value ``x`` of a field of each primitive type into ``buf`` (see
-#: ``_record_writer``): the same checks and bytes as the ``_write_*`` functions above, without a call per field.
-_INLINE = {
-    "string": ("if type(x) is not str: raise Unsupported",
-               "b = x.encode()", "n = len(b)", "buf += SMALL[n] if n < 64 else varint(n)", "buf += b"),
-    "long": ("if type(x) is not int or not LONG_MIN <= x <= LONG_MAX: raise Unsupported",
-             "buf += SMALL[x] if 0 <= x < 64 else varint(x)"),
-    "int": ("if type(x) is not int or not INT_MIN <= x <= INT_MAX: raise Unsupported",
-            "buf += SMALL[x] if 0 <= x < 64 else varint(x)"),
-    "double": ("if type(x) is not float and type(x) is not int: raise Unsupported", "buf += pack_double(x)"),
-    "boolean": ("if x is True: buf += b'\\x01'", "elif x is False: buf += b'\\x00'", "else: raise Unsupported"),
+_WRITER_GLOBALS: dict[str, Any] = {
+    "Unsupported": Unsupported, "ZIG": _ZIG, "MID": _MID, "zig_varint": _zig_varint, "zig_long": _zig_long,
+    "zig_int": _zig_int, "pack_double": _pack_double, "pack_float": _pack_float, "pack": struct.pack,
+    "FLOAT_OR_INT": frozenset((float, int)), "LENGTH": _ZIG[::2], "INT_ONLY": frozenset((int,)), "SIGNED_AT": _SIGNED.__getitem__,
+    "join": b"".join,
 }
-_BY_WRITER = {_write_string: "string", _write_long: "long", _write_int: "int", _write_double: "double",
-              _write_boolean: "boolean"}
 
 
-def _record_writer(fields: list[tuple[str, Writer]], types: list[Any]) -> Writer:
-    """One function writing a record's fields in order, primitive fields inline.
-
-    Why generated: on this hot path a Python call per field costs about what
-    writing the field does. Inline: a primitive (``_INLINE``), a timestamp
-    (converted by fastavro's ``LOGICAL_WRITERS``, then a long) and a union of
-    null and a primitive; any other field calls its compiled writer. The
-    source holds no schema text (field names, writers and schema nodes are
-    passed in as ``NAMES``, ``WRITERS`` and ``NODES``), so a schema cannot
-    inject code. A missing field raises ``KeyError``: fastavro decides (it
-    writes the field's default).
-    """
-    body = ["def write(v, buf):", "    if type(v) is not dict: raise Unsupported"]
-    prepares: list[Any] = []
-    for i, ((_, writer), node) in enumerate(zip(fields, types)):
-        body.append(f"    x = v[NAMES[{i}]]")
-        body.extend(f"    {line}" for line in _inline_field(i, writer, node, prepares))
-    namespace: dict[str, Any] = {
-        "NAMES": tuple(name for name, _ in fields), "WRITERS": tuple(w for _, w in fields), "NODES": tuple(types),
-        "PREPARE": tuple(prepares), "Unsupported": Unsupported, "SMALL": tuple(varint(i) for i in range(64)),
-        "varint": varint, "pack_double": _pack_double, "LONG_MIN": _LONG_MIN, "LONG_MAX": _LONG_MAX,
-        "INT_MIN": _INT_MIN, "INT_MAX": _INT_MAX,
-    }
-    exec(compile("\n".join(body), "<avro_fast record writer>", "exec"), namespace)  # noqa: S102 - see above
+def _generate_writer(parsed: Any) -> Writer:
+    """The generated writer of a parsed schema; a record's also has ``fields``: (name, writer of that field)."""
+    gen = _WriterGen(parsed.get("__named_schemas", {}) if isinstance(parsed, dict) else {})
+    record = isinstance(parsed, dict) and parsed.get("type") in ("record", "error")
+    gen.function("write", parsed)
+    names: list[str] = []
+    if record:
+        for n, field in enumerate(parsed["fields"]):
+            names.append(checked_identifier(field["name"]))
+            gen.function(f"F{n}", field["type"])
+    gen.finish()
+    namespace = dict(_WRITER_GLOBALS, **gen.src.constants)
+    exec(compile("\n".join(gen.src.lines), "<avro_fast writer>", "exec"), namespace)  # noqa: S102 - see _WriterGen
     write: Writer = namespace["write"]
-    write.fields = fields  # type: ignore[attr-defined]  # for SplicingWriter
+    if record:
+        write.fields = [(name, namespace[f"F{n}"]) for n, name in enumerate(names)]  # type: ignore[attr-defined]
     return write
-
-
-def _inline_field(i: int, writer: Writer, node: Any, prepares: list[Any]) -> list[str]:
-    """The statements that write field ``i`` (its value is ``x``): inline when it is simple, else a call."""
-    kind = _BY_WRITER.get(writer)
-    if kind is not None:
-        return list(_INLINE[kind])
-    if isinstance(node, dict) and node.get("type") in ("long", "int") and node.get("logicalType"):
-        prepare = LOGICAL_WRITERS.get(f"{node['type']}-{node['logicalType']}")
-        if prepare is not None:
-            prepares.append(prepare)
-            return [f"x = PREPARE[{len(prepares) - 1}](x, NODES[{i}])", *_INLINE[node["type"]]]
-    if isinstance(node, list) and len(node) == 2 and "null" in node:
-        other = node[1 - node.index("null")]
-        if isinstance(other, str) and other in _INLINE:
-            null_index, other_index = varint(node.index("null")), varint(node.index(other))
-            return [f"if x is None: buf += {null_index!r}", "else:", f"    buf += {other_index!r}",
-                    *(f"    {line}" for line in _INLINE[other])]
-    return [f"WRITERS[{i}](x, buf)"]
 
 
 class SplicingWriter:
@@ -333,7 +376,7 @@ class SplicingWriter:
             prefixes = {type_key(b): (varint(i) if isinstance(kind, list) else b"") for i, b in enumerate(branches)}
             self.fields.append((name, writer, prefixes))
 
-    def __call__(self, record: dict[str, Any], buf: bytearray, spliced: dict[str, tuple[str, bytes]]) -> None:
+    def __call__(self, record: dict[str, Any], buf: list[bytes], spliced: dict[str, tuple[str, bytes]]) -> None:
         if type(record) is not dict:
             raise Unsupported
         for name, writer, prefixes in self.fields:
@@ -342,8 +385,8 @@ class SplicingWriter:
             if prefix is None:
                 writer(record[name], buf)
             else:
-                buf += prefix
-                buf += given[1]  # type: ignore[index]
+                buf.append(prefix)
+                buf.append(given[1])  # type: ignore[index]
 
 
 #: The attributes that decide how a value is written and read (not docs, defaults or aliases).
@@ -364,10 +407,11 @@ def type_key(node: Any) -> str:
 
 
 def compile_writer(parsed: dict[str, Any]) -> Writer | None:
-    """The writer of a fastavro-parsed schema, or None when the schema has a part this module does not write."""
+    """The writer of a fastavro-parsed schema, or None when the schema has a part this module does not write
+    (or one nested deeper than Python compiles)."""
     try:
-        return _Compiler(parsed.get("__named_schemas", {})).of(parsed)
-    except Unsupported:
+        return _generate_writer(parsed)
+    except (Unsupported, SyntaxError, RecursionError):
         return None
 
 
