@@ -37,7 +37,6 @@ from streams.core.errors import CsosError
 #: raises ``Unsupported``. (Appending to a list costs about half of ``bytearray +=``, once per value.)
 Writer = Callable[[Any, list[bytes]], None]
 
-_SMALL = [bytes((n,)) for n in range(128)]  # one-byte varints
 _pack_double = struct.Struct("<d").pack
 _pack_float = struct.Struct("<f").pack
 
@@ -50,19 +49,6 @@ class Unsupported(CsosError):
     code = "AVRO_FAST_UNSUPPORTED"
 
 
-def varint(n: int) -> bytes:
-    """Avro's zig-zag varint of a long ``n`` (which must lie in the 64-bit signed range)."""
-    z = (n << 1) ^ (n >> 63)
-    if z < 0x80:
-        return _SMALL[z]
-    if z < 0x4000:
-        return bytes(((z & 0x7F) | 0x80, z >> 7))
-    out = bytearray()
-    while z >= 0x80:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
 
 
 #: The one Python type a union branch of each kind is chosen for (fastavro picks the same branch for it).
@@ -95,6 +81,12 @@ def _zig_varint(z: int) -> bytes:
     return bytes(out)
 
 
+def varint(n: int) -> bytes:
+    """Avro's zig-zag varint of a long ``n`` (which must lie in the 64-bit signed range)."""
+    z = (n << 1) ^ (n >> 63)
+    return _ZIG[z] if z < 0x4000 else _zig_varint(z)
+
+
 def _zig_long(z: int) -> bytes:
     """As ``_zig_varint``, for the zig-zag form of a long: ``Unsupported`` when it is 2**64 or more, which
     is exactly when the value lies outside the 64-bit signed range (then fastavro decides)."""
@@ -117,8 +109,12 @@ def checked_identifier(name: Any) -> str:
     return name
 
 
-class _Source:
-    """Python source being generated, and the constants it refers to (passed in, never written as text)."""
+class GeneratedSource:
+    """Python source being generated, and the constants it refers to (passed in, never written as text).
+
+    Shared by the writers here and the readers of ``streams.core.avro_read``, so that generated code is
+    compiled and run in one place (:meth:`define`).
+    """
 
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -132,6 +128,12 @@ class _Source:
         name = f"K{len(self.constants)}"
         self.constants[name] = value
         return name
+
+    def define(self, globals_: dict[str, Any], filename: str) -> dict[str, Any]:
+        """Run the source (its names checked as it was written; data only ever as constants): its namespace."""
+        namespace = dict(globals_, **self.constants)
+        exec(compile("\n".join(self.lines), filename, "exec"), namespace)  # noqa: S102 - see the class docstring
+        return namespace
 
 
 class _WriterGen:
@@ -150,7 +152,7 @@ class _WriterGen:
 
     def __init__(self, named: dict[str, Any]) -> None:
         self.named = named
-        self.src = _Source()
+        self.src = GeneratedSource()
         self.inlining: list[str] = []      # records whose code is being written (a reference back recurses)
         self.functions: dict[str, str] = {}  # record name -> its function (records that recur)
         self.pending: list[tuple[str, dict[str, Any]]] = []
@@ -350,8 +352,7 @@ def _generate_writer(parsed: Any) -> Writer:
             names.append(checked_identifier(field["name"]))
             gen.function(f"F{n}", field["type"])
     gen.finish()
-    namespace = dict(_WRITER_GLOBALS, **gen.src.constants)
-    exec(compile("\n".join(gen.src.lines), "<avro_fast writer>", "exec"), namespace)  # noqa: S102 - see _WriterGen
+    namespace = gen.src.define(_WRITER_GLOBALS, "<avro_fast writer>")
     write: Writer = namespace["write"]
     if record:
         write.fields = [(name, namespace[f"F{n}"]) for n, name in enumerate(names)]  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from fastavro.read import LOGICAL_READERS
 
-from streams.core.avro_fast import Unsupported, checked_identifier
+from streams.core.avro_fast import GeneratedSource, Unsupported, checked_identifier
 
 #: A generated reader: (body, position of the value) -> (value, position after it); raises on anything odd.
 Reader = Callable[[bytes, int], tuple[Any, int]]
@@ -69,20 +69,11 @@ class _ReaderGen:
 
     def __init__(self, named: dict[str, Any]) -> None:
         self.named = named
-        self.lines: list[str] = []
-        self.constants: dict[str, Any] = {}
+        self.src = GeneratedSource()
         self.inlining: list[str] = []
         self.functions: dict[str, str] = {}
         self.pending: list[tuple[str, dict[str, Any]]] = []
         self.count = 0
-
-    def add(self, i: int, line: str) -> None:
-        self.lines.append("    " * i + line)
-
-    def constant(self, value: Any) -> str:
-        name = f"K{len(self.constants)}"
-        self.constants[name] = value
-        return name
 
     def fresh(self) -> str:
         self.count += 1
@@ -90,20 +81,20 @@ class _ReaderGen:
 
     def function(self, name: str, node: Any) -> None:
         """``def name(data, pos)`` returning (the value of ``node`` read at ``pos``, the position after it)."""
-        self.add(0, f"def {name}(data, pos):")
+        self.src.add(0, f"def {name}(data, pos):")
         target = self.fresh()
         self.value(node, target, 1)
-        self.add(1, f"return {target}, pos")
+        self.src.add(1, f"return {target}, pos")
 
     def finish(self) -> None:
         while self.pending:
             fname, node = self.pending.pop()
-            self.add(0, f"def {fname}(data, pos):")
+            self.src.add(0, f"def {fname}(data, pos):")
             target = self.fresh()
             self.inlining.append(node["name"])
             self._record(node, target, 1)
             self.inlining.pop()
-            self.add(1, f"return {target}, pos")
+            self.src.add(1, f"return {target}, pos")
 
     def value(self, node: Any, t: str, i: int) -> None:
         if isinstance(node, str):
@@ -117,7 +108,7 @@ class _ReaderGen:
         convert = LOGICAL_READERS.get(f"{kind}-{logical}") if logical and isinstance(kind, str) else None
         if convert is not None:
             self.value(kind, t, i)
-            self.add(i, f"{t} = {self.constant(convert)}({t}, {self.constant(node)}, None)")
+            self.src.add(i, f"{t} = {self.src.constant(convert)}({t}, {self.src.constant(node)}, None)")
             return None
         if kind in ("record", "error"):
             self.inlining.append(node["name"])
@@ -129,17 +120,17 @@ class _ReaderGen:
         if kind == "map":
             return self._blocks(node["values"], "string", t, i)
         if kind == "enum":
-            symbols = self.constant(tuple(node["symbols"]))
+            symbols = self.src.constant(tuple(node["symbols"]))
             self._index(t, i)
-            self.add(i, f"if {t} >= len({symbols}): raise Unsupported")
-            self.add(i, f"{t} = {symbols}[{t}]")
+            self.src.add(i, f"if {t} >= len({symbols}): raise Unsupported")
+            self.src.add(i, f"{t} = {symbols}[{t}]")
             return None
         if kind == "fixed":
             size = node["size"]
             if type(size) is not int:
                 raise Unsupported(f"fixed size {size!r}")
-            self.add(i, f"{t} = data[pos:pos + {size}]")
-            self.add(i, f"pos += {size}")
+            self.src.add(i, f"{t} = data[pos:pos + {size}]")
+            self.src.add(i, f"pos += {size}")
             return None
         return self.value(kind, t, i)
 
@@ -148,7 +139,7 @@ class _ReaderGen:
             if name not in self.functions:
                 self.functions[name] = f"R{len(self.functions)}"
                 self.pending.append((self.functions[name], self.named[name]))
-            self.add(i, f"{t}, pos = {self.functions[name]}(data, pos)")
+            self.src.add(i, f"{t}, pos = {self.functions[name]}(data, pos)")
             return None
         if name not in self.named:
             raise Unsupported(f"unknown named type {name}")
@@ -160,22 +151,22 @@ class _ReaderGen:
             local = self.fresh()
             self.value(field["type"], local, i)
             parts.append(f"{checked_identifier(field['name'])!r}: {local}")
-        self.add(i, f"{t} = {{{', '.join(parts)}}}")
+        self.src.add(i, f"{t} = {{{', '.join(parts)}}}")
 
     def _zigzag(self, t: str, i: int) -> None:
         """``t`` = the zig-zag value of the varint at ``pos`` (most are one byte: no call)."""
-        self.add(i, f"{t} = data[pos]")
-        self.add(i, "pos += 1")
-        self.add(i, f"if {t} >= 128: {t}, pos = varint_tail(data, pos, {t})")
+        self.src.add(i, f"{t} = data[pos]")
+        self.src.add(i, "pos += 1")
+        self.src.add(i, f"if {t} >= 128: {t}, pos = varint_tail(data, pos, {t})")
 
     def _index(self, t: str, i: int) -> None:
         """``t`` = a length, a count or an index at ``pos`` (non-negative, else fastavro decides)."""
         self._zigzag(t, i)
-        self.add(i, f"if {t} & 1: raise Unsupported")
-        self.add(i, f"{t} >>= 1")
+        self.src.add(i, f"if {t} & 1: raise Unsupported")
+        self.src.add(i, f"{t} >>= 1")
 
     def _primitive(self, kind: str, t: str, i: int) -> None:
-        add = self.add
+        add = self.src.add
         if kind in ("long", "int"):
             add(i, f"{t} = data[pos]")
             add(i, "pos += 1")
@@ -213,7 +204,7 @@ class _ReaderGen:
 
     def _blocks(self, items: Any, key: str | None, t: str, i: int) -> None:
         """An array (``key`` None) or a map: blocks of items, each block's count first, until a count of 0."""
-        add = self.add
+        add = self.src.add
         add(i, f"{t} = {'{}' if key else '[]'}")
         add(i, "while True:")
         count = self.fresh()
@@ -231,9 +222,9 @@ class _ReaderGen:
     def _union(self, branches: list[Any], t: str, i: int) -> None:
         self._index(t, i)
         for n, branch in enumerate(branches):
-            self.add(i, f"{'if' if n == 0 else 'elif'} {t} == {n}:")
+            self.src.add(i, f"{'if' if n == 0 else 'elif'} {t} == {n}:")
             self.value(branch, t, i + 1)
-        self.add(i, "else: raise Unsupported")
+        self.src.add(i, "else: raise Unsupported")
 
 
 _GLOBALS: dict[str, Any] = {
@@ -249,8 +240,7 @@ def compile_reader(parsed: Any) -> Reader | None:
         gen = _ReaderGen(parsed.get("__named_schemas", {}) if isinstance(parsed, dict) else {})
         gen.function("read", parsed)
         gen.finish()
-        namespace = dict(_GLOBALS, **gen.constants)
-        exec(compile("\n".join(gen.lines), "<avro_read reader>", "exec"), namespace)  # noqa: S102 - names checked
+        namespace = gen.src.define(_GLOBALS, "<avro_read reader>")
     except (Unsupported, SyntaxError, RecursionError):
         return None
     reader: Reader = namespace["read"]
