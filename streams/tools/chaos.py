@@ -179,6 +179,10 @@ def kill_for_good(worker: ChildProcess, name: str, settings: Settings, at_least:
     it handled ``at_least`` more orders. ``more`` (publishing the rest of a
     feed) runs right after the kill, so that the dead worker's partitions have
     work waiting even when it had caught up with everything before it died.
+    ``done`` must mean "every order published so far is decided", not the
+    whole feed: ``more`` is published only after the kill, so a worker left
+    idle (the others took the rest) is then killed idle instead of waited on
+    until ``timeout`` raises.
     """
     me = worker.settings.group_instance_id(worker.settings.web_port)
     if me is None:  # dynamic members (CSOS_STATIC_MEMBERSHIP=0): no id names the owner; kill, time nothing
@@ -469,8 +473,9 @@ def soak(data_dir: Path, *, orders: int, kills: int, seed: int = 5, registrants:
             b.start()
             half = len(rest) // 2
             publish(rest[:half], Publisher(settings.kafka_bootstrap))
+            published = len(first) + half
             takeover = kill_for_good(a, "a", settings, max(20, half // 4),
-                                     lambda: decided(settings) >= len(feed.messages),
+                                     lambda: decided(settings) >= published,
                                      more=lambda: publish(rest[half:], Publisher(settings.kafka_bootstrap)))
             a.start()  # back under its id: rejoins at once
             wait_decided(settings, len(feed.messages), 600, b.tail, strict=False)
