@@ -27,7 +27,7 @@ no state of its own, and its one threshold is calibrated on the scenarios
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 from streams.monitoring.detectors import _MAX, MonitorConfig, Finding, Reason, as_finding, as_reason, finding
 
@@ -60,7 +60,7 @@ class AnomalyCombiner:
     name = "anomaly"
     dimension = "pattern"
     #: The detectors whose findings it reads (the monitor passes it only theirs: the others would be skipped).
-    inputs = frozenset(FEATURES) | {TIMING}
+    inputs: ClassVar[frozenset[str]] = frozenset(FEATURES) | {TIMING}
 
     def __init__(self, cfg: MonitorConfig) -> None:
         self.cfg = cfg
@@ -89,8 +89,8 @@ class AnomalyCombiner:
                         s = log(v / b) / log(t / b)
                         parts.append((r, 0.0 if s <= 0.0 else 1.0 if s > 1.0 else s))
             elif det == TIMING:
-                s = _fraction(det, r[3], r[4], r[5], max_share)
-                timing = (r, s) if s is not None else None
+                share = _fraction(det, r[3], r[4], r[5], max_share)
+                timing = (r, share) if share is not None else None
         return [self._one(fam, parts + ([timing] if timing else [])) for fam, parts in per_family.items()]
 
     def _one(self, family: str, parts: list[tuple[Finding, float]]) -> Finding:

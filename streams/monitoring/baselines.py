@@ -64,10 +64,10 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, ClassVar, Iterable, Mapping, NamedTuple, Sequence
 
 from river import stats
-from streams.core.errors import CsosError
+from streams.monitoring.errors import RiverStateError, StateVersionError
 
 #: Version of the state dict / ``som.state.RegistrantState`` layout. Bump it and
 #: add a step to :func:`migrate_state` whenever the layout changes.
@@ -87,14 +87,6 @@ TIMING_CAP = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-class RiverStateError(CsosError, RuntimeError):
-    """river's internal state is not laid out as this module expects (river upgrade?)."""
-    code = "RIVER_STATE"
-
-
-class StateVersionError(CsosError, ValueError):
-    """The stored state has a version this code cannot read or migrate."""
-    code = "STATE_VERSION"
 
 
 # --------------------------------------------------------------------------
@@ -206,13 +198,13 @@ class _RiverEW:
     resume the statistic (``_resume``) and what to read back (``_read``).
     """
 
-    __slots__ = ()
+    __slots__ = ("alpha", "n", "_stat", "_core", "_core_alpha")
     alpha: float
     n: int
     _stat: Any
     _core: Any  # the river statistic's Rust core: updated and read directly (~50 updates per learned order)
     _core_alpha: float  # the fading factor the statistic was resumed with
-    _CORE: str  # the attribute of the river statistic that holds its Rust core
+    _CORE: ClassVar[str]  # the attribute of the river statistic that holds its Rust core
 
     def _resume(self, alpha: float) -> Any:
         raise NotImplementedError
@@ -242,14 +234,14 @@ class EWMeanBaseline(_RiverEW):
     only reads, costs no river calls.
     """
 
-    __slots__ = ("alpha", "mean", "n", "_stat", "_core", "_core_alpha")
+    __slots__ = ("mean",)
     _CORE = "_ewmean"
 
     def __init__(self, alpha: float, mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
         self.mean = float(mean)
         self.n = int(n)
-        self._stat: stats.EWMean | None = None
+        self._stat = None
         self._core = None
         self._core_alpha = 0.0
 
@@ -294,7 +286,7 @@ class EWVarBaseline(_RiverEW):
     learning updates them on every released one).
     """
 
-    __slots__ = ("alpha", "_mean", "_sq_mean", "_stale", "n", "_stat", "_core", "_core_alpha")
+    __slots__ = ("_mean", "_sq_mean", "_stale")
     _CORE = "_ewvar"
 
     def __init__(self, alpha: float, mean: float = 0.0, sq_mean: float = 0.0, n: int = 0) -> None:
@@ -303,7 +295,7 @@ class EWVarBaseline(_RiverEW):
         self._sq_mean = float(sq_mean)
         self._stale = False  # river's state is newer than _mean / _sq_mean
         self.n = int(n)
-        self._stat: stats.EWVar | None = None
+        self._stat = None
         self._core = None
         self._core_alpha = 0.0
 
@@ -406,13 +398,13 @@ class DailyRing:
 
     __slots__ = ("cells",)
 
-    def __init__(self, cells: Mapping[str, Iterable[int]] | None = None) -> None:
+    def __init__(self, cells: Mapping[str, Sequence[Any]] | None = None) -> None:
         # Stored as parallel arrays (som.state.DayCells): arrays of numbers
         # encode several times faster than an array of small records. ``mg`` and ``high`` are
         # absent (or empty) in states written before they existed: 0 those days.
         cells = cells or {"day": (), "orders": (), "units": ()}
         n = len(cells["day"])
-        mg = list(cells.get("mg") or ())
+        mg: list[float] = list(cells.get("mg") or ())
         mg += [0.0] * (n - len(mg))
         high = list(cells.get("high") or ())
         high += [0] * (n - len(high))
@@ -450,7 +442,7 @@ class DailyRing:
         today = day_of(at_ms)
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
         orders = units = high = orders_30d = days_7d = days_before = 0
-        mg = 0  # as sum() starts: an int 0 until the first cell's float
+        mg: Any = 0  # as sum() starts: an int 0 until the first cell's float
         for day, (o, u, g, h) in self.cells.items():
             if month < day <= today:
                 units += u
@@ -817,23 +809,40 @@ def _clip_strength(value: float, baseline: EWMeanBaseline) -> float:
 class FamilyBaseline:
     """Everything known about one registrant's orders of one drug family."""
 
-    def __init__(self, s: BaselineSettings) -> None:
+    def __init__(self, s: BaselineSettings, d: Mapping[str, Any] | None = None) -> None:
+        """A family with no history, or the one stored as ``d`` (:meth:`to_dict`'s shape)."""
         a = s.ew_alpha
         self.settings = s
-        self.orders = 0
-        self.first_order_ms = 0
-        self.last_order_ms = 0
-        self.log_units = EWVarBaseline(a)
-        self.units = EWMeanBaseline(a)
-        self.gap_days = EWMeanBaseline(a)
-        self.count_24h = EWMeanBaseline(a)
-        self.count_7d = EWMeanBaseline(a)
-        self.units_30d = EWMeanBaseline(a)
-        self.mg_per_unit = EWMeanBaseline(a)
-        self.mg_per_unit_30d = EWMeanBaseline(a)
-        self.recent = RecentOrders(cap=s.recent_max)
-        self.days = DailyRing()
-        self.months = MonthRing()
+        if d is None:
+            self.orders = 0
+            self.first_order_ms = 0
+            self.last_order_ms = 0
+            self.log_units = EWVarBaseline(a)
+            self.units = EWMeanBaseline(a)
+            self.gap_days = EWMeanBaseline(a)
+            self.count_24h = EWMeanBaseline(a)
+            self.count_7d = EWMeanBaseline(a)
+            self.units_30d = EWMeanBaseline(a)
+            self.mg_per_unit = EWMeanBaseline(a)
+            self.mg_per_unit_30d = EWMeanBaseline(a)
+            self.recent = RecentOrders(cap=s.recent_max)
+            self.days = DailyRing()
+            self.months = MonthRing()
+            return
+        self.orders = int(d["orders"])
+        self.first_order_ms = int(d["first_order_ms"])
+        self.last_order_ms = int(d["last_order_ms"])
+        self.log_units = EWVarBaseline.from_dict(d["log_units"], a)
+        self.units = EWMeanBaseline.from_dict(d["units"], a)
+        self.gap_days = EWMeanBaseline.from_dict(d["gap_days"], a)
+        self.count_24h = EWMeanBaseline.from_dict(d["count_24h"], a)
+        self.count_7d = EWMeanBaseline.from_dict(d["count_7d"], a)
+        self.units_30d = EWMeanBaseline.from_dict(d["units_30d"], a)
+        self.mg_per_unit = EWMeanBaseline.from_dict(d.get("mg_per_unit") or {"mean": 0.0, "n": 0}, a)
+        self.mg_per_unit_30d = EWMeanBaseline.from_dict(d.get("mg_per_unit_30d") or {"mean": 0.0, "n": 0}, a)
+        self.recent = RecentOrders(d["recent_ms"], cap=s.recent_max)
+        self.days = DailyRing(d["days"])
+        self.months = MonthRing(d.get("months"))
 
     def windows(self, at_ms: int, units: int, exclude_self: bool = False, mg: float = 0.0,
                 high: int = 0) -> Windows:
@@ -909,24 +918,7 @@ class FamilyBaseline:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], s: BaselineSettings) -> "FamilyBaseline":
-        a = s.ew_alpha
-        fb = cls.__new__(cls)
-        fb.settings = s
-        fb.orders = int(d["orders"])
-        fb.first_order_ms = int(d["first_order_ms"])
-        fb.last_order_ms = int(d["last_order_ms"])
-        fb.log_units = EWVarBaseline.from_dict(d["log_units"], a)
-        fb.units = EWMeanBaseline.from_dict(d["units"], a)
-        fb.gap_days = EWMeanBaseline.from_dict(d["gap_days"], a)
-        fb.count_24h = EWMeanBaseline.from_dict(d["count_24h"], a)
-        fb.count_7d = EWMeanBaseline.from_dict(d["count_7d"], a)
-        fb.units_30d = EWMeanBaseline.from_dict(d["units_30d"], a)
-        fb.mg_per_unit = EWMeanBaseline.from_dict(d.get("mg_per_unit") or {"mean": 0.0, "n": 0}, a)
-        fb.mg_per_unit_30d = EWMeanBaseline.from_dict(d.get("mg_per_unit_30d") or {"mean": 0.0, "n": 0}, a)
-        fb.recent = RecentOrders(d["recent_ms"], cap=s.recent_max)
-        fb.days = DailyRing(d["days"])
-        fb.months = MonthRing(d.get("months"))
-        return fb
+        return cls(s, d)
 
 
 class TimingProfile:
@@ -1158,7 +1150,7 @@ class RegistrantBaselines:
             self._replay = self.has_learned(order.order_id)
             self._windows = {}
             self._monthly = {}
-            self._units_30d_all: dict[str, int] | None = None
+            self._units_30d_all = None
 
     def windows(self, family: str, order: OrderFacts) -> Windows:
         """Activity of ``family`` in the windows ending at ``order``, the order included."""

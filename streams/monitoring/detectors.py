@@ -474,12 +474,12 @@ class SizeDetector:
                     + ("; the order exceeds it." if fired else "; the order is within it."))
             return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, fired, text)
 
-        usual = fb.units.get()
-        m, s = fb.log_units.mean, max(fb.log_units.std(), c.size_min_log_std)
+        usual = fb.units.get()  # type: ignore[union-attr]
+        m, s = fb.log_units.mean, max(fb.log_units.std(), c.size_min_log_std)  # type: ignore[union-attr]
         z_limit = math.exp(m + c.size_z * s)
         ratio_limit = c.size_ratio * usual
         threshold = max(z_limit, ratio_limit)
-        window = fb.units.window()
+        window = fb.units.window()  # type: ignore[union-attr]
         if f.units <= threshold:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
         day_units, usual_day, basis = self._usual_day(state, order, f)  # only for orders above the threshold
@@ -544,10 +544,10 @@ class VolumeDetector(PerFamilyDetector):
             window = (f"cold start: {samples} 30-day samples of {f.family} (< {c.volume_min_history}); "
                       f"not judged")
             return finding(self.name, self.dimension, f.family, value, usual, _MAX, window, False, "")
-        usual = fb.units_30d.get()
+        usual = fb.units_30d.get()  # type: ignore[union-attr]
         threshold = c.volume_ratio * usual
         fired = value > threshold
-        window = fb.units_30d.window() + " (30-day units at each order)"
+        window = fb.units_30d.window() + " (30-day units at each order)"  # type: ignore[union-attr]
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
         text = (f"Including this order, {fmt_n(value)} dosage units of {f.family} in the last 30 days; "
@@ -673,7 +673,7 @@ class FrequencyDetector(PerFamilyDetector):
         threshold = float(max(floor, limit))
         fired = value > threshold
         usual = 1.0 + rate
-        window = f"Poisson at the learned cadence ({base.window()})"
+        window = f"Poisson at the learned cadence ({base.window()})"  # type: ignore[union-attr]
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             if self.hours == 168:
                 days = self._ordering_days(fb, w, f.family, order)

@@ -55,12 +55,13 @@ def evidence(findings: list[Finding], deciding: Container[str]) -> list[dict[str
     detector is in ``deciding``); the others stay the tuples they were built as.
     """
     fired = []
-    closest: dict[str, tuple[float, Finding]] = {}  # detector -> (closeness, finding); the first wins a tie
+    closest: dict[str, tuple[float, Any]] = {}  # detector -> (closeness, finding); the first wins a tie
     # A detector's findings come one after another: the running best of a run of one detector is kept in
     # locals and stored once per run (~20 dict writes per order instead of ~110 reads and writes). The run
     # starts from the detector's best so far, so the result is the one-by-one comparison's, ties and all.
     run_det: str | None = None
-    run_near, run_best = 0.0, None
+    run_near: float = 0.0
+    run_best: Any = None
     for f in findings:  # (detector, dimension, family, value, baseline, threshold, window, fired, explanation)
         if f[7]:
             fired.append(as_reason(f, f[0] in deciding))

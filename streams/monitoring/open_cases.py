@@ -199,7 +199,7 @@ def apply_outcome(dd: MutableMapping[str, Any], outcome: Mapping[str, Any]) -> b
     elif kind == SET_LIMIT:
         for fam in families:
             dd["reported"].pop(fam, None)
-            dd["limits"][fam] = {"units": int(units), "at_ms": at, "by": by, "decision_id": did}
+            dd["limits"][fam] = {"units": int(units), "at_ms": at, "by": by, "decision_id": did}  # type: ignore[arg-type]
     elif kind == TERMINATED:
         if not dd["terminated"]:
             dd["terminated"] = {"at_ms": at, "by": by, "case_id": case_id, "decision_id": did}

@@ -1,0 +1,47 @@
+"""Build hook: compile the monitor's hot modules with mypyc; everything else is in pyproject.toml.
+
+Scoring and learning are most of a worker's CPU per order; mypyc compiles
+their type-annotated modules to C extensions, with the same results (README
+"Performance", "The compiled monitor"). The extensions are optional: without
+a C compiler, or with ``CSOS_PURE_PYTHON=1`` at install, the package installs
+and runs as plain Python. ``streams/monitoring/native-manifest.json`` records
+the SHA-256 of each compiled source, so that ``streams.monitoring.native``
+imports the sources instead once one of them has changed since this build.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+PACKAGE_DIR = HERE / "streams" / "monitoring"
+# Keep in step with streams.monitoring.native.COMPILED (setup.py cannot import the package: its
+# dependencies are not installed in the build environment).
+COMPILED = ("baselines", "detectors", "anomaly", "onboarding", "peers", "open_cases")
+MANIFEST = PACKAGE_DIR / "native-manifest.json"
+
+
+def extensions() -> list:
+    if os.environ.get("CSOS_PURE_PYTHON", "") == "1":
+        MANIFEST.unlink(missing_ok=True)
+        return []
+    import mypy.version
+    from mypyc.build import mypycify
+
+    sources = [f"streams/monitoring/{m}.py" for m in COMPILED]
+    exts = mypycify(sources + ["--ignore-missing-imports", "--follow-imports=silent"],
+                    opt_level="3", group_name="csos_monitoring_native")
+    for ext in exts:
+        ext.optional = True  # no C compiler: a warning, and the package runs as plain Python
+    MANIFEST.write_text(json.dumps({
+        "mypy": mypy.version.__version__,
+        "sources": {m: hashlib.sha256((PACKAGE_DIR / f"{m}.py").read_bytes()).hexdigest() for m in COMPILED},
+    }, indent=1, sort_keys=True) + "\n")
+    return exts
+
+
+setup(ext_modules=extensions())

@@ -1,0 +1,124 @@
+"""Use the monitor's mypyc-compiled modules only when they were built from the sources beside them.
+
+Why: scoring and learning are most of a worker's CPU per order (README
+"Performance"). ``setup.py`` compiles the modules in :data:`COMPILED` with
+mypyc (C extensions beside the ``.py`` files) and writes
+:data:`MANIFEST`, the SHA-256 of each source it compiled. Python imports an
+extension in preference to the ``.py`` of the same name, so a source edited
+after the build (a ``git pull``, a developer's change) would silently run the
+old compiled code. :func:`install` prevents that: unless every compiled module's
+source still has the hash it was built from, all of them are imported from
+their ``.py`` files instead (all or none: compiled modules call each other
+natively, and an interpreted class cannot subclass a compiled one), and a
+warning says to run ``make install``. ``CSOS_PURE_PYTHON=1`` forces the
+sources (for cProfile, which cannot see into compiled functions, or to compare
+the two builds). The decisions are the same either way: the build must publish
+the same bytes (``bench_worker --digest``) and ``tests/unit/test_native.py``
+runs the demo's fixed feed through both.
+
+This module itself is never compiled.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "streams.monitoring"
+#: The modules ``setup.py`` compiles (the hot path of scoring and learning). monitor.py stays interpreted:
+#: its Monitor is the facade tests and tools wrap; strength.py reads ``__file__`` at import, which a
+#: compiled module lacks.
+COMPILED: tuple[str, ...] = ("baselines", "detectors", "anomaly", "onboarding", "peers", "open_cases")
+HERE = Path(__file__).resolve().parent
+#: Written by setup.py at build time: {"mypy": version, "sources": {module: sha256 of its .py}}.
+MANIFEST = HERE / "native-manifest.json"
+#: The shared library the compiled modules load (setup.py's mypyc ``group_name``).
+RUNTIME = "csos_monitoring_native__mypyc"
+
+
+def source_hash(path: Path) -> str:
+    """The SHA-256 of a source file, as setup.py records it."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def compiled_files(module: str, directory: Path = HERE) -> list[Path]:
+    """The extension files built for ``module`` (``baselines.cpython-311-x86_64-linux-gnu.so``, ...)."""
+    return [directory / f"{module}{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES
+            if (directory / f"{module}{suffix}").exists()]
+
+
+def stale(manifest: dict[str, object] | None, directory: Path = HERE,
+          modules: Sequence[str] = COMPILED) -> list[str]:
+    """The compiled modules whose source differs from the one they were built from (or has no record)."""
+    recorded = manifest.get("sources") if manifest else None
+    if not isinstance(recorded, dict):
+        recorded = {}
+    return [m for m in modules if compiled_files(m, directory)
+            and recorded.get(m) != source_hash(directory / f"{m}.py")]
+
+
+def read_manifest(path: Path = MANIFEST) -> dict[str, object] | None:
+    """The build's manifest, or None when there is none (a pure-Python install) or it is unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class _FromSource(importlib.abc.MetaPathFinder):
+    """Finds the compiled modules' ``.py`` files ahead of the extensions beside them."""
+
+    def __init__(self, directory: Path, modules: Sequence[str]) -> None:
+        self.paths = {f"{PACKAGE}.{m}": directory / f"{m}.py" for m in modules}
+
+    def find_spec(self, fullname: str, path: object = None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        source = self.paths.get(fullname)
+        return importlib.util.spec_from_file_location(fullname, source) if source is not None else None
+
+
+def compiled_in_use() -> dict[str, bool]:
+    """Per compiled module, whether the imported one is the extension (for /health, tests and benchmarks)."""
+    out = {}
+    for m in COMPILED:
+        module = sys.modules.get(f"{PACKAGE}.{m}")
+        out[m] = module is not None and not str(getattr(module, "__file__", "")).endswith(".py")
+    return out
+
+
+def install() -> str:
+    """Decide, before any compiled module is imported, whether they run compiled; returns the mode.
+
+    ``"compiled"``: the extensions match their sources. ``"source"``: none was
+    built, ``CSOS_PURE_PYTHON=1``, or a source changed since the build (warned).
+    """
+    if not any(compiled_files(m) for m in COMPILED):
+        return "source"
+    forced = os.environ.get("CSOS_PURE_PYTHON", "") == "1"
+    changed = [] if forced else stale(read_manifest())
+    runtime = importlib.util.find_spec(RUNTIME) is not None
+    if not forced and not changed and runtime:
+        return "compiled"
+    if not runtime and not forced:
+        log.warning("the monitor's compiled modules are there without their shared library %s (a partial build): "
+                    "running the .py sources instead, slower; `make install` rebuilds them", RUNTIME)
+    elif changed:
+        log.warning("the monitor's compiled modules were built from other sources (%s changed since the build): "
+                    "running the .py sources instead, slower; `make install` rebuilds them", ", ".join(changed))
+    if not any(isinstance(f, _FromSource) for f in sys.meta_path):
+        sys.meta_path.insert(0, _FromSource(HERE, COMPILED))
+    return "source"
+
+
+MODE = install()
