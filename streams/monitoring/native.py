@@ -122,3 +122,14 @@ def install() -> str:
 
 
 MODE = install()
+
+
+def main() -> int:
+    """Print the mode; 1 when a build exists but is stale (``make install`` then rebuilds it).
+
+    ``make install`` runs it and reinstalls (rebuilds) on 1, so ``make test`` after an edit or a pull
+    tests the compiled build of the sources it has.
+    """
+    changed = stale(read_manifest())
+    print(f"monitor: {MODE}" + (f" (stale build: {', '.join(changed)} changed)" if changed else ""))
+    return 1 if changed else 0

@@ -46,6 +46,7 @@ from connectors.kafka import catalogue as t
 from connectors.kafka.emit import Emitter
 from connectors.kafka.testing import MemoryPublisher
 from streams.core.config import Settings
+from streams.monitoring import native as monitor_native
 
 #: A fixed "now" for ``--digest`` (after the demo feed's end, inside every certificate's validity).
 FIXED_NOW = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
@@ -205,7 +206,8 @@ def run(data_dir: Path, *, registrants: int, days: int, seed: int, batch: int, p
     inside_monitor = timed.total() - inside_verify if timed else 0.0
     lines = sum(len(monitor.codec.decode(m.value)[1]["lines"]) for m in verified)
     n, v = len(received), len(verified)
-    report = [f"{n} received orders, {v} verified ({lines} lines), batches of {batch}",
+    report = [f"{n} received orders, {v} verified ({lines} lines), batches of {batch}, "
+              f"monitor {monitor_native.MODE} (CSOS_PURE_PYTHON=1: source)",
               f"verify stage : {verify_cpu / n * 1e6:8.1f} us per received order",
               f"monitor stage: {monitor_cpu / v * 1e6:8.1f} us per verified order",
               f"both stages  : {(verify_cpu + monitor_cpu) / v * 1e6:8.1f} us per verified order, "
