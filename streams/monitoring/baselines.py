@@ -64,7 +64,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, ClassVar, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Final, Iterable, Mapping, NamedTuple, Sequence
 
 from river import stats
 from streams.monitoring.errors import RiverStateError, StateVersionError
@@ -123,11 +123,15 @@ def _check_alpha(kind: str, stored: tuple[float, ...], alpha: float) -> None:
 
 def ewmean_export(stat: stats.EWMean) -> tuple[float, bool]:
     """(mean, initialized) of a river ``EWMean``, read from its Rust state bytes."""
-    raw = _rust_core(stat, "_ewmean").__getstate__()
+    return _ewmean_unpack(_rust_core(stat, "_ewmean").__getstate__(), stat.fading_factor)
+
+
+def _ewmean_unpack(raw: bytes, fading_factor: float) -> tuple[float, bool]:
+    """:func:`ewmean_export` from the Rust core's state bytes (what saving a learned baseline reads)."""
     if len(raw) != _EWMEAN_BYTES.size:
         raise RiverStateError(f"river EWMean state is {len(raw)} bytes, expected {_EWMEAN_BYTES.size}")
     mean, a, one_minus_a, initialized, a2 = _EWMEAN_BYTES.unpack(raw)
-    _check_alpha("EWMean", (a, one_minus_a, a2), stat.fading_factor)
+    _check_alpha("EWMean", (a, one_minus_a, a2), fading_factor)
     return mean, initialized
 
 
@@ -154,6 +158,37 @@ def _ewvar_unpack(raw: bytes, fading_factor: float) -> tuple[float, float, bool]
     if init1 != init2:
         raise RiverStateError("river EWVar mean and square-mean disagree on initialisation")
     return m, sq, init1
+
+
+def _core_class(stat_type: Any, attr: str) -> Any:
+    """The class of a river statistic's Rust core, checked (:func:`_rust_core`) once at import.
+
+    Learning resumes ~30 statistics per released order; building the Rust core directly, as river's own
+    ``__init__`` does, skips the Python object around it and the presence checks on every resume.
+    """
+    return type(_rust_core(stat_type(fading_factor=0.5), attr))
+
+
+_RS_EWMEAN: Final[Any] = _core_class(stats.EWMean, "_ewmean")
+_RS_EWVAR: Final[Any] = _core_class(stats.EWVar, "_ewvar")
+
+
+def _ewmean_core(mean: float, initialized: bool, alpha: float) -> Any:
+    """:func:`ewmean_import`'s Rust core alone (what learning updates)."""
+    core = _RS_EWMEAN(alpha)
+    if initialized:
+        core.__setstate__(_EWMEAN_BYTES.pack(float(mean), alpha, 1.0 - alpha, True, alpha))
+    return core
+
+
+def _ewvar_core(mean: float, sq_mean: float, initialized: bool, alpha: float) -> Any:
+    """:func:`ewvar_import`'s Rust core alone (what learning updates)."""
+    core = _RS_EWVAR(alpha)
+    if initialized:
+        b = 1.0 - alpha
+        core.__setstate__(_EWVAR_BYTES.pack(float(mean), alpha, b, True, float(sq_mean), alpha, b, True,
+                                            alpha, alpha))
+    return core
 
 
 def ewvar_import(mean: float, sq_mean: float, initialized: bool, alpha: float) -> stats.EWVar:
@@ -195,18 +230,17 @@ class _RiverEW:
     with the fading factor :func:`warmup_alpha` gives for the ``n``-th value;
     the statistic is kept while that factor stays the same (after the warm-up,
     for good), so a run of updates costs one import. Subclasses say how to
-    resume the statistic (``_resume``) and what to read back (``_read``).
+    resume the statistic's Rust core (``_resume``) and what to read back (``_read``).
     """
 
-    __slots__ = ("alpha", "n", "_stat", "_core", "_core_alpha")
+    __slots__ = ("alpha", "n", "_core", "_core_alpha")
     alpha: float
     n: int
-    _stat: Any
     _core: Any  # the river statistic's Rust core: updated and read directly (~50 updates per learned order)
     _core_alpha: float  # the fading factor the statistic was resumed with
-    _CORE: ClassVar[str]  # the attribute of the river statistic that holds its Rust core
 
     def _resume(self, alpha: float) -> Any:
+        """The river statistic's Rust core resumed from the stored numbers with fading factor ``alpha``."""
         raise NotImplementedError
 
     def _read(self, core: Any) -> None:
@@ -218,8 +252,7 @@ class _RiverEW:
         a = alpha if alpha >= inv else inv  # warmup_alpha (max(alpha, inv)), inlined
         core = self._core
         if core is None or self._core_alpha != a:
-            stat = self._stat = self._resume(a)
-            core = self._core = _rust_core(stat, self._CORE)
+            core = self._core = self._resume(a)
             self._core_alpha = a
         core.update(float(x))  # what river's Python update() does, without its extra call
         self.n += 1
@@ -235,18 +268,16 @@ class EWMeanBaseline(_RiverEW):
     """
 
     __slots__ = ("mean",)
-    _CORE = "_ewmean"
 
     def __init__(self, alpha: float, mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
         self.mean = float(mean)
         self.n = int(n)
-        self._stat = None
         self._core = None
         self._core_alpha = 0.0
 
-    def _resume(self, alpha: float) -> stats.EWMean:
-        return ewmean_import(self.mean, self.n > 0, alpha)
+    def _resume(self, alpha: float) -> Any:
+        return _ewmean_core(self.mean, self.n > 0, alpha)
 
     def _read(self, core: Any) -> None:
         # river's get() is the mean itself; the full export (with its layout
@@ -261,8 +292,8 @@ class EWMeanBaseline(_RiverEW):
         return _ew_window(self.alpha, self.n)
 
     def to_dict(self) -> dict[str, Any]:
-        if self._stat is not None and self.n:
-            self.mean = ewmean_export(self._stat)[0]
+        if self._core is not None and self.n:
+            self.mean = _ewmean_unpack(self._core.__getstate__(), self._core_alpha)[0]
         return {"mean": self.mean if self.n else 0.0, "n": self.n}
 
     @classmethod
@@ -287,7 +318,6 @@ class EWVarBaseline(_RiverEW):
     """
 
     __slots__ = ("_mean", "_sq_mean", "_stale")
-    _CORE = "_ewvar"
 
     def __init__(self, alpha: float, mean: float = 0.0, sq_mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
@@ -295,12 +325,11 @@ class EWVarBaseline(_RiverEW):
         self._sq_mean = float(sq_mean)
         self._stale = False  # river's state is newer than _mean / _sq_mean
         self.n = int(n)
-        self._stat = None
         self._core = None
         self._core_alpha = 0.0
 
-    def _resume(self, alpha: float) -> stats.EWVar:
-        return ewvar_import(self.mean, self.sq_mean, self.n > 0, alpha)
+    def _resume(self, alpha: float) -> Any:
+        return _ewvar_core(self.mean, self.sq_mean, self.n > 0, alpha)
 
     def _read(self, core: Any) -> None:
         self._stale = True
@@ -768,16 +797,28 @@ class Monthly(NamedTuple):
     prior: tuple[int, ...]
 
     def trailing(self, months: int) -> tuple[int, ...]:
-        return self.prior[-months:] if months < len(self.prior) else self.prior
+        return trailing_months(self.prior, months)
 
     def months_with_orders(self, months: int) -> int:
-        return months_with_orders(self.trailing(months))
+        return months_with_orders(trailing_months(self.prior, months))
 
 
-@functools.lru_cache(maxsize=4096)
+def trailing_months(prior: tuple[int, ...], months: int) -> tuple[int, ...]:
+    """:meth:`Monthly.trailing` as a plain function: compiled code calls it directly (a named tuple's method
+    is looked up and called as a Python object)."""
+    return prior[-months:] if months < len(prior) else prior
+
+
 def months_with_orders(units: tuple[int, ...]) -> int:
-    """How many of these months had orders: read by several rules per family and order, on the same few tuples."""
-    return sum(1 for u in units if u > 0)
+    """How many of these months had orders: read by several rules per family and order. A compiled loop over
+    at most 13 months, which costs less than hashing the tuple for a cache."""
+    n = 0
+    for u in units:
+        if u > 0:
+            n += 1
+    return n
+
+
 
 
 def _clip_count(count: int, baseline: EWMeanBaseline) -> float:
@@ -852,8 +893,10 @@ class FamilyBaseline:
         (``units``, ``mg`` mg of base drug, ``high`` high-strength units) is taken out before it is added back once.
         """
         c24 = self.recent.count(at_ms, exclude=at_ms if exclude_self else None)
-        c7, u30, mg30, high30, orders30, d7, d_before = self.days.windows(
-            at_ms, *((units, mg, high) if exclude_self else (None, None, None)))
+        if exclude_self:
+            c7, u30, mg30, high30, orders30, d7, d_before = self.days.windows(at_ms, units, mg, high)
+        else:  # a plain call, not *args: mypyc calls the native method directly
+            c7, u30, mg30, high30, orders30, d7, d_before = self.days.windows(at_ms)
         # The order makes its day an ordering day; a day that already has a learned order (or this very
         # order, redelivered) is counted once.
         today_learned = day_of(at_ms) in self.days.cells

@@ -42,8 +42,9 @@ from datetime import date, datetime, timezone
 from typing import Any, NamedTuple, Protocol
 
 from streams.monitoring.baselines import (
-    TIMING_CAP, WINDOW_30D_DAYS, WINDOW_7D_DAYS, BaselineSettings, FamilyFacts, Monthly, OrderFacts,
-    RegistrantBaselines, day_of, ew_memory, month_name, month_of, months_with_orders,
+    TIMING_CAP, WINDOW_30D_DAYS, WINDOW_7D_DAYS, BaselineSettings, FamilyBaseline, FamilyFacts, Monthly,
+    OrderFacts, RegistrantBaselines, Windows, day_of, ew_memory, month_name, month_of, months_with_orders,
+    trailing_months,
 )
 from streams.monitoring.peers import PeerGroup, PeerProfiles
 
@@ -639,7 +640,7 @@ class FrequencyDetector(PerFamilyDetector):
         self.hours = hours
         self.name = "frequency_24h" if hours == 24 else "frequency_7d"
 
-    def rate(self, fb: Any) -> float:
+    def rate(self, fb: FamilyBaseline) -> float:
         """Expected number of *other* orders of the family in this window, from its released history."""
         weekly = max(fb.count_7d.get() - 1.0 if fb.count_7d.n else 0.0, self.cfg.freq_min_rate_7d)
         if self.hours == 168:
@@ -687,7 +688,7 @@ class FrequencyDetector(PerFamilyDetector):
                 f"{fmt_r(threshold)} orders (the larger of that count and {floor:g}).")
         return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
 
-    def day_rate(self, w: Any) -> float:
+    def day_rate(self, w: Windows) -> float:
         """Expected number of *other* ordering days of the family in a 7-day window: the ordering days
         of the 23 days before the window (learned orders), scaled to the window's other 6 days.
 
@@ -698,7 +699,7 @@ class FrequencyDetector(PerFamilyDetector):
         before = WINDOW_30D_DAYS - WINDOW_7D_DAYS
         return max(w.learned_days_before_7d * OTHER_DAYS_7D / before, self.cfg.freq_min_rate_7d)
 
-    def _ordering_days(self, fb: Any, w: Any, family: str, order: OrderFacts) -> Finding | None:
+    def _ordering_days(self, fb: FamilyBaseline, w: Windows, family: str, order: OrderFacts) -> Finding | None:
         """The 7-day finding on ordering days when it fires, else None.
 
         A burst of one extra order per business day adds ordering DAYS, not many orders, and an ARCOS
@@ -1241,8 +1242,8 @@ class RampGuardDetector(PerFamilyDetector):
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         m = state.monthly(f.family, order)
-        prior = m.trailing(12)
-        with_orders = m.months_with_orders(12)
+        prior = trailing_months(m.prior, 12)
+        with_orders = months_with_orders(prior)
         avg = sum(prior) / len(prior) if prior else 0.0
         if with_orders < c.static_min_months:
             return _not_applicable(self, f, m, 12, f"{c.ramp_2x_ratio:g}x 12-month average", with_orders, avg)
@@ -1601,8 +1602,8 @@ class TrailingMonthsRule(PerFamilyDetector):
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         m = state.monthly(f.family, order)
-        prior = m.trailing(self.months)
-        with_orders = m.months_with_orders(self.months)
+        prior = trailing_months(m.prior, self.months)
+        with_orders = months_with_orders(prior)
         level, threshold = self._level(prior)
         if with_orders < self.cfg.static_min_months:
             return _not_applicable(self, f, m, self.months, self.rule, with_orders, level)
