@@ -669,12 +669,13 @@ class FrequencyDetector(PerFamilyDetector):
             text = (f"This is order {value} of {f.family} in {span}; too little history for a baseline, "
                     f"so only the ceiling of {cold} orders applies" + ("; exceeded." if fired else "; within it."))
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
+        assert fb is not None and base is not None  # samples > 0: the family has a baseline
         rate = round(self.rate(fb), 2)
         limit = poisson_quantile(rate, p)
         threshold = float(max(floor, limit))
         fired = value > threshold
         usual = 1.0 + rate
-        window = f"Poisson at the learned cadence ({base.window()})"  # type: ignore[union-attr]
+        window = f"Poisson at the learned cadence ({base.window()})"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             if self.hours == 168:
                 days = self._ordering_days(fb, w, f.family, order)
