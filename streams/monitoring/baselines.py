@@ -71,20 +71,20 @@ from streams.monitoring.errors import RiverStateError, StateVersionError
 
 #: Version of the state dict / ``som.state.RegistrantState`` layout. Bump it and
 #: add a step to :func:`migrate_state` whenever the layout changes.
-STATE_VERSION = 4
+STATE_VERSION: Final = 4
 
-MS_PER_DAY = 86_400_000
-WINDOW_24H_MS = MS_PER_DAY
-WINDOW_7D_DAYS = 7
-WINDOW_30D_DAYS = 30
-MONTHS_KEPT = 13  # the current calendar month and the 12 full months before it
+MS_PER_DAY: Final = 86_400_000
+WINDOW_24H_MS: Final = MS_PER_DAY
+WINDOW_7D_DAYS: Final = 7
+WINDOW_30D_DAYS: Final = 30
+MONTHS_KEPT: Final = 13  # the current calendar month and the 12 full months before it
 #: Legacy guard (the last few learned order ids, as CRCs); the authority on what was learned is the
 #: per-order-id ``outcomes`` record, kept CSOS_DEDUP_DAYS (``streams.pipeline.outcomes``).
-LEARNED_IDS_KEPT = 8
+LEARNED_IDS_KEPT: Final = 8
 #: Timing counts are halved when their total reaches this: bounded ints, recent habits weigh more.
-TIMING_CAP = 256
+TIMING_CAP: Final = 256
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 
@@ -94,9 +94,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # --------------------------------------------------------------------------
 
 # RsEWMean {ewmean: EWMean{mean: f64, alpha: f64, one_minus_alpha: f64, initialized: bool}, alpha: f64}
-_EWMEAN_BYTES = struct.Struct("<ddd?d")
+_EWMEAN_BYTES: Final = struct.Struct("<ddd?d")
 # RsEWVar {ewvar: EWVariance{mean: EWMean, sq_mean: EWMean, alpha: f64}, alpha: f64}
-_EWVAR_BYTES = struct.Struct("<ddd?ddd?dd")
+_EWVAR_BYTES: Final = struct.Struct("<ddd?ddd?dd")
 
 
 def _rust_core(stat: Any, attr: str) -> Any:
@@ -471,18 +471,30 @@ class DailyRing:
         today = day_of(at_ms)
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
         orders = units = high = orders_30d = days_7d = days_before = 0
-        mg: Any = 0  # as sum() starts: an int 0 until the first cell's float
-        for day, (o, u, g, h) in self.cells.items():
+        mg_sum = 0.0
+        in_window = False
+        for day, cell in self.cells.items():
             if month < day <= today:
+                # Typed reads of the cell (orders, units, mg, high are int, int, float, int): compiled, the sums
+                # below are C arithmetic, not calls on Python objects.
+                o: int = cell[0]
+                u: int = cell[1]
+                g: float = cell[2]
+                h: int = cell[3]
                 units += u
-                mg += g
+                mg_sum += g
+                in_window = True
                 high += h
                 orders_30d += o
                 if day > week:
                     orders += o
-                    days_7d += o > 0
-                else:
-                    days_before += o > 0
+                    if o > 0:
+                        days_7d += 1
+                elif o > 0:
+                    days_before += 1
+        # As sum() adds: an int 0 with no cell (max(0, 0.0) below keeps the int), else 0.0 + each float in turn
+        # (0 + g == 0.0 + g exactly).
+        mg: Any = mg_sum if in_window else 0
         if today in self.cells:
             if exclude_units is not None:
                 orders -= 1
@@ -833,7 +845,7 @@ def _clip_count(count: int, baseline: EWMeanBaseline) -> float:
 
 
 #: A learned 30-day strength is at most this multiple of the usual one (see :func:`_clip_strength`).
-STRENGTH_CLIP = 1.2
+STRENGTH_CLIP: Final = 1.2
 
 
 def _clip_strength(value: float, baseline: EWMeanBaseline) -> float:

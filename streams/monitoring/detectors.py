@@ -39,7 +39,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from datetime import date, datetime, timezone
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from streams.monitoring.baselines import (
     TIMING_CAP, WINDOW_30D_DAYS, WINDOW_7D_DAYS, BaselineSettings, FamilyBaseline, FamilyFacts, Monthly,
@@ -67,7 +67,7 @@ Reason = dict[str, Any]
 
 #: Threshold of a finding that cannot fire (no baseline yet): the largest finite double, since
 #: JSON and most dashboards cannot hold infinity.
-_MAX = 1.7976931348623157e308
+_MAX: Final = 1.7976931348623157e308
 
 
 @dataclass(frozen=True)
@@ -607,7 +607,7 @@ def poisson_tail(rate: float, count: int) -> float:
 
 
 #: Other days in a 7-day window besides the order's own: the most ordering days it can add.
-OTHER_DAYS_7D = 6
+OTHER_DAYS_7D: Final = 6
 
 
 class FrequencyDetector(PerFamilyDetector):
@@ -1003,8 +1003,8 @@ class Cadence(NamedTuple):
 NO_CADENCE = Cadence(1.0, 0, 0.0, 0.0)
 #: "One ordering day more than usual", with this much slack for a gap that wanders (a buyer ordering every 30.4
 #: days on average has two orders in 30 days whenever a gap is shorter: 2 <= 0.99 + 1 + slack).
-_GAP_SLACK = 0.25
-_DAYS_PER_MONTH = 30.4
+_GAP_SLACK: Final = 0.25
+_DAYS_PER_MONTH: Final = 30.4
 
 
 def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_day: int, length_days: float,
@@ -1526,7 +1526,7 @@ class PeerVolumeDetector(PerFamilyDetector):
         return finding(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
 
 
-_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_WEEKDAYS: Final = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
 class TimingDetector:
