@@ -1665,7 +1665,12 @@ class StaticMaxDetector(TrailingMonthsRule):
     over = "maximum of"
 
     def _level(self, prior: tuple[int, ...]) -> tuple[float, float]:
-        top = float(max(prior, default=0))
+        # max(prior, default=0) as a compiled loop (the builtin with a keyword is a generic call)
+        top_units = prior[0] if prior else 0
+        for u in prior:
+            if u > top_units:
+                top_units = u
+        top = float(top_units)
         return top, top
 
     def _stated(self, prior: tuple[int, ...], level: float, threshold: float) -> str:
