@@ -174,7 +174,22 @@ def _core_class(stat_type: Any, attr: str) -> Any:
     return type(_rust_core(stat_type(fading_factor=0.5), attr))
 
 
-_RS_EWMEAN: Final[Any] = _core_class(stats.EWMean, "_ewmean")
+def _checked_ewmean_core() -> Any:
+    """:data:`_RS_EWMEAN`, once its state layout is checked: that a learned mean reads back from the state bytes
+    as river's ``get()`` returns it (with the fading factor where it is expected), so that saving a baseline can
+    store ``get()``'s mean without exporting the state bytes of every statistic."""
+    core_class = _core_class(stats.EWMean, "_ewmean")
+    core = core_class(0.25)
+    for x in (3.0, 5.0, 11.0):
+        core.update(x)
+    mean, initialized = _ewmean_unpack(core.__getstate__(), 0.25)
+    if not initialized or mean != core.get():
+        raise RiverStateError("river EWMean state bytes no longer hold get()'s mean; update "
+                              "streams/monitoring/baselines.py for this river version")
+    return core_class
+
+
+_RS_EWMEAN: Final[Any] = _checked_ewmean_core()
 _RS_EWVAR: Final[Any] = _core_class(stats.EWVar, "_ewvar")
 
 
@@ -285,8 +300,8 @@ class EWMeanBaseline(_RiverEW):
         return _ewmean_core(self.mean, self.n > 0, alpha)
 
     def _read(self, core: Any) -> None:
-        # river's get() is the mean itself; the full export (with its layout
-        # checks) runs when the state is saved (to_dict), not on every update.
+        # river's get() is the mean itself, as its state bytes hold it (checked once at import:
+        # _checked_ewmean_core), so saving the state (to_dict) stores it without exporting the bytes.
         self.mean = core.get()
 
     def get(self) -> float:
@@ -297,8 +312,6 @@ class EWMeanBaseline(_RiverEW):
         return _ew_window(self.alpha, self.n)
 
     def to_dict(self) -> dict[str, Any]:
-        if self._core is not None and self.n:
-            self.mean = _ewmean_unpack(self._core.__getstate__(), self._core_alpha)[0]
         return {"mean": self.mean if self.n else 0.0, "n": self.n}
 
     @classmethod
