@@ -27,15 +27,15 @@ no state of its own, and its one threshold is calibrated on the scenarios
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Iterable
+from typing import ClassVar, Final, Iterable
 
 from streams.monitoring.detectors import _MAX, MonitorConfig, Finding, Reason, as_finding, as_reason, finding
 
 #: The learned per-family detectors whose findings are combined (static rules and new_family are not features).
 FEATURES = ("size", "volume_30d", "frequency_24h", "frequency_7d", "family_mix", "trend", "peer_volume")
-TIMING = "timing"
-_FINITE = 1e300
-_FEATURES = frozenset(FEATURES)
+TIMING: Final = "timing"
+_FINITE: Final = 1e300
+_FEATURES: Final = frozenset(FEATURES)
 
 
 def fraction(r: Reason, timing_max_share: float) -> float | None:
@@ -74,19 +74,21 @@ class AnomalyCombiner:
         per_family: dict[str, list[tuple[Finding, float]]] = {}
         timing: tuple[Finding, float] | None = None
         max_share = self.cfg.timing_max_share
-        log = math.log
         for r in findings:  # (detector, dimension, family, value, baseline, threshold, ...): see detectors.Finding
             det = r[0]
             if det in _FEATURES:
-                fam = r[2]
+                fam: str = r[2]
                 parts = per_family.get(fam)
                 if parts is None:
                     parts = per_family[fam] = []
-                b = r[4]
+                # Typed as the floats finding() makes them: compiled, the comparisons and logs below are C
+                # arithmetic on doubles (math.log called directly, not through a local alias).
+                b: float = r[4]
                 if b > 0:  # fraction(), inlined: ~40 findings per order
-                    v, t = r[3], r[5]
+                    v: float = r[3]
+                    t: float = r[5]
                     if b < t < _FINITE and v > 0:
-                        s = log(v / b) / log(t / b)
+                        s = math.log(v / b) / math.log(t / b)
                         parts.append((r, 0.0 if s <= 0.0 else 1.0 if s > 1.0 else s))
             elif det == TIMING:
                 share = _fraction(det, r[3], r[4], r[5], max_share)

@@ -64,27 +64,32 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, ClassVar, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Final, Iterable, Mapping, NamedTuple, Sequence
 
 from river import stats
 from streams.monitoring.errors import RiverStateError, StateVersionError
 
 #: Version of the state dict / ``som.state.RegistrantState`` layout. Bump it and
 #: add a step to :func:`migrate_state` whenever the layout changes.
-STATE_VERSION = 4
+STATE_VERSION: Final = 4
 
-MS_PER_DAY = 86_400_000
-WINDOW_24H_MS = MS_PER_DAY
-WINDOW_7D_DAYS = 7
-WINDOW_30D_DAYS = 30
-MONTHS_KEPT = 13  # the current calendar month and the 12 full months before it
+MS_PER_DAY: Final = 86_400_000
+WINDOW_24H_MS: Final = MS_PER_DAY
+WINDOW_7D_DAYS: Final = 7
+WINDOW_30D_DAYS: Final = 30
+MONTHS_KEPT: Final = 13  # the current calendar month and the 12 full months before it
 #: Legacy guard (the last few learned order ids, as CRCs); the authority on what was learned is the
 #: per-order-id ``outcomes`` record, kept CSOS_DEDUP_DAYS (``streams.pipeline.outcomes``).
-LEARNED_IDS_KEPT = 8
+LEARNED_IDS_KEPT: Final = 8
 #: Timing counts are halved when their total reaches this: bounded ints, recent habits weigh more.
-TIMING_CAP = 256
+TIMING_CAP: Final = 256
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: ``tuple.__new__``: builds a named tuple of the hot paths (Windows, Monthly, FamilyFacts) from the tuple of
+#: ALL its fields, as the named tuple's generated ``__new__`` does, without running that Python function (compiled
+#: code calls it like any Python function: several times the cost of the tuple itself).
+_new_tuple: Final[Any] = tuple.__new__
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 
@@ -94,9 +99,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # --------------------------------------------------------------------------
 
 # RsEWMean {ewmean: EWMean{mean: f64, alpha: f64, one_minus_alpha: f64, initialized: bool}, alpha: f64}
-_EWMEAN_BYTES = struct.Struct("<ddd?d")
+_EWMEAN_BYTES: Final = struct.Struct("<ddd?d")
 # RsEWVar {ewvar: EWVariance{mean: EWMean, sq_mean: EWMean, alpha: f64}, alpha: f64}
-_EWVAR_BYTES = struct.Struct("<ddd?ddd?dd")
+_EWVAR_BYTES: Final = struct.Struct("<ddd?ddd?dd")
 
 
 def _rust_core(stat: Any, attr: str) -> Any:
@@ -123,11 +128,15 @@ def _check_alpha(kind: str, stored: tuple[float, ...], alpha: float) -> None:
 
 def ewmean_export(stat: stats.EWMean) -> tuple[float, bool]:
     """(mean, initialized) of a river ``EWMean``, read from its Rust state bytes."""
-    raw = _rust_core(stat, "_ewmean").__getstate__()
+    return _ewmean_unpack(_rust_core(stat, "_ewmean").__getstate__(), stat.fading_factor)
+
+
+def _ewmean_unpack(raw: bytes, fading_factor: float) -> tuple[float, bool]:
+    """:func:`ewmean_export` from the Rust core's state bytes (what saving a learned baseline reads)."""
     if len(raw) != _EWMEAN_BYTES.size:
         raise RiverStateError(f"river EWMean state is {len(raw)} bytes, expected {_EWMEAN_BYTES.size}")
     mean, a, one_minus_a, initialized, a2 = _EWMEAN_BYTES.unpack(raw)
-    _check_alpha("EWMean", (a, one_minus_a, a2), stat.fading_factor)
+    _check_alpha("EWMean", (a, one_minus_a, a2), fading_factor)
     return mean, initialized
 
 
@@ -154,6 +163,52 @@ def _ewvar_unpack(raw: bytes, fading_factor: float) -> tuple[float, float, bool]
     if init1 != init2:
         raise RiverStateError("river EWVar mean and square-mean disagree on initialisation")
     return m, sq, init1
+
+
+def _core_class(stat_type: Any, attr: str) -> Any:
+    """The class of a river statistic's Rust core, checked (:func:`_rust_core`) once at import.
+
+    Learning resumes ~30 statistics per released order; building the Rust core directly, as river's own
+    ``__init__`` does, skips the Python object around it and the presence checks on every resume.
+    """
+    return type(_rust_core(stat_type(fading_factor=0.5), attr))
+
+
+def _checked_ewmean_core() -> Any:
+    """:data:`_RS_EWMEAN`, once its state layout is checked: that a learned mean reads back from the state bytes
+    as river's ``get()`` returns it (with the fading factor where it is expected), so that saving a baseline can
+    store ``get()``'s mean without exporting the state bytes of every statistic."""
+    core_class = _core_class(stats.EWMean, "_ewmean")
+    core = core_class(0.25)
+    for x in (3.0, 5.0, 11.0):
+        core.update(x)
+    mean, initialized = _ewmean_unpack(core.__getstate__(), 0.25)
+    if not initialized or mean != core.get():
+        raise RiverStateError("river EWMean state bytes no longer hold get()'s mean; update "
+                              "streams/monitoring/baselines.py for this river version")
+    return core_class
+
+
+_RS_EWMEAN: Final[Any] = _checked_ewmean_core()
+_RS_EWVAR: Final[Any] = _core_class(stats.EWVar, "_ewvar")
+
+
+def _ewmean_core(mean: float, initialized: bool, alpha: float) -> Any:
+    """:func:`ewmean_import`'s Rust core alone (what learning updates)."""
+    core = _RS_EWMEAN(alpha)
+    if initialized:
+        core.__setstate__(_EWMEAN_BYTES.pack(float(mean), alpha, 1.0 - alpha, True, alpha))
+    return core
+
+
+def _ewvar_core(mean: float, sq_mean: float, initialized: bool, alpha: float) -> Any:
+    """:func:`ewvar_import`'s Rust core alone (what learning updates)."""
+    core = _RS_EWVAR(alpha)
+    if initialized:
+        b = 1.0 - alpha
+        core.__setstate__(_EWVAR_BYTES.pack(float(mean), alpha, b, True, float(sq_mean), alpha, b, True,
+                                            alpha, alpha))
+    return core
 
 
 def ewvar_import(mean: float, sq_mean: float, initialized: bool, alpha: float) -> stats.EWVar:
@@ -195,18 +250,17 @@ class _RiverEW:
     with the fading factor :func:`warmup_alpha` gives for the ``n``-th value;
     the statistic is kept while that factor stays the same (after the warm-up,
     for good), so a run of updates costs one import. Subclasses say how to
-    resume the statistic (``_resume``) and what to read back (``_read``).
+    resume the statistic's Rust core (``_resume``) and what to read back (``_read``).
     """
 
-    __slots__ = ("alpha", "n", "_stat", "_core", "_core_alpha")
+    __slots__ = ("alpha", "n", "_core", "_core_alpha")
     alpha: float
     n: int
-    _stat: Any
     _core: Any  # the river statistic's Rust core: updated and read directly (~50 updates per learned order)
     _core_alpha: float  # the fading factor the statistic was resumed with
-    _CORE: ClassVar[str]  # the attribute of the river statistic that holds its Rust core
 
     def _resume(self, alpha: float) -> Any:
+        """The river statistic's Rust core resumed from the stored numbers with fading factor ``alpha``."""
         raise NotImplementedError
 
     def _read(self, core: Any) -> None:
@@ -218,8 +272,7 @@ class _RiverEW:
         a = alpha if alpha >= inv else inv  # warmup_alpha (max(alpha, inv)), inlined
         core = self._core
         if core is None or self._core_alpha != a:
-            stat = self._stat = self._resume(a)
-            core = self._core = _rust_core(stat, self._CORE)
+            core = self._core = self._resume(a)
             self._core_alpha = a
         core.update(float(x))  # what river's Python update() does, without its extra call
         self.n += 1
@@ -235,22 +288,20 @@ class EWMeanBaseline(_RiverEW):
     """
 
     __slots__ = ("mean",)
-    _CORE = "_ewmean"
 
     def __init__(self, alpha: float, mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
         self.mean = float(mean)
         self.n = int(n)
-        self._stat = None
         self._core = None
         self._core_alpha = 0.0
 
-    def _resume(self, alpha: float) -> stats.EWMean:
-        return ewmean_import(self.mean, self.n > 0, alpha)
+    def _resume(self, alpha: float) -> Any:
+        return _ewmean_core(self.mean, self.n > 0, alpha)
 
     def _read(self, core: Any) -> None:
-        # river's get() is the mean itself; the full export (with its layout
-        # checks) runs when the state is saved (to_dict), not on every update.
+        # river's get() is the mean itself, as its state bytes hold it (checked once at import:
+        # _checked_ewmean_core), so saving the state (to_dict) stores it without exporting the bytes.
         self.mean = core.get()
 
     def get(self) -> float:
@@ -261,8 +312,6 @@ class EWMeanBaseline(_RiverEW):
         return _ew_window(self.alpha, self.n)
 
     def to_dict(self) -> dict[str, Any]:
-        if self._stat is not None and self.n:
-            self.mean = ewmean_export(self._stat)[0]
         return {"mean": self.mean if self.n else 0.0, "n": self.n}
 
     @classmethod
@@ -287,7 +336,6 @@ class EWVarBaseline(_RiverEW):
     """
 
     __slots__ = ("_mean", "_sq_mean", "_stale")
-    _CORE = "_ewvar"
 
     def __init__(self, alpha: float, mean: float = 0.0, sq_mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
@@ -295,12 +343,11 @@ class EWVarBaseline(_RiverEW):
         self._sq_mean = float(sq_mean)
         self._stale = False  # river's state is newer than _mean / _sq_mean
         self.n = int(n)
-        self._stat = None
         self._core = None
         self._core_alpha = 0.0
 
-    def _resume(self, alpha: float) -> stats.EWVar:
-        return ewvar_import(self.mean, self.sq_mean, self.n > 0, alpha)
+    def _resume(self, alpha: float) -> Any:
+        return _ewvar_core(self.mean, self.sq_mean, self.n > 0, alpha)
 
     def _read(self, core: Any) -> None:
         self._stale = True
@@ -442,18 +489,30 @@ class DailyRing:
         today = day_of(at_ms)
         week, month = today - WINDOW_7D_DAYS, today - WINDOW_30D_DAYS
         orders = units = high = orders_30d = days_7d = days_before = 0
-        mg: Any = 0  # as sum() starts: an int 0 until the first cell's float
-        for day, (o, u, g, h) in self.cells.items():
+        mg_sum = 0.0
+        in_window = False
+        for day, cell in self.cells.items():
             if month < day <= today:
+                # Typed reads of the cell (orders, units, mg, high are int, int, float, int): compiled, the sums
+                # below are C arithmetic, not calls on Python objects.
+                o: int = cell[0]
+                u: int = cell[1]
+                g: float = cell[2]
+                h: int = cell[3]
                 units += u
-                mg += g
+                mg_sum += g
+                in_window = True
                 high += h
                 orders_30d += o
                 if day > week:
                     orders += o
-                    days_7d += o > 0
-                else:
-                    days_before += o > 0
+                    if o > 0:
+                        days_7d += 1
+                elif o > 0:
+                    days_before += 1
+        # As sum() adds: an int 0 with no cell (max(0, 0.0) below keeps the int), else 0.0 + each float in turn
+        # (0 + g == 0.0 + g exactly).
+        mg: Any = mg_sum if in_window else 0
         if today in self.cells:
             if exclude_units is not None:
                 orders -= 1
@@ -488,7 +547,7 @@ class DailyRing:
         cell[2] += float(mg)
         cell[3] += int(high)
         oldest = day_of(newest_ms) - WINDOW_30D_DAYS
-        if min(self.cells) <= oldest:
+        if _any_at_or_before(self.cells, oldest):
             self.cells = {d: c for d, c in self.cells.items() if d > oldest}
 
     def to_dict(self) -> dict[str, list[int]]:
@@ -497,16 +556,35 @@ class DailyRing:
                 "mg": [round(self.cells[d][2], 3) for d in days], "high": [self.cells[d][3] for d in days]}
 
 
+def _any_at_or_before(cells: dict[int, Any], oldest: int) -> bool:
+    """``min(cells) <= oldest`` for a ring's non-empty cells, as a compiled loop over int keys (not a call of the
+    builtin ``min`` on a dict)."""
+    for k in cells:
+        if k <= oldest:
+            return True
+    return False
+
+
 def month_of(ms: int) -> int:
     """UTC calendar month index: year * 12 + (month - 1)."""
     return _month_of_day(ms // MS_PER_DAY)
 
 
-@functools.lru_cache(maxsize=4096)
 def _month_of_day(day: int) -> int:
-    """:func:`month_of` per UTC day: orders of the same days are scored and learned over and over."""
-    d = _EPOCH + timedelta(days=day)
-    return d.year * 12 + d.month - 1
+    """:func:`month_of` per UTC day, by integer arithmetic on the proleptic Gregorian calendar (the civil-from-days
+    algorithm: 400-year eras of 146,097 days, years starting in March), the same month ``datetime`` gives.
+
+    Read ~25 times per order: compiled, a few integer operations cost less than a cached ``datetime`` call.
+    """
+    z = day + 719_468  # days since 0000-03-01
+    era = z // 146_097
+    doe = z - era * 146_097  # day of the era, 0..146096
+    yoe = (doe - doe // 1_460 + doe // 36_524 - doe // 146_096) // 365  # year of the era, 0..399
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)  # day of the year starting 1 March, 0..365
+    mp = (5 * doy + 2) // 153  # month starting from March, 0..11
+    year = yoe + era * 400 + (1 if mp >= 10 else 0)  # January and February belong to the next civil year
+    month0 = mp + 2 if mp < 10 else mp - 10  # 0-based civil month
+    return year * 12 + month0
 
 
 @functools.lru_cache(maxsize=256)
@@ -553,7 +631,7 @@ class MonthRing:
         if self._strength is not None and m < self._strength[0]:
             self._strength = None
         oldest = month_of(newest_ms) - MONTHS_KEPT
-        if len(self.cells) > MONTHS_KEPT or min(self.cells) <= oldest:
+        if len(self.cells) > MONTHS_KEPT or _any_at_or_before(self.cells, oldest):
             self.cells = {k: v for k, v in self.cells.items() if k > oldest}
             self.mg = {k: v for k, v in self.mg.items() if k > oldest}
             self.high = {k: v for k, v in self.high.items() if k > oldest}
@@ -597,7 +675,7 @@ class MonthRing:
             known = [k for k in cells if k < cur]
             start = max(cur - 12, min(known)) if known else cur
             cached = self._trailing = (cur, tuple(cells.get(k, 0) for k in range(start, cur)))
-        return Monthly(cur, current, cached[1])
+        return _new_tuple(Monthly, (cur, current, cached[1]))
 
     def to_dict(self) -> dict[str, list[Any]]:
         months = sorted(self.cells)
@@ -710,7 +788,7 @@ def order_facts(order: Mapping[str, Any], high_ndcs: frozenset[str] | set[str] =
         if high_ndcs and line.get("ndc") in high_ndcs:
             a[4] += units
     families = {
-        fam: FamilyFacts(fam, a[0], a[1], a[2], tuple(sorted(a[3])), a[4])
+        fam: _new_tuple(FamilyFacts, (fam, a[0], a[1], a[2], tuple(sorted(a[3])), a[4]))
         for fam, a in sorted(acc.items())
     }
     act = order.get("business_activity")
@@ -768,16 +846,28 @@ class Monthly(NamedTuple):
     prior: tuple[int, ...]
 
     def trailing(self, months: int) -> tuple[int, ...]:
-        return self.prior[-months:] if months < len(self.prior) else self.prior
+        return trailing_months(self.prior, months)
 
     def months_with_orders(self, months: int) -> int:
-        return months_with_orders(self.trailing(months))
+        return months_with_orders(trailing_months(self.prior, months))
 
 
-@functools.lru_cache(maxsize=4096)
+def trailing_months(prior: tuple[int, ...], months: int) -> tuple[int, ...]:
+    """:meth:`Monthly.trailing` as a plain function: compiled code calls it directly (a named tuple's method
+    is looked up and called as a Python object)."""
+    return prior[-months:] if months < len(prior) else prior
+
+
 def months_with_orders(units: tuple[int, ...]) -> int:
-    """How many of these months had orders: read by several rules per family and order, on the same few tuples."""
-    return sum(1 for u in units if u > 0)
+    """How many of these months had orders: read by several rules per family and order. A compiled loop over
+    at most 13 months, which costs less than hashing the tuple for a cache."""
+    n = 0
+    for u in units:
+        if u > 0:
+            n += 1
+    return n
+
+
 
 
 def _clip_count(count: int, baseline: EWMeanBaseline) -> float:
@@ -792,7 +882,7 @@ def _clip_count(count: int, baseline: EWMeanBaseline) -> float:
 
 
 #: A learned 30-day strength is at most this multiple of the usual one (see :func:`_clip_strength`).
-STRENGTH_CLIP = 1.2
+STRENGTH_CLIP: Final = 1.2
 
 
 def _clip_strength(value: float, baseline: EWMeanBaseline) -> float:
@@ -852,13 +942,15 @@ class FamilyBaseline:
         (``units``, ``mg`` mg of base drug, ``high`` high-strength units) is taken out before it is added back once.
         """
         c24 = self.recent.count(at_ms, exclude=at_ms if exclude_self else None)
-        c7, u30, mg30, high30, orders30, d7, d_before = self.days.windows(
-            at_ms, *((units, mg, high) if exclude_self else (None, None, None)))
+        if exclude_self:
+            c7, u30, mg30, high30, orders30, d7, d_before = self.days.windows(at_ms, units, mg, high)
+        else:  # a plain call, not *args: mypyc calls the native method directly
+            c7, u30, mg30, high30, orders30, d7, d_before = self.days.windows(at_ms)
         # The order makes its day an ordering day; a day that already has a learned order (or this very
         # order, redelivered) is counted once.
         today_learned = day_of(at_ms) in self.days.cells
-        return Windows(c24 + 1, c7 + 1, u30 + units, mg30, high30, orders30, d7 + (not today_learned),
-                       d_before)
+        return _new_tuple(Windows, (c24 + 1, c7 + 1, u30 + units, mg30, high30, orders30,
+                                    d7 + (not today_learned), d_before))
 
     def covers(self, at_ms: int, days: float) -> bool:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""

@@ -39,11 +39,12 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from datetime import date, datetime, timezone
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from streams.monitoring.baselines import (
-    TIMING_CAP, WINDOW_30D_DAYS, WINDOW_7D_DAYS, BaselineSettings, FamilyFacts, Monthly, OrderFacts,
-    RegistrantBaselines, day_of, ew_memory, month_name, month_of, months_with_orders,
+    TIMING_CAP, WINDOW_30D_DAYS, WINDOW_7D_DAYS, BaselineSettings, FamilyBaseline, FamilyFacts, Monthly,
+    OrderFacts, RegistrantBaselines, Windows, day_of, ew_memory, month_name, month_of, months_with_orders,
+    trailing_months,
 )
 from streams.monitoring.peers import PeerGroup, PeerProfiles
 
@@ -66,7 +67,7 @@ Reason = dict[str, Any]
 
 #: Threshold of a finding that cannot fire (no baseline yet): the largest finite double, since
 #: JSON and most dashboards cannot hold infinity.
-_MAX = 1.7976931348623157e308
+_MAX: Final = 1.7976931348623157e308
 
 
 @dataclass(frozen=True)
@@ -606,7 +607,7 @@ def poisson_tail(rate: float, count: int) -> float:
 
 
 #: Other days in a 7-day window besides the order's own: the most ordering days it can add.
-OTHER_DAYS_7D = 6
+OTHER_DAYS_7D: Final = 6
 
 
 class FrequencyDetector(PerFamilyDetector):
@@ -639,7 +640,7 @@ class FrequencyDetector(PerFamilyDetector):
         self.hours = hours
         self.name = "frequency_24h" if hours == 24 else "frequency_7d"
 
-    def rate(self, fb: Any) -> float:
+    def rate(self, fb: FamilyBaseline) -> float:
         """Expected number of *other* orders of the family in this window, from its released history."""
         weekly = max(fb.count_7d.get() - 1.0 if fb.count_7d.n else 0.0, self.cfg.freq_min_rate_7d)
         if self.hours == 168:
@@ -668,12 +669,13 @@ class FrequencyDetector(PerFamilyDetector):
             text = (f"This is order {value} of {f.family} in {span}; too little history for a baseline, "
                     f"so only the ceiling of {cold} orders applies" + ("; exceeded." if fired else "; within it."))
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
+        assert fb is not None and base is not None  # samples > 0: the family has a baseline
         rate = round(self.rate(fb), 2)
         limit = poisson_quantile(rate, p)
         threshold = float(max(floor, limit))
         fired = value > threshold
         usual = 1.0 + rate
-        window = f"Poisson at the learned cadence ({base.window()})"  # type: ignore[union-attr]
+        window = f"Poisson at the learned cadence ({base.window()})"
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             if self.hours == 168:
                 days = self._ordering_days(fb, w, f.family, order)
@@ -687,7 +689,7 @@ class FrequencyDetector(PerFamilyDetector):
                 f"{fmt_r(threshold)} orders (the larger of that count and {floor:g}).")
         return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
 
-    def day_rate(self, w: Any) -> float:
+    def day_rate(self, w: Windows) -> float:
         """Expected number of *other* ordering days of the family in a 7-day window: the ordering days
         of the 23 days before the window (learned orders), scaled to the window's other 6 days.
 
@@ -698,7 +700,7 @@ class FrequencyDetector(PerFamilyDetector):
         before = WINDOW_30D_DAYS - WINDOW_7D_DAYS
         return max(w.learned_days_before_7d * OTHER_DAYS_7D / before, self.cfg.freq_min_rate_7d)
 
-    def _ordering_days(self, fb: Any, w: Any, family: str, order: OrderFacts) -> Finding | None:
+    def _ordering_days(self, fb: FamilyBaseline, w: Windows, family: str, order: OrderFacts) -> Finding | None:
         """The 7-day finding on ordering days when it fires, else None.
 
         A burst of one extra order per business day adds ordering DAYS, not many orders, and an ARCOS
@@ -1001,8 +1003,8 @@ class Cadence(NamedTuple):
 NO_CADENCE = Cadence(1.0, 0, 0.0, 0.0)
 #: "One ordering day more than usual", with this much slack for a gap that wanders (a buyer ordering every 30.4
 #: days on average has two orders in 30 days whenever a gap is shorter: 2 <= 0.99 + 1 + slack).
-_GAP_SLACK = 0.25
-_DAYS_PER_MONTH = 30.4
+_GAP_SLACK: Final = 0.25
+_DAYS_PER_MONTH: Final = 30.4
 
 
 def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_day: int, length_days: float,
@@ -1241,8 +1243,8 @@ class RampGuardDetector(PerFamilyDetector):
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         m = state.monthly(f.family, order)
-        prior = m.trailing(12)
-        with_orders = m.months_with_orders(12)
+        prior = trailing_months(m.prior, 12)
+        with_orders = months_with_orders(prior)
         avg = sum(prior) / len(prior) if prior else 0.0
         if with_orders < c.static_min_months:
             return _not_applicable(self, f, m, 12, f"{c.ramp_2x_ratio:g}x 12-month average", with_orders, avg)
@@ -1524,7 +1526,7 @@ class PeerVolumeDetector(PerFamilyDetector):
         return finding(self.name, self.dimension, f.family, value, level, threshold, window, fired, text)
 
 
-_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_WEEKDAYS: Final = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
 class TimingDetector:
@@ -1601,8 +1603,8 @@ class TrailingMonthsRule(PerFamilyDetector):
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         m = state.monthly(f.family, order)
-        prior = m.trailing(self.months)
-        with_orders = m.months_with_orders(self.months)
+        prior = trailing_months(m.prior, self.months)
+        with_orders = months_with_orders(prior)
         level, threshold = self._level(prior)
         if with_orders < self.cfg.static_min_months:
             return _not_applicable(self, f, m, self.months, self.rule, with_orders, level)
@@ -1663,7 +1665,12 @@ class StaticMaxDetector(TrailingMonthsRule):
     over = "maximum of"
 
     def _level(self, prior: tuple[int, ...]) -> tuple[float, float]:
-        top = float(max(prior, default=0))
+        # max(prior, default=0) as a compiled loop (the builtin with a keyword is a generic call)
+        top_units = prior[0] if prior else 0
+        for u in prior:
+            if u > top_units:
+                top_units = u
+        top = float(top_units)
         return top, top
 
     def _stated(self, prior: tuple[int, ...], level: float, threshold: float) -> str:
