@@ -33,7 +33,9 @@ def extensions() -> list:
     from mypyc.build import mypycify
 
     sources = [f"streams/monitoring/{m}.py" for m in COMPILED]
-    exts = mypycify(sources + ["--ignore-missing-imports", "--follow-imports=silent"],
+    # --no-site-packages: the installed libraries (river, cryptography, ...) are not analysed; their values are
+    # Any to the compiled code. Without it a reinstall into a venv that already has them took over 15 minutes.
+    exts = mypycify(sources + ["--ignore-missing-imports", "--follow-imports=silent", "--no-site-packages"],
                     opt_level="3", group_name="csos_monitoring_native")
     for ext in exts:
         ext.optional = True  # no C compiler: a warning, and the package runs as plain Python
