@@ -10,6 +10,7 @@ imports the sources instead once one of them has changed since this build.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -19,10 +20,16 @@ from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
 PACKAGE_DIR = HERE / "streams" / "monitoring"
-# Keep in step with streams.monitoring.native.COMPILED (setup.py cannot import the package: its
-# dependencies are not installed in the build environment).
-COMPILED = ("baselines", "detectors", "anomaly", "onboarding", "peers", "open_cases")
 MANIFEST = PACKAGE_DIR / "native-manifest.json"
+
+
+def compiled_modules() -> tuple[str, ...]:
+    """``streams.monitoring.native.COMPILED``, read from its source: one list for the build and the check at
+    import (setup.py cannot import the package, whose dependencies the build environment does not have)."""
+    for node in ast.parse((PACKAGE_DIR / "native.py").read_text()).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "COMPILED":
+            return tuple(ast.literal_eval(node.value))
+    raise RuntimeError("streams/monitoring/native.py has no COMPILED list")
 
 
 def extensions() -> list:
@@ -32,7 +39,8 @@ def extensions() -> list:
     import mypy.version
     from mypyc.build import mypycify
 
-    sources = [f"streams/monitoring/{m}.py" for m in COMPILED]
+    compiled = compiled_modules()
+    sources = [f"streams/monitoring/{m}.py" for m in compiled]
     # --no-site-packages: the installed libraries (river, cryptography, ...) are not analysed; their values are
     # Any to the compiled code. Without it a reinstall into a venv that already has them took over 15 minutes.
     exts = mypycify(sources + ["--ignore-missing-imports", "--follow-imports=silent", "--no-site-packages"],
@@ -41,7 +49,7 @@ def extensions() -> list:
         ext.optional = True  # no C compiler: a warning, and the package runs as plain Python
     MANIFEST.write_text(json.dumps({
         "mypy": mypy.version.__version__,
-        "sources": {m: hashlib.sha256((PACKAGE_DIR / f"{m}.py").read_bytes()).hexdigest() for m in COMPILED},
+        "sources": {m: hashlib.sha256((PACKAGE_DIR / f"{m}.py").read_bytes()).hexdigest() for m in compiled},
     }, indent=1, sort_keys=True) + "\n")
     return exts
 

@@ -92,8 +92,6 @@ _new_tuple: Final[Any] = tuple.__new__
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-
-
 # --------------------------------------------------------------------------
 # river statistic <-> plain numbers
 # --------------------------------------------------------------------------
@@ -144,9 +142,13 @@ def ewmean_import(mean: float, initialized: bool, alpha: float) -> stats.EWMean:
     """A river ``EWMean`` with fading factor ``alpha`` resumed at ``mean``."""
     stat = stats.EWMean(fading_factor=alpha)
     if initialized:
-        core = _rust_core(stat, "_ewmean")
-        core.__setstate__(_EWMEAN_BYTES.pack(float(mean), alpha, 1.0 - alpha, True, alpha))
+        _rust_core(stat, "_ewmean").__setstate__(_ewmean_state(mean, alpha))
     return stat
+
+
+def _ewmean_state(mean: float, alpha: float) -> bytes:
+    """The Rust state bytes of an initialised ``EWMean`` at ``mean`` (the one place its layout is written)."""
+    return _EWMEAN_BYTES.pack(float(mean), alpha, 1.0 - alpha, True, alpha)
 
 
 def ewvar_export(stat: stats.EWVar) -> tuple[float, float, bool]:
@@ -197,7 +199,7 @@ def _ewmean_core(mean: float, initialized: bool, alpha: float) -> Any:
     """:func:`ewmean_import`'s Rust core alone (what learning updates)."""
     core = _RS_EWMEAN(alpha)
     if initialized:
-        core.__setstate__(_EWMEAN_BYTES.pack(float(mean), alpha, 1.0 - alpha, True, alpha))
+        core.__setstate__(_ewmean_state(mean, alpha))
     return core
 
 
@@ -205,9 +207,7 @@ def _ewvar_core(mean: float, sq_mean: float, initialized: bool, alpha: float) ->
     """:func:`ewvar_import`'s Rust core alone (what learning updates)."""
     core = _RS_EWVAR(alpha)
     if initialized:
-        b = 1.0 - alpha
-        core.__setstate__(_EWVAR_BYTES.pack(float(mean), alpha, b, True, float(sq_mean), alpha, b, True,
-                                            alpha, alpha))
+        core.__setstate__(_ewvar_state(mean, sq_mean, alpha))
     return core
 
 
@@ -215,11 +215,14 @@ def ewvar_import(mean: float, sq_mean: float, initialized: bool, alpha: float) -
     """A river ``EWVar`` with fading factor ``alpha`` resumed from its two EW means."""
     stat = stats.EWVar(fading_factor=alpha)
     if initialized:
-        core = _rust_core(stat, "_ewvar")
-        b = 1.0 - alpha
-        core.__setstate__(_EWVAR_BYTES.pack(float(mean), alpha, b, True, float(sq_mean), alpha, b, True,
-                                            alpha, alpha))
+        _rust_core(stat, "_ewvar").__setstate__(_ewvar_state(mean, sq_mean, alpha))
     return stat
+
+
+def _ewvar_state(mean: float, sq_mean: float, alpha: float) -> bytes:
+    """The Rust state bytes of an initialised ``EWVar`` (the one place its layout is written)."""
+    b = 1.0 - alpha
+    return _EWVAR_BYTES.pack(float(mean), alpha, b, True, float(sq_mean), alpha, b, True, alpha, alpha)
 
 
 def warmup_alpha(alpha: float, n: int) -> float:
@@ -848,9 +851,6 @@ class Monthly(NamedTuple):
     def trailing(self, months: int) -> tuple[int, ...]:
         return trailing_months(self.prior, months)
 
-    def months_with_orders(self, months: int) -> int:
-        return months_with_orders(trailing_months(self.prior, months))
-
 
 def trailing_months(prior: tuple[int, ...], months: int) -> tuple[int, ...]:
     """:meth:`Monthly.trailing` as a plain function: compiled code calls it directly (a named tuple's method
@@ -866,8 +866,6 @@ def months_with_orders(units: tuple[int, ...]) -> int:
         if u > 0:
             n += 1
     return n
-
-
 
 
 def _clip_count(count: int, baseline: EWMeanBaseline) -> float:
