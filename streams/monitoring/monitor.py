@@ -27,10 +27,10 @@ from streams.monitoring.baselines import (
     STATE_VERSION, OrderFacts, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
 )
 from streams.monitoring.detectors import (
-    DETECTORS_VERSION, Detector, Finding, MonitorConfig, default_detectors, finding,
+    DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, finding,
 )
 from streams.monitoring.anomaly import AnomalyCombiner
-from streams.monitoring.evidence import evidence
+from streams.monitoring.evidence import evidence, findings_of
 from streams.monitoring.peers import PeerProfiles
 from streams.monitoring import open_cases
 from streams.monitoring.onboarding import NewCustomerDetector, NewCustomerOrderDetector
@@ -170,17 +170,9 @@ class Monitor:
         """
         facts = self._facts(order)
         base = self._baselines(state, order)
-        findings: list[Finding] = []
-        measures: list[Finding] = []  # the findings the anomaly score combines (~half of them)
-        for score_one, combined in self._plan():
-            found = score_one(base, facts)
-            findings += found
-            if combined:
-                measures += found
-        if self.combiner is not None:
-            findings += self.combiner.combine(measures)
-        # Decisions already taken (open case, report, analyst limit, termination): always enforced (_deciding).
-        findings += open_cases.findings(base, facts)
+        # Every detector, the anomaly score, then the decisions already taken (open case, report, analyst
+        # limit, termination: always enforced, _deciding).
+        findings = findings_of(self._plan(), self.combiner, base, facts)
         replay = base.has_learned(facts.order_id)
         if replay:
             findings.append(finding(
