@@ -386,7 +386,7 @@ def _ceiling_window(month: int) -> str:
 
 #: A finding while an order is scored: ``(detector, dimension, drug_family, value, baseline, threshold, window,
 #: fired, explanation)``, the fields of ``som.Reason`` without ``enforced``. A plain tuple, not a dict: ~110 are
-#: built per order and only ~20 reach the verdict (:func:`streams.monitoring.monitor.evidence`), which turns
+#: built per order and only ~20 reach the verdict (:func:`streams.monitoring.evidence.evidence`), which turns
 #: those into ``som.Reason`` dicts (:func:`as_reason`).
 Finding = tuple
 #: Positions in a :data:`Finding`.
