@@ -102,7 +102,7 @@ class AnomalyCombiner:
                            "not applicable: fewer than 2 measures with a baseline", False, "")
         score = math.sqrt(sum(s * s for _, s in parts))
         fired = score > c.anomaly_threshold
-        window = f"{len(parts)} learned measures of {family}, each against its own baseline"
+        window = (_measures_window, len(parts), family)  # written only if the verdict keeps it (detectors.Window)
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return finding(self.name, self.dimension, family, score, 1.0, c.anomaly_threshold, window, False, "")
         top = sorted(parts, key=lambda p: -p[1])[:4]
@@ -113,6 +113,10 @@ class AnomalyCombiner:
                 f"measure at its threshold scores 1.0), threshold {c.anomaly_threshold:g}. Highest: "
                 f"{listed}.")
         return finding(self.name, self.dimension, family, score, 1.0, c.anomaly_threshold, window, fired, text)
+
+
+def _measures_window(n: int, family: str) -> str:
+    return f"{n} learned measures of {family}, each against its own baseline"
 
 
 def _show(r: Finding) -> str:

@@ -350,18 +350,63 @@ def fmt_pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+# Window texts a detector leaves to the verdict (:data:`Window`): written only for the findings it keeps.
+
+def _size_cold_window(n: int, family: str, need: int) -> str:
+    return f"cold start: {n} prior orders of {family} (< {need}); absolute ceiling"
+
+
+def _volume_cold_window(samples: int, family: str, need: int) -> str:
+    return f"cold start: {samples} 30-day samples of {family} (< {need}); not judged"
+
+
+#: How volume_30d's window reads after its baseline's.
+_VOLUME_WINDOW: Final = " (30-day units at each order)"
+
+
+def _freq_cold_window(samples: int, family: str, need: int) -> str:
+    return f"cold start: {samples} samples of {family} (< {need}); absolute ceiling"
+
+
+def _released_orders_window(total: int) -> str:
+    return f"{total} released orders of this registrant"
+
+
+def _trend_not_applicable(with_orders: int, gap: int) -> str:
+    return f"not applicable: {with_orders} months with orders before the last {gap}"
+
+
+def _trend_window(months: int, gap: int) -> str:
+    return f"median month of the {months} full months ending {gap} months ago; 30 days to this order"
+
+
+def _ceiling_window(month: int) -> str:
+    return f"calendar month {month_name(month)}; fixed ceiling"
+
+
 #: A finding while an order is scored: ``(detector, dimension, drug_family, value, baseline, threshold, window,
 #: fired, explanation)``, the fields of ``som.Reason`` without ``enforced``. A plain tuple, not a dict: ~110 are
-#: built per order and only ~20 reach the verdict (:func:`streams.monitoring.monitor.evidence`), which turns
+#: built per order and only ~20 reach the verdict (:func:`streams.monitoring.evidence.evidence`), which turns
 #: those into ``som.Reason`` dicts (:func:`as_reason`).
 Finding = tuple
 #: Positions in a :data:`Finding`.
 DETECTOR, DIMENSION, FAMILY, VALUE, BASELINE, THRESHOLD, WINDOW, FIRED, EXPLANATION = range(9)
 
+#: A finding's ``window``: the text, or ``(function, *arguments)`` whose call writes it. ~90 of the ~110 findings
+#: of an order are dropped by the verdict (:func:`streams.monitoring.evidence.evidence`), so a detector may leave
+#: the text to :func:`as_reason`, which writes it for the ~20 that are kept. The arguments are the numbers and
+#: words the text shows (ints, floats, strings), so the text is the one the function would have written at once.
+Window = Any
+
+
+def window_text(w: Window) -> str:
+    """The text of a finding's window (see :data:`Window`)."""
+    return w if isinstance(w, str) else w[0](*w[1:])
+
 
 def finding(detector: str, dimension: str, family: str, value: float, baseline: float, threshold: float,
-            window: str, fired: bool, explanation: str) -> Finding:
-    """One finding, its numbers as floats (as ``som.Reason`` stores them)."""
+            window: Window, fired: bool, explanation: str) -> Finding:
+    """One finding, its numbers as floats (as ``som.Reason`` stores them); ``window``: see :data:`Window`."""
     return (detector, dimension, family, float(value), float(baseline), float(threshold), window, bool(fired),
             explanation)
 
@@ -370,7 +415,7 @@ def as_reason(f: Finding, enforced: bool = True) -> Reason:
     """The ``som.Reason`` record of a finding (``enforced``: its detector decides)."""
     return {
         "detector": f[0], "dimension": f[1], "drug_family": f[2], "value": f[3], "baseline": f[4],
-        "threshold": f[5], "window": f[6], "fired": f[7], "explanation": f[8], "enforced": enforced,
+        "threshold": f[5], "window": window_text(f[6]), "fired": f[7], "explanation": f[8], "enforced": enforced,
     }
 
 
@@ -466,7 +511,7 @@ class SizeDetector:
             usual = fb.units.get() if fb else 0.0
             threshold = float(c.cold_start_max_units)
             fired = f.units > threshold
-            window = f"cold start: {n} prior orders of {f.family} (< {c.size_min_history}); absolute ceiling"
+            window: Window = (_size_cold_window, n, f.family, c.size_min_history)
             if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
                 return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
             text = (f"Ordered {fmt_n(f.units)} dosage units of {f.family}; this registrant has {n} prior "
@@ -480,9 +525,10 @@ class SizeDetector:
         z_limit = math.exp(m + c.size_z * s)
         ratio_limit = c.size_ratio * usual
         threshold = max(z_limit, ratio_limit)
-        window = fb.units.window()  # type: ignore[union-attr]
         if f.units <= threshold:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return finding(self.name, self.dimension, f.family, f.units, usual, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, f.units, usual, threshold,
+                           fb.units.window_later(), False, "")  # type: ignore[union-attr]
+        window = fb.units.window()  # type: ignore[union-attr]
         day_units, usual_day, basis = self._usual_day(state, order, f)  # only for orders above the threshold
         if basis and day_units <= c.size_day_ratio * usual_day:
             window = (f"{window}; its day: {fmt_n(day_units)} units, within {c.size_day_ratio:g}x its usual "
@@ -542,15 +588,15 @@ class VolumeDetector(PerFamilyDetector):
             # No absolute 30-day ceiling: held orders are not learned, so a new customer above
             # such a ceiling would have every order held until an analyst cleared the history.
             usual = fb.units_30d.get() if fb else 0.0
-            window = (f"cold start: {samples} 30-day samples of {f.family} (< {c.volume_min_history}); "
-                      f"not judged")
+            window: Window = (_volume_cold_window, samples, f.family, c.volume_min_history)
             return finding(self.name, self.dimension, f.family, value, usual, _MAX, window, False, "")
         usual = fb.units_30d.get()  # type: ignore[union-attr]
         threshold = c.volume_ratio * usual
         fired = value > threshold
-        window = fb.units_30d.window() + " (30-day units at each order)"  # type: ignore[union-attr]
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
-            return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, value, usual, threshold,
+                           fb.units_30d.window_later(after=_VOLUME_WINDOW), False, "")  # type: ignore[union-attr]
+        window = fb.units_30d.window() + _VOLUME_WINDOW  # type: ignore[union-attr]
         text = (f"Including this order, {fmt_n(value)} dosage units of {f.family} in the last 30 days; "
                 f"usually {fmt_n(usual)} ({window}), the threshold is {fmt_n(threshold)} "
                 f"({c.volume_ratio:g}x usual)" + ("." if fired else "; within it."))
@@ -662,7 +708,7 @@ class FrequencyDetector(PerFamilyDetector):
         if samples < c.freq_min_history:
             threshold = float(cold)
             fired = value > threshold
-            window = f"cold start: {samples} samples of {f.family} (< {c.freq_min_history}); absolute ceiling"
+            window: Window = (_freq_cold_window, samples, f.family, c.freq_min_history)
             usual = base.get() if base else 0.0
             if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
                 return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
@@ -675,7 +721,7 @@ class FrequencyDetector(PerFamilyDetector):
         threshold = float(max(floor, limit))
         fired = value > threshold
         usual = 1.0 + rate
-        window = f"Poisson at the learned cadence ({base.window()})"
+        window = base.window_later("Poisson at the learned cadence (", ")")
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             if self.hours == 168:
                 days = self._ordering_days(fb, w, f.family, order)
@@ -766,7 +812,7 @@ class NewFamilyDetector:
             threshold = 0.0
         else:
             threshold = c.new_family_max_mme if unit == "MME" else float(c.new_family_max_units)
-        window = f"{total} released orders of this registrant"
+        window = (_released_orders_window, total)
         if fb is not None:
             # Usual quantity in the value's unit: usual units, at this order's MME per unit for opioids.
             usual = fb.units.get() * (f.mme / f.units if unit == "MME" and f.units else 1.0)
@@ -958,8 +1004,7 @@ class TrendDetector(PerFamilyDetector):
         with_orders = months_with_orders(earlier)
         if with_orders < self.cfg.static_min_months:
             return finding(self.name, self.dimension, f.family, value, 0.0, _MAX,
-                          f"not applicable: {with_orders} months with orders before the last {gap}",
-                          False, "")
+                           (_trend_not_applicable, with_orders, gap), False, "")
         level = float(sorted(earlier)[len(earlier) // 2])
         ratio, focus_text = self.cfg.trend_ratio, ""
         if level > 0 and value > self.cfg.trend_focus_ratio * level:
@@ -968,7 +1013,7 @@ class TrendDetector(PerFamilyDetector):
                 ratio = min(ratio, self.cfg.trend_focus_ratio)
         threshold = ratio * level
         fired = level > 0 and value > threshold
-        window = f"median month of the {len(earlier)} full months ending {gap} months ago; 30 days to this order"
+        window = (_trend_window, len(earlier), gap)
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return finding(self.name, self.dimension, f.family, value, level, threshold, window, False, "")
         text = (f"{f.family} in the last 30 days: {fmt_n(value)} dosage units; this registrant's monthly level "
@@ -1120,13 +1165,13 @@ class RampDetector(PerFamilyDetector):
         value = float(max(rolling, m.current))
         if with_orders < c.static_min_months or len(prior) < c.ramp_min_months:
             return finding(self.name, self.dimension, f.family, value, 0.0, _MAX,
-                          _ramp_not_applicable(len(prior), c.ramp_min_months, with_orders, c.static_min_months),
-                          False, "")
+                           (_ramp_not_applicable, len(prior), c.ramp_min_months, with_orders, c.static_min_months),
+                           False, "")
         ref, avg, pre, earlier = long_memory_level(prior, c.trend_gap_months)
         gap = c.trend_gap_months
         spread = _pstdev(earlier)
         noise_floor = ref + c.ramp_noise_z * spread
-        window = _ramp_window(m.month, len(prior))
+        window: Window = (_ramp_window, m.month, len(prior))
         focused_limit = max(c.ramp_ratio * ref, noise_floor)
         if value <= focused_limit:  # cannot fire either way: no need to look at the other families
             return finding(self.name, self.dimension, f.family, value, ref, focused_limit, window, False, "")
@@ -1140,7 +1185,7 @@ class RampDetector(PerFamilyDetector):
                                 c.ramp_2x_cleared_lapse) if value > threshold else None
         if cleared is not None:  # growth an analyst looked at and released: held again only once it grows further
             threshold = max(threshold, c.ramp_2x_cleared_ratio * cleared[1])
-            window += f"; cleared by an analyst in {month_name(cleared[0])}"
+            window = f"{window_text(window)}; cleared by an analyst in {month_name(cleared[0])}"
         fired = value > threshold
         if not fired:
             return finding(self.name, self.dimension, f.family, value, ref, threshold, window, False, "")
@@ -1249,9 +1294,10 @@ class RampGuardDetector(PerFamilyDetector):
         if with_orders < c.static_min_months:
             return _not_applicable(self, f, m, 12, f"{c.ramp_2x_ratio:g}x 12-month average", with_orders, avg)
         threshold = c.ramp_2x_ratio * avg
-        window = _guard_window(m.month, len(prior))
         if m.current <= threshold:  # cannot fire, cleared or not: the analyst's clearance need not be read
-            return finding(self.name, self.dimension, f.family, m.current, avg, threshold, window, False, "")
+            return finding(self.name, self.dimension, f.family, m.current, avg, threshold,
+                           (_guard_window, m.month, len(prior)), False, "")
+        window = _guard_window(m.month, len(prior))
         mme_per_unit = f.mme / f.units if f.units > 0 else 0.0
         if c.ramp_2x_min_mme > 0:
             # Only an opioid month of some weight: a small or non-opioid family's lumpy month is left to the
@@ -1343,7 +1389,7 @@ class StrengthShiftDetector(PerFamilyDetector):
         days = w.days_7d + w.learned_days_before_7d
         if days >= self.cfg.strength_min_days:
             return result
-        window = (f"{result[WINDOW]}; one day's purchase: orders of {f.family} on {days} day(s) of the 30 "
+        window = (f"{window_text(result[WINDOW])}; one day's purchase: orders of {f.family} on {days} day(s) of the 30 "
                   f"(< {self.cfg.strength_min_days}), not judged")
         return finding(self.name, self.dimension, f.family, result[VALUE], result[BASELINE], result[THRESHOLD],
                        window, False, "")
@@ -1609,7 +1655,7 @@ class TrailingMonthsRule(PerFamilyDetector):
         if with_orders < self.cfg.static_min_months:
             return _not_applicable(self, f, m, self.months, self.rule, with_orders, level)
         fired = m.current > threshold
-        window = _trailing_window(self.over, m.month, len(prior))
+        window = (_trailing_window, self.over, m.month, len(prior))
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return finding(self.name, self.dimension, f.family, m.current, level, threshold, window, False, "")
         text = f"{_this_month(f.family, m)}; {self._stated(prior, level, threshold)}; exceeded."
@@ -1646,7 +1692,7 @@ class StaticAverageDetector(TrailingMonthsRule):
 def _not_applicable(det: PerFamilyDetector, f: FamilyFacts, m: Monthly, months: int, rule: str, with_orders: int,
                     baseline: float) -> Finding:
     """A trailing-months rule's finding when too few of those months had orders of the family to apply it."""
-    window = _too_few_months(with_orders, months, f.family, det.cfg.static_min_months)
+    window = (_too_few_months, with_orders, months, f.family, det.cfg.static_min_months)
     return finding(det.name, det.dimension, f.family, m.current, baseline, _MAX, window, False, "")
 
 
@@ -1688,7 +1734,7 @@ class StaticCeilingDetector(PerFamilyDetector):
         m = state.monthly(f.family, order)
         threshold = float(self.cfg.static_max_monthly_units)
         fired = m.current > threshold
-        window = f"calendar month {month_name(m.month)}; fixed ceiling"
+        window = (_ceiling_window, m.month)
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)
             return finding(self.name, self.dimension, f.family, m.current, threshold, threshold, window, False, "")
         text = (f"{_this_month(f.family, m)}; rule: over {fmt_n(threshold)} dosage units of one family a month"

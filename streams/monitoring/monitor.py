@@ -21,73 +21,21 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
-from typing import Any, Container, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from streams.monitoring.baselines import (
     STATE_VERSION, OrderFacts, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
 )
 from streams.monitoring.detectors import (
-    DETECTORS_VERSION, Detector, Finding, MonitorConfig, as_reason, default_detectors, finding,
+    DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, finding,
 )
 from streams.monitoring.anomaly import AnomalyCombiner
+from streams.monitoring.evidence import evidence, findings_of
 from streams.monitoring.peers import PeerProfiles
 from streams.monitoring import open_cases
 from streams.monitoring.onboarding import NewCustomerDetector, NewCustomerOrderDetector
 from streams.monitoring.strength import default_high_strength_ndcs, high_strength_ndcs
 from streams.domain.products import Product
-
-
-def _closeness(r: Mapping[str, Any]) -> float:
-    """How near a finding came to firing: value / threshold (0 when it cannot fire yet)."""
-    t = r["threshold"]
-    return r["value"] / t if 0 < t < 1e300 else 0.0
-
-
-def evidence(findings: list[Finding], deciding: Container[str]) -> list[dict[str, Any]]:
-    """The findings a verdict carries, as ``som.Reason`` records: every one that fired, and per detector the closest call.
-
-    Detectors run for every drug family on the order (~110 findings for a
-    typical pharmacy order). An auditor asking "why was this released?" needs,
-    for each detector, the family that came nearest its threshold, with the
-    numbers; the sentence is written only for findings that fired (what the
-    analyst reads). This keeps a verdict ~1 KB instead of ~12 KB on every topic
-    and table it flows through. Only these ~20 become dicts (``enforced``: the
-    detector is in ``deciding``); the others stay the tuples they were built as.
-    """
-    fired = []
-    closest: dict[str, tuple[float, Any]] = {}  # detector -> (closeness, finding); the first wins a tie
-    # A detector's findings come one after another: the running best of a run of one detector is kept in
-    # locals and stored once per run (~20 dict writes per order instead of ~110 reads and writes). The run
-    # starts from the detector's best so far, so the result is the one-by-one comparison's, ties and all.
-    run_det: str | None = None
-    run_near: float = 0.0
-    run_best: Any = None
-    for f in findings:  # (detector, dimension, family, value, baseline, threshold, window, fired, explanation)
-        if f[7]:
-            fired.append(as_reason(f, f[0] in deciding))
-            continue
-        t = f[5]
-        near = f[3] / t if 0 < t < 1e300 else 0.0  # _closeness(), inlined: ~110 findings per order
-        det = f[0]
-        if det != run_det:
-            if run_det is not None:
-                closest[run_det] = (run_near, run_best)
-            run_det = det
-            best = closest.get(det)
-            if best is None or near > best[0]:
-                run_near, run_best = near, f
-            else:
-                run_near, run_best = best
-        elif near > run_near:
-            run_near, run_best = near, f
-    if run_det is not None:
-        closest[run_det] = (run_near, run_best)
-    for d in sorted(closest):
-        f = closest[d][1]
-        r = as_reason(f, d in deciding)
-        r["explanation"] = ""
-        fired.append(r)
-    return fired
 
 
 def load_peers(path: str) -> PeerProfiles:
@@ -222,17 +170,9 @@ class Monitor:
         """
         facts = self._facts(order)
         base = self._baselines(state, order)
-        findings: list[Finding] = []
-        measures: list[Finding] = []  # the findings the anomaly score combines (~half of them)
-        for score_one, combined in self._plan():
-            found = score_one(base, facts)
-            findings += found
-            if combined:
-                measures += found
-        if self.combiner is not None:
-            findings += self.combiner.combine(measures)
-        # Decisions already taken (open case, report, analyst limit, termination): always enforced (_deciding).
-        findings += open_cases.findings(base, facts)
+        # Every detector, the anomaly score, then the decisions already taken (open case, report, analyst
+        # limit, termination: always enforced, _deciding).
+        findings = findings_of(self._plan(), self.combiner, base, facts)
         replay = base.has_learned(facts.order_id)
         if replay:
             findings.append(finding(

@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 PACKAGE = "streams.monitoring"
 #: The modules ``setup.py`` compiles (the hot path of scoring and learning; setup.py reads this list from here).
-#: monitor.py stays interpreted: its Monitor is the facade tests and tools wrap; strength.py reads ``__file__``
-#: at import, which a compiled module lacks.
-COMPILED: tuple[str, ...] = ("baselines", "detectors", "anomaly", "onboarding", "peers", "open_cases")
+#: monitor.py stays interpreted: its Monitor is the facade tests and tools wrap (its per-order loop and the verdict's
+#: evidence are in evidence.py); strength.py reads ``__file__`` at import, which a compiled module lacks.
+COMPILED: tuple[str, ...] = ("baselines", "detectors", "anomaly", "onboarding", "peers", "open_cases", "evidence")
 HERE = Path(__file__).resolve().parent
 #: Written by setup.py at build time: {"mypy": version, "sources": {module: sha256 of its .py}}.
 MANIFEST = HERE / "native-manifest.json"

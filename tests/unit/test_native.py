@@ -76,7 +76,7 @@ def test_the_manifest_records_the_sources_the_extensions_were_built_from() -> No
 def test_pure_python_mode_imports_every_compiled_module_from_its_source() -> None:
     r = _run("import streams.monitoring, streams.monitoring.native as n, sys\n"
              "import streams.monitoring.detectors, streams.monitoring.anomaly, streams.monitoring.onboarding\n"
-             "import streams.monitoring.peers, streams.monitoring.open_cases\n"
+             "import streams.monitoring.peers, streams.monitoring.open_cases, streams.monitoring.evidence\n"
              "print(n.MODE, sorted(m for m, c in n.compiled_in_use().items() if c))", CSOS_PURE_PYTHON="1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "source []"
