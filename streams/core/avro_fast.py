@@ -67,8 +67,6 @@ _PRIMITIVES = frozenset(("null", "boolean", "int", "long", "float", "double", "b
 # lookups. The two tables hold 32,768 small bytes objects (~1 MB), made once per process.
 _ZIG = tuple(bytes((z,)) if z < 0x80 else bytes(((z & 0x7F) | 0x80, z >> 7)) for z in range(1 << 14))
 _MID = tuple(bytes(((z & 0x7F) | 0x80, (z >> 7) | 0x80)) for z in range(1 << 14))
-#: ``_SIGNED[x]``: the varint of an int -8192 <= x < 8192 (negative ones by Python's index from the end).
-_SIGNED = tuple(_ZIG[2 * x] for x in range(8192)) + tuple(_ZIG[-2 * x - 1] for x in range(-8192, 0))
 
 
 def _zig_varint(z: int) -> bytes:
@@ -100,6 +98,34 @@ def _zig_int(z: int) -> bytes:
     if z >= 1 << 32:
         raise Unsupported
     return _zig_varint(z)
+
+
+class VarintMemo(dict[int, bytes]):
+    """The varints of the ints an array holds, remembered: ``map(memo.__getitem__, items)`` writes a whole array.
+
+    Why: the state records are mostly short arrays of ints that recur from record to record (day and month
+    numbers, units, counts), above the small-value table's range. A dict lookup per item, run by ``map``,
+    costs a fraction of a Python loop writing each varint; a miss computes the varint once (``__missing__``).
+    ``limit`` is the first zig-zag value the type cannot hold (2**32 for an ``int``, 2**64 for a ``long``):
+    beyond it ``Unsupported`` is raised, as for a single value. The memo is emptied when it reaches
+    ``max_entries`` (ever-new values such as epoch milliseconds would otherwise crowd it), so its size, and
+    the cost of a value never seen again, stay bounded.
+    """
+
+    def __init__(self, limit: int, max_entries: int = 1 << 16) -> None:
+        super().__init__()
+        self.limit = limit
+        self.max_entries = max_entries
+
+    def __missing__(self, n: int) -> bytes:
+        z = (n << 1) ^ (n >> 63)
+        if z >= self.limit:
+            raise Unsupported
+        b = _ZIG[z] if z < 0x4000 else _zig_varint(z)
+        if len(self) >= self.max_entries:
+            self.clear()
+        self[n] = b
+        return b
 
 
 def checked_identifier(name: Any) -> str:
@@ -272,12 +298,9 @@ class _WriterGen:
             add(i + 1, f"if not FLOAT_OR_INT.issuperset(map(type, {v})): raise Unsupported")
             add(i + 1, f"ap(pack('<%dd' % len({v}), *{v}))")
         elif self._kind(items) in ("int", "long") and not (isinstance(items, dict) and items.get("logicalType")):
-            # Small ints (days, counts, units) all at once from the signed table; else item by item.
-            add(i + 1, f"if n > 8 and INT_ONLY.issuperset(map(type, {v})) and -8192 <= min({v}) and max({v}) < 8192:")
-            add(i + 2, f"buf.extend(map(SIGNED_AT, {v}))")
-            add(i + 1, "else:")
-            add(i + 2, f"for v{d + 1} in {v}:")
-            self.value(items, d + 1, i + 3)
+            # All at once, each item's varint from a memo of the type (VarintMemo); exactly ints, as one by one.
+            add(i + 1, f"if not INT_ONLY.issuperset(map(type, {v})): raise Unsupported")
+            add(i + 1, f"buf.extend(map({'LONG_AT' if self._kind(items) == 'long' else 'INT_AT'}, {v}))")
         else:
             add(i + 1, f"for v{d + 1} in {v}:")
             self.value(items, d + 1, i + 2)
@@ -336,7 +359,8 @@ class _WriterGen:
 _WRITER_GLOBALS: dict[str, Any] = {
     "Unsupported": Unsupported, "ZIG": _ZIG, "MID": _MID, "zig_varint": _zig_varint, "zig_long": _zig_long,
     "zig_int": _zig_int, "pack_double": _pack_double, "pack_float": _pack_float, "pack": struct.pack,
-    "FLOAT_OR_INT": frozenset((float, int)), "LENGTH": _ZIG[::2], "INT_ONLY": frozenset((int,)), "SIGNED_AT": _SIGNED.__getitem__,
+    "FLOAT_OR_INT": frozenset((float, int)), "LENGTH": _ZIG[::2], "INT_ONLY": frozenset((int,)),
+    "INT_AT": VarintMemo(1 << 32).__getitem__, "LONG_AT": VarintMemo(1 << 64).__getitem__,
     "join": b"".join,
 }
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import hmac
-import io
 import json
 import logging
 import os
@@ -36,9 +35,8 @@ from urllib.parse import urlparse
 from confluent_kafka import Consumer, KafkaError
 
 from connectors.kafka import catalogue as t
-import fastavro
 
-from streams.core.avro_codec import HEADER_LEN, AvroCodec, DecodeError, default_codec
+from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.core.config import Settings
 from connectors.kafka.emit import Emitter
 from connectors.kafka import metrics
@@ -65,28 +63,15 @@ NOT_DEAD_LETTERED = frozenset({t.DLQ, t.RECEIVED})
 def read_record(codec: AvroCodec, value: bytes | None, expect: str | None) -> tuple[str, dict[str, Any]]:
     """(schema name, record) of one message, as ``AvroCodec.decode`` reads it but without its range check.
 
-    Why: the range check (fastavro's validator over the whole record) cost the
-    sink more than reading the record. The sink does not need it: every value
-    it stores is checked against its ClickHouse column's type before insert
-    (``checked_rows``: 2^40 in a ``UInt32`` is dead-lettered naming the column),
-    and values it does not store cannot harm it.
+    Why: the range check (over the whole record, when fastavro had to read it)
+    is not needed here: every value the sink stores is checked against its
+    ClickHouse column's type before insert (``checked_rows``: 2^40 in a
+    ``UInt32`` is dead-lettered naming the column), and values it does not
+    store cannot harm it. The record is read by the schema's generated reader
+    (``streams.core.avro_read``), which reads the sink's messages in about
+    two thirds of fastavro's time, with the same values.
     """
-    writer = codec.writer_of(value)  # type: ignore[arg-type]
-    if expect is not None and writer.fullname != expect:
-        raise DecodeError(f"expected {expect}, got {writer.fullname}")
-    reader = codec.catalog.current.get(writer.fullname)
-    fo = io.BytesIO(value)  # type: ignore[arg-type]
-    fo.seek(HEADER_LEN)
-    try:
-        if reader is None or reader.fingerprint == writer.fingerprint:
-            record = fastavro.schemaless_reader(fo, writer.parsed, None)
-        else:
-            record = fastavro.schemaless_reader(fo, writer.parsed, reader.parsed)
-    except Exception as exc:  # noqa: BLE001 - fastavro raises many types on corrupt input
-        raise DecodeError(f"corrupt {writer.fullname} body: {exc.__class__.__name__}: {exc}") from None
-    if fo.tell() != len(value):  # type: ignore[arg-type]
-        raise DecodeError(f"{len(value) - fo.tell()} trailing bytes after the record")  # type: ignore[arg-type]
-    return writer.fullname, record
+    return codec.decode(value, expect, range_check=False)  # type: ignore[arg-type]
 
 
 def static_member(instance_id: str | None) -> dict[str, str]:

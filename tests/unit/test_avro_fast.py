@@ -10,7 +10,7 @@ import fastavro
 import pytest
 
 from streams.core.avro_codec import MAGIC, AvroCodec, Schema
-from streams.core.avro_fast import varint
+from streams.core.avro_fast import Unsupported, VarintMemo, varint
 
 TEXTS = ["", "a", "OXYCODONE HCL 10MG TAB", "Zoë's Pharmacy — Québec", "日本語テキスト", "emoji 💊", "x" * 300]
 LONGS = [0, 1, -1, 63, 64, -64, -65, 127, 128, 2 ** 31 - 1, -2 ** 31, 2 ** 40, 2 ** 63 - 1, -2 ** 63]
@@ -247,19 +247,23 @@ def test_a_splice_of_another_type_is_ignored(codec):
 
 
 @pytest.mark.parametrize("values", [
-    list(range(-8192, -8180)) + list(range(8180, 8192)),   # the signed table's edges, written all at once
-    [0] * 9 + [8192],                                       # one past the table: item by item
+    list(range(-8192, -8180)) + list(range(8180, 8192)),   # one and two varint bytes either side of 0
+    [0] * 9 + [8192],
     [-8193] + [1] * 9,
-    [2 ** 63 - 1, -2 ** 63] * 5,
+    [20430, 20433, 20458, 24310, 1200, 1767596661739],      # day and month numbers, units, epoch ms
+    [2 ** 63 - 1, -2 ** 63] * 5,                            # the ends of a long
+    [2 ** 31 - 1, -2 ** 31, 2 ** 31, -2 ** 31 - 1],         # the ends of an int, and one past each
+    [2 ** 63, 1],                                           # one past a long
     [1] * 8 + [True],                                       # a bool among ints: fastavro decides
     [1] * 8 + [1.0],
     [1] * 3,
+    [],
 ])
 def test_arrays_of_ints_are_fastavros_bytes(codec, values):
     schema = codec.catalog.get("som.state.RegistrantState")
     gen = Records(random.Random(5), schema.parsed["__named_schemas"])
     state = gen.of(schema.parsed)
-    state["learned_ids"] = [v for v in values if type(v) is not int or -2 ** 31 <= v < 2 ** 31]  # an int array
+    state["learned_ids"] = [v for v in values if type(v) is not int or -2 ** 63 <= v < 2 ** 63]  # an int array
     state["families"] = {"F": dict(gen.of(schema.parsed["__named_schemas"]["som.state.FamilyBaseline"]),
                                    recent_ms=values)}                                            # a long array
     try:
@@ -280,3 +284,15 @@ def test_a_long_out_of_range_fails_as_fastavro_fails(codec, value):
         fastavro_bytes(schema, state)
     with pytest.raises(type(theirs.value)):
         codec.encode(schema.fullname, state)
+
+
+def test_the_varint_memo_stays_bounded_and_right():
+    """Ever-new values (epoch milliseconds) empty the memo when it is full; every answer is still the varint."""
+    memo = VarintMemo(1 << 64, max_entries=8)
+    values = [1767596661739 + i for i in range(100)] + [-5, 0, 20430] * 3
+    assert [memo[v] for v in values] == [varint(v) for v in values]
+    assert len(memo) <= 8
+    with pytest.raises(Unsupported):
+        VarintMemo(1 << 32)[2 ** 31]  # past an int
+    with pytest.raises(Unsupported):
+        memo[-2 ** 63 - 1]            # past a long
