@@ -12,10 +12,10 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: demo test install kafka browser prometheus pkits bench clean
 
-# The monitor's hot modules are compiled (setup.py, mypyc) by the pip install below; after an edit or a pull
+# A worker's hot modules are compiled (setup.py, mypyc; streams/core/native.py lists them) by the pip install below; after an edit or a pull
 # changed one of them, the check exits 1 and the package is reinstalled, which rebuilds them.
 install: $(STAMP)
-	@$(BIN)/python -c 'import sys, streams.monitoring.native as n; sys.exit(n.main())' || \
+	@$(BIN)/python -c 'import sys, streams.core.native as n; sys.exit(n.main())' || \
 	    $(BIN)/python -m pip install --quiet --no-deps -e .
 
 $(STAMP): pyproject.toml setup.py

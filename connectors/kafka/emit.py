@@ -17,13 +17,14 @@ import hashlib
 import json
 import uuid
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Iterable, Iterator
 
 from connectors.kafka.io import MessageTooLarge, Publisher
 
 from connectors.kafka import catalogue as t
 from connectors.kafka.metrics import OUTCOME_TOPICS, observe_published
+from streams.core import clock
 from streams.core.avro_codec import AvroCodec, default_codec
 
 
@@ -45,10 +46,6 @@ _DETAIL_JSON = json.JSONEncoder(sort_keys=True, default=str).encode
 
 #: One message as produced: (topic, key bytes or None, value bytes).
 Message = tuple[str, bytes | None, bytes]
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _cut(what: str, data: bytes, limit: int) -> tuple[bytes, str]:
@@ -154,7 +151,7 @@ class Emitter:
         """Record one step; ``actor`` names the person who took it when it is not this service (an analyst)."""
         event = {
             "event_id": str(uuid.uuid4()),
-            "occurred_at": at or utcnow(),
+            "occurred_at": at or clock.utcnow(),
             "stage": stage,
             "action": action,
             "order_id": order_id,
@@ -189,7 +186,7 @@ class Emitter:
         key, key_note = _cut("key", bytes(key), MAX_DEAD_LETTER_KEY) if key is not None else (None, "")
         reason += payload_note + key_note
         record = {
-            "dead_letter_id": dl_id, "failed_at": failed_at or utcnow(), "stage": stage, "source_topic": topic,
+            "dead_letter_id": dl_id, "failed_at": failed_at or clock.utcnow(), "stage": stage, "source_topic": topic,
             "source_partition": partition, "source_offset": offset, "key": key, "payload": data, "reason": reason,
         }
         try:

@@ -76,7 +76,7 @@ class SignatureError(CsosError):
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code = code  # type: ignore[misc]  # this error's own code, not the class's default
         self.message = message
 
 
@@ -192,10 +192,10 @@ def _certificate_set(ders: list[bytes]) -> cms.CertificateSet:
     return cms.CertificateSet.load(core.SetOf(contents=b"".join(ders)).dump())
 
 
-class _AnySet(core.SetOf):
-    """A SET OF read element by element as raw bytes, nothing re-encoded."""
-
-    _child_spec = core.Any
+#: A SET OF read element by element as raw bytes, nothing re-encoded. Made with ``type()``: this module is
+#: compiled with mypyc (``streams.core.native``), and a compiled subclass of asn1crypto's ``SetOf`` broke
+#: asn1crypto's per-instance attributes (a SystemError, then a crash in the garbage collector).
+_AnySet: Any = type("_AnySet", (core.SetOf,), {"_child_spec": core.Any, "__doc__": "A SET OF as raw bytes."})
 
 
 def _certificate_ders(cert_set: Any) -> list[bytes]:
@@ -402,11 +402,12 @@ def _walk_asn1crypto(der: bytes) -> _Raw:
     )
 
 
-def parse_signed_data(der: bytes, detached_content: bytes | None = None) -> ParsedSignature:
+def parse_signed_data(der: object, detached_content: bytes | None = None) -> ParsedSignature:
     """Parse a DER ContentInfo(SignedData) with one signer; raise ``SignatureError`` if unusable.
 
     ``detached_content`` is the order document when it travelled beside the
-    signature. If the signature also embeds content, both must be identical.
+    signature. If the signature also embeds content, both must be identical. ``der`` is typed ``object``:
+    compiled, anything else must still be this SignatureError, not a TypeError at the call.
     """
     if not isinstance(der, (bytes, bytearray, memoryview)) or not der:
         raise SignatureError(MALFORMED_SIGNATURE, "no signature was received with the order")

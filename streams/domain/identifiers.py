@@ -27,8 +27,9 @@ def dea_check_digit(first_six: str) -> int:
     return ((d[0] + d[2] + d[4]) + 2 * (d[1] + d[3] + d[5])) % 10
 
 
-def is_valid_dea_number(value: str) -> bool:
-    """True when ``value`` is two letters + seven digits with a correct check digit."""
+def is_valid_dea_number(value: object) -> bool:
+    """True when ``value`` is two letters + seven digits with a correct check digit (False for a non-str:
+    typed ``object`` so that the compiled function answers False too instead of raising TypeError)."""
     if not isinstance(value, str) or not _DEA_RE.match(value):
         return False
     return dea_check_digit(value[2:8]) == int(value[8])
@@ -47,18 +48,18 @@ def make_dea_number(prefix: str, first_six: str) -> str:
 _NDC_CACHE_SIZE = 8192
 
 
-def normalize_ndc(ndc: str) -> str:
+def normalize_ndc(ndc: object) -> str:
     """Return the 11-digit 5-4-2 NDC (``LLLLL-PPPP-KK``).
 
     Accepts hyphenated 4-4-2, 5-3-2, 5-4-1 and 5-4-2 forms and the 11-digit
     form without hyphens. A 10-digit NDC without hyphens is ambiguous (the
     short segment is unknown) and is refused rather than guessed.
     """
-    if type(ndc) is not str:  # noqa: E721 - exactly str: a str subclass could hash or compare unlike its text
-        if not isinstance(ndc, str):
-            raise ValueError(f"NDC must be a string, got {type(ndc).__name__}")
-        ndc = str(ndc)
-    return _normalize_ndc(ndc)
+    if type(ndc) is str:  # exactly str: a str subclass could hash or compare unlike its text
+        return _normalize_ndc(ndc)
+    if not isinstance(ndc, str):  # typed ``object``: compiled, a non-str must still be this ValueError
+        raise ValueError(f"NDC must be a string, got {type(ndc).__name__}")
+    return _normalize_ndc(str(ndc))
 
 
 @lru_cache(maxsize=_NDC_CACHE_SIZE)
@@ -87,6 +88,6 @@ def _normalize_ndc(ndc: str) -> str:
     raise ValueError(f"malformed NDC {ndc!r}")
 
 
-def is_valid_order_number(value: str) -> bool:
+def is_valid_order_number(value: object) -> bool:
     """21 CFR 1305.21(b): two-digit year + ``X`` + six purchaser-chosen characters."""
     return isinstance(value, str) and bool(_ORDER_NUMBER_RE.match(value))

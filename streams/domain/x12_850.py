@@ -92,8 +92,9 @@ Seg = tuple[str, list[str]]  # (tag, elements with X12 position n at index n-1)
 
 # ---------------------------------------------------------------- parsing
 
-def parse_x12_850(data: bytes) -> Order:
-    """Parse one signed 850 interchange; raise ``DocumentError`` if it is defective."""
+def parse_x12_850(data: object) -> Order:
+    """Parse one signed 850 interchange; raise ``DocumentError`` if it is defective (``object``: compiled, a
+    value that is not bytes must still be a DocumentError, not a TypeError at the call)."""
     body = _envelope(data)
     if not body or body[0][0] != "BEG":
         where = "is missing" if all(tag != "BEG" for tag, _ in body) else "must directly follow ST"
@@ -115,7 +116,7 @@ def parse_x12_850(data: bytes) -> Order:
     return Order(number, purchaser, supplier, signed_at, _lines(detail))
 
 
-def _envelope(data: bytes) -> list[Seg]:
+def _envelope(data: object) -> list[Seg]:
     """Check bytes and envelopes; return the 850 body (segments between ST and SE)."""
     if not isinstance(data, (bytes, bytearray)):
         raise DocumentError("document", f"expected bytes, got {type(data).__name__}")

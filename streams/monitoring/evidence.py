@@ -3,7 +3,7 @@
 Why a module of its own: it runs over every finding of every order (~110 for a
 typical pharmacy order), which made it the costliest part of ``Monitor.score``
 left interpreted (~30 us of ~300 per order). It is compiled with mypyc
-(``streams.monitoring.native.COMPILED``); ``monitor.py``, which tools and tests
+(``streams.core.native.COMPILED``); ``monitor.py``, which tools and tests
 wrap, stays interpreted and calls it.
 """
 from __future__ import annotations

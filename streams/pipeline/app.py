@@ -77,7 +77,7 @@ from streams.domain.identifiers import is_valid_dea_number
 from streams.pipeline.outcomes import OutcomeBook
 from connectors.sources.reference_data import ReferenceFeed, RegistrantDirectory, trace_group_config
 from streams.pipeline.table_state import DurableTable
-from streams.monitoring import native as monitor_native
+from streams.core import native
 
 log = logging.getLogger(__name__)
 
@@ -454,8 +454,8 @@ def create_app(settings: Settings) -> faust.App:
                          "consumer": {"lost_record_repairs": getattr(app.consumer, "repairs", 0)},
                          # "uvloop" or "asyncio" (CSOS_EVENT_LOOP), the loop this worker really runs on
                          "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
-                         # "compiled" or "source": whether the monitor runs its mypyc build (streams.monitoring.native)
-                         "monitor_build": monitor_native.MODE,
+                         # "compiled" or "source": whether the hot modules run their mypyc build (streams.core.native)
+                         "monitor_build": native.MODE,
                          "verification": {"supplier_dea": sorted(suppliers),
                                           "receipt_skew_seconds": settings.receipt_skew_seconds}})
 

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Mapping, MutableMapping
 
-from connectors.kafka.emit import Emitter, Message, utcnow
+from connectors.kafka.emit import Emitter, Message
+from streams.core import clock
 
 DEFAULT_DEDUP_DAYS = 14.0
 #: One input: (topic, partition, offset).
@@ -72,7 +73,7 @@ class OutcomeBook:
              now: datetime | None = None, **extra: Any) -> dict[str, Any]:
         """A new record. Outputs are kept only with a position (an input that may come again)."""
         topic, partition, offset = position or ("", -1, -1)
-        return {"decision": decision, "at": _ms(now or utcnow()), "digest": b"", "learned": False, "topic": topic,
+        return {"decision": decision, "at": _ms(now or clock.utcnow()), "digest": b"", "learned": False, "topic": topic,
                 "partition": partition, "offset": offset,
                 "outputs": [{"topic": tp, "key": k, "value": v} for tp, k, v in outputs] if position else [],
                 **extra}
@@ -87,7 +88,7 @@ class OutcomeBook:
     def current(self, records: Mapping[str, dict[str, Any]], order_id: str) -> dict[str, Any] | None:
         """The record of ``order_id`` if it is still within the window."""
         rec = records.get(order_id)
-        if rec is None or rec["at"] <= _ms(utcnow() - self.window):
+        if rec is None or rec["at"] <= _ms(clock.utcnow() - self.window):
             return None
         return rec
 
@@ -99,7 +100,7 @@ class OutcomeBook:
         after ``SCAN_PAST_PRUNED`` records in a row that keep no outputs):
         the cost per order does not grow with a busy key's 14 days of orders.
         """
-        oldest = _ms(utcnow() - self.window)
+        oldest = _ms(clock.utcnow() - self.window)
         expired = []
         for oid, rec in records.items():
             if rec["at"] > oldest:

@@ -176,7 +176,7 @@ class DurableTable(MutableMapping[bytes, bytes]):
         unsent, self._unsent = self._unsent, {}
         if not unsent:
             return 0
-        if self._publisher is None:
+        if self._publisher is None and self._make_publisher is not None:
             self._publisher = self._make_publisher()
         topic = self.table.changelog_topic.get_topic_name()
         try:

@@ -46,7 +46,7 @@ from connectors.kafka import catalogue as t
 from connectors.kafka.emit import Emitter
 from connectors.kafka.testing import MemoryPublisher
 from streams.core.config import Settings
-from streams.monitoring import native as monitor_native
+from streams.core import native
 
 #: A fixed "now" for ``--digest`` (after the demo feed's end, inside every certificate's validity).
 FIXED_NOW = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
@@ -105,9 +105,7 @@ def fixed_clock() -> Iterator[None]:
             return FIXED_NOW if tz is not None else FIXED_NOW.replace(tzinfo=None)
 
     with ExitStack() as stack:
-        for target in ("connectors.kafka.emit.utcnow", "streams.pipeline.outcomes.utcnow",
-                       "streams.pipeline.agents.verify.utcnow", "streams.pipeline.agents.monitor.utcnow"):
-            stack.enter_context(mock.patch(target, lambda: FIXED_NOW))
+        stack.enter_context(mock.patch("streams.core.clock.utcnow", lambda: FIXED_NOW))
         stack.enter_context(mock.patch("streams.monitoring.monitor.datetime", _Fixed))
         stack.enter_context(mock.patch("uuid.uuid4", lambda: uuid.UUID(int=next(counter))))
         yield
@@ -207,7 +205,7 @@ def run(data_dir: Path, *, registrants: int, days: int, seed: int, batch: int, p
     lines = sum(len(monitor.codec.decode(m.value)[1]["lines"]) for m in verified)
     n, v = len(received), len(verified)
     report = [f"{n} received orders, {v} verified ({lines} lines), batches of {batch}, "
-              f"monitor {monitor_native.MODE} (CSOS_PURE_PYTHON=1: source)",
+              f"compiled modules: {native.MODE} (CSOS_PURE_PYTHON=1: source)",
               f"verify stage : {verify_cpu / n * 1e6:8.1f} us per received order",
               f"monitor stage: {monitor_cpu / v * 1e6:8.1f} us per verified order",
               f"both stages  : {(verify_cpu + monitor_cpu) / v * 1e6:8.1f} us per verified order, "

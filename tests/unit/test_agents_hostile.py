@@ -27,7 +27,8 @@ from streams.pipeline.agents.monitor import MonitorProcessor
 from streams.pipeline.agents.verify import VerifyProcessor
 from streams.pipeline.app import handle_event, require_supplier_dea
 from streams.pipeline.processor import InputMessage, ProcessorBase
-from streams.core.avro_codec import MAGIC, default_codec
+from connectors.sources.reference_data import RegistrantDirectory
+from streams.core.avro_codec import MAGIC, AvroCodec, default_codec
 from streams.domain.cms import MAX_EMBEDDED_CERTS, sign_order
 from streams.core.config import Settings
 from connectors.kafka.emit import Emitter
@@ -94,10 +95,11 @@ def message(sig: bytes, *, order_id: str | None = None, received_at: datetime = 
         "format": "csos-order/1", "document": None, "signature": sig})
 
 
-def verify_agent(verifier: Any, table: dict[bytes, bytes] | None = None) -> tuple[VerifyProcessor, MemoryPublisher]:
+def verify_agent(verifier: Any, table: dict[bytes, bytes] | None = None,
+                 directory: RegistrantDirectory | None = None) -> tuple[VerifyProcessor, MemoryPublisher]:
     pub = MemoryPublisher()
     proc = VerifyProcessor(verifier, PRODUCTS, Emitter(pub, "verify-agent"),  # type: ignore[arg-type]
-                           {} if table is None else table, suppliers={SUPPLIER.dea_number})
+                           {} if table is None else table, directory, suppliers={SUPPLIER.dea_number})
     return proc, pub
 
 
@@ -131,20 +133,24 @@ def test_replay_is_refused_even_after_a_failure_earlier_in_the_batch(verifier: V
                              (t.REJECTED, "DUPLICATE_ORDER_NUMBER")]
 
 
-def test_an_order_whose_outputs_fail_is_rejected_and_its_number_stays_used(verifier: Verifier, cred: Credential,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    proc, pub = verify_agent(verifier)
+def test_an_order_whose_outputs_fail_is_rejected_and_its_number_stays_used(verifier: Verifier,
+                                                                          cred: Credential) -> None:
+    # The failure comes from the registrant master, read while the outputs are written (the processor is
+    # compiled: its own methods cannot be patched, the objects it is given can).
+    class FailingOnce(RegistrantDirectory):
+        calls = 0
+
+        def get(self, dea: str) -> dict[str, Any] | None:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("registrant master unavailable")
+            return super().get(dea)
+
+    directory = FailingOnce()
+    directory.apply(DEA, {"status": "ACTIVE", "name": "Acme Pharmacy", "expires_on": None,
+                          "business_activity": "RETAIL PHARMACY", "state": "MA"})
+    proc, pub = verify_agent(verifier, directory=directory)
     sig = signature(make_order(3), cred)
-    real = proc._registrant_field
-    calls = []
-
-    def failing_once(dea: str, name: str) -> Any:
-        calls.append(name)
-        if len(calls) == 1:
-            raise RuntimeError("registrant master unavailable")
-        return real(dea, name)
-
-    monkeypatch.setattr(proc, "_registrant_field", failing_once)
     feed(proc, message(sig), message(sig))  # the second copy has a new order id: a replay
     assert outcomes(pub) == [(t.REJECTED, "VERIFICATION_ERROR"), (t.REJECTED, "DUPLICATE_ORDER_NUMBER")]
 
@@ -286,9 +292,10 @@ def test_quantities_that_would_overflow_downstream_are_a_defective_order(field: 
 
 
 # ---------------------------------------------------------------------------- the monitor
-def monitor_agent() -> tuple[MonitorProcessor, MemoryPublisher, dict[bytes, bytes]]:
+def monitor_agent(codec: AvroCodec | None = None) -> tuple[MonitorProcessor, MemoryPublisher, dict[bytes, bytes]]:
     pub, table = MemoryPublisher(), {}
-    return MonitorProcessor(Monitor(), table, Emitter(pub, "monitor-agent")), pub, table  # type: ignore[arg-type]
+    return (MonitorProcessor(Monitor(), table, Emitter(pub, "monitor-agent"), codec),  # type: ignore[arg-type]
+            pub, table)
 
 
 def test_monitor_decides_every_order_of_a_batch_with_a_huge_quantity_in_it() -> None:
@@ -310,20 +317,22 @@ def test_monitor_decides_every_order_of_a_batch_with_a_huge_quantity_in_it() -> 
     assert huge["order_id"] not in released
 
 
-def test_monitor_dead_letters_an_order_whose_hold_cannot_be_written(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_monitor_dead_letters_an_order_whose_hold_cannot_be_written() -> None:
     """Fail closed to the end: no hold can be encoded, so the order is dead-lettered, never released."""
-    proc, pub, _ = monitor_agent()
     at = NOW - timedelta(hours=1)
     orders = [verified_order("BP1234563", at + timedelta(minutes=i), {"OXYCODONE": 400}) for i in (0, 1)]
     doomed = orders[1]["order_id"]
-    real_outputs = proc._outputs
 
-    def outputs(order: dict[str, Any], verdict: dict[str, Any], **kw: Any) -> Any:
-        if order["order_id"] == doomed:
-            raise ValueError("cannot encode")
-        return real_outputs(order, verdict, **kw)
+    # The failure comes from the codec the outputs are encoded with (the processor is compiled: its own
+    # methods cannot be patched, the objects it is given can). Every verdict of the doomed order fails,
+    # the error verdict's hold included.
+    class FailingCodec(AvroCodec):
+        def encode(self, fullname: str, record: dict[str, Any], **kw: Any) -> bytes:
+            if fullname == "som.Verdict" and record.get("order_id") == doomed:
+                raise ValueError("cannot encode")
+            return super().encode(fullname, record, **kw)
 
-    monkeypatch.setattr(proc, "_outputs", outputs)
+    proc, pub, _ = monitor_agent(FailingCodec(codec.catalog))
     proc.begin_batch()
     for i, o in enumerate(orders):
         proc.handle(InputMessage(t.VERIFIED, 0, i, b"BP1234563", codec.encode("csos.orders.VerifiedOrder", o)))

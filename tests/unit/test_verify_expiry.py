@@ -29,7 +29,7 @@ def test_expired_numbers_are_dropped_and_live_ones_kept_in_order(verifier: Verif
     sigs = [signature(o, cred) for o in orders]
 
     def accept(i: int, at: Any) -> None:
-        with mock.patch("streams.pipeline.agents.verify.utcnow", lambda: at):
+        with mock.patch("streams.core.clock.utcnow", lambda: at):
             proc.begin_batch()
             proc.handle(InputMessage(t.RECEIVED, 0, i, DEA.encode(), message(sigs[i], order_id=f"id-{i}")))
             proc.end_batch()

@@ -41,7 +41,8 @@ from streams.cases.machine import (
 )
 from streams.cases.sor import report_for
 from streams.cases import registrant_decisions as registrant
-from connectors.kafka.emit import Emitter, utcnow
+from connectors.kafka.emit import Emitter
+from streams.core import clock
 from streams.pipeline.outcomes import OutcomeBook, Position, decision_id, records_outputs_pruned
 from streams.pipeline.processor import InputMessage, ProcessorBase, decode
 from streams.pipeline.table_state import CachedTable
@@ -129,7 +130,7 @@ class CaseProcessor(ProcessorBase):
         case = open_case(hold, self.due_days)
         self._store(case)
         self.counts["opened"] += 1
-        self._case_event(case, "OPENED", at=utcnow(), actor=AGENT_ACTOR)
+        self._case_event(case, "OPENED", at=clock.utcnow(), actor=AGENT_ACTOR)
         self.emitter.audit(STAGE, "case.opened", HELD, order_id=oid, purchaser_dea=hold["purchaser_dea"],
                            detail={"order_number": hold["order_number"], "due_at": case.due_at.isoformat()})
         return case
@@ -205,7 +206,7 @@ class CaseProcessor(ProcessorBase):
         (``cases``, ``case_events``, kept two years), and a decision arriving
         for one after that is refused as about an unknown case.
         """
-        now = now or utcnow()
+        now = now or clock.utcnow()
         escalated = 0
         for oid in list(keys if keys is not None else self.state.keys()):
             if not self.owns(oid):

@@ -19,7 +19,8 @@ from typing import Any, Callable, MutableMapping
 
 from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, default_codec
-from connectors.kafka.emit import Emitter, utcnow
+from connectors.kafka.emit import Emitter
+from streams.core import clock
 from streams.monitoring.baselines import RegistrantBaselines
 from streams.monitoring.monitor import Monitor
 from streams.pipeline.outcomes import OutcomeBook, Position, decision_id
@@ -125,7 +126,7 @@ class MonitorProcessor(ProcessorBase):
                 learned = True
             if self.monitor.note_verdict(base, order, verdict):  # a HOLD opens the family's case
                 self.state.mark_dirty(dea)
-                self._step(dea, lambda b, o=order, v=verdict: self.monitor.note_verdict(b, o, v))
+                self._step(dea, lambda b: self.monitor.note_verdict(b, order, verdict))
         except Exception as exc:  # noqa: BLE001 - fail closed: an order we cannot score, encode or learn is held
             log.exception("monitor failed on order %s", order.get("order_id"))
             try:
@@ -147,9 +148,11 @@ class MonitorProcessor(ProcessorBase):
             self._restore(dea)
             raise
         self.state.mark_dirty(dea)
-        self._step(dea, lambda b, o=order: self.monitor.learn_into(b, o))
+        self._step(dea, lambda b: self.monitor.learn_into(b, order))
 
     def _step(self, dea: str, change: Callable[[RegistrantBaselines], Any]) -> None:
+        # The callers' lambdas close over names they never rebind afterwards (plain closures, not default
+        # arguments, which mypy cannot type for a one-argument callable).
         self._steps.setdefault(dea, []).append(change)
 
     def _restore(self, dea: str) -> None:
@@ -209,7 +212,7 @@ class MonitorProcessor(ProcessorBase):
                                    purchaser_dea=dea, detail={"error": f"{exc.__class__.__name__}: {exc}"})
                 return
             self.monitor.apply_outcome(self.state.get(dea), cleared)  # its open case (if any) closes
-            self._step(dea, lambda b, c=cleared: self.monitor.apply_outcome(b, c))
+            self._step(dea, lambda b: self.monitor.apply_outcome(b, cleared))
             self.count("learned_cleared")
             self.emitter.audit(STAGE, "order.learned_after_review", "LEARNED", order_id=order["order_id"],
                                purchaser_dea=dea, detail={"decision_id": cleared["decision_id"],
@@ -238,14 +241,14 @@ class MonitorProcessor(ProcessorBase):
             return
         if applied:
             self.state.mark_dirty(dea)
-            self._step(dea, lambda b, o=outcome: self.monitor.apply_outcome(b, o))
+            self._step(dea, lambda b: self.monitor.apply_outcome(b, outcome))
             self.count("outcomes_applied")
         self.emitter.audit(STAGE, "due_diligence.applied" if applied else "due_diligence.repeated", kind,
                            order_id=outcome["order_id"] or None, purchaser_dea=dea, detail=detail,
                            actor=outcome["cleared_by"] or None)
 
     def _error_verdict(self, order: dict[str, Any], exc: Exception) -> dict[str, Any]:
-        now = utcnow()
+        now = clock.utcnow()
         return {
             "order_id": order["order_id"], "order_number": order["order_number"],
             "purchaser_dea": order["purchaser_dea"], "verdict": "HOLD", "decided_at": now,

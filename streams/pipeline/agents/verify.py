@@ -47,10 +47,12 @@ from datetime import datetime, timedelta
 from typing import Any, Iterable, MutableMapping
 
 from streams.domain.crl import load_crl
+from streams.domain.model import Order
 
 from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, default_codec
-from connectors.kafka.emit import Emitter, Message, utcnow
+from connectors.kafka.emit import Emitter, Message
+from streams.core import clock
 from streams.pipeline.outcomes import OutcomeBook, Position
 from streams.pipeline.processor import InputMessage, ProcessorBase, decode
 from streams.domain.products import ProductMaster
@@ -79,6 +81,13 @@ REFERENCE_BEHIND = ("The supplier's copy of the certificate revocation lists and
                     "with what was published before the order arrived.")
 PARK_ADVICE = ("The order is not filled yet: it is held and will be verified as soon as the supplier has the "
                "missing data; no action is needed unless it stays pending.")
+
+
+def _verified_order(outcome: Outcome) -> Order:
+    """The order of an ``ok`` outcome, which the verifier always sets (typed: compiled code needs it not None)."""
+    if outcome.order is None:
+        raise ValueError("a verified outcome without its order")
+    return outcome.order
 
 
 def _ms(dt: datetime) -> int:
@@ -455,7 +464,7 @@ class VerifyProcessor(ProcessorBase):
         for, which is the key they are processed under.
         """
         known = self.state.get(routing_key)["order_ids"].get(rec["order_id"])
-        if known is None or known["expires_at"] <= _ms(utcnow()) or known["digest"] == order_digest(rec):
+        if known is None or known["expires_at"] <= _ms(clock.utcnow()) or known["digest"] == order_digest(rec):
             return False
         reason = (f"{DUPLICATE_ORDER_ID}: order id {rec['order_id']} already names order {known['order_number']} "
                   f"accepted from {routing_key}; this message has different bytes and is not judged under that id")
@@ -470,7 +479,6 @@ class VerifyProcessor(ProcessorBase):
 
         ``digest``: ``order_digest(rec)`` when the caller has it already (computed here otherwise)."""
         outcome = self.verifier.verify(rec["document"], rec["signature"], rec["received_at"], rec["format"])
-        order = outcome.order
         if not parked and not self._fresh:
             self._recheck_owed = True
             return self._park(rec, routing_key, raw, REVOCATION_UNKNOWN, REFERENCE_BEHIND, outcome, parked=False)
@@ -480,6 +488,7 @@ class VerifyProcessor(ProcessorBase):
                                   parked=parked)
             self._reject_outcome(rec, outcome)
             return True
+        order = _verified_order(outcome)
         dea = order.purchaser.dea_number
         supplier = order.supplier.dea_number
         if self.suppliers is not None and supplier not in self.suppliers:
@@ -522,8 +531,9 @@ class VerifyProcessor(ProcessorBase):
 
         ``registration``: the registration check's record, listed in a rejection's checks."""
         state = self.state.get(dea)
-        now_ms = _ms(utcnow())
-        number = outcome.order.order_number
+        now_ms = _ms(clock.utcnow())
+        order = _verified_order(outcome)
+        number = order.order_number
         known = state["order_ids"].get(rec["order_id"])
         if known is not None and known["digest"] == digest and known["order_number"] == number \
                 and known["expires_at"] > now_ms:
@@ -538,7 +548,7 @@ class VerifyProcessor(ProcessorBase):
                          f"Order number {number} was already used by {dea} and is accepted only once; "
                          "send a new order with a new order number.", checks, number, dea, outcome.signer_subject)
             return True
-        expires = _ms(outcome.order.signed_at + REMEMBER)
+        expires = _ms(order.signed_at + REMEMBER)
         self._forget_expired(dea, state, now_ms)
         # Recorded before the outputs are written, and never rolled back: if writing them fails the order
         # is rejected, and a second copy finds its number used (or, the same bytes, repeats this attempt).
@@ -568,7 +578,7 @@ class VerifyProcessor(ProcessorBase):
             return False  # still waiting; it was announced when first parked
         order = outcome.order
         self.emitter.send(t.PENDING, "csos.orders.PendingOrder", rec["order_id"], {
-            "order_id": rec["order_id"], "received_at": rec["received_at"], "parked_at": utcnow(),
+            "order_id": rec["order_id"], "received_at": rec["received_at"], "parked_at": clock.utcnow(),
             "reason_code": code, "reason": f"{reason} {PARK_ADVICE}".strip(),
             "order_number": order.order_number if order else None,
             "purchaser_dea": order.purchaser.dea_number if order else None, "attempts": 1,
@@ -587,7 +597,7 @@ class VerifyProcessor(ProcessorBase):
         return False
 
     def _accept(self, rec: dict[str, Any], outcome: Outcome, *, redelivered: bool = False) -> None:
-        order = outcome.order
+        order = _verified_order(outcome)
         verified = {
             "order_id": rec["order_id"],
             "order_number": order.order_number,
@@ -596,7 +606,7 @@ class VerifyProcessor(ProcessorBase):
             "supplier_dea": order.supplier.dea_number,
             "signed_at": order.signed_at,
             "received_at": rec["received_at"],
-            "verified_at": utcnow(),
+            "verified_at": clock.utcnow(),
             "signer_serial": outcome.signer_serial or "",
             "signer_fingerprint": outcome.signer_fingerprint or "",
             "business_activity": self._registrant_field(order.purchaser.dea_number, "business_activity"),
@@ -638,7 +648,7 @@ class VerifyProcessor(ProcessorBase):
             checks = [{"check": "receipt_time", "passed": False, "detail": rec["receipt_note"]}] + checks
             detail["receipt"] = rec["receipt_note"]
         rejection = {
-            "order_id": rec["order_id"], "received_at": rec["received_at"], "rejected_at": utcnow(),
+            "order_id": rec["order_id"], "received_at": rec["received_at"], "rejected_at": clock.utcnow(),
             "reason_code": code, "reason": reason, "order_number": order_number,
             "purchaser_dea": purchaser_dea, "signer_subject": signer_subject, "checks": checks,
         }
