@@ -14,6 +14,9 @@ import pytest
 from streams.tools.broker import LocalBroker, free_port, running_broker  # noqa: F401 - tests import it from here
 
 
+#: The worker's runtimes (``CSOS_RUNTIME``): the crash, two-worker and hostile-input tests run against each.
+RUNTIMES = ("faust", "kafka")
+
 #: Test folders by kind, in the order they run: fast and self-contained first.
 KIND_ORDER = {"unit": 0, "integration": 1, "e2e": 2, "browser": 2}
 

@@ -44,13 +44,17 @@ def chaos(orders: int, kills: int, seed: int, out_dir: str | None) -> None:
 @click.option("--rate", type=float, default=None,
               help="Publish at this many orders/s (latency below saturation); default: all at once (throughput).")
 @click.option("--compare-bare", is_flag=True,
-              help="Then run the same feed through a plain confluent-kafka loop with the same processors and state "
-                   "order (streams.tools.bare_loop) and print the worker's lines per CPU-second as a ratio of it.")
+              help="Then run the same feed through a worker on the confluent-kafka runtime alone (no sink; the same "
+                   "processors, tables and batch order, no Faust) and print the worker's lines per CPU-second as a "
+                   "ratio of it.")
+@click.option("--runtime", type=click.Choice(["faust", "kafka"]), default=None,
+              help="The worker's runtime (default CSOS_RUNTIME, else faust).")
 @click.option("--workers", default=1, show_default=True,
               help="Worker processes in the group. Above 1, the same feed first runs through one worker (fresh "
                    "broker each time) and the scale-out is printed as ratios: summed CPU per line, and capacity "
                    "(lines over the busiest worker's CPU-seconds: each worker on a core of its own).")
-def bench(registrants: int, days: int, seed: int, rate: float | None, compare_bare: bool, workers: int) -> None:
+def bench(registrants: int, days: int, seed: int, rate: float | None, compare_bare: bool, runtime: str | None,
+          workers: int) -> None:
     """Measure end-to-end throughput and latency of one worker on the local broker.
 
     Uses its own data directory (CSOS_DATA_DIR/bench) and a fresh broker on
@@ -58,11 +62,13 @@ def bench(registrants: int, days: int, seed: int, rate: float | None, compare_ba
     in ClickHouse), received-to-verdict latency percentiles, and the worker's
     and sink's CPU time (lines per CPU-second: comparable on a shared machine).
     With --rate the feed is paced, so the latency is that of an unsaturated pipeline.
-    With --compare-bare the framework's cost is measured against a loop without Faust, on the same feed.
+    With --compare-bare the framework's cost is measured against the worker without Faust, on the same feed.
     """
     from streams.tools.bench import run_bench, scale_out_summary
 
     s = settings()
+    if runtime:
+        s = s.with_(runtime=runtime)
     s = s.with_(data_dir=s.data_dir / "bench", pki_dir=s.data_dir / "bench" / "pki")
     if workers <= 1:
         click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate,

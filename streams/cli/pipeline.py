@@ -90,20 +90,30 @@ def acls(dry_run: bool) -> None:
 @click.option("--id", "worker_id", default=None,
               help="This worker's stable name in the consumer group (default CSOS_WORKER_ID, else host-port). "
                    "Give each worker its own and keep it across restarts: a restart then resumes at once.")
-def worker(loglevel: str, worker_id: str | None) -> None:
+@click.option("--runtime", type=click.Choice(["faust", "kafka"]), default=None,
+              help="What runs the agents: faust (streams.pipeline.app) or kafka (one confluent-kafka consumer, "
+                   "streams.pipeline.kafka_worker). Default CSOS_RUNTIME, else faust. All workers of a group "
+                   "must run the same one.")
+def worker(loglevel: str, worker_id: str | None, runtime: str | None) -> None:
     """Run the verification and monitoring agents (Faust worker).
 
     Run as many as there are partitions to share; each reads the PKI
     (CSOS_PKI_DIR) and the product master when its agents start.
     """
+    s = settings()
+    if worker_id:
+        s = s.with_(worker_id=worker_id)
+    if runtime:
+        s = s.with_(runtime=runtime)
+    if s.runtime not in ("faust", "kafka"):
+        raise click.ClickException(f"CSOS_RUNTIME={s.runtime!r}: give faust or kafka")
+    if s.runtime == "kafka":
+        _run_kafka_worker(s, loglevel)
+        return
     from faust import Worker
 
     from streams.pipeline.app import create_app
     from streams.pipeline.event_loop import use_event_loop
-
-    s = settings()
-    if worker_id:
-        s = s.with_(worker_id=worker_id)
     try:
         use_event_loop(s.event_loop)  # before Faust's worker creates its loop; an unknown loop stops the start
         app = create_app(s)
@@ -126,6 +136,35 @@ def worker(loglevel: str, worker_id: str | None) -> None:
             prof.dump_stats(profile)
     else:
         Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+
+
+def _run_kafka_worker(s, loglevel: str) -> None:
+    """``csos worker`` on the confluent-kafka runtime (streams.pipeline.kafka_worker)."""
+    from connectors.kafka.metrics import serve_extra
+    from streams.pipeline.event_loop import use_event_loop
+    from streams.pipeline.kafka_worker import run_kafka_worker
+
+    logging.getLogger().setLevel(loglevel.upper())  # the csos group configured logging at WARNING
+    try:
+        use_event_loop(s.event_loop)
+        from streams.pipeline.wiring import require_supplier_dea
+
+        require_supplier_dea(s)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    serve_extra(s.metrics_addr)
+    if s.profile_path:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            run_kafka_worker(s)
+        finally:
+            prof.disable()
+            prof.dump_stats(s.profile_path)
+    else:
+        run_kafka_worker(s)
 
 
 @click.command()

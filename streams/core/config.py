@@ -114,6 +114,9 @@ class Settings:
     gc_freeze: bool = True
     # -- issue 14 (framework cost): the worker's asyncio event loop, "uvloop" (libuv) or "asyncio" (the stdlib's)
     event_loop: str = "uvloop"
+    # -- issue 14 (framework cost): what runs the worker's processors, "faust" (streams.pipeline.app) or "kafka"
+    # (streams.pipeline.kafka_worker: one confluent-kafka consumer, the same processors, tables and topics)
+    runtime: str = "faust"
 
     @property
     def supplier_deas(self) -> frozenset[str]:
@@ -202,6 +205,7 @@ class Settings:
             gc_freeze=_env("CSOS_GC_FREEZE", "1").lower() not in ("0", "false", "no"),
             # -- issue 14 (framework cost)
             event_loop=_env("CSOS_EVENT_LOOP", cls.event_loop).strip().lower(),
+            runtime=_env("CSOS_RUNTIME", cls.runtime).strip().lower(),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -48,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import faust
@@ -61,29 +61,23 @@ from connectors.kafka.topics import replication_factor
 
 from connectors.kafka import catalogue as t
 from streams.pipeline.agents.cases import STAGE as CASE_STAGE
-from streams.pipeline.agents.cases import CaseProcessor, key_partition
+from streams.pipeline.agents.cases import key_partition
 from streams.pipeline.processor import InputMessage, Processor
 from streams.pipeline.agents.monitor import STAGE as MONITOR_STAGE
-from streams.pipeline.agents.monitor import MonitorProcessor
 from streams.pipeline.agents.verify import STAGE as VERIFY_STAGE
 from streams.pipeline.agents.verify import VerifyProcessor
 from streams.core.config import Settings
-from connectors.kafka.emit import Emitter
 from connectors.kafka.metrics import crl_freshness, exposition, faust_lag, set_refreshers
 from streams.pipeline.batching import take_ready
 from streams.pipeline.faust_tuning import gapless_inputs, set_fetch_max_wait
 from streams.pipeline.heap import freeze_startup_heap
-from streams.domain.identifiers import is_valid_dea_number
-from streams.pipeline.outcomes import OutcomeBook
-from connectors.sources.reference_data import ReferenceFeed, RegistrantDirectory, trace_group_config
 from streams.pipeline.table_state import DurableTable
+from streams.pipeline.wiring import TABLES, build_processors, require_supplier_dea  # noqa: F401 - re-exported
 from streams.core import native
 
 log = logging.getLogger(__name__)
 
-STATE_TABLE = "som-registrant-state"
-VERIFY_TABLE = "csos-verify-state"
-CASE_TABLE = "som-cases"
+VERIFY_TABLE, STATE_TABLE, CASE_TABLE = TABLES["verify"], TABLES["monitor"], TABLES["cases"]
 
 
 def _raw_topic(app: faust.App, *names: str) -> Any:
@@ -201,22 +195,6 @@ def _first_waited(events: list[Any]) -> float:
     return time.time() - stamp if stamp else float("nan")
 
 
-def require_supplier_dea(settings: Settings) -> frozenset[str]:
-    """The supplier DEA numbers the worker accepts orders for; ``ValueError`` when unset or invalid.
-
-    Fail closed: a worker that does not know whose orders it fills would
-    release an order addressed to any other distributor.
-    """
-    deas = settings.supplier_deas
-    if not deas:
-        raise ValueError("CSOS_SUPPLIER_DEA is not set: give this distributor's DEA number(s), comma-separated; "
-                         "orders addressed to any other supplier are rejected (WRONG_SUPPLIER)")
-    bad = sorted(d for d in deas if not is_valid_dea_number(d))
-    if bad:
-        raise ValueError(f"CSOS_SUPPLIER_DEA: {', '.join(bad)} is not a valid DEA number (format or check digit)")
-    return deas
-
-
 def create_app(settings: Settings) -> faust.App:
     """Build the worker app. Heavy components (PKI, product master) load when the agents start.
 
@@ -300,42 +278,12 @@ def create_app(settings: Settings) -> faust.App:
 
     def components() -> dict[str, Any]:
         if not parts:
-            from streams.monitoring.monitor import Monitor
-            from streams.domain.products import ProductMaster
-            from streams.verification import Verifier
-
-            products = ProductMaster.load(settings.products_path)
             publisher = Publisher(settings.kafka_bootstrap)
             parts["publisher"] = publisher
-
-            def emitter(actor: str) -> Emitter:
-                return Emitter(publisher, actor, buffered=True)  # published once the batch's state is durable
-
-            def book() -> OutcomeBook:
-                return OutcomeBook(timedelta(days=settings.dedup_days))
-            # Its own producer: the feed flushes its dead letters from its thread, apart from the agents' batches.
-            feed = ReferenceFeed(settings.kafka_bootstrap,
-                                 emitter=Emitter(Publisher(settings.kafka_bootstrap), "reference-feed"),
-                                 trace_group=f"{settings.app_id}-reference-trace",
-                                 trace_config=trace_group_config(settings))
-            feed.start()
-            verifier = Verifier.from_pki_dir(settings.pki_dir, products)
-            startup = Emitter(publisher, "verify-agent")  # unbuffered: no batch carries these
-            for refusal in verifier.refusals:  # a refused CRL or certificate file never stops the worker
-                log.error("%s %s refused: %s", refusal.kind, refusal.source, refusal.reason)
-                startup.audit(VERIFY_STAGE, "crl.refused" if refusal.kind == "crl" else "certificate.refused",
-                              "REFUSED", detail={"source": refusal.source, "reason": refusal.reason})
-            parts["verify"] = VerifyProcessor(
-                verifier, products, emitter("verify-agent"),
-                durable[VERIFY_STAGE], RegistrantDirectory() if settings.require_registration else None, feed,
-                suppliers=suppliers, receipt_skew=timedelta(seconds=settings.receipt_skew_seconds),
-                outcomes=book(), barrier_seconds=settings.reference_barrier_seconds)
-            parts["monitor"] = MonitorProcessor(Monitor.from_env(products), durable[MONITOR_STAGE],
-                                                emitter("monitor-agent"), outcomes=book())
-            parts["cases"] = CaseProcessor(durable[CASE_STAGE], emitter("case-agent"),
-                                           due_days=settings.due_diligence_days,
-                                           reporting_dea=settings.reporting_dea, owns=owns_case,
-                                           retention_days=settings.case_retention_days, outcomes=book())
+            parts.update(build_processors(
+                settings, suppliers, {"verify": durable[VERIFY_STAGE], "monitor": durable[MONITOR_STAGE],
+                                      "cases": durable[CASE_STAGE]},
+                publisher, owns_case, trace_group=f"{settings.app_id}-reference-trace"))
         return parts
 
     async def changelog_ready(*tables: Any) -> None:
@@ -450,7 +398,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:
         counts = {name: getattr(p, "counts", None) for name, p in parts.items() if hasattr(p, "counts")}
-        return web.json({"status": "ok", "counts": counts,
+        return web.json({"status": "ok", "counts": counts, "runtime": "faust",
                          "consumer": {"lost_record_repairs": getattr(app.consumer, "repairs", 0)},
                          # "uvloop" or "asyncio" (CSOS_EVENT_LOOP), the loop this worker really runs on
                          "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],

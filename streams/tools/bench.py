@@ -9,12 +9,8 @@ purchasers' cost, not the distributor's.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -30,9 +26,8 @@ from connectors.kafka import catalogue as t
 from streams.core.avro_codec import default_codec
 from streams.core.config import Settings
 from connectors.clickhouse.query import run_query
-from streams.tools.bare_loop import STATUS_FILE
 from streams.tools.bench_hops import read_hops, render_hops
-from streams.tools.processes import Pipeline, settings_env, worker_process
+from streams.tools.processes import Pipeline, worker_process
 
 
 def cpu_seconds(pid: int) -> float:
@@ -108,17 +103,19 @@ class BenchResult:
         if self.bare is not None:
             b = self.bare
             out += [
-                f"bare confluent-kafka loop (same processors, state before outputs, no Faust): {b.lines} lines in "
+                f"kafka runtime alone (CSOS_RUNTIME=kafka: same processors, tables and batch order, no Faust): "
+                f"{b.lines} lines in "
                 f"{b.seconds:.2f}s = {b.lines / b.seconds:,.0f} lines/s; CPU {b.cpu_seconds:.1f}s = "
                 f"{b.lines_per_cpu:,.0f} order lines per CPU-second",
-                f"Faust worker / bare loop, order lines per CPU-second: {self.lines_per_worker_cpu / b.lines_per_cpu:.2f}",
+                f"this run's worker / kafka runtime alone, order lines per CPU-second: "
+                f"{self.lines_per_worker_cpu / b.lines_per_cpu:.2f}",
             ]
         return "\n".join(out)
 
 
 @dataclass
 class BareResult:
-    """The plain confluent-kafka loop's figures (``streams.tools.bare_loop``) on the same feed."""
+    """The worker on the confluent-kafka runtime, alone (no sink), on the same feed (``run_bare``)."""
 
     lines: int
     seconds: float
@@ -290,32 +287,24 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
 
 def run_bare(settings: Settings, broker: LocalBroker, warm: list, timed: list, lines: int,
              timeout: float) -> BareResult:
-    """The timed part of the feed through ``streams.tools.bare_loop`` (a child process), as the worker had it."""
+    """The timed part of the feed through a worker on the confluent-kafka runtime, alone (no sink), as the
+    worker had it: the same processors, tables and batch order without Faust (``streams.pipeline.kafka_worker``)."""
     publish_reference_data(settings, Publisher(broker.bootstrap))
-    status = settings.data_dir / STATUS_FILE
-    status.unlink(missing_ok=True)
-    log = open(settings.data_dir / "bare.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "streams.tools.bare_loop"], env=settings_env(settings),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    bare = settings.with_(runtime="kafka", web_port=free_port(), data_dir=settings.data_dir / "bare",
+                          worker_id="bench-bare")
+    proc = worker_process(bare)
 
     def decided() -> int:
-        if proc.poll() is not None:
-            raise click.ClickException(f"the bare loop exited with {proc.returncode}; see {log.name}")
-        try:
-            return int(json.loads(status.read_text())["decided"])
-        except (OSError, ValueError, KeyError):
-            return 0
+        if proc.proc is not None and proc.proc.poll() is not None:
+            raise click.ClickException(f"the kafka-runtime worker exited with {proc.proc.returncode}; "
+                                       f"see {proc.log_path}")
+        counts = (proc.health() or {}).get("counts") or {}
+        v, m = counts.get("verify", {}), counts.get("monitor", {})
+        return v.get("rejected", 0) + v.get("dead_lettered", 0) + m.get("released", 0) + m.get("held", 0)
+    proc.start()
     try:
-        deadline = time.monotonic() + 120
-        while not status.exists() and time.monotonic() < deadline:
-            decided()
-            time.sleep(0.2)
         _, elapsed, used = _timed_stream(warm, timed, Publisher(broker.bootstrap), None, decided,
-                                         {"bare": proc.pid}, timeout)
+                                         {"bare": proc.proc.pid if proc.proc else None}, timeout)
         return BareResult(lines, elapsed, used["bare"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stop()

@@ -57,6 +57,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CSOS_SESSION_TIMEOUT_SECONDS": repr(settings.session_timeout_seconds),
         "CSOS_HEARTBEAT_SECONDS": repr(settings.heartbeat_seconds),
         "CSOS_STATIC_MEMBERSHIP": "1" if settings.static_membership else "0",
+        "CSOS_RUNTIME": settings.runtime,
     })
     if settings.clickhouse_url:
         env["CLICKHOUSE_URL"] = settings.clickhouse_url

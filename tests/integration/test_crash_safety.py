@@ -33,7 +33,7 @@ from streams.tools.feed import PreparedFeed, prepare_feed, publish, publish_refe
 from connectors.kafka.io import Publisher
 from streams.core.config import Settings
 from streams.tools.processes import ChildProcess, sink_process, worker_process
-from tests.conftest import running_broker
+from tests.conftest import RUNTIMES, running_broker
 
 KILLS = 5
 #: CI machines are slow and shared: generous against the issue's bar (10 s restart, 15 s takeover),
@@ -57,16 +57,16 @@ class CrashPipeline:
         return "\n".join(f"--- {name}\n{p.tail()}" for name, p in (("a", self.a), ("b", self.b), ("sink", self.sink)))
 
 
-@pytest.fixture(scope="module")
-def crash_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashPipeline]:
-    data = Path(tmp_path_factory.mktemp("crash"))
+@pytest.fixture(scope="module", params=RUNTIMES)
+def crash_pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashPipeline]:
+    data = Path(tmp_path_factory.mktemp(f"crash-{request.param}"))
     with running_broker(data / "kafka") as broker:  # type: LocalBroker
         settings = Settings.from_env().with_(
             kafka_bootstrap=broker.bootstrap, data_dir=data, pki_dir=data / "pki", clickhouse_url="",
             web_port=free_port(), sink_port=free_port(), app_id=f"csos-crash-{uuid.uuid4().hex[:6]}",
             # Small batches: many batch boundaries, so a kill lands with outputs written and offsets not
             # yet committed (with 2,000 the whole backlog is one batch and most kills hit an idle moment).
-            batch_size=50)
+            batch_size=50, runtime=request.param)
         feed = prepare_feed(settings, registrants=40, seed=31, days=220, bad_counts={"tampered": 4},
                             suspicious_counts={"size_spike": 12, "frequency_burst": 12, "family_shift": 4})
         settings = replay_settings(settings, feed)
@@ -76,6 +76,7 @@ def crash_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashPi
         p.sink.start()
         try:
             p.a.start()
+            assert (p.a.health() or {}).get("runtime") == settings.runtime, "the worker runs another runtime"
             yield p
         finally:
             for proc in (p.a, p.b, p.sink):

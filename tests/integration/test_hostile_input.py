@@ -40,7 +40,7 @@ from streams.core.config import Settings
 from streams.tools.hostile_soak import agent_crashes
 from streams.tools.processes import Pipeline as Processes
 from connectors.clickhouse.query import run_query
-from tests.conftest import running_broker
+from tests.conftest import RUNTIMES, running_broker
 
 HOSTILE_COUNT = 1500
 SEED = 9
@@ -76,13 +76,14 @@ def _wait_decided(settings: Settings, n: int, processes: Processes, timeout: flo
     raise AssertionError(f"the normal feed was not decided ({decided} of {n})\n{processes.tail()}")
 
 
-@pytest.fixture(scope="module")
-def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileRun]:
-    with running_broker(tmp_path_factory.mktemp("kafka-hostile")) as broker:
+@pytest.fixture(scope="module", params=RUNTIMES)
+def hostile(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileRun]:
+    with running_broker(tmp_path_factory.mktemp(f"kafka-hostile-{request.param}")) as broker:
         data = Path(tmp_path_factory.mktemp("hostile"))
         settings = Settings.from_env().with_(
             kafka_bootstrap=broker.bootstrap, data_dir=data, pki_dir=data / "pki", clickhouse_url="",
-            web_port=free_port(), sink_port=free_port(), app_id=f"csos-hostile-{uuid.uuid4().hex[:6]}")
+            web_port=free_port(), sink_port=free_port(), app_id=f"csos-hostile-{uuid.uuid4().hex[:6]}",
+            runtime=request.param)
         feed = prepare_feed(settings, registrants=10, seed=31, days=30, bad_counts={}, suspicious_counts={})
         publish_reference_data(settings, Publisher(broker.bootstrap))
         ctx = HostileContext.from_feed(feed)
@@ -125,6 +126,7 @@ def test_no_worker_or_sink_dies_and_no_agent_crashes(hostile: HostileRun) -> Non
     assert not crashes, f"a Faust agent crashed on hostile input: {crashes[:3]}\n{worker.tail(80)}"
     assert (worker.health() or {}).get("counts"), "the worker no longer answers /health"
     assert (worker.health() or {}).get("event_loop") == "uvloop", "the worker is not on its default event loop"
+    assert (worker.health() or {}).get("runtime") == hostile.settings.runtime, "the worker runs another runtime"
     assert (sink.health() or {}).get("status") == "ok", "the sink no longer answers /health"
 
 

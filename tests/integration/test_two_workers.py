@@ -26,7 +26,7 @@ from connectors.kafka.io import Publisher
 from streams.core.config import Settings
 from streams.tools.processes import sink_process, worker_process
 from connectors.clickhouse.query import run_query
-from tests.conftest import running_broker
+from tests.conftest import RUNTIMES, running_broker
 
 DUE_SECONDS = 60.0
 
@@ -37,14 +37,14 @@ def own_broker(tmp_path_factory) -> Iterator[LocalBroker]:
         yield b
 
 
-@pytest.fixture(scope="module")
-def two_workers(own_broker, tmp_path_factory):
+@pytest.fixture(scope="module", params=RUNTIMES)
+def two_workers(request, own_broker, tmp_path_factory):
     broker = own_broker
     data = Path(tmp_path_factory.mktemp("two-workers"))
     settings = Settings.from_env().with_(
         kafka_bootstrap=broker.bootstrap, data_dir=data, pki_dir=data / "pki", clickhouse_url="",
         web_port=free_port(), sink_port=free_port(), app_id=f"csos-two-{uuid.uuid4().hex[:6]}",
-        due_diligence_days=DUE_SECONDS / 86400, case_clock_seconds=1.0,
+        due_diligence_days=DUE_SECONDS / 86400, case_clock_seconds=1.0, runtime=request.param,
     )
     feed = prepare_feed(settings, registrants=16, seed=23, days=90, bad_counts={},
                         suspicious_counts={"size_spike": 6, "family_shift": 3})
@@ -109,5 +109,6 @@ def test_orders_and_cases_are_each_handled_once_across_two_workers(two_workers) 
     audits = Counter(r[0] for r in sql(settings, "SELECT order_id FROM audit_events WHERE action = 'case.escalated'"))
     assert {oid: audits[oid] for oid in held} == {oid: 1 for oid in held}
     # and both workers escalated some: the second one took over partitions with open cases
+    assert [(w.health() or {}).get("runtime") for w in workers] == [settings.runtime] * 2
     escalations = [(w.health() or {}).get("counts", {}).get("cases", {}).get("escalated", 0) for w in workers]
     assert all(e > 0 for e in escalations) and sum(escalations) == len(held), escalations
