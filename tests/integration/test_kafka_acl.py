@@ -34,6 +34,7 @@ from streams.cli import main as cli_main
 from streams.core.config import Settings
 from streams.tools.processes import sink_process, worker_process
 from connectors.clickhouse.query import run_query
+from tests.conftest import RUNTIMES
 
 OUTSIDER = "outsider"  # a valid SCRAM user with no ACL at all
 
@@ -49,6 +50,10 @@ class SecuredBroker:
         return {"KAFKA_BOOTSTRAP": self.broker.sasl_bootstrap, "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
                 "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "KAFKA_SASL_USERNAME": user,
                 "KAFKA_SASL_PASSWORD": self.passwords[user]}
+
+    def app_ids(self) -> list[str]:
+        """The pipeline's CSOS_APP_ID for each worker runtime."""
+        return [f"{self.app_id}-{runtime}" for runtime in RUNTIMES]
 
     def security(self, user: str) -> dict[str, str]:
         return KafkaSecurity.from_env(self.env(user)).librdkafka()
@@ -78,11 +83,12 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]
                 mp.setenv(k, v)
             ensure_topics(broker.sasl_bootstrap)
             env = {f"KAFKA_PASSWORD_{role.upper()}": passwords[role] for role in ROLES}
-            result = CliRunner().invoke(cli_main, ["acls"], env={**env, "CSOS_APP_ID": secured.app_id})
-            assert result.exit_code == 0, result.output
+            for app_id in secured.app_ids():  # one deployment per runtime, each with its own ACLs
+                result = CliRunner().invoke(cli_main, ["acls"], env={**env, "CSOS_APP_ID": app_id})
+                assert result.exit_code == 0, result.output
         admin = AdminClient(broker.admin_config())
         upsert_scram_users(admin, {OUTSIDER: passwords[OUTSIDER]})
-        bindings = acl_bindings(secured.app_id)
+        bindings = {str(b) for app_id in secured.app_ids() for b in acl_bindings(app_id)}
         everything = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, None, None,
                                       AclOperation.ANY, AclPermissionType.ANY)
         _wait("the ACLs", lambda: len(admin.describe_acls(everything).result()) >= len(bindings))
@@ -129,13 +135,14 @@ def test_the_intake_writes_orders_with_credentials_from_the_environment(
     publisher.flush(30)
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_the_pipeline_decides_orders_over_sasl_each_service_as_its_own_principal(
-        secured: SecuredBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        secured: SecuredBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runtime: str) -> None:
     data = tmp_path / "pipeline"
     settings = Settings.from_env().with_(
         kafka_bootstrap=secured.broker.sasl_bootstrap, data_dir=data, pki_dir=data / "pki", clickhouse_url="",
-        web_port=free_port(), sink_port=free_port(), app_id=secured.app_id)
-    feed = prepare_feed(settings, registrants=4, seed=5, days=20, bad_counts={"tampered": 2},
+        web_port=free_port(), sink_port=free_port(), app_id=f"{secured.app_id}-{runtime}", runtime=runtime)
+    feed = prepare_feed(settings, registrants=4, seed=5 + RUNTIMES.index(runtime), days=20, bad_counts={"tampered": 2},
                         suspicious_counts={})
     settings = replay_settings(settings, feed)  # its supplier DEA, and a receipt skew admitting its history
     for k, v in secured.env("reference").items():
