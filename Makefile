@@ -60,6 +60,7 @@ demo: install kafka
 
 test: install kafka browser prometheus pkits
 	$(BIN)/python -m pytest -q
+	CSOS_RUNTIME=kafka $(BIN)/python -m pytest -q tests/e2e
 
 bench: install kafka
 	$(BIN)/csos bench

@@ -31,20 +31,21 @@ from tests.conftest import RUNTIMES, running_broker
 DUE_SECONDS = 60.0
 
 
-@pytest.fixture(scope="module")
-def own_broker(tmp_path_factory) -> Iterator[LocalBroker]:
-    with running_broker(tmp_path_factory.mktemp("kafka-two")) as b:
-        yield b
-
-
 @pytest.fixture(scope="module", params=RUNTIMES)
-def two_workers(request, own_broker, tmp_path_factory):
-    broker = own_broker
+def own_broker(request, tmp_path_factory) -> Iterator[tuple[LocalBroker, str]]:
+    """A fresh broker per runtime: the other runtime's group would otherwise find the first one's orders."""
+    with running_broker(tmp_path_factory.mktemp(f"kafka-two-{request.param}")) as b:
+        yield b, request.param
+
+
+@pytest.fixture(scope="module")
+def two_workers(own_broker, tmp_path_factory):
+    broker, runtime = own_broker
     data = Path(tmp_path_factory.mktemp("two-workers"))
     settings = Settings.from_env().with_(
         kafka_bootstrap=broker.bootstrap, data_dir=data, pki_dir=data / "pki", clickhouse_url="",
         web_port=free_port(), sink_port=free_port(), app_id=f"csos-two-{uuid.uuid4().hex[:6]}",
-        due_diligence_days=DUE_SECONDS / 86400, case_clock_seconds=1.0, runtime=request.param,
+        due_diligence_days=DUE_SECONDS / 86400, case_clock_seconds=1.0, runtime=runtime,
     )
     feed = prepare_feed(settings, registrants=16, seed=23, days=90, bad_counts={},
                         suspicious_counts={"size_spike": 6, "family_shift": 3})
