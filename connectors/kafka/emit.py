@@ -133,17 +133,23 @@ class Emitter:
         The buffer is emptied only once they are delivered: should delivery
         fail, the caller's batch is not acknowledged and is handled again.
         """
+        return await publish_pending(self)
+
+    def _produce_pending(self) -> list[Message]:
         messages, self.pending = self.pending, []
         try:
             for topic, key, value in messages:
                 self.publisher.publish(topic, key, value)
-            await self.publisher.flush_async()
         except BaseException:
-            self.pending = messages + self.pending  # not known to be delivered: still owed
+            self.pending = messages + self.pending
             raise
+        return messages
+
+    def _delivered(self, messages: list[Message]) -> None:
         records, self._records = self._records, {}
         observe_published(messages, self.codec, records)  # delivered: count the outcomes (connectors.kafka.metrics)
-        return len(messages)
+
+
 
     def audit(self, stage: str, action: str, outcome: str, *, order_id: str | None = None,
               purchaser_dea: str | None = None, detail: dict[str, Any] | None = None,
@@ -207,3 +213,26 @@ class Emitter:
             await self.publish_pending()
         else:
             await self.publisher.flush_async()
+
+
+async def publish_pending(*emitters: Emitter) -> int:
+    """Publish the buffered messages of ``emitters`` and wait once per publisher until the broker has them all.
+
+    Why together: the confluent-kafka worker's processors share one producer,
+    and each flush is a round trip the next batch waits for. Should producing
+    or delivery fail, every emitter keeps its messages (still owed) and the
+    caller's batch is not acknowledged.
+    """
+    produced: list[tuple[Emitter, list[Message]]] = []
+    try:
+        for emitter in emitters:
+            produced.append((emitter, emitter._produce_pending()))  # noqa: SLF001 - this module's own
+        for publisher in {id(e.publisher): e.publisher for e, _ in produced}.values():
+            await publisher.flush_async()
+    except BaseException:
+        for emitter, messages in produced:
+            emitter.pending = messages + emitter.pending  # not known to be delivered: still owed
+        raise
+    for emitter, messages in produced:
+        emitter._delivered(messages)  # noqa: SLF001
+    return sum(len(messages) for _, messages in produced)

@@ -59,12 +59,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors.kafka import catalogue as t
 from connectors.kafka.changelog import changelog_spec, read_to_end
+from connectors.kafka.emit import publish_pending
 from connectors.kafka.io import Publisher
 from connectors.kafka.metrics import confluent_lag, crl_freshness, exposition, set_refreshers
 from connectors.kafka.security import client_config
 from connectors.kafka.topics import ensure_topics
 from streams.core import native
 from streams.core.config import Settings
+from streams.pipeline.agents.cases import key_partition
 from streams.pipeline.changelog_table import ChangelogTable
 from streams.pipeline.heap import freeze_startup_heap
 from streams.pipeline.processor import InputMessage, Processor
@@ -150,8 +152,6 @@ class KafkaWorker:
     # ------------------------------------------------------------------ ownership and rebalances
     def owns_case(self, order_id: str) -> bool:
         """Whether this worker owns ``order_id``'s case now (only the owner may escalate it)."""
-        from streams.pipeline.agents.cases import key_partition
-
         return key_partition(order_id, self.settings.partitions) in self.assigned[t.HOLD]
 
     def _by_part(self, partitions: list[TopicPartition]) -> dict[str, set[int]]:
@@ -179,11 +179,12 @@ class KafkaWorker:
         read = self._reader()
         for part, wanted in self._by_part(partitions).items():
             table = self.tables[part]
+            kept = self._released[part] & wanted  # revoked and handed back: no one else owned it in between
             moved = self._released[part] - wanted
             if moved:
                 table.drop(moved)
             self._released[part].clear()
-            new = wanted - self.restored[part]
+            new = wanted - self.restored[part] - kept
             if new:
                 started = time.monotonic()
                 keys = table.restore(new, read)
@@ -346,9 +347,7 @@ class KafkaWorker:
             proc.end_batch()
         if sum(self.tables[part].send() for part in by_part):
             await self.state_out.flush_async()  # 2. the state durable
-        for part in PARTS:
-            if part in by_part:
-                await self.procs[part].emitter.publish_pending()  # 3. then the outputs it records
+        await publish_pending(*(self.procs[part].emitter for part in PARTS if part in by_part))  # 3. the outputs
         for key, offset in last.items():
             self.done[key] = offset + 1
         self._commit()  # 4. then the inputs
