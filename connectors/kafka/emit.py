@@ -17,6 +17,7 @@ import hashlib
 import json
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Iterator
 
@@ -135,21 +136,16 @@ class Emitter:
         """
         return await publish_pending(self)
 
-    def _produce_pending(self) -> list[Message]:
-        messages, self.pending = self.pending, []
-        try:
-            for topic, key, value in messages:
-                self.publisher.publish(topic, key, value)
-        except BaseException:
-            self.pending = messages + self.pending
-            raise
-        return messages
+    def take_pending(self) -> "Outputs":
+        """Take the buffered messages out (to be published later by ``publish_outputs``); the buffer is empty after."""
+        taken = Outputs(self, self.pending, self._records)
+        self.pending, self._records = [], {}
+        return taken
 
-    def _delivered(self, messages: list[Message]) -> None:
-        records, self._records = self._records, {}
-        observe_published(messages, self.codec, records)  # delivered: count the outcomes (connectors.kafka.metrics)
-
-
+    def give_back(self, taken: "Outputs") -> None:
+        """Put messages taken but not known to be delivered back in front of the buffer (still owed)."""
+        self.pending = taken.messages + self.pending
+        self._records = {**taken.records, **self._records}
 
     def audit(self, stage: str, action: str, outcome: str, *, order_id: str | None = None,
               purchaser_dea: str | None = None, detail: dict[str, Any] | None = None,
@@ -215,24 +211,39 @@ class Emitter:
             await self.publisher.flush_async()
 
 
-async def publish_pending(*emitters: Emitter) -> int:
-    """Publish the buffered messages of ``emitters`` and wait once per publisher until the broker has them all.
+@dataclass
+class Outputs:
+    """Messages taken from a buffered emitter (``Emitter.take_pending``): one batch's outputs, to publish later."""
+
+    emitter: Emitter
+    messages: list[Message]
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)  # for the metrics, as ``Emitter._records``
+
+
+async def publish_outputs(*outputs: Outputs) -> int:
+    """Produce ``outputs`` and wait once per publisher until the broker has them all; then count them (metrics).
 
     Why together: the confluent-kafka worker's processors share one producer,
-    and each flush is a round trip the next batch waits for. Should producing
-    or delivery fail, every emitter keeps its messages (still owed) and the
-    caller's batch is not acknowledged.
+    and each flush is a round trip the next batch waits for. Raises if
+    producing or delivery fails: none of them is then known to be delivered.
     """
-    produced: list[tuple[Emitter, list[Message]]] = []
+    for taken in outputs:
+        publish = taken.emitter.publisher.publish
+        for topic, key, value in taken.messages:
+            publish(topic, key, value)
+    for publisher in {id(o.emitter.publisher): o.emitter.publisher for o in outputs}.values():
+        await publisher.flush_async()
+    for taken in outputs:
+        observe_published(taken.messages, taken.emitter.codec, taken.records)  # delivered: count the outcomes
+    return sum(len(o.messages) for o in outputs)
+
+
+async def publish_pending(*emitters: Emitter) -> int:
+    """Publish the buffered messages of ``emitters`` (``publish_outputs``); should that fail, each keeps them."""
+    taken = [e.take_pending() for e in emitters]
     try:
-        for emitter in emitters:
-            produced.append((emitter, emitter._produce_pending()))  # noqa: SLF001 - this module's own
-        for publisher in {id(e.publisher): e.publisher for e, _ in produced}.values():
-            await publisher.flush_async()
+        return await publish_outputs(*taken)
     except BaseException:
-        for emitter, messages in produced:
-            emitter.pending = messages + emitter.pending  # not known to be delivered: still owed
+        for out in taken:
+            out.emitter.give_back(out)  # not known to be delivered: still owed
         raise
-    for emitter, messages in produced:
-        emitter._delivered(messages)  # noqa: SLF001
-    return sum(len(messages) for _, messages in produced)

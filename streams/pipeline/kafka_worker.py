@@ -20,6 +20,10 @@ batch's order (``streams.pipeline.app``):
 
 A crash at any point leaves what the Faust worker's crash leaves (see
 ``streams.pipeline.app``): at worst outputs re-published byte for byte.
+Steps 2-4 of a batch run while the next batch is polled and decided
+(``_complete``): the broker's round trips overlap the next batch's work, and
+each batch still waits for the one before it, so the order above holds batch
+by batch.
 
 What it does differently:
 
@@ -49,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -59,7 +64,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors.kafka import catalogue as t
 from connectors.kafka.changelog import changelog_spec, read_to_end
-from connectors.kafka.emit import publish_pending
+from connectors.kafka.emit import Outputs, publish_outputs
 from connectors.kafka.io import Publisher
 from connectors.kafka.metrics import confluent_lag, crl_freshness, exposition, set_refreshers
 from connectors.kafka.security import client_config
@@ -78,8 +83,8 @@ log = logging.getLogger(__name__)
 ROUTES = {t.RECEIVED: "verify", t.VERIFIED: "monitor", t.CLEARED: "monitor", t.HOLD: "cases", t.DECISIONS: "cases"}
 #: librdkafka's timestamp type of a broker-stamped record (``message.timestamp.type=LogAppendTime``).
 LOG_APPEND_TIME = 2
-#: A batch slower than this is logged with where its time went.
-SLOW_BATCH_SECONDS = 0.5
+#: How long a revocation waits for the batch in progress to be durable, published and committed.
+REVOKE_WAIT_SECONDS = 60.0
 
 
 def appended_at(msg: Any) -> datetime:
@@ -145,6 +150,9 @@ class KafkaWorker:
         self.consumer = Consumer({**consumer_config(settings), "on_commit": self._on_commit},
                                  logger=logging.getLogger("connectors.kafka.librdkafka"))
         self.poller = ThreadPoolExecutor(1, thread_name_prefix="csos-poll")  # poll and rebalance callbacks
+        self._inflight: asyncio.Future[None] | None = None  # the last decided batch still completing
+        self._idle = threading.Event()  # set when no batch is completing
+        self._idle.set()
         self.stopping = False
         self.ready = False
         self.rebalances = 0
@@ -196,7 +204,16 @@ class KafkaWorker:
         self.ready = True
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Commit what was decided on the revoked partitions; keep their tables until the next assignment."""
+        """Commit what was decided on the revoked partitions; keep their tables until the next assignment.
+
+        Called inside the poll, between two batches, but the last decided
+        batch may still be on its way (``_complete``, on the event loop, which
+        this thread leaves free): wait for it, so that its offsets are
+        committed here and none of its state or outputs follows the handover.
+        """
+        if not self._idle.wait(REVOKE_WAIT_SECONDS):
+            log.error("the batch in progress did not complete within %.0f s of a revocation; its inputs will be "
+                      "decided again by the next owner", REVOKE_WAIT_SECONDS)
         self._commit([tp for tp in partitions if (tp.topic, tp.partition) in self.done], sync=True)
         self._release(partitions)
 
@@ -292,8 +309,12 @@ class KafkaWorker:
                     await self._settle_timer(part)
             wait = min(last + every for every, last in timers.values()) - time.monotonic()
             msgs = await loop.run_in_executor(self.poller, self._take, max(0.0, min(wait, 0.2)))
+            if self._inflight is not None and self._inflight.done():
+                self._inflight.result()  # a batch that could not be made durable or published stops the worker
             if msgs:
                 await self._batch(msgs)
+        if self._inflight is not None:
+            await self._inflight
         await loop.run_in_executor(self.poller, self._close)
 
     def _close(self) -> None:
@@ -345,15 +366,39 @@ class KafkaWorker:
                                   message.offset)
                     proc.unhandled(message, exc)
             proc.end_batch()
-        if sum(self.tables[part].send() for part in by_part):
-            await self.state_out.flush_async()  # 2. the state durable
-        await publish_pending(*(self.procs[part].emitter for part in PARTS if part in by_part))  # 3. the outputs
-        for key, offset in last.items():
-            self.done[key] = offset + 1
-        self._commit()  # 4. then the inputs
+        for part in by_part:
+            self.tables[part].send()  # the state records to the producer; ``_complete`` waits for them
+        outputs = [self.procs[part].emitter.take_pending() for part in PARTS if part in by_part]
+        self._idle.clear()
+        self._inflight = asyncio.ensure_future(self._complete(self._inflight, outputs, last, started, len(msgs)))
+
+    async def _complete(self, before: "asyncio.Future[None] | None", outputs: list[Outputs],
+                        last: dict[tuple[str, int], int], started: float, events: int) -> None:
+        """Steps 2-4 of a decided batch, after the batch before it: state durable, then outputs, then offsets.
+
+        Runs while the next batch is polled and decided, so that the round
+        trips to the broker overlap the next batch's work instead of adding to
+        its wait. The next batch's outputs are published only after this
+        one's (it awaits this), and a revocation waits for the last one
+        (``_on_revoke``); a crash at any point leaves what the module
+        docstring says, batch by batch. Should any step fail, the worker stops
+        (``run``): nothing of this batch or any later one is acknowledged.
+        """
+        try:
+            if before is not None:
+                await before
+            await self.state_out.flush_async()  # 2. the state durable (this batch's records and any before)
+            await publish_outputs(*outputs)  # 3. then the outputs it records
+            for (topic, partition), offset in last.items():
+                if partition in self.assigned.get(topic, ()):  # lost meanwhile: the new owner reads it again
+                    self.done[(topic, partition)] = offset + 1
+            self._commit()  # 4. then the inputs
+        finally:
+            if asyncio.current_task() is self._inflight:
+                self._idle.set()
         took = time.monotonic() - started
         if took > self.settings.slow_batch_seconds:
-            log.info("slow batch of %d events: %.3f s", len(msgs), took)
+            log.info("slow batch of %d events: %.3f s from its poll to its commit", events, took)
 
     # ------------------------------------------------------------------ /health and /metrics
     def health(self) -> dict[str, Any]:
