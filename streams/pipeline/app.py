@@ -1,5 +1,10 @@
 """The Faust application: topics, the state table and the agents, wired from settings.
 
+One of the worker's two runtimes (``CSOS_RUNTIME=faust``, the default); the
+other, ``streams.pipeline.kafka_worker``, runs the same processors
+(``streams.pipeline.wiring``) over the same changelog topics on one
+confluent-kafka consumer.
+
 Transport (Faust/aiokafka in, confluent-kafka out), serialization (Avro
 single-object, ``streams.core.avro_codec``) and processing (the processors in
 ``streams.pipeline.agents``) are kept apart, as in quix-streams and bytewax: Faust

@@ -21,9 +21,9 @@ batch's order (``streams.pipeline.app``):
 A crash at any point leaves what the Faust worker's crash leaves (see
 ``streams.pipeline.app``): at worst outputs re-published byte for byte.
 Steps 2-4 of a batch run while the next batch is polled and decided
-(``_complete``): the broker's round trips overlap the next batch's work, and
-each batch still waits for the one before it, so the order above holds batch
-by batch.
+(``_complete``): the broker's round trips overlap the next batch's work; one
+batch at most is completing, and the next starts completing only after it,
+so the order above holds batch by batch.
 
 What it does differently:
 
@@ -369,24 +369,24 @@ class KafkaWorker:
         for part in by_part:
             self.tables[part].send()  # the state records to the producer; ``_complete`` waits for them
         outputs = [self.procs[part].emitter.take_pending() for part in PARTS if part in by_part]
+        if self._inflight is not None:  # at most one batch completing: under load the next one grows instead
+            await self._inflight
         self._idle.clear()
-        self._inflight = asyncio.ensure_future(self._complete(self._inflight, outputs, last, started, len(msgs)))
+        self._inflight = asyncio.ensure_future(self._complete(outputs, last, started, len(msgs)))
 
-    async def _complete(self, before: "asyncio.Future[None] | None", outputs: list[Outputs],
-                        last: dict[tuple[str, int], int], started: float, events: int) -> None:
-        """Steps 2-4 of a decided batch, after the batch before it: state durable, then outputs, then offsets.
+    async def _complete(self, outputs: list[Outputs], last: dict[tuple[str, int], int], started: float,
+                        events: int) -> None:
+        """Steps 2-4 of a decided batch: its state durable, then its outputs, then its offsets.
 
         Runs while the next batch is polled and decided, so that the round
         trips to the broker overlap the next batch's work instead of adding to
-        its wait. The next batch's outputs are published only after this
-        one's (it awaits this), and a revocation waits for the last one
-        (``_on_revoke``); a crash at any point leaves what the module
-        docstring says, batch by batch. Should any step fail, the worker stops
-        (``run``): nothing of this batch or any later one is acknowledged.
+        its wait. The next batch starts completing only once this one has
+        (``_batch`` awaits it), and a revocation waits for it (``_on_revoke``):
+        a crash at any point leaves what the module docstring says, batch by
+        batch. Should a step fail, the worker stops (``run``): nothing of this
+        batch or a later one is acknowledged.
         """
         try:
-            if before is not None:
-                await before
             await self.state_out.flush_async()  # 2. the state durable (this batch's records and any before)
             await publish_outputs(*outputs)  # 3. then the outputs it records
             for (topic, partition), offset in last.items():
