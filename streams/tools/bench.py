@@ -49,6 +49,7 @@ class BenchResult:
     bench_cpu_seconds: float = float("nan")
     bare: "BareResult | None" = None
     workers: int = 1
+    runtime: str = "faust"  # the workers' CSOS_RUNTIME
     hops: dict[str, list[float]] | None = None  # streams.tools.bench_hops: where each order's latency went
     #: Each worker process's CPU-seconds (one entry per worker), for the scale-out capacity.
     worker_cpu_each: list[float] | None = None
@@ -84,7 +85,8 @@ class BenchResult:
             f"produce: {self.publish_seconds:.2f}s ({self.orders / self.publish_seconds:,.0f} orders/s)",
             f"end to end (first produce -> last outcome in ClickHouse): {wall:.2f}s",
             f"throughput: {self.lines / wall:,.0f} order lines/s, "
-            f"{self.orders / wall:,.0f} orders/s ({self.workers} worker process(es), one sink process)",
+            f"{self.orders / wall:,.0f} orders/s ({self.workers} worker process(es) on the {self.runtime} runtime, one "
+            f"sink process)",
             f"received -> verdict latency: p50 {self.pct(50):,.0f} ms, p95 {self.pct(95):,.0f} ms, "
             f"p99 {self.pct(99):,.0f} ms (n={len(self.latencies_ms)})",
             *([f"per hop (released or held orders):\n{render_hops(self.hops)}"] if self.hops else []),
@@ -269,7 +271,8 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
                                       "UNION ALL SELECT order_id, toUnixTimestamp64Milli(rejected_at) FROM rejections")[1]
         lat = [int(ms) - received_ts[oid] * 1000.0 for oid, ms in decided if oid in received_ts and oid in timed_ids]
         result = BenchResult(total, lines, t_pub, elapsed, lat, used["worker"], used["sink"], used["broker"],
-                             used["bench"], workers=workers, hops=read_hops(broker.bootstrap, timed_ids),
+                             used["bench"], workers=workers, runtime=settings.runtime,
+                             hops=read_hops(broker.bootstrap, timed_ids),
                              worker_cpu_each=each)
         if compare_bare:
             pipeline.stop()
