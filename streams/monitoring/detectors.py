@@ -401,7 +401,17 @@ Window = Any
 
 def window_text(w: Window) -> str:
     """The text of a finding's window (see :data:`Window`)."""
-    return w if isinstance(w, str) else w[0](*w[1:])
+    if isinstance(w, str):
+        return w
+    # Calls by arity: compiled, ``w[0](*w[1:])`` builds a slice and a tuple for every kept finding.
+    n = len(w)
+    if n == 3:
+        return w[0](w[1], w[2])
+    if n == 4:
+        return w[0](w[1], w[2], w[3])
+    if n == 5:
+        return w[0](w[1], w[2], w[3], w[4])
+    return w[0](*w[1:])
 
 
 def finding(detector: str, dimension: str, family: str, value: float, baseline: float, threshold: float,
@@ -655,6 +665,37 @@ def poisson_tail(rate: float, count: int) -> float:
 #: Other days in a 7-day window besides the order's own: the most ordering days it can add.
 OTHER_DAYS_7D: Final = 6
 
+#: Entries a :class:`PoissonLimits` memo keeps before it starts again (bounded, whatever rates a feed brings).
+_LIMITS_KEPT: Final = 4096
+
+
+class PoissonLimits:
+    """``(round(rate, 2), poisson_quantile(round(rate, 2), p))`` per learned rate, for one tail probability ``p``.
+
+    Why: the frequency detectors ask this for every family of every order (~11 times per order), and
+    ``round`` and the ``lru_cache`` wrapper are generic Python calls from compiled code (~2,300 instructions
+    per call, callgrind); a plain dict keyed by the rate as learned costs a float hash. The same pure
+    functions compute each entry, so the numbers are the ones they give.
+    """
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.memo: dict[float, tuple[float, int]] = {}
+
+    def of(self, rate: float) -> tuple[float, int]:
+        if not rate > 0.0:  # 0.0 and -0.0 are one dict key but round to different floats; NaN is no key at all
+            zero = round(rate, 2)
+            return zero, poisson_quantile(zero, self.p)
+        hit = self.memo.get(rate)
+        if hit is not None:
+            return hit
+        rounded = round(rate, 2)
+        hit = (rounded, poisson_quantile(rounded, self.p))
+        if len(self.memo) >= _LIMITS_KEPT:
+            self.memo.clear()
+        self.memo[rate] = hit
+        return hit
+
 
 class FrequencyDetector(PerFamilyDetector):
     """Unusual frequency: more orders of a family in a window than this registrant's own cadence explains.
@@ -685,6 +726,8 @@ class FrequencyDetector(PerFamilyDetector):
         self.cfg = cfg
         self.hours = hours
         self.name = "frequency_24h" if hours == 24 else "frequency_7d"
+        self._limits = PoissonLimits(cfg.freq_p_24h if hours == 24 else cfg.freq_p_7d)
+        self._day_limits = PoissonLimits(cfg.freq_p_days_7d)
 
     def rate(self, fb: FamilyBaseline) -> float:
         """Expected number of *other* orders of the family in this window, from its released history."""
@@ -716,8 +759,7 @@ class FrequencyDetector(PerFamilyDetector):
                     f"so only the ceiling of {cold} orders applies" + ("; exceeded." if fired else "; within it."))
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
         assert fb is not None and base is not None  # samples > 0: the family has a baseline
-        rate = round(self.rate(fb), 2)
-        limit = poisson_quantile(rate, p)
+        rate, limit = self._limits.of(self.rate(fb))
         threshold = float(max(floor, limit))
         fired = value > threshold
         usual = 1.0 + rate
@@ -758,8 +800,8 @@ class FrequencyDetector(PerFamilyDetector):
         c = self.cfg
         if not fb.covers(order.at_ms, WINDOW_30D_DAYS):  # too short a history for the usual ordering days
             return None
-        rate = round(self.day_rate(w), 2)
-        threshold = float(max(c.freq_min_days_7d, poisson_quantile(rate, c.freq_p_days_7d)))
+        rate, limit = self._day_limits.of(self.day_rate(w))
+        threshold = float(max(c.freq_min_days_7d, limit))
         value = w.days_7d
         if value <= threshold:
             return None
@@ -1096,6 +1138,18 @@ def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_da
     return Cadence(k / usual, k, usual, gap)
 
 
+def _average(prior: tuple[int, ...]) -> float:
+    """``sum(prior) / len(prior) if prior else 0.0`` as a compiled loop: the builtin ``sum`` is a generic call
+    from compiled code, and this runs for several rules per family and order. The sum is of ints (exact), so
+    the quotient is the builtin's."""
+    if not prior:
+        return 0.0
+    total = 0
+    for u in prior:
+        total += u
+    return total / len(prior)
+
+
 def _family_units(order: OrderFacts, family: str) -> int:
     f = order.families.get(family)
     return f.units if f is not None else 0
@@ -1285,14 +1339,19 @@ class RampGuardDetector(PerFamilyDetector):
     name = "ramp_2x"
     dimension = "pattern"
 
+    def __init__(self, cfg: MonitorConfig) -> None:
+        self.cfg = cfg
+        #: The rule's name, written once (the "not applicable" finding of most young families names it).
+        self.rule = f"{cfg.ramp_2x_ratio:g}x 12-month average"
+
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         m = state.monthly(f.family, order)
         prior = trailing_months(m.prior, 12)
         with_orders = months_with_orders(prior)
-        avg = sum(prior) / len(prior) if prior else 0.0
+        avg = _average(prior)
         if with_orders < c.static_min_months:
-            return _not_applicable(self, f, m, 12, f"{c.ramp_2x_ratio:g}x 12-month average", with_orders, avg)
+            return _not_applicable(self, f, m, 12, self.rule, with_orders, avg)
         threshold = c.ramp_2x_ratio * avg
         if m.current <= threshold:  # cannot fire, cleared or not: the analyst's clearance need not be read
             return finding(self.name, self.dimension, f.family, m.current, avg, threshold,
@@ -1681,7 +1740,7 @@ class StaticAverageDetector(TrailingMonthsRule):
         self.rule = f"{multiple}x 12-month average"
 
     def _level(self, prior: tuple[int, ...]) -> tuple[float, float]:
-        avg = sum(prior) / len(prior) if prior else 0.0
+        avg = _average(prior)
         return avg, self.multiple * avg
 
     def _stated(self, prior: tuple[int, ...], level: float, threshold: float) -> str:
