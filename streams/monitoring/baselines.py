@@ -799,29 +799,59 @@ def _sorted_tuple(xs: list[str]) -> tuple[str, ...]:
     return tuple(xs) if len(xs) < 2 else tuple(sorted(xs))
 
 
+class _FamilySum:
+    """One family's running sums over an order's lines (:func:`order_facts`): typed fields, so compiled, the
+    sums are C arithmetic instead of operations on the boxed numbers of a list."""
+
+    __slots__ = ("units", "mme", "weight_g", "schedules", "high")
+
+    def __init__(self) -> None:
+        self.units = 0
+        self.mme = 0.0
+        self.weight_g = 0.0
+        self.schedules: list[str] = []
+        self.high = 0
+
+
+def _as_int(value: Any) -> int:
+    """``int(value)``; an int as it is (compiled, ``int()`` of an untyped value is a generic call)."""
+    return value if type(value) is int else int(value)
+
+
+def _as_float(value: Any) -> float:
+    """``float(value or 0.0)``: a line's optional number (None or absent: 0.0); a non-zero float as it is."""
+    if type(value) is float and value != 0.0:
+        return value
+    return float(value or 0.0)
+
+
 def order_facts(order: Mapping[str, Any], high_ndcs: frozenset[str] | set[str] = frozenset()) -> OrderFacts:
     """Aggregate a verified order (``csos.orders.VerifiedOrder`` dict) by drug family.
 
     ``high_ndcs``: the NDCs of high-strength products (``streams.monitoring.strength``); their lines' units
     are counted in ``FamilyFacts.high_units``.
     """
-    acc: dict[str, list[Any]] = {}
-    for line in order["lines"]:
+    acc: dict[str, _FamilySum] = {}
+    for raw in order["lines"]:
+        # A decoded line is a dict: read as one, compiled code looks its fields up directly instead of
+        # calling a generic Mapping's methods (another mapping is copied into one first, same values).
+        line: dict[str, Any] = raw if type(raw) is dict else dict(raw)
         fam = _family_name(line["drug_family"])
         a = acc.get(fam)
-        if a is None:  # (not setdefault: that would build two lists for every line)
-            a = acc[fam] = [0, 0.0, 0.0, [], 0]
-        units = int(line["dosage_units"])
-        a[0] += units
-        a[1] += float(line.get("mme") or 0.0)
-        a[2] += float(line.get("base_weight_g") or 0.0)
-        schedule = str(line.get("schedule", ""))
-        if schedule not in a[3]:  # the family's distinct schedules (a list: nearly always one)
-            a[3].append(schedule)
+        if a is None:
+            a = acc[fam] = _FamilySum()
+        units = _as_int(line["dosage_units"])
+        a.units += units
+        a.mme += _as_float(line.get("mme"))
+        a.weight_g += _as_float(line.get("base_weight_g"))
+        sched = line.get("schedule", "")
+        schedule = sched if type(sched) is str else str(sched)
+        if schedule not in a.schedules:  # the family's distinct schedules (a list: nearly always one)
+            a.schedules.append(schedule)
         if high_ndcs and line.get("ndc") in high_ndcs:
-            a[4] += units
+            a.high += units
     families = {
-        fam: _new_tuple(FamilyFacts, (fam, a[0], a[1], a[2], _sorted_tuple(a[3]), a[4]))
+        fam: _new_tuple(FamilyFacts, (fam, a.units, a.mme, a.weight_g, _sorted_tuple(a.schedules), a.high))
         for fam, a in sorted(acc.items())
     }
     act = order.get("business_activity")
