@@ -286,27 +286,39 @@ class _RiverEW:
 class EWMeanBaseline(_RiverEW):
     """``river.stats.EWMean`` plus the number of values it has seen (0 = no baseline yet).
 
-    The stored numbers are river's own state (exported after each update); the
-    river object is only built when a value is learned, so scoring, which
-    only reads, costs no river calls.
+    The stored numbers are river's own state; the river object is only built
+    when a value is learned, so scoring, which only reads, costs no river
+    calls. After an update the mean is read back from river (``get()``) only
+    when something reads it: a family's mix mean is updated on every learned
+    order of the registrant (~50 updates per learned order in all) and read at
+    most once per order or state export.
     """
 
-    __slots__ = ("mean",)
+    __slots__ = ("_mean", "_stale")
 
     def __init__(self, alpha: float, mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
-        self.mean = float(mean)
+        self._mean = float(mean)
+        self._stale = False  # river's statistic is newer than _mean
         self.n = int(n)
         self._core = None
         self._core_alpha = 0.0
+
+    @property
+    def mean(self) -> float:
+        """The EW mean, as river's ``get()`` returns it."""
+        if self._stale:
+            # river's get() is the mean itself, as its state bytes hold it (checked once at import:
+            # _checked_ewmean_core), so saving the state (to_dict) stores it without exporting the bytes.
+            self._mean = self._core.get()
+            self._stale = False
+        return self._mean
 
     def _resume(self, alpha: float) -> Any:
         return _ewmean_core(self.mean, self.n > 0, alpha)
 
     def _read(self, core: Any) -> None:
-        # river's get() is the mean itself, as its state bytes hold it (checked once at import:
-        # _checked_ewmean_core), so saving the state (to_dict) stores it without exporting the bytes.
-        self.mean = core.get()
+        self._stale = True
 
     def get(self) -> float:
         return self.mean if self.n else 0.0

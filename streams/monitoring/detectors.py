@@ -421,12 +421,31 @@ def finding(detector: str, dimension: str, family: str, value: float, baseline: 
             explanation)
 
 
+#: The keys of a ``som.Reason`` record in order, as :func:`as_reason` fills them in.
+_REASON_KEYS: Final[Reason] = {
+    "detector": "", "dimension": "", "drug_family": "", "value": 0.0, "baseline": 0.0, "threshold": 0.0,
+    "window": "", "fired": False, "explanation": "", "enforced": False,
+}
+
+
 def as_reason(f: Finding, enforced: bool = True) -> Reason:
-    """The ``som.Reason`` record of a finding (``enforced``: its detector decides)."""
-    return {
-        "detector": f[0], "dimension": f[1], "drug_family": f[2], "value": f[3], "baseline": f[4],
-        "threshold": f[5], "window": window_text(f[6]), "fired": f[7], "explanation": f[8], "enforced": enforced,
-    }
+    """The ``som.Reason`` record of a finding (``enforced``: its detector decides).
+
+    A copy of :data:`_REASON_KEYS` with its values replaced: ~20 per order, and compiled, copying a dict's key
+    table and storing into it costs about half of inserting ten keys into a new dict (measured).
+    """
+    r = _REASON_KEYS.copy()
+    r["detector"] = f[0]
+    r["dimension"] = f[1]
+    r["drug_family"] = f[2]
+    r["value"] = f[3]
+    r["baseline"] = f[4]
+    r["threshold"] = f[5]
+    r["window"] = window_text(f[6])
+    r["fired"] = f[7]
+    r["explanation"] = f[8]
+    r["enforced"] = enforced
+    return r
 
 
 def as_finding(r: Reason) -> Finding:
