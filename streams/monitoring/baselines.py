@@ -196,19 +196,26 @@ _RS_EWMEAN: Final[Any] = _checked_ewmean_core()
 _RS_EWVAR: Final[Any] = _core_class(stats.EWVar, "_ewvar")
 
 
-def _ewmean_core(mean: float, initialized: bool, alpha: float) -> Any:
-    """:func:`ewmean_import`'s Rust core alone (what learning updates)."""
-    core = _RS_EWMEAN(alpha)
-    if initialized:
-        core.__setstate__(_ewmean_state(mean, alpha))
+def _ewmean_core(mean: float, initialized: bool, alpha: float, reuse: Any = None) -> Any:
+    """:func:`ewmean_import`'s Rust core alone (what learning updates).
+
+    ``reuse``: a core of this kind that may be overwritten. Its state bytes hold every field of the Rust
+    statistic, so one set from them is the one a new core would be (``test_monitoring`` checks it against
+    river); it saves building a core per update while a warm-up changes the fading factor each time.
+    """
+    if not initialized:
+        return _RS_EWMEAN(alpha)
+    core = reuse if reuse is not None else _RS_EWMEAN(alpha)
+    core.__setstate__(_ewmean_state(mean, alpha))
     return core
 
 
-def _ewvar_core(mean: float, sq_mean: float, initialized: bool, alpha: float) -> Any:
-    """:func:`ewvar_import`'s Rust core alone (what learning updates)."""
-    core = _RS_EWVAR(alpha)
-    if initialized:
-        core.__setstate__(_ewvar_state(mean, sq_mean, alpha))
+def _ewvar_core(mean: float, sq_mean: float, initialized: bool, alpha: float, reuse: Any = None) -> Any:
+    """:func:`ewvar_import`'s Rust core alone (what learning updates); ``reuse``: as :func:`_ewmean_core`."""
+    if not initialized:
+        return _RS_EWVAR(alpha)
+    core = reuse if reuse is not None else _RS_EWVAR(alpha)
+    core.__setstate__(_ewvar_state(mean, sq_mean, alpha))
     return core
 
 
@@ -264,7 +271,8 @@ class _RiverEW:
     _core_alpha: float  # the fading factor the statistic was resumed with
 
     def _resume(self, alpha: float) -> Any:
-        """The river statistic's Rust core resumed from the stored numbers with fading factor ``alpha``."""
+        """The river statistic's Rust core resumed from the stored numbers with fading factor ``alpha`` (the
+        core it had, if any, overwritten: see :func:`_ewmean_core`)."""
         raise NotImplementedError
 
     def _read(self, core: Any) -> None:
@@ -315,7 +323,7 @@ class EWMeanBaseline(_RiverEW):
         return self._mean
 
     def _resume(self, alpha: float) -> Any:
-        return _ewmean_core(self.mean, self.n > 0, alpha)
+        return _ewmean_core(self.mean, self.n > 0, alpha, self._core)
 
     def _read(self, core: Any) -> None:
         self._stale = True
@@ -376,7 +384,7 @@ class EWVarBaseline(_RiverEW):
         self._core_alpha = 0.0
 
     def _resume(self, alpha: float) -> Any:
-        return _ewvar_core(self.mean, self.sq_mean, self.n > 0, alpha)
+        return _ewvar_core(self.mean, self.sq_mean, self.n > 0, alpha, self._core)
 
     def _read(self, core: Any) -> None:
         self._stale = True
