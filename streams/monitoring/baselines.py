@@ -819,6 +819,20 @@ def _sorted_tuple(xs: list[str]) -> tuple[str, ...]:
     return tuple(xs) if len(xs) < 2 else tuple(sorted(xs))
 
 
+def _stored_units_30d(days: Sequence[Any], units: Sequence[Any], today: int) -> int:
+    """Units of a family's stored day cells (``som.state.DayCells``) on the 30 UTC days ending with ``today``.
+
+    A compiled loop (the builtin ``sum`` over a generator cost a generator object and a generic call per
+    family not on the order, for every order); the cells pair up as ``zip`` pairs them.
+    """
+    total = 0
+    for i in range(min(len(days), len(units))):
+        day = _as_int(days[i])
+        if today - WINDOW_30D_DAYS < day <= today:
+            total += _as_int(units[i])
+    return total
+
+
 class _FamilySum:
     """One family's running sums over an order's lines (:func:`order_facts`): typed fields, so compiled, the
     sums are C arithmetic instead of operations on the boxed numbers of a list."""
@@ -1386,10 +1400,8 @@ class RegistrantBaselines:
             elif fam in self._families:
                 out[fam] = self._families[fam].days.totals(order.at_ms, WINDOW_30D_DAYS)[1]
             else:  # not touched by this order: read the stored cells without building the baseline
-                today = day_of(order.at_ms)
                 cells = self._raw_families[fam]["days"]
-                out[fam] = sum(int(u) for d, u in zip(cells["day"], cells["units"])
-                               if today - WINDOW_30D_DAYS < int(d) <= today)
+                out[fam] = _stored_units_30d(cells["day"], cells["units"], day_of(order.at_ms))
         return out
 
     # -- learning ----------------------------------------------------------

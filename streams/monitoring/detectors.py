@@ -1484,9 +1484,9 @@ class StrengthShiftDetector(PerFamilyDetector):
         lm = fb.months.strength_months(order.at_ms, c.strength_gap_months)
         usual_share = lm.high_share
         cleared = ""
-        if lm.months >= c.strength_min_months and lm.mg_per_unit > 0:
+        long_memory = lm.months >= c.strength_min_months and lm.mg_per_unit > 0
+        if long_memory:
             usual, window = lm.mg_per_unit, _strength_window(lm.months, "mg of base drug per dosage unit")
-            desc = f"mix over {lm.months} earlier calendar months"
             at = (state.due_diligence.get("cleared") or {}).get(f.family)
             month = month_of(order.at_ms)
             if at is not None and month - at < c.ramp_2x_cleared_months and fb.months.cells.get(at, 0) > 0:
@@ -1497,17 +1497,14 @@ class StrengthShiftDetector(PerFamilyDetector):
                 usual_share = max(usual_share, fb.months.high.get(at, 0) / u)
                 cleared = f"; or the mix of {month_name(at)}, cleared by an analyst"
                 window += cleared
-                desc += cleared.replace("; or", ", or")
         else:
             n = fb.mg_per_unit_30d.n
             usual = fb.mg_per_unit_30d.get()
             if n < c.strength_min_history or usual <= 0:
-                why = f"{n} learned 30-day windows of {f.family} with a strength (< {c.strength_min_history})"
-                return finding(self.name, self.dimension, f.family, value, usual, _MAX, f"not applicable: {why}",
-                               False, "")
+                return finding(self.name, self.dimension, f.family, value, usual, _MAX,
+                               (_strength_cold_window, n, f.family, c.strength_min_history), False, "")
             window = ("30 days to this order; usual: " + fb.mg_per_unit_30d.window()
                       + " (mg of base drug per dosage unit over 30 days)")
-            desc = "30-day mix"
         threshold = c.strength_ratio * usual
         mg_fired = value > threshold
         if not mg_fired and lm.months >= c.strength_min_months and units30 > 0:
@@ -1519,6 +1516,9 @@ class StrengthShiftDetector(PerFamilyDetector):
                                    value, usual, cleared, usual_high)
         if not mg_fired:
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
+        # (the sentence's words for the usual mix, written only for a finding that fires)
+        desc = (f"mix over {lm.months} earlier calendar months" + cleared.replace("; or", ", or") if long_memory
+                else "30-day mix")
         mme = f" ({fmt_n(f.mme)} MME in this order)" if f.mme > 0 else ""
         text = (f"{f.family} in the last 30 days: {fmt_n(units30)} dosage units carry {fmt_n(mg30)} mg of base "
                 f"drug{mme}, {value:,.2f} mg per unit; this registrant's usual {desc} is {usual:,.2f} mg per "
@@ -1600,6 +1600,11 @@ def binomial_tail(n: int, k: int, p: float) -> float:
     if k > n:
         return 0.0
     return min(1.0, sum(math.comb(n, i) * p ** i * (1.0 - p) ** (n - i) for i in range(k, n + 1)))
+
+
+def _strength_cold_window(n: int, family: str, need: int) -> str:
+    """strength_shift's window before the 30-day mix has a baseline (written only if the verdict keeps it)."""
+    return f"not applicable: {n} learned 30-day windows of {family} with a strength (< {need})"
 
 
 @functools.lru_cache(maxsize=64)
