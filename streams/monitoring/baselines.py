@@ -884,10 +884,10 @@ def order_facts(order: Mapping[str, Any], high_ndcs: frozenset[str] | set[str] =
             a.schedules.append(schedule)
         if high_ndcs and line.get("ndc") in high_ndcs:
             a.high += units
-    families = {
-        fam: _new_tuple(FamilyFacts, (fam, a.units, a.mme, a.weight_g, _sorted_tuple(a.schedules), a.high))
-        for fam, a in sorted(acc.items())
-    }
+    families: dict[str, FamilyFacts] = {}
+    for fam in sorted(acc):  # the names, not (name, sums) pairs: a sort of strings (the names are unique)
+        a = acc[fam]
+        families[fam] = _new_tuple(FamilyFacts, (fam, a.units, a.mme, a.weight_g, _sorted_tuple(a.schedules), a.high))
     act = order.get("business_activity")
     region = order.get("purchaser_state")
     return OrderFacts(str(order["order_id"]), str(order["purchaser_dea"]), to_ms(order["received_at"]), families,
