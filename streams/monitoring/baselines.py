@@ -497,8 +497,11 @@ class DailyRing:
         mg += [0.0] * (n - len(mg))
         high = list(cells.get("high") or ())
         high += [0] * (n - len(high))
-        self.cells: dict[int, list[Any]] = {
-            int(d): [int(o), int(u), float(m), int(h)]
+        # Each day (orders, units, mg, high-strength units): an immutable tuple of numbers, replaced when an order
+        # is learned, so that the collector stops tracking it (a list stays tracked: ~30 per family, kept for a
+        # batch, and every full collection walked them).
+        self.cells: dict[int, tuple[int, int, float, int]] = {
+            int(d): (int(o), int(u), float(m), int(h))
             for d, o, u, m, h in zip(cells["day"], cells["orders"], cells["units"], mg, high)}
 
     def totals(self, at_ms: int, days: int, exclude_units: int | None = None) -> tuple[int, int]:
@@ -586,12 +589,11 @@ class DailyRing:
         cells = self.cells
         day = day_of(at_ms)
         cell = cells.get(day)
-        if cell is None:  # (not setdefault: that would build a cell for every learned order)
-            cell = cells[day] = [0, 0, 0.0, 0]
-        cell[0] += 1
-        cell[1] += int(units)
-        cell[2] += float(mg)
-        cell[3] += int(high)
+        if cell is None:
+            cells[day] = (1, int(units), 0.0 + float(mg), int(high))
+        else:
+            o, u, g, h = cell
+            cells[day] = (o + 1, u + int(units), g + float(mg), h + int(high))
         oldest = day_of(newest_ms) - WINDOW_30D_DAYS
         if _any_at_or_before(cells, oldest):
             # The days that left the window are deleted, not the ring copied without them (one or two a day
@@ -599,7 +601,7 @@ class DailyRing:
             for d in [d for d in cells if d <= oldest]:
                 del cells[d]
 
-    def to_dict(self) -> dict[str, list[int]]:
+    def to_dict(self) -> dict[str, list[Any]]:
         days = sorted(self.cells)
         return {"day": days, "orders": [self.cells[d][0] for d in days], "units": [self.cells[d][1] for d in days],
                 "mg": [round(self.cells[d][2], 3) for d in days], "high": [self.cells[d][3] for d in days]}
