@@ -924,15 +924,15 @@ class FamilyMixDetector:
         shares = state.mix.shares()
         u30 = state.units_30d_all(order)
         total30 = sum(u30.values())
-        return [self._one(state, f, shares, u30, total30) for f in order.families.values()]
+        window = state.mix.window() + "; value over the last 30 days"  # the same for every family of the order
+        return [self._one(state, f, shares, u30, total30, window) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, f: FamilyFacts, shares: dict[str, float],
-             u30: dict[str, int], total30: int) -> Finding:
+             u30: dict[str, int], total30: int, window: str) -> Finding:
         c = self.cfg
         fb = state.family(f.family)
         value = u30[f.family] / total30 if total30 > 0 else 0.0
         usual = shares.get(f.family, 0.0)
-        window = state.mix.window() + "; value over the last 30 days"
         if state.total_orders < c.mix_min_orders or fb is None or fb.units_30d.n < c.volume_min_history:
             return finding(self.name, self.dimension, f.family, value, usual, 1.0, window, False, "")
         threshold = max(_from_odds(c.mix_odds_ratio * _odds(usual)), c.mix_min_share)
