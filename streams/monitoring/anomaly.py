@@ -100,7 +100,13 @@ class AnomalyCombiner:
         if len(parts) < 2:
             return finding(self.name, self.dimension, family, 0.0, 1.0, _MAX,
                            "not applicable: fewer than 2 measures with a baseline", False, "")
-        score = math.sqrt(sum(s * s for _, s in parts))
+        # The builtin sum over a generator, as a compiled loop (no generator object per family): the same
+        # float additions in the same order, from 0 as sum() starts.
+        squares = 0.0
+        for part in parts:
+            s: float = part[1]
+            squares += s * s
+        score = math.sqrt(squares)
         fired = score > c.anomaly_threshold
         window = (_measures_window, len(parts), family)  # written only if the verdict keeps it (detectors.Window)
         if not fired:  # the verdict keeps no sentence for a finding that did not fire (monitor.evidence)

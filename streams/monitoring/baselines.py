@@ -196,19 +196,26 @@ _RS_EWMEAN: Final[Any] = _checked_ewmean_core()
 _RS_EWVAR: Final[Any] = _core_class(stats.EWVar, "_ewvar")
 
 
-def _ewmean_core(mean: float, initialized: bool, alpha: float) -> Any:
-    """:func:`ewmean_import`'s Rust core alone (what learning updates)."""
-    core = _RS_EWMEAN(alpha)
-    if initialized:
-        core.__setstate__(_ewmean_state(mean, alpha))
+def _ewmean_core(mean: float, initialized: bool, alpha: float, reuse: Any = None) -> Any:
+    """:func:`ewmean_import`'s Rust core alone (what learning updates).
+
+    ``reuse``: a core of this kind that may be overwritten. Its state bytes hold every field of the Rust
+    statistic, so one set from them is the one a new core would be (``test_monitoring`` checks it against
+    river); it saves building a core per update while a warm-up changes the fading factor each time.
+    """
+    if not initialized:
+        return _RS_EWMEAN(alpha)
+    core = reuse if reuse is not None else _RS_EWMEAN(alpha)
+    core.__setstate__(_ewmean_state(mean, alpha))
     return core
 
 
-def _ewvar_core(mean: float, sq_mean: float, initialized: bool, alpha: float) -> Any:
-    """:func:`ewvar_import`'s Rust core alone (what learning updates)."""
-    core = _RS_EWVAR(alpha)
-    if initialized:
-        core.__setstate__(_ewvar_state(mean, sq_mean, alpha))
+def _ewvar_core(mean: float, sq_mean: float, initialized: bool, alpha: float, reuse: Any = None) -> Any:
+    """:func:`ewvar_import`'s Rust core alone (what learning updates); ``reuse``: as :func:`_ewmean_core`."""
+    if not initialized:
+        return _RS_EWVAR(alpha)
+    core = reuse if reuse is not None else _RS_EWVAR(alpha)
+    core.__setstate__(_ewvar_state(mean, sq_mean, alpha))
     return core
 
 
@@ -264,7 +271,8 @@ class _RiverEW:
     _core_alpha: float  # the fading factor the statistic was resumed with
 
     def _resume(self, alpha: float) -> Any:
-        """The river statistic's Rust core resumed from the stored numbers with fading factor ``alpha``."""
+        """The river statistic's Rust core resumed from the stored numbers with fading factor ``alpha`` (the
+        core it had, if any, overwritten: see :func:`_ewmean_core`)."""
         raise NotImplementedError
 
     def _read(self, core: Any) -> None:
@@ -286,27 +294,39 @@ class _RiverEW:
 class EWMeanBaseline(_RiverEW):
     """``river.stats.EWMean`` plus the number of values it has seen (0 = no baseline yet).
 
-    The stored numbers are river's own state (exported after each update); the
-    river object is only built when a value is learned, so scoring, which
-    only reads, costs no river calls.
+    The stored numbers are river's own state; the river object is only built
+    when a value is learned, so scoring, which only reads, costs no river
+    calls. After an update the mean is read back from river (``get()``) only
+    when something reads it: a family's mix mean is updated on every learned
+    order of the registrant (~50 updates per learned order in all) and read at
+    most once per order or state export.
     """
 
-    __slots__ = ("mean",)
+    __slots__ = ("_mean", "_stale")
 
     def __init__(self, alpha: float, mean: float = 0.0, n: int = 0) -> None:
         self.alpha = alpha
-        self.mean = float(mean)
+        self._mean = float(mean)
+        self._stale = False  # river's statistic is newer than _mean
         self.n = int(n)
         self._core = None
         self._core_alpha = 0.0
 
+    @property
+    def mean(self) -> float:
+        """The EW mean, as river's ``get()`` returns it."""
+        if self._stale:
+            # river's get() is the mean itself, as its state bytes hold it (checked once at import:
+            # _checked_ewmean_core), so saving the state (to_dict) stores it without exporting the bytes.
+            self._mean = self._core.get()
+            self._stale = False
+        return self._mean
+
     def _resume(self, alpha: float) -> Any:
-        return _ewmean_core(self.mean, self.n > 0, alpha)
+        return _ewmean_core(self.mean, self.n > 0, alpha, self._core)
 
     def _read(self, core: Any) -> None:
-        # river's get() is the mean itself, as its state bytes hold it (checked once at import:
-        # _checked_ewmean_core), so saving the state (to_dict) stores it without exporting the bytes.
-        self.mean = core.get()
+        self._stale = True
 
     def get(self) -> float:
         return self.mean if self.n else 0.0
@@ -364,7 +384,7 @@ class EWVarBaseline(_RiverEW):
         self._core_alpha = 0.0
 
     def _resume(self, alpha: float) -> Any:
-        return _ewvar_core(self.mean, self.sq_mean, self.n > 0, alpha)
+        return _ewvar_core(self.mean, self.sq_mean, self.n > 0, alpha, self._core)
 
     def _read(self, core: Any) -> None:
         self._stale = True
@@ -420,8 +440,13 @@ class RecentOrders:
 
     def count(self, at_ms: int, window_ms: int = WINDOW_24H_MS, exclude: int | None = None) -> int:
         """Learned orders in (at_ms - window, at_ms]; ``exclude`` drops one order at that time."""
-        times = self.times  # sorted: two binary searches instead of a pass over every time
-        n = bisect.bisect_right(times, at_ms) - bisect.bisect_right(times, at_ms - window_ms)
+        # At most ``cap`` (16) times: a compiled pass over them costs less than two calls of the bisect module
+        # from compiled code; it counts what bisect_right(at_ms) - bisect_right(at_ms - window) counts.
+        since = at_ms - window_ms
+        n = 0
+        for t in self.times:
+            if since < t <= at_ms:
+                n += 1
         if exclude is not None and exclude in self.times and at_ms - window_ms < exclude <= at_ms:
             n -= 1
         return n
@@ -472,8 +497,11 @@ class DailyRing:
         mg += [0.0] * (n - len(mg))
         high = list(cells.get("high") or ())
         high += [0] * (n - len(high))
-        self.cells: dict[int, list[Any]] = {
-            int(d): [int(o), int(u), float(m), int(h)]
+        # Each day (orders, units, mg, high-strength units): an immutable tuple of numbers, replaced when an order
+        # is learned, so that the collector stops tracking it (a list stays tracked: ~30 per family, kept for a
+        # batch, and every full collection walked them).
+        self.cells: dict[int, tuple[int, int, float, int]] = {
+            int(d): (int(o), int(u), float(m), int(h))
             for d, o, u, m, h in zip(cells["day"], cells["orders"], cells["units"], mg, high)}
 
     def totals(self, at_ms: int, days: int, exclude_units: int | None = None) -> tuple[int, int]:
@@ -558,16 +586,22 @@ class DailyRing:
                            len(prior))
 
     def add(self, at_ms: int, units: int, newest_ms: int, mg: float = 0.0, high: int = 0) -> None:
-        cell = self.cells.setdefault(day_of(at_ms), [0, 0, 0.0, 0])
-        cell[0] += 1
-        cell[1] += int(units)
-        cell[2] += float(mg)
-        cell[3] += int(high)
+        cells = self.cells
+        day = day_of(at_ms)
+        cell = cells.get(day)
+        if cell is None:
+            cells[day] = (1, int(units), 0.0 + float(mg), int(high))
+        else:
+            o, u, g, h = cell
+            cells[day] = (o + 1, u + int(units), g + float(mg), h + int(high))
         oldest = day_of(newest_ms) - WINDOW_30D_DAYS
-        if _any_at_or_before(self.cells, oldest):
-            self.cells = {d: c for d, c in self.cells.items() if d > oldest}
+        if _any_at_or_before(cells, oldest):
+            # The days that left the window are deleted, not the ring copied without them (one or two a day
+            # against ~30 copied); the others keep their order, which the 30-day mg sum follows.
+            for d in [d for d in cells if d <= oldest]:
+                del cells[d]
 
-    def to_dict(self) -> dict[str, list[int]]:
+    def to_dict(self) -> dict[str, list[Any]]:
         days = sorted(self.cells)
         return {"day": days, "orders": [self.cells[d][0] for d in days], "units": [self.cells[d][1] for d in days],
                 "mg": [round(self.cells[d][2], 3) for d in days], "high": [self.cells[d][3] for d in days]}
@@ -799,31 +833,75 @@ def _sorted_tuple(xs: list[str]) -> tuple[str, ...]:
     return tuple(xs) if len(xs) < 2 else tuple(sorted(xs))
 
 
+def _stored_units_30d(days: Sequence[Any], units: Sequence[Any], today: int) -> int:
+    """Units of a family's stored day cells (``som.state.DayCells``) on the 30 UTC days ending with ``today``.
+
+    A compiled loop (the builtin ``sum`` over a generator cost a generator object and a generic call per
+    family not on the order, for every order); the cells pair up as ``zip`` pairs them.
+    """
+    total = 0
+    for i in range(min(len(days), len(units))):
+        day = _as_int(days[i])
+        if today - WINDOW_30D_DAYS < day <= today:
+            total += _as_int(units[i])
+    return total
+
+
+class _FamilySum:
+    """One family's running sums over an order's lines (:func:`order_facts`): typed fields, so compiled, the
+    sums are C arithmetic instead of operations on the boxed numbers of a list."""
+
+    __slots__ = ("units", "mme", "weight_g", "schedules", "high")
+
+    def __init__(self) -> None:
+        self.units = 0
+        self.mme = 0.0
+        self.weight_g = 0.0
+        self.schedules: list[str] = []
+        self.high = 0
+
+
+def _as_int(value: Any) -> int:
+    """``int(value)``; an int as it is (compiled, ``int()`` of an untyped value is a generic call)."""
+    return value if type(value) is int else int(value)
+
+
+def _as_float(value: Any) -> float:
+    """``float(value or 0.0)``: a line's optional number (None or absent: 0.0); a non-zero float as it is."""
+    if type(value) is float and value != 0.0:
+        return value
+    return float(value or 0.0)
+
+
 def order_facts(order: Mapping[str, Any], high_ndcs: frozenset[str] | set[str] = frozenset()) -> OrderFacts:
     """Aggregate a verified order (``csos.orders.VerifiedOrder`` dict) by drug family.
 
     ``high_ndcs``: the NDCs of high-strength products (``streams.monitoring.strength``); their lines' units
     are counted in ``FamilyFacts.high_units``.
     """
-    acc: dict[str, list[Any]] = {}
-    for line in order["lines"]:
+    acc: dict[str, _FamilySum] = {}
+    for raw in order["lines"]:
+        # A decoded line is a dict: read as one, compiled code looks its fields up directly instead of
+        # calling a generic Mapping's methods (another mapping is copied into one first, same values).
+        line: dict[str, Any] = raw if type(raw) is dict else dict(raw)
         fam = _family_name(line["drug_family"])
         a = acc.get(fam)
-        if a is None:  # (not setdefault: that would build two lists for every line)
-            a = acc[fam] = [0, 0.0, 0.0, [], 0]
-        units = int(line["dosage_units"])
-        a[0] += units
-        a[1] += float(line.get("mme") or 0.0)
-        a[2] += float(line.get("base_weight_g") or 0.0)
-        schedule = str(line.get("schedule", ""))
-        if schedule not in a[3]:  # the family's distinct schedules (a list: nearly always one)
-            a[3].append(schedule)
+        if a is None:
+            a = acc[fam] = _FamilySum()
+        units = _as_int(line["dosage_units"])
+        a.units += units
+        a.mme += _as_float(line.get("mme"))
+        a.weight_g += _as_float(line.get("base_weight_g"))
+        sched = line.get("schedule", "")
+        schedule = sched if type(sched) is str else str(sched)
+        if schedule not in a.schedules:  # the family's distinct schedules (a list: nearly always one)
+            a.schedules.append(schedule)
         if high_ndcs and line.get("ndc") in high_ndcs:
-            a[4] += units
-    families = {
-        fam: _new_tuple(FamilyFacts, (fam, a[0], a[1], a[2], _sorted_tuple(a[3]), a[4]))
-        for fam, a in sorted(acc.items())
-    }
+            a.high += units
+    families: dict[str, FamilyFacts] = {}
+    for fam in sorted(acc):  # the names, not (name, sums) pairs: a sort of strings (the names are unique)
+        a = acc[fam]
+        families[fam] = _new_tuple(FamilyFacts, (fam, a.units, a.mme, a.weight_g, _sorted_tuple(a.schedules), a.high))
     act = order.get("business_activity")
     region = order.get("purchaser_state")
     return OrderFacts(str(order["order_id"]), str(order["purchaser_dea"]), to_ms(order["received_at"]), families,
@@ -1336,10 +1414,8 @@ class RegistrantBaselines:
             elif fam in self._families:
                 out[fam] = self._families[fam].days.totals(order.at_ms, WINDOW_30D_DAYS)[1]
             else:  # not touched by this order: read the stored cells without building the baseline
-                today = day_of(order.at_ms)
                 cells = self._raw_families[fam]["days"]
-                out[fam] = sum(int(u) for d, u in zip(cells["day"], cells["units"])
-                               if today - WINDOW_30D_DAYS < int(d) <= today)
+                out[fam] = _stored_units_30d(cells["day"], cells["units"], day_of(order.at_ms))
         return out
 
     # -- learning ----------------------------------------------------------

@@ -401,7 +401,17 @@ Window = Any
 
 def window_text(w: Window) -> str:
     """The text of a finding's window (see :data:`Window`)."""
-    return w if isinstance(w, str) else w[0](*w[1:])
+    if isinstance(w, str):
+        return w
+    # Calls by arity: compiled, ``w[0](*w[1:])`` builds a slice and a tuple for every kept finding.
+    n = len(w)
+    if n == 3:
+        return w[0](w[1], w[2])
+    if n == 4:
+        return w[0](w[1], w[2], w[3])
+    if n == 5:
+        return w[0](w[1], w[2], w[3], w[4])
+    return w[0](*w[1:])
 
 
 def finding(detector: str, dimension: str, family: str, value: float, baseline: float, threshold: float,
@@ -411,12 +421,31 @@ def finding(detector: str, dimension: str, family: str, value: float, baseline: 
             explanation)
 
 
+#: The keys of a ``som.Reason`` record in order, as :func:`as_reason` fills them in.
+_REASON_KEYS: Final[Reason] = {
+    "detector": "", "dimension": "", "drug_family": "", "value": 0.0, "baseline": 0.0, "threshold": 0.0,
+    "window": "", "fired": False, "explanation": "", "enforced": False,
+}
+
+
 def as_reason(f: Finding, enforced: bool = True) -> Reason:
-    """The ``som.Reason`` record of a finding (``enforced``: its detector decides)."""
-    return {
-        "detector": f[0], "dimension": f[1], "drug_family": f[2], "value": f[3], "baseline": f[4],
-        "threshold": f[5], "window": window_text(f[6]), "fired": f[7], "explanation": f[8], "enforced": enforced,
-    }
+    """The ``som.Reason`` record of a finding (``enforced``: its detector decides).
+
+    A copy of :data:`_REASON_KEYS` with its values replaced: ~20 per order, and compiled, copying a dict's key
+    table and storing into it costs about half of inserting ten keys into a new dict (measured).
+    """
+    r = _REASON_KEYS.copy()
+    r["detector"] = f[0]
+    r["dimension"] = f[1]
+    r["drug_family"] = f[2]
+    r["value"] = f[3]
+    r["baseline"] = f[4]
+    r["threshold"] = f[5]
+    r["window"] = window_text(f[6])
+    r["fired"] = f[7]
+    r["explanation"] = f[8]
+    r["enforced"] = enforced
+    return r
 
 
 def as_finding(r: Reason) -> Finding:
@@ -655,6 +684,37 @@ def poisson_tail(rate: float, count: int) -> float:
 #: Other days in a 7-day window besides the order's own: the most ordering days it can add.
 OTHER_DAYS_7D: Final = 6
 
+#: Entries a :class:`PoissonLimits` memo keeps before it starts again (bounded, whatever rates a feed brings).
+_LIMITS_KEPT: Final = 4096
+
+
+class PoissonLimits:
+    """``(round(rate, 2), poisson_quantile(round(rate, 2), p))`` per learned rate, for one tail probability ``p``.
+
+    Why: the frequency detectors ask this for every family of every order (~11 times per order), and
+    ``round`` and the ``lru_cache`` wrapper are generic Python calls from compiled code (~2,300 instructions
+    per call, callgrind); a plain dict keyed by the rate as learned costs a float hash. The same pure
+    functions compute each entry, so the numbers are the ones they give.
+    """
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.memo: dict[float, tuple[float, int]] = {}
+
+    def of(self, rate: float) -> tuple[float, int]:
+        if not rate > 0.0:  # 0.0 and -0.0 are one dict key but round to different floats; NaN is no key at all
+            zero = round(rate, 2)
+            return zero, poisson_quantile(zero, self.p)
+        hit = self.memo.get(rate)
+        if hit is not None:
+            return hit
+        rounded = round(rate, 2)
+        hit = (rounded, poisson_quantile(rounded, self.p))
+        if len(self.memo) >= _LIMITS_KEPT:
+            self.memo.clear()
+        self.memo[rate] = hit
+        return hit
+
 
 class FrequencyDetector(PerFamilyDetector):
     """Unusual frequency: more orders of a family in a window than this registrant's own cadence explains.
@@ -685,6 +745,8 @@ class FrequencyDetector(PerFamilyDetector):
         self.cfg = cfg
         self.hours = hours
         self.name = "frequency_24h" if hours == 24 else "frequency_7d"
+        self._limits = PoissonLimits(cfg.freq_p_24h if hours == 24 else cfg.freq_p_7d)
+        self._day_limits = PoissonLimits(cfg.freq_p_days_7d)
 
     def rate(self, fb: FamilyBaseline) -> float:
         """Expected number of *other* orders of the family in this window, from its released history."""
@@ -716,8 +778,7 @@ class FrequencyDetector(PerFamilyDetector):
                     f"so only the ceiling of {cold} orders applies" + ("; exceeded." if fired else "; within it."))
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, fired, text)
         assert fb is not None and base is not None  # samples > 0: the family has a baseline
-        rate = round(self.rate(fb), 2)
-        limit = poisson_quantile(rate, p)
+        rate, limit = self._limits.of(self.rate(fb))
         threshold = float(max(floor, limit))
         fired = value > threshold
         usual = 1.0 + rate
@@ -758,8 +819,8 @@ class FrequencyDetector(PerFamilyDetector):
         c = self.cfg
         if not fb.covers(order.at_ms, WINDOW_30D_DAYS):  # too short a history for the usual ordering days
             return None
-        rate = round(self.day_rate(w), 2)
-        threshold = float(max(c.freq_min_days_7d, poisson_quantile(rate, c.freq_p_days_7d)))
+        rate, limit = self._day_limits.of(self.day_rate(w))
+        threshold = float(max(c.freq_min_days_7d, limit))
         value = w.days_7d
         if value <= threshold:
             return None
@@ -863,15 +924,15 @@ class FamilyMixDetector:
         shares = state.mix.shares()
         u30 = state.units_30d_all(order)
         total30 = sum(u30.values())
-        return [self._one(state, f, shares, u30, total30) for f in order.families.values()]
+        window = state.mix.window() + "; value over the last 30 days"  # the same for every family of the order
+        return [self._one(state, f, shares, u30, total30, window) for f in order.families.values()]
 
     def _one(self, state: RegistrantBaselines, f: FamilyFacts, shares: dict[str, float],
-             u30: dict[str, int], total30: int) -> Finding:
+             u30: dict[str, int], total30: int, window: str) -> Finding:
         c = self.cfg
         fb = state.family(f.family)
         value = u30[f.family] / total30 if total30 > 0 else 0.0
         usual = shares.get(f.family, 0.0)
-        window = state.mix.window() + "; value over the last 30 days"
         if state.total_orders < c.mix_min_orders or fb is None or fb.units_30d.n < c.volume_min_history:
             return finding(self.name, self.dimension, f.family, value, usual, 1.0, window, False, "")
         threshold = max(_from_odds(c.mix_odds_ratio * _odds(usual)), c.mix_min_share)
@@ -1096,6 +1157,18 @@ def cadence(state: RegistrantBaselines, order: OrderFacts, family: str, first_da
     return Cadence(k / usual, k, usual, gap)
 
 
+def _average(prior: tuple[int, ...]) -> float:
+    """``sum(prior) / len(prior) if prior else 0.0`` as a compiled loop: the builtin ``sum`` is a generic call
+    from compiled code, and this runs for several rules per family and order. The sum is of ints (exact), so
+    the quotient is the builtin's."""
+    if not prior:
+        return 0.0
+    total = 0
+    for u in prior:
+        total += u
+    return total / len(prior)
+
+
 def _family_units(order: OrderFacts, family: str) -> int:
     f = order.families.get(family)
     return f.units if f is not None else 0
@@ -1285,14 +1358,19 @@ class RampGuardDetector(PerFamilyDetector):
     name = "ramp_2x"
     dimension = "pattern"
 
+    def __init__(self, cfg: MonitorConfig) -> None:
+        self.cfg = cfg
+        #: The rule's name, written once (the "not applicable" finding of most young families names it).
+        self.rule = f"{cfg.ramp_2x_ratio:g}x 12-month average"
+
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         c = self.cfg
         m = state.monthly(f.family, order)
         prior = trailing_months(m.prior, 12)
         with_orders = months_with_orders(prior)
-        avg = sum(prior) / len(prior) if prior else 0.0
+        avg = _average(prior)
         if with_orders < c.static_min_months:
-            return _not_applicable(self, f, m, 12, f"{c.ramp_2x_ratio:g}x 12-month average", with_orders, avg)
+            return _not_applicable(self, f, m, 12, self.rule, with_orders, avg)
         threshold = c.ramp_2x_ratio * avg
         if m.current <= threshold:  # cannot fire, cleared or not: the analyst's clearance need not be read
             return finding(self.name, self.dimension, f.family, m.current, avg, threshold,
@@ -1406,9 +1484,9 @@ class StrengthShiftDetector(PerFamilyDetector):
         lm = fb.months.strength_months(order.at_ms, c.strength_gap_months)
         usual_share = lm.high_share
         cleared = ""
-        if lm.months >= c.strength_min_months and lm.mg_per_unit > 0:
+        long_memory = lm.months >= c.strength_min_months and lm.mg_per_unit > 0
+        if long_memory:
             usual, window = lm.mg_per_unit, _strength_window(lm.months, "mg of base drug per dosage unit")
-            desc = f"mix over {lm.months} earlier calendar months"
             at = (state.due_diligence.get("cleared") or {}).get(f.family)
             month = month_of(order.at_ms)
             if at is not None and month - at < c.ramp_2x_cleared_months and fb.months.cells.get(at, 0) > 0:
@@ -1419,17 +1497,14 @@ class StrengthShiftDetector(PerFamilyDetector):
                 usual_share = max(usual_share, fb.months.high.get(at, 0) / u)
                 cleared = f"; or the mix of {month_name(at)}, cleared by an analyst"
                 window += cleared
-                desc += cleared.replace("; or", ", or")
         else:
             n = fb.mg_per_unit_30d.n
             usual = fb.mg_per_unit_30d.get()
             if n < c.strength_min_history or usual <= 0:
-                why = f"{n} learned 30-day windows of {f.family} with a strength (< {c.strength_min_history})"
-                return finding(self.name, self.dimension, f.family, value, usual, _MAX, f"not applicable: {why}",
-                               False, "")
+                return finding(self.name, self.dimension, f.family, value, usual, _MAX,
+                               (_strength_cold_window, n, f.family, c.strength_min_history), False, "")
             window = ("30 days to this order; usual: " + fb.mg_per_unit_30d.window()
                       + " (mg of base drug per dosage unit over 30 days)")
-            desc = "30-day mix"
         threshold = c.strength_ratio * usual
         mg_fired = value > threshold
         if not mg_fired and lm.months >= c.strength_min_months and units30 > 0:
@@ -1441,6 +1516,9 @@ class StrengthShiftDetector(PerFamilyDetector):
                                    value, usual, cleared, usual_high)
         if not mg_fired:
             return finding(self.name, self.dimension, f.family, value, usual, threshold, window, False, "")
+        # (the sentence's words for the usual mix, written only for a finding that fires)
+        desc = (f"mix over {lm.months} earlier calendar months" + cleared.replace("; or", ", or") if long_memory
+                else "30-day mix")
         mme = f" ({fmt_n(f.mme)} MME in this order)" if f.mme > 0 else ""
         text = (f"{f.family} in the last 30 days: {fmt_n(units30)} dosage units carry {fmt_n(mg30)} mg of base "
                 f"drug{mme}, {value:,.2f} mg per unit; this registrant's usual {desc} is {usual:,.2f} mg per "
@@ -1522,6 +1600,11 @@ def binomial_tail(n: int, k: int, p: float) -> float:
     if k > n:
         return 0.0
     return min(1.0, sum(math.comb(n, i) * p ** i * (1.0 - p) ** (n - i) for i in range(k, n + 1)))
+
+
+def _strength_cold_window(n: int, family: str, need: int) -> str:
+    """strength_shift's window before the 30-day mix has a baseline (written only if the verdict keeps it)."""
+    return f"not applicable: {n} learned 30-day windows of {family} with a strength (< {need})"
 
 
 @functools.lru_cache(maxsize=64)
@@ -1681,7 +1764,7 @@ class StaticAverageDetector(TrailingMonthsRule):
         self.rule = f"{multiple}x 12-month average"
 
     def _level(self, prior: tuple[int, ...]) -> tuple[float, float]:
-        avg = sum(prior) / len(prior) if prior else 0.0
+        avg = _average(prior)
         return avg, self.multiple * avg
 
     def _stated(self, prior: tuple[int, ...], level: float, threshold: float) -> str:

@@ -88,3 +88,13 @@ def evidence(findings: list[Finding], deciding: Container[str]) -> list[Reason]:
         fired.append(r)
     return fired
 
+
+def holds(reasons: list[Reason]) -> bool:
+    """Whether a deciding detector fired among the reasons :func:`evidence` kept (it keeps every fired one).
+
+    Compiled beside :func:`evidence`: the interpreted generator it replaces cost a frame per reason.
+    """
+    for r in reasons:
+        if r["fired"] and r["enforced"]:
+            return True
+    return False

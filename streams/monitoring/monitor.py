@@ -30,7 +30,7 @@ from streams.monitoring.detectors import (
     DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, finding,
 )
 from streams.monitoring.anomaly import AnomalyCombiner
-from streams.monitoring.evidence import evidence, findings_of
+from streams.monitoring.evidence import evidence, findings_of, holds
 from streams.monitoring.peers import PeerProfiles
 from streams.monitoring import open_cases
 from streams.monitoring.onboarding import NewCustomerDetector, NewCustomerOrderDetector
@@ -179,7 +179,7 @@ class Monitor:
                 "replay", "pattern", "*", 1.0, 0.0, 0.0, "last orders learned", False,
                 "This order was already scored, released and learned; the earlier RELEASE is repeated."))
         reasons = evidence(findings, self._deciding)
-        held = not replay and any(r["fired"] and r["enforced"] for r in reasons)  # evidence keeps every fired one
+        held = not replay and holds(reasons)
         return {
             "order_id": order["order_id"],
             "order_number": order["order_number"],

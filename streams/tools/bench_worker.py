@@ -19,7 +19,10 @@ runs with a fixed clock and counter-made UUIDs and prints a SHA-256 of every
 output message and every state written, so two builds can be shown to publish
 the same bytes.
 
-    python -m streams.tools.bench_worker --registrants 40 --days 120 [--profile] [--digest]
+    python -m streams.tools.bench_worker --registrants 40 --days 120 [--profile] [--digest] [--freeze]
+
+``--freeze`` collects and freezes the heap before each stage, as each agent does once started: without it,
+full collections walk the feed and every output this harness keeps in memory, which a worker does not.
 
 The signed feed is kept in ``DIR`` (``--dir``, default ``var/bench-worker``) and reused, so two
 builds see the same messages.
@@ -173,9 +176,10 @@ def _state_time(timed: Timed) -> Callable[[Any], Any]:
 
 
 def run(data_dir: Path, *, registrants: int, days: int, seed: int, batch: int, profile: bool,
-        digest: bool, split: bool, setup_only: bool = False) -> str:
-    """Run both stages once and return the report."""
+        digest: bool, split: bool, setup_only: bool = False, freeze: bool = False) -> str:
+    """Run both stages once and return the report (``freeze``: see ``--freeze``)."""
     from streams.monitoring.baselines import RegistrantBaselines
+    from streams.pipeline.heap import freeze_startup_heap
     from streams.pipeline.processor import InputMessage
 
     data_dir = data_dir / f"feed-{registrants}-{days}-{seed}"
@@ -194,9 +198,13 @@ def run(data_dir: Path, *, registrants: int, days: int, seed: int, batch: int, p
             return f"{len(received)} received orders, set up only"
         if prof:
             prof.enable()
+        if freeze:
+            freeze_startup_heap("bench_worker: verify stage")
         verify_cpu = run_stage(verify, received, batch, loop)
         inside_verify = timed.total() if timed else 0.0
         verified = [InputMessage(t.VERIFIED, m.partition(), m.offset(), m.key(), m.value()) for m in out.on(t.VERIFIED)]
+        if freeze:
+            freeze_startup_heap("bench_worker: monitor stage")
         monitor_cpu = run_stage(monitor, verified, batch, loop)
         if prof:
             prof.disable()
@@ -249,13 +257,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setup-only", action="store_true",
                         help="load the feed and build the processors, decide nothing (the baseline of an "
                              "instruction count: valgrind --tool=callgrind, a run minus this one)")
+    parser.add_argument("--freeze", action="store_true",
+                        help="before each stage, collect and freeze the heap (gc.freeze), as each agent does "
+                             "once started (streams.pipeline.heap): here the heap also holds the feed, the "
+                             "verified messages and every output, which a worker does not keep, and whose "
+                             "walk by full collections otherwise counts in the stage's CPU")
     parser.add_argument("--split", action="store_true",
                         help="time the verifier's and the monitor's calls apart (adds ~15 us per call: two "
                              "process-CPU clock reads)")
     args = parser.parse_args(argv)
     print(run(args.dir.resolve(), registrants=args.registrants, days=args.days, seed=args.seed, batch=args.batch,
               profile=args.profile, digest=args.digest, split=args.split,
-              setup_only=args.setup_only))
+              setup_only=args.setup_only, freeze=args.freeze))
 
 
 if __name__ == "__main__":

@@ -175,6 +175,34 @@ def test_ewvar_state_roundtrip_matches_river(alpha: float) -> None:
         assert a.get() == b.get()
 
 
+def test_a_reused_river_core_is_the_core_a_new_one_would_be() -> None:
+    """Learning overwrites a statistic's Rust core from its state bytes instead of building one per update
+    (a warm-up changes the fading factor every time): same state, same updates after it, as river's own."""
+    rng = random.Random(9)
+    xs = [rng.uniform(1, 500) for _ in range(30)]
+    # A statistic learned through the baselines (warm-up included) and river's EWMean at the same factors.
+    ew = bl.EWMeanBaseline(0.1)
+    var = bl.EWVarBaseline(0.1)
+    for n, x in enumerate(xs):
+        alpha = bl.warmup_alpha(0.1, n)
+        expect = bl.ewmean_import(ew.mean, n > 0, alpha)
+        expect.update(x)
+        expect_var = bl.ewvar_import(var.mean, var.sq_mean, n > 0, alpha)
+        expect_var.update(x)
+        ew.update(x)
+        var.update(x)
+        assert (ew.mean, True) == bl.ewmean_export(expect)
+        assert (var.mean, var.sq_mean, True) == bl.ewvar_export(expect_var)
+    # Overwriting a used core with other numbers gives the bytes of a new core set from them.
+    used = bl._ewmean_core(123.0, True, 0.3)
+    used.update(7.0)
+    assert bl._ewmean_core(5.0, True, 0.1, used).__getstate__() == bl._ewmean_core(5.0, True, 0.1).__getstate__()
+    used_var = bl._ewvar_core(2.0, 9.0, True, 0.3)
+    used_var.update(7.0)
+    assert (bl._ewvar_core(5.0, 30.0, True, 0.1, used_var).__getstate__()
+            == bl._ewvar_core(5.0, 30.0, True, 0.1).__getstate__())
+
+
 def test_river_layout_change_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     class Renamed:
         fading_factor = 0.1
