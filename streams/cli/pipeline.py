@@ -95,7 +95,7 @@ def acls(dry_run: bool) -> None:
                    "streams.pipeline.kafka_worker). Default CSOS_RUNTIME, else faust. All workers of a group "
                    "must run the same one.")
 def worker(loglevel: str, worker_id: str | None, runtime: str | None) -> None:
-    """Run the verification and monitoring agents (Faust worker).
+    """Run the verification, monitoring and case agents (on Faust, or on one confluent-kafka consumer).
 
     Run as many as there are partitions to share; each reads the PKI
     (CSOS_PKI_DIR) and the product master when its agents start.
