@@ -331,10 +331,16 @@ class KafkaWorker:
         self.consumer.close()  # a static member stays in the group until its session lapses: a restart resumes
 
     async def _settle_timer(self, part: str) -> None:
-        """After a timer step (no input to redeliver it): publish its outputs, then write its state."""
+        """After a timer step (no input to redeliver it): publish its outputs, then write its state.
+
+        Its outputs follow those of the batch still completing, if any (a
+        parked order's re-verification after the order's own "pending").
+        """
         proc = self.procs[part]
         proc.state.flush()
         if proc.emitter.pending:
+            if self._inflight is not None:
+                await self._inflight
             await proc.emitter.publish_pending()
         await self.tables[part].write_durable()
 
