@@ -12,6 +12,7 @@ import asyncio
 import logging
 from typing import Any, Callable
 
+from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from connectors.kafka.security import client_config
@@ -27,6 +28,13 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "batch.num.messages": 10000,
     "queue.buffering.max.messages": 500000,
 }
+
+
+def key_partition(key: bytes | str, partitions: int) -> int:
+    """The partition every producer here puts ``key`` on: Java-compatible murmur2 (``murmur2_random``, and
+    aiokafka's for Faust's changelogs), so a worker can tell which keys belong to the partitions it owns."""
+    raw = key.encode("utf-8") if isinstance(key, str) else key
+    return (murmur2(raw) & 0x7FFFFFFF) % partitions
 
 
 def producer_defaults(kafka: KafkaSettings | None = None) -> dict[str, Any]:

@@ -17,10 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka.partitioner import murmur2
-
 from connectors.kafka.catalogue import AUDIT
-from connectors.kafka.io import DeliveryFailed, MessageTooLarge
+from connectors.kafka.io import DeliveryFailed, MessageTooLarge, key_partition
 from streams.core.avro_codec import AvroCodec, default_codec
 
 #: librdkafka's default ``message.max.bytes`` (what the real producer refuses above).
@@ -67,7 +65,7 @@ def _key_bytes(key: bytes | str | None) -> bytes | None:
 
 def partition_for(key: bytes | None, partitions: int) -> int:
     """The partition a Kafka producer puts ``key`` on (Java-compatible murmur2); keyless: 0."""
-    return 0 if key is None else (murmur2(key) & 0x7FFFFFFF) % partitions
+    return 0 if key is None else key_partition(key, partitions)
 
 
 class MemoryPublisher:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Callable
 
 import click
 
@@ -107,64 +108,49 @@ def worker(loglevel: str, worker_id: str | None, runtime: str | None) -> None:
         s = s.with_(runtime=runtime)
     if s.runtime not in ("faust", "kafka"):
         raise click.ClickException(f"CSOS_RUNTIME={s.runtime!r}: give faust or kafka")
-    if s.runtime == "kafka":
-        _run_kafka_worker(s, loglevel)
+    from connectors.kafka.metrics import serve_extra
+    from streams.pipeline.event_loop import use_event_loop
+
+    try:
+        use_event_loop(s.event_loop)  # before the runtime creates its loop; an unknown loop stops the start
+        run = _kafka_worker(s, loglevel) if s.runtime == "kafka" else _faust_worker(s, loglevel)
+    except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind
+        raise click.ClickException(str(exc)) from None
+    serve_extra(s.metrics_addr)  # CSOS_METRICS_ADDR: /metrics beside the 127.0.0.1 web port
+    profile = s.profile_path  # CSOS_PROFILE: a path, write a cProfile of this worker there on exit
+    if not profile:
+        run()
         return
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        run()
+    finally:
+        prof.disable()
+        prof.dump_stats(profile)
+
+
+def _faust_worker(s, loglevel: str) -> Callable[[], None]:
+    """The Faust worker (streams.pipeline.app), built and ready to run."""
     from faust import Worker
 
     from streams.pipeline.app import create_app
-    from streams.pipeline.event_loop import use_event_loop
-    try:
-        use_event_loop(s.event_loop)  # before Faust's worker creates its loop; an unknown loop stops the start
-        app = create_app(s)
-    except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind
-        raise click.ClickException(str(exc)) from None
+
+    app = create_app(s)
     sys.argv = sys.argv[:1]
-    from connectors.kafka.metrics import serve_extra
-
-    serve_extra(s.metrics_addr)  # CSOS_METRICS_ADDR: /metrics beside the 127.0.0.1 web port
-    profile = s.profile_path  # CSOS_PROFILE: a path, write a cProfile of this worker there on exit
-    if profile:
-        import cProfile
-
-        prof = cProfile.Profile()
-        prof.enable()
-        try:
-            Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
-        finally:
-            prof.disable()
-            prof.dump_stats(profile)
-    else:
-        Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    return lambda: Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
 
 
-def _run_kafka_worker(s, loglevel: str) -> None:
-    """``csos worker`` on the confluent-kafka runtime (streams.pipeline.kafka_worker)."""
-    from connectors.kafka.metrics import serve_extra
-    from streams.pipeline.event_loop import use_event_loop
+def _kafka_worker(s, loglevel: str) -> Callable[[], None]:
+    """The worker on the confluent-kafka runtime (streams.pipeline.kafka_worker), checked and ready to run."""
     from streams.pipeline.kafka_worker import run_kafka_worker
+    from streams.pipeline.wiring import require_supplier_dea
 
     logging.getLogger().setLevel(loglevel.upper())  # the csos group configured logging at WARNING
-    try:
-        use_event_loop(s.event_loop)
-        from streams.pipeline.wiring import require_supplier_dea
-
-        require_supplier_dea(s)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    serve_extra(s.metrics_addr)
-    if s.profile_path:
-        import cProfile
-
-        prof = cProfile.Profile()
-        prof.enable()
-        try:
-            run_kafka_worker(s)
-        finally:
-            prof.disable()
-            prof.dump_stats(s.profile_path)
-    else:
-        run_kafka_worker(s)
+    require_supplier_dea(s)  # the Faust app checks it in create_app
+    return lambda: run_kafka_worker(s)
 
 
 @click.command()

@@ -53,7 +53,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import faust
@@ -67,7 +67,7 @@ from connectors.kafka.topics import replication_factor
 from connectors.kafka import catalogue as t
 from streams.pipeline.agents.cases import STAGE as CASE_STAGE
 from streams.pipeline.agents.cases import key_partition
-from streams.pipeline.processor import InputMessage, Processor
+from streams.pipeline.processor import InputMessage, Processor, broker_time
 from streams.pipeline.agents.monitor import STAGE as MONITOR_STAGE
 from streams.pipeline.agents.verify import STAGE as VERIFY_STAGE
 from streams.pipeline.agents.verify import VerifyProcessor
@@ -100,24 +100,10 @@ def input_message(event: Any) -> InputMessage:
 
 
 def _appended_at(event: Any) -> datetime:
-    """When the broker took the message in: its LogAppendTime, else this worker's clock now.
-
-    Only a broker-stamped time bounds a sender's claim; a CreateTime is the
-    producer's. On a topic still configured for CreateTime the worker's clock
-    stands in (later than the append, so it can only make an order look
-    older, never younger: fail closed), with a warning.
-    """
+    """When the broker took the message in (``streams.pipeline.processor.broker_time``)."""
     m = event.message
-    if m.timestamp_type == LOG_APPEND_TIME and m.timestamp:
-        return datetime.fromtimestamp(m.timestamp, tz=timezone.utc)
-    if m.topic not in _warned_create_time:
-        _warned_create_time.add(m.topic)
-        log.warning("topic %s carries producer (CreateTime) timestamps; judging receipt against this worker's "
-                    "clock. Run `csos topics` to set message.timestamp.type=LogAppendTime", m.topic)
-    return datetime.now(timezone.utc)
+    return broker_time(m.topic, m.timestamp if m.timestamp_type == LOG_APPEND_TIME else None)
 
-
-_warned_create_time: set[str] = set()
 #: Events an agent decides between two turns of the event loop for the other agents.
 YIELD_EVERY = 16
 #: A batch slower than this is logged with where its time went (barrier, decide, state write, publish).

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 
-from aiokafka.partitioner import murmur2
-
-from connectors.kafka.io import Publisher
+from connectors.kafka.io import Publisher, key_partition
 
 #: Reads (partition, key, value or None) records of a topic's partitions to their end (``connectors.kafka.changelog``).
 Reader = Callable[[str, Iterable[int]], Iterable[tuple[int, bytes, "bytes | None"]]]
@@ -91,13 +89,12 @@ class ChangelogTable(MutableMapping[bytes, bytes]):
 
     def partition_of(self, key: bytes) -> int:
         """The changelog (and input) partition of ``key``: Java-compatible murmur2, as every producer here."""
-        return (murmur2(key) & 0x7FFFFFFF) % self.partitions
+        return key_partition(key, self.partitions)
 
     def restore(self, partitions: Iterable[int], read: Reader) -> int:
         """Load ``partitions`` from the changelog (latest value per key, tombstones removing); returns keys loaded."""
         wanted = set(partitions)
-        for key in [k for k in self.data if self.partition_of(k) in wanted]:
-            del self.data[key]  # whatever was here is older than the changelog
+        self.drop(wanted)  # whatever was here is older than the changelog
         loaded = 0
         for _partition, key, value in read(self.topic, sorted(wanted)):
             if value is None:

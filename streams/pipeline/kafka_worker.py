@@ -57,7 +57,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -75,7 +75,7 @@ from streams.core.config import Settings
 from streams.pipeline.agents.cases import key_partition
 from streams.pipeline.changelog_table import ChangelogTable
 from streams.pipeline.heap import freeze_startup_heap
-from streams.pipeline.processor import InputMessage, Processor
+from streams.pipeline.processor import InputMessage, Processor, broker_time
 from streams.pipeline.wiring import PARTS, build_processors, changelog_topic, require_supplier_dea
 
 log = logging.getLogger(__name__)
@@ -93,22 +93,9 @@ REVOKE_WAIT_SECONDS = 60.0
 
 
 def appended_at(msg: Any) -> datetime:
-    """When the broker took ``msg`` in (LogAppendTime), else this worker's clock now (later: fail closed).
-
-    As in the Faust worker (``streams.pipeline.app._appended_at``): only a
-    broker-stamped time bounds a sender's stated receipt.
-    """
+    """When the broker took ``msg`` in (``streams.pipeline.processor.broker_time``)."""
     kind, ms = msg.timestamp()
-    if kind == LOG_APPEND_TIME and ms > 0:
-        return datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
-    if msg.topic() not in _warned_create_time:
-        _warned_create_time.add(msg.topic())
-        log.warning("topic %s carries producer (CreateTime) timestamps; judging receipt against this worker's "
-                    "clock. Run `csos topics` to set message.timestamp.type=LogAppendTime", msg.topic())
-    return datetime.now(timezone.utc)
-
-
-_warned_create_time: set[str] = set()
+    return broker_time(msg.topic(), ms / 1000.0 if kind == LOG_APPEND_TIME and ms > 0 else None)
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:

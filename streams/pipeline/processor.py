@@ -19,13 +19,16 @@ its table.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Protocol, runtime_checkable
 
 from connectors.kafka.emit import Emitter
 from streams.core.avro_codec import AvroCodec, DecodeError
 from streams.pipeline.outcomes import OutcomeBook, Position
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,28 @@ class InputMessage:
     def position(self) -> Position:
         """(topic, partition, offset): where an outcome's input was, to recognise it when it comes again."""
         return self.topic, self.partition, self.offset
+
+
+def broker_time(topic: str, appended_seconds: float | None) -> datetime:
+    """When the broker took a message of ``topic`` in: its LogAppendTime, else this worker's clock now.
+
+    Both runtimes call it with the record's time only when the broker stamped
+    it (``message.timestamp.type=LogAppendTime``). Only such a time bounds a
+    sender's claim; a CreateTime is the producer's. On a topic still
+    configured for CreateTime the worker's clock stands in (later than the
+    append, so it can only make an order look older, never younger: fail
+    closed), with a warning once per topic.
+    """
+    if appended_seconds:
+        return datetime.fromtimestamp(appended_seconds, tz=timezone.utc)
+    if topic not in _warned_create_time:
+        _warned_create_time.add(topic)
+        log.warning("topic %s carries producer (CreateTime) timestamps; judging receipt against this worker's "
+                    "clock. Run `csos topics` to set message.timestamp.type=LogAppendTime", topic)
+    return datetime.now(timezone.utc)
+
+
+_warned_create_time: set[str] = set()
 
 
 @dataclass(frozen=True)

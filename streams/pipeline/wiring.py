@@ -89,8 +89,8 @@ def build_processors(settings: Settings, suppliers: frozenset[str], tables: dict
             suppliers=suppliers, receipt_skew=timedelta(seconds=settings.receipt_skew_seconds),
             outcomes=book(), barrier_seconds=settings.reference_barrier_seconds),
         "monitor": MonitorProcessor(Monitor.from_env(products), tables["monitor"], emitter("monitor-agent"),
-                                        outcomes=book()),
+                                    outcomes=book()),
         "cases": CaseProcessor(tables["cases"], emitter("case-agent"), due_days=settings.due_diligence_days,
-                                  reporting_dea=settings.reporting_dea, owns=owns_case,
-                                  retention_days=settings.case_retention_days, outcomes=book()),
+                               reporting_dea=settings.reporting_dea, owns=owns_case,
+                               retention_days=settings.case_retention_days, outcomes=book()),
     }

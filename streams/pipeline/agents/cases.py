@@ -32,7 +32,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, MutableMapping
 
-from aiokafka.partitioner import murmur2
+from connectors.kafka.io import key_partition as _key_partition
 
 from connectors.kafka import catalogue as t
 from streams.core.avro_codec import AvroCodec, default_codec
@@ -58,10 +58,9 @@ INPUTS = ("som.Hold", "som.Decision")
 
 
 def key_partition(key: str, partitions: int) -> int:
-    """The partition Kafka producers put ``key`` on: Java-compatible murmur2, as both our
-    confluent-kafka producers (``murmur2_random``) and Faust's aiokafka producer use; so a worker can
-    tell which cases are in the partitions it owns."""
-    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partitions
+    """The partition of an order id's case (``connectors.kafka.io.key_partition``): a worker escalates only
+    the cases in the partitions it owns."""
+    return _key_partition(key, partitions)
 
 
 class CaseProcessor(ProcessorBase):
