@@ -332,7 +332,23 @@ class _WriterGen:
         self.src.add(i, f"ap(v{d})")
 
     def _union(self, branches: list[Any], d: int, i: int) -> None:
-        """A union whose branch each value's exact type names (else the schema is not compiled at all)."""
+        """A union whose branch each value's exact type names (else the schema is not compiled at all).
+
+        An optional logical value (``["null", {"type": "long", "logicalType":
+        "timestamp-millis"}]``, a case's deadlines, a registrant's expiry) is
+        told apart by ``None`` alone: fastavro, too, takes any other value to
+        the one other branch when that branch's conversion and type accept it,
+        and fails otherwise (here: ``Unsupported``, so fastavro writes, or
+        fails, itself).
+        """
+        logical = [n for n, b in enumerate(branches) if isinstance(b, dict) and b.get("logicalType")]
+        if len(branches) == 2 and len(logical) == 1 and "null" in branches:
+            other = logical[0]
+            self.src.add(i, f"if v{d} is None: ap({varint(1 - other)!r})")
+            self.src.add(i, "else:")
+            self.src.add(i + 1, f"ap({varint(other)!r})")
+            self.value(branches[other], d, i + 1)
+            return
         seen: set[type] = set()
         first = True
         for n, branch in enumerate(branches):

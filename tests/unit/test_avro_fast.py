@@ -16,7 +16,8 @@ TEXTS = ["", "a", "OXYCODONE HCL 10MG TAB", "Zoë's Pharmacy — Québec", "日�
 LONGS = [0, 1, -1, 63, 64, -64, -65, 127, 128, 2 ** 31 - 1, -2 ** 31, 2 ** 40, 2 ** 63 - 1, -2 ** 63]
 INTS = [0, 1, -1, 64, -65, 300, 2 ** 31 - 1, -2 ** 31]
 HOT = {"som.Verdict", "som.Hold", "som.Release", "csos.orders.VerifiedOrder", "audit.AuditEvent",
-       "csos.orders.Rejection", "som.state.RegistrantState", "csos.state.PurchaserVerifyState"}
+       "csos.orders.Rejection", "som.state.RegistrantState", "csos.state.PurchaserVerifyState",
+       "som.state.Case", "som.CaseEvent"}
 DOUBLES = [0.0, -0.0, 1.5, -2.69, 4035.0, 1e300, float("inf"), 3, 0, -7]
 
 
@@ -147,6 +148,48 @@ def test_a_bad_record_fails_as_fastavro_fails(codec, bad):
         fastavro_bytes(schema, order)
     with pytest.raises(type(theirs.value)):
         codec.encode(schema.fullname, order)
+
+
+NULLABLE_TIMESTAMP = {"type": "record", "name": "T", "fields": [
+    {"name": "due", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}]},
+    {"name": "on", "type": [{"type": "int", "logicalType": "date"}, "null"]}]}
+
+
+@pytest.mark.parametrize("due, on", [
+    (None, None),
+    (datetime(2026, 3, 1, 12, 0, 0, 999_999, tzinfo=timezone.utc), datetime(2026, 3, 1).date()),
+    (1_767_225_600_123, 20_000),                                     # already in milliseconds / days
+    (datetime(1969, 12, 31, 23, 59, 59, 999_500, tzinfo=timezone.utc), None),
+    (datetime(2026, 3, 1, 12, 0, 0), None),                           # naive: fastavro's local-time rule
+])
+def test_an_optional_logical_value_is_written_as_fastavro_writes_it(due, on):
+    """A case's deadlines and a registrant's expiry: null or set, the fast writer's bytes are fastavro's."""
+    from streams.core.avro_fast import compile_writer
+
+    parsed = fastavro.parse_schema(NULLABLE_TIMESTAMP)
+    writer = compile_writer(parsed)
+    assert writer is not None  # the union is compiled, not left to fastavro
+    record = {"due": due, "on": on}
+    fo = io.BytesIO()
+    fastavro.schemaless_writer(fo, parsed, record)
+    parts: list[bytes] = []
+    try:
+        writer(record, parts)
+    except Unsupported:
+        parts = []  # the codec then lets fastavro write it: the same bytes by definition
+    assert not parts or b"".join(parts) == fo.getvalue()
+    if isinstance(due, datetime) and due.tzinfo is not None or due is None or isinstance(due, int):
+        assert parts, "an aware datetime, milliseconds or null is written by the fast writer itself"
+
+
+@pytest.mark.parametrize("due", ["tomorrow", 1.5, ("long", 5)])
+def test_an_optional_logical_value_of_another_type_is_left_to_fastavro(due):
+    """A value neither null nor the logical type's: the fast writer declines; fastavro writes or refuses it."""
+    from streams.core.avro_fast import compile_writer
+
+    parsed = fastavro.parse_schema(NULLABLE_TIMESTAMP)
+    with pytest.raises(Unsupported):
+        compile_writer(parsed)({"due": due, "on": None}, [])
 
 
 def verified_orders(codec: AvroCodec, n: int) -> list[dict[str, Any]]:
