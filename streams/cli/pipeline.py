@@ -117,6 +117,9 @@ def worker(loglevel: str, worker_id: str | None, runtime: str | None) -> None:
     except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind
         raise click.ClickException(str(exc)) from None
     serve_extra(s.metrics_addr)  # CSOS_METRICS_ADDR: /metrics beside the 127.0.0.1 web port
+    from streams.pipeline.heap import tune_collector
+
+    tune_collector(s.gc_young)  # CSOS_GC_YOUNG (streams.pipeline.heap)
     profile = s.profile_path  # CSOS_PROFILE: a path, write a cProfile of this worker there on exit
     if not profile:
         run()

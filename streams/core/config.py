@@ -112,6 +112,8 @@ class Settings:
     slow_batch_seconds: float = 0.5
     # -- issue 14 (latency tail): freeze the worker's start-up heap so full GC collections skip it
     gc_freeze: bool = True
+    # -- issue 14 (throughput): the collector's young-generation threshold (0: CPython's 700)
+    gc_young: int = 10_000
     # -- issue 14 (framework cost): the worker's asyncio event loop, "uvloop" (libuv) or "asyncio" (the stdlib's)
     event_loop: str = "uvloop"
     # -- issue 14 (framework cost): what runs the worker's processors, "faust" (streams.pipeline.app) or "kafka"
@@ -203,6 +205,7 @@ class Settings:
             slow_batch_seconds=float(_env("CSOS_SLOW_BATCH_SECONDS", str(cls.slow_batch_seconds))),
             # -- issue 14 (latency tail)
             gc_freeze=_env("CSOS_GC_FREEZE", "1").lower() not in ("0", "false", "no"),
+            gc_young=int(_env("CSOS_GC_YOUNG", str(cls.gc_young))),
             # -- issue 14 (framework cost)
             event_loop=_env("CSOS_EVENT_LOOP", cls.event_loop).strip().lower(),
             runtime=_env("CSOS_RUNTIME", cls.runtime).strip().lower(),

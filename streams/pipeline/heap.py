@@ -14,6 +14,13 @@ collections skip; objects created later (per-order work, the agents' caches)
 are collected as before, and reference counting frees frozen objects as usual
 (only a *cycle* among frozen objects would never be reclaimed: the start-up
 heap holds no such garbage, as a collection runs just before the freeze).
+
+``tune_collector`` raises the young generation's threshold: CPython starts a
+young collection every 700 net allocations of tracked objects, and a worker
+allocates ~2,000 per order (decoded records, findings, outputs), nearly all
+freed by reference counting within the order. At 10,000 most of them are gone
+before a collection would walk them: in process (``bench_worker --freeze``)
+~6 % less CPU per order, the same outputs (README, Performance).
 """
 from __future__ import annotations
 
@@ -22,6 +29,18 @@ import logging
 import time
 
 log = logging.getLogger(__name__)
+
+
+def tune_collector(young: int) -> None:
+    """Start a young collection every ``young`` net allocations (0: keep CPython's thresholds).
+
+    The older generations keep their thresholds (each collected after ten
+    collections of the one below): garbage cycles are still reclaimed, only
+    less often, and at most ``young`` tracked objects wait for it.
+    """
+    if young > 0:
+        _, middle, old = gc.get_threshold()
+        gc.set_threshold(young, middle, old)
 
 
 def freeze_startup_heap(what: str) -> int:

@@ -22,7 +22,8 @@ the same bytes.
     python -m streams.tools.bench_worker --registrants 40 --days 120 [--profile] [--digest] [--freeze]
 
 ``--freeze`` collects and freezes the heap before each stage, as each agent does once started: without it,
-full collections walk the feed and every output this harness keeps in memory, which a worker does not.
+full collections walk the feed and every output this harness keeps in memory, which a worker does not. It
+also sets the collector's young threshold as ``csos worker`` does (``CSOS_GC_YOUNG``; 0: CPython's).
 
 The signed feed is kept in ``DIR`` (``--dir``, default ``var/bench-worker``) and reused, so two
 builds see the same messages.
@@ -179,7 +180,8 @@ def run(data_dir: Path, *, registrants: int, days: int, seed: int, batch: int, p
         digest: bool, split: bool, setup_only: bool = False, freeze: bool = False) -> str:
     """Run both stages once and return the report (``freeze``: see ``--freeze``)."""
     from streams.monitoring.baselines import RegistrantBaselines
-    from streams.pipeline.heap import freeze_startup_heap
+    from streams.core.config import Settings
+    from streams.pipeline.heap import freeze_startup_heap, tune_collector
     from streams.pipeline.processor import InputMessage
 
     data_dir = data_dir / f"feed-{registrants}-{days}-{seed}"
@@ -199,6 +201,7 @@ def run(data_dir: Path, *, registrants: int, days: int, seed: int, batch: int, p
         if prof:
             prof.enable()
         if freeze:
+            tune_collector(Settings.from_env().gc_young)  # as `csos worker` does (CSOS_GC_YOUNG)
             freeze_startup_heap("bench_worker: verify stage")
         verify_cpu = run_stage(verify, received, batch, loop)
         inside_verify = timed.total() if timed else 0.0

@@ -107,3 +107,20 @@ def test_topic_creation_is_explicit_and_delete_works(broker: LocalBroker) -> Non
     assert ensure_topics(broker.bootstrap, specs=[spec]) == [spec.name]
     assert len(admin.list_topics(timeout=10).topics[spec.name].partitions) == 2
     assert delete_topics(broker.bootstrap, [spec.name, "never-existed"]) == [spec.name]
+
+
+def test_a_refused_message_is_reported_by_the_publisher(broker: LocalBroker) -> None:
+    """Delivery reports come only for failures (``delivery.report.only.error``): a message the broker
+    refuses must still make ``Publisher.flush`` raise, and the ones it took must not."""
+    from connectors.kafka.io import DeliveryFailed, Publisher
+
+    topic = f"scratch-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker.bootstrap, specs=[TopicSpec(topic, partitions=1, config={"max.message.bytes": "2000"})])
+    publisher = Publisher(broker.bootstrap, **{"compression.type": "none"})
+    publisher.publish(topic, b"k", b"small")
+    publisher.flush(30)  # taken: no report, no error
+    publisher.publish(topic, b"k", uuid.uuid4().bytes * 500)  # 8,000 bytes over the topic's 2,000
+    with pytest.raises(DeliveryFailed, match=topic):
+        publisher.flush(30)
+    publisher.publish(topic, b"k", b"small again")
+    publisher.flush(30)  # the failure was raised once, not carried over
