@@ -53,8 +53,11 @@ def chaos(orders: int, kills: int, seed: int, out_dir: str | None) -> None:
               help="Worker processes in the group. Above 1, the same feed first runs through one worker (fresh "
                    "broker each time) and the scale-out is printed as ratios: summed CPU per line, and capacity "
                    "(lines over the busiest worker's CPU-seconds: each worker on a core of its own).")
+@click.option("--latency-csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write each timed order's broker receipt time (Unix seconds) and received -> decision "
+                   "latency (ms) to this CSV: where in the run the tail happened.")
 def bench(registrants: int, days: int, seed: int, rate: float | None, compare_bare: bool, runtime: str | None,
-          workers: int) -> None:
+          workers: int, latency_csv: Path | None) -> None:
     """Measure end-to-end throughput and latency of one worker on the local broker.
 
     Uses its own data directory (CSOS_DATA_DIR/bench) and a fresh broker on
@@ -72,7 +75,7 @@ def bench(registrants: int, days: int, seed: int, rate: float | None, compare_ba
     s = s.with_(data_dir=s.data_dir / "bench", pki_dir=s.data_dir / "bench" / "pki")
     if workers <= 1:
         click.echo(run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate,
-                             compare_bare=compare_bare, workers=1).render())
+                             compare_bare=compare_bare, workers=1, latency_csv=latency_csv).render())
         return
     click.echo("one worker first, for the scale-out ratio ...")
     one = run_bench(s, registrants=registrants, days=days, seed=seed, rate=rate, workers=1)
