@@ -53,6 +53,9 @@ CASE_EVENTS = Counter("csos_case_events", "Due-diligence case events by kind (OP
                       "REPORTED, ...).", ["kind"])
 CONSUMER_LAG = Gauge("csos_consumer_lag_messages", "Messages on a partition not yet committed by the group "
                      "(high watermark - committed offset).", ["group", "topic", "partition"])
+GC_PAUSE = Histogram("csos_gc_pause_seconds", "Seconds the worker stood still in one garbage collection, by "
+                     "generation (0 young .. 2 full; CSOS_GC_YOUNG, CSOS_GC_FREEZE).", ["generation"],
+                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 CRL_REMAINING = Gauge("csos_crl_seconds_until_next_update", "Seconds until the nextUpdate of each issuer's CRL "
                       "in force (negative: stale, its orders are parked).", ["issuer"])
 

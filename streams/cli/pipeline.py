@@ -4,6 +4,7 @@ and the ClickHouse sink.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -117,9 +118,10 @@ def worker(loglevel: str, worker_id: str | None, runtime: str | None) -> None:
     except ValueError as exc:  # e.g. CSOS_SUPPLIER_DEA unset: refuse to start rather than verify blind
         raise click.ClickException(str(exc)) from None
     serve_extra(s.metrics_addr)  # CSOS_METRICS_ADDR: /metrics beside the 127.0.0.1 web port
-    from streams.pipeline.heap import tune_collector
+    from streams.pipeline.heap import tune_collector, watch_collector
 
     tune_collector(s.gc_young)  # CSOS_GC_YOUNG (streams.pipeline.heap)
+    watch_collector()  # csos_gc_pause_seconds; a pause over 20 ms is logged
     profile = s.profile_path  # CSOS_PROFILE: a path, write a cProfile of this worker there on exit
     if not profile:
         run()
@@ -169,8 +171,14 @@ def sink() -> None:
     from streams.pipeline.sink_service import run_sink
 
     logging.getLogger().setLevel(logging.INFO)
+    s = settings()
+    if s.sink_nice > 0:
+        # Below the worker and the broker in the scheduler's eyes, before the engine starts its threads
+        # (they inherit it): the sink's inserts and the engine's merges come in bursts of up to two cores,
+        # which on a shared host delayed the decisions around them. Its rows may wait; an order may not.
+        os.nice(s.sink_nice)
     try:
-        run_sink(settings())
+        run_sink(s)
     except AuditKeyError as exc:
         raise click.ClickException(str(exc)) from None
 

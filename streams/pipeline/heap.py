@@ -27,6 +27,9 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from typing import Any
+
+from connectors.kafka.metrics import GC_PAUSE
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,40 @@ def tune_collector(young: int) -> None:
     if young > 0:
         _, middle, old = gc.get_threshold()
         gc.set_threshold(young, middle, old)
+
+
+class PauseWatch:
+    """Times every garbage collection: ``csos_gc_pause_seconds`` by generation, and a log line for a long one.
+
+    Why: a collection stops every agent of the worker; a received -> verdict
+    tail that lines up with these pauses is the collector's, not the broker's.
+    """
+
+    def __init__(self, log_over_seconds: float) -> None:
+        self.log_over = log_over_seconds
+        self._started = 0.0
+        self._hist = [GC_PAUSE.labels(str(g)) for g in range(3)]
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        generation = info.get("generation", 2)
+        self._hist[min(max(generation, 0), 2)].observe(took)
+        if took > self.log_over:
+            log.info("garbage collection of generation %d: %.1f ms (%d objects collected)", generation,
+                     took * 1000, info.get("collected", 0))
+
+
+def watch_collector(log_over_seconds: float = 0.02) -> PauseWatch:
+    """Install one ``PauseWatch`` (once per process); returns it."""
+    for cb in gc.callbacks:
+        if isinstance(cb, PauseWatch):
+            return cb
+    watch = PauseWatch(log_over_seconds)
+    gc.callbacks.append(watch)
+    return watch
 
 
 def freeze_startup_heap(what: str) -> int:

@@ -110,6 +110,9 @@ def test_scraped_counts_agree_with_what_the_pipeline_did(streamed):
     # The verifier's CRLs: one series per issuer, each in force (nextUpdate ahead).
     crl = {dict(lab)["issuer"]: v for (n, lab), v in worker.items() if n == "csos_crl_seconds_until_next_update"}
     assert crl and all(v > 0 for v in crl.values()), crl
+    # Every garbage collection of the worker is timed, by generation (young ones happen in any run).
+    pauses = {dict(lab)["generation"]: v for (n, lab), v in worker.items() if n == "csos_gc_pause_seconds_count"}
+    assert set(pauses) == {"0", "1", "2"} and pauses["0"] > 0, pauses
     # Lag per input partition, back to 0 once everything is decided.
     lag = eventually(lambda: {dict(lab)["partition"]: v for (n, lab), v in samples(scrape_text(s.web_port)).items()
                               if n == "csos_consumer_lag_messages" and dict(lab)["topic"] == t.RECEIVED},
