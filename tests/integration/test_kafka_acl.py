@@ -109,7 +109,8 @@ def _can_log_in(secured: SecuredBroker, user: str) -> bool:
 def _produce_error(conf: dict[str, str]) -> KafkaError | None:
     """Produce one order-shaped message to csos.orders.received; the delivery error (None if written)."""
     errors: list[KafkaError | None] = []
-    producer = Producer({**producer_defaults(), "message.timeout.ms": 15000, **conf})
+    producer = Producer({**producer_defaults(), "message.timeout.ms": 15000, "delivery.report.only.error": False,
+                         **conf})  # a report for a written message too (None)
     producer.produce(t.RECEIVED, key=b"BX0000000", value=b"forged", on_delivery=lambda err, _msg: errors.append(err))
     assert producer.flush(30) == 0
     return errors[0]
