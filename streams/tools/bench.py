@@ -193,8 +193,15 @@ def _wait_decided(count: Callable[[], int], total: int, timeout: float, label: s
         raise click.ClickException(f"only {done} of {total} orders decided within {timeout:.0f}s")
 
 
-def split_warm_up(messages: list) -> tuple[list, list]:
-    """(warm-up, timed): the feed's first twentieth, then the first order of every signing certificate not in it.
+#: A paced run first streams this long at its rate, untimed. Why: right after the load stepped up from idle (the
+#: warm-up sent at once, then a wait), the first ~2 s of a paced feed held most of its orders over 100 ms on
+#: this machine (p99 123-156 ms, against 66-90 ms after this warm-up; BENCHMARKS.md, issue 14, third round).
+PACED_WARM_UP_SECONDS = 3.0
+
+
+def split_warm_up(messages: list, at_least: int = 0) -> tuple[list, list]:
+    """(warm-up, timed): the feed's first twentieth (or ``at_least`` orders), then the first order of every
+    signing certificate not in it.
 
     Why every certificate: a certificate's first order makes the verifier build and validate its path
     (RFC 5280) and judge its revocation, once per certificate per worker, cached after: in process,
@@ -204,7 +211,7 @@ def split_warm_up(messages: list) -> tuple[list, list]:
     first). Each certificate's orders keep their order; a message whose signature cannot be read has
     no certificate to learn and stays where it is.
     """
-    n_warm = max(1, len(messages) // 20)
+    n_warm = min(len(messages) // 2, max(1, len(messages) // 20, at_least))
     warm, rest = list(messages[:n_warm]), messages[n_warm:]
     seen = {_signer(m) for m in warm}
     timed = []
@@ -234,7 +241,10 @@ def _timed_stream(warm: list, timed: list, publisher: Publisher, rate: float | N
 
     Returns (publish seconds, end-to-end seconds, CPU-seconds used per named process; "bench" is this one).
     """
-    publish(warm, publisher)
+    if rate:  # at the timed feed's pace (``PACED_WARM_UP_SECONDS``)
+        paced_publish(warm, publisher, rate)
+    else:
+        publish(warm, publisher)
     deadline = time.monotonic() + 300
     while decided() < len(warm) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -283,7 +293,7 @@ def run_bench(settings: Settings, *, registrants: int, days: int, seed: int, rat
             extra_workers.append(extra)
         # Warm-up (not timed): the consumer group forms, partitions are assigned,
         # certificate paths are validated and cached, ClickHouse tables are touched.
-        warm, timed = split_warm_up(feed.messages)
+        warm, timed = split_warm_up(feed.messages, int(PACED_WARM_UP_SECONDS * rate) if rate else 0)
         n_warm = len(warm)
         total = len(timed)
         lines = sum(len(m.sim.order.lines) for m in timed if not m.malformed)

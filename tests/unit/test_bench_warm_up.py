@@ -40,3 +40,12 @@ def test_a_feed_messages_signer_is_its_signing_certificate() -> None:
     signature = sign_order(document, cred.cert, cred.key, signing_time=datetime(2026, 3, 1, tzinfo=timezone.utc))
     assert bench._signer(SimpleNamespace(signature=signature, document=document)) == cred.cert.public_bytes(Encoding.DER)
     assert bench._signer(SimpleNamespace(signature=b"\x30\x03abc", document=document)) is None
+
+
+def test_a_paced_run_warms_up_for_its_own_length_of_feed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "_signer", lambda m: m.cert)
+    feed = [_message("C0", i) for i in range(100)]
+    warm, timed = split_warm_up(feed, at_least=30)  # e.g. PACED_WARM_UP_SECONDS at the run's rate
+    assert [m.n for m in warm] == list(range(30)) and [m.n for m in timed] == list(range(30, 100))
+    warm, timed = split_warm_up(feed, at_least=1000)  # never more than half the feed
+    assert len(warm) == 50 and len(timed) == 50
