@@ -405,6 +405,8 @@ def window_text(w: Window) -> str:
         return w
     # Calls by arity: compiled, ``w[0](*w[1:])`` builds a slice and a tuple for every kept finding.
     n = len(w)
+    if n == 2:
+        return w[0](w[1])
     if n == 3:
         return w[0](w[1], w[2])
     if n == 4:
@@ -688,18 +690,42 @@ OTHER_DAYS_7D: Final = 6
 _LIMITS_KEPT: Final = 4096
 
 
+def round2(x: float) -> float:
+    """``round(x, 2)``, by arithmetic on doubles where that is exact (the builtin where it might not be).
+
+    ``round`` returns the double nearest to the multiple of 0.01 nearest to ``x``'s exact value (ties to even).
+    For 0 <= x < 1e7, ``x * 100.0`` is within half an ulp (< 1e-6) of the exact product, so unless its
+    fraction is within 1e-6 of one half, the integer nearest to it is the exact product's; ``k / 100.0`` is
+    then the double nearest to k/100 (IEEE division is correctly rounded), which is what ``round`` returns.
+    Why: ``round`` is a generic call from compiled code that formats and parses a decimal string (~2,000
+    instructions), asked for every learned rate the frequency detectors have not seen before.
+    ``tests/unit/test_monitoring_typed.py`` compares the two over random and near-tie values.
+    """
+    if not 0.0 <= x < 1e7:
+        return round(x, 2)
+    t = x * 100.0
+    whole = float(int(t))  # floor (t >= 0)
+    frac = t - whole  # exact (Sterbenz)
+    if -1e-6 < frac - 0.5 < 1e-6:  # near a tie: the builtin decides on the exact value
+        return round(x, 2)
+    return (whole + 1.0 if frac > 0.5 else whole) / 100.0
+
+
 class PoissonLimits:
     """``(round(rate, 2), poisson_quantile(round(rate, 2), p))`` per learned rate, for one tail probability ``p``.
 
     Why: the frequency detectors ask this for every family of every order (~11 times per order), and
     ``round`` and the ``lru_cache`` wrapper are generic Python calls from compiled code (~2,300 instructions
-    per call, callgrind); a plain dict keyed by the rate as learned costs a float hash. The same pure
-    functions compute each entry, so the numbers are the ones they give.
+    per call, callgrind); a plain dict keyed by the rate as learned costs a float hash. Learned rates are EW
+    means, so about half of them are new: those are rounded by :func:`round2` and their limit looked up per
+    rounded rate (a few hundred of them). The same pure functions compute each entry, so the numbers are the
+    ones they give.
     """
 
     def __init__(self, p: float) -> None:
         self.p = p
         self.memo: dict[float, tuple[float, int]] = {}
+        self.limits: dict[float, int] = {}  # rounded rate -> poisson_quantile(rounded rate, p)
 
     def of(self, rate: float) -> tuple[float, int]:
         if not rate > 0.0:  # 0.0 and -0.0 are one dict key but round to different floats; NaN is no key at all
@@ -708,8 +734,14 @@ class PoissonLimits:
         hit = self.memo.get(rate)
         if hit is not None:
             return hit
-        rounded = round(rate, 2)
-        hit = (rounded, poisson_quantile(rounded, self.p))
+        rounded = round2(rate)
+        limit = self.limits.get(rounded)
+        if limit is None:
+            limit = poisson_quantile(rounded, self.p)
+            if len(self.limits) >= _LIMITS_KEPT:
+                self.limits.clear()
+            self.limits[rounded] = limit
+        hit = (rounded, limit)
         if len(self.memo) >= _LIMITS_KEPT:
             self.memo.clear()
         self.memo[rate] = hit

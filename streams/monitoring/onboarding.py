@@ -30,7 +30,8 @@ from streams.monitoring.baselines import (
     MS_PER_DAY, FamilyFacts, OrderFacts, RegistrantBaselines, month_name, month_of,
 )
 from streams.monitoring.detectors import (
-    MonitorConfig, PerFamilyDetector, Finding, _MAX, cleared_level, fmt_n, peer_group, finding,
+    MonitorConfig, PerFamilyDetector, Finding, Window, _MAX, cleared_level, fmt_n, peer_group, finding,
+    window_text,
 )
 from streams.monitoring.peers import PeerProfiles
 
@@ -75,7 +76,7 @@ class _Period(NamedTuple):
     month: int  # the order's calendar month
     business_activity: str  # upper case, stripped ("" when unknown)
     ceiling: float  # this detector's ceiling for the business activity (no peers)
-    windows: tuple[str, str]  # the findings' window with peers, without
+    windows: tuple[Window, Window]  # the findings' window with peers, without (deferred: detectors.Window)
 
 
 class NewCustomerDetector(PerFamilyDetector):
@@ -106,9 +107,10 @@ class NewCustomerDetector(PerFamilyDetector):
                        self._windows(month, days))
 
     @staticmethod
-    def _windows(month: int, days: float) -> tuple[str, str]:
-        head = f"calendar month {month_name(month)}; new customer (day {days:.0f}); "
-        return head + "peers", head + "fixed ceiling"
+    def _windows(month: int, days: float) -> tuple[Window, Window]:
+        # Deferred (detectors.Window): written only for the findings a verdict keeps (formatting the day and
+        # month for both windows of every order of a new customer was most of this detector's cost).
+        return (_month_window, month, days, "peers"), (_month_window, month, days, "fixed ceiling")
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         return self._judge(state, order, f, self._period(state, order))
@@ -132,7 +134,7 @@ class NewCustomerDetector(PerFamilyDetector):
             cleared = cleared_level(state, f.family, p.month, c.ramp_2x_cleared_months)
             if cleared is not None and c.ramp_2x_cleared_ratio * cleared[1] > threshold:
                 threshold = c.ramp_2x_cleared_ratio * cleared[1]
-                window += "; cleared by an analyst"
+                window = window_text(window) + "; cleared by an analyst"
             else:
                 cleared = None
         if not current > threshold:  # the verdict keeps no sentence for a finding that did not fire
@@ -174,8 +176,8 @@ class NewCustomerOrderDetector(NewCustomerDetector):
         self.default_ceiling = 0.0
 
     @staticmethod
-    def _windows(month: int, days: float) -> tuple[str, str]:
-        window = f"this order; new customer (day {days:.0f})"
+    def _windows(month: int, days: float) -> tuple[Window, Window]:
+        window = (_order_window, days)  # deferred, as NewCustomerDetector's
         return window, window
 
     def _judge(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts, p: _Period) -> Finding:
@@ -202,6 +204,16 @@ class NewCustomerOrderDetector(NewCustomerDetector):
                 f"{p.days:.0f} days ago, no onboarding review yet); the ceiling for one order is {source}: "
                 f"{fmt_n(threshold)}; exceeded.")
         return finding(self.name, self.dimension, f.family, f.units, level, threshold, p.windows[0], True, text)
+
+
+def _month_window(month: int, days: float, against: str) -> str:
+    """:class:`NewCustomerDetector`'s window (``against``: "peers" or "fixed ceiling")."""
+    return f"calendar month {month_name(month)}; new customer (day {days:.0f}); {against}"
+
+
+def _order_window(days: float) -> str:
+    """:class:`NewCustomerOrderDetector`'s window."""
+    return f"this order; new customer (day {days:.0f})"
 
 
 __all__ = ["NewCustomerDetector", "NewCustomerOrderDetector", "activity_ceilings", "in_new_customer_period", "period_start_ms", "MONTH_MS"]

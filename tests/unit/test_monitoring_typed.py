@@ -4,6 +4,7 @@ Run compiled (mypyc) and with ``CSOS_PURE_PYTHON=1``: both must agree with ``dat
 """
 from __future__ import annotations
 
+import math
 import random
 from datetime import datetime, timedelta, timezone
 
@@ -63,3 +64,30 @@ def test_log_units_variance_saved_and_restored_every_order_learns_as_river() -> 
         reference.update(x)
         m, sq, _ = bl.ewvar_export(reference)
         assert saved == kept.to_dict() == {"mean": m, "sq_mean": sq, "n": i + 1}
+
+
+def test_round2_is_the_builtin_round_to_two_digits() -> None:
+    """The frequency detectors' rounding of a learned rate gives ``round(x, 2)``'s double: random rates, every
+    tie and the doubles either side of it (where ``x * 100`` alone could round the wrong way), large values."""
+    from streams.monitoring.detectors import round2
+
+    rng = random.Random(16)
+    values = [rng.uniform(0, 50) for _ in range(200_000)] + [rng.expovariate(0.001) for _ in range(50_000)]
+    for k in range(0, 200_000, 7):
+        tie = (k + 0.5) / 100
+        values += [tie, math.nextafter(tie, 0.0), math.nextafter(tie, math.inf), k / 100]
+    values += [0.0, 5e-3, 0.015, 0.025, 1.005, 2.675, 9_999_999.995, 1e7, 3e9, 1e-300]
+    for x in values:
+        assert round2(x) == round(x, 2), x
+
+
+def test_poisson_limits_are_the_rounded_rate_and_its_quantile() -> None:
+    from streams.monitoring.detectors import PoissonLimits, poisson_quantile
+
+    limits = PoissonLimits(1e-4)
+    rng = random.Random(17)
+    for _ in range(3000):
+        rate = rng.choice((rng.uniform(0, 12), float(rng.randint(0, 9)), 0.0, -0.0, 0.005, 2.675))
+        expect = (round(rate, 2), poisson_quantile(round(rate, 2), 1e-4))
+        assert limits.of(rate) == expect and limits.of(rate) == expect
+        assert str(limits.of(rate)[0]) == str(expect[0])  # the same sign of zero too
