@@ -62,7 +62,7 @@ import math
 import statistics
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final, Iterable, Mapping, NamedTuple, Sequence
 
@@ -83,11 +83,6 @@ MONTHS_KEPT: Final = 13  # the current calendar month and the 12 full months bef
 LEARNED_IDS_KEPT: Final = 8
 #: Timing counts are halved when their total reaches this: bounded ints, recent habits weigh more.
 TIMING_CAP: Final = 256
-
-#: ``tuple.__new__``: builds a named tuple of the hot paths (Windows, Monthly, FamilyFacts) from the tuple of
-#: ALL its fields, as the named tuple's generated ``__new__`` does, without running that Python function (compiled
-#: code calls it like any Python function: several times the cost of the tuple itself).
-_new_tuple: Final[Any] = tuple.__new__
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_MS: Final = timedelta(milliseconds=1)
@@ -714,7 +709,7 @@ class MonthRing:
                 mg += m
                 high += h
                 n += 1
-        return StrengthMonths.of(n, units, mg, high)
+        return StrengthMonths(n, units, mg, high)
 
     def monthly(self, at_ms: int, units: int, replay: bool) -> "Monthly":
         """The calendar months up to ``at_ms``'s month with an order of ``units`` added (not when a ``replay``)."""
@@ -726,7 +721,7 @@ class MonthRing:
             known = [k for k in cells if k < cur]
             start = max(cur - 12, min(known)) if known else cur
             cached = self._trailing = (cur, tuple(cells.get(k, 0) for k in range(start, cur)))
-        return _new_tuple(Monthly, (cur, current, cached[1]))
+        return Monthly(cur, current, cached[1])
 
     def to_dict(self) -> dict[str, list[Any]]:
         months = sorted(self.cells)
@@ -734,24 +729,23 @@ class MonthRing:
                 "mg": [round(self.mg.get(m, 0.0), 3) for m in months], "high": [self.high.get(m, 0) for m in months]}
 
 
-class StrengthMonths(NamedTuple):
-    """strength_shift's long memory of one family: the reference months' totals (see ``MonthRing.strength_months``)."""
+class StrengthMonths:
+    """strength_shift's long memory of one family: the reference months' totals (see ``MonthRing.strength_months``).
 
-    months: int  # reference months with a strength
-    units: int
-    mg: float
-    high: int  # dosage units in high-strength products
-    #: mg / units and high / units (0 without units): fields, not properties, since strength_shift reads them
-    #: for every family of every order and they change only with the months (``MonthRing.strength_months``).
-    mg_per_unit: float = 0.0
-    high_share: float = 0.0
+    Never changed once built (cached per month); a plain class for the reason :class:`FamilyFacts` is.
+    """
 
-    @classmethod
-    def of(cls, months: int, units: int, mg: float, high: int) -> "StrengthMonths":
-        """The reference of these totals, with its mg per unit and high-strength share."""
-        if units > 0:
-            return cls(months, units, mg, high, mg / units, high / units)
-        return cls(months, units, mg, high)
+    __slots__ = ("months", "units", "mg", "high", "mg_per_unit", "high_share")
+
+    def __init__(self, months: int, units: int, mg: float, high: int) -> None:
+        self.months = months  # reference months with a strength
+        self.units = units
+        self.mg = mg
+        self.high = high  # dosage units in high-strength products
+        #: mg / units and high / units (0 without units): fields, not properties, since strength_shift reads them
+        #: for every family of every order and they change only with the months (``MonthRing.strength_months``).
+        self.mg_per_unit = mg / units if units > 0 else 0.0
+        self.high_share = high / units if units > 0 else 0.0
 
 
 # --------------------------------------------------------------------------
@@ -776,37 +770,50 @@ def order_key(order_id: str) -> int:
     return zlib.crc32(order_id.encode("utf-8")) & 0x7FFFFFFF
 
 
-class FamilyFacts(NamedTuple):
-    """One drug family's share of an order (all its lines summed).
+class FamilyFacts:
+    """One drug family's share of an order (all its lines summed); never changed once built.
 
-    A named tuple, not a frozen dataclass: as immutable, and built ~7 times per
-    order and read ~100 times, where a frozen dataclass's ``__init__`` and
-    attribute reads cost several times more.
+    A plain class (with ``__slots__``), not a named tuple or a frozen dataclass: built ~7 times per order and
+    read ~100 times. Compiled, its ``__init__`` and attribute reads are native; a named tuple was built through
+    ``tuple.__new__``, a generic call (~1,500 instructions each), a frozen dataclass through an interpreted
+    ``__init__``.
     """
 
-    family: str
-    units: int
-    mme: float
-    base_weight_g: float
-    schedules: tuple[str, ...]
-    high_units: int = 0  # units in the family's high-strength products (``order_facts``' ``high_ndcs``)
+    __slots__ = ("family", "units", "mme", "base_weight_g", "schedules", "high_units")
+
+    def __init__(self, family: str, units: int, mme: float, base_weight_g: float, schedules: tuple[str, ...],
+                 high_units: int = 0) -> None:
+        self.family = family
+        self.units = units
+        self.mme = mme
+        self.base_weight_g = base_weight_g
+        self.schedules = schedules
+        #: Units in the family's high-strength products (``order_facts``' ``high_ndcs``).
+        self.high_units = high_units
 
 
-@dataclass(frozen=True)
 class OrderFacts:
-    """What the monitor reads from a verified order.
+    """What the monitor reads from a verified order; never changed once built (the per-order caches of
+    :class:`RegistrantBaselines` hold it by identity).
 
     Time is the distributor's ``received_at``, not the purchaser's
     ``signed_at``: the purchaser chooses the signing date (an order stays valid
     60 days), the distributor's clock cannot be back-dated to dodge a window.
+
+    A plain class, not a frozen dataclass: compiled, the dataclass's generated ``__init__`` ran interpreted,
+    one ``object.__setattr__`` per field (~9,000 instructions an order).
     """
 
-    order_id: str
-    purchaser_dea: str
-    at_ms: int
-    families: dict[str, FamilyFacts] = field(default_factory=dict)
-    business_activity: str | None = None  # the purchaser's, for its peer group
-    region: str | None = None  # the purchaser's state when the order carries it (``purchaser_state``)
+    __slots__ = ("order_id", "purchaser_dea", "at_ms", "families", "business_activity", "region")
+
+    def __init__(self, order_id: str, purchaser_dea: str, at_ms: int, families: dict[str, FamilyFacts] | None = None,
+                 business_activity: str | None = None, region: str | None = None) -> None:
+        self.order_id = order_id
+        self.purchaser_dea = purchaser_dea
+        self.at_ms = at_ms
+        self.families: dict[str, FamilyFacts] = families if families is not None else {}
+        self.business_activity = business_activity  # the purchaser's, for its peer group
+        self.region = region  # the purchaser's state when the order carries it (``purchaser_state``)
 
     @property
     def total_units(self) -> int:
@@ -901,7 +908,7 @@ def order_facts(order: Mapping[str, Any], high_ndcs: frozenset[str] | set[str] =
     families: dict[str, FamilyFacts] = {}
     for fam in sorted(acc):  # the names, not (name, sums) pairs: a sort of strings (the names are unique)
         a = acc[fam]
-        families[fam] = _new_tuple(FamilyFacts, (fam, a.units, a.mme, a.weight_g, _sorted_tuple(a.schedules), a.high))
+        families[fam] = FamilyFacts(fam, a.units, a.mme, a.weight_g, _sorted_tuple(a.schedules), a.high)
     act = order.get("business_activity")
     region = order.get("purchaser_state")
     return OrderFacts(str(order["order_id"]), str(order["purchaser_dea"]), to_ms(order["received_at"]), families,
@@ -922,26 +929,32 @@ class BaselineSettings:
     family_ttl_days: int = 400  # a family not ordered for this long is forgotten (then "new" again)
 
 
-class Windows(NamedTuple):
-    """Activity of one family in the windows ending at an order, that order included (immutable: shared by
-    every detector through the per-order cache)."""
+class Windows:
+    """Activity of one family in the windows ending at an order, that order included (never changed once built:
+    shared by every detector through the per-order cache). A plain class for the reason :class:`FamilyFacts` is."""
 
-    orders_24h: int
-    orders_7d: int
-    units_30d: int
-    #: mg of base drug *learned* over the 30 days (the order's own not included; taken out again on a replay).
-    learned_mg_30d: float = 0.0
-    #: high-strength units and orders *learned* over the 30 days (the order's own not included, as the mg).
-    learned_high_30d: int = 0
-    learned_orders_30d: int = 0
-    #: UTC days of the last 7 with an order of the family, this order's day included.
-    days_7d: int = 1
-    #: UTC days with a learned order of the family among the 23 before those 7 (the 30-day window without the
-    #: last 7): the usual ordering days, which a burst inside the 7 days cannot raise.
-    learned_days_before_7d: int = 0
+    __slots__ = ("orders_24h", "orders_7d", "units_30d", "learned_mg_30d", "learned_high_30d", "learned_orders_30d",
+                 "days_7d", "learned_days_before_7d")
+
+    def __init__(self, orders_24h: int, orders_7d: int, units_30d: int, learned_mg_30d: float = 0.0,
+                 learned_high_30d: int = 0, learned_orders_30d: int = 0, days_7d: int = 1,
+                 learned_days_before_7d: int = 0) -> None:
+        self.orders_24h = orders_24h
+        self.orders_7d = orders_7d
+        self.units_30d = units_30d
+        #: mg of base drug *learned* over the 30 days (the order's own not included; taken out again on a replay).
+        self.learned_mg_30d = learned_mg_30d
+        #: high-strength units and orders *learned* over the 30 days (the order's own not included, as the mg).
+        self.learned_high_30d = learned_high_30d
+        self.learned_orders_30d = learned_orders_30d
+        #: UTC days of the last 7 with an order of the family, this order's day included.
+        self.days_7d = days_7d
+        #: UTC days with a learned order of the family among the 23 before those 7 (the 30-day window without the
+        #: last 7): the usual ordering days, which a burst inside the 7 days cannot raise.
+        self.learned_days_before_7d = learned_days_before_7d
 
 
-class Monthly(NamedTuple):
+class Monthly:
     """One family's dosage units per UTC calendar month, as the static rules read them.
 
     ``current``: units learned in the order's calendar month plus the order's own.
@@ -949,20 +962,23 @@ class Monthly(NamedTuple):
     at most 12, zeros for covered months without orders. Coverage starts at the
     earliest month with learned orders still kept (so a registrant whose history
     began 4 months ago is averaged over 4 months, not diluted over 12).
-    Immutable (a named tuple): shared by every detector through the per-order cache.
+    Never changed once built: shared by every detector through the per-order cache (a plain class for the
+    reason :class:`FamilyFacts` is).
     """
 
-    month: int
-    current: int
-    prior: tuple[int, ...]
+    __slots__ = ("month", "current", "prior")
+
+    def __init__(self, month: int, current: int, prior: tuple[int, ...]) -> None:
+        self.month = month
+        self.current = current
+        self.prior = prior
 
     def trailing(self, months: int) -> tuple[int, ...]:
         return trailing_months(self.prior, months)
 
 
 def trailing_months(prior: tuple[int, ...], months: int) -> tuple[int, ...]:
-    """:meth:`Monthly.trailing` as a plain function: compiled code calls it directly (a named tuple's method
-    is looked up and called as a Python object)."""
+    """:meth:`Monthly.trailing` as a plain function."""
     return prior[-months:] if months < len(prior) else prior
 
 
@@ -1055,8 +1071,7 @@ class FamilyBaseline:
         # The order makes its day an ordering day; a day that already has a learned order (or this very
         # order, redelivered) is counted once.
         today_learned = day_of(at_ms) in self.days.cells
-        return _new_tuple(Windows, (c24 + 1, c7 + 1, u30 + units, mg30, high30, orders30,
-                                    d7 + (not today_learned), d_before))
+        return Windows(c24 + 1, c7 + 1, u30 + units, mg30, high30, orders30, d7 + (not today_learned), d_before)
 
     def covers(self, at_ms: int, days: float) -> bool:
         """Whether this family's learned history reaches back ``days`` before ``at_ms``."""

@@ -24,8 +24,6 @@ counts, as for every registrant.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from streams.monitoring.baselines import (
     MS_PER_DAY, FamilyFacts, OrderFacts, RegistrantBaselines, month_name, month_of,
 )
@@ -69,14 +67,21 @@ def activity_ceilings(items: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-class _Period(NamedTuple):
-    """What the new-customer rules read once per order, not once per family: the same for every family."""
+class _Period:
+    """What the new-customer rules read once per order, not once per family: the same for every family.
 
-    days: float  # since the relationship began
-    month: int  # the order's calendar month
-    business_activity: str  # upper case, stripped ("" when unknown)
-    ceiling: float  # this detector's ceiling for the business activity (no peers)
-    windows: tuple[Window, Window]  # the findings' window with peers, without (deferred: detectors.Window)
+    A plain class (compiled: a native ``__init__``), not a named tuple, whose ``__new__`` is a Python function.
+    """
+
+    __slots__ = ("days", "month", "business_activity", "ceiling", "windows")
+
+    def __init__(self, days: float, month: int, business_activity: str, ceiling: float,
+                 windows: tuple[Window, Window]) -> None:
+        self.days = days  # since the relationship began
+        self.month = month  # the order's calendar month
+        self.business_activity = business_activity  # upper case, stripped ("" when unknown)
+        self.ceiling = ceiling  # this detector's ceiling for the business activity (no peers)
+        self.windows = windows  # the findings' window with peers, without (deferred: detectors.Window)
 
 
 class NewCustomerDetector(PerFamilyDetector):
