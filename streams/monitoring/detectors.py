@@ -403,17 +403,19 @@ def window_text(w: Window) -> str:
     """The text of a finding's window (see :data:`Window`)."""
     if isinstance(w, str):
         return w
-    # Calls by arity: compiled, ``w[0](*w[1:])`` builds a slice and a tuple for every kept finding.
-    n = len(w)
+    # Calls by arity: compiled, ``w[0](*w[1:])`` builds a slice and a tuple for every kept finding; read as a
+    # tuple, the items are read directly (not through the generic item lookup of an untyped value).
+    t: tuple[Any, ...] = w
+    n = len(t)
     if n == 2:
-        return w[0](w[1])
+        return t[0](t[1])
     if n == 3:
-        return w[0](w[1], w[2])
+        return t[0](t[1], t[2])
     if n == 4:
-        return w[0](w[1], w[2], w[3])
+        return t[0](t[1], t[2], t[3])
     if n == 5:
-        return w[0](w[1], w[2], w[3], w[4])
-    return w[0](*w[1:])
+        return t[0](t[1], t[2], t[3], t[4])
+    return t[0](*t[1:])
 
 
 def finding(detector: str, dimension: str, family: str, value: float, baseline: float, threshold: float,
@@ -476,7 +478,7 @@ class PerFamilyDetector:
         self.cfg = cfg
 
     def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
-        return [self._one(state, order, f) for f in order.families.values()]
+        return [self._one(state, order, f) for f in order.family_list]
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         raise NotImplementedError
@@ -508,7 +510,7 @@ class SizeDetector:
         self.peers = peers
 
     def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
-        return [self._one(state, order, f) for f in order.families.values()]
+        return [self._one(state, order, f) for f in order.family_list]
 
     def _peer_cold_start(self, n: int, order: OrderFacts, f: FamilyFacts) -> Finding | None:
         """Cold start against the peers' order sizes: ``peer_cold_ratio`` x their ``peer_cold_quantile``."""
@@ -893,7 +895,7 @@ class NewFamilyDetector:
                 or any(s in self.cfg.high_risk_schedules for s in f.schedules))
 
     def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
-        return [self._one(state, f) for f in order.families.values()]
+        return [self._one(state, f) for f in order.family_list]
 
     def _one(self, state: RegistrantBaselines, f: FamilyFacts) -> Finding:
         c = self.cfg
@@ -957,7 +959,7 @@ class FamilyMixDetector:
         u30 = state.units_30d_all(order)
         total30 = sum(u30.values())
         window = state.mix.window() + "; value over the last 30 days"  # the same for every family of the order
-        return [self._one(state, f, shares, u30, total30, window) for f in order.families.values()]
+        return [self._one(state, f, shares, u30, total30, window) for f in order.family_list]
 
     def _one(self, state: RegistrantBaselines, f: FamilyFacts, shares: dict[str, float],
              u30: dict[str, int], total30: int, window: str) -> Finding:
@@ -1059,7 +1061,7 @@ class TrendDetector(PerFamilyDetector):
 
     def score_one(self, state: RegistrantBaselines, order: OrderFacts) -> list[Finding]:
         mix: dict[str, Any] = {}  # the order's 30-day family mix, computed once if a family needs it
-        return [self._scored(state, order, f, mix) for f in order.families.values()]
+        return [self._scored(state, order, f, mix) for f in order.family_list]
 
     def _one(self, state: RegistrantBaselines, order: OrderFacts, f: FamilyFacts) -> Finding:
         return self._scored(state, order, f, {})

@@ -8,15 +8,46 @@ wrap, stays interpreted and calls it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Container
+from typing import Any, Callable, Container, Mapping
 
 from streams.monitoring import open_cases
 from streams.monitoring.baselines import OrderFacts, RegistrantBaselines
-from streams.monitoring.detectors import Finding, Reason, as_reason
+from streams.monitoring.detectors import Finding, Reason, as_reason, finding
 
 #: What ``Monitor`` runs per order: (a detector's bound ``score_one``, whether the anomaly score combines its
 #: findings), in the detectors' order.
 Plan = list[tuple[Callable[[RegistrantBaselines, OrderFacts], list[Finding]], bool]]
+
+
+def verdict(plan: Plan, combiner: Any, deciding: Container[str], base: RegistrantBaselines, facts: OrderFacts,
+            order: Mapping[str, Any], decided_at: Any, model_version: str) -> dict[str, Any]:
+    """``Monitor.score``'s ``som.Verdict``: the order's findings (:func:`findings_of`, then ``replay`` for an order
+    already learned), its evidence, and HOLD if a deciding detector fired (never for a replay).
+
+    Compiled, as the loops it calls: interpreted, this per-order glue and the verdict's dict were ~5 % of
+    scoring. ``decided_at`` comes from ``monitor.py``, whose clock tests and ``bench_worker --digest`` patch.
+    """
+    findings = findings_of(plan, combiner, base, facts)
+    replay = base.has_learned(facts.order_id)
+    if replay:
+        findings.append(finding(
+            "replay", "pattern", "*", 1.0, 0.0, 0.0, "last orders learned", False,
+            "This order was already scored, released and learned; the earlier RELEASE is repeated."))
+    reasons = evidence(findings, deciding)
+    held = not replay and holds(reasons)
+    return {
+        "order_id": order["order_id"],
+        "order_number": order["order_number"],
+        "purchaser_dea": order["purchaser_dea"],
+        "verdict": "HOLD" if held else "RELEASE",
+        "decided_at": decided_at,
+        "received_at": order["received_at"],
+        "signed_at": order["signed_at"],
+        "model_version": model_version,
+        "reasons": reasons,
+        "lines": order["lines"],
+        "total_dosage_units": facts.total_units,
+    }
 
 
 def findings_of(plan: Plan, combiner: Any, base: RegistrantBaselines, facts: OrderFacts) -> list[Finding]:

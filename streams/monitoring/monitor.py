@@ -27,10 +27,10 @@ from streams.monitoring.baselines import (
     STATE_VERSION, OrderFacts, RegistrantBaselines, migrate_state, new_state as _new_state, order_facts,
 )
 from streams.monitoring.detectors import (
-    DETECTORS_VERSION, Detector, MonitorConfig, default_detectors, finding,
+    DETECTORS_VERSION, Detector, MonitorConfig, default_detectors,
 )
 from streams.monitoring.anomaly import AnomalyCombiner
-from streams.monitoring.evidence import evidence, findings_of, holds
+from streams.monitoring.evidence import verdict
 from streams.monitoring.peers import PeerProfiles
 from streams.monitoring import open_cases
 from streams.monitoring.onboarding import NewCustomerDetector, NewCustomerOrderDetector
@@ -171,28 +171,9 @@ class Monitor:
         facts = self._facts(order)
         base = self._baselines(state, order)
         # Every detector, the anomaly score, then the decisions already taken (open case, report, analyst
-        # limit, termination: always enforced, _deciding).
-        findings = findings_of(self._plan(), self.combiner, base, facts)
-        replay = base.has_learned(facts.order_id)
-        if replay:
-            findings.append(finding(
-                "replay", "pattern", "*", 1.0, 0.0, 0.0, "last orders learned", False,
-                "This order was already scored, released and learned; the earlier RELEASE is repeated."))
-        reasons = evidence(findings, self._deciding)
-        held = not replay and holds(reasons)
-        return {
-            "order_id": order["order_id"],
-            "order_number": order["order_number"],
-            "purchaser_dea": order["purchaser_dea"],
-            "verdict": "HOLD" if held else "RELEASE",
-            "decided_at": decided_at or datetime.now(timezone.utc),
-            "received_at": order["received_at"],
-            "signed_at": order["signed_at"],
-            "model_version": self.model_version,
-            "reasons": reasons,
-            "lines": order["lines"],
-            "total_dosage_units": facts.total_units,
-        }
+        # limit, termination: always enforced, _deciding), the evidence and the decision: evidence.verdict.
+        return verdict(self._plan(), self.combiner, self._deciding, base, facts, order,
+                       decided_at or datetime.now(timezone.utc), self.model_version)
 
     def learn(self, state: Mapping[str, Any] | None, order: Mapping[str, Any]) -> dict[str, Any]:
         """Fold a RELEASED order into the baselines and return the new state (the input is not modified).

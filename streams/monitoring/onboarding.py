@@ -102,7 +102,7 @@ class NewCustomerDetector(PerFamilyDetector):
         if not in_new_customer_period(state, order, self.cfg.new_customer_months):
             return []
         p = self._period(state, order)
-        return [self._judge(state, order, f, p) for f in order.families.values()]
+        return [self._judge(state, order, f, p) for f in order.family_list]
 
     def _period(self, state: RegistrantBaselines, order: OrderFacts) -> _Period:
         days = (order.at_ms - period_start_ms(state, order)) / MS_PER_DAY
