@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 from streams.monitoring.detectors import as_reason, finding
-from streams.monitoring.monitor import evidence
+from streams.monitoring.evidence import evidence
 
 
 def _one_by_one(findings: list[tuple], deciding: set[str]) -> list[dict[str, Any]]:
