@@ -24,6 +24,15 @@ def test_month_of_is_the_utc_calendar_month_across_leap_years_and_centuries() ->
         d = _EPOCH + timedelta(days=day)
         ms = day * bl.MS_PER_DAY + (day * 7919) % bl.MS_PER_DAY  # any time of that day
         assert bl.month_of(ms) == d.year * 12 + d.month - 1, d
+    # Asked again for the day it converted last (every family of an order), and alternating between two days.
+    rng = random.Random(13)
+    for _ in range(2000):
+        ms = rng.randrange(start, end) * bl.MS_PER_DAY + rng.randrange(bl.MS_PER_DAY)
+        d = _EPOCH + timedelta(milliseconds=ms)
+        other = rng.randrange(start, end) * bl.MS_PER_DAY
+        o = _EPOCH + timedelta(milliseconds=other)
+        assert bl.month_of(ms) == bl.month_of(ms) == d.year * 12 + d.month - 1
+        assert bl.month_of(other) == o.year * 12 + o.month - 1 and bl.month_of(ms) == d.year * 12 + d.month - 1
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.1])
