@@ -4,7 +4,6 @@ and the ClickHouse sink.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Callable
 
@@ -172,11 +171,6 @@ def sink() -> None:
 
     logging.getLogger().setLevel(logging.INFO)
     s = settings()
-    if s.sink_nice > 0:
-        # Below the worker and the broker in the scheduler's eyes, before the engine starts its threads
-        # (they inherit it): the sink's inserts and the engine's merges come in bursts of up to two cores,
-        # which on a shared host delayed the decisions around them. Its rows may wait; an order may not.
-        os.nice(s.sink_nice)
     try:
         run_sink(s)
     except AuditKeyError as exc:

@@ -77,8 +77,6 @@ class Settings:
     batch_seconds: float = 0.0  # 0: take what is ready (streams.pipeline.batching); > 0: Faust's windowed take
     sink_batch_size: int = 5000
     sink_batch_seconds: float = 0.5
-    # -- issue 14 (latency): the sink's CPU niceness; it is never on the decision path (0: as started)
-    sink_nice: int = 10
     due_diligence_days: float = 7.0  # calendar days a held order may wait before its case is escalated
     case_clock_seconds: float = 60.0  # how often the case agent looks for lapsed due-diligence clocks
     case_retention_days: float = 90.0  # closed cases leave the worker's table this long after the decision
@@ -173,7 +171,6 @@ class Settings:
             batch_seconds=float(_env("CSOS_BATCH_SECONDS", str(cls.batch_seconds))),
             sink_batch_size=int(_env("CSOS_SINK_BATCH_SIZE", str(cls.sink_batch_size))),
             sink_batch_seconds=float(_env("CSOS_SINK_BATCH_SECONDS", str(cls.sink_batch_seconds))),
-            sink_nice=int(_env("CSOS_SINK_NICE", str(cls.sink_nice))),
             due_diligence_days=float(_env("CSOS_DUE_DILIGENCE_DAYS", str(cls.due_diligence_days))),
             case_clock_seconds=float(_env("CSOS_CASE_CLOCK_SECONDS", str(cls.case_clock_seconds))),
             case_retention_days=float(_env("CSOS_CASE_RETENTION_DAYS", str(cls.case_retention_days))),
