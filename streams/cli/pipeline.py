@@ -170,9 +170,8 @@ def sink() -> None:
     from streams.pipeline.sink_service import run_sink
 
     logging.getLogger().setLevel(logging.INFO)
-    s = settings()
     try:
-        run_sink(s)
+        run_sink(settings())
     except AuditKeyError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -633,8 +633,8 @@ def publish_hostile(bootstrap: str, messages: Sequence[HostileMessage], timeout:
     Raises if one could not be written: a message the broker refused has no trace to look for.
     """
     # Every delivery reported (the pipeline's producers report failures only): where each message landed.
-    producer = Producer(dict(producer_defaults(), **{"bootstrap.servers": bootstrap, "delivery.report.only.error": False},
-                             **client_config()))
+    producer = Producer(dict(producer_defaults(), **{"bootstrap.servers": bootstrap,
+                                                     "delivery.report.only.error": False}, **client_config()))
     placed: dict[int, tuple[int, int]] = {}
     errors: list[str] = []
 
