@@ -24,6 +24,7 @@ from streams.tools.broker import LocalBroker, free_port
 from streams.tools.feed import prepare_feed, publish, publish_reference_data, replay_settings
 from connectors.kafka.io import Publisher
 from streams.core.config import Settings
+from streams.tools.chaos import wait_sink_caught_up
 from streams.tools.processes import sink_process, worker_process
 from connectors.clickhouse.query import run_query
 from tests.conftest import RUNTIMES, running_broker
@@ -70,6 +71,11 @@ def two_workers(own_broker, tmp_path_factory):
         sink.stop()
 
 
+def clock_runs(worker) -> int:
+    """How often the worker's case clock has run (its /health), -1 if it does not answer."""
+    return ((worker.health() or {}).get("counts", {}).get("cases") or {}).get("clock_runs", -1)
+
+
 def sql(settings: Settings, query: str) -> list:
     return run_query(settings, query)[1]
 
@@ -102,7 +108,14 @@ def test_orders_and_cases_are_each_handled_once_across_two_workers(two_workers) 
         if escalated >= held:
             break
         time.sleep(1)
-    time.sleep(5 + 2 * settings.sink_batch_seconds)
+    # A duplicate would come from a later run of a worker's clock: two more runs on each, then the sink caught up
+    # with everything they published.
+    runs = [clock_runs(w) for w in workers]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(clock_runs(w) >= r + 2 for w, r in zip(workers, runs)):
+        time.sleep(0.5)
+    assert all(clock_runs(w) >= r + 2 for w, r in zip(workers, runs)), "a worker's case clock stopped"
+    wait_sink_caught_up(settings)
     events = Counter((r[0], r[1]) for r in sql(settings, "SELECT order_id, kind FROM case_events FINAL"))
     assert {oid for oid, kind in events if kind == "OPENED"} == held
     assert {oid: events[(oid, "OPENED")] for oid in held} == {oid: 1 for oid in held}, logs
