@@ -76,8 +76,9 @@ class Settings:
     batch_size: int = 2000
     batch_seconds: float = 0.0  # 0: take what is ready (streams.pipeline.batching); > 0: Faust's windowed take
     sink_batch_size: int = 5000
-    # One insert per table a second at most: each insert writes a new part whatever its size (a fixed cost of
-    # ~15-30 ms of the embedded engine's CPU per table; ClickHouse advises about one insert a second).
+    # About one insert per table a second while the stream is slow (a full batch goes sooner): each insert writes
+    # a new part whatever its size (~15-30 ms of the embedded engine's CPU per table; ClickHouse advises about
+    # one insert a second).
     sink_batch_seconds: float = 1.0
     due_diligence_days: float = 7.0  # calendar days a held order may wait before its case is escalated
     case_clock_seconds: float = 60.0  # how often the case agent looks for lapsed due-diligence clocks
