@@ -363,6 +363,48 @@ class BoundedSet:
             del self._items[next(iter(self._items))]
 
 
+#: (topic, partition) -> (first offset, last offset): the messages a batch was read from.
+Extent = dict[tuple[str, int], tuple[int, int]]
+
+
+def extent_of(offsets: Iterable[tuple[str, int, int]]) -> Extent:
+    """Each partition's first and last offset among ``(topic, partition, offset)``."""
+    extent: Extent = {}
+    for topic, partition, offset in offsets:
+        lo, hi = extent.get((topic, partition), (offset, offset))
+        extent[(topic, partition)] = (min(lo, offset), max(hi, offset))
+    return extent
+
+
+def batch_id(extent: Extent) -> str:
+    """A batch's id, a function of its offsets: a retry of the batch records the same one."""
+    spans = ",".join(f"{t}:{p}:{lo}-{hi}" for (t, p), (lo, hi) in sorted(extent.items()))
+    return hashlib.sha256(spans.encode()).hexdigest()[:32]
+
+
+def kafka_order(item: SourceRecord) -> tuple[str, int, int]:
+    return item.topic, item.partition, item.offset
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """A partition's latest batch, as ``sink_batches`` holds it."""
+
+    batch_id: str
+    partitions: int
+    first_offset: int
+    last_offset: int
+
+
+@dataclass(frozen=True)
+class OpenBatch:
+    """A batch begun and not stored in full: see :meth:`ClickHouseSink.open_batches`."""
+
+    batch_id: str
+    extent: Extent
+    complete: bool
+
+
 class ClickHouseSink:
     """Batched, idempotent writer. Not thread-safe: call from one thread."""
 
@@ -378,12 +420,15 @@ class ClickHouseSink:
         self._recent_event_ids: BoundedSet = BoundedSet(RECENT_EVENT_IDS)
         #: (topic, partition) -> highest offset stored in every table (``sink_progress``); None until read.
         self._stored: dict[tuple[str, int], int] | None = None
+        #: (topic, partition) -> its latest batch as recorded in ``sink_batches``; None until read.
+        self._batches: dict[tuple[str, int], BatchRecord] | None = None
 
     def forget(self) -> None:
         """Re-read what is stored before writing again (partitions were reassigned: another sink may have
-        written meanwhile): the audit chains' heads and the ``sink_progress`` offsets."""
+        written meanwhile): the audit chains' heads, the ``sink_progress`` offsets and the ``sink_batches``."""
         self.chains.forget()
         self._stored = None
+        self._batches = None
 
     def stored_offset(self, topic: str, partition: int) -> int:
         """The highest offset of ``topic``/``partition`` whose rows are all stored (-1: none)."""
@@ -403,15 +448,20 @@ class ClickHouseSink:
         is the dashboards' aggregates counting an old copy, never a lost order.
         """
         stored = self.stored_offset(topic, partition)
-        if stored < end_offset:
+        begun = self._latest_batches().get((topic, partition))
+        beyond = max(stored, begun.last_offset if begun is not None else -1)
+        if beyond < end_offset:
             return False
-        log.error("sink_progress says %s[%d] was stored up to offset %d, but the partition ends at %d: the topic "
-                  "was re-created (or the broker is new) against an old store; its progress is dropped and its "
-                  "messages are stored again", topic, partition, stored, end_offset)
-        self.client.command("ALTER TABLE sink_progress DELETE WHERE topic = %(t)s AND partition = %(p)s",
-                            parameters={"t": topic, "p": partition}, settings={"mutations_sync": 2})
+        log.error("sink_progress says %s[%d] was stored (or sink_batches, begun) up to offset %d, but the partition "
+                  "ends at %d: the topic was re-created (or the broker is new) against an old store; its progress "
+                  "is dropped and its messages are stored again", topic, partition, beyond, end_offset)
+        for table in ("sink_progress", "sink_batches"):  # an old batch must not be replayed from the new topic
+            self.client.command(f"ALTER TABLE {table} DELETE WHERE topic = %(t)s AND partition = %(p)s",
+                                parameters={"t": topic, "p": partition}, settings={"mutations_sync": 2})
         if self._stored is not None:
             self._stored.pop((topic, partition), None)
+        if self._batches is not None:
+            self._batches.pop((topic, partition), None)
         return True
 
     def already_stored(self, item: SourceRecord) -> bool:
@@ -420,12 +470,45 @@ class ClickHouseSink:
         in the dashboards' aggregates, whose sums do not collapse copies as ``FINAL`` does on the tables."""
         return item.offset <= self.stored_offset(item.topic, item.partition)
 
-    def _record_progress(self, items: list[SourceRecord]) -> None:
+    def _latest_batches(self) -> dict[tuple[str, int], BatchRecord]:
+        if self._batches is None:
+            self._batches = {(t, int(p)): BatchRecord(b, int(n), int(lo), int(hi)) for t, p, b, n, lo, hi in
+                             self.client.query(
+                "SELECT topic, partition, argMax(batch_id, last_offset), argMax(batch_partitions, last_offset), "
+                "argMax(first_offset, last_offset), max(last_offset) FROM sink_batches "
+                "GROUP BY topic, partition").result_rows}
+        return self._batches
+
+    def open_batches(self) -> list[OpenBatch]:
+        """Batches begun (``sink_batches``) and not stored in full (``sink_progress``): a sink died mid-batch.
+
+        Each is to be written again exactly as it was (:meth:`write` with its ``extent``), before anything
+        after it, so that its inserts repeat their deduplication tokens. ``complete`` is False when a later
+        batch has since overwritten one of its partitions' records (only a group of several sinks splitting
+        its partitions can do that): it can no longer be re-formed exactly.
+        """
+        found: dict[str, tuple[int, Extent]] = {}
+        for (topic, partition), rec in sorted(self._latest_batches().items()):
+            found.setdefault(rec.batch_id, (rec.partitions, {}))[1][(topic, partition)] = (rec.first_offset,
+                                                                                          rec.last_offset)
+        return [OpenBatch(batch_id, extent, complete=len(extent) == partitions)
+                for batch_id, (partitions, extent) in found.items()
+                if any(hi > self.stored_offset(t, p) for (t, p), (_lo, hi) in extent.items())]
+
+    def _record_batch(self, extent: Extent) -> None:
+        """Remember, in ClickHouse, the batch about to be written (before its first insert; see 021)."""
+        bid = batch_id(extent)
+        rows = [[t, p, bid, len(extent), lo, hi] for (t, p), (lo, hi) in sorted(extent.items())]
+        self.client.insert("sink_batches", list(zip(*rows)), column_oriented=True,
+                           column_names=["topic", "partition", "batch_id", "batch_partitions", "first_offset",
+                                         "last_offset"])
+        latest = self._latest_batches()
+        for (t, p), (lo, hi) in extent.items():
+            latest[(t, p)] = BatchRecord(bid, len(extent), lo, hi)
+
+    def _record_progress(self, extent: Extent) -> None:
         """Remember, in ClickHouse, the highest offset of each partition of a batch now stored in full."""
-        highest: dict[tuple[str, int], int] = {}
-        for item in items:
-            key = (item.topic, item.partition)
-            highest[key] = max(highest.get(key, -1), item.offset)
+        highest = {key: hi for key, (_lo, hi) in extent.items() if hi > self.stored_offset(*key)}
         if not highest:
             return
         rows = [[t, p, o] for (t, p), o in sorted(highest.items())]
@@ -436,10 +519,20 @@ class ClickHouseSink:
             stored[key] = max(stored.get(key, -1), offset)
         self._stored = stored
 
-    def write(self, batch: Iterable[SourceRecord], reject: Reject | None = None) -> dict[str, int]:
+    def write(self, batch: Iterable[SourceRecord], reject: Reject | None = None,
+              extent: Extent | None = None) -> dict[str, int]:
         """Insert the batch's rows; return the rows written per table.
 
-        The batch is cut, in order, into runs whose rows span at most
+        ``extent``: the offsets the batch was read from, each partition's
+        first and last (:func:`extent_of` the messages as fetched, before any
+        was dead-lettered); by default those of ``batch``. It is recorded
+        before the first insert (``sink_batches``) and becomes the stored
+        progress after the last (``sink_progress``): a sink that dies in
+        between writes exactly that batch again (:meth:`open_batches`).
+
+        Messages are taken in Kafka order (topic, partition, offset), whatever
+        order they came in, so the same messages always form the same runs and
+        the same deduplication tokens. The batch is cut into runs whose rows span at most
         ``max_partitions`` partitions in every table, each written as one insert
         per table. Without ``reject`` any error propagates (the caller retries
         the batch). With it, a run that fails on a data error (:func:`is_data_error`)
@@ -450,12 +543,18 @@ class ClickHouseSink:
         event leaves no hole: the next one is sealed after the last stored one.
         An outage error propagates even with ``reject``.
         """
-        items = []
+        fresh = []
         skipped = 0
         for item in batch:
             if self.already_stored(item):
                 skipped += 1
-                continue
+            else:
+                fresh.append(item)
+        fresh.sort(key=kafka_order)
+        if extent is None:
+            extent = extent_of((item.topic, item.partition, item.offset) for item in fresh)
+        items = []
+        for item in fresh:
             if item.rows is None:
                 try:
                     item = replace(item, rows=checked_rows(item.schema, item.record))
@@ -468,9 +567,11 @@ class ClickHouseSink:
         if skipped:
             log.info("%d re-delivered messages skipped: already stored (sink_progress)", skipped)
         written: dict[str, int] = defaultdict(int)
+        if items:
+            self._record_batch(extent)
         for run in self._runs(items):
             self._write_isolating(run, reject, written)
-        self._record_progress(items)
+        self._record_progress(extent)
         return dict(written)
 
     def _partition(self, table: str) -> Callable[[list[Any]], Hashable]:

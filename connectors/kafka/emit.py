@@ -211,6 +211,16 @@ class Emitter:
             await self.publisher.flush_async()
 
 
+#: Namespace of the deterministic dead-letter ids (uuid5 of "topic/partition/offset").
+DEAD_LETTER_NAMESPACE = uuid.UUID("6c1f6f5e-3b59-4c1b-9a55-2f0d3c7e8a41")
+
+
+def dead_letter_id(topic: str, partition: int, offset: int) -> str:
+    """The same id for the same message, whoever dead-letters it and however often: a stage that may meet a
+    message again (a re-read compacted topic, a sink's replayed batch) passes it, so that the copies collapse
+    in ClickHouse's ``dead_letters`` (ReplacingMergeTree on the source offset and the id)."""
+    return str(uuid.uuid5(DEAD_LETTER_NAMESPACE, f"{topic}/{partition}/{offset}"))
+
 @dataclass
 class Outputs:
     """Messages taken from a buffered emitter (``Emitter.take_pending``): one batch's outputs, to publish later."""

@@ -64,6 +64,11 @@ SINK_BATCH = Histogram("csos_sink_batch_messages", "Messages per batch the sink 
 SINK_INSERT = Histogram("csos_sink_insert_seconds", "Seconds to write one batch into ClickHouse (the "
                         "successful attempt).", buckets=INSERT_BUCKETS)
 SINK_ROWS = Counter("csos_sink_rows_written", "Rows the sink wrote, by table.", ["table"])
+SINK_REPLAYS = Counter("csos_sink_batches_replayed", "Batches a sink was killed in the middle of, found on start "
+                       "or assignment: written again exactly (replayed) or not (not_replayable: split between "
+                       "sinks, or its messages gone).", ["outcome"])
+for _replay in ("replayed", "not_replayable"):  # at 0 from the start, so that an alert sees the first one
+    SINK_REPLAYS.labels(_replay)
 SINK_LAST_WRITE = Gauge("csos_sink_last_write_timestamp_seconds", "Unix time of the sink's last successful "
                         "write.")
 

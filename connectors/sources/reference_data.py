@@ -44,6 +44,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from connectors.kafka.security import client_config
 
 from connectors.kafka import catalogue as t
+from connectors.kafka.emit import dead_letter_id
 from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.domain.identifiers import is_valid_dea_number
 from streams.core.errors import CsosError
@@ -59,8 +60,6 @@ REGISTRATION_INACTIVE = "REGISTRATION_INACTIVE"
 STAGE = "reference"
 #: The Avro record each reference topic carries.
 SCHEMAS = {t.CRL: "pki.CrlPublished", t.REGISTRANTS: "csos.registry.Registrant"}
-#: Namespace of the deterministic dead-letter ids (uuid5 of "topic/partition/offset").
-DEAD_LETTER_NAMESPACE = uuid.UUID("6c1f6f5e-3b59-4c1b-9a55-2f0d3c7e8a41")
 
 
 @dataclass(frozen=True)
@@ -260,11 +259,6 @@ class CrlHistory:
         self._decided[rank.digest] = verdict
         if verdict == "installed":
             self._in_force[rank.scope] = rank
-
-
-def dead_letter_id(topic: str, partition: int, offset: int) -> str:
-    """The same id for the same message, whoever dead-letters it and however often."""
-    return str(uuid.uuid5(DEAD_LETTER_NAMESPACE, f"{topic}/{partition}/{offset}"))
 
 
 class ReferenceFeed(threading.Thread):

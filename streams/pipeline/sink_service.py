@@ -38,15 +38,16 @@ from connectors.kafka import catalogue as t
 
 from streams.core.avro_codec import AvroCodec, DecodeError, default_codec
 from streams.core.config import Settings
-from connectors.kafka.emit import Emitter
+from connectors.kafka.emit import Emitter, dead_letter_id
 from connectors.kafka import metrics
 from connectors.clickhouse.query import sink_token_path
 
 from connectors.clickhouse.audit_chain import sink_key
-from connectors.clickhouse.sink import ClickHouseSink, SourceRecord, checked_rows, to_json_rows
+from connectors.clickhouse.sink import ClickHouseSink, Extent, SourceRecord, checked_rows, extent_of, to_json_rows
 from connectors.clickhouse.client import apply_ddl, open_client, run_readonly_query
 from connectors.clickhouse.column_types import RowRejected
 from connectors.kafka.io import Publisher
+from connectors.kafka.ranges import RangeUnavailable, read_ranges
 from connectors.kafka.security import client_config
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,11 @@ class SinkService:
         self.stopping = threading.Event()
         self.dead_lettered = 0
         self.batches = 0
+        #: Batches written again exactly after a sink died in their middle (``replay_open_batches``).
+        self.replayed_batches = 0
+        #: The partitions this sink was last assigned, and whether a replay is due since.
+        self.assigned: set[tuple[str, int]] = set()
+        self.replay_due = False
 
     def decode(self, messages: list[Any]) -> list[SourceRecord]:
         records = []
@@ -145,7 +151,8 @@ class SinkService:
                 else:
                     self.dead_lettered += 1
                     self.emitter.dead_letter(STAGE, topic, m.partition(), m.offset(), m.key(), value or b"",
-                                             f"sink cannot decode: {exc}")
+                                             f"sink cannot decode: {exc}",
+                                             dead_letter_id=dead_letter_id(topic, m.partition(), m.offset()))
                 continue
             try:  # a record the tables cannot take must not block the batch behind it forever
                 rows = checked_rows(name, rec)  # mapped once: archiving parses each order's CMS
@@ -172,10 +179,13 @@ class SinkService:
             return
         self.dead_lettered += 1
         self.emitter.dead_letter(STAGE, record.topic, record.partition, record.offset, record.key,
-                                 record.payload, reason)
+                                 record.payload, reason,  # the same id if a replayed batch refuses it again
+                                 dead_letter_id=dead_letter_id(record.topic, record.partition, record.offset))
 
-    def write(self, records: list[SourceRecord]) -> None:
-        """Write a batch; retry outages with back-off; dead-letter what ClickHouse refuses for its data."""
+    def write(self, records: list[SourceRecord], extent: Extent | None = None) -> None:
+        """Write a batch; retry outages with back-off; dead-letter what ClickHouse refuses for its data.
+
+        ``extent``: the offsets the batch was read from (``ClickHouseSink.write``)."""
         refused: set[tuple[str, int, int]] = set()
 
         def reject(record: SourceRecord, exc: Exception) -> None:
@@ -191,7 +201,7 @@ class SinkService:
             try:
                 with self.lock:
                     started = time.monotonic()
-                    written = self.sink.write(records, reject=reject)
+                    written = self.sink.write(records, reject=reject, extent=extent)
                 metrics.observe_sink_write(written, time.monotonic() - started)
                 return
             except Exception as exc:  # noqa: BLE001 - ClickHouse down: keep the batch, retry
@@ -211,11 +221,12 @@ class SinkService:
         gc.disable()
         try:
             # Stored before a crash but not committed: not decoded, archived or dead-lettered again.
-            records = self.decode([m for m in messages
-                                   if m.offset() > self.sink.stored_offset(m.topic(), m.partition())])
+            fresh = [m for m in messages if m.offset() > self.sink.stored_offset(m.topic(), m.partition())]
+            records = self.decode(fresh)
             self.emitter.publisher.flush()  # dead letters durable before their offsets are committed
-            if records:
-                self.write(records)
+            if fresh:
+                # The offsets as fetched, dead-lettered ones included: what a replay reads back and decodes again.
+                self.write(records, extent_of((m.topic(), m.partition(), m.offset()) for m in fresh))
                 self.emitter.publisher.flush()  # and those of rows ClickHouse refused
         finally:
             if paused:
@@ -233,6 +244,50 @@ class SinkService:
                             tp.partition, exc)
                 continue
             self.sink.drop_progress_beyond(tp.topic, tp.partition, high)
+        self.assigned = {(tp.topic, tp.partition) for tp in partitions}
+        self.replay_due = True  # in the loop, before any message of the new assignment is written
+
+    def replay_open_batches(self) -> int:
+        """Write again, exactly, each batch a sink died in the middle of; return how many.
+
+        A batch is recorded before its first insert (``sink_batches``) and
+        marked stored after its last (``sink_progress``). One begun and not
+        stored was cut short: some tables have its rows, others not. Its offsets
+        are read back from Kafka and written as the same batch, so every insert
+        repeats its deduplication token and the copies are dropped, in the
+        tables and in the dashboards' aggregates alike. Only a batch whose
+        partitions are all this sink's is replayed (one sink writes a partition
+        at a time); one that cannot be (split between sinks, or its messages
+        gone) is logged, and its messages are stored as Kafka delivers them:
+        nothing is lost, the aggregates may count what was written before the
+        crash twice.
+        """
+        replayed = 0
+        for batch in self.sink.open_batches():
+            if not batch.complete or not set(batch.extent) <= self.assigned:
+                log.warning("batch %s was cut short, but %s: it is not replayed here", batch.batch_id,
+                            "a later batch overwrote part of its record" if not batch.complete
+                            else "not all of its partitions are assigned to this sink")
+                metrics.SINK_REPLAYS.labels("not_replayable").inc()
+                continue
+            try:
+                messages = self.read_back(batch.extent)
+            except RangeUnavailable as exc:
+                log.error("batch %s was cut short and cannot be read back (%s): its messages are stored as "
+                          "Kafka delivers them; the dashboards' aggregates may count some twice", batch.batch_id, exc)
+                metrics.SINK_REPLAYS.labels("not_replayable").inc()
+                continue
+            log.warning("batch %s was cut short by a crash: writing its %d messages again", batch.batch_id,
+                        len(messages))
+            self.handle_batch(messages)
+            metrics.SINK_REPLAYS.labels("replayed").inc()
+            replayed += 1
+        self.replayed_batches += replayed
+        return replayed
+
+    def read_back(self, extent: Extent) -> list[Any]:
+        """The messages of ``extent``, read from Kafka (``connectors.kafka.ranges``)."""
+        return read_ranges(self.settings.kafka_bootstrap, extent, group=self.group, stop=self.stopping)
 
     def run(self) -> None:
         # Another sink may have written a partition while it owned it: re-read the chain heads and stored offsets.
@@ -242,6 +297,9 @@ class SinkService:
             while not self.stopping.is_set():
                 messages = self.consumer.consume(self.settings.sink_batch_size, self.settings.sink_batch_seconds)
                 lag()  # in this thread: the consumer's position, at most once a second
+                if self.replay_due:  # partitions (re)assigned during that consume: a cut-short batch goes first
+                    self.replay_due = False
+                    self.replay_open_batches()
                 good = []
                 for m in messages:
                     if m.error():
@@ -264,7 +322,7 @@ class SinkService:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "rows_written": dict(self.sink.rows_written), "batches": self.batches,
-                "dead_lettered": self.dead_lettered}
+                "dead_lettered": self.dead_lettered, "replayed_batches": self.replayed_batches}
 
 
 #: Largest /sql request body accepted: far above any real query, far below what would hurt the sink.

@@ -86,8 +86,11 @@ def test_orders_stored_before_the_upgrade_are_in_the_aggregates_once(client, tmp
             shutil.copy(path, before / path.name)
     apply_ddl(client, before)
     for statement in ("CREATE TABLE sink_progress (topic String, partition UInt32, stored_offset Int64) "
-                      "ENGINE = ReplacingMergeTree(stored_offset) ORDER BY (topic, partition)",):
-        client.command(statement)  # what the sink writes besides (019), so this old store can take its writes
+                      "ENGINE = ReplacingMergeTree(stored_offset) ORDER BY (topic, partition)",
+                      "CREATE TABLE sink_batches (topic String, partition UInt32, batch_id String, "
+                      "batch_partitions UInt32, first_offset Int64, last_offset Int64) "
+                      "ENGINE = ReplacingMergeTree(last_offset) ORDER BY (topic, partition)"):
+        client.command(statement)  # what the sink writes besides (019, 021), so this old store can take its writes
     ClickHouseSink(client).write(orders(0, 12))
     # and a copy of some, as an old sink re-delivering a re-formed batch stored them: FINAL collapses them
     client.insert("order_lines", [["o-1", "26X000001", "BE8821844", "P", "PK0070297", DAY, DAY, DAY, "ab", 1,
