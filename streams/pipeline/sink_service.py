@@ -43,7 +43,9 @@ from connectors.kafka import metrics
 from connectors.clickhouse.query import sink_token_path
 
 from connectors.clickhouse.audit_chain import sink_key
-from connectors.clickhouse.sink import ClickHouseSink, Extent, SourceRecord, checked_rows, extent_of, to_json_rows
+from connectors.clickhouse.progress import Extent, extent_of
+from connectors.clickhouse.rows import checked_rows
+from connectors.clickhouse.sink import ClickHouseSink, SourceRecord, to_json_rows
 from connectors.clickhouse.client import apply_ddl, open_client, run_readonly_query
 from connectors.clickhouse.column_types import RowRejected
 from connectors.kafka.io import Publisher
@@ -221,7 +223,7 @@ class SinkService:
         gc.disable()
         try:
             # Stored before a crash but not committed: not decoded, archived or dead-lettered again.
-            fresh = [m for m in messages if m.offset() > self.sink.stored_offset(m.topic(), m.partition())]
+            fresh = [m for m in messages if m.offset() > self.sink.progress.stored_offset(m.topic(), m.partition())]
             records = self.decode(fresh)
             self.emitter.publisher.flush()  # dead letters durable before their offsets are committed
             if fresh:
@@ -234,7 +236,7 @@ class SinkService:
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         """Partitions (re)assigned: re-read what is stored, and drop progress a re-created topic left behind
-        (``ClickHouseSink.drop_progress_beyond``), so that none of its messages is skipped as stored."""
+        (``SinkProgress.drop_beyond``), so that none of its messages is skipped as stored."""
         self.sink.forget()
         for tp in partitions:
             try:
@@ -243,7 +245,7 @@ class SinkService:
                 log.warning("end offset of %s[%d] unknown (%s); its stored progress is kept", tp.topic,
                             tp.partition, exc)
                 continue
-            self.sink.drop_progress_beyond(tp.topic, tp.partition, high)
+            self.sink.progress.drop_beyond(tp.topic, tp.partition, high)
         self.assigned = {(tp.topic, tp.partition) for tp in partitions}
         self.replay_due = True  # in the loop, before any message of the new assignment is written
 
@@ -263,7 +265,7 @@ class SinkService:
         crash twice.
         """
         replayed = 0
-        for batch in self.sink.open_batches():
+        for batch in self.sink.progress.open_batches():
             if not batch.complete or not set(batch.extent) <= self.assigned:
                 log.warning("batch %s was cut short, but %s: it is not replayed here", batch.batch_id,
                             "a later batch overwrote part of its record" if not batch.complete

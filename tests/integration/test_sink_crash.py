@@ -97,7 +97,7 @@ def test_a_sink_killed_mid_batch_is_restarted_and_counts_every_order_once(own_br
     thread.join(timeout=120)
     assert not thread.is_alive(), "the sink was never killed: no batch wrote order_lines then verdicts"
     assert [type(e) for e in ended] == [Killed]
-    cut_short = first.sink.open_batches()
+    cut_short = first.sink.progress.open_batches()
     assert len(cut_short) == 1, "the kill did not leave a batch begun and not stored"
     first.client.close()
     first.reader.close()
@@ -112,7 +112,7 @@ def test_a_sink_killed_mid_batch_is_restarted_and_counts_every_order_once(own_br
         assert not ended, ended
         assert dashboard_totals(second.client) == expected(40)
         assert second.replayed_batches == 1
-        assert second.sink.open_batches() == []
+        assert second.sink.progress.open_batches() == []
     finally:
         second.stopping.set()
         thread.join(timeout=60)

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import serialization
 
 from streams.pipeline import sink_service
 from streams.apps.archive import ArchiveNotFound, archived_by_id, export_order, find_archived
-from connectors.clickhouse.sink import ClickHouseSink, SourceRecord, archive_row, rows_for
+from connectors.clickhouse.rows import archive_row, rows_for
+from connectors.clickhouse.sink import ClickHouseSink, SourceRecord
 from connectors.clickhouse.client import apply_ddl, open_client
 from streams.tools.pki import Credential, TestPKI
 from connectors.kafka import catalogue as t

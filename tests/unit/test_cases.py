@@ -319,7 +319,7 @@ def test_cleared_order_is_learned_once_and_held_ones_never() -> None:
 
 
 def test_sink_rows_for_reports_and_case_events_line_up_with_their_columns(agent) -> None:
-    from connectors.clickhouse.sink import TABLE_COLUMNS, rows_for
+    from connectors.clickhouse.rows import TABLE_COLUMNS, rows_for
 
     proc, pub, _ = agent
     hold = a_hold()

@@ -154,10 +154,10 @@ def test_an_insert_retried_after_a_timeout_counts_once(client):
 def test_a_sink_assigned_partitions_rereads_what_another_stored(client):
     apply_ddl(client)
     first, second = ClickHouseSink(client), ClickHouseSink(client)
-    assert second.stored_offset(t.VERIFIED, 0) == -1
+    assert second.progress.stored_offset(t.VERIFIED, 0) == -1
     first.write(orders(0, 5))  # written by another sink while it owned the partition
     second.forget()  # on assignment
-    assert second.stored_offset(t.VERIFIED, 0) == 4
+    assert second.progress.stored_offset(t.VERIFIED, 0) == 4
     second.write(orders(0, 8))
     assert dashboard_totals(client) == expected(8)
 
@@ -169,11 +169,11 @@ def test_a_recreated_topic_is_stored_again_not_skipped(client):
     ClickHouseSink(client).write(orders(0, 10))  # the old topic's offsets 0..9 stored
     restarted = ClickHouseSink(client)
     # on assignment the sink service compares the progress with each partition's end (what the broker says)
-    assert restarted.drop_progress_beyond(t.VERIFIED, 0, 10) is False  # the same topic, grown: progress kept
-    assert restarted.stored_offset(t.VERIFIED, 0) == 9
-    assert restarted.drop_progress_beyond(t.VERIFIED, 0, 3) is True  # re-created: it ends before the progress
-    assert restarted.drop_progress_beyond(t.VERDICTS, 0, 3) is True
+    assert restarted.progress.drop_beyond(t.VERIFIED, 0, 10) is False  # the same topic, grown: progress kept
+    assert restarted.progress.stored_offset(t.VERIFIED, 0) == 9
+    assert restarted.progress.drop_beyond(t.VERIFIED, 0, 3) is True  # re-created: it ends before the progress
+    assert restarted.progress.drop_beyond(t.VERDICTS, 0, 3) is True
     fresh = [SourceRecord(m.topic, m.partition, m.offset - 20, m.schema, m.record) for m in orders(20, 23)]
     restarted.write(fresh)  # the new topic's offsets 0..2: new orders
     assert dashboard_totals(client)["orders"] == 13
-    assert ClickHouseSink(client).stored_offset(t.VERIFIED, 0) == 2  # what a later start reads
+    assert ClickHouseSink(client).progress.stored_offset(t.VERIFIED, 0) == 2  # what a later start reads

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from connectors.clickhouse.sink import rows_for
+from connectors.clickhouse.rows import rows_for
 from streams.core.avro_codec import AvroCodec
 from streams.monitoring import Monitor, MonitorConfig
 from streams.monitoring import baselines as bl

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from connectors.clickhouse.client import apply_ddl, open_client
-from connectors.clickhouse.sink import ClickHouseSink, Extent, SourceRecord
+from connectors.clickhouse.progress import Extent
+from connectors.clickhouse.sink import ClickHouseSink, SourceRecord
 from connectors.kafka import catalogue as t
 from connectors.kafka.emit import Emitter
 from connectors.kafka.testing import MemoryMessage, MemoryPublisher
@@ -73,10 +74,10 @@ def test_a_batch_cut_short_is_written_again_exactly_and_counts_once(client):
     assert dashboard_totals(client)["lines"] == 2 * 10 and dashboard_totals(client)["verdicts"] == 4
 
     restarted = ClickHouseSink(client)
-    [batch] = restarted.open_batches()
+    [batch] = restarted.progress.open_batches()
     assert batch.complete and batch.extent == {(t.VERIFIED, 0): (4, 9), (t.VERDICTS, 0): (4, 9)}
     restarted.write(list(reversed(cut)), extent=batch.extent)  # read back from Kafka: the order does not matter
-    assert restarted.open_batches() == []
+    assert restarted.progress.open_batches() == []
     restarted.write(orders(4, 16))  # then Kafka's re-delivery from the last commit, and new orders
     assert dashboard_totals(client) == expected(16)
     assert count(client, "order_lines") == 32 and count(client, "verdicts") == 16
@@ -85,14 +86,14 @@ def test_a_batch_cut_short_is_written_again_exactly_and_counts_once(client):
 def test_a_batch_stored_in_full_is_not_open(client):
     sink = ClickHouseSink(client)
     sink.write(orders(0, 6))
-    assert sink.open_batches() == [] and ClickHouseSink(client).open_batches() == []
+    assert sink.progress.open_batches() == [] and ClickHouseSink(client).progress.open_batches() == []
 
 
 def test_a_batch_killed_before_its_first_insert_is_replayed_harmlessly(client):
     with pytest.raises(Killed):
         ClickHouseSink(DiesBeforeInserting(client, "order_lines")).write(orders(0, 5))
     restarted = ClickHouseSink(client)
-    [batch] = restarted.open_batches()
+    [batch] = restarted.progress.open_batches()
     restarted.write(orders(0, 5), extent=batch.extent)
     assert dashboard_totals(client) == expected(5)
 
@@ -103,10 +104,10 @@ def test_a_re_created_topic_drops_the_batch_record_too(client):
     with pytest.raises(Killed):
         ClickHouseSink(DiesBeforeInserting(client, "verdicts")).write(orders(0, 10))
     restarted = ClickHouseSink(client)
-    assert len(restarted.open_batches()) == 1
-    assert restarted.drop_progress_beyond(t.VERIFIED, 0, 3) is True  # the new topic ends at offset 3
-    assert restarted.drop_progress_beyond(t.VERDICTS, 0, 3) is True
-    assert restarted.open_batches() == [] and ClickHouseSink(client).open_batches() == []
+    assert len(restarted.progress.open_batches()) == 1
+    assert restarted.progress.drop_beyond(t.VERIFIED, 0, 3) is True  # the new topic ends at offset 3
+    assert restarted.progress.drop_beyond(t.VERDICTS, 0, 3) is True
+    assert restarted.progress.open_batches() == [] and ClickHouseSink(client).progress.open_batches() == []
 
 
 # ---------------------------------------------------------------------------------------- the sink service
