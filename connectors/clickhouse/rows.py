@@ -77,6 +77,9 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "order_id", "received_at", "source", "format", "document", "signature", "certificates",
         "signer_fingerprint", "order_number", "purchaser_dea",
     ),
+    "crl_archive": (
+        "crl_sha256", "issuer", "this_update", "next_update", "published_at", "source", "crl_der",
+    ),
 }
 
 
@@ -130,6 +133,10 @@ def rows_for(schema: str, rec: dict[str, Any]) -> dict[str, list[list[Any]]]:
         ]]}
     if schema == "csos.orders.ReceivedOrder":
         return {"order_archive": [archive_row(rec)]}
+    if schema == "pki.CrlPublished":  # as published; the workers verify it (022_crl_archive.sql)
+        der = bytes(rec["crl_der"])
+        return {"crl_archive": [[hashlib.sha256(der).hexdigest(), rec["issuer"], rec["this_update"],
+                                 rec["next_update"], rec["published_at"], rec["source"], der]]}
     if schema == "som.CaseEvent":
         return case_rows(rec)
     if schema == "som.SuspiciousOrderReport":

@@ -132,6 +132,7 @@ TOPICS: list[TopicSpec] = [
     ),
     TopicSpec(
         CRL, schema="pki.CrlPublished", key="one per distinct CRL (issuer, number, digest)", config=_compact(),
+        sunk=True,  # -> crl_archive: the revocation evidence behind each decision
         doc="Every certificate revocation list published, one key per distinct CRL (issuer, number, digest).",
     ),
     TopicSpec(

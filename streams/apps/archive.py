@@ -162,6 +162,65 @@ def _iso(dt: datetime | None) -> str | None:
     return None if dt is None else _aware(dt).isoformat()
 
 
+# ---------------------------------------------------------------------------- the CRLs of the time
+CRL_TABLE = "crl_archive"
+
+
+@dataclass(frozen=True)
+class ArchivedCrl:
+    """One row of ``crl_archive``: a CRL exactly as it was published to the pipeline."""
+
+    issuer: str
+    this_update: datetime
+    next_update: datetime | None
+    published_at: datetime
+    source: str
+    crl_der: bytes
+    sha256: str
+
+
+def crls_held_at(client: Client, when: datetime) -> list[ArchivedCrl]:
+    """Each issuer's CRL the pipeline held at ``when``: the last one published to it at or before then.
+
+    Why that one: an offline re-verification judges revocation against the CRLs
+    it is given, and a later CRL that lists the certificate rejects the order
+    whatever the revocation date (the verifier fails closed), so only the CRLs
+    the workers had when they decided reproduce the decision. Empty when the
+    store has no CRL archive (installed before ``022_crl_archive.sql``) or
+    nothing was published by then.
+    """
+    at = _aware(when).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    chosen = _query(client, f"SELECT argMax(crl_sha256, (published_at, this_update)) FROM {CRL_TABLE} FINAL "
+                            "WHERE published_at <= toDateTime64({at:String}, 3, 'UTC') GROUP BY issuer", {"at": at})
+    if not chosen:
+        return []
+    rows = client.query(f"SELECT issuer, this_update, next_update, published_at, source, crl_der, crl_sha256 "
+                        f"FROM {CRL_TABLE} FINAL WHERE crl_sha256 IN {{ids:Array(String)}} ORDER BY issuer",
+                        parameters={"ids": [c[0] for c in chosen]}, column_formats={"crl_der": "bytes"}).result_rows
+    seen: set[str] = set()
+    out = []
+    for issuer, this_update, next_update, published_at, source, der, digest in rows:
+        if digest not in seen:  # one row per CRL even if the same bytes were published twice
+            seen.add(digest)
+            out.append(ArchivedCrl(issuer, _aware(this_update), None if next_update is None else _aware(next_update),
+                                   _aware(published_at), source, bytes(der), digest))
+    return out
+
+
+def verification_time(client: Client, order_id: str, outcome: dict[str, Any], received_at: datetime) -> datetime:
+    """When the pipeline verified the order (rejected it, or verified it), as recorded; else its receipt.
+
+    A parked order (REVOCATION_UNKNOWN) is verified again when a newer CRL arrives, so this can be well after
+    receipt; the CRLs held then are the ones its decision rests on."""
+    if outcome.get("rejected_at"):
+        return datetime.fromisoformat(outcome["rejected_at"])
+    verified = _query(client, "SELECT min(verified_at) FROM order_lines WHERE order_id = {id:String}",
+                      {"id": order_id})
+    if verified and verified[0][0] is not None and _aware(verified[0][0]).year > 1970:  # min() of no rows: 1970
+        return _aware(verified[0][0])
+    return received_at
+
+
 # ---------------------------------------------------------------------------- export
 def export_order(client: Client, order_number: str, purchaser_dea: str | None, out_dir: Path) -> list[Path]:
     """Export every archived order with this number (and purchaser) to ``out_dir``; return the files written.
@@ -206,6 +265,11 @@ def export_order(client: Client, order_number: str, purchaser_dea: str | None, o
             doc_name = put(f"{stem}.document", content).name
         sig_name = put(f"{stem}.p7s", a.signature).name
         chain_name = put(f"{stem}.chain.pem", b"".join(_pem(c) for c in a.certificates)).name
+        outcome = recorded_outcome(client, a.order_id)
+        held_at = verification_time(client, a.order_id, outcome, a.received_at)
+        crls = crls_held_at(client, held_at)
+        (d / "crls").mkdir(exist_ok=True)
+        crl_files = [put(f"crls/{_safe(_issuer_cn(c.issuer))}-{c.sha256[:12]}.crl", c.crl_der).name for c in crls]
         manifest = {
             "order_id": a.order_id,
             "order_number": a.order_number,
@@ -223,19 +287,35 @@ def export_order(client: Client, order_number: str, purchaser_dea: str | None, o
             "certificates_file": chain_name,
             "signer_fingerprint_sha256": a.signer_fingerprint or None,
             "certificates": [_describe(c) for c in a.certificates],
-            "outcome": recorded_outcome(client, a.order_id),
+            "outcome": outcome,
+            "crls_held_at": held_at.isoformat(),
+            "crls": [{"issuer": c.issuer, "this_update": c.this_update.isoformat(),
+                      "next_update": None if c.next_update is None else c.next_update.isoformat(),
+                      "published_at": c.published_at.isoformat(), "source": c.source, "sha256": c.sha256,
+                      "file": f"crls/{name}"} for c, name in zip(crls, crl_files)],
             "files_sha256": files,
-            "reverify": _reverify_hint(a, doc_name, sig_name),
+            "reverify": _reverify_hint(a, doc_name, sig_name, [f"crls/{name}" for name in crl_files]),
         }
         written.append(_write_json(d / "manifest.json", manifest))
     return written
 
 
-def _reverify_hint(a: ArchivedOrder, doc_name: str | None, sig_name: str) -> str:
+def _reverify_hint(a: ArchivedOrder, doc_name: str | None, sig_name: str, crl_files: list[str]) -> str:
     doc = "" if a.attached or doc_name is None else f" --document {doc_name}"
     fmt = f" --format {a.format}" if a.format and a.format != "csos-order/1" else ""
-    return (f"csos verify-offline{doc} --signature {sig_name} --trust <trust dir> --crl <sub-CA CRL current at receipt> --crl <root CRL> "
+    crls = ("".join(f" --crl {f}" for f in crl_files) if crl_files
+            else " --crl <sub-CA CRL current at receipt> --crl <root CRL>")  # a store without its CRL archive
+    return (f"csos verify-offline{doc} --signature {sig_name} --trust <trust dir>{crls} "
             f"--received-at {a.received_at.isoformat()}{fmt}")
+
+
+def _issuer_cn(issuer: str) -> str:
+    """The CN of an RFC 4514 issuer name, for a file name (the whole name if it has none)."""
+    for part in issuer.split(","):
+        key, _, value = part.strip().partition("=")
+        if key.upper() == "CN" and value:
+            return value
+    return issuer
 
 
 def _describe(der: bytes) -> dict[str, Any]:

@@ -58,9 +58,10 @@ STAGE = "sink"
 #: The topics the sink stores and the Avro record each carries: the catalogue's ``sunk`` topics.
 EXPECTED = t.sunk_topics()
 #: Topics whose undecodable messages the sink logs and skips instead of dead-lettering: the dead-letter
-#: topic itself, and the received topic, whose unreadable messages the verify agent already dead-letters
-#: (their bytes are then in ``dead_letters``); a second dead letter would count them twice.
-NOT_DEAD_LETTERED = frozenset({t.DLQ, t.RECEIVED})
+#: topic itself, the received topic, whose unreadable messages the verify agent already dead-letters
+#: (their bytes are then in ``dead_letters``), and the CRL topic, whose unreadable messages the workers'
+#: reference feed traces once; a second dead letter would count them twice.
+NOT_DEAD_LETTERED = frozenset({t.DLQ, t.RECEIVED, t.CRL})
 
 
 def read_record(codec: AvroCodec, value: bytes | None, expect: str | None) -> tuple[str, dict[str, Any]]:

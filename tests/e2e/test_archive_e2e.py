@@ -28,3 +28,24 @@ def test_pipeline_archives_every_received_order(streamed):
     assert int(rows[0][0]) >= 1 and int(rows[0][1]) == 0  # rejected, yet archived with the signer's certificate
     assert int(streamed.sql("SELECT count() FROM dead_letters FINAL WHERE stage = 'sink' "
                             "AND source_topic = 'csos.orders.received'")[0][0]) == 0
+
+
+def test_pipeline_archives_every_crl_published(streamed):
+    """Every CRL on ``pki.crl`` (as a downstream consumer reads the topic) is in ``crl_archive``, byte for byte
+    (by its SHA-256), and the sink dead-letters none (the workers' reference feed traces unusable ones)."""
+    import hashlib
+
+    from connectors.kafka import catalogue as t
+    from connectors.kafka.io import consume_all
+    from streams.core.avro_codec import default_codec
+
+    codec = default_codec()
+    published = {hashlib.sha256(codec.decode(m.value(), expect="pki.CrlPublished")[1]["crl_der"]).hexdigest()
+                 for m in consume_all(streamed.settings.kafka_bootstrap, [t.CRL]) if m.value() is not None}
+    assert len(published) >= 2  # the sub-CA's and the root's at least
+
+    rows = streamed.eventually("SELECT crl_sha256 FROM crl_archive FINAL",
+                               lambda rows: published <= {r[0] for r in rows})
+    assert published <= {r[0] for r in rows}
+    assert int(streamed.sql("SELECT count() FROM dead_letters FINAL WHERE stage = 'sink' "
+                            "AND source_topic = 'pki.crl'")[0][0]) == 0

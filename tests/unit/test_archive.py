@@ -8,14 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from streams.pipeline import sink_service
-from streams.apps.archive import ArchiveNotFound, archived_by_id, export_order, find_archived
+from streams.apps.archive import ArchiveNotFound, archived_by_id, crls_held_at, export_order, find_archived
 from connectors.clickhouse.rows import archive_row, rows_for
 from connectors.clickhouse.sink import ClickHouseSink, SourceRecord
 from connectors.clickhouse.client import apply_ddl, open_client
@@ -71,13 +71,13 @@ def cred(pki: TestPKI) -> Credential:
 
 
 @pytest.fixture(scope="module")
-def material(pki: TestPKI, tmp_path_factory) -> dict[str, Path]:
+def material(pki: TestPKI, tmp_path_factory) -> dict[str, Any]:
     """What an auditor is given besides the export: trust dir, the CRL current at receipt, product master."""
     d = pki.write_pki(tmp_path_factory.mktemp("pki"))
     products = d / "products.csv"
     ProductMaster([OXY, ALPRAZOLAM]).save(products)
     return {"trust": d / "trust", "crl": d / "crl" / "csos-sub-ca.crl", "root_crl": d / "crl" / "root.crl",
-            "products": products}
+            "products": products, "pki": pki}
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,24 @@ def orders(cred: Credential) -> dict[str, tuple[bytes | None, bytes, bytes]]:
     }
 
 
+def crl_published(crl: x509.CertificateRevocationList, published_at: datetime) -> dict:
+    """A CrlPublished as the sink sees it: through the real Avro codec."""
+    codec = default_codec()
+    rec = {"issuer": crl.issuer.rfc4514_string(), "crl_der": crl.public_bytes(DER),
+           "this_update": crl.last_update_utc, "next_update": crl.next_update_utc, "published_at": published_at,
+           "source": "test"}
+    return codec.decode(codec.encode("pki.CrlPublished", rec), expect="pki.CrlPublished")[1]
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, orders, cred):
+def later_crl(pki: TestPKI, cred: Credential) -> x509.CertificateRevocationList:
+    """The sub-CA's CRL of the next day, listing the signer as revoked since an hour after receipt."""
+    return pki.build_crl(NOW + timedelta(days=1), NOW + timedelta(days=8),
+                         revoked={cred.cert.serial_number: NOW + timedelta(hours=1)})
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, orders, cred, pki, later_crl):
     """One embedded ClickHouse per module (chdb is process-global), filled through the sink."""
     c = open_client(Settings().with_(data_dir=tmp_path_factory.mktemp("ch")))
     apply_ddl(c)
@@ -116,9 +132,13 @@ def client(tmp_path_factory, orders, cred):
         "order_id": "o-detached", "order_number": "26X000123", "purchaser_dea": DEA, "verdict": "RELEASE",
         "decided_at": NOW, "received_at": NOW, "signed_at": NOW, "model_version": "t", "reasons": [],
         "lines": [], "total_dosage_units": 700}))
+    # The CRLs published to the pipeline: the sub-CA's and the root's before receipt, the sub-CA's next one after.
+    for offset, (crl, at) in enumerate([(pki.crl, NOW - timedelta(hours=2)), (pki.root_crl, NOW - timedelta(hours=2)),
+                                        (later_crl, NOW + timedelta(days=1))]):
+        batch.append(SourceRecord(t.CRL, 0, offset, "pki.CrlPublished", crl_published(crl, at)))
     sink = ClickHouseSink(c)
     written = sink.write(batch)
-    assert written["order_archive"] == len(orders)
+    assert written["order_archive"] == len(orders) and written["crl_archive"] == 3
     sink.write(batch)  # a retried batch: same deduplication token, not doubled
     yield c
     c.close()
@@ -209,6 +229,37 @@ def test_export_reverifies_offline(client, orders, material, tmp_path):
     outcomes = {json.loads(m.read_text())["order_id"]: json.loads(m.read_text())["outcome"] for m in manifests}
     assert outcomes["o-detached"]["status"] == "RELEASE"
     assert outcomes["o-detached-replay"]["status"] == "NOT_RECORDED"
+
+
+def test_export_carries_the_crls_the_pipeline_held_and_they_reproduce_its_decision(client, orders, material,
+                                                                                   later_crl, tmp_path):
+    """The export's CRLs are those published before the order was verified: with them the order re-verifies
+    VALID as it did then; with the next day's CRL, which lists the signer, it would be rejected."""
+    files = export_order(client, "26X000123", DEA, tmp_path)
+    m = next(p for p in files if p.name == "manifest.json" and json.loads(p.read_text())["order_id"] == "o-detached")
+    man, d = json.loads(m.read_text()), m.parent
+    assert sorted(c["issuer"].split("CN=")[1].split(",")[0] for c in man["crls"]) == sorted(
+        c.issuer.rfc4514_string().split("CN=")[1].split(",")[0] for c in (material["pki"].crl, material["pki"].root_crl))
+    crl_paths = [d / c["file"] for c in man["crls"]]
+    assert all(f"--crl {c['file']}" in man["reverify"] for c in man["crls"])
+    assert later_crl.public_bytes(DER) not in [p.read_bytes() for p in crl_paths]
+    doc, sig = (d / man["document_file"]).read_bytes(), (d / man["signature_file"]).read_bytes()
+    received_at = datetime.fromisoformat(man["received_at"])
+    out = reverify(doc, sig, material["trust"], crl_paths, material["products"], received_at)
+    assert out.ok, out.checks
+    later = d / "later.crl"
+    later.write_bytes(later_crl.public_bytes(DER))
+    root = next(p for p in crl_paths if p.read_bytes() == material["pki"].root_crl.public_bytes(DER))
+    assert reverify(doc, sig, material["trust"], [later, root], material["products"], received_at).reason_code \
+        == "CERT_REVOKED"
+
+
+def test_crls_held_at_picks_each_issuers_last_publication(client, pki, later_crl):
+    before = crls_held_at(client, NOW)
+    assert len(before) == 2 and later_crl.public_bytes(DER) not in [c.crl_der for c in before]
+    after = crls_held_at(client, NOW + timedelta(days=2))
+    assert len(after) == 2 and later_crl.public_bytes(DER) in [c.crl_der for c in after]
+    assert crls_held_at(client, NOW - timedelta(days=1)) == []  # nothing published yet
 
 
 def test_attached_export_reverifies_offline(client, orders, material, tmp_path):
