@@ -180,18 +180,29 @@ class ArchivedCrl:
 
 
 def crls_held_at(client: Client, when: datetime) -> list[ArchivedCrl]:
-    """Each issuer's CRL the pipeline held at ``when``: the last one published to it at or before then.
+    """Each issuer's CRL the workers had in force at ``when``, from ``crl_archive``.
 
     Why that one: an offline re-verification judges revocation against the CRLs
     it is given, and a later CRL that lists the certificate rejects the order
     whatever the revocation date (the verifier fails closed), so only the CRLs
-    the workers had when they decided reproduce the decision. Empty when the
-    store has no CRL archive (installed before ``022_crl_archive.sql``) or
-    nothing was published by then.
+    the workers had when they decided reproduce the decision. Which they had is
+    in the audit trail: each worker audits every CRL it installs (``crl.loaded``,
+    with the CRL's SHA-256), and never one it refused (a forged signature) or
+    found older than the one in force (a rollback), though both were published:
+    so per issuer, the last CRL loaded at or before ``when``. A store whose audit
+    trail predates the digest falls back to each issuer's last CRL published by
+    then. Empty when the store has no CRL archive (installed before
+    ``022_crl_archive.sql``) or nothing was published by then.
     """
-    at = _aware(when).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    chosen = _query(client, f"SELECT argMax(crl_sha256, (published_at, this_update)) FROM {CRL_TABLE} FINAL "
-                            "WHERE published_at <= toDateTime64({at:String}, 3, 'UTC') GROUP BY issuer", {"at": at})
+    at = {"at": _aware(when).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]}
+    until = "toDateTime64({at:String}, 3, 'UTC')"
+    chosen = _query(client, "SELECT argMax(JSONExtractString(detail, 'crl_sha256'), occurred_at) FROM audit_events "
+                            f"WHERE action = 'crl.loaded' AND occurred_at <= {until} "
+                            "AND JSONExtractString(detail, 'crl_sha256') != '' "
+                            "GROUP BY JSONExtractString(detail, 'issuer')", at)
+    if not chosen:
+        chosen = _query(client, f"SELECT argMax(crl_sha256, (published_at, this_update)) FROM {CRL_TABLE} FINAL "
+                                f"WHERE published_at <= {until} GROUP BY issuer", at)
     if not chosen:
         return []
     rows = client.query(f"SELECT issuer, this_update, next_update, published_at, source, crl_der, crl_sha256 "

@@ -260,13 +260,16 @@ class SinkService:
         repeats its deduplication token and the copies are dropped, in the
         tables and in the dashboards' aggregates alike. Only a batch whose
         partitions are all this sink's is replayed (one sink writes a partition
-        at a time); one that cannot be (split between sinks, or its messages
-        gone) is logged, and its messages are stored as Kafka delivers them:
+        at a time), and one with none of them is another sink's to replay; one
+        that cannot be (split between sinks, or its messages gone) is logged and
+        counted, and its messages are stored as Kafka delivers them:
         nothing is lost, the aggregates may count what was written before the
         crash twice.
         """
         replayed = 0
         for batch in self.sink.progress.open_batches():
+            if not set(batch.extent) & self.assigned:
+                continue  # none of its partitions is this sink's: the sink given them replays it
             if not batch.complete or not set(batch.extent) <= self.assigned:
                 log.warning("batch %s was cut short, but %s: it is not replayed here", batch.batch_id,
                             "a later batch overwrote part of its record" if not batch.complete

@@ -32,7 +32,8 @@ def test_pipeline_archives_every_received_order(streamed):
 
 def test_pipeline_archives_every_crl_published(streamed):
     """Every CRL on ``pki.crl`` (as a downstream consumer reads the topic) is in ``crl_archive``, byte for byte
-    (by its SHA-256), and the sink dead-letters none (the workers' reference feed traces unusable ones)."""
+    (by its SHA-256), every CRL a worker loaded is among them, and the sink dead-letters none (the workers'
+    reference feed traces unusable ones)."""
     import hashlib
 
     from connectors.kafka import catalogue as t
@@ -47,5 +48,9 @@ def test_pipeline_archives_every_crl_published(streamed):
     rows = streamed.eventually("SELECT crl_sha256 FROM crl_archive FINAL",
                                lambda rows: published <= {r[0] for r in rows})
     assert published <= {r[0] for r in rows}
+    # what the export picks from: the workers' audited loads name archived CRLs by their digest
+    loaded = {r[0] for r in streamed.sql("SELECT JSONExtractString(detail, 'crl_sha256') FROM audit_events "
+                                         "WHERE action = 'crl.loaded'")}
+    assert loaded and loaded <= {r[0] for r in rows}
     assert int(streamed.sql("SELECT count() FROM dead_letters FINAL WHERE stage = 'sink' "
                             "AND source_topic = 'pki.crl'")[0][0]) == 0

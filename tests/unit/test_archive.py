@@ -107,6 +107,20 @@ def crl_published(crl: x509.CertificateRevocationList, published_at: datetime) -
     return codec.decode(codec.encode("pki.CrlPublished", rec), expect="pki.CrlPublished")[1]
 
 
+def crl_loaded(n: int, crl: x509.CertificateRevocationList, at: datetime) -> dict:
+    """A worker's ``crl.loaded`` audit event for ``crl`` (streams.pipeline.agents.verify)."""
+    detail = {"issuer": crl.issuer.rfc4514_string(), "crl_sha256": hashlib.sha256(crl.public_bytes(DER)).hexdigest()}
+    return {"event_id": f"crl-loaded-{n}", "occurred_at": at, "stage": "verify", "action": "crl.loaded",
+            "order_id": None, "purchaser_dea": None, "outcome": "LOADED", "detail": json.dumps(detail),
+            "actor": "verify-agent"}
+
+
+@pytest.fixture(scope="module")
+def forged_crl(pki: TestPKI) -> x509.CertificateRevocationList:
+    """Published after the genuine sub-CA CRL and before receipt, under the sub-CA's name; the workers refused it."""
+    return pki.crl_signed_by_wrong_key(NOW - timedelta(hours=1), NOW + timedelta(days=7))
+
+
 @pytest.fixture(scope="module")
 def later_crl(pki: TestPKI, cred: Credential) -> x509.CertificateRevocationList:
     """The sub-CA's CRL of the next day, listing the signer as revoked since an hour after receipt."""
@@ -115,7 +129,7 @@ def later_crl(pki: TestPKI, cred: Credential) -> x509.CertificateRevocationList:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, orders, cred, pki, later_crl):
+def client(tmp_path_factory, orders, cred, pki, later_crl, forged_crl):
     """One embedded ClickHouse per module (chdb is process-global), filled through the sink."""
     c = open_client(Settings().with_(data_dir=tmp_path_factory.mktemp("ch")))
     apply_ddl(c)
@@ -132,13 +146,17 @@ def client(tmp_path_factory, orders, cred, pki, later_crl):
         "order_id": "o-detached", "order_number": "26X000123", "purchaser_dea": DEA, "verdict": "RELEASE",
         "decided_at": NOW, "received_at": NOW, "signed_at": NOW, "model_version": "t", "reasons": [],
         "lines": [], "total_dosage_units": 700}))
-    # The CRLs published to the pipeline: the sub-CA's and the root's before receipt, the sub-CA's next one after.
-    for offset, (crl, at) in enumerate([(pki.crl, NOW - timedelta(hours=2)), (pki.root_crl, NOW - timedelta(hours=2)),
-                                        (later_crl, NOW + timedelta(days=1))]):
+    # The CRLs published to the pipeline: the sub-CA's and the root's before receipt, a forged one the workers
+    # refused (so never loaded), the sub-CA's next one after; and the workers' loads, as audited.
+    published = [(pki.crl, NOW - timedelta(hours=2)), (pki.root_crl, NOW - timedelta(hours=2)),
+                 (forged_crl, NOW - timedelta(hours=1)), (later_crl, NOW + timedelta(days=1))]
+    for offset, (crl, at) in enumerate(published):
         batch.append(SourceRecord(t.CRL, 0, offset, "pki.CrlPublished", crl_published(crl, at)))
+    for offset, (crl, at) in enumerate(p for p in published if p[0] is not forged_crl):
+        batch.append(SourceRecord(t.AUDIT, 0, offset, "audit.AuditEvent", crl_loaded(offset, crl, at)))
     sink = ClickHouseSink(c)
     written = sink.write(batch)
-    assert written["order_archive"] == len(orders) and written["crl_archive"] == 3
+    assert written["order_archive"] == len(orders) and written["crl_archive"] == 4
     sink.write(batch)  # a retried batch: same deduplication token, not doubled
     yield c
     c.close()
@@ -254,12 +272,12 @@ def test_export_carries_the_crls_the_pipeline_held_and_they_reproduce_its_decisi
         == "CERT_REVOKED"
 
 
-def test_crls_held_at_picks_each_issuers_last_publication(client, pki, later_crl):
-    before = crls_held_at(client, NOW)
-    assert len(before) == 2 and later_crl.public_bytes(DER) not in [c.crl_der for c in before]
-    after = crls_held_at(client, NOW + timedelta(days=2))
-    assert len(after) == 2 and later_crl.public_bytes(DER) in [c.crl_der for c in after]
-    assert crls_held_at(client, NOW - timedelta(days=1)) == []  # nothing published yet
+def test_crls_held_at_are_the_ones_the_workers_had_loaded(client, pki, later_crl, forged_crl):
+    before = [c.crl_der for c in crls_held_at(client, NOW)]
+    assert sorted(before) == sorted(c.public_bytes(DER) for c in (pki.crl, pki.root_crl))  # not the forged one
+    after = [c.crl_der for c in crls_held_at(client, NOW + timedelta(days=2))]
+    assert sorted(after) == sorted(c.public_bytes(DER) for c in (later_crl, pki.root_crl))
+    assert crls_held_at(client, NOW - timedelta(days=1)) == []  # nothing loaded or published yet
 
 
 def test_attached_export_reverifies_offline(client, orders, material, tmp_path):

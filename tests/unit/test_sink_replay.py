@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from connectors.clickhouse.client import apply_ddl, open_client
 from connectors.clickhouse.progress import Extent
@@ -155,10 +156,19 @@ def test_the_service_replays_the_batch_it_was_killed_in_with_what_it_dead_letter
     assert restarted.replay_open_batches() == 0
 
 
+def not_replayable() -> float:
+    return REGISTRY.get_sample_value("csos_sink_batches_replayed_total", {"outcome": "not_replayable"}) or 0.0
+
+
 def test_the_service_leaves_a_batch_whose_partitions_another_sink_was_given(client):
     with pytest.raises(Killed):
         service(DiesBeforeInserting(client, "verdicts")).handle_batch(as_messages(orders(0, 4)))
-    other = service(client)
-    other.assigned = {(t.VERIFIED, 0)}  # a group of sinks split the batch's partitions
-    other.read_back = lambda extent: pytest.fail("read back a batch it does not own in full")
-    assert other.replay_open_batches() == 0
+    before = not_replayable()
+    elsewhere = service(client)
+    elsewhere.assigned = {(t.REJECTED, 0)}  # none of the batch's partitions: another sink's to replay, no alarm
+    elsewhere.read_back = lambda extent: pytest.fail("read back a batch of another sink's partitions")
+    assert elsewhere.replay_open_batches() == 0 and not_replayable() == before
+    split = service(client)
+    split.assigned = {(t.VERIFIED, 0)}  # a group of sinks split the batch's partitions: counted for the alert
+    split.read_back = lambda extent: pytest.fail("read back a batch it does not own in full")
+    assert split.replay_open_batches() == 0 and not_replayable() == before + 1

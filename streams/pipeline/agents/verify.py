@@ -270,6 +270,7 @@ class VerifyProcessor(ProcessorBase):
         verdict = self.crls.decided(rank)
         if trace is not None and verdict != "installed":
             where = {"issuer": record.get("issuer"), "source": record.get("source"), "crl_number": rank.number,
+                     "crl_sha256": hashlib.sha256(record["crl_der"]).hexdigest(),
                      "partition": trace.partition, "offset": trace.offset}
             if verdict == "superseded":
                 current = self.crls.in_force(rank)
@@ -294,10 +295,10 @@ class VerifyProcessor(ProcessorBase):
                 log.error("CRL from %s refused: %s", record.get("source"), exc)
                 verdict = f"refused: {exc}"
         self.crls.decide(rank, verdict)
-        if verdict == "installed":  # each worker audits its own load
+        if verdict == "installed":  # each worker audits its own load; the digest names the CRL in crl_archive
             self.emitter.audit(STAGE, "crl.loaded", "LOADED", detail={
                 "issuer": record["issuer"], "next_update": record["next_update"], "source": record["source"],
-                "crl_number": rank.number})
+                "crl_number": rank.number, "crl_sha256": hashlib.sha256(record["crl_der"]).hexdigest()})
         return verdict
 
     def recheck_parked(self) -> int:
