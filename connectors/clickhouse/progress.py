@@ -92,7 +92,9 @@ class SinkProgress:
         the old progress and be skipped as already stored, i.e. lost without a trace. A stored offset at or
         past the partition's end (``end_offset``, the next offset to be written) can only mean that, so the
         record is deleted (logged as an error) and the partition's messages are stored again; the worst left
-        is the dashboards' aggregates counting an old copy, never a lost order.
+        is the dashboards' aggregates counting an old copy, never a lost order. The partition's batch record
+        (``sink_batches``) goes with it when it too reaches past the end: replayed from the new topic, its
+        offsets would read other messages, which its old deduplication tokens would have ClickHouse drop.
         """
         stored = self.stored_offset(topic, partition)
         begun = self._latest_batches().get((topic, partition))
@@ -114,8 +116,8 @@ class SinkProgress:
     def open_batches(self) -> list[OpenBatch]:
         """Batches begun (``sink_batches``) and not stored in full (``sink_progress``): a sink died mid-batch.
 
-        Each is to be written again exactly as it was (``ClickHouseSink.write`` with its ``extent``), before anything
-        after it, so that its inserts repeat their deduplication tokens. ``complete`` is False when a later
+        Each is to be written again exactly as it was (``ClickHouseSink.write`` with its ``extent``), before
+        anything after it, so that its inserts repeat their deduplication tokens. ``complete`` is False when a later
         batch has since overwritten one of its partitions' records (only a group of several sinks splitting
         its partitions can do that): it can no longer be re-formed exactly.
         """
@@ -146,10 +148,8 @@ class SinkProgress:
         rows = [[t, p, o] for (t, p), o in sorted(highest.items())]
         self.client.insert("sink_progress", list(zip(*rows)), column_names=["topic", "partition", "stored_offset"],
                            column_oriented=True)
-        stored = self._stored if self._stored is not None else {}
-        for key, offset in highest.items():
-            stored[key] = max(stored.get(key, -1), offset)
-        self._stored = stored
+        if self._stored is not None:  # (read by stored_offset above; else the next read finds these rows)
+            self._stored.update(highest)  # each above what was stored
 
     def _latest_batches(self) -> dict[tuple[str, int], BatchRecord]:
         if self._batches is None:

@@ -221,6 +221,7 @@ def dead_letter_id(topic: str, partition: int, offset: int) -> str:
     in ClickHouse's ``dead_letters`` (ReplacingMergeTree on the source offset and the id)."""
     return str(uuid.uuid5(DEAD_LETTER_NAMESPACE, f"{topic}/{partition}/{offset}"))
 
+
 @dataclass
 class Outputs:
     """Messages taken from a buffered emitter (``Emitter.take_pending``): one batch's outputs, to publish later."""

@@ -31,6 +31,7 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from streams.domain.cms import SignatureError, parse_signed_data
 from streams.core.errors import CsosError
@@ -280,7 +281,7 @@ def export_order(client: Client, order_number: str, purchaser_dea: str | None, o
         held_at = verification_time(client, a.order_id, outcome, a.received_at)
         crls = crls_held_at(client, held_at)
         (d / "crls").mkdir(exist_ok=True)
-        crl_files = [put(f"crls/{_safe(_issuer_cn(c.issuer))}-{c.sha256[:12]}.crl", c.crl_der).name for c in crls]
+        crl_files = [put(f"crls/{_safe(_issuer_cn(c.crl_der))}-{c.sha256[:12]}.crl", c.crl_der).name for c in crls]
         manifest = {
             "order_id": a.order_id,
             "order_number": a.order_number,
@@ -320,13 +321,13 @@ def _reverify_hint(a: ArchivedOrder, doc_name: str | None, sig_name: str, crl_fi
             f"--received-at {a.received_at.isoformat()}{fmt}")
 
 
-def _issuer_cn(issuer: str) -> str:
-    """The CN of an RFC 4514 issuer name, for a file name (the whole name if it has none)."""
-    for part in issuer.split(","):
-        key, _, value = part.strip().partition("=")
-        if key.upper() == "CN" and value:
-            return value
-    return issuer
+def _issuer_cn(crl_der: bytes) -> str:
+    """The common name of a CRL's issuer, for a file name ("crl" if the CRL or its issuer has none readable)."""
+    try:
+        names = x509.load_der_x509_crl(crl_der).issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        return "crl"
+    return str(names[0].value) if names else "crl"
 
 
 def _describe(der: bytes) -> dict[str, Any]:
